@@ -1,0 +1,1 @@
+"""Model adapters: where compact-search meets a diffusion transformer's self-attention."""

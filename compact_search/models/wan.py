@@ -1,0 +1,115 @@
+"""Adapter for diffusers' Wan transformer (`WanTransformer3DModel`): Wan2.1 and the built-in model.
+
+`install_wan_attention(transformer, attention_fn)` swaps every block's self-attention processor
+(attn1) for `WanSelfAttnProcessor`, which does what diffusers' WanAttnProcessor does for
+self-attention (projections, q/k RMS norm, RoPE, output projection) but hands the attention
+itself to `attention_fn(layer, q, k, v)` with q, k, v [B, H, N, D] after RoPE, in the model's
+token order (frame-major, no prefix tokens in Wan). The profiler records q and k there; the
+runtime runs the sparse kernel there. `handle.revert()` restores the original processors.
+Cross-attention (attn2) is untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+# (layer index, q, k, v) -> attention output; all [B, H, N, D]
+AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def dense_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Plain SDPA; what the model computes without compact-search."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def apply_wan_rope(
+    x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor
+) -> torch.Tensor:
+    """Wan's rotary embedding on interleaved pairs. x [B, N, H, D]; freqs [1, N, 1, D]."""
+    pairs = x.unflatten(-1, (-1, 2))  # [B, N, H, D/2, 2]
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos = freqs_cos[..., 0::2]  # [1, N, 1, D/2]
+    sin = freqs_sin[..., 1::2]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class WanSelfAttnProcessor:
+    """Self-attention processor for a WanAttention module that delegates the attention call."""
+
+    def __init__(self, layer: int, attention_fn: AttentionFn):
+        self.layer = layer
+        self.attention_fn = attention_fn
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("WanSelfAttnProcessor serves self-attention without a mask only")
+        if attn.fused_projections:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(
+                hidden_states
+            )
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))  # [B, N, H, D]
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = apply_wan_rope(query, *rotary_emb)
+            key = apply_wan_rope(key, *rotary_emb)
+        out = self.attention_fn(
+            self.layer, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        )  # [B, H, N, D]
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)  # [B, N, H*D]
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+@dataclass
+class AttentionHandle:
+    """Undo for an installed attention hook: `revert()` puts the original processors back."""
+
+    modules: list = field(default_factory=list)
+    originals: list = field(default_factory=list)
+    active: bool = True
+
+    def revert(self) -> None:
+        if not self.active:
+            return
+        for module, original in zip(self.modules, self.originals, strict=True):
+            module.set_processor(original)
+        self.active = False
+
+    def __enter__(self) -> AttentionHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.revert()
+
+
+def wan_self_attention_modules(transformer) -> list:
+    """The self-attention module (attn1) of every block, in layer order."""
+    blocks = getattr(transformer, "blocks", None)
+    if blocks is None:
+        raise TypeError(f"{type(transformer).__name__} has no .blocks: not a Wan transformer")
+    return [block.attn1 for block in blocks]
+
+
+def install_wan_attention(transformer, attention_fn: AttentionFn) -> AttentionHandle:
+    """Route every self-attention layer of a Wan transformer through attention_fn."""
+    handle = AttentionHandle()
+    for layer, module in enumerate(wan_self_attention_modules(transformer)):
+        handle.modules.append(module)
+        handle.originals.append(module.processor)
+        module.set_processor(WanSelfAttnProcessor(layer, attention_fn))
+    return handle

@@ -1,0 +1,254 @@
+"""The head pattern family, its tile masks, and the measures the search optimises.
+
+A head pattern keeps key tile j for query tile i by their tile distance
+(|df|, |dh|, |dw|) = |coords(i) - coords(j)|:
+
+- frame groups split the temporal distance |df| into ranges [start, stop), starting at 0;
+- inside a group the kept spatial offsets are the union of at most two rectangles anchored at
+  the query tile, `Rect(h, w)` = {|dh| <= h and |dw| <= w}: one rectangle is a local window, two
+  complementary ones (wide-and-short plus tall-and-narrow) a cross, one covering the tile grid is
+  global, none skips those frames (heads that peak at a frame distance skip the near ones);
+- temporal distances at or past the last group's stop are skipped;
+- or the pattern is dense.
+
+Border rule: windows *clip* at the grid border. A query tile near the border keeps fewer key
+tiles than one in the middle; windows never shift inward. Clipping makes the kept set a pure
+function of the offset, so a pattern's mean recall is a sum over a table of offsets (the search
+uses that), and anchored rectangles keep every union's recall an inclusion-exclusion of
+rectangle sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from compact_search.errors import UserInputError
+from compact_search.geometry import Grid
+
+
+@dataclass(frozen=True)
+class Rect:
+    """Spatial window {|dh| <= height and |dw| <= width}, in tiles, around the query tile."""
+
+    height: int
+    width: int
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UserInputError(f"rect {name} must be an integer >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class FrameGroup:
+    """Temporal tile distances start <= |df| < stop and the rectangles kept there (0, 1 or 2)."""
+
+    start: int
+    stop: int
+    rects: tuple[Rect, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rects", tuple(self.rects))
+        if not (isinstance(self.start, int) and isinstance(self.stop, int)):
+            raise UserInputError(f"frame group bounds must be integers, got {self.start!r}")
+        if self.start < 0 or self.stop <= self.start:
+            raise UserInputError(
+                f"frame group needs 0 <= start < stop, got [{self.start}, {self.stop})"
+            )
+        if len(self.rects) > 2:
+            raise UserInputError(f"a frame group holds at most 2 rects, got {len(self.rects)}")
+
+
+@dataclass(frozen=True)
+class HeadPattern:
+    """One head's sparse pattern; `groups is None` means dense."""
+
+    groups: tuple[FrameGroup, ...] | None
+
+    def __post_init__(self) -> None:
+        if self.groups is None:
+            return
+        object.__setattr__(self, "groups", tuple(self.groups))
+        if not self.groups:
+            raise UserInputError("a structured pattern needs at least one frame group")
+        expected = 0
+        for group in self.groups:
+            if group.start != expected:
+                raise UserInputError(
+                    f"frame groups must be contiguous from 0: expected start {expected}, "
+                    f"got [{group.start}, {group.stop})"
+                )
+            expected = group.stop
+
+    # --- constructors ------------------------------------------------------------------------
+
+    @classmethod
+    def dense(cls) -> HeadPattern:
+        return cls(None)
+
+    @classmethod
+    def local(cls, frames: int, height: int, width: int) -> HeadPattern:
+        """Keys within |df| <= frames, |dh| <= height, |dw| <= width."""
+        return cls((FrameGroup(0, frames + 1, (Rect(height, width),)),))
+
+    @classmethod
+    def cross(cls, frames: int, arm: int, tile_grid: Grid) -> HeadPattern:
+        """Full rows and columns of half-width `arm` through the query tile, |df| <= frames."""
+        wide = Rect(arm, tile_grid.width - 1)
+        tall = Rect(tile_grid.height - 1, arm)
+        return cls((FrameGroup(0, frames + 1, (wide, tall)),))
+
+    @classmethod
+    def global_(cls, tile_grid: Grid, frames: int | None = None) -> HeadPattern:
+        """Every spatial tile, |df| <= frames (all frames when None)."""
+        stop = tile_grid.frames if frames is None else frames + 1
+        return cls((FrameGroup(0, stop, (Rect(tile_grid.height - 1, tile_grid.width - 1),)),))
+
+    # --- queries -----------------------------------------------------------------------------
+
+    @property
+    def is_dense(self) -> bool:
+        return self.groups is None
+
+    def kind(self, tile_grid: Grid) -> str:
+        """A short label for reports: dense, global, local, cross, skip-near, or mixed."""
+        if self.groups is None:
+            return "dense"
+        full = Rect(tile_grid.height - 1, tile_grid.width - 1)
+
+        def covers(rects: tuple[Rect, ...]) -> bool:
+            return any(r.height >= full.height and r.width >= full.width for r in rects)
+
+        kinds = []
+        for group in self.groups:
+            if group.start >= tile_grid.frames:
+                continue
+            if not group.rects:
+                kinds.append("none")
+            elif covers(group.rects):
+                kinds.append("global")
+            elif len(group.rects) == 2:
+                kinds.append("cross")
+            else:
+                kinds.append("local")
+        if not kinds or all(k == "none" for k in kinds):
+            return "empty"
+        if kinds[0] == "none":
+            return "skip-near"
+        live = {k for k in kinds if k != "none"}
+        return live.pop() if len(live) == 1 else "mixed"
+
+    def tile_mask(self, tile_grid: Grid | tuple[int, int, int]) -> torch.Tensor:
+        """[nt, nt] bool, query tiles by key tiles, tiles frame-major over `tile_grid`."""
+        tg = Grid.of(tile_grid)
+        nt = tg.num_tokens
+        if self.groups is None:
+            return torch.ones((nt, nt), dtype=torch.bool)
+        ft, ht, wt = tg.as_tuple()
+        n_groups = len(self.groups)
+        # Allowed (|dh|, |dw|) per group; row n_groups stays empty for skipped distances.
+        dh = torch.arange(ht)[:, None]
+        dw = torch.arange(wt)[None, :]
+        allowed = torch.zeros((n_groups + 1, ht, wt), dtype=torch.bool)
+        group_of_df = torch.full((ft,), n_groups, dtype=torch.int64)
+        for g, group in enumerate(self.groups):
+            for rect in group.rects:
+                allowed[g] |= (dh <= rect.height) & (dw <= rect.width)
+            group_of_df[group.start : min(group.stop, ft)] = g
+
+        def distance(n: int) -> torch.Tensor:
+            idx = torch.arange(n)
+            return (idx[:, None] - idx[None, :]).abs()
+
+        # [G+1, Ht*Wt, Ht*Wt]: the spatial mask of every group between query and key positions
+        dist_h, dist_w = distance(ht), distance(wt)
+        spatial = allowed[:, dist_h[:, None, :, None], dist_w[None, :, None, :]]
+        spatial = spatial.reshape(n_groups + 1, ht * wt, ht * wt)
+        per_frame_pair = spatial[group_of_df[distance(ft)]]  # [Ft, Ft, HW, HW]
+        return per_frame_pair.permute(0, 2, 1, 3).reshape(nt, nt)
+
+    def validate_for(self, tile_grid: Grid, where: str = "pattern") -> None:
+        """Raise UserInputError if a window reaches past the tile grid (oversize windows)."""
+        if self.groups is None:
+            return
+        for g, group in enumerate(self.groups):
+            if group.stop > tile_grid.frames:
+                raise UserInputError(
+                    f"{where}: group {g} stop {group.stop} exceeds tile grid frames "
+                    f"{tile_grid.frames}"
+                )
+            for rect in group.rects:
+                if rect.height >= tile_grid.height or rect.width >= tile_grid.width:
+                    raise UserInputError(
+                        f"{where}: group {g} rect ({rect.height}, {rect.width}) exceeds the "
+                        f"largest tile distance ({tile_grid.height - 1}, {tile_grid.width - 1})"
+                    )
+
+    # --- serialisation -----------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        if self.groups is None:
+            return {"kind": "dense"}
+        return {
+            "kind": "structured",
+            "groups": [
+                {"frames": [g.start, g.stop], "rects": [[r.height, r.width] for r in g.rects]}
+                for g in self.groups
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> HeadPattern:
+        """Parse `to_json` output; raises UserInputError saying what is wrong."""
+        if not isinstance(obj, dict):
+            raise UserInputError(f"expected an object with 'kind', got {type(obj).__name__}")
+        kind = obj.get("kind")
+        if kind == "dense":
+            return cls.dense()
+        if kind != "structured":
+            raise UserInputError(f"unknown pattern kind {kind!r} (expected 'dense' or 'structured')")
+        groups = obj.get("groups")
+        if not isinstance(groups, list):
+            raise UserInputError("structured pattern needs a list 'groups'")
+        parsed = []
+        for i, group in enumerate(groups):
+            try:
+                start, stop = group["frames"]
+                rects = tuple(Rect(int_exact(h), int_exact(w)) for h, w in group["rects"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise UserInputError(
+                    f"group {i} must look like {{'frames': [start, stop], 'rects': [[h, w], ...]}}"
+                ) from exc
+            parsed.append(FrameGroup(int_exact(start), int_exact(stop), rects))
+        return cls(tuple(parsed))
+
+
+def int_exact(value: Any) -> int:
+    """An int from JSON; rejects floats like 1.5 and booleans."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
+
+
+# --- measures --------------------------------------------------------------------------------
+
+
+def density(tile_mask: torch.Tensor) -> torch.Tensor:
+    """Kept share of tile pairs, per leading index of tile_mask [..., nq, nk]."""
+    return tile_mask.float().mean(dim=(-2, -1))
+
+
+@dataclass(frozen=True)
+class Recall:
+    mean: torch.Tensor  # [...] mean over query tiles of the kept mass
+    worst: torch.Tensor  # [...] the smallest kept mass of any query tile
+
+
+def recall(tile_mask: torch.Tensor, tile_mass: torch.Tensor) -> Recall:
+    """Kept attention mass of tile_mask [nq, nk] under tile_mass [..., nq, nk] (rows sum to 1)."""
+    kept = (tile_mass * tile_mask.to(tile_mass.dtype)).sum(dim=-1)  # [..., nq]
+    return Recall(mean=kept.mean(dim=-1), worst=kept.min(dim=-1).values)

@@ -1,0 +1,183 @@
+"""Block mask -> lookup tables for the block-sparse attention kernel.
+
+The kernel walks, for one head and one query block, only the key blocks the mask keeps. This
+module turns a boolean block mask ``[H or 1, nb, nb]`` into that per-row list once and caches it,
+so repeated calls with the same mask (every layer of every denoising step) skip the rebuild. Nothing
+here is larger than the ``nb x nb`` mask itself.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["BlockLUT", "build_block_lut", "cached_block_lut", "clear_lut_cache"]
+
+
+@dataclass(frozen=True)
+class BlockLUT:
+    """Kept key blocks per head and query block, in the order the kernel visits them.
+
+    Attributes:
+        kv_block_ids: int32 ``[Hm, nb, width]``. Row ``[h, i]`` lists first the kept key blocks
+            whose keys are all valid (``full_counts[h, i]`` of them), then the kept key blocks
+            with padded keys (up to ``total_counts[h, i]``), each group in ascending block order
+            so neighbouring query blocks read the same key blocks close in time (L2 reuse).
+            Entries past ``total_counts`` repeat the last kept id (0 in an empty row), so a
+            speculative load from the padding stays in bounds. Key blocks with no valid key are
+            dropped: they contribute nothing.
+        full_counts: int32 ``[Hm, nb]``: kept key blocks without padded keys.
+        total_counts: int32 ``[Hm, nb]``: all kept key blocks with at least one valid key.
+        key_lengths: int32 ``[nb]``: valid keys per key block (a prefix of each block).
+        q_block_order: int32 ``[Hm, nb]``: query blocks by descending ``total_counts``, so the
+            longest rows start first and the short ones fill the tail of the launch.
+        density: kept share of block pairs over all mask heads (before dropping empty blocks).
+    """
+
+    kv_block_ids: torch.Tensor
+    full_counts: torch.Tensor
+    total_counts: torch.Tensor
+    key_lengths: torch.Tensor
+    q_block_order: torch.Tensor
+    density: float
+
+    @property
+    def mask_heads(self) -> int:
+        return self.kv_block_ids.shape[0]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_block_ids.shape[1]
+
+
+def default_key_block_lengths(
+    seq_len: int, block_size: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """int32 ``[nb]``: ``block_size`` for every key block but the ragged last one."""
+    num_blocks = -(-seq_len // block_size)
+    lengths = torch.full((num_blocks,), block_size, dtype=torch.int32, device=device)
+    lengths[-1] = seq_len - (num_blocks - 1) * block_size
+    return lengths
+
+
+def build_block_lut(
+    block_mask: torch.Tensor,
+    *,
+    seq_len: int,
+    block_size: int,
+    key_block_lengths: torch.Tensor | None = None,
+) -> BlockLUT:
+    """Compile a block mask into lookup tables (no caching; see :func:`cached_block_lut`).
+
+    Args:
+        block_mask: bool ``[Hm, nb, nb]``; ``[h, i, j]`` keeps key block j for query block i.
+        seq_len: tokens N; ``nb == ceil(N / block_size)``.
+        block_size: tokens per mask block.
+        key_block_lengths: int32 ``[nb]`` valid keys per key block, or None for the default
+            (full blocks, ragged last one). Clipped to the tokens that exist.
+
+    Returns:
+        A :class:`BlockLUT` on the mask's device.
+    """
+    mask_heads, num_blocks, num_cols = block_mask.shape
+    if num_blocks != num_cols or num_blocks != -(-seq_len // block_size):
+        raise ValueError(
+            f"block_mask has shape {tuple(block_mask.shape)}, expected [H, {num_cols}, {num_cols}]"
+            f" with nb = ceil({seq_len} / {block_size})"
+        )
+    device = block_mask.device
+    block_mask = block_mask.bool()
+    existing = default_key_block_lengths(seq_len, block_size, device)  # [nb]
+    if key_block_lengths is None:
+        key_lengths = existing
+    else:
+        key_lengths = torch.minimum(key_block_lengths.to(device, torch.int32), existing)
+    has_keys = key_lengths > 0  # [nb]
+    is_full = key_lengths == block_size  # [nb]
+
+    full_kept = block_mask & is_full  # [Hm, nb, nb]
+    padded_kept = block_mask & has_keys & ~is_full  # [Hm, nb, nb]
+    full_counts = full_kept.sum(-1, dtype=torch.int32)  # [Hm, nb]
+    total_counts = full_counts + padded_kept.sum(-1, dtype=torch.int32)  # [Hm, nb]
+
+    # Sort key: full kept blocks first, then padded kept blocks, then the rest; a stable sort keeps
+    # ascending block ids inside each group.
+    group = torch.full(block_mask.shape, 2, dtype=torch.int8, device=device)
+    group[padded_kept] = 1
+    group[full_kept] = 0
+    order = torch.sort(group, dim=-1, stable=True).indices.to(torch.int32)  # [Hm, nb, nb]
+    width = max(int(total_counts.max()), 1)
+    kv_block_ids = order[..., :width].contiguous()  # [Hm, nb, width]
+
+    # Pad past each row's count with its last kept id (0 for an empty row).
+    slot = torch.arange(width, device=device, dtype=torch.int32)  # [width]
+    last_slot = (total_counts - 1).clamp(min=0).unsqueeze(-1)  # [Hm, nb, 1]
+    last_id = torch.gather(kv_block_ids, -1, last_slot.long())  # [Hm, nb, 1]
+    last_id = torch.where(total_counts.unsqueeze(-1) > 0, last_id, torch.zeros_like(last_id))
+    kv_block_ids = torch.where(slot < total_counts.unsqueeze(-1), kv_block_ids, last_id)
+
+    q_block_order = torch.sort(total_counts, dim=-1, descending=True, stable=True).indices
+    density = float(block_mask.float().mean()) if block_mask.numel() else 0.0
+    return BlockLUT(
+        kv_block_ids=kv_block_ids.contiguous(),
+        full_counts=full_counts.contiguous(),
+        total_counts=total_counts.contiguous(),
+        key_lengths=key_lengths.contiguous(),
+        q_block_order=q_block_order.to(torch.int32).contiguous(),
+        density=density,
+    )
+
+
+# id(block_mask) -> (weak reference to the mask, cache key, lut). Entries leave when the mask is
+# garbage-collected; the key also holds the mask's version counter, so an in-place edit rebuilds.
+_LUT_CACHE: dict[int, tuple[weakref.ref, tuple, BlockLUT]] = {}
+
+
+def _cache_key(
+    block_mask: torch.Tensor,
+    seq_len: int,
+    block_size: int,
+    key_block_lengths: torch.Tensor | None,
+    device: torch.device,
+) -> tuple:
+    # By value: callers often rebuild the (small, [nb]) lengths tensor for every call.
+    lengths_key = (
+        None if key_block_lengths is None else key_block_lengths.cpu().numpy().tobytes()
+    )
+    return (block_mask._version, block_mask.data_ptr(), seq_len, block_size, lengths_key, device)
+
+
+def cached_block_lut(
+    block_mask: torch.Tensor,
+    *,
+    seq_len: int,
+    block_size: int,
+    key_block_lengths: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> BlockLUT:
+    """:func:`build_block_lut` on ``device`` (default: the mask's), cached per mask object.
+
+    A hit needs the same mask tensor object, unmodified since (its version counter), the same
+    ``seq_len``/``block_size``/device and equal ``key_block_lengths`` values (or None).
+    """
+    device = torch.device(device) if device is not None else block_mask.device
+    key = _cache_key(block_mask, seq_len, block_size, key_block_lengths, device)
+    entry = _LUT_CACHE.get(id(block_mask))
+    if entry is not None and entry[0]() is block_mask and entry[1] == key:
+        return entry[2]
+    lut = build_block_lut(
+        block_mask.to(device),
+        seq_len=seq_len,
+        block_size=block_size,
+        key_block_lengths=key_block_lengths,
+    )
+    mask_id = id(block_mask)
+    _LUT_CACHE[mask_id] = (weakref.ref(block_mask, lambda _: _LUT_CACHE.pop(mask_id, None)), key, lut)
+    return lut
+
+
+def clear_lut_cache() -> None:
+    """Drop every cached lookup table."""
+    _LUT_CACHE.clear()

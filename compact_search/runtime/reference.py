@@ -1,0 +1,106 @@
+"""Block-sparse attention in plain PyTorch: the semantics every backend must match.
+
+Query token i of head h attends key token j iff block_mask[h, i // bs, j // bs] is set and key j
+is valid: key j of block b is valid iff j - b * bs < key_block_lengths[b] (padding sits at the end
+of a block). A query with no valid kept key outputs zeros. Softmax runs in fp32 (fp64 for fp64
+inputs), the output is cast back to q's dtype. NaN in q, k or v propagates as in plain softmax
+attention over the kept keys.
+
+Two forms: `masked_reference` builds the [N, N] token mask (small N, tests) and
+`chunked_reference` walks query blocks and gathers their kept keys, so memory stays at
+[B, block_size, kept keys] per step (a 32,768-token head runs on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def default_key_block_lengths(n: int, block_size: int, device: torch.device) -> torch.Tensor:
+    """[nb] int32: full blocks, and the ragged remainder in the last one."""
+    nb = math.ceil(n / block_size)
+    lengths = torch.full((nb,), block_size, dtype=torch.int32, device=device)
+    if nb:
+        lengths[-1] = n - (nb - 1) * block_size
+    return lengths
+
+
+def valid_keys(n: int, block_size: int, key_block_lengths: torch.Tensor | None, device) -> torch.Tensor:
+    """[N] bool: keys that are not padding."""
+    if key_block_lengths is None:
+        return torch.ones(n, dtype=torch.bool, device=device)
+    pos = torch.arange(n, device=device)
+    return (pos % block_size) < key_block_lengths.to(device).long()[pos // block_size]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _softmax_rows(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim restricted to `allowed`; rows with nothing allowed are zero."""
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return torch.where(allowed.any(dim=-1, keepdim=True), probs, torch.zeros((), dtype=probs.dtype))
+
+
+def masked_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    block_size: int = 128,
+    scale: float | None = None,
+    key_block_lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense-masked reference. q, k, v [B, H, N, D]; block_mask bool [H or 1, nb, nb]."""
+    n, d = q.shape[-2], q.shape[-1]
+    scale = d**-0.5 if scale is None else scale
+    ct = _compute_dtype(q.dtype)
+    block_of = torch.arange(n, device=q.device) // block_size
+    token_mask = block_mask.to(q.device)[:, block_of][:, :, block_of]  # [H|1, N, N]
+    token_mask = token_mask & valid_keys(n, block_size, key_block_lengths, q.device)[None, None, :]
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.to(ct), k.to(ct)) * scale  # [B, H, N, N]
+    probs = _softmax_rows(scores, token_mask.unsqueeze(0))
+    return torch.einsum("bhqk,bhkd->bhqd", probs, v.to(ct)).to(q.dtype)
+
+
+def chunked_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    block_size: int = 128,
+    scale: float | None = None,
+    key_block_lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Memory-bounded reference: one query block at a time over its kept, valid keys only."""
+    b, h, n, d = q.shape
+    scale = d**-0.5 if scale is None else scale
+    ct = _compute_dtype(q.dtype)
+    nb = math.ceil(n / block_size)
+    key_ok = valid_keys(n, block_size, key_block_lengths, q.device)
+    mask = block_mask.to(q.device)
+    out = torch.zeros_like(q)
+    for head in range(h):
+        head_mask = mask[head if mask.shape[0] > 1 else 0]  # [nb, nb]
+        for qb in range(nb):
+            rows = slice(qb * block_size, min((qb + 1) * block_size, n))
+            kept_blocks = torch.nonzero(head_mask[qb]).flatten()
+            if kept_blocks.numel() == 0:
+                continue
+            offsets = torch.arange(block_size, device=q.device)
+            keys = (kept_blocks[:, None] * block_size + offsets[None, :]).flatten()
+            keys = keys[keys < n]
+            keys = keys[key_ok[keys]]
+            if keys.numel() == 0:
+                continue
+            q_blk = q[:, head, rows].to(ct)  # [B, bm, D]
+            k_sel = k[:, head, keys].to(ct)  # [B, kept, D]
+            v_sel = v[:, head, keys].to(ct)  # [B, kept, D]
+            probs = torch.softmax(q_blk @ k_sel.transpose(-1, -2) * scale, dim=-1)
+            out[:, head, rows] = (probs @ v_sel).to(q.dtype)
+    return out

@@ -1,0 +1,412 @@
+"""Forward block-sparse flash attention in Triton.
+
+Layers, top to bottom: the ``@triton.jit`` kernel and its helpers (with the autotune configs next
+to it) -> ``_launch`` (picks the load path and block sizes, builds descriptors) ->
+``triton_sparse_attention`` (the function ``compact_search.runtime.attention`` calls).
+
+One program computes one query block of one (batch, head): it walks the kept key blocks from the
+lookup table (``lut.py``), first the blocks whose keys are all valid with no masking, then the ones
+holding padded keys with a column mask, keeping an online softmax in fp32. On Hopper K/V (and Q,
+O) move through tensor descriptors (TMA); elsewhere, and under the interpreter, through pointers.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+
+from compact_search.runtime.lut import BlockLUT, cached_block_lut
+
+__all__ = ["triton_sparse_attention", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+LOG2_E = 1.4426950408889634
+
+# Set to "0" to run the first config only (the tests do; the interpreter always does).
+AUTOTUNE_ENV = "COMPACT_SEARCH_AUTOTUNE"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _autotune_enabled() -> bool:
+    return not _interpreting() and os.environ.get(AUTOTUNE_ENV, "1") != "0"
+
+
+def _set_descriptor_blocks(nargs: dict) -> None:
+    """Config pre-hook: host tensor descriptors take their block shape from the config."""
+    if nargs["q_desc"] is None:
+        return
+    block_m, block_n, head_dim = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["HEAD_DIM"]
+    nargs["q_desc"].block_shape = [1, 1, block_m, head_dim]
+    nargs["o_desc"].block_shape = [1, 1, block_m, head_dim]
+    nargs["k_desc"].block_shape = [1, 1, block_n, head_dim]
+    nargs["v_desc"].block_shape = [1, 1, block_n, head_dim]
+
+
+def _config(block_n: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_N": block_n},
+        num_warps=num_warps,
+        num_stages=num_stages,
+        pre_hook=_set_descriptor_blocks,
+    )
+
+
+# The first config is the one used without autotuning; on H100 (bf16, d 128) 128 x 64 tiles with 4
+# warps and 3 stages were the best single choice.
+KERNEL_CONFIGS = [
+    _config(64, 4, 3),
+    _config(64, 4, 2),
+    _config(64, 4, 4),
+    _config(64, 8, 3),
+    _config(128, 8, 2),
+    _config(128, 8, 3),
+]
+
+
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Keep configs whose key tile fits in a mask block; only the first unless autotuning."""
+    block_size = kwargs["BLOCK_SIZE"]
+    fitting = [c for c in configs if c.kwargs["BLOCK_N"] <= block_size]
+    if not fitting:
+        fitting = [_config(block_size, 4, 2)]
+    return fitting if _autotune_enabled() else fitting[:1]
+
+
+@triton.jit
+def _load_tile(
+    base_ptr,
+    desc,
+    batch,
+    head,
+    row_start,
+    seq_len,
+    stride_n,
+    ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """Rows ``[row_start, row_start + ROWS)`` of one head -> ``[ROWS, HEAD_DIM]``, zero past N."""
+    if USE_TMA:
+        tile = desc.load([batch, head, row_start, 0]).reshape(ROWS, HEAD_DIM)
+    else:
+        rows = row_start + tl.arange(0, ROWS)  # [ROWS]
+        cols = tl.arange(0, HEAD_DIM)  # [D]
+        tile = tl.load(
+            base_ptr + rows[:, None] * stride_n + cols[None, :],
+            mask=rows[:, None] < seq_len,
+            other=0.0,
+        )
+    return tile
+
+
+@triton.jit
+def _attend_tile(
+    acc,
+    row_max,
+    row_sum,
+    q,
+    k,
+    v,
+    qk_scale,
+    col_valid,
+    MASK_COLS: tl.constexpr,
+):
+    """One online-softmax step over a key tile.
+
+    ``row_max`` is kept in log2 units (scores times ``qk_scale``, which folds in log2(e)), so
+    exponentials are exp2 of one fused multiply-add.
+    """
+    scores = tl.dot(q, tl.trans(k))  # [BM, BN] fp32
+    if MASK_COLS:
+        # Padded keys never win the max: every tile that can be all padding comes after a tile of
+        # the same row with a valid key (valid keys are a prefix of each block), so row_max is
+        # finite by then and exp2(-inf) is a clean 0.
+        scores = tl.where(col_valid[None, :], scores, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(scores, 1) * qk_scale)  # [BM]
+    probs = tl.math.exp2(scores * qk_scale - new_max[:, None])  # [BM, BN]
+    correction = tl.math.exp2(row_max - new_max)  # [BM]
+    row_sum = row_sum * correction + tl.sum(probs, 1)
+    acc = acc * correction[:, None]  # [BM, D]
+    acc = tl.dot(probs.to(v.dtype), v, acc)
+    return acc, new_max, row_sum
+
+
+@triton.autotune(
+    configs=KERNEL_CONFIGS,
+    key=["seq_len", "HEAD_DIM", "density_bucket"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
+@triton.jit
+def _block_sparse_attention_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    q_desc,
+    k_desc,
+    v_desc,
+    o_desc,
+    kv_block_ids_ptr,
+    full_counts_ptr,
+    total_counts_ptr,
+    key_lengths_ptr,
+    q_block_order_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_on,
+    num_heads,
+    mask_heads,
+    num_blocks,
+    lut_width,
+    seq_len,
+    density_bucket,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    COMPUTE_IN_FP32: tl.constexpr,
+):
+    """Grid ``(num_blocks, B * H)``; q/k/v/o ``[B, H, N, D]`` with unit stride along D."""
+    # Axis 0 runs fastest, so programs in flight together share one head's K/V in L2.
+    order_slot = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // num_heads
+    head = batch_head % num_heads
+    mask_head = head % mask_heads
+    row_index = mask_head * num_blocks
+    q_block = tl.load(q_block_order_ptr + row_index + order_slot)
+    row_index += q_block
+    full_count = tl.load(full_counts_ptr + row_index)
+    total_count = tl.load(total_counts_ptr + row_index)
+    block_ids_ptr = kv_block_ids_ptr + row_index.to(tl.int64) * lut_width
+
+    q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    k_base = k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
+    v_base = v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
+    q_start = q_block * BLOCK_SIZE
+    q = _load_tile(
+        q_base, q_desc, batch, head, q_start, seq_len, stride_qn, BLOCK_M, HEAD_DIM, USE_TMA
+    )  # [BM, D]
+    if COMPUTE_IN_FP32:
+        q = q.to(tl.float32)
+
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # [BM]
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)  # [BM]
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)  # [BM, D]
+    col_offsets = tl.arange(0, BLOCK_N)  # [BN]
+    TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_N
+
+    # Key blocks with every key valid: no masking.
+    for tile in range(0, full_count * TILES_PER_BLOCK):
+        key_block = tl.load(block_ids_ptr + tile // TILES_PER_BLOCK)
+        k_start = key_block * BLOCK_SIZE + (tile % TILES_PER_BLOCK) * BLOCK_N
+        k = _load_tile(
+            k_base, k_desc, batch, head, k_start, seq_len, stride_kn, BLOCK_N, HEAD_DIM, USE_TMA
+        )  # [BN, D]
+        v = _load_tile(
+            v_base, v_desc, batch, head, k_start, seq_len, stride_vn, BLOCK_N, HEAD_DIM, USE_TMA
+        )  # [BN, D]
+        if COMPUTE_IN_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        acc, row_max, row_sum = _attend_tile(
+            acc, row_max, row_sum, q, k, v, qk_scale, col_offsets, MASK_COLS=False
+        )
+
+    # Key blocks holding padded keys (tile padding, the ragged last block): mask by length.
+    for tile in range(full_count * TILES_PER_BLOCK, total_count * TILES_PER_BLOCK):
+        key_block = tl.load(block_ids_ptr + tile // TILES_PER_BLOCK)
+        key_length = tl.load(key_lengths_ptr + key_block)
+        tile_offset = (tile % TILES_PER_BLOCK) * BLOCK_N
+        k_start = key_block * BLOCK_SIZE + tile_offset
+        k = _load_tile(
+            k_base, k_desc, batch, head, k_start, seq_len, stride_kn, BLOCK_N, HEAD_DIM, USE_TMA
+        )  # [BN, D]
+        v = _load_tile(
+            v_base, v_desc, batch, head, k_start, seq_len, stride_vn, BLOCK_N, HEAD_DIM, USE_TMA
+        )  # [BN, D]
+        if COMPUTE_IN_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        col_valid = tile_offset + col_offsets < key_length  # [BN]
+        acc, row_max, row_sum = _attend_tile(
+            acc, row_max, row_sum, q, k, v, qk_scale, col_valid, MASK_COLS=True
+        )
+
+    # A row with no kept key block has row_sum 0 and acc 0: it outputs zeros.
+    row_sum = tl.where(row_sum > 0.0, row_sum, 1.0)
+    out = (acc / row_sum[:, None]).to(o_ptr.dtype.element_ty)  # [BM, D]
+    if USE_TMA:
+        o_desc.store([batch, head, q_start, 0], out.reshape(1, 1, BLOCK_M, HEAD_DIM))
+    else:
+        rows = q_start + tl.arange(0, BLOCK_M)  # [BM]
+        cols = tl.arange(0, HEAD_DIM)  # [D]
+        o_base = o_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+        tl.store(
+            o_base + rows[:, None] * stride_on + cols[None, :], out, mask=rows[:, None] < seq_len
+        )
+
+
+def _tma_available(*tensors: torch.Tensor) -> bool:
+    """Hopper or newer, compiled (not interpreted), and descriptor-compatible layouts."""
+    if _interpreting() or not tensors[0].is_cuda:
+        return False
+    if torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
+    for t in tensors:
+        if t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any((s * t.element_size()) % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _descriptor(t: torch.Tensor):
+    """Host tensor descriptor over ``[B, H, N, D]``; the pre-hook sets the block shape."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    b, h, n, d = t.shape
+    return TensorDescriptor(t, [b, h, n, d], list(t.stride()), [1, 1, 8, d])
+
+
+def _launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lut: BlockLUT,
+    *,
+    block_size: int,
+    scale: float,
+    use_tma: bool | None = None,
+) -> None:
+    batch, heads, seq_len, head_dim = q.shape
+    if use_tma is None:
+        use_tma = _tma_available(q, k, v, out)
+    descs = [_descriptor(t) for t in (q, k, v, out)] if use_tma else [None] * 4
+    grid = (lut.num_blocks, batch * heads)
+    _block_sparse_attention_kernel[grid](
+        q,
+        k,
+        v,
+        out,
+        *descs,
+        lut.kv_block_ids,
+        lut.full_counts,
+        lut.total_counts,
+        lut.key_lengths,
+        lut.q_block_order,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *out.stride()[:3],
+        heads,
+        lut.mask_heads,
+        lut.num_blocks,
+        lut.kv_block_ids.shape[-1],
+        seq_len,
+        round(lut.density * 4),
+        scale * LOG2_E,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=block_size,
+        USE_TMA=use_tma,
+        COMPUTE_IN_FP32=_interpreting(),
+    )
+
+
+_warned_fallback: set[str] = set()
+
+
+def _fallback_reason(q: torch.Tensor) -> str | None:
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return f"head dim {q.shape[-1]} (kernel supports {SUPPORTED_HEAD_DIMS})"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} (kernel supports float16 and bfloat16)"
+    return None
+
+
+def triton_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    block_size: int = 128,
+    scale: float | None = None,
+    key_block_lengths: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    use_tma: bool | None = None,
+) -> torch.Tensor:
+    """Block-sparse attention with the Triton kernel.
+
+    Args:
+        q, k, v: ``[B, H, N, D]``, float16 or bfloat16, D in (64, 128), unit stride along D.
+            Other head dims or dtypes run :func:`masked_reference` after one warning.
+        block_mask: bool ``[H or 1, nb, nb]``, ``nb = ceil(N / block_size)``; query block i of
+            head h attends key block j iff ``block_mask[h, i, j]``.
+        block_size: tokens per mask block, 64 or 128 (also the kernel's query tile).
+        scale: softmax scale; default ``D ** -0.5``.
+        key_block_lengths: int32 ``[nb]`` valid keys per key block (a prefix of each block),
+            shared by all heads; default: every block full but the ragged last one.
+        out: optional ``[B, H, N, D]`` output buffer of q's dtype (tests pass a NaN-filled one).
+        use_tma: force tensor-descriptor loads on or off; default: on where available.
+
+    Returns:
+        ``[B, H, N, D]`` in q's dtype; query rows with no valid kept key are zeros.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    reason = _fallback_reason(q)
+    if reason is not None:
+        if reason not in _warned_fallback:
+            _warned_fallback.add(reason)
+            warnings.warn(
+                f"triton_sparse_attention: {reason}; using the reference", stacklevel=2
+            )
+        from compact_search.runtime.reference import masked_reference
+
+        result = masked_reference(
+            q,
+            k,
+            v,
+            block_mask,
+            block_size=block_size,
+            scale=scale,
+            key_block_lengths=key_block_lengths,
+        )
+        if out is None:
+            return result
+        return out.copy_(result)
+
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    lut = cached_block_lut(
+        block_mask,
+        seq_len=q.shape[2],
+        block_size=block_size,
+        key_block_lengths=key_block_lengths,
+        device=q.device,
+    )
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    _launch(q, k, v, out, lut, block_size=block_size, scale=scale, use_tma=use_tma)
+    return out
