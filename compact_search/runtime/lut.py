@@ -143,9 +143,7 @@ def _cache_key(
     device: torch.device,
 ) -> tuple:
     # By value: callers often rebuild the (small, [nb]) lengths tensor for every call.
-    lengths_key = (
-        None if key_block_lengths is None else key_block_lengths.cpu().numpy().tobytes()
-    )
+    lengths_key = None if key_block_lengths is None else key_block_lengths.cpu().numpy().tobytes()
     return (block_mask._version, block_mask.data_ptr(), seq_len, block_size, lengths_key, device)
 
 
@@ -174,7 +172,11 @@ def cached_block_lut(
         key_block_lengths=key_block_lengths,
     )
     mask_id = id(block_mask)
-    _LUT_CACHE[mask_id] = (weakref.ref(block_mask, lambda _: _LUT_CACHE.pop(mask_id, None)), key, lut)
+    _LUT_CACHE[mask_id] = (
+        weakref.ref(block_mask, lambda _: _LUT_CACHE.pop(mask_id, None)),
+        key,
+        lut,
+    )
     return lut
 
 

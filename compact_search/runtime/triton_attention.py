@@ -71,13 +71,14 @@ KERNEL_CONFIGS = [
 ]
 
 
+def _fitting_configs(block_size: int) -> list[triton.Config]:
+    """Configs whose key tile fits in one mask block (at least one)."""
+    fitting = [c for c in KERNEL_CONFIGS if c.kwargs["BLOCK_N"] <= block_size]
+    return fitting or [_config(block_size, 4, 2)]
+
+
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Keep configs whose key tile fits in a mask block; only the first unless autotuning."""
-    block_size = kwargs["BLOCK_SIZE"]
-    fitting = [c for c in configs if c.kwargs["BLOCK_N"] <= block_size]
-    if not fitting:
-        fitting = [_config(block_size, 4, 2)]
-    return fitting if _autotune_enabled() else fitting[:1]
+    return [c for c in configs if c in _fitting_configs(kwargs["BLOCK_SIZE"])] or configs[:1]
 
 
 @triton.jit
@@ -139,11 +140,6 @@ def _attend_tile(
     return acc, new_max, row_sum
 
 
-@triton.autotune(
-    configs=KERNEL_CONFIGS,
-    key=["seq_len", "HEAD_DIM", "density_bucket"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-)
 @triton.jit
 def _block_sparse_attention_kernel(
     q_ptr,
@@ -266,6 +262,13 @@ def _block_sparse_attention_kernel(
         )
 
 
+_autotuned_kernel = triton.autotune(
+    configs=KERNEL_CONFIGS,
+    key=["seq_len", "HEAD_DIM", "density_bucket"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_block_sparse_attention_kernel)
+
+
 def _tma_available(*tensors: torch.Tensor) -> bool:
     """Hopper or newer, compiled (not interpreted), and descriptor-compatible layouts."""
     if _interpreting() or not tensors[0].is_cuda:
@@ -304,7 +307,30 @@ def _launch(
         use_tma = _tma_available(q, k, v, out)
     descs = [_descriptor(t) for t in (q, k, v, out)] if use_tma else [None] * 4
     grid = (lut.num_blocks, batch * heads)
-    _block_sparse_attention_kernel[grid](
+    if _autotune_enabled():
+        kernel, config_args = _autotuned_kernel, {}
+    else:
+        # The autotuner would time even a single config: launch the first one directly.
+        config = _fitting_configs(block_size)[0]
+        kernel = _block_sparse_attention_kernel
+        config_args = {
+            **config.kwargs,
+            "num_warps": config.num_warps,
+            "num_stages": config.num_stages,
+        }
+        if use_tma:
+            _set_descriptor_blocks(
+                {
+                    "q_desc": descs[0],
+                    "k_desc": descs[1],
+                    "v_desc": descs[2],
+                    "o_desc": descs[3],
+                    "BLOCK_M": block_size,
+                    "BLOCK_N": config.kwargs["BLOCK_N"],
+                    "HEAD_DIM": head_dim,
+                }
+            )
+    kernel[grid](
         q,
         k,
         v,
@@ -331,6 +357,7 @@ def _launch(
         BLOCK_M=block_size,
         USE_TMA=use_tma,
         COMPUTE_IN_FP32=_interpreting(),
+        **config_args,
     )
 
 
@@ -379,9 +406,7 @@ def triton_sparse_attention(
     if reason is not None:
         if reason not in _warned_fallback:
             _warned_fallback.add(reason)
-            warnings.warn(
-                f"triton_sparse_attention: {reason}; using the reference", stacklevel=2
-            )
+            warnings.warn(f"triton_sparse_attention: {reason}; using the reference", stacklevel=2)
         from compact_search.runtime.reference import masked_reference
 
         result = masked_reference(
