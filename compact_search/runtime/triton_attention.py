@@ -21,7 +21,12 @@ import triton.language as tl
 
 from compact_search.runtime.lut import BlockLUT, cached_block_lut
 
-__all__ = ["triton_sparse_attention", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
+__all__ = [
+    "triton_sparse_attention",
+    "autotuned_config",
+    "SUPPORTED_HEAD_DIMS",
+    "SUPPORTED_DTYPES",
+]
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -359,6 +364,12 @@ def _launch(
         COMPUTE_IN_FP32=_interpreting(),
         **config_args,
     )
+
+
+def autotuned_config() -> str:
+    """The config the autotuner picked for the latest launch (for benchmark logs)."""
+    config = getattr(_autotuned_kernel, "best_config", None)
+    return "untuned (first config)" if config is None else str(config)
 
 
 _warned_fallback: set[str] = set()

@@ -1,0 +1,54 @@
+"""Benchmark the Triton block-sparse kernel on a GPU; see docs/kernel.md.
+
+Checks the kernel at real size, then times cuDNN SDPA dense, FlashAttention-2 SDPA dense,
+FlexAttention (identical block masks, built at block level) and the kernel on the same random
+bf16 inputs. Appends rows to a CSV, draws the speed-up PNG and prints a table.
+
+    PYTHONPATH=. python benchmarks/bench_kernel.py --out-dir benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+
+from compact_search.bench import (
+    DEFAULT_DENSITIES,
+    PROVIDERS,
+    SHAPES,
+    append_csv,
+    plot_speedups,
+    rows_table,
+    run_kernel_benchmark,
+    shape_by_name,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shape names")
+    parser.add_argument(
+        "--densities", default=",".join(map(str, DEFAULT_DENSITIES)), help="comma-separated"
+    )
+    parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated")
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+
+    console = Console(width=140)
+    rows = run_kernel_benchmark(
+        [shape_by_name(name) for name in args.shapes.split(",")],
+        [float(d) for d in args.densities.split(",")],
+        providers=args.providers.split(","),
+        block_size=args.block_size,
+        log=lambda line: console.print(line, highlight=False),
+    )
+    append_csv(rows, args.out_dir / "kernel.csv")
+    plot_speedups(rows, args.out_dir / "kernel_speedup.png")
+    console.print(rows_table(rows))
+
+
+if __name__ == "__main__":
+    main()

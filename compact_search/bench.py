@@ -1,0 +1,547 @@
+"""Kernel benchmark: the Triton block-sparse kernel against dense SDPA and FlexAttention.
+
+On one GPU, on the same random bf16 inputs: cuDNN SDPA (dense), FlashAttention-2 SDPA (dense),
+FlexAttention with the identical block mask (built at block level) and this project's kernel,
+for model-sized shapes and per-head masks of several pattern kinds at target densities. Every
+sparse configuration is checked for correctness before it is timed. Used by
+``compact-search bench`` and ``benchmarks/bench_kernel.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import functools
+import math
+import os
+import subprocess
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compact_search.errors import UserInputError
+from compact_search.geometry import Grid
+from compact_search.patterns import FrameGroup, HeadPattern, Rect
+
+PROVIDERS = ("cudnn", "fa2", "flex", "triton")
+# Not run by default: the kernel with plain pointer loads instead of tensor descriptors.
+EXTRA_PROVIDERS = ("triton-pointers",)
+DENSE_PROVIDERS = ("cudnn", "fa2")
+DEFAULT_DENSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.0)
+HEAD_KINDS = ("local", "cross", "temporal", "skip-near")
+CSV_FIELDS = (
+    "kernel",
+    "provider",
+    "shape",
+    "tokens",
+    "heads",
+    "head_dim",
+    "block_size",
+    "target_density",
+    "density",
+    "head_kinds",
+    "p20_ms",
+    "p50_ms",
+    "p80_ms",
+    "speedup_vs_cudnn",
+    "speedup_vs_fa2",
+    "speedup_vs_flex",
+    "share_of_ideal",
+    "max_rel_err",
+    "gpu",
+    "torch",
+    "triton",
+    "git_sha",
+    "date",
+)
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    """One attention call of a video model: its latent grid (frame-major tokens) and heads."""
+
+    name: str
+    grid: tuple[int, int, int]
+    heads: int
+    head_dim: int = 128
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.grid)
+
+
+SHAPES = {
+    s.name: s
+    for s in (
+        BenchShape("wan2.1-1.3b-480p", (21, 30, 52), 12),
+        BenchShape("wan2.1-14b-720p", (21, 45, 80), 40),
+        BenchShape("hunyuan-720p", (33, 45, 80), 24),
+    )
+}
+
+
+def shape_by_name(name: str) -> BenchShape:
+    if name not in SHAPES:
+        raise UserInputError(f"unknown shape {name!r}; choose from {', '.join(SHAPES)}")
+    return SHAPES[name]
+
+
+# --- masks -------------------------------------------------------------------------------------
+
+
+def block_grid(shape: BenchShape, block_size: int) -> Grid:
+    """A (frames, Ht, Wt) grid with at least nb cells, one cell per kernel block.
+
+    Blocks of consecutive frame-major tokens are laid out frame by frame in the latent's aspect,
+    so masks from the pattern family keep their structure (locality in frame and space).
+    """
+    frames, height, width = shape.grid
+    num_blocks = math.ceil(shape.tokens / block_size)
+    per_frame = math.ceil(num_blocks / frames)
+    tile_height = max(1, round(math.sqrt(per_frame * height / width)))
+    return Grid(frames, tile_height, math.ceil(per_frame / tile_height))
+
+
+def _candidates(kind: str, grid: Grid) -> Iterable[HeadPattern]:
+    """Patterns of one kind spanning sparse to nearly dense."""
+    frames, height, width = grid.as_tuple()
+    full = Rect(height - 1, width - 1)
+    if kind == "local":
+        for f in range(frames):
+            for h in range(height):
+                w = min(width - 1, round((h + 1) * width / height) - 1)
+                yield HeadPattern.local(f, h, w)
+    elif kind == "cross":
+        for f in range(frames):
+            for arm in range(min(height, width)):
+                yield HeadPattern.cross(f, arm, grid)
+    elif kind == "temporal":
+        for f in range(frames):
+            yield HeadPattern.global_(grid, frames=f)
+    elif kind == "skip-near":
+        # A small window on the nearest frames, nothing in between, a band of far frames in full.
+        for near in (1, 2):
+            for far in range(near + 1, frames):
+                for span in (1, 2, 4, 8, 16, 32):
+                    yield HeadPattern(
+                        (
+                            FrameGroup(0, near, (Rect(1, 1),)),
+                            FrameGroup(near, far, ()),
+                            FrameGroup(far, far + span, (full,)),
+                        )
+                    )
+    else:
+        raise UserInputError(f"unknown head kind {kind!r}; choose from {', '.join(HEAD_KINDS)}")
+
+
+@functools.lru_cache(maxsize=32)
+def _candidate_densities(
+    kind: str, grid: Grid, num_blocks: int
+) -> tuple[tuple[float, HeadPattern], ...]:
+    """(density of the [nb, nb] crop, pattern) for every candidate of a kind."""
+    return tuple(
+        (p.tile_mask(grid)[:num_blocks, :num_blocks].float().mean().item(), p)
+        for p in _candidates(kind, grid)
+    )
+
+
+def head_block_masks(
+    shape: BenchShape, density: float, block_size: int = 128
+) -> tuple[torch.Tensor, list[str]]:
+    """Per-head block masks near a target density, head kinds cycling through HEAD_KINDS.
+
+    Returns:
+        bool ``[H, nb, nb]`` (nb = ceil(N / block_size)) and the kind of every head.
+    """
+    num_blocks = math.ceil(shape.tokens / block_size)
+    kinds = [HEAD_KINDS[h % len(HEAD_KINDS)] for h in range(shape.heads)]
+    if density >= 1.0:
+        return torch.ones(shape.heads, num_blocks, num_blocks, dtype=torch.bool), ["dense"] * len(
+            kinds
+        )
+    grid = block_grid(shape, block_size)
+    best: dict[str, torch.Tensor] = {}
+    for kind in set(kinds):
+        candidates = _candidate_densities(kind, grid, num_blocks)
+        _, pattern = min(candidates, key=lambda c: abs(c[0] - density))
+        best[kind] = pattern.tile_mask(grid)[:num_blocks, :num_blocks]
+    return torch.stack([best[kind] for kind in kinds]), kinds
+
+
+# --- providers ---------------------------------------------------------------------------------
+
+
+def _sdpa(backend_name: str) -> Callable:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name)
+
+    def run(q, k, v):
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    return run
+
+
+def flex_block_mask(block_mask: torch.Tensor, seq_len: int, block_size: int):
+    """FlexAttention BlockMask from a bool [H, nb, nb] block mask, built at block level.
+
+    Every kept block goes in as a "full" block (no mask_mod), as in the Triton kernel; the ragged
+    last block is bounded by ``seq_lengths``.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    counts = block_mask.sum(-1, dtype=torch.int32)[None]  # [1, H, nb]
+    # Kept ids first (ascending), then the rest; width nb so every density compiles once.
+    order = torch.sort((~block_mask).to(torch.int8), dim=-1, stable=True).indices
+    indices = order.to(torch.int32)[None].contiguous()  # [1, H, nb, nb]
+    return BlockMask.from_kv_blocks(
+        torch.zeros_like(counts),
+        torch.zeros_like(indices),
+        counts,
+        indices,
+        BLOCK_SIZE=block_size,
+        seq_lengths=(seq_len, seq_len),
+    )
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timing:
+    p20_ms: float
+    p50_ms: float
+    p80_ms: float
+
+
+def time_call(fn: Callable[[], object], *, min_runs: int = 10, budget_ms: float = 1500) -> Timing:
+    """Median and p20/p80 over at least ``min_runs`` runs with triton.testing.do_bench."""
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate_ms = max(start.elapsed_time(end), 1e-3)
+    rep_ms = max(budget_ms, min_runs * estimate_ms)
+    p20, p50, p80 = triton.testing.do_bench(
+        fn, warmup=2 * estimate_ms, rep=rep_ms, quantiles=[0.2, 0.5, 0.8]
+    )
+    return Timing(p20, p50, p80)
+
+
+def _environment() -> dict[str, str]:
+    import triton
+
+    sha = os.environ.get("COMPACT_SEARCH_GIT_SHA")
+    if not sha:
+        try:
+            sha = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            sha = "unknown"
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "git_sha": sha,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+    }
+
+
+def _relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
+    diff = (out.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)
+    return diff.item()
+
+
+def run_kernel_benchmark(
+    shapes: Iterable[BenchShape],
+    densities: Iterable[float] = DEFAULT_DENSITIES,
+    *,
+    providers: Iterable[str] = PROVIDERS,
+    block_size: int = 128,
+    seed: int = 0,
+    reference_heads: int = 2,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, object]]:
+    """Check, then time every provider on every shape and density; one CSV row per timing.
+
+    For each shape the kernel is first checked against ``chunked_reference`` (fp32) on its first
+    ``reference_heads`` heads at the first density, and at every density against FlexAttention
+    (when timed) and, at density 1.0, cuDNN. A relative error above 2e-2 raises.
+
+    Returns:
+        Rows with the keys of ``CSV_FIELDS``.
+    """
+    if not torch.cuda.is_available():
+        raise UserInputError("the kernel benchmark needs a CUDA GPU")
+    providers = tuple(providers)
+    unknown = set(providers) - set(PROVIDERS + EXTRA_PROVIDERS)
+    if unknown:
+        raise UserInputError(
+            f"unknown providers {sorted(unknown)}; choose from {PROVIDERS + EXTRA_PROVIDERS}"
+        )
+    densities = tuple(densities)
+    env = _environment()
+    rows: list[dict[str, object]] = []
+    flex = None
+    if "flex" in providers:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+
+    for shape in shapes:
+        rows += _bench_shape(
+            shape, densities, providers, flex, block_size, seed, reference_heads, env, log
+        )
+        torch.cuda.empty_cache()
+    return add_speedups(rows)
+
+
+def _bench_shape(
+    shape: BenchShape,
+    densities: tuple[float, ...],
+    providers: tuple[str, ...],
+    flex: Callable | None,
+    block_size: int,
+    seed: int,
+    reference_heads: int,
+    env: dict[str, str],
+    log: Callable[[str], None],
+) -> list[dict[str, object]]:
+    """Rows of one shape: dense baselines, then check and time every density."""
+    from compact_search.runtime.reference import chunked_reference
+    from compact_search.runtime.triton_attention import autotuned_config, triton_sparse_attention
+
+    rows: list[dict[str, object]] = []
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    size = (1, shape.heads, shape.tokens, shape.head_dim)
+    q, k, v = (
+        torch.randn(size, device="cuda", dtype=torch.bfloat16, generator=generator)
+        for _ in range(3)
+    )
+    base = {
+        "kernel": "block_sparse_attention",
+        "shape": shape.name,
+        "tokens": shape.tokens,
+        "heads": shape.heads,
+        "head_dim": shape.head_dim,
+        "block_size": block_size,
+        **env,
+    }
+    dense_ms: dict[str, float] = {}
+    dense_out = {}
+    for provider, backend in (("cudnn", "CUDNN_ATTENTION"), ("fa2", "FLASH_ATTENTION")):
+        if provider not in providers:
+            continue
+        run = _sdpa(backend)
+        dense_out[provider] = run(q, k, v)
+        timing = time_call(lambda run=run: run(q, k, v))
+        dense_ms[provider] = timing.p50_ms
+        rows.append(
+            {
+                **base,
+                "provider": provider,
+                "target_density": 1.0,
+                "density": 1.0,
+                "head_kinds": "dense",
+                **vars(timing),
+            }
+        )
+        log(f"{shape.name} {provider} dense: {timing.p50_ms:.2f} ms")
+    if "fa2" in dense_out and "cudnn" in dense_out:
+        err = _relative_error(dense_out["fa2"], dense_out["cudnn"])
+        log(f"{shape.name} fa2 vs cudnn relative error {err:.1e}")
+    dense_out.pop("fa2", None)
+
+    for index, target in enumerate(densities):
+        block_mask, kinds = head_block_masks(shape, target, block_size)
+        block_mask = block_mask.cuda()
+        density = block_mask.float().mean().item()
+        sparse = {
+            **base,
+            "target_density": target,
+            "density": round(density, 4),
+            "head_kinds": "/".join(sorted(set(kinds))),
+        }
+        out = triton_sparse_attention(q, k, v, block_mask, block_size=block_size)
+        checks = {}
+        if index == 0 and reference_heads:
+            heads = slice(0, reference_heads)
+            expected = chunked_reference(
+                q[:, heads].float(),
+                k[:, heads].float(),
+                v[:, heads].float(),
+                block_mask[heads],
+                block_size=block_size,
+            )
+            checks["reference"] = _relative_error(out[:, heads], expected)
+        flex_mask = None
+        if flex is not None:
+            flex_mask = flex_block_mask(block_mask, shape.tokens, block_size)
+            checks["flex"] = _relative_error(out, flex(q, k, v, block_mask=flex_mask))
+        if target >= 1.0 and "cudnn" in dense_out:
+            checks["cudnn"] = _relative_error(out, dense_out["cudnn"])
+        if out.isnan().any():
+            raise RuntimeError(f"{shape.name} density {target}: NaN in the kernel output")
+        log(
+            f"{shape.name} density {density:.3f}: "
+            + ", ".join(f"rel err vs {name} {err:.1e}" for name, err in checks.items())
+        )
+        bad = {name: err for name, err in checks.items() if err > 2e-2}
+        if bad:
+            raise RuntimeError(f"{shape.name} density {target}: kernel disagrees: {bad}")
+        max_rel_err = max(checks.values(), default=float("nan"))
+
+        timings = {}
+        if "triton" in providers:
+            timings["triton"] = time_call(
+                lambda m=block_mask: triton_sparse_attention(q, k, v, m, block_size=block_size)
+            )
+            log(f"{shape.name} density {density:.3f} kernel config: {autotuned_config()}")
+        if "triton-pointers" in providers:
+            timings["triton-pointers"] = time_call(
+                lambda m=block_mask: triton_sparse_attention(
+                    q, k, v, m, block_size=block_size, use_tma=False
+                )
+            )
+        if flex is not None:
+            timings["flex"] = time_call(lambda m=flex_mask: flex(q, k, v, block_mask=m))
+        for provider, timing in timings.items():
+            rows.append(
+                {
+                    **sparse,
+                    "provider": provider,
+                    **vars(timing),
+                    "max_rel_err": max_rel_err if provider.startswith("triton") else "",
+                }
+            )
+            log(f"{shape.name} density {density:.3f} {provider}: {timing.p50_ms:.2f} ms")
+    return rows
+
+
+def add_speedups(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Fill speed-up columns against cuDNN, FA2 (same shape) and FlexAttention (same density).
+
+    ``share_of_ideal`` is cuDNN dense time x density / time: 1.0 means the speed-up 1/density.
+    """
+    dense = {(r["shape"], r["provider"]): r["p50_ms"] for r in rows if r["head_kinds"] == "dense"}
+    flex = {(r["shape"], r["target_density"]): r["p50_ms"] for r in rows if r["provider"] == "flex"}
+    for row in rows:
+        ms = row["p50_ms"]
+        cudnn = dense.get((row["shape"], "cudnn"))
+        fa2 = dense.get((row["shape"], "fa2"))
+        flex_ms = flex.get((row["shape"], row["target_density"]))
+        row["speedup_vs_cudnn"] = round(cudnn / ms, 4) if cudnn else ""
+        row["speedup_vs_fa2"] = round(fa2 / ms, 4) if fa2 else ""
+        row["speedup_vs_flex"] = (
+            round(flex_ms / ms, 4) if flex_ms and row["head_kinds"] != "dense" else ""
+        )
+        row["share_of_ideal"] = round(cudnn * float(row["density"]) / ms, 4) if cudnn else ""
+        row.setdefault("max_rel_err", "")
+    return rows
+
+
+# --- outputs -----------------------------------------------------------------------------------
+
+
+def append_csv(rows: list[dict[str, object]], path: Path) -> None:
+    """Append rows to ``path`` (header written when the file is new)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    is_new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        if is_new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row.get(k, "")) for k in CSV_FIELDS})
+
+
+def _fmt(value: object) -> object:
+    return round(value, 4) if isinstance(value, float) else value
+
+
+def plot_speedups(rows: list[dict[str, object]], path: Path) -> None:
+    """PNG of speed-up over cuDNN dense vs density, per shape, with the 1/density ideal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    sparse = [r for r in rows if r["provider"] in ("triton", "flex") and r["speedup_vs_cudnn"]]
+    shapes = sorted({r["shape"] for r in sparse})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for color, shape in zip(colors, shapes, strict=False):
+        for provider, style in (("triton", "-o"), ("flex", "--x")):
+            points = sorted(
+                (float(r["density"]), float(r["speedup_vs_cudnn"]))
+                for r in sparse
+                if r["shape"] == shape and r["provider"] == provider
+            )
+            if points:
+                xs, ys = zip(*points, strict=True)
+                label = f"{shape} {'this kernel' if provider == 'triton' else 'FlexAttention'}"
+                ax.plot(xs, ys, style, color=color, label=label, alpha=0.9)
+    grid = [0.08 + i * 0.01 for i in range(93)]
+    ax.plot(grid, [1 / d for d in grid], "k:", label="ideal 1/density")
+    ax.plot(grid, [0.9 / d for d in grid], color="grey", lw=0.8, label="target 0.9/density")
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set_xlabel("density (kept share of block pairs)")
+    ax.set_ylabel("speed-up over cuDNN SDPA dense")
+    ax.set_yscale("log")
+    ax.set_title("Block-sparse attention, bf16, d 128")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    gpu = rows[0]["gpu"] if rows else ""
+    fig.text(0.01, 0.01, f"{gpu}, torch {rows[0]['torch']}, triton {rows[0]['triton']}", size=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+
+
+def rows_table(rows: list[dict[str, object]]):
+    """A rich Table of the rows (one line per provider, shape and density)."""
+    from rich.table import Table
+
+    table = Table(title="Block-sparse attention (p50 ms; speed-ups from medians)")
+    for column in (
+        "shape",
+        "provider",
+        "density",
+        "p50 ms",
+        "p20-p80",
+        "x cuDNN",
+        "x FA2",
+        "x Flex",
+        "share of ideal",
+    ):
+        table.add_column(column, justify="left" if column in ("shape", "provider") else "right")
+
+    def show(value: object, fmt: str) -> str:
+        return format(value, fmt) if isinstance(value, float | int) and value != "" else "-"
+
+    for r in rows:
+        table.add_row(
+            str(r["shape"]),
+            str(r["provider"]),
+            show(r["density"], ".3f"),
+            show(r["p50_ms"], ".2f"),
+            f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}",
+            show(r["speedup_vs_cudnn"], ".2f"),
+            show(r["speedup_vs_fa2"], ".2f"),
+            show(r["speedup_vs_flex"], ".2f"),
+            show(r["share_of_ideal"], ".2f"),
+        )
+    return table
