@@ -219,6 +219,8 @@ class HeadPattern:
             try:
                 start, stop = group["frames"]
                 rects = tuple(Rect(int_exact(h), int_exact(w)) for h, w in group["rects"])
+            except UserInputError:
+                raise
             except (KeyError, TypeError, ValueError) as exc:
                 raise UserInputError(
                     f"group {i} must look like {{'frames': [start, stop], 'rects': [[h, w], ...]}}"

@@ -39,12 +39,6 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _softmax_rows(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim restricted to `allowed`; rows with nothing allowed are zero."""
-    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-    return torch.where(allowed.any(dim=-1, keepdim=True), probs, torch.zeros((), dtype=probs.dtype))
-
-
 def masked_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -59,12 +53,14 @@ def masked_reference(
     n, d = q.shape[-2], q.shape[-1]
     scale = d**-0.5 if scale is None else scale
     ct = _compute_dtype(q.dtype)
-    block_of = torch.arange(n, device=q.device) // block_size
-    token_mask = block_mask.to(q.device)[:, block_of][:, :, block_of]  # [H|1, N, N]
+    token_mask = block_mask.to(q.device).repeat_interleave(block_size, dim=1)
+    token_mask = token_mask.repeat_interleave(block_size, dim=2)[:, :n, :n]  # [H|1, N, N]
     token_mask = token_mask & valid_keys(n, block_size, key_block_lengths, q.device)[None, None, :]
-    scores = torch.einsum("bhqd,bhkd->bhqk", q.to(ct), k.to(ct)) * scale  # [B, H, N, N]
-    probs = _softmax_rows(scores, token_mask.unsqueeze(0))
-    return torch.einsum("bhqk,bhkd->bhqd", probs, v.to(ct)).to(q.dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.to(ct), k.to(ct), v.to(ct), attn_mask=token_mask.unsqueeze(0), scale=scale
+    )  # [B, H, N, D]; rows with no allowed key come out NaN
+    has_key = token_mask.any(dim=-1).unsqueeze(0).unsqueeze(-1)  # [1, H|1, N, 1]
+    return torch.where(has_key, out, torch.zeros((), dtype=ct)).to(q.dtype)
 
 
 def chunked_reference(

@@ -1,0 +1,404 @@
+"""The versioned config: what the runtime needs to run a model with per-head sparse attention.
+
+Format "compact-search/config", version 1, documented field by field in docs/config.md. Loading
+validates everything and raises `ConfigError` naming the file, the field and what was expected;
+writes are atomic (see compact_search.io).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compact_search.errors import ConfigError, UserInputError
+from compact_search.geometry import Grid, TileLayout, TileShape
+from compact_search.io import atomic_write_json, read_json
+from compact_search.patterns import HeadPattern, density
+
+CONFIG_FORMAT = "compact-search/config"
+CONFIG_VERSION = 1
+STAT_FIELDS = ("recall_mean", "recall_min", "recall_worst_tile", "density", "cost")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model the config is for: its self-attention layers and heads."""
+
+    name: str
+    adapter: str
+    num_layers: int
+    num_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class GeometrySpec:
+    """Token geometry the patterns were searched on."""
+
+    grid: Grid
+    tile: TileShape
+    block_size: int = 128
+    prefix_tokens: int = 0
+    prefix_at: str = "start"
+
+    def layout(self) -> TileLayout:
+        return TileLayout(self.grid, self.tile, self.block_size, self.prefix_tokens, self.prefix_at)
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """Steps [0, dense_steps) run dense; bucket b covers [bucket_starts[b], next start or end).
+
+    Step indices count denoising steps of a `num_steps`-step run. A run with another number of
+    steps is mapped by position in the trajectory (step * num_steps / run_steps).
+    """
+
+    num_steps: int
+    dense_steps: int
+    bucket_starts: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bucket_starts", tuple(self.bucket_starts))
+        if self.num_steps < 1:
+            raise UserInputError(f"num_steps must be >= 1, got {self.num_steps}")
+        if not 0 <= self.dense_steps < self.num_steps:
+            raise UserInputError(
+                f"dense_steps must be in [0, num_steps) = [0, {self.num_steps}), "
+                f"got {self.dense_steps}"
+            )
+        starts = self.bucket_starts
+        if not starts or starts[0] != self.dense_steps:
+            raise UserInputError(
+                f"bucket_starts must begin at dense_steps={self.dense_steps}, got {list(starts)}"
+            )
+        if any(b <= a for a, b in zip(starts, starts[1:], strict=False)) or starts[-1] >= (
+            self.num_steps
+        ):
+            raise UserInputError(
+                f"bucket_starts must increase strictly and stay below num_steps="
+                f"{self.num_steps}, got {list(starts)}"
+            )
+
+    @property
+    def num_buckets(self) -> int:
+        return len(self.bucket_starts)
+
+    def bucket_range(self, bucket: int) -> tuple[int, int]:
+        stops = (*self.bucket_starts[1:], self.num_steps)
+        return self.bucket_starts[bucket], stops[bucket]
+
+    def bucket_for_step(self, step: int, run_steps: int | None = None) -> int | None:
+        """The bucket of a denoising step, or None for a dense warm-up step."""
+        position = step if run_steps in (None, self.num_steps) else step * self.num_steps / run_steps
+        if position < self.dense_steps:
+            return None
+        bucket = 0
+        for b, start in enumerate(self.bucket_starts):
+            if position >= start:
+                bucket = b
+        return bucket
+
+
+@dataclass(frozen=True)
+class HeadEntry:
+    """One (bucket, layer, head): its pattern and, where known, the numbers the search measured."""
+
+    pattern: HeadPattern
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CompactConfig:
+    model: ModelSpec
+    geometry: GeometrySpec
+    schedule: StepSchedule
+    heads: tuple[tuple[tuple[HeadEntry, ...], ...], ...]  # [bucket][layer][head]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        heads = tuple(tuple(tuple(layer) for layer in bucket) for bucket in self.heads)
+        object.__setattr__(self, "heads", heads)
+        if len(heads) != self.schedule.num_buckets:
+            raise UserInputError(
+                f"{len(heads)} buckets of patterns for {self.schedule.num_buckets} step buckets"
+            )
+        tile_grid = self.geometry.layout().tile_grid
+        for b, bucket in enumerate(heads):
+            if len(bucket) != self.model.num_layers:
+                raise UserInputError(
+                    f"bucket {b}: {len(bucket)} layers, model has {self.model.num_layers}"
+                )
+            for layer_index, layer in enumerate(bucket):
+                if len(layer) != self.model.num_heads:
+                    raise UserInputError(
+                        f"bucket {b} layer {layer_index}: {len(layer)} heads, model has "
+                        f"{self.model.num_heads}"
+                    )
+                for h, entry in enumerate(layer):
+                    entry.pattern.validate_for(tile_grid, f"bucket {b} layer {layer_index} head {h}")
+
+    # --- what the runtime asks -----------------------------------------------------------------
+
+    def layout(self) -> TileLayout:
+        return self.geometry.layout()
+
+    def pattern(self, bucket: int, layer: int, head: int) -> HeadPattern:
+        return self.heads[bucket][layer][head].pattern
+
+    def tile_masks(self, bucket: int, layer: int) -> torch.Tensor:
+        """[H, nt, nt] bool tile masks of one layer in one bucket."""
+        tile_grid = self.layout().tile_grid
+        return torch.stack([e.pattern.tile_mask(tile_grid) for e in self.heads[bucket][layer]])
+
+    def block_masks(self, bucket: int, layer: int) -> torch.Tensor:
+        """[H, nb, nb] bool block masks over the slot layout."""
+        return self.layout().block_mask(self.tile_masks(bucket, layer))
+
+    def summary(self) -> dict[str, float]:
+        """Mean density and cost over every (bucket, layer, head)."""
+        layout = self.layout()
+        densities, costs = [], []
+        for b in range(self.schedule.num_buckets):
+            for layer in range(self.model.num_layers):
+                masks = self.tile_masks(b, layer)
+                densities.append(density(masks))
+                costs.append(layout.cost(masks))
+        return {
+            "mean_density": float(torch.cat(densities).mean()),
+            "mean_cost": float(torch.cat(costs).mean()),
+        }
+
+    # --- JSON ----------------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": CONFIG_FORMAT,
+            "version": CONFIG_VERSION,
+            "model": {
+                "name": self.model.name,
+                "adapter": self.model.adapter,
+                "num_layers": self.model.num_layers,
+                "num_heads": self.model.num_heads,
+                "head_dim": self.model.head_dim,
+            },
+            "geometry": {
+                "grid": list(self.geometry.grid.as_tuple()),
+                "tile": list(self.geometry.tile.as_tuple()),
+                "block_size": self.geometry.block_size,
+                "prefix_tokens": self.geometry.prefix_tokens,
+                "prefix_at": self.geometry.prefix_at,
+            },
+            "schedule": {
+                "num_steps": self.schedule.num_steps,
+                "dense_steps": self.schedule.dense_steps,
+                "bucket_starts": list(self.schedule.bucket_starts),
+            },
+            "buckets": [
+                {
+                    "layers": [
+                        [_entry_json(entry) for entry in layer]
+                        for layer in bucket
+                    ]
+                }
+                for bucket in self.heads
+            ],
+            "provenance": self.provenance,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any, source: str = "config") -> CompactConfig:
+        return _parse_config(obj, source)
+
+
+def _entry_json(entry: HeadEntry) -> dict[str, Any]:
+    out: dict[str, Any] = {"pattern": entry.pattern.to_json()}
+    if entry.stats:
+        out["stats"] = {k: round(float(v), 6) for k, v in entry.stats.items()}
+    return out
+
+
+def default_provenance(**extra: Any) -> dict[str, Any]:
+    from compact_search import __version__
+
+    return {
+        "tool_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+class _Reader:
+    """Typed field access that raises ConfigError with the field's path."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, path: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, path, problem)
+
+    def obj(self, value: Any, path: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(path, f"expected an object, got {type(value).__name__}")
+        return value
+
+    def get(self, parent: dict[str, Any], key: str, path: str) -> Any:
+        if key not in parent:
+            raise self.fail(f"{path}.{key}" if path else key, "missing")
+        return parent[key]
+
+    def integer(self, value: Any, path: str, minimum: int | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(path, f"expected an integer, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise self.fail(path, f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    def string(self, value: Any, path: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.fail(path, f"expected a non-empty string, got {value!r}")
+        return value
+
+    def int_list(self, value: Any, path: str, length: int | None, minimum: int) -> list[int]:
+        if not isinstance(value, list) or (length is not None and len(value) != length):
+            want = f"a list of {length} integers" if length is not None else "a list of integers"
+            raise self.fail(path, f"expected {want}, got {value!r}")
+        return [self.integer(v, f"{path}[{i}]", minimum) for i, v in enumerate(value)]
+
+    def array(self, value: Any, path: str, length: int, what: str) -> list[Any]:
+        if not isinstance(value, list):
+            raise self.fail(path, f"expected a list of {length} {what}, got {type(value).__name__}")
+        if len(value) != length:
+            raise self.fail(path, f"expected {length} {what}, got {len(value)}")
+        return value
+
+
+def _parse_config(obj: Any, source: str) -> CompactConfig:
+    r = _Reader(source)
+    root = r.obj(obj, "(root)")
+    fmt = r.get(root, "format", "")
+    if fmt != CONFIG_FORMAT:
+        raise r.fail("format", f"expected {CONFIG_FORMAT!r}, got {fmt!r}")
+    version = r.get(root, "version", "")
+    if version != CONFIG_VERSION:
+        raise r.fail("version", f"expected {CONFIG_VERSION}, got {version!r} (unsupported version)")
+
+    m = r.obj(r.get(root, "model", ""), "model")
+    model = ModelSpec(
+        name=r.string(r.get(m, "name", "model"), "model.name"),
+        adapter=r.string(r.get(m, "adapter", "model"), "model.adapter"),
+        num_layers=r.integer(r.get(m, "num_layers", "model"), "model.num_layers", 1),
+        num_heads=r.integer(r.get(m, "num_heads", "model"), "model.num_heads", 1),
+        head_dim=r.integer(r.get(m, "head_dim", "model"), "model.head_dim", 1),
+    )
+
+    g = r.obj(r.get(root, "geometry", ""), "geometry")
+    prefix_at = g.get("prefix_at", "start")
+    if prefix_at not in ("start", "end"):
+        raise r.fail("geometry.prefix_at", f"expected 'start' or 'end', got {prefix_at!r}")
+    geometry = GeometrySpec(
+        grid=Grid(*r.int_list(r.get(g, "grid", "geometry"), "geometry.grid", 3, 1)),
+        tile=TileShape(*r.int_list(r.get(g, "tile", "geometry"), "geometry.tile", 3, 1)),
+        block_size=r.integer(g.get("block_size", 128), "geometry.block_size", 1),
+        prefix_tokens=r.integer(g.get("prefix_tokens", 0), "geometry.prefix_tokens", 0),
+        prefix_at=prefix_at,
+    )
+
+    s = r.obj(r.get(root, "schedule", ""), "schedule")
+    try:
+        schedule = StepSchedule(
+            num_steps=r.integer(r.get(s, "num_steps", "schedule"), "schedule.num_steps", 1),
+            dense_steps=r.integer(r.get(s, "dense_steps", "schedule"), "schedule.dense_steps", 0),
+            bucket_starts=tuple(
+                r.int_list(r.get(s, "bucket_starts", "schedule"), "schedule.bucket_starts", None, 0)
+            ),
+        )
+    except ConfigError:
+        raise
+    except UserInputError as exc:
+        raise r.fail("schedule", str(exc)) from exc
+
+    tile_grid = geometry.layout().tile_grid
+    buckets_json = r.array(r.get(root, "buckets", ""), "buckets", schedule.num_buckets, "buckets")
+    heads = []
+    for b, bucket_json in enumerate(buckets_json):
+        bpath = f"buckets[{b}]"
+        layers_json = r.array(
+            r.get(r.obj(bucket_json, bpath), "layers", bpath), f"{bpath}.layers",
+            model.num_layers, "layers (model.num_layers)",
+        )
+        layers = []
+        for li, layer_json in enumerate(layers_json):
+            lpath = f"{bpath}.layers[{li}]"
+            entries = []
+            heads_json = r.array(layer_json, lpath, model.num_heads, "heads (model.num_heads)")
+            for hi, head_json in enumerate(heads_json):
+                hpath = f"{lpath}[{hi}]"
+                entries.append(_parse_entry(r, head_json, hpath, tile_grid))
+            layers.append(tuple(entries))
+        heads.append(tuple(layers))
+
+    provenance = root.get("provenance", {})
+    r.obj(provenance, "provenance")
+    return CompactConfig(model, geometry, schedule, tuple(heads), provenance)
+
+
+def _parse_entry(r: _Reader, value: Any, path: str, tile_grid: Grid) -> HeadEntry:
+    head = r.obj(value, path)
+    try:
+        pattern = HeadPattern.from_json(r.get(head, "pattern", path))
+        pattern.validate_for(tile_grid, "window")
+    except ConfigError:
+        raise
+    except UserInputError as exc:
+        raise r.fail(f"{path}.pattern", str(exc)) from exc
+    stats_json = r.obj(head.get("stats", {}), f"{path}.stats")
+    stats = {}
+    for key, number in stats_json.items():
+        if key not in STAT_FIELDS:
+            raise r.fail(f"{path}.stats.{key}", f"unknown field (expected one of {STAT_FIELDS})")
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(
+            number
+        ):
+            raise r.fail(f"{path}.stats.{key}", f"expected a finite number, got {number!r}")
+        stats[key] = float(number)
+    return HeadEntry(pattern, stats)
+
+
+def load_config(path: str | Path) -> CompactConfig:
+    """Read and validate a config file; any problem raises ConfigError (one line)."""
+    return CompactConfig.from_json(read_json(path, "config"), str(path))
+
+
+def save_config(config: CompactConfig, path: str | Path) -> None:
+    """Atomic write: an interrupted write leaves the previous file intact."""
+    atomic_write_json(path, config.to_json())
+
+
+def uniform_config(
+    model: ModelSpec,
+    geometry: GeometrySpec,
+    schedule: StepSchedule,
+    patterns: Sequence[HeadPattern] | HeadPattern,
+    provenance: dict[str, Any] | None = None,
+) -> CompactConfig:
+    """A config whose every bucket and layer uses the same per-head patterns (hand-built configs).
+
+    `patterns` is one pattern for every head, or one per head.
+    """
+    if isinstance(patterns, HeadPattern):
+        patterns = [patterns] * model.num_heads
+    if len(patterns) != model.num_heads:
+        raise UserInputError(f"{len(patterns)} patterns for {model.num_heads} heads")
+    layer = tuple(HeadEntry(p) for p in patterns)
+    bucket = tuple(layer for _ in range(model.num_layers))
+    heads = tuple(bucket for _ in range(schedule.num_buckets))
+    return CompactConfig(model, geometry, schedule, heads, provenance or default_provenance())
