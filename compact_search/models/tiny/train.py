@@ -1,0 +1,249 @@
+"""Flow-matching training of the tiny video DiT and its text encoder, from a fixed seed.
+
+Every step draws a fresh batch of procedural videos (:mod:`.data`, training split only), mixes
+them with noise at logit-normal times, and regresses the velocity ``noise - clean`` with MSE.
+One prompt in ten is replaced by the empty prompt so the sampler can use classifier-free
+guidance. An exponential moving average (EMA) of the weights is what gets saved.
+
+A run can stop on a step count or a wall-clock budget and write an fp32 EMA checkpoint in
+shards of under 16 MB (the device tool returns files up to that size); ``resume_from`` starts a
+new run from such a checkpoint, with the EMA weights as the starting weights and a fresh
+optimizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from compact_search.models.tiny.data import render_scenes, sample_scene_specs
+from compact_search.models.tiny.pipeline import (
+    TinyModelConfig,
+    TinyVideoPipeline,
+    build_models,
+    save_tiny_model,
+)
+
+CHECKPOINT_SHARD_BYTES = 14 * 1024 * 1024
+CHECKPOINT_STATE_FILE = "checkpoint.json"
+DATA_RECIPE = (
+    "procedural 8x32x32 RGB videos from compact_search.models.tiny.data.sample_scene_specs "
+    "(training split: held-out colour/shape/direction triples never shown), fresh every step"
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one training run."""
+
+    seed: int = 0
+    steps: int = 8000
+    batch_size: int = 64
+    learning_rate: float = 5e-4
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    prompt_dropout: float = 0.1
+    max_seconds: float | None = None
+    log_every: int = 100
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"TrainConfig.steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"TrainConfig.batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"TrainConfig.ema_decay must be in (0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise ValueError(
+                f"TrainConfig.prompt_dropout must be in [0, 1), got {self.prompt_dropout}"
+            )
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run did; ``record`` is what goes into the model's JSON and docs."""
+
+    pipeline: TinyVideoPipeline
+    steps_done: int
+    final_loss: float
+    seconds: float
+    record: dict
+
+
+def train_tiny(
+    config: TrainConfig,
+    *,
+    model_config: TinyModelConfig | None = None,
+    device: str | torch.device = "cpu",
+    resume_from: Path | None = None,
+    checkpoint_dir: Path | None = None,
+    log=print,
+) -> TrainResult:
+    """Train (or continue training) the tiny model; returns the EMA pipeline and a record."""
+    device = torch.device(device)
+    model_config = model_config or TinyModelConfig()
+    torch.manual_seed(config.seed)
+    transformer, text_encoder = build_models(model_config)
+    start_step, previous = 0, {}
+    if resume_from is not None:
+        start_step, previous = load_checkpoint(Path(resume_from), transformer, text_encoder)
+        log(f"resumed from {resume_from} at step {start_step}")
+    transformer.to(device).train()
+    text_encoder.to(device).train()
+    ema_transformer = copy.deepcopy(transformer).eval().requires_grad_(False)
+    ema_text_encoder = copy.deepcopy(text_encoder).eval().requires_grad_(False)
+    pipeline = TinyVideoPipeline(model_config, transformer, text_encoder)
+    pipeline.transformer.train()
+    pipeline.text_encoder.train()
+
+    parameters = [*transformer.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(
+        parameters, lr=config.learning_rate, betas=(0.9, 0.99), weight_decay=0.0
+    )
+    # Data and noise depend only on the seed and the global step count, so a resumed run draws
+    # what an uninterrupted run of the same chunking would.
+    data_generator = torch.Generator().manual_seed(config.seed * 1_000_003 + start_step)
+    noise_generator = torch.Generator(device).manual_seed(config.seed * 7_919 + start_step)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    started = time.perf_counter()
+    running_loss, steps_done = math.nan, 0
+    for local_step in range(config.steps - start_step):
+        step = start_step + local_step
+        if config.max_seconds is not None and time.perf_counter() - started > config.max_seconds:
+            break
+        specs = sample_scene_specs(config.batch_size, data_generator, split="train")
+        clean = render_scenes(specs, device) * 2 - 1  # [B, 3, F, H, W] in [-1, 1]
+        prompts = [
+            ""
+            if float(torch.rand((), generator=data_generator)) < config.prompt_dropout
+            else s.prompt
+            for s in specs
+        ]
+        noise = torch.randn(clean.shape, generator=noise_generator, device=device)
+        t = torch.sigmoid(
+            torch.randn(config.batch_size, generator=noise_generator, device=device)
+        )  # [B], logit-normal
+        t_video = t.view(-1, 1, 1, 1, 1)
+        noisy = (1 - t_video) * clean + t_video * noise
+        with autocast:
+            predicted = pipeline.velocity(noisy, t, pipeline.encode_prompts(prompts))
+        loss = F.mse_loss(predicted.float(), noise - clean)
+
+        for group in optimizer.param_groups:
+            group["lr"] = config.learning_rate * min(1.0, (local_step + 1) / config.warmup_steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        # Short warm-up of the average: early weights are noise.
+        decay = min(config.ema_decay, (1 + local_step) / (10 + local_step))
+        with torch.no_grad():
+            for ema, live in (
+                (ema_transformer, transformer),
+                (ema_text_encoder, text_encoder),
+            ):
+                for ema_param, param in zip(ema.parameters(), live.parameters(), strict=True):
+                    ema_param.lerp_(param, 1 - decay)
+
+        steps_done = local_step + 1
+        value = float(loss.detach()) if steps_done % 10 == 0 or steps_done == 1 else None
+        if value is not None:
+            running_loss = value if math.isnan(running_loss) else 0.9 * running_loss + 0.1 * value
+        if steps_done % config.log_every == 0:
+            elapsed = time.perf_counter() - started
+            log(f"step {step + 1} loss {running_loss:.4f} ({elapsed:.0f} s)")
+
+    seconds = time.perf_counter() - started
+    total_steps = start_step + steps_done
+    log(f"stopped at step {total_steps} after {seconds:.0f} s, loss {running_loss:.4f}")
+    record = {
+        "seed": config.seed,
+        "train_config": asdict(config),
+        "steps": total_steps,
+        "final_loss": round(running_loss, 5),
+        "final_loss_definition": "running mean (0.9 decay, every 10th step) of the velocity MSE",
+        "seconds": round(seconds + previous.get("seconds", 0.0), 1),
+        "chunks": [*previous.get("chunks", []), {"steps": steps_done, "seconds": round(seconds)}],
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "data_recipe": DATA_RECIPE,
+    }
+    if checkpoint_dir is not None:
+        save_checkpoint(Path(checkpoint_dir), ema_transformer, ema_text_encoder, record)
+    ema_pipeline = TinyVideoPipeline(model_config, ema_transformer, ema_text_encoder, record)
+    return TrainResult(ema_pipeline, total_steps, running_loss, seconds, record)
+
+
+def save_checkpoint(
+    directory: Path,
+    transformer: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    record: dict,
+) -> list[Path]:
+    """fp32 weights in safetensors shards of at most CHECKPOINT_SHARD_BYTES, plus a JSON."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"transformer.{k}": v for k, v in transformer.state_dict().items()} | {
+        f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()
+    }
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for name, value in tensors.items():
+        size = value.numel() * 4
+        if shard_bytes + size > CHECKPOINT_SHARD_BYTES and shards[-1]:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = value.detach().float().cpu().contiguous()
+        shard_bytes += size
+    paths = []
+    for index, shard in enumerate(shards):
+        paths.append(directory / f"checkpoint-{index:02d}.safetensors")
+        save_file(shard, str(paths[-1]))
+    (directory / CHECKPOINT_STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return paths
+
+
+def load_checkpoint(
+    directory: Path, transformer: torch.nn.Module, text_encoder: torch.nn.Module
+) -> tuple[int, dict]:
+    """Load a checkpoint into the two modules; returns (global step, its record)."""
+    record = json.loads((directory / CHECKPOINT_STATE_FILE).read_text())
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(directory.glob("checkpoint-*.safetensors")):
+        tensors |= load_file(str(path))
+    for prefix, module in (("transformer.", transformer), ("text_encoder.", text_encoder)):
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        module.load_state_dict(state, strict=True)
+    return int(record["steps"]), record
+
+
+def train_and_save(
+    config: TrainConfig,
+    output_dir: Path,
+    *,
+    device: str | torch.device = "cpu",
+    resume_from: Path | None = None,
+    checkpoint_dir: Path | None = None,
+    command: str = "",
+    log=print,
+) -> TrainResult:
+    """Train, then write the fp16 model files (``tiny-wan.safetensors`` / ``.json``)."""
+    result = train_tiny(
+        config, device=device, resume_from=resume_from, checkpoint_dir=checkpoint_dir, log=log
+    )
+    record = {**result.record, "command": command}
+    save_tiny_model(
+        Path(output_dir),
+        result.pipeline.config,
+        result.pipeline.transformer,
+        result.pipeline.text_encoder,
+        record,
+    )
+    return result
