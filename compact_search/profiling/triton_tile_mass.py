@@ -5,8 +5,8 @@ Layers, top to bottom: the ``@triton.jit`` kernels -> ``_launch_*`` (block sizes
 
 Tokens are first permuted into tile slots (``geometry.TileLayout`` with 64-slot blocks): every tile
 is contiguous and padded to whole 64-slot blocks, so a key block of ``BLOCK_N = 64`` slots lies in
-exactly one key tile and a query block of ``BLOCK_M = 128`` slots covers whole 64-slot groups of
-one query tile each. Then
+exactly one key tile and a query block (64 or 128 slots, autotuned) covers whole 64-slot groups
+of one query tile each. Then
 
 1. ``_log_sum_exp_kernel``: the softmax normaliser of every query over all real keys (online max
    and sum, log2 units). Skipped when the caller already has it, e.g. from the dense attention
@@ -33,14 +33,36 @@ import triton.language as tl
 from compact_search.geometry import Grid, TileLayout, TileShape
 
 LOG2_E = 1.4426950408889634
-# Key blocks are 64 slots and tiles are padded to whole key blocks.
+# Key blocks are 64 slots and tiles are padded to whole key blocks; query probabilities are summed
+# per 64-slot group, which never straddles two tiles.
 SLOT_BLOCK = 64
-BLOCK_M = 128
 BLOCK_N = SLOT_BLOCK
+QUERY_GROUP = SLOT_BLOCK
+MAX_BLOCK_M = 128
+# Set to "0" to run the first config only (the tests do; the interpreter always does).
+AUTOTUNE_ENV = "COMPACT_SEARCH_AUTOTUNE"
+
+# Query block (a multiple of QUERY_GROUP, at most MAX_BLOCK_M), warps, stages. The first config is
+# the one used without autotuning.
+KERNEL_CONFIGS = [
+    triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3),
+]
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _autotune_enabled() -> bool:
+    return not _interpreting() and os.environ.get(AUTOTUNE_ENV, "1") != "0"
+
+
+def _launch_options(config: triton.Config) -> dict:
+    return {"num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
 def triton_supports(q: torch.Tensor) -> bool:
@@ -143,6 +165,14 @@ def _tile_mass_kernel(
         tl.store(out_rows + key_block, group_mass)
 
 
+_log_sum_exp_tuned = triton.autotune(configs=KERNEL_CONFIGS, key=["num_slots", "HEAD_DIM"])(
+    _log_sum_exp_kernel
+)
+_tile_mass_tuned = triton.autotune(configs=KERNEL_CONFIGS, key=["num_slots", "HEAD_DIM"])(
+    _tile_mass_kernel
+)
+
+
 def _dot_precision(x: torch.Tensor) -> str:
     """fp32 inputs get full-precision products (TF32 would cost ~1e-3 relative error)."""
     return "ieee" if x.dtype == torch.float32 else "tf32"
@@ -154,9 +184,9 @@ def slot_layout(grid: Grid, tile: TileShape) -> TileLayout:
 
 
 def _to_slots(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
-    """[B, H, N, D] model order -> [B*H, P, D] contiguous slot order (P rounded up to BLOCK_M)."""
+    """[B, H, N, D] model order -> [B*H, P, D] contiguous slot order, P a multiple of 128."""
     b, h, _, d = x.shape
-    padded = math.ceil(layout.padded_len / BLOCK_M) * BLOCK_M
+    padded = math.ceil(layout.padded_len / MAX_BLOCK_M) * MAX_BLOCK_M
     out = x.new_zeros((b * h, padded, d))
     index = layout.token_to_slot.to(x.device)
     out.index_copy_(1, index, x.reshape(b * h, -1, d))
@@ -175,22 +205,21 @@ def _launch_log_sum_exp(
 ) -> torch.Tensor:
     bh, num_slots, head_dim = q_slots.shape
     lse = torch.empty((bh, num_slots), dtype=torch.float32, device=q_slots.device)
-    _log_sum_exp_kernel[(num_slots // BLOCK_M, bh)](
-        q_slots,
-        k_slots,
-        key_lengths,
-        lse,
-        num_slots,
-        num_slots // BLOCK_N,
-        qk_scale,
-        HEAD_DIM=head_dim,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        COMPUTE_IN_FP32=_interpreting() or q_slots.dtype == torch.float32,
-        DOT_PRECISION=_dot_precision(q_slots),
-        num_warps=8 if head_dim >= 128 else 4,
-        num_stages=3,
-    )
+    args = (q_slots, k_slots, key_lengths, lse, num_slots, num_slots // BLOCK_N, qk_scale)
+    constants = {
+        "HEAD_DIM": head_dim,
+        "BLOCK_N": BLOCK_N,
+        "COMPUTE_IN_FP32": _interpreting() or q_slots.dtype == torch.float32,
+        "DOT_PRECISION": _dot_precision(q_slots),
+    }
+    if _autotune_enabled():
+        grid = lambda meta: (num_slots // meta["BLOCK_M"], bh)  # noqa: E731
+        _log_sum_exp_tuned[grid](*args, **constants)
+    else:
+        config = KERNEL_CONFIGS[0]
+        _log_sum_exp_kernel[(num_slots // config.kwargs["BLOCK_M"], bh)](
+            *args, **constants, **config.kwargs, **_launch_options(config)
+        )
     return lse
 
 
@@ -200,31 +229,28 @@ def _launch_tile_mass(
     lse: torch.Tensor,
     key_lengths: torch.Tensor,
     qk_scale: float,
-    query_group: int,
 ) -> torch.Tensor:
     bh, num_slots, head_dim = q_slots.shape
     num_key_blocks = num_slots // BLOCK_N
     out = torch.empty(
-        (bh, num_slots // query_group, num_key_blocks), dtype=torch.float32, device=q_slots.device
+        (bh, num_slots // QUERY_GROUP, num_key_blocks), dtype=torch.float32, device=q_slots.device
     )
-    _tile_mass_kernel[(num_slots // BLOCK_M, bh)](
-        q_slots,
-        k_slots,
-        lse,
-        key_lengths,
-        out,
-        num_slots,
-        num_key_blocks,
-        qk_scale,
-        HEAD_DIM=head_dim,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        QUERY_GROUP=query_group,
-        COMPUTE_IN_FP32=_interpreting() or q_slots.dtype == torch.float32,
-        DOT_PRECISION=_dot_precision(q_slots),
-        num_warps=8 if head_dim >= 128 else 4,
-        num_stages=3,
-    )
+    args = (q_slots, k_slots, lse, key_lengths, out, num_slots, num_key_blocks, qk_scale)
+    constants = {
+        "HEAD_DIM": head_dim,
+        "BLOCK_N": BLOCK_N,
+        "QUERY_GROUP": QUERY_GROUP,
+        "COMPUTE_IN_FP32": _interpreting() or q_slots.dtype == torch.float32,
+        "DOT_PRECISION": _dot_precision(q_slots),
+    }
+    if _autotune_enabled():
+        grid = lambda meta: (num_slots // meta["BLOCK_M"], bh)  # noqa: E731
+        _tile_mass_tuned[grid](*args, **constants)
+    else:
+        config = KERNEL_CONFIGS[0]
+        _tile_mass_kernel[(num_slots // config.kwargs["BLOCK_M"], bh)](
+            *args, **constants, **config.kwargs, **_launch_options(config)
+        )
     return out
 
 
@@ -259,12 +285,11 @@ def triton_tile_mass_sums(
         lse[:, layout.token_to_slot.to(q.device)] = log_sum_exp.reshape(b * h, n).float() * LOG2_E
     # Padded query slots: lse = +inf makes every probability of theirs an exact 0.
     lse = lse.masked_fill(~valid_slots, float("inf"))
-    query_group = math.gcd(BLOCK_M, layout.tile_slots)
-    block_sums = _launch_tile_mass(q_slots, k_slots, lse, key_lengths, qk_scale, query_group)
+    block_sums = _launch_tile_mass(q_slots, k_slots, lse, key_lengths, qk_scale)
     nt = layout.num_tiles
-    groups_per_tile = layout.tile_slots // query_group
+    groups_per_tile = layout.tile_slots // QUERY_GROUP
     blocks_per_tile = layout.tile_slots // BLOCK_N
     tile_part = block_sums.view(b, h, -1, num_slots // BLOCK_N)[
         :, :, : nt * groups_per_tile, : nt * blocks_per_tile
-    ]  # [B, H, nt * gpt, nt * bpt]; slots past the layout (BLOCK_M rounding) dropped
+    ]  # [B, H, nt * gpt, nt * bpt]; slots past the layout (block rounding) dropped
     return tile_part.reshape(b, h, nt, groups_per_tile, nt, blocks_per_tile).sum((0, 3, 5))
