@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 check failed / regression, 2 bad input or usage.
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -50,12 +51,143 @@ def demo(
     for column in ("head", "pattern", "density", "cost", "rel. error vs dense"):
         table.add_column(column, justify="right")
     for h in result.heads:
-        table.add_row(str(h.head), h.kind, f"{h.density:.3f}", f"{h.cost:.3f}",
-                      f"{h.relative_error:.4f}")
+        table.add_row(
+            str(h.head), h.kind, f"{h.density:.3f}", f"{h.cost:.3f}", f"{h.relative_error:.4f}"
+        )
     console.print(table)
     console.print(
         f"sparse reference {result.sparse_seconds * 1e3:.1f} ms, dense SDPA "
         f"{result.dense_seconds * 1e3:.1f} ms (CPU)"
+    )
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+    junit = "junit"
+
+
+@app.command()
+def check(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Config to gate.")],
+    profile: Annotated[Path, typer.Option("--profile", "-p", help="Profile (held-out prompts).")],
+    baseline: Annotated[
+        Path | None, typer.Option(help="Committed baseline config to compare with.")
+    ] = None,
+    min_recall: Annotated[
+        float | None, typer.Option(help="Recall floor per head (default: the config's threshold).")
+    ] = None,
+    max_density: Annotated[float | None, typer.Option(help="Ceiling on mean density.")] = None,
+    statistic: Annotated[
+        str, typer.Option(help="Recall over samples: mean, or min (the worst sample).")
+    ] = "mean",
+    tolerance: Annotated[float, typer.Option(help="Recall slack, absolute.")] = 0.0,
+    kernel: Annotated[
+        bool, typer.Option("--kernel", help="Also check the kernel against the reference.")
+    ] = False,
+    output_format: Annotated[OutputFormat, typer.Option("--format")] = OutputFormat.table,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the report here (json, junit).")
+    ] = None,
+) -> None:
+    """Gate a config on a profile: exit 0 pass, 1 regression, 2 bad input."""
+    import os
+
+    import torch
+
+    if kernel and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel's import
+    from compact_search.check import check_config, junit_xml
+    from compact_search.config import load_config
+    from compact_search.profiling import load_profile
+
+    cfg = load_config(config)
+    base = load_config(baseline) if baseline is not None else None
+    prof = load_profile(profile)
+    report = check_config(
+        cfg,
+        prof,
+        baseline=base,
+        min_recall=min_recall,
+        max_density=max_density,
+        statistic=statistic,
+        tolerance=tolerance,
+        kernel=kernel,
+    )
+    if output_format is OutputFormat.table:
+        render_check(report)
+    else:
+        import json
+
+        from compact_search.io import atomic_write_text
+
+        text = (
+            json.dumps(report.to_json(), indent=1)
+            if output_format is OutputFormat.json
+            else junit_xml(report)
+        )
+        if output is not None:
+            atomic_write_text(output, text + "\n")
+            render_check(report, heads=False)
+        else:
+            console.print(text, markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(0 if report.passed else 1)
+
+
+def render_check(report, heads: bool = True) -> None:
+    from rich.table import Table
+
+    failed = report.failed_heads
+    if heads and failed:
+        table = Table(title=f"{len(failed)} failing heads")
+        for column in (
+            "bucket",
+            "layer",
+            "head",
+            "pattern",
+            "density",
+            "recall mean",
+            "recall min",
+            "worst tile",
+            "baseline",
+            "reason",
+        ):
+            table.add_column(column)
+        for h in failed:
+            base = "-" if h.baseline_recall is None else f"{h.baseline_recall:.4f}"
+            table.add_row(
+                str(h.bucket),
+                str(h.layer),
+                str(h.head),
+                h.kind,
+                f"{h.density:.3f}",
+                f"{h.recall_mean:.4f}",
+                f"{h.recall_min:.4f}",
+                f"{h.recall_worst_tile:.4f}",
+                base,
+                h.reason,
+            )
+        console.print(table)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    for k in report.kernel:
+        state = "[green]ok[/]" if k.passed else "[red]FAIL[/]"
+        console.print(
+            f"kernel bucket {k.bucket} layer {k.layer}: rel. error {k.relative_error:.2e} {state}"
+        )
+    for failure in report.config_failures:
+        console.print(f"[red]FAIL[/] {failure}")
+    base = (
+        ""
+        if report.baseline_mean_density is None
+        else (f" (baseline {report.baseline_mean_density:.4f})")
+    )
+    threshold = "-" if report.min_recall is None else f"{report.min_recall:.3f}"
+    verdict = "[bold green]PASS[/]" if report.passed else "[bold red]FAIL[/]"
+    console.print(
+        f"{verdict}: {len(report.heads) - len(failed)}/{len(report.heads)} heads pass recall "
+        f"({report.statistic} over samples >= {threshold}), mean density "
+        f"{report.mean_density:.4f}{base}"
     )
 
 

@@ -95,7 +95,9 @@ class StepSchedule:
 
     def bucket_for_step(self, step: int, run_steps: int | None = None) -> int | None:
         """The bucket of a denoising step, or None for a dense warm-up step."""
-        position = step if run_steps in (None, self.num_steps) else step * self.num_steps / run_steps
+        position = (
+            step if run_steps in (None, self.num_steps) else step * self.num_steps / run_steps
+        )
         if position < self.dense_steps:
             return None
         bucket = 0
@@ -141,7 +143,9 @@ class CompactConfig:
                         f"{self.model.num_heads}"
                     )
                 for h, entry in enumerate(layer):
-                    entry.pattern.validate_for(tile_grid, f"bucket {b} layer {layer_index} head {h}")
+                    entry.pattern.validate_for(
+                        tile_grid, f"bucket {b} layer {layer_index} head {h}"
+                    )
 
     # --- what the runtime asks -----------------------------------------------------------------
 
@@ -200,12 +204,7 @@ class CompactConfig:
                 "bucket_starts": list(self.schedule.bucket_starts),
             },
             "buckets": [
-                {
-                    "layers": [
-                        [_entry_json(entry) for entry in layer]
-                        for layer in bucket
-                    ]
-                }
+                {"layers": [[_entry_json(entry) for entry in layer] for layer in bucket]}
                 for bucket in self.heads
             ],
             "provenance": self.provenance,
@@ -332,8 +331,10 @@ def _parse_config(obj: Any, source: str) -> CompactConfig:
     for b, bucket_json in enumerate(buckets_json):
         bpath = f"buckets[{b}]"
         layers_json = r.array(
-            r.get(r.obj(bucket_json, bpath), "layers", bpath), f"{bpath}.layers",
-            model.num_layers, "layers (model.num_layers)",
+            r.get(r.obj(bucket_json, bpath), "layers", bpath),
+            f"{bpath}.layers",
+            model.num_layers,
+            "layers (model.num_layers)",
         )
         layers = []
         for li, layer_json in enumerate(layers_json):
@@ -365,8 +366,10 @@ def _parse_entry(r: _Reader, value: Any, path: str, tile_grid: Grid) -> HeadEntr
     for key, number in stats_json.items():
         if key not in STAT_FIELDS:
             raise r.fail(f"{path}.stats.{key}", f"unknown field (expected one of {STAT_FIELDS})")
-        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(
-            number
+        if (
+            isinstance(number, bool)
+            or not isinstance(number, (int, float))
+            or not math.isfinite(number)
         ):
             raise r.fail(f"{path}.stats.{key}", f"expected a finite number, got {number!r}")
         stats[key] = float(number)

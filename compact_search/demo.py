@@ -67,8 +67,9 @@ def run_foundation_demo(out_dir: Path, seed: int = 0) -> DemoResult:
 
     gen = torch.Generator().manual_seed(seed)
     # Queries and keys with spatial structure: tokens near each other in (f, h, w) correlate.
-    f, h, w = torch.meshgrid(*(torch.arange(s, dtype=torch.float32) for s in (8, 16, 16)),
-                             indexing="ij")
+    f, h, w = torch.meshgrid(
+        *(torch.arange(s, dtype=torch.float32) for s in (8, 16, 16)), indexing="ij"
+    )
     position = torch.stack([f, h, w], dim=-1).reshape(1, 1, -1, 3)  # [1, 1, N, 3]
     freqs = torch.randn(model.num_heads, 3, 32, generator=gen) * 0.4
     phase = position @ freqs  # [1, H, N, 32]
@@ -81,7 +82,11 @@ def run_foundation_demo(out_dir: Path, seed: int = 0) -> DemoResult:
     start = time.perf_counter()
     sparse = layout.from_slots(
         sparse_attention(
-            q_s, k_s, v_s, block_mask, block_size=layout.block_size,
+            q_s,
+            k_s,
+            v_s,
+            block_mask,
+            block_size=layout.block_size,
             key_block_lengths=layout.key_block_lengths(),
         )
     )

@@ -1,4 +1,4 @@
-"""Token geometry: the latent grid, 3D tiles, and the tile-contiguous slot layout the kernel runs on.
+"""Token geometry: the latent grid, 3D tiles, and the tile-contiguous slot layout of the kernel.
 
 Models order video tokens frame-major, (f, h, w). The kernel wants every tile's tokens contiguous,
 so the runtime permutes tokens into *slots*:
@@ -232,7 +232,7 @@ class TileLayout:
         return out
 
     def to_slots(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
-        """Model order -> slot order along `dim` (size num_tokens -> padded_len); padding is zero."""
+        """Model order -> slot order along `dim` (num_tokens -> padded_len); padding is zero."""
         dim = dim % x.ndim
         if x.shape[dim] != self.num_tokens:
             raise ValueError(
@@ -267,7 +267,9 @@ class TileLayout:
     @cached_property
     def tile_block_counts(self) -> torch.Tensor:
         """[nt] int64: non-empty blocks of every tile (all-padding blocks are never computed)."""
-        lengths = self.block_lengths[self.prefix_blocks :].view(self.num_tiles, self.blocks_per_tile)
+        lengths = self.block_lengths[self.prefix_blocks :].view(
+            self.num_tiles, self.blocks_per_tile
+        )
         return (lengths > 0).sum(dim=1)
 
     def block_mask(self, tile_mask: torch.Tensor) -> torch.Tensor:

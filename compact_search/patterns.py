@@ -210,7 +210,9 @@ class HeadPattern:
         if kind == "dense":
             return cls.dense()
         if kind != "structured":
-            raise UserInputError(f"unknown pattern kind {kind!r} (expected 'dense' or 'structured')")
+            raise UserInputError(
+                f"unknown pattern kind {kind!r} (expected 'dense' or 'structured')"
+            )
         groups = obj.get("groups")
         if not isinstance(groups, list):
             raise UserInputError("structured pattern needs a list 'groups'")

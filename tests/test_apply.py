@@ -19,8 +19,15 @@ GRID = Grid(3, 4, 5)  # latent 3 x 8 x 10 with patch (1, 2, 2)
 def small_wan(seed=0):
     torch.manual_seed(seed)
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4,
-        out_channels=4, text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2,
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=32,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=2,
         rope_max_seq_len=64,
     ).eval()
 
@@ -90,8 +97,12 @@ def test_sparse_step_matches_reference_on_permuted_tokens():
     q, k, v = seen[0]
     expected = layout.from_slots(
         masked_reference(
-            layout.to_slots(q), layout.to_slots(k), layout.to_slots(v), config.block_masks(0, 0),
-            block_size=8, key_block_lengths=layout.key_block_lengths(),
+            layout.to_slots(q),
+            layout.to_slots(k),
+            layout.to_slots(v),
+            config.block_masks(0, 0),
+            block_size=8,
+            key_block_lengths=layout.key_block_lengths(),
         )
     )
     torch.testing.assert_close(outputs[0], expected, rtol=1e-5, atol=1e-6)
@@ -139,8 +150,12 @@ def test_rescale_adapts_windows_and_says_recall_is_not_guaranteed():
     assert rescaled.pattern(0, 0, 0) == HeadPattern.local(2, 2, 2)
     assert "no longer guaranteed" in note
     model = small_wan()
-    handle = apply(model, config_for([HeadPattern.local(1, 1, 1)] * 2, grid=Grid(3, 4, 6)),
-                   grid=GRID, rescale=True)
+    handle = apply(
+        model,
+        config_for([HeadPattern.local(1, 1, 1)] * 2, grid=Grid(3, 4, 6)),
+        grid=GRID,
+        rescale=True,
+    )
     assert handle.config.geometry.grid == GRID and handle.notes
     handle.set_step(3, 4)
     forward(model)

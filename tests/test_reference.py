@@ -93,7 +93,10 @@ def test_nan_propagates_like_the_reference_and_zero_length_works():
     assert torch.all(out[0, 0, 16:] == 0)
     empty = torch.zeros(1, 1, 0, 8)
     assert sparse_attention(empty, empty, empty, torch.zeros(1, 0, 0, dtype=torch.bool)).shape == (
-        1, 1, 0, 8,
+        1,
+        1,
+        0,
+        8,
     )
 
 

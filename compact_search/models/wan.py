@@ -58,8 +58,10 @@ class WanSelfAttnProcessor:
         if attn.fused_projections:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(
-                hidden_states
+            query, key, value = (
+                attn.to_q(hidden_states),
+                attn.to_k(hidden_states),
+                attn.to_v(hidden_states),
             )
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))  # [B, N, H, D]
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))

@@ -99,7 +99,10 @@ def rescale_config(config: CompactConfig, grid: Grid) -> tuple[CompactConfig, st
 
     old = config.layout()
     geometry = GeometrySpec(
-        grid, config.geometry.tile, config.geometry.block_size, config.geometry.prefix_tokens,
+        grid,
+        config.geometry.tile,
+        config.geometry.block_size,
+        config.geometry.prefix_tokens,
         config.geometry.prefix_at,
     )
     new_tg = geometry.layout().tile_grid
@@ -197,8 +200,12 @@ class CompactHandle:
         self.calls["sparse"] += 1
         masks = self.block_masks(bucket, layer, q.device)
         out = sparse_attention(
-            layout.to_slots(q), layout.to_slots(k), layout.to_slots(v), masks,
-            block_size=layout.block_size, backend=self.backend,
+            layout.to_slots(q),
+            layout.to_slots(k),
+            layout.to_slots(v),
+            masks,
+            block_size=layout.block_size,
+            backend=self.backend,
             key_block_lengths=self.key_block_lengths(q.device),
         )  # [B, H, padded_len, D]
         return layout.from_slots(out)

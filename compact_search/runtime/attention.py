@@ -43,7 +43,11 @@ def _check_arguments(q, k, v, block_mask, block_size, key_block_lengths) -> None
         raise TypeError(f"block_mask must be torch.bool, got {block_mask.dtype}")
     b, h, n, _ = q.shape
     nb = math.ceil(n / block_size)
-    if block_mask.dim() != 3 or block_mask.shape[0] not in (1, h) or block_mask.shape[1:] != (nb, nb):
+    if (
+        block_mask.dim() != 3
+        or block_mask.shape[0] not in (1, h)
+        or block_mask.shape[1:] != (nb, nb)
+    ):
         raise ValueError(
             f"block_mask must be [H or 1, nb, nb] = [{h} or 1, {nb}, {nb}] for N={n}, "
             f"block_size={block_size}; got {tuple(block_mask.shape)}"
@@ -113,12 +117,22 @@ def sparse_attention(
         if key_block_lengths is not None:
             key_block_lengths = key_block_lengths.to(torch.int32)
         return triton_sparse_attention(
-            q, k, v, block_mask, block_size=block_size, scale=scale,
+            q,
+            k,
+            v,
+            block_mask,
+            block_size=block_size,
+            scale=scale,
             key_block_lengths=key_block_lengths,
         )
     n = q.shape[2]
     reference = masked_reference if n * n <= MASKED_REFERENCE_MAX_PAIRS else chunked_reference
     return reference(
-        q, k, v, block_mask, block_size=block_size, scale=scale,
+        q,
+        k,
+        v,
+        block_mask,
+        block_size=block_size,
+        scale=scale,
         key_block_lengths=key_block_lengths,
     )

@@ -27,7 +27,9 @@ def default_key_block_lengths(n: int, block_size: int, device: torch.device) -> 
     return lengths
 
 
-def valid_keys(n: int, block_size: int, key_block_lengths: torch.Tensor | None, device) -> torch.Tensor:
+def valid_keys(
+    n: int, block_size: int, key_block_lengths: torch.Tensor | None, device
+) -> torch.Tensor:
     """[N] bool: keys that are not padding."""
     if key_block_lengths is None:
         return torch.ones(n, dtype=torch.bool, device=device)

@@ -1,0 +1,365 @@
+"""`compact-search check`: a regression gate for configs, against a profile of (held-out) prompts.
+
+For every (bucket, layer, head) the gate recomputes recall on the profile's samples that fall in
+the bucket's steps and fails a head when
+
+- its recall (mean over samples by default, `statistic="min"` for the worst sample) is below
+  `min_recall - tolerance` (`min_recall` defaults to the config's own recall threshold), or
+- a baseline config is given and the head's recall fell more than `tolerance` below the
+  baseline's recall on the same profile;
+
+and fails the config when its mean density is above `max_density`, or above the baseline's mean
+density plus `density_tolerance`. With `kernel=True` the Triton kernel is compared with the
+reference on the config's own block masks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from compact_search.config import CompactConfig
+from compact_search.errors import UserInputError
+from compact_search.patterns import density as mask_density
+
+
+@dataclass(frozen=True)
+class HeadCheck:
+    bucket: int
+    layer: int
+    head: int
+    kind: str
+    density: float
+    recall_mean: float
+    recall_min: float
+    recall_worst_tile: float
+    baseline_recall: float | None
+    passed: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class KernelCheck:
+    bucket: int
+    layer: int
+    max_abs_error: float
+    relative_error: float
+    passed: bool
+
+
+@dataclass
+class CheckReport:
+    heads: list[HeadCheck]
+    mean_density: float
+    baseline_mean_density: float | None
+    min_recall: float | None
+    statistic: str
+    samples_per_bucket: dict[int, int]
+    config_failures: list[str] = field(default_factory=list)
+    kernel: list[KernelCheck] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def failed_heads(self) -> list[HeadCheck]:
+        return [h for h in self.heads if not h.passed]
+
+    @property
+    def passed(self) -> bool:
+        return (
+            not self.failed_heads
+            and not self.config_failures
+            and all(k.passed for k in self.kernel)
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "passed": self.passed,
+            "mean_density": self.mean_density,
+            "baseline_mean_density": self.baseline_mean_density,
+            "min_recall": self.min_recall,
+            "statistic": self.statistic,
+            "samples_per_bucket": self.samples_per_bucket,
+            "config_failures": self.config_failures,
+            "failed_heads": len(self.failed_heads),
+            "heads": [asdict(h) for h in self.heads],
+            "kernel": [asdict(k) for k in self.kernel],
+            "notes": self.notes,
+        }
+
+
+def _check_compatible(config: CompactConfig, profile, what: str) -> None:
+    model = config.model
+    if (profile.num_layers, profile.num_heads) != (model.num_layers, model.num_heads):
+        raise UserInputError(
+            f"{what} is for {model.num_layers} layers x {model.num_heads} heads, the profile has "
+            f"{profile.num_layers} x {profile.num_heads}"
+        )
+    if profile.grid != config.geometry.grid:
+        raise UserInputError(
+            f"{what} grid {config.geometry.grid} differs from the profile grid {profile.grid}"
+        )
+    if config.geometry.tile not in list(profile.tiles):
+        tiles = ", ".join(str(t) for t in profile.tiles)
+        raise UserInputError(
+            f"{what} tile {config.geometry.tile} is not among the profile's tiles ({tiles})"
+        )
+
+
+def bucket_steps(config: CompactConfig, profile) -> dict[int, list[int]]:
+    """Profiled steps that fall into each of the config's buckets (warm-up steps drop out)."""
+    out: dict[int, list[int]] = {b: [] for b in range(config.schedule.num_buckets)}
+    for step in profile.steps:
+        bucket = config.schedule.bucket_for_step(step, profile.num_steps)
+        if bucket is not None:
+            out[bucket].append(step)
+    return out
+
+
+@dataclass(frozen=True)
+class _Recalls:
+    mean: torch.Tensor  # [H] mean over samples of the per-sample mean recall
+    minimum: torch.Tensor  # [H] the worst sample
+    worst_tile: torch.Tensor  # [H] the worst query tile of any sample
+
+
+def _recalls(tile_masks: torch.Tensor, samples: torch.Tensor) -> _Recalls:
+    """tile_masks [H, nt, nt], samples [S, H, nt, nt]."""
+    kept = (samples * tile_masks.unsqueeze(0).to(samples.dtype)).sum(dim=-1)  # [S, H, nq]
+    per_sample = kept.mean(dim=-1)  # [S, H]
+    return _Recalls(per_sample.mean(dim=0), per_sample.min(dim=0).values, kept.amin(dim=(0, 2)))
+
+
+def check_config(
+    config: CompactConfig,
+    profile,
+    *,
+    baseline: CompactConfig | None = None,
+    min_recall: float | None = None,
+    max_density: float | None = None,
+    statistic: str = "mean",
+    tolerance: float = 0.0,
+    density_tolerance: float = 0.005,
+    kernel: bool = False,
+    kernel_layers: int | None = None,
+    progress=None,
+) -> CheckReport:
+    """Gate `config` on `profile`; see the module doc. `progress(advance)` ticks per layer."""
+    if statistic not in ("mean", "min"):
+        raise UserInputError(f"statistic must be 'mean' or 'min', got {statistic!r}")
+    _check_compatible(config, profile, "config")
+    if baseline is not None:
+        _check_compatible(baseline, profile, "baseline config")
+    if min_recall is None:
+        threshold = config.provenance.get("recall_threshold")
+        min_recall = float(threshold) if isinstance(threshold, (int, float)) else None
+    if min_recall is not None and not 0.0 <= min_recall <= 1.0:
+        raise UserInputError(f"min recall must be in [0, 1], got {min_recall}")
+
+    steps = bucket_steps(config, profile)
+    tile_grid = config.layout().tile_grid
+    rows: list[HeadCheck] = []
+    densities = []
+    baseline_densities = []
+    notes = []
+    samples_per_bucket = {b: 0 for b in steps}
+    for bucket in range(config.schedule.num_buckets):
+        if not steps[bucket]:
+            notes.append(
+                f"bucket {bucket} (steps {config.schedule.bucket_range(bucket)}) has no profiled "
+                f"step: its recall is unchecked"
+            )
+        for layer in range(config.model.num_layers):
+            masks = config.tile_masks(bucket, layer)  # [H, nt, nt]
+            densities.append(mask_density(masks))
+            base_masks = None
+            if baseline is not None:
+                base_masks = baseline.tile_masks(bucket, layer)
+                baseline_densities.append(mask_density(base_masks))
+            if steps[bucket]:
+                samples = profile.sample_tile_mass(
+                    layer, tile=config.geometry.tile, steps=steps[bucket]
+                )  # [S, H, nt, nt]
+                samples_per_bucket[bucket] = samples.shape[0]
+                recalls = _recalls(masks, samples)
+                base_recalls = _recalls(base_masks, samples) if base_masks is not None else None
+                for head in range(config.model.num_heads):
+                    rows.append(
+                        _judge(
+                            bucket,
+                            layer,
+                            head,
+                            config,
+                            tile_grid,
+                            masks,
+                            recalls,
+                            base_recalls,
+                            min_recall,
+                            statistic,
+                            tolerance,
+                        )
+                    )
+            if progress is not None:
+                progress(1)
+
+    mean_density = float(torch.cat(densities).mean())
+    baseline_mean = float(torch.cat(baseline_densities).mean()) if baseline_densities else None
+    failures = []
+    if max_density is not None and mean_density > max_density:
+        failures.append(f"mean density {mean_density:.4f} > max density {max_density:.4f}")
+    if baseline_mean is not None and mean_density > baseline_mean + density_tolerance:
+        failures.append(
+            f"mean density {mean_density:.4f} > baseline {baseline_mean:.4f} + {density_tolerance}"
+        )
+    report = CheckReport(
+        heads=rows,
+        mean_density=mean_density,
+        baseline_mean_density=baseline_mean,
+        min_recall=min_recall,
+        statistic=statistic,
+        samples_per_bucket=samples_per_bucket,
+        config_failures=failures,
+        notes=notes,
+    )
+    if kernel:
+        report.kernel = check_kernel(config, layers=kernel_layers)
+    return report
+
+
+def _judge(
+    bucket,
+    layer,
+    head,
+    config,
+    tile_grid,
+    masks,
+    recalls,
+    base_recalls,
+    min_recall,
+    statistic,
+    tolerance,
+) -> HeadCheck:
+    value = recalls.mean[head] if statistic == "mean" else recalls.minimum[head]
+    value = float(value)
+    reasons = []
+    if min_recall is not None and value < min_recall - tolerance:
+        reasons.append(f"recall {value:.4f} < {min_recall:.4f}")
+    base_value = None
+    if base_recalls is not None:
+        base = base_recalls.mean[head] if statistic == "mean" else base_recalls.minimum[head]
+        base_value = float(base)
+        if value < base_value - tolerance:
+            reasons.append(f"recall {value:.4f} < baseline {base_value:.4f}")
+    return HeadCheck(
+        bucket=bucket,
+        layer=layer,
+        head=head,
+        kind=config.pattern(bucket, layer, head).kind(tile_grid),
+        density=float(mask_density(masks[head])),
+        recall_mean=float(recalls.mean[head]),
+        recall_min=float(recalls.minimum[head]),
+        recall_worst_tile=float(recalls.worst_tile[head]),
+        baseline_recall=base_value,
+        passed=not reasons,
+        reason="; ".join(reasons),
+    )
+
+
+# Relative error allowed between the kernel and the fp32 reference, by input dtype.
+KERNEL_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def check_kernel(
+    config: CompactConfig, *, layers: int | None = None, dtype: torch.dtype = torch.float16
+) -> list[KernelCheck]:
+    """Compare the Triton kernel with the reference on the config's block masks.
+
+    On CUDA every (bucket, layer) runs; on CPU the Triton interpreter runs the first `layers`
+    layers of each bucket (default 1: the interpreter costs milliseconds per block pair).
+    """
+    import os
+
+    from compact_search.runtime.reference import masked_reference
+    from compact_search.runtime.triton_attention import triton_sparse_attention
+
+    cuda = torch.cuda.is_available()
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserInputError(
+            "the kernel check needs a CUDA GPU or TRITON_INTERPRET=1 (set before triton loads)"
+        )
+    device = torch.device("cuda" if cuda else "cpu")
+    if layers is None:
+        layers = config.model.num_layers if cuda else 1
+    layout = config.layout()
+    heads, d = config.model.num_heads, config.model.head_dim
+    lengths = layout.key_block_lengths(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    results = []
+    for bucket in range(config.schedule.num_buckets):
+        for layer in range(min(layers, config.model.num_layers)):
+            masks = config.block_masks(bucket, layer).to(device)
+            q, k, v = (
+                torch.randn(1, heads, layout.padded_len, d, generator=gen, device=device).to(dtype)
+                for _ in range(3)
+            )
+            got = triton_sparse_attention(
+                q,
+                k,
+                v,
+                masks,
+                block_size=layout.block_size,
+                scale=d**-0.5,
+                key_block_lengths=lengths,
+            )
+            ref = masked_reference(
+                q.float(),
+                k.float(),
+                v.float(),
+                masks,
+                block_size=layout.block_size,
+                key_block_lengths=lengths,
+            )
+            # padded query slots are never read back: compare real tokens only
+            real = (layout.slot_to_token >= 0).to(device)
+            diff = (got.float() - ref)[:, :, real]
+            max_abs = float(diff.abs().max()) if diff.numel() else 0.0
+            rel = float(diff.norm() / ref[:, :, real].norm().clamp_min(1e-12))
+            ok = math.isfinite(rel) and rel <= KERNEL_TOLERANCE[dtype]
+            results.append(KernelCheck(bucket, layer, max_abs, rel, ok))
+    return results
+
+
+def junit_xml(report: CheckReport, name: str = "compact-search check") -> str:
+    """JUnit XML: one test case per (bucket, layer, head), plus config-level and kernel cases."""
+    import xml.etree.ElementTree as ET
+
+    suite = ET.Element("testsuite", name=name)
+    cases = 0
+    failures = 0
+
+    def case(case_name: str, classname: str, failure: str | None) -> None:
+        nonlocal cases, failures
+        element = ET.SubElement(suite, "testcase", name=case_name, classname=classname)
+        cases += 1
+        if failure:
+            ET.SubElement(element, "failure", message=failure).text = failure
+            failures += 1
+
+    for h in report.heads:
+        case(
+            f"bucket{h.bucket}.layer{h.layer}.head{h.head}",
+            "recall",
+            None if h.passed else h.reason,
+        )
+    case("mean_density", "density", "; ".join(report.config_failures) or None)
+    for k in report.kernel:
+        case(
+            f"bucket{k.bucket}.layer{k.layer}",
+            "kernel",
+            None if k.passed else f"relative error {k.relative_error:.3g}",
+        )
+    suite.set("tests", str(cases))
+    suite.set("failures", str(failures))
+    suite.set("errors", "0")
+    return ET.tostring(suite, encoding="unicode", xml_declaration=True)
