@@ -1,0 +1,226 @@
+"""`compact-search evaluate`: the same prompts and seeds, dense vs compact, side by side.
+
+Quality: PSNR and SSIM of the compact videos against the dense ones, and (built-in model) the
+fidelity detector's accuracy on both. Speed: self-attention time and end-to-end sampling time on
+this device. Previews: one GIF per prompt, dense left, compact right.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from compact_search.config import CompactConfig
+from compact_search.runtime.apply import _installers, apply
+
+
+def psnr(test: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-video PSNR in dB for videos [B, C, F, H, W] in [0, 1]; inf where identical."""
+    mse = (test.float() - reference.float()).pow(2).flatten(1).mean(dim=1)
+    return 10 * torch.log10(1.0 / mse)
+
+
+def _gaussian_window(size: int = 7, sigma: float = 1.5) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).float()  # [size, size]
+
+
+def ssim(test: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-video SSIM (Gaussian 7x7 window, sigma 1.5, per frame and channel, then averaged).
+
+    Videos [B, C, F, H, W] in [0, 1]; constants C1 = 0.01^2, C2 = 0.03^2 for dynamic range 1.
+    """
+    b, c, f, h, w = test.shape
+    x = test.float().permute(0, 2, 1, 3, 4).reshape(b * f * c, 1, h, w)
+    y = reference.float().permute(0, 2, 1, 3, 4).reshape(b * f * c, 1, h, w)
+    window = _gaussian_window().to(x.device)[None, None]  # [1, 1, 7, 7]
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, window)  # valid convolution: no padding artefacts at borders
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
+        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+    )
+    return index.reshape(b, f * c, -1).mean(dim=(1, 2))
+
+
+class AttentionTimer:
+    """Accumulates wall time spent inside self-attention (synchronising CUDA around it)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+
+    def wrap(self, attention_fn):
+        def timed(layer, q, k, v):
+            if q.is_cuda:
+                torch.cuda.synchronize(q.device)
+            start = time.perf_counter()
+            out = attention_fn(layer, q, k, v)
+            if q.is_cuda:
+                torch.cuda.synchronize(q.device)
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+            return out
+
+        return timed
+
+
+@dataclass(frozen=True)
+class PromptResult:
+    prompt: str
+    psnr_db: float
+    ssim: float
+    dense_correct: bool | None
+    compact_correct: bool | None
+    preview: str | None
+
+
+@dataclass
+class EvaluationReport:
+    prompts: list[PromptResult]
+    mean_psnr_db: float
+    mean_ssim: float
+    dense_fidelity: dict[str, float] | None
+    compact_fidelity: dict[str, float] | None
+    dense_attention_s: float
+    compact_attention_s: float
+    dense_total_s: float
+    compact_total_s: float
+    mean_density: float
+    device: str
+    num_steps: int
+    dense_steps: int
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["prompts"] = [asdict(p) for p in self.prompts]
+        return out
+
+
+def _sample(pipeline, prompts, *, num_steps, guidance_scale, seed, callback):
+    if next(pipeline.transformer.parameters()).is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    videos = pipeline(
+        prompts, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed, callback=callback
+    ).videos
+    if next(pipeline.transformer.parameters()).is_cuda:
+        torch.cuda.synchronize()
+    return videos, time.perf_counter() - start
+
+
+def evaluate_config(
+    pipeline,
+    config: CompactConfig,
+    prompts: list[str],
+    *,
+    seed: int = 0,
+    num_steps: int | None = None,
+    guidance_scale: float = 4.0,
+    out_dir: Path | None = None,
+    specs: list | None = None,
+    backend: str = "auto",
+) -> EvaluationReport:
+    """Sample `prompts` dense, then with `config` applied, with the same seed; compare.
+
+    `pipeline(prompts, num_steps=, guidance_scale=, seed=, callback=)` must return an object
+    with `.videos` [B, C, F, H, W] in [0, 1]. `specs` (built-in model) are the scenes the prompts
+    describe: the fidelity detector scores both runs against them.
+    """
+    num_steps = num_steps or config.schedule.num_steps
+    install = _installers()[config.model.adapter]
+
+    dense_timer = AttentionTimer()
+    from compact_search.models.wan import dense_attention
+
+    handle = install(pipeline.transformer, dense_timer.wrap(dense_attention))
+    try:
+        dense, dense_total = _sample(
+            pipeline,
+            prompts,
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            callback=None,
+        )
+    finally:
+        handle.revert()
+
+    compact_timer = AttentionTimer()
+    runtime = apply(pipeline, config, backend=backend)
+    runtime._attention_handle.revert()  # re-install the runtime's attention under a timer
+    runtime._attention_handle = install(pipeline.transformer, compact_timer.wrap(runtime.attention))
+    try:
+        compact, compact_total = _sample(
+            pipeline,
+            prompts,
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            callback=runtime.set_step,
+        )
+    finally:
+        runtime.revert()
+
+    psnrs, ssims = psnr(compact, dense), ssim(compact, dense)
+    dense_hits = compact_hits = [None] * len(prompts)
+    dense_fidelity = compact_fidelity = None
+    if specs is not None:
+        from compact_search.models.tiny.detector import detect_batch, score_detections
+
+        dense_det, compact_det = detect_batch(dense), detect_batch(compact)
+        dense_fidelity = score_detections(dense_det, specs).as_dict()
+        compact_fidelity = score_detections(compact_det, specs).as_dict()
+
+        def correct(d, s) -> bool:
+            return (d.colour, d.shape, d.direction) == (s.colour, s.shape, s.direction)
+
+        dense_hits = [correct(d, s) for d, s in zip(dense_det, specs, strict=True)]
+        compact_hits = [correct(d, s) for d, s in zip(compact_det, specs, strict=True)]
+
+    previews = [None] * len(prompts)
+    if out_dir is not None:
+        from compact_search.models.tiny.pipeline import save_gif
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        gap = torch.ones_like(dense[0][..., :2])  # a white 2-pixel divider
+        for i in range(len(prompts)):
+            pair = torch.cat([dense[i], gap, compact[i]], dim=-1)  # [C, F, H, 2W + 2]
+            previews[i] = str(save_gif(pair, out_dir / f"prompt{i:02d}_dense_vs_compact.gif"))
+
+    rows = [
+        PromptResult(
+            p, float(psnrs[i]), float(ssims[i]), dense_hits[i], compact_hits[i], previews[i]
+        )
+        for i, p in enumerate(prompts)
+    ]
+    finite = psnrs[torch.isfinite(psnrs)]
+    return EvaluationReport(
+        prompts=rows,
+        mean_psnr_db=float(finite.mean()) if finite.numel() else math.inf,
+        mean_ssim=float(ssims.mean()),
+        dense_fidelity=dense_fidelity,
+        compact_fidelity=compact_fidelity,
+        dense_attention_s=dense_timer.seconds,
+        compact_attention_s=compact_timer.seconds,
+        dense_total_s=dense_total,
+        compact_total_s=compact_total,
+        mean_density=config.summary()["mean_density"],
+        device=str(next(pipeline.transformer.parameters()).device),
+        num_steps=num_steps,
+        dense_steps=config.schedule.dense_steps,
+    )
