@@ -23,7 +23,33 @@ from compact_search.bench import (
     rows_table,
     run_kernel_benchmark,
     shape_by_name,
+    sweep_kernel_configs,
 )
+from compact_search.runtime.triton_attention import kernel_config
+
+# name -> config for --sweep; a name starting with "pointers" runs without tensor descriptors.
+SWEEP_CONFIGS = {
+    "BM128-BN64-w4-s3": kernel_config(128, 64, 4, 3),
+    "pointers-BM128-BN64-w4-s3": kernel_config(128, 64, 4, 3),
+    "BM128-BN64-w4-s2": kernel_config(128, 64, 4, 2),
+    "BM128-BN64-w4-s4": kernel_config(128, 64, 4, 4),
+    "BM128-BN64-w8-s3": kernel_config(128, 64, 8, 3),
+    "BM128-BN128-w8-s2": kernel_config(128, 128, 8, 2),
+    "BM128-BN128-w8-s3": kernel_config(128, 128, 8, 3),
+    "BM64-BN64-w4-s3": kernel_config(64, 64, 4, 3),
+    "BM64-BN128-w4-s3": kernel_config(64, 128, 4, 3),
+    "BM128-BN64-w4-s3-lazy": kernel_config(128, 64, 4, 3, lazy_rescale=True),
+    "BM128-BN64-w4-s2-lazy": kernel_config(128, 64, 4, 2, lazy_rescale=True),
+    "BM128-BN128-w8-s2-lazy": kernel_config(128, 128, 8, 2, lazy_rescale=True),
+    "BM64-BN64-w4-s3-lazy": kernel_config(64, 64, 4, 3, lazy_rescale=True),
+    "BM128-BN64-w4-s3-ws": kernel_config(128, 64, 4, 3, warp_specialize=True),
+    "BM128-BN64-w8-s3-ws": kernel_config(128, 64, 8, 3, warp_specialize=True),
+    "BM128-BN128-w8-s2-ws": kernel_config(128, 128, 8, 2, warp_specialize=True),
+    "BM128-BN128-w8-s3-ws": kernel_config(128, 128, 8, 3, warp_specialize=True),
+    "BM128-BN128-w8-s2-ws-lazy": kernel_config(
+        128, 128, 8, 2, lazy_rescale=True, warp_specialize=True
+    ),
+}
 
 
 def main() -> None:
@@ -35,9 +61,21 @@ def main() -> None:
     parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated")
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--sweep", action="store_true", help="time fixed kernel configs on the first shape instead"
+    )
     args = parser.parse_args()
 
     console = Console(width=140)
+    if args.sweep:
+        sweep_kernel_configs(
+            shape_by_name(args.shapes.split(",")[0]),
+            [float(d) for d in args.densities.split(",")],
+            SWEEP_CONFIGS,
+            block_size=args.block_size,
+            log=lambda line: console.print(line, highlight=False),
+        )
+        return
     rows = run_kernel_benchmark(
         [shape_by_name(name) for name in args.shapes.split(",")],
         [float(d) for d in args.densities.split(",")],

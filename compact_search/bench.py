@@ -431,6 +431,64 @@ def _bench_shape(
     return rows
 
 
+def sweep_kernel_configs(
+    shape: BenchShape,
+    densities: Iterable[float],
+    configs: dict[str, object],
+    *,
+    block_size: int = 128,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, object]]:
+    """Time the kernel under each named launch config (no autotuning), with cuDNN for scale.
+
+    A config that fails to compile or run is logged and skipped; every output is compared with
+    the first config's. Returns rows with config, density, p20/p50/p80 ms and share of ideal.
+    """
+    from compact_search.runtime.triton_attention import triton_sparse_attention
+
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    size = (1, shape.heads, shape.tokens, shape.head_dim)
+    q, k, v = (
+        torch.randn(size, device="cuda", dtype=torch.bfloat16, generator=generator)
+        for _ in range(3)
+    )
+    cudnn = _sdpa("CUDNN_ATTENTION")
+    cudnn_ms = time_call(lambda: cudnn(q, k, v)).p50_ms
+    log(f"{shape.name} cudnn dense: {cudnn_ms:.2f} ms")
+    rows = []
+    for target in densities:
+        block_mask = head_block_masks(shape, target, block_size)[0].cuda()
+        density = block_mask.float().mean().item()
+        expected = None
+        for name, config in configs.items():
+            use_tma = not name.startswith("pointers")
+
+            def run(config=config, use_tma=use_tma, m=block_mask):
+                return triton_sparse_attention(
+                    q, k, v, m, block_size=block_size, config=config, use_tma=use_tma
+                )
+
+            try:
+                out = run()
+                torch.cuda.synchronize()
+            except Exception as exc:  # a config the compiler rejects is a result, not a crash
+                log(f"{name} density {density:.3f}: failed: {type(exc).__name__}: {exc}"[:300])
+                continue
+            expected = out if expected is None else expected
+            error = _relative_error(out, expected)
+            timing = time_call(run)
+            share = cudnn_ms * density / timing.p50_ms
+            log(
+                f"{name} density {density:.3f}: {timing.p50_ms:.3f} ms, share of ideal "
+                f"{share:.3f}, rel err vs first {error:.1e}"
+            )
+            rows.append(
+                {"config": name, "density": density, **vars(timing), "share_of_ideal": share}
+            )
+    return rows
+
+
 def add_speedups(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     """Fill speed-up columns against cuDNN, FA2 (same shape) and FlexAttention (same density).
 

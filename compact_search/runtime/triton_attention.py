@@ -24,6 +24,7 @@ from compact_search.runtime.lut import BlockLUT, cached_block_lut
 __all__ = [
     "triton_sparse_attention",
     "autotuned_config",
+    "kernel_config",
     "SUPPORTED_HEAD_DIMS",
     "SUPPORTED_DTYPES",
 ]
@@ -31,6 +32,8 @@ __all__ = [
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 LOG2_E = 1.4426950408889634
+# Lazy rescaling: how far (log2 units) a row's max may rise before the accumulator is rescaled.
+RESCALE_THRESHOLD: tl.constexpr = tl.constexpr(8.0)
 
 # Set to "0" to run the first config only (the tests do; the interpreter always does).
 AUTOTUNE_ENV = "COMPACT_SEARCH_AUTOTUNE"
@@ -55,31 +58,49 @@ def _set_descriptor_blocks(nargs: dict) -> None:
     nargs["v_desc"].block_shape = [1, 1, block_n, head_dim]
 
 
-def _config(block_n: int, num_warps: int, num_stages: int) -> triton.Config:
+def kernel_config(
+    block_m: int,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+    *,
+    lazy_rescale: bool = False,
+    warp_specialize: bool = False,
+) -> triton.Config:
+    """A launch config: query/key tile sizes, warps, pipeline stages and loop options."""
     return triton.Config(
-        {"BLOCK_N": block_n},
+        {
+            "BLOCK_M": block_m,
+            "BLOCK_N": block_n,
+            "LAZY_RESCALE": lazy_rescale,
+            "WARP_SPECIALIZE": warp_specialize,
+        },
         num_warps=num_warps,
         num_stages=num_stages,
         pre_hook=_set_descriptor_blocks,
     )
 
 
-# The first config is the one used without autotuning; on H100 (bf16, d 128) 128 x 64 tiles with 4
-# warps and 3 stages were the best single choice.
+# The first fitting config is the one used without autotuning.
 KERNEL_CONFIGS = [
-    _config(64, 4, 3),
-    _config(64, 4, 2),
-    _config(64, 4, 4),
-    _config(64, 8, 3),
-    _config(128, 8, 2),
-    _config(128, 8, 3),
+    kernel_config(128, 64, 4, 3),
+    kernel_config(128, 64, 4, 2),
+    kernel_config(128, 64, 4, 4),
+    kernel_config(128, 64, 8, 3),
+    kernel_config(128, 128, 8, 2),
+    kernel_config(128, 128, 8, 3),
+    kernel_config(64, 64, 4, 3),
 ]
 
 
 def _fitting_configs(block_size: int) -> list[triton.Config]:
-    """Configs whose key tile fits in one mask block (at least one)."""
-    fitting = [c for c in KERNEL_CONFIGS if c.kwargs["BLOCK_N"] <= block_size]
-    return fitting or [_config(block_size, 4, 2)]
+    """Configs whose query and key tiles fit in one mask block (at least one)."""
+    fitting = [
+        c
+        for c in KERNEL_CONFIGS
+        if c.kwargs["BLOCK_M"] <= block_size and c.kwargs["BLOCK_N"] <= block_size
+    ]
+    return fitting or [kernel_config(block_size, block_size, 4, 2)]
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -124,11 +145,15 @@ def _attend_tile(
     qk_scale,
     col_valid,
     MASK_COLS: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr,
 ):
     """One online-softmax step over a key tile.
 
     ``row_max`` is kept in log2 units (scores times ``qk_scale``, which folds in log2(e)), so
-    exponentials are exp2 of one fused multiply-add.
+    exponentials are exp2 of one fused multiply-add. With ``LAZY_RESCALE`` the running max only
+    moves when a tile's max exceeds it by more than ``RESCALE_THRESHOLD`` (probabilities then stay
+    below 2**threshold, harmless in fp32 sums and bf16 products), and the accumulator is rescaled
+    only when some row's max moved, which after the first tiles is rare.
     """
     scores = tl.dot(q, tl.trans(k))  # [BM, BN] fp32
     if MASK_COLS:
@@ -136,11 +161,19 @@ def _attend_tile(
         # the same row with a valid key (valid keys are a prefix of each block), so row_max is
         # finite by then and exp2(-inf) is a clean 0.
         scores = tl.where(col_valid[None, :], scores, float("-inf"))
-    new_max = tl.maximum(row_max, tl.max(scores, 1) * qk_scale)  # [BM]
+    tile_max = tl.max(scores, 1) * qk_scale  # [BM]
+    if LAZY_RESCALE:
+        new_max = tl.where(tile_max - row_max > RESCALE_THRESHOLD, tile_max, row_max)  # [BM]
+    else:
+        new_max = tl.maximum(row_max, tile_max)  # [BM]
     probs = tl.math.exp2(scores * qk_scale - new_max[:, None])  # [BM, BN]
     correction = tl.math.exp2(row_max - new_max)  # [BM]
     row_sum = row_sum * correction + tl.sum(probs, 1)
-    acc = acc * correction[:, None]  # [BM, D]
+    if LAZY_RESCALE:
+        if tl.max(new_max - row_max) > 0.0:
+            acc = acc * correction[:, None]  # [BM, D]
+    else:
+        acc = acc * correction[:, None]  # [BM, D]
     acc = tl.dot(probs.to(v.dtype), v, acc)
     return acc, new_max, row_sum
 
@@ -185,10 +218,15 @@ def _block_sparse_attention_kernel(
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
     COMPUTE_IN_FP32: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
-    """Grid ``(num_blocks, B * H)``; q/k/v/o ``[B, H, N, D]`` with unit stride along D."""
+    """Grid ``(num_blocks * BLOCK_SIZE / BLOCK_M, B * H)``; q/k/v/o ``[B, H, N, D]``, unit stride
+    along D. Each program takes BLOCK_M query rows of one mask block."""
     # Axis 0 runs fastest, so programs in flight together share one head's K/V in L2.
-    order_slot = tl.program_id(0)
+    SPLITS: tl.constexpr = BLOCK_SIZE // BLOCK_M
+    order_slot = tl.program_id(0) // SPLITS
+    split = tl.program_id(0) % SPLITS
     batch_head = tl.program_id(1)
     batch = batch_head // num_heads
     head = batch_head % num_heads
@@ -203,7 +241,7 @@ def _block_sparse_attention_kernel(
     q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     k_base = k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
     v_base = v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
-    q_start = q_block * BLOCK_SIZE
+    q_start = q_block * BLOCK_SIZE + split * BLOCK_M
     q = _load_tile(
         q_base, q_desc, batch, head, q_start, seq_len, stride_qn, BLOCK_M, HEAD_DIM, USE_TMA
     )  # [BM, D]
@@ -217,7 +255,7 @@ def _block_sparse_attention_kernel(
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_N
 
     # Key blocks with every key valid: no masking.
-    for tile in range(0, full_count * TILES_PER_BLOCK):
+    for tile in tl.range(0, full_count * TILES_PER_BLOCK, warp_specialize=WARP_SPECIALIZE):
         key_block = tl.load(block_ids_ptr + tile // TILES_PER_BLOCK)
         k_start = key_block * BLOCK_SIZE + (tile % TILES_PER_BLOCK) * BLOCK_N
         k = _load_tile(
@@ -230,7 +268,7 @@ def _block_sparse_attention_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         acc, row_max, row_sum = _attend_tile(
-            acc, row_max, row_sum, q, k, v, qk_scale, col_offsets, MASK_COLS=False
+            acc, row_max, row_sum, q, k, v, qk_scale, col_offsets, False, LAZY_RESCALE
         )
 
     # Key blocks holding padded keys (tile padding, the ragged last block): mask by length.
@@ -250,7 +288,7 @@ def _block_sparse_attention_kernel(
             v = v.to(tl.float32)
         col_valid = tile_offset + col_offsets < key_length  # [BN]
         acc, row_max, row_sum = _attend_tile(
-            acc, row_max, row_sum, q, k, v, qk_scale, col_valid, MASK_COLS=True
+            acc, row_max, row_sum, q, k, v, qk_scale, col_valid, True, LAZY_RESCALE
         )
 
     # A row with no kept key block has row_sum 0 and acc 0: it outputs zeros.
@@ -306,17 +344,21 @@ def _launch(
     block_size: int,
     scale: float,
     use_tma: bool | None = None,
+    config: triton.Config | None = None,
 ) -> None:
     batch, heads, seq_len, head_dim = q.shape
     if use_tma is None:
         use_tma = _tma_available(q, k, v, out)
     descs = [_descriptor(t) for t in (q, k, v, out)] if use_tma else [None] * 4
-    grid = (lut.num_blocks, batch * heads)
-    if _autotune_enabled():
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return (lut.num_blocks * (block_size // meta["BLOCK_M"]), batch * heads)
+
+    if config is None and _autotune_enabled():
         kernel, config_args = _autotuned_kernel, {}
     else:
-        # The autotuner would time even a single config: launch the first one directly.
-        config = _fitting_configs(block_size)[0]
+        # The autotuner would time even a single config: launch one directly.
+        config = config or _fitting_configs(block_size)[0]
         kernel = _block_sparse_attention_kernel
         config_args = {
             **config.kwargs,
@@ -324,16 +366,9 @@ def _launch(
             "num_stages": config.num_stages,
         }
         if use_tma:
+            names = ("q_desc", "k_desc", "v_desc", "o_desc")
             _set_descriptor_blocks(
-                {
-                    "q_desc": descs[0],
-                    "k_desc": descs[1],
-                    "v_desc": descs[2],
-                    "o_desc": descs[3],
-                    "BLOCK_M": block_size,
-                    "BLOCK_N": config.kwargs["BLOCK_N"],
-                    "HEAD_DIM": head_dim,
-                }
+                {**dict(zip(names, descs, strict=True)), **config.kwargs, "HEAD_DIM": head_dim}
             )
     kernel[grid](
         q,
@@ -359,7 +394,6 @@ def _launch(
         scale * LOG2_E,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
-        BLOCK_M=block_size,
         USE_TMA=use_tma,
         COMPUTE_IN_FP32=_interpreting(),
         **config_args,
@@ -394,6 +428,7 @@ def triton_sparse_attention(
     key_block_lengths: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     use_tma: bool | None = None,
+    config: triton.Config | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention with the Triton kernel.
 
@@ -408,6 +443,7 @@ def triton_sparse_attention(
             shared by all heads; default: every block full but the ragged last one.
         out: optional ``[B, H, N, D]`` output buffer of q's dtype (tests pass a NaN-filled one).
         use_tma: force tensor-descriptor loads on or off; default: on where available.
+        config: launch this :func:`kernel_config` instead of autotuning (tuning sweeps).
 
     Returns:
         ``[B, H, N, D]`` in q's dtype; query rows with no valid kept key are zeros.
@@ -444,5 +480,5 @@ def triton_sparse_attention(
     )
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    _launch(q, k, v, out, lut, block_size=block_size, scale=scale, use_tma=use_tma)
+    _launch(q, k, v, out, lut, block_size=block_size, scale=scale, use_tma=use_tma, config=config)
     return out
