@@ -8,7 +8,7 @@ import torch
 
 from compact_search.runtime.reference import chunked_reference, masked_reference
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "flex")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_DTYPES = (torch.float16, torch.bfloat16)
 TRITON_HEAD_DIMS = (64, 128)
@@ -99,7 +99,8 @@ def sparse_attention(
         block_size: tokens per mask block.
         scale: softmax scale, D ** -0.5 when None.
         backend: "reference" (PyTorch), "triton" (the kernel; the Triton interpreter on CPU),
-            or "auto" (the kernel on CUDA when it supports dtype and head dim, else the reference).
+            "flex" (FlexAttention with the same block mask, for comparison and interop), or
+            "auto" (the kernel on CUDA when it supports dtype and head dim, else the reference).
         key_block_lengths: optional int32 [nb]: only the first key_block_lengths[j] keys of block
             j are valid (padding of tiled layouts); default all, with the ragged last block.
 
@@ -114,20 +115,17 @@ def sparse_attention(
     if chosen == "triton":
         from compact_search.runtime.triton_attention import triton_sparse_attention
 
-        if key_block_lengths is not None:
-            key_block_lengths = key_block_lengths.to(torch.int32)
-        return triton_sparse_attention(
-            q,
-            k,
-            v,
-            block_mask,
-            block_size=block_size,
-            scale=scale,
-            key_block_lengths=key_block_lengths,
-        )
-    n = q.shape[2]
-    reference = masked_reference if n * n <= MASKED_REFERENCE_MAX_PAIRS else chunked_reference
-    return reference(
+        run = triton_sparse_attention
+    elif chosen == "flex":
+        from compact_search.runtime.flex import flex_sparse_attention
+
+        run = flex_sparse_attention
+    else:
+        n = q.shape[2]
+        run = masked_reference if n * n <= MASKED_REFERENCE_MAX_PAIRS else chunked_reference
+    if key_block_lengths is not None:
+        key_block_lengths = key_block_lengths.to(torch.int32)
+    return run(
         q,
         k,
         v,

@@ -1,0 +1,92 @@
+"""FlexAttention interop: our block masks as FlexAttention `BlockMask`s, built at block level.
+
+`create_block_mask` evaluates a mask function on every token pair and runs out of memory near
+119k tokens; here the BlockMask comes straight from the [H, nb, nb] block mask. Kept key blocks
+whose keys are all valid go in as *full* blocks (no mask_mod call); kept blocks that hold padded
+keys (tile padding, the ragged last block) go in as *partial* blocks, where the mask_mod drops the
+padded keys. Semantics match `sparse_attention`: a query row with no kept valid key outputs 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _sorted_kept(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts [1, H, nb] and kept ids first, ascending, [1, H, nb, nb] int32."""
+    counts = mask.sum(-1, dtype=torch.int32)[None]
+    order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices
+    return counts, order.to(torch.int32)[None].contiguous()
+
+
+def flex_block_mask(
+    block_mask: torch.Tensor,
+    seq_len: int,
+    block_size: int,
+    key_block_lengths: torch.Tensor | None = None,
+):
+    """BlockMask for flex_attention from bool [H, nb, nb] (H may be 1 to broadcast).
+
+    key_block_lengths int32 [nb]: valid keys at the start of each key block (default: all, with
+    the ragged last block).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nb = block_mask.shape[-1]
+    device = block_mask.device
+    if key_block_lengths is None:
+        key_block_lengths = torch.full((nb,), block_size, dtype=torch.int32, device=device)
+        key_block_lengths[-1] = seq_len - (nb - 1) * block_size
+    lengths = key_block_lengths.to(device)
+    has_keys = lengths > 0  # [nb]
+    complete = lengths == block_size  # [nb]
+    full = block_mask & (has_keys & complete)[None, None, :]
+    partial = block_mask & (has_keys & ~complete)[None, None, :]
+    full_counts, full_ids = _sorted_kept(full)
+    partial_counts, partial_ids = _sorted_kept(partial)
+    valid = (torch.arange(nb * block_size, device=device) % block_size) < lengths.repeat_interleave(
+        block_size
+    )  # [nb * block_size] key validity per slot
+
+    heads = block_mask.shape[0]
+
+    # Compiled flex skips mask_mod on full blocks and drops unlisted blocks; its eager (CPU) path
+    # ignores block sparsity and applies mask_mod everywhere, so the block mask goes in here too.
+    def kept_and_valid(b, h, q_idx, kv_idx):
+        head = h if heads > 1 else h * 0
+        return block_mask[head, q_idx // block_size, kv_idx // block_size] & valid[kv_idx]
+
+    return BlockMask.from_kv_blocks(
+        partial_counts,
+        partial_ids,
+        full_counts,
+        full_ids,
+        BLOCK_SIZE=block_size,
+        mask_mod=kept_and_valid,
+        seq_lengths=(seq_len, seq_len),
+    )
+
+
+_compiled_flex = None
+
+
+def flex_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    block_size: int,
+    scale: float,
+    key_block_lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Block-sparse attention through FlexAttention (compiled on CUDA, eager elsewhere)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    mask = flex_block_mask(block_mask, q.shape[2], block_size, key_block_lengths)
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=mask, scale=scale)
+    return flex_attention(q, k, v, block_mask=mask, scale=scale)
