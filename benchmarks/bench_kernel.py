@@ -19,6 +19,7 @@ from compact_search.bench import (
     PROVIDERS,
     SHAPES,
     append_csv,
+    parse_float_list,
     plot_speedups,
     rows_table,
     run_kernel_benchmark,
@@ -70,7 +71,7 @@ def main() -> None:
     if args.sweep:
         sweep_kernel_configs(
             shape_by_name(args.shapes.split(",")[0]),
-            [float(d) for d in args.densities.split(",")],
+            parse_float_list(args.densities, "--densities"),
             SWEEP_CONFIGS,
             block_size=args.block_size,
             log=lambda line: console.print(line, highlight=False),
@@ -78,7 +79,7 @@ def main() -> None:
         return
     rows = run_kernel_benchmark(
         [shape_by_name(name) for name in args.shapes.split(",")],
-        [float(d) for d in args.densities.split(",")],
+        parse_float_list(args.densities, "--densities"),
         providers=args.providers.split(","),
         block_size=args.block_size,
         log=lambda line: console.print(line, highlight=False),

@@ -88,6 +88,17 @@ def shape_by_name(name: str) -> BenchShape:
     return SHAPES[name]
 
 
+def parse_float_list(text: str, name: str) -> list[float]:
+    """ "0.1,0.3" -> [0.1, 0.3]; values must lie in (0, 1]."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError as exc:
+        raise UserInputError(f"{name} must be comma-separated numbers, got {text!r}") from exc
+    if not values or any(not 0.0 < v <= 1.0 for v in values):
+        raise UserInputError(f"{name} must lie in (0, 1], got {text!r}")
+    return values
+
+
 # --- masks -------------------------------------------------------------------------------------
 
 
