@@ -256,7 +256,7 @@ def run_shape(name: str, spec: dict, env: dict, log) -> list[dict]:
     )
     for row in rows:
         row["runtime_overhead_ms_per_layer"] = round(per_layer, 3)
-    del model
+
     torch.cuda.empty_cache()
     return rows
 
