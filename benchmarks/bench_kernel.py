@@ -21,6 +21,7 @@ from compact_search.bench import (
     append_csv,
     parse_float_list,
     plot_speedups,
+    read_csv,
     rows_table,
     run_kernel_benchmark,
     shape_by_name,
@@ -63,11 +64,21 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument(
+        "--plot-only",
+        type=Path,
+        help="redraw the PNG from this CSV (e.g. rows merged from several runs) and exit",
+    )
+    parser.add_argument(
         "--sweep", action="store_true", help="time fixed kernel configs on the first shape instead"
     )
     args = parser.parse_args()
 
     console = Console(width=140)
+    if args.plot_only:
+        rows = read_csv(args.plot_only)
+        plot_speedups(rows, args.out_dir / "kernel_speedup.png")
+        console.print(rows_table(rows))
+        return
     if args.sweep:
         sweep_kernel_configs(
             shape_by_name(args.shapes.split(",")[0]),

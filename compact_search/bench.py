@@ -505,7 +505,9 @@ def add_speedups(rows: list[dict[str, object]]) -> list[dict[str, object]]:
 
     ``share_of_ideal`` is cuDNN dense time x density / time: 1.0 means the speed-up 1/density.
     """
-    dense = {(r["shape"], r["provider"]): r["p50_ms"] for r in rows if r["head_kinds"] == "dense"}
+    dense = {
+        (r["shape"], r["provider"]): r["p50_ms"] for r in rows if r["provider"] in DENSE_PROVIDERS
+    }
     flex = {(r["shape"], r["target_density"]): r["p50_ms"] for r in rows if r["provider"] == "flex"}
     for row in rows:
         ms = row["p50_ms"]
@@ -515,7 +517,7 @@ def add_speedups(rows: list[dict[str, object]]) -> list[dict[str, object]]:
         row["speedup_vs_cudnn"] = round(cudnn / ms, 4) if cudnn else ""
         row["speedup_vs_fa2"] = round(fa2 / ms, 4) if fa2 else ""
         row["speedup_vs_flex"] = (
-            round(flex_ms / ms, 4) if flex_ms and row["head_kinds"] != "dense" else ""
+            round(flex_ms / ms, 4) if flex_ms and row["provider"] not in DENSE_PROVIDERS else ""
         )
         row["share_of_ideal"] = round(cudnn * float(row["density"]) / ms, 4) if cudnn else ""
         row.setdefault("max_rel_err", "")
@@ -535,6 +537,19 @@ def append_csv(rows: list[dict[str, object]], path: Path) -> None:
             writer.writeheader()
         for row in rows:
             writer.writerow({k: _fmt(row.get(k, "")) for k in CSV_FIELDS})
+
+
+def read_csv(path: Path) -> list[dict[str, object]]:
+    """Rows of a kernel CSV, numbers parsed back to floats (empty cells stay "")."""
+
+    def parse(value: str) -> object:
+        try:
+            return float(value)
+        except ValueError:
+            return value
+
+    with path.open(newline="") as handle:
+        return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
 def _fmt(value: object) -> object:
