@@ -1,0 +1,132 @@
+"""`compact-search optimize` as one library call: study, final solve, budget, result, report."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from compact_search.geometry import Grid
+from compact_search.search.budget import BudgetTarget, allocate
+from compact_search.search.result import BucketBounds, FrontEntry, HeadResult, SearchResult
+from compact_search.search.shards import TileMassSource, open_source
+from compact_search.search.study import SearchConfig, StudyOutcome, run_study
+
+
+def optimize_profile(
+    profile: TileMassSource | str | Path,
+    run_dir: str | Path,
+    config: SearchConfig,
+    *,
+    storage: str | None = None,
+    target: BudgetTarget | None = None,
+    on_trial=None,
+) -> SearchResult:
+    """Search the profile, write RUN_DIR/search.json and the report files, return the result."""
+    from compact_search.search.report import write_report
+
+    run_dir = Path(run_dir)
+    source = open_source(profile)
+    outcome = run_study(profile, config, run_dir, storage=storage, on_trial=on_trial)
+    result = assemble(source, config, outcome, storage)
+    if target is not None:
+        result = apply_budget(result, target)
+    result.save(run_dir)
+    write_report(result, run_dir)
+    return result
+
+
+def assemble(
+    source: TileMassSource, config: SearchConfig, outcome: StudyOutcome, storage: str | None
+) -> SearchResult:
+    choice, geometry = outcome.choice, outcome.geometry
+    tile_grid = geometry.tile_grid
+    captured = list(source.steps)
+    heads = []
+    for b, per_layer in enumerate(outcome.solutions):
+        for layer, per_head in enumerate(per_layer):
+            for head, (solution, worst_tile) in enumerate(per_head):
+                recall = solution.sample_recall
+                heads.append(
+                    HeadResult(
+                        bucket=b,
+                        layer=layer,
+                        head=head,
+                        kind=solution.pattern.kind(tile_grid),
+                        pattern=solution.pattern,
+                        recall_mean=float(recall.mean()),
+                        recall_min=float(recall.min()),
+                        recall_worst_tile=worst_tile,
+                        density=solution.density,
+                        cost=solution.cost,
+                        greedy_pattern=solution.greedy_pattern,
+                        greedy_cost=solution.greedy_cost,
+                        front=tuple(
+                            FrontEntry(
+                                p.level, p.recall_mean, p.recall_min, p.cost, p.density, p.pattern
+                            )
+                            for p in solution.front
+                        ),
+                    )
+                )
+    schedule = choice.schedule
+    buckets = tuple(
+        BucketBounds(a, b, tuple(s for s in captured if a <= s < b)) for a, b in schedule.bounds
+    )
+    result = SearchResult(
+        model=str(getattr(source, "model", "unknown")),
+        fingerprint=str(source.fingerprint),
+        grid=source.grid.as_tuple(),
+        prefix_tokens=int(source.prefix_tokens),
+        num_layers=int(source.num_layers),
+        num_heads=int(source.num_heads),
+        num_steps=int(source.num_steps),
+        tile=geometry.tile.as_tuple(),
+        tile_grid=tile_grid.as_tuple(),
+        block_size=config.block_size,
+        recall=config.recall,
+        mean_over_samples=config.mean_over_samples,
+        dense_steps=schedule.dense_steps,
+        buckets=buckets,
+        frame_cuts=choice.cuts,
+        objective=0.0,
+        study={
+            "name": outcome.study_name,
+            "storage": storage or "sqlite:///<run>/study.db",
+            "best_trial": outcome.best_trial,
+            "best_value": outcome.best_value,
+            "trials_completed": outcome.trials_completed,
+            "seconds": round(outcome.seconds, 3),
+            "seed": config.seed,
+        },
+        heads=tuple(heads),
+    )
+    return replace(result, objective=model_cost(result))
+
+
+def bucket_weights(result: SearchResult) -> np.ndarray:
+    """[B] each bucket's share of all denoising steps."""
+    return np.array([(b.stop - b.start) / result.num_steps for b in result.buckets])
+
+
+def model_cost(result: SearchResult) -> float:
+    """Attention cost over all denoising steps (dense = 1): warm-up dense, buckets their heads'."""
+    per_bucket = np.zeros(len(result.buckets))
+    counts = np.zeros(len(result.buckets))
+    for head in result.heads:
+        per_bucket[head.bucket] += head.cost
+        counts[head.bucket] += 1
+    mean_cost = per_bucket / np.maximum(counts, 1)
+    return float(result.dense_steps / result.num_steps + (bucket_weights(result) * mean_cost).sum())
+
+
+def apply_budget(result: SearchResult, target: BudgetTarget) -> SearchResult:
+    weights = bucket_weights(result)
+    heads, summary = allocate(
+        list(result.heads), weights / weights.sum(), target, result.mean_over_samples
+    )
+    tile_grid = Grid(*result.tile_grid)
+    heads = [replace(h, kind=h.pattern.kind(tile_grid)) for h in heads]
+    budgeted = replace(result, heads=tuple(heads), budget=summary)
+    return replace(budgeted, objective=model_cost(budgeted))

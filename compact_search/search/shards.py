@@ -1,0 +1,232 @@
+"""Layer shards: worker processes that each own the offset tables of some layers.
+
+Building the tables reads every tile mass once (the expensive part of reading a profile), so
+each worker builds and keeps the tables of its layers (`layer % workers == rank`) for every
+candidate tile shape, then answers solve requests for them. Only small arrays cross process
+boundaries: per-head costs for a trial, head solutions for the final pass.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from compact_search.geometry import Grid, TileLayout, TileShape, tile_grid_of
+from compact_search.patterns import recall
+from compact_search.search.offsets import CostModel, recall_tables
+from compact_search.search.solver import HeadSolution, LayerSolver, SolverConfig
+
+
+class TileMassSource(Protocol):
+    """What the search reads from a profile (`compact_search.profiling.load_profile`)."""
+
+    grid: Grid
+    prefix_tokens: int
+    num_layers: int
+    num_heads: int
+    num_steps: int
+    steps: Any  # captured step indices
+    prompts: Any
+    tiles: Any  # candidate TileShape list
+
+    def sample_tile_mass(
+        self, layer: int, tile: TileShape | None = None, steps: list[int] | None = None
+    ) -> torch.Tensor: ...
+
+
+def open_source(source: TileMassSource | str | Path) -> TileMassSource:
+    """A profile directory is loaded; anything else is used as it is."""
+    if isinstance(source, str | Path):
+        from compact_search.profiling import load_profile
+
+        return load_profile(source)
+    return source
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """One candidate tile shape: its tile grid and cost model."""
+
+    tile: TileShape
+    tile_grid: Grid
+    cost_model: CostModel
+
+
+def geometry_of(source: TileMassSource, tile: TileShape, block_size: int) -> Geometry:
+    layout = TileLayout(
+        source.grid, tile, block_size=block_size, prefix_tokens=source.prefix_tokens
+    )
+    return Geometry(tile, tile_grid_of(source.grid, tile), CostModel.from_layout(layout))
+
+
+@dataclass(frozen=True)
+class BucketRequest:
+    """Solve every owned layer for one step bucket: sample indices into the captured samples."""
+
+    samples: tuple[int, ...]
+
+
+class _Shard:
+    """The tables of the layers one worker owns: tables[tile][layer] [H, S, Ft, Ht, Wt]."""
+
+    def __init__(self, source, tiles, layers, block_size):
+        self.source = open_source(source)
+        self.layers = list(layers)
+        self.tiles = [TileShape.of(t) for t in tiles]
+        self.geometries = [geometry_of(self.source, t, block_size) for t in self.tiles]
+        steps = list(self.source.steps)
+        self.tables: list[dict[int, np.ndarray]] = []
+        for geometry in self.geometries:
+            per_layer = {}
+            for layer in self.layers:
+                per_step = [
+                    recall_tables(
+                        self.source.sample_tile_mass(layer, geometry.tile, [step]),
+                        geometry.tile_grid,
+                    )
+                    for step in steps
+                ]  # each [P, H, Ft, Ht, Wt]
+                # [P, T, H, ...] -> samples prompt-major (p * T + t) -> [H, S, ...]
+                stacked = np.stack(per_step, axis=1)
+                stacked = stacked.reshape(-1, *stacked.shape[2:])
+                per_layer[layer] = np.ascontiguousarray(np.moveaxis(stacked, 0, 1))
+            self.tables.append(per_layer)
+        self.solvers: dict[tuple[int, tuple[int, ...]], LayerSolver] = {}
+
+    def solver(self, tile_index: int, cuts: tuple[int, ...]) -> LayerSolver:
+        key = (tile_index, cuts)
+        if key not in self.solvers:
+            self.solvers[key] = LayerSolver(self.geometries[tile_index].cost_model, cuts)
+        return self.solvers[key]
+
+    def costs(self, tile_index, cuts, buckets, config) -> dict[int, np.ndarray]:
+        """-> {layer: [B, H] cost of every head per bucket}."""
+        solver = self.solver(tile_index, cuts)
+        out = {}
+        for layer in self.layers:
+            table = self.tables[tile_index][layer]
+            out[layer] = np.stack(
+                [solver.head_costs(table[:, list(b.samples)], config) for b in buckets]
+            )
+        return out
+
+    def solve(self, tile_index, cuts, buckets, config) -> dict[int, list[list[tuple]]]:
+        """-> {layer: [bucket][head] (HeadSolution, worst query-tile recall over samples)}."""
+        solver = self.solver(tile_index, cuts)
+        geometry = self.geometries[tile_index]
+        steps = list(self.source.steps)
+        out = {}
+        for layer in self.layers:
+            table = self.tables[tile_index][layer]
+            masses = torch.stack(
+                [self.source.sample_tile_mass(layer, geometry.tile, [s]) for s in steps], dim=1
+            )  # [P, T, H, nq, nk]
+            masses = masses.reshape(-1, *masses.shape[2:])  # [S, H, nq, nk]
+            per_bucket = []
+            for bucket in buckets:
+                solutions = solver.solve(table[:, list(bucket.samples)], config)
+                per_bucket.append(
+                    [
+                        (sol, _worst_tile(sol, geometry.tile_grid, masses[list(bucket.samples), h]))
+                        for h, sol in enumerate(solutions)
+                    ]
+                )
+            out[layer] = per_bucket
+        return out
+
+
+def _worst_tile(solution: HeadSolution, tile_grid: Grid, mass: torch.Tensor) -> float:
+    """The smallest kept mass of any query tile on any sample: mass [S, nq, nk]."""
+    return float(recall(solution.pattern.tile_mask(tile_grid), mass).worst.min())
+
+
+def _serve(connection, source, tiles, layers, block_size) -> None:
+    torch.set_num_threads(1)
+    shard = _Shard(source, tiles, layers, block_size)
+    connection.send(("ready", None))
+    while True:
+        message = connection.recv()
+        if message is None:
+            return
+        method, args = message
+        try:
+            connection.send(("ok", getattr(shard, method)(*args)))
+        except Exception as exc:  # hand the error to the parent, which re-raises it
+            connection.send(("error", exc))
+
+
+class LayerShards:
+    """Shards the layers of a source over `workers` processes (in-process when workers == 1)."""
+
+    def __init__(self, source, tiles, block_size: int = 128, workers: int = 1):
+        src = open_source(source)
+        self.num_layers = src.num_layers
+        self.tiles = [TileShape.of(t) for t in tiles]
+        self.geometries = [geometry_of(src, t, block_size) for t in self.tiles]
+        workers = max(1, min(workers, self.num_layers))
+        shards = [list(range(rank, self.num_layers, workers)) for rank in range(workers)]
+        self._local: _Shard | None = None
+        self._pipes = []
+        self._processes = []
+        if workers == 1:
+            self._local = _Shard(src, self.tiles, shards[0], block_size)
+            return
+        context = mp.get_context("spawn")
+        # A profile travels as its path when it came as one; a synthetic source is pickled.
+        for layers in shards:
+            parent, child = context.Pipe()
+            process = context.Process(
+                target=_serve, args=(child, source, self.tiles, layers, block_size), daemon=True
+            )
+            process.start()
+            self._pipes.append(parent)
+            self._processes.append(process)
+        for pipe in self._pipes:
+            self._receive(pipe)
+
+    @staticmethod
+    def _receive(pipe):
+        status, value = pipe.recv()
+        if status == "error":
+            raise value
+        return value
+
+    def _call(self, method: str, *args) -> dict:
+        if self._local is not None:
+            return getattr(self._local, method)(*args)
+        for pipe in self._pipes:
+            pipe.send((method, args))
+        merged: dict = {}
+        for pipe in self._pipes:
+            merged.update(self._receive(pipe))
+        return merged
+
+    def costs(self, tile_index, cuts, buckets, config: SolverConfig) -> np.ndarray:
+        """[B, L, H] cost of every head's pattern."""
+        per_layer = self._call("costs", tile_index, tuple(cuts), buckets, config)
+        return np.stack([per_layer[layer] for layer in range(self.num_layers)], axis=1)
+
+    def solve(self, tile_index, cuts, buckets, config: SolverConfig) -> list[list[list[tuple]]]:
+        """[bucket][layer][head] (HeadSolution, worst query-tile recall)."""
+        per_layer = self._call("solve", tile_index, tuple(cuts), buckets, config)
+        return [
+            [per_layer[layer][b] for layer in range(self.num_layers)] for b in range(len(buckets))
+        ]
+
+    def close(self) -> None:
+        for pipe in self._pipes:
+            pipe.send(None)
+        for process in self._processes:
+            process.join(timeout=10)
+        self._pipes, self._processes = [], []
+
+    def __enter__(self) -> LayerShards:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,340 @@
+"""Model-level search: Optuna over the choices every head shares, a fast solver for every head.
+
+One trial fixes the model-level choices:
+
+- the tile shape (one of the profile's candidates; the whole model uses one),
+- the frame-group cuts over temporal tile distance (up to `max_groups` groups),
+- the dense warm-up K (unless fixed) and the bounds of the step buckets,
+
+and then solves every (bucket, layer, head) for the cheapest pattern meeting the recall
+threshold (`LayerSolver.head_costs`, sharded over worker processes by layer). The trial's value
+is the model's attention cost averaged over all denoising steps: warm-up steps cost 1 (dense),
+a bucket's steps cost the mean of its heads' costs. Choices that leave a bucket without a
+profiled step are infeasible, reported as trial constraints (`Trial.set_constraint`, which
+replaces the `constraints_func` argument deprecated in Optuna 5.0); TPE samples around them.
+
+The study lives in Optuna storage (sqlite by default) under a name derived from the profile and
+the search config, with `load_if_exists=True`, so a killed search resumes with its finished
+trials and runs only the trials still missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import optuna
+
+from compact_search.errors import UserInputError
+from compact_search.geometry import TileShape
+from compact_search.search.shards import BucketRequest, LayerShards, TileMassSource, open_source
+from compact_search.search.solver import DEFAULT_FRONT_LEVELS, SolverConfig
+
+# Optuna 5 replaced TPESampler(constraints_func=...) by Trial.set_constraint; samplers read it.
+CONSTRAINT_NAME = "empty_buckets"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Everything the model-level search needs besides the profile. Frozen: it names the study."""
+
+    recall: float = 0.9
+    mean_over_samples: bool = False
+    num_buckets: int = 2
+    dense_steps: int | None = None  # None: searched in [0, max_dense_fraction * num_steps]
+    max_dense_fraction: float = 0.5
+    max_groups: int = 3
+    n_trials: int = 40
+    seed: int = 0
+    tiles: tuple[TileShape, ...] = ()  # empty: every candidate tile shape of the profile
+    block_size: int = 128
+    workers: int = 2
+    front_levels: tuple[float, ...] = DEFAULT_FRONT_LEVELS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tiles", tuple(TileShape.of(t) for t in self.tiles))
+        object.__setattr__(self, "front_levels", tuple(self.front_levels))
+        if not 0.0 < self.recall <= 1.0:
+            raise UserInputError(f"recall must lie in (0, 1], got {self.recall}")
+        if self.num_buckets < 1:
+            raise UserInputError(f"num_buckets must be >= 1, got {self.num_buckets}")
+        if self.dense_steps is not None and self.dense_steps < 0:
+            raise UserInputError(f"dense_steps must be >= 0, got {self.dense_steps}")
+        if not 0.0 <= self.max_dense_fraction < 1.0:
+            raise UserInputError(
+                f"max_dense_fraction must lie in [0, 1), got {self.max_dense_fraction}"
+            )
+        if self.max_groups < 1:
+            raise UserInputError(f"max_groups must be >= 1, got {self.max_groups}")
+        if self.n_trials < 1:
+            raise UserInputError(f"n_trials must be >= 1, got {self.n_trials}")
+        if self.workers < 1:
+            raise UserInputError(f"workers must be >= 1, got {self.workers}")
+
+    def solver_config(self, front: bool = False) -> SolverConfig:
+        levels = tuple(sorted({*self.front_levels, self.recall})) if front else ()
+        return SolverConfig(self.recall, self.mean_over_samples, levels)
+
+    def study_name(self, fingerprint: str) -> str:
+        """Same profile and same choices -> same study (so it resumes); trial count excluded."""
+        fields = asdict(self)
+        for volatile in ("n_trials", "workers", "front_levels"):
+            fields.pop(volatile)
+        fields["tiles"] = [str(t) for t in self.tiles]
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+        return f"compact-search-{fingerprint}-{digest}"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Dense warm-up steps and the step buckets after it, each with its profiled samples."""
+
+    dense_steps: int
+    bounds: tuple[tuple[int, int], ...]  # per bucket [start, stop) over denoising steps
+    samples: tuple[tuple[int, ...], ...]  # per bucket: indices into the profile's samples
+
+    def step_weights(self, num_steps: int) -> np.ndarray:
+        """[B] share of all denoising steps each bucket covers."""
+        return np.array([(b - a) / num_steps for a, b in self.bounds])
+
+
+def schedule_of(
+    dense_steps: int,
+    bucket_cuts: list[int],
+    captured: list[int],
+    num_prompts: int,
+    num_steps: int,
+) -> tuple[Schedule | None, float]:
+    """Build the schedule; (None, violation > 0) when a bucket would hold no profiled step.
+
+    bucket_cuts index the captured steps: cut c starts a bucket at captured step c, the bound
+    sits halfway between captured steps c-1 and c.
+    """
+    live = [i for i, step in enumerate(captured) if step >= dense_steps]
+    cuts = sorted(bucket_cuts)
+    edges = [live[0] if live else len(captured), *cuts, len(captured)]
+    violation = float(sum(max(0, a + 1 - b) for a, b in zip(edges, edges[1:], strict=False)))
+    if not live or violation > 0 or cuts and cuts[0] <= live[0]:
+        return None, max(violation, 1.0)
+    bounds, samples = [], []
+    start = dense_steps
+    for first, stop_index in zip(edges, edges[1:], strict=False):
+        stop = (
+            num_steps
+            if stop_index == len(captured)
+            else (captured[stop_index - 1] + captured[stop_index] + 1) // 2
+        )
+        bounds.append((start, stop))
+        steps_here = range(first, stop_index)
+        # samples are prompt-major: sample p * T + t
+        samples.append(tuple(p * len(captured) + t for p in range(num_prompts) for t in steps_here))
+        start = stop
+    return Schedule(dense_steps, tuple(bounds), tuple(samples)), 0.0
+
+
+@dataclass(frozen=True)
+class TrialChoice:
+    """The model-level choices of one trial."""
+
+    tile_index: int
+    cuts: tuple[int, ...]
+    schedule: Schedule
+
+
+def suggest(
+    trial: optuna.Trial, source: TileMassSource, config: SearchConfig, geometries
+) -> tuple[TrialChoice | None, float]:
+    """Sample the model-level choices; -> (TrialChoice or None, constraint violation)."""
+    tile_names = [str(g.tile) for g in geometries]
+    tile_index = tile_names.index(trial.suggest_categorical("tile", tile_names))
+    most_frames = max(g.tile_grid.frames for g in geometries)
+    tile_frames = geometries[tile_index].tile_grid.frames
+    # One range for every tile shape keeps the space fixed; a cut at or past this tile grid's
+    # frames means "no cut", so a trial has 1 to max_groups groups.
+    raw_cuts = [
+        trial.suggest_int(f"frame_cut_{k}", 1, max(1, most_frames))
+        for k in range(config.max_groups - 1)
+    ]
+    cuts = tuple(sorted({c for c in raw_cuts if c < tile_frames}))
+    if config.dense_steps is None:
+        most = int(config.max_dense_fraction * source.num_steps)
+        dense = trial.suggest_int("dense_steps", 0, most) if most > 0 else 0
+    else:
+        dense = config.dense_steps
+    captured = list(source.steps)
+    bucket_cuts = [
+        trial.suggest_int(f"bucket_cut_{k}", 1, max(1, len(captured) - 1))
+        for k in range(config.num_buckets - 1)
+    ]
+    schedule, violation = schedule_of(
+        dense, bucket_cuts, captured, len(source.prompts), source.num_steps
+    )
+    if schedule is None:
+        return None, violation
+    return TrialChoice(tile_index, cuts, schedule), 0.0
+
+
+def make_objective(source: TileMassSource, config: SearchConfig, shards: LayerShards):
+    """The objective over a frozen search config; solves are cached per distinct choice."""
+    solver_config = config.solver_config()
+    cache: dict[tuple, np.ndarray] = {}
+
+    def objective(trial: optuna.Trial) -> float:
+        started = time.perf_counter()
+        choice, violation = suggest(trial, source, config, shards.geometries)
+        trial.set_constraint(CONSTRAINT_NAME, violation)
+        if choice is None:
+            return 1.0  # dense; the constraint marks the trial infeasible
+        schedule = choice.schedule
+        key = (choice.tile_index, choice.cuts, schedule.samples)
+        if key not in cache:
+            buckets = [BucketRequest(samples) for samples in schedule.samples]
+            cache[key] = shards.costs(choice.tile_index, choice.cuts, buckets, solver_config)
+        costs = cache[key]  # [B, L, H]
+        bucket_cost = costs.mean(axis=(1, 2))  # [B]
+        weights = schedule.step_weights(source.num_steps)
+        value = schedule.dense_steps / source.num_steps + float((weights * bucket_cost).sum())
+        trial.set_user_attr("bucket_cost", [float(c) for c in bucket_cost])
+        trial.set_user_attr("bucket_bounds", [list(b) for b in schedule.bounds])
+        trial.set_user_attr("frame_cuts", list(choice.cuts))
+        trial.set_user_attr("dense_steps", schedule.dense_steps)
+        trial.set_user_attr("seconds", time.perf_counter() - started)
+        return value
+
+    return objective
+
+
+def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    """All constraint values <= 0 (a trial without constraints never ran its objective)."""
+    return bool(trial.constraints) and all(v <= 0 for v in trial.constraints.values())
+
+
+def resolve_storage(storage: str | None, run_dir: Path) -> str | optuna.storages.BaseStorage:
+    """None -> sqlite in the run directory; 'journal:PATH' -> a journal file (several processes
+    on a host); anything else is an Optuna RDB URL (sqlite:///..., postgresql://...)."""
+    if storage is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    if storage.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = Path(storage.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if "://" not in storage:
+        raise UserInputError(
+            f"storage {storage!r}: expected an RDB URL (sqlite:///file.db, postgresql://...) "
+            "or journal:PATH"
+        )
+    return storage
+
+
+def open_study(
+    source: TileMassSource, config: SearchConfig, storage: str | None, run_dir: Path
+) -> optuna.Study:
+    sampler = optuna.samplers.TPESampler(seed=config.seed)
+    return optuna.create_study(
+        storage=resolve_storage(storage, run_dir),
+        sampler=sampler,
+        study_name=config.study_name(source.fingerprint),
+        direction="minimize",
+        load_if_exists=True,
+    )
+
+
+def warm_start_params(source: TileMassSource, config: SearchConfig, geometries) -> dict:
+    """The first trial: the tile shape with least padding, evenly spaced groups and buckets."""
+
+    def full_cost(i: int) -> float:  # padding makes a tile shape's full pattern dearer
+        return float(geometries[i].cost_model.per_offset.sum())
+
+    tile_index = min(range(len(geometries)), key=full_cost)
+    frames = geometries[tile_index].tile_grid.frames
+    params: dict = {"tile": str(geometries[tile_index].tile)}
+    for k in range(config.max_groups - 1):
+        params[f"frame_cut_{k}"] = max(1, min(frames, 2**k))
+    captured = list(source.steps)
+    if config.dense_steps is None:
+        params["dense_steps"] = 0
+    for k in range(config.num_buckets - 1):
+        params[f"bucket_cut_{k}"] = max(1, (k + 1) * len(captured) // config.num_buckets)
+    return params
+
+
+def best_feasible(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    done = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if is_feasible(t)
+    ]
+    if not done:
+        raise UserInputError(
+            "no feasible trial: every step bucket needs a profiled step after the warm-up "
+            "(fewer buckets or fewer dense steps)"
+        )
+    return min(done, key=lambda t: t.value)
+
+
+@dataclass(frozen=True)
+class StudyOutcome:
+    """The best trial's choices and the per-head solutions they give."""
+
+    study_name: str
+    best_trial: int
+    best_value: float
+    trials_completed: int
+    choice: TrialChoice
+    geometry: object  # shards.Geometry of the chosen tile
+    solutions: list  # [bucket][layer][head] (HeadSolution, worst query-tile recall)
+    seconds: float
+    trial_seconds: list[float] = field(default_factory=list)
+
+
+def run_study(
+    source: TileMassSource | str | Path,
+    config: SearchConfig,
+    run_dir: Path,
+    *,
+    storage: str | None = None,
+    on_trial=None,
+) -> StudyOutcome:
+    """Run (or resume) the study, then solve every head at the best trial with Pareto fronts."""
+    started = time.perf_counter()
+    src = open_source(source)
+    tiles = config.tiles or tuple(src.tiles)
+    if not tiles:
+        raise UserInputError("the profile lists no candidate tile shapes")
+    study = open_study(src, config, storage, run_dir)
+    with LayerShards(source, tiles, config.block_size, config.workers) as shards:
+        finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if not study.trials:
+            study.enqueue_trial(warm_start_params(src, config, shards.geometries))
+        remaining = config.n_trials - len(finished)
+        if remaining > 0:
+            callbacks = [lambda st, tr: on_trial(st, tr)] if on_trial else None
+            study.optimize(
+                make_objective(src, config, shards), n_trials=remaining, callbacks=callbacks
+            )
+        best = best_feasible(study)
+        choice, _ = suggest(optuna.trial.FixedTrial(best.params), src, config, shards.geometries)
+        buckets = [BucketRequest(samples) for samples in choice.schedule.samples]
+        solutions = shards.solve(
+            choice.tile_index, choice.cuts, buckets, config.solver_config(front=True)
+        )
+        geometry = shards.geometries[choice.tile_index]
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    return StudyOutcome(
+        study_name=study.study_name,
+        best_trial=best.number,
+        best_value=float(best.value),
+        trials_completed=len(completed),
+        choice=choice,
+        geometry=geometry,
+        solutions=solutions,
+        seconds=time.perf_counter() - started,
+        trial_seconds=[t.user_attrs.get("seconds", 0.0) for t in completed],
+    )
