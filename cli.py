@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from typer.exceptions import TyperException
 
 from compact_search.errors import UserInputError
 
@@ -32,6 +33,47 @@ def main_options(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
 ) -> None:
     _state["debug"] = debug
+
+
+@app.command()
+def profile(
+    profile: Annotated[
+        str, typer.Argument(help="Profile: a .toml path or a name in profiles/ (default: tiny).")
+    ] = "tiny",
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Profile folder (runs/NAME/profile).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Discard an unfinished run instead of resuming it.")
+    ] = False,
+) -> None:
+    """Capture tile-level attention mass from sample denoising runs (resumable; torchrun-able)."""
+    from rich.table import Table
+
+    from compact_search.profiling.capture import profile_from_file
+
+    result = profile_from_file(profile, out, device=device, restart=restart)
+    if not result.complete:
+        console.print(
+            f"this rank captured {result.captured_units} layer-steps; rank 0 merges into "
+            f"[bold]{result.path}[/]"
+        )
+        return
+    meta = result.metadata
+    table = Table(title=f"profile {meta['name']}", show_header=False)
+    for key in ("model", "adapter", "grid", "prefix_tokens", "num_layers", "num_heads"):
+        table.add_row(key, str(meta[key]))
+    table.add_row("steps captured", f"{len(meta['steps'])} of {meta['num_steps']}")
+    table.add_row("prompts", f"{len(meta['prompts'])} ({meta['store']})")
+    table.add_row("tiles", ", ".join("x".join(map(str, t)) for t in meta["tiles"]))
+    table.add_row(
+        "layer-steps", f"{result.captured_units} captured, {result.skipped_units} resumed"
+    )
+    table.add_row("time", f"{result.seconds:.1f} s")
+    table.add_row("fingerprint", meta["fingerprint"])
+    console.print(table)
+    console.print(f"profile written to [bold]{result.path}[/]")
 
 
 @app.command()
@@ -191,30 +233,76 @@ def render_check(report, heads: bool = True) -> None:
     )
 
 
-def main() -> None:
-    """Console-script entry: user errors become one line on stderr and exit code 2."""
+@app.command()
+def bench(
+    shapes: Annotated[
+        str, typer.Option(help="Comma-separated shapes: wan2.1-1.3b-480p, wan2.1-14b-720p, ...")
+    ] = "wan2.1-1.3b-480p,wan2.1-14b-720p,hunyuan-720p",
+    densities: Annotated[
+        str, typer.Option(help="Comma-separated block densities.")
+    ] = "0.1,0.2,0.3,0.4,0.5,0.6,1.0",
+    providers: Annotated[
+        str, typer.Option(help="Comma-separated: cudnn, fa2, flex, triton, triton-pointers.")
+    ] = "cudnn,fa2,flex,triton",
+    out_dir: Annotated[
+        Path, typer.Option(help="Folder for kernel.csv (appended) and kernel_speedup.png.")
+    ] = Path("benchmarks/results"),
+) -> None:
+    """Time the Triton kernel against cuDNN, FA2 and FlexAttention on a GPU (needs CUDA)."""
+    from compact_search.bench import (
+        append_csv,
+        parse_float_list,
+        plot_speedups,
+        rows_table,
+        run_kernel_benchmark,
+        shape_by_name,
+    )
+
+    rows = run_kernel_benchmark(
+        [shape_by_name(name.strip()) for name in shapes.split(",")],
+        parse_float_list(densities, "densities"),
+        providers=[p.strip() for p in providers.split(",")],
+        log=lambda line: console.print(line, highlight=False),
+    )
+    append_csv(rows, out_dir / "kernel.csv")
+    plot_speedups(rows, out_dir / "kernel_speedup.png")
+    console.print(rows_table(rows))
+    console.print(f"rows appended to [bold]{out_dir / 'kernel.csv'}[/]")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry.
+
+    Exit codes: 0 ok, 1 check failed or regression, 2 bad input or usage (one line on stderr),
+    130 interrupted, 3 internal error (one line; `--debug` shows the traceback).
+    """
+    _state["debug"] = False
     try:
-        app(standalone_mode=False)
-    except UserInputError as exc:
+        code = app(args=argv, standalone_mode=False)
+    except (UserInputError, OSError) as exc:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except (typer.Exit, SystemExit) as exc:
-        code = exc.exit_code if isinstance(exc, typer.Exit) else exc.code
-        sys.exit(code)
-    except KeyboardInterrupt:
+    except (typer.Abort, KeyboardInterrupt):
         err_console.print("interrupted")
         sys.exit(130)
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(2)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+    except TyperException as exc:  # usage errors: missing or malformed options
+        if not hasattr(exc, "show"):
+            raise
+        exc.show()
+        sys.exit(2)
+    except Exception as exc:
+        if _state["debug"]:
+            raise
+        err_console.print(
+            f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (--debug shows the "
+            "traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(3)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

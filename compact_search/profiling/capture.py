@@ -1,0 +1,375 @@
+"""`compact-search profile`: sample prompts, record tile mass at the chosen steps, stream to disk.
+
+Flow for one process (rank r of w; a plain run is rank 0 of 1):
+
+1. Open the profile directory (`store.py`); a directory from an interrupted run with the same
+   settings resumes, other settings are refused.
+2. Load the model (`sources.py`) and install `TileMassRecorder` through the model's adapter. The
+   recorder returns the model's own dense attention, so sampling is unchanged; at captured steps
+   it also computes the tile mass of every captured layer for every candidate tile.
+3. For each of this rank's prompts (prompt i belongs to rank i mod w): read which (step, layer)
+   units already cover it, sample only as far as the last missing step (the rest of the
+   trajectory is never needed), and after each captured step fold the prompt's tile masses into
+   the rank's unit files, one atomic rename per (step, layer).
+4. Rank 0 waits until every unit covers every prompt, merges the parts and writes profile.json
+   with the metadata and the fingerprint (settings + content).
+
+With classifier-free guidance the tile mass of a step is the average over every transformer call
+of that step (conditional and unconditional, batched or not): one pattern serves both.
+
+MM-DiT prefix (text) tokens are never sparsified, so the tile mass covers video queries and video
+keys only, with each query's probabilities renormalised over video keys: the softmax of the video
+keys alone. Recall measured this way is a lower bound on the share of the full attention kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from compact_search.errors import UserInputError
+from compact_search.geometry import Grid, TileShape
+from compact_search.profiling.dense import dense_attention_with_log_sum_exp
+from compact_search.profiling.settings import (
+    ProfileSettings,
+    load_settings,
+    resolve_profile_path,
+)
+from compact_search.profiling.sources import ProfiledModel, load_source
+from compact_search.profiling.store import ProfileStore, read_unit, unit_name
+from compact_search.profiling.tile_mass import multi_tile_mass
+
+PROFILE_FORMAT = "compact-search/profile"
+PROFILE_VERSION = 1
+# How often rank 0 looks for the other ranks' units while waiting to merge, in seconds.
+MERGE_POLL_S = 2.0
+
+
+class _SamplingDone(Exception):
+    """Raised from the step callback once a prompt's last missing step has been captured."""
+
+
+class TileMassRecorder:
+    """attention_fn for the adapters: dense attention out, tile mass of captured layers recorded.
+
+    `start_step(layers)` arms it for the layers to capture in the coming step; `take()` returns
+    {layer: {tile: [H, nt, nt] fp32}} averaged over the step's calls and disarms it.
+    """
+
+    def __init__(self, grid: Grid, tiles: tuple[TileShape, ...], prefix_at: str):
+        self.grid = grid
+        self.tiles = tiles
+        self.prefix_at = prefix_at
+        self.layers: frozenset[int] = frozenset()
+        self.prefix_tokens = 0
+        self._sums: dict[int, dict[TileShape, torch.Tensor]] = {}
+        self._weights: dict[int, int] = {}
+
+    def start_step(self, layers: frozenset[int]) -> None:
+        self.layers = layers
+        self._sums, self._weights = {}, {}
+
+    def take(self) -> dict[int, dict[TileShape, torch.Tensor]]:
+        means = {
+            layer: {tile: s / self._weights[layer] for tile, s in sums.items()}
+            for layer, sums in self._sums.items()
+        }
+        self.start_step(frozenset())
+        return means
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        if layer not in self.layers:
+            return F.scaled_dot_product_attention(q, k, v)
+        batch, _, length, _ = q.shape
+        video = self.grid.num_tokens
+        prefix = length - video
+        if prefix < 0:
+            raise UserInputError(
+                f"layer {layer} attends over {length} tokens, fewer than grid {self.grid} holds"
+            )
+        self.prefix_tokens = max(self.prefix_tokens, prefix)
+        out, log_sum_exp = dense_attention_with_log_sum_exp(q, k, v)
+        if prefix:
+            # Renormalised over video keys: the video-only softmax; its normaliser is computed
+            # by the tile mass itself (the dense one includes the prefix keys).
+            part = slice(prefix, None) if self.prefix_at == "start" else slice(0, video)
+            q, k, log_sum_exp = q[:, :, part], k[:, :, part], None
+        masses = multi_tile_mass(q, k, self.grid, self.tiles, log_sum_exp=log_sum_exp)
+        sums = self._sums.setdefault(layer, {})
+        for tile, mass in masses.items():
+            weighted = mass * batch  # [H, nt, nt]
+            sums[tile] = sums[tile] + weighted if tile in sums else weighted
+        self._weights[layer] = self._weights.get(layer, 0) + batch
+        return out
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    """What a profile run did, for the CLI to render."""
+
+    path: Path
+    complete: bool
+    resumed: bool
+    captured_units: int
+    skipped_units: int
+    seconds: float
+    metadata: dict | None
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UserInputError(f"--device must be auto, cpu or cuda[:N], got {device!r}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda asked for, but no CUDA device is available")
+    return resolved
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) outside torchrun."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if not 0 <= rank < world:
+        raise UserInputError(f"RANK {rank} outside WORLD_SIZE {world}")
+    return rank, world
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+
+    import compact_search
+
+    return {
+        "compact_search": compact_search.__version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+    }
+
+
+def _metadata(
+    settings: ProfileSettings, model_info: dict, layers: list[int], fingerprint: str
+) -> dict:
+    return {
+        "format": PROFILE_FORMAT,
+        "version": PROFILE_VERSION,
+        "name": settings.name,
+        "model": settings.source,
+        "adapter": settings.adapter,
+        "grid": model_info["grid"],
+        "prefix_tokens": model_info["prefix_tokens"],
+        "prefix_at": model_info["prefix_at"],
+        "num_layers": model_info["num_layers"],
+        "num_heads": model_info["num_heads"],
+        "head_dim": model_info["head_dim"],
+        "num_steps": settings.num_steps,
+        "steps": list(settings.capture_steps),
+        "layers": layers,
+        "prompts": list(settings.prompts),
+        "seeds": list(settings.seeds),
+        "tiles": [list(t.as_tuple()) for t in settings.tiles],
+        "store": settings.store,
+        "settings": settings.to_json(),
+        "versions": _versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "fingerprint": fingerprint,
+    }
+
+
+def run_profile(
+    settings: ProfileSettings,
+    out: str | Path,
+    *,
+    device: str = "auto",
+    restart: bool = False,
+    rank: int | None = None,
+    world: int | None = None,
+    progress: bool = True,
+    on_unit: Callable[[int, int, int], None] | None = None,
+) -> ProfileResult:
+    """Run (or resume) a profile into directory `out`. See the module doc for the flow.
+
+    `rank`/`world` default to torchrun's environment. `on_unit(prompt, step, layer)` is called
+    after each unit write (tests use it to stop a run at a chosen point).
+    """
+    started = time.perf_counter()
+    if rank is None or world is None:
+        rank, world = distributed_rank()
+    store = ProfileStore(out)
+    settings_fingerprint = settings.fingerprint()
+    if store.is_complete() and not restart:
+        store.begin(settings.to_json(), settings_fingerprint)
+        metadata = _read_metadata(store)
+        return ProfileResult(store.root, True, True, 0, 0, 0.0, metadata)
+    resumed = store.begin(settings.to_json(), settings_fingerprint, restart=restart and rank == 0)
+
+    model = load_source(settings, _resolve_device(device))
+    layers = list(settings.capture_layers or range(model.num_layers))
+    if layers[-1] >= model.num_layers:
+        raise UserInputError(
+            f"capture.layers names layer {layers[-1]}; the model has {model.num_layers}"
+        )
+    steps = list(settings.capture_steps)
+    mine = [p for p in range(len(settings.prompts)) if p % world == rank]
+    covered = store.covered(steps, layers)
+    missing = {
+        p: {s: frozenset(l for l in layers if p not in covered[(s, l)]) for s in steps}
+        for p in mine
+    }
+    for p in mine:
+        missing[p] = {s: ls for s, ls in missing[p].items() if ls}
+    total_units = len(mine) * len(steps) * len(layers)
+    todo_units = sum(len(ls) for per_step in missing.values() for ls in per_step.values())
+
+    recorder = TileMassRecorder(model.grid, settings.tiles, model.adapter.prefix_at)
+    captured = 0
+    with _progress(progress, settings.name) as bar:
+        task = bar.add_task("capturing", total=todo_units)
+        with torch.no_grad(), model.adapter.install(model.transformer, recorder):
+            for prompt in mine:
+                if not missing[prompt]:
+                    continue
+                captured += _capture_prompt(
+                    settings, model, store, recorder, rank, prompt, missing[prompt],
+                    lambda s, l, p=prompt: (bar.advance(task), on_unit and on_unit(p, s, l)),
+                )  # fmt: skip
+    model_info = {
+        "grid": list(model.grid.as_tuple()),
+        "prefix_tokens": recorder.prefix_tokens,
+        "prefix_at": model.adapter.prefix_at,
+        "num_layers": model.num_layers,
+        "num_heads": model.num_heads,
+        "head_dim": model.head_dim,
+    }
+    if rank != 0:
+        return ProfileResult(store.root, False, resumed, captured, total_units - todo_units,
+                             time.perf_counter() - started, None)  # fmt: skip
+    _wait_for_ranks(store, steps, layers, len(settings.prompts), world)
+    store.merge(steps, layers, len(settings.prompts), settings.store)
+    model_info["prefix_tokens"] = _merged_prefix_tokens(store, steps, layers)
+    fingerprint = _fingerprint(settings_fingerprint, store.content_hash(steps, layers))
+    metadata = _metadata(settings, model_info, layers, fingerprint)
+    store.write_metadata(metadata)
+    return ProfileResult(store.root, True, resumed, captured, total_units - todo_units,
+                         time.perf_counter() - started, metadata)  # fmt: skip
+
+
+def _capture_prompt(
+    settings: ProfileSettings,
+    model: ProfiledModel,
+    store: ProfileStore,
+    recorder: TileMassRecorder,
+    rank: int,
+    prompt: int,
+    missing: dict[int, frozenset[int]],
+    after_unit: Callable[[int, int], None],
+) -> int:
+    """Sample one prompt up to its last missing step, writing each captured step's units."""
+    last = max(missing)
+    state = {"step": None, "written": 0}
+
+    def flush() -> None:
+        step = state["step"]
+        if step is None or step not in missing:
+            return
+        for layer, masses in sorted(recorder.take().items()):
+            store.update_part(
+                rank, step, layer, prompt, masses, settings.store, recorder.prefix_tokens
+            )
+            state["written"] += 1
+            after_unit(step, layer)
+
+    def on_step(step: int) -> None:
+        flush()
+        if step > last:
+            raise _SamplingDone
+        state["step"] = step
+        recorder.start_step(missing.get(step, frozenset()))
+
+    with contextlib.suppress(_SamplingDone):
+        model.sample(settings.prompts[prompt], settings.seeds[prompt], on_step)
+    return state["written"]
+
+
+def _wait_for_ranks(store: ProfileStore, steps, layers, num_prompts: int, world: int) -> None:
+    """Rank 0 waits until the other ranks' units cover every prompt (file-based, no NCCL)."""
+    everything = set(range(num_prompts))
+    while True:
+        covered = store.covered(steps, layers)
+        if all(prompts >= everything for prompts in covered.values()):
+            return
+        if world == 1:
+            raise UserInputError(f"{store.root}: capture finished with prompts missing")
+        time.sleep(MERGE_POLL_S)
+
+
+def _merged_prefix_tokens(store: ProfileStore, steps, layers) -> int:
+    return read_unit(store.merged_dir / unit_name(steps[0], layers[0])).prefix_tokens
+
+
+def _fingerprint(settings_fingerprint: str, content_hash: str) -> str:
+    return hashlib.sha256(f"{settings_fingerprint}:{content_hash}".encode()).hexdigest()[:32]
+
+
+def _read_metadata(store: ProfileStore) -> dict:
+    try:
+        return json.loads(store.metadata_path.read_text())
+    except ValueError:
+        raise UserInputError(f"{store.metadata_path}: corrupt profile metadata") from None
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, *args, **kwargs) -> int:
+        return 0
+
+    def advance(self, *args) -> None:
+        return None
+
+
+def _progress(enabled: bool, name: str):
+    if not enabled:
+        return _NoProgress()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    return Progress(
+        f"[bold]profile {name}[/]",
+        BarColumn(),
+        MofNCompleteColumn(),
+        "layer-steps",
+        TimeRemainingColumn(),
+        transient=False,
+    )
+
+
+def profile_from_file(
+    profile: str | Path,
+    out: str | Path | None = None,
+    *,
+    device: str = "auto",
+    restart: bool = False,
+    progress: bool = True,
+) -> ProfileResult:
+    """The CLI's entry: resolve and parse a profile file, then run it into `out`
+    (default runs/<name>/profile)."""
+    settings = load_settings(resolve_profile_path(profile))
+    out = Path(out) if out is not None else Path("runs") / settings.name / "profile"
+    return run_profile(settings, out, device=device, restart=restart, progress=progress)

@@ -1,0 +1,279 @@
+"""Profile settings: what `compact-search profile` runs, read from `profiles/*.toml`.
+
+A profile file names the model, how to sample from it and what to capture::
+
+    name = "tiny"
+
+    [model]
+    source = "builtin:tiny"      # builtin:tiny | builtin:tiny-random | a local diffusers directory
+    adapter = "wan"              # wan | cogvideox | hunyuanvideo (see models/adapters.py)
+    dtype = "float32"            # float32 | float16 | bfloat16
+
+    [sampling]
+    height = 32                  # pixels
+    width = 32
+    frames = 8
+    steps = 20                   # denoising steps
+    guidance = 4.0
+    prompts = ["a red circle moves left slowly over a plain grey background"]
+    # prompts_file = "prompts.txt" (one prompt a line, relative to this file) instead of prompts
+    seeds = [0]                  # one per prompt, or one for all (prompt i then uses seed + i)
+
+    [capture]
+    steps = [0, 2, 4]            # denoising step indices, or "all"
+    layers = "all"               # or a list of self-attention layer indices
+    tiles = [[1, 4, 4], [2, 4, 4]]
+    store = "per-prompt"         # or "prompt-mean" (average over prompts on disk)
+
+Every bad field raises one `UserInputError` line naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from compact_search.errors import ConfigError, UserInputError
+from compact_search.geometry import TileShape
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+DTYPES = ("float32", "float16", "bfloat16")
+STORE_MODES = ("per-prompt", "prompt-mean")
+BUILTIN_SOURCES = ("builtin:tiny", "builtin:tiny-random")
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """One profiling run. `seeds` holds one seed per prompt; `capture_layers` None means all."""
+
+    name: str
+    source: str
+    adapter: str
+    dtype: str
+    height: int
+    width: int
+    frames: int
+    num_steps: int
+    guidance: float
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    capture_steps: tuple[int, ...]
+    capture_layers: tuple[int, ...] | None
+    tiles: tuple[TileShape, ...]
+    store: str = "per-prompt"
+
+    def __post_init__(self) -> None:
+        where = f"profile {self.name!r}"
+        if self.dtype not in DTYPES:
+            raise ConfigError(where, "model.dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        if self.store not in STORE_MODES:
+            raise ConfigError(
+                where, "capture.store", f"must be one of {STORE_MODES}, got {self.store!r}"
+            )
+        for field in ("height", "width", "frames", "num_steps"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(where, field, f"must be a positive integer, got {value!r}")
+        if not self.prompts:
+            raise ConfigError(where, "sampling.prompts", "needs at least one prompt")
+        if len(self.seeds) != len(self.prompts):
+            raise ConfigError(where, "sampling.seeds", "needs one seed per prompt")
+        if not self.capture_steps:
+            raise ConfigError(where, "capture.steps", "needs at least one step")
+        bad_steps = [s for s in self.capture_steps if not 0 <= s < self.num_steps]
+        if bad_steps:
+            raise ConfigError(
+                where, "capture.steps", f"{bad_steps} outside 0..{self.num_steps - 1}"
+            )
+        if list(self.capture_steps) != sorted(set(self.capture_steps)):
+            raise ConfigError(where, "capture.steps", "must be increasing without repeats")
+        if self.capture_layers is not None and (
+            not self.capture_layers
+            or any(layer < 0 for layer in self.capture_layers)
+            or list(self.capture_layers) != sorted(set(self.capture_layers))
+        ):
+            raise ConfigError(where, "capture.layers", "must be increasing indices >= 0, or 'all'")
+        if not self.tiles:
+            raise ConfigError(where, "capture.tiles", "needs at least one tile shape")
+        if len(set(self.tiles)) != len(self.tiles):
+            raise ConfigError(where, "capture.tiles", "lists a tile shape twice")
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.source.startswith("builtin:")
+
+    def to_json(self) -> dict:
+        values = asdict(self)
+        values["tiles"] = [list(t.as_tuple()) for t in self.tiles]
+        values["prompts"] = list(self.prompts)
+        values["seeds"] = list(self.seeds)
+        values["capture_steps"] = list(self.capture_steps)
+        values["capture_layers"] = (
+            None if self.capture_layers is None else list(self.capture_layers)
+        )
+        return values
+
+    @classmethod
+    def from_json(cls, values: dict) -> ProfileSettings:
+        values = dict(values)
+        values["tiles"] = tuple(TileShape.of(t) for t in values["tiles"])
+        for key in ("prompts", "seeds", "capture_steps"):
+            values[key] = tuple(values[key])
+        if values["capture_layers"] is not None:
+            values["capture_layers"] = tuple(values["capture_layers"])
+        return cls(**values)
+
+    def fingerprint(self) -> str:
+        """sha256 of the settings (what decides the numbers), for resume checks."""
+        canonical = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _table(data: dict, key: str, source: str) -> dict:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(source, key, "must be a table")
+    return value
+
+
+def _int(table: dict, key: str, source: str, field: str, default: int | None = None) -> int:
+    value = table.get(key, default)
+    if value is None:
+        raise ConfigError(source, field, "is missing")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(source, field, f"must be a positive integer, got {value!r}")
+    return value
+
+
+def _int_list(value: object, source: str, field: str) -> list[int]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise ConfigError(source, field, f"must be a list of integers, got {value!r}")
+    return value
+
+
+def _prompts(sampling: dict, path: Path) -> tuple[str, ...]:
+    source = str(path)
+    if "prompts" in sampling and "prompts_file" in sampling:
+        raise ConfigError(source, "sampling.prompts", "give prompts or prompts_file, not both")
+    if "prompts_file" in sampling:
+        prompts_path = path.parent / str(sampling["prompts_file"])
+        if not prompts_path.is_file():
+            raise ConfigError(source, "sampling.prompts_file", f"no such file: {prompts_path}")
+        lines = prompts_path.read_text(encoding="utf-8").splitlines()
+        prompts = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    else:
+        prompts = sampling.get("prompts")
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ConfigError(source, "sampling.prompts", "must be a list of strings")
+    if not prompts:
+        raise ConfigError(source, "sampling.prompts", "needs at least one prompt")
+    return tuple(prompts)
+
+
+def _tiles(capture: dict, source: str) -> tuple[TileShape, ...]:
+    tiles = capture.get("tiles")
+    if not isinstance(tiles, list) or not tiles:
+        raise ConfigError(source, "capture.tiles", "must be a list of [tf, th, tw] shapes")
+    shapes = []
+    for tile in tiles:
+        try:
+            shapes.append(TileShape.of(_int_list(tile, source, "capture.tiles")))
+        except UserInputError as exc:
+            raise ConfigError(source, "capture.tiles", str(exc)) from None
+    return tuple(shapes)
+
+
+# The profiles shipped with the project, next to the package in a source checkout.
+SHIPPED_PROFILES = Path(__file__).resolve().parents[2] / "profiles"
+
+
+def resolve_profile_path(name_or_path: str | Path) -> Path:
+    """A profile file path, a name in ./profiles, or a name in the shipped profiles/."""
+    candidate = Path(name_or_path)
+    if candidate.is_file():
+        return candidate
+    for folder in (Path("profiles"), SHIPPED_PROFILES):
+        named = folder / f"{name_or_path}.toml"
+        if named.is_file():
+            return named
+    raise UserInputError(f"no profile {str(name_or_path)!r}: not a file, nor profiles/NAME.toml")
+
+
+def load_settings(path: str | Path) -> ProfileSettings:
+    """Parse a profile TOML file into validated settings."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise UserInputError(f"no profile file at {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "toml", str(exc)) from None
+    model = _table(data, "model", source)
+    sampling = _table(data, "sampling", source)
+    capture = _table(data, "capture", source)
+
+    model_source = model.get("source")
+    if not isinstance(model_source, str) or not model_source:
+        raise ConfigError(source, "model.source", "must name builtin:tiny or a local directory")
+    if model_source.startswith("builtin:") and model_source not in BUILTIN_SOURCES:
+        raise ConfigError(source, "model.source", f"must be one of {BUILTIN_SOURCES} or a path")
+    if not model_source.startswith("builtin:"):
+        model_path = Path(model_source).expanduser()
+        if not model_path.is_absolute():
+            model_path = (path.parent / model_path).resolve()
+        model_source = str(model_path)
+    adapter = model.get("adapter", "wan")
+
+    num_steps = _int(sampling, "steps", source, "sampling.steps")
+    guidance = sampling.get("guidance", 1.0)
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+        raise ConfigError(source, "sampling.guidance", f"must be a number, got {guidance!r}")
+    prompts = _prompts(sampling, path)
+    seeds = _int_list(sampling.get("seeds", [0]), source, "sampling.seeds")
+    if len(seeds) == 1:
+        seeds = [seeds[0] + i for i in range(len(prompts))]
+    elif len(seeds) != len(prompts):
+        raise ConfigError(
+            source, "sampling.seeds", f"give 1 seed or {len(prompts)} (one per prompt)"
+        )
+
+    steps = capture.get("steps", "all")
+    steps = list(range(num_steps)) if steps == "all" else _int_list(steps, source, "capture.steps")
+    layers = capture.get("layers", "all")
+    layers = None if layers == "all" else tuple(_int_list(layers, source, "capture.layers"))
+    from compact_search.models.adapters import adapter_names
+
+    if adapter not in adapter_names():
+        raise ConfigError(source, "model.adapter", f"must be one of {adapter_names()}")
+    name = data.get("name", path.stem)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(source, "name", "must be a non-empty string")
+    try:
+        return ProfileSettings(
+            name=name,
+            source=model_source,
+            adapter=adapter,
+            dtype=model.get("dtype", "bfloat16"),
+            height=_int(sampling, "height", source, "sampling.height"),
+            width=_int(sampling, "width", source, "sampling.width"),
+            frames=_int(sampling, "frames", source, "sampling.frames"),
+            num_steps=num_steps,
+            guidance=float(guidance),
+            prompts=prompts,
+            seeds=tuple(seeds),
+            capture_steps=tuple(steps),
+            capture_layers=layers,
+            tiles=_tiles(capture, source),
+            store=capture.get("store", "per-prompt"),
+        )
+    except ConfigError as exc:
+        raise ConfigError(source, exc.field, exc.problem) from None
