@@ -270,6 +270,82 @@ def bench(
     console.print(f"rows appended to [bold]{out_dir / 'kernel.csv'}[/]")
 
 
+@app.command()
+def optimize(
+    profile_dir: Annotated[
+        Path, typer.Argument(help="Profile folder written by `compact-search profile`.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Run folder: study, search.json, report.")
+    ],
+    recall: Annotated[float, typer.Option(help="Recall threshold tau every head must keep.")] = 0.9,
+    dense_steps: Annotated[
+        int | None, typer.Option(help="Dense warm-up steps K (default: searched).")
+    ] = None,
+    buckets: Annotated[int, typer.Option(help="Step buckets after the warm-up.")] = 2,
+    trials: Annotated[
+        int, typer.Option(help="Optuna trials (a resumed study counts its own).")
+    ] = 40,
+    seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
+    storage: Annotated[
+        str | None,
+        typer.Option(help="Optuna storage: an RDB URL or journal:PATH (default sqlite in --out)."),
+    ] = None,
+    mean_over_samples: Annotated[
+        bool,
+        typer.Option("--mean-over-samples", help="Constrain the mean over samples, not each one."),
+    ] = False,
+    target_density: Annotated[
+        float | None, typer.Option(help="Budget mode: allocate recall to hit this mean density.")
+    ] = None,
+    target_cost: Annotated[
+        float | None, typer.Option(help="Budget mode: allocate recall to hit this mean cost.")
+    ] = None,
+    max_groups: Annotated[int, typer.Option(help="Most frame groups per pattern.")] = 3,
+    workers: Annotated[int, typer.Option(help="Worker processes (layers are sharded).")] = 2,
+) -> None:
+    """Search per-head sparse patterns meeting the recall threshold; write the run folder."""
+    import optuna
+    from rich.progress import Progress
+
+    from compact_search.search import BudgetTarget, SearchConfig, optimize_profile
+    from compact_search.search.report import summary_table
+
+    if target_density is not None and target_cost is not None:
+        raise UserInputError("give --target-density or --target-cost, not both")
+    target = None
+    if target_density is not None:
+        target = BudgetTarget(target_density, "density")
+    elif target_cost is not None:
+        target = BudgetTarget(target_cost, "cost")
+    config = SearchConfig(
+        recall=recall,
+        mean_over_samples=mean_over_samples,
+        num_buckets=buckets,
+        dense_steps=dense_steps,
+        max_groups=max_groups,
+        n_trials=trials,
+        seed=seed,
+        workers=workers,
+    )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("trials", total=trials)
+
+        def on_trial(study, trial) -> None:
+            done = sum(t.state.is_finished() for t in study.trials)
+            progress.update(task, completed=min(done, trials))
+
+        result = optimize_profile(
+            profile_dir, out, config, storage=storage, target=target, on_trial=on_trial
+        )
+    console.print(summary_table(result))
+    console.print(
+        f"search written to [bold]{out / 'search.json'}[/]; report: heads.csv, heads.md, "
+        "pareto.png, kinds.png"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry.
 

@@ -92,6 +92,7 @@ class SearchResult:
     grid: tuple[int, int, int]
     prefix_tokens: int
     num_layers: int
+    layers: tuple[int, ...]  # the profiled layers, the only ones with heads here
     num_heads: int
     num_steps: int
     tile: tuple[int, int, int]
@@ -108,11 +109,9 @@ class SearchResult:
     budget: dict[str, Any] | None = None
 
     def head(self, bucket: int, layer: int, head: int) -> HeadResult:
-        index = (bucket * self.num_layers + layer) * self.num_heads + head
-        found = self.heads[index]
-        if (found.bucket, found.layer, found.head) != (bucket, layer, head):
-            raise ValueError("heads are not in (bucket, layer, head) order")
-        return found
+        """The head's result; layers that were not profiled have none (export keeps them dense)."""
+        index = (bucket * len(self.layers) + self.layers.index(layer)) * self.num_heads + head
+        return self.heads[index]
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -128,7 +127,7 @@ class SearchResult:
                 f"{obj.get('format')!r} version {obj.get('version')!r}"
             )
         fields = {k: v for k, v in obj.items() if k not in ("format", "version")}
-        for name in ("grid", "tile", "tile_grid", "frame_cuts"):
+        for name in ("grid", "layers", "tile", "tile_grid", "frame_cuts"):
             fields[name] = tuple(fields[name])
         fields["buckets"] = tuple(
             BucketBounds(b["start"], b["stop"], tuple(b["steps"])) for b in fields["buckets"]

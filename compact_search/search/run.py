@@ -10,7 +10,7 @@ import numpy as np
 from compact_search.geometry import Grid
 from compact_search.search.budget import BudgetTarget, allocate
 from compact_search.search.result import BucketBounds, FrontEntry, HeadResult, SearchResult
-from compact_search.search.shards import TileMassSource, open_source
+from compact_search.search.shards import TileMassSource, open_source, profiled_layers
 from compact_search.search.study import SearchConfig, StudyOutcome, run_study
 
 
@@ -44,8 +44,9 @@ def assemble(
     tile_grid = geometry.tile_grid
     captured = list(source.steps)
     heads = []
+    layers = profiled_layers(source)
     for b, per_layer in enumerate(outcome.solutions):
-        for layer, per_head in enumerate(per_layer):
+        for layer, per_head in zip(layers, per_layer, strict=True):
             for head, (solution, worst_tile) in enumerate(per_head):
                 recall = solution.sample_recall
                 heads.append(
@@ -80,6 +81,7 @@ def assemble(
         grid=source.grid.as_tuple(),
         prefix_tokens=int(source.prefix_tokens),
         num_layers=int(source.num_layers),
+        layers=tuple(layers),
         num_heads=int(source.num_heads),
         num_steps=int(source.num_steps),
         tile=geometry.tile.as_tuple(),

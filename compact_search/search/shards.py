@@ -39,6 +39,19 @@ class TileMassSource(Protocol):
     ) -> torch.Tensor: ...
 
 
+def profiled_layers(source: TileMassSource) -> list[int]:
+    """The layers with tile mass (a profile may capture a subset of the model's layers)."""
+    return list(getattr(source, "layers", None) or range(source.num_layers))
+
+
+def samples_per_step(source: TileMassSource) -> int:
+    """Samples per captured step: one per prompt, or one for a store that keeps the prompt mean."""
+    index = getattr(source, "sample_index", None)
+    if index is not None:
+        return len(index) // len(source.steps)
+    return len(source.prompts)
+
+
 def open_source(source: TileMassSource | str | Path) -> TileMassSource:
     """A profile directory is loaded; anything else is used as it is."""
     if isinstance(source, str | Path):
@@ -66,7 +79,8 @@ def geometry_of(source: TileMassSource, tile: TileShape, block_size: int) -> Geo
 
 @dataclass(frozen=True)
 class BucketRequest:
-    """Solve every owned layer for one step bucket: sample indices into the captured samples."""
+    """Solve every owned layer for one step bucket: sample indices into the captured samples
+    (step-major: sample t * samples_per_step + p for captured step t)."""
 
     samples: tuple[int, ...]
 
@@ -91,9 +105,8 @@ class _Shard:
                     )
                     for step in steps
                 ]  # each [P, H, Ft, Ht, Wt]
-                # [P, T, H, ...] -> samples prompt-major (p * T + t) -> [H, S, ...]
-                stacked = np.stack(per_step, axis=1)
-                stacked = stacked.reshape(-1, *stacked.shape[2:])
+                # step-major samples (t * P + p), as the profile orders them -> [H, S, ...]
+                stacked = np.concatenate(per_step, axis=0)
                 per_layer[layer] = np.ascontiguousarray(np.moveaxis(stacked, 0, 1))
             self.tables.append(per_layer)
         self.solvers: dict[tuple[int, tuple[int, ...]], LayerSolver] = {}
@@ -123,10 +136,9 @@ class _Shard:
         out = {}
         for layer in self.layers:
             table = self.tables[tile_index][layer]
-            masses = torch.stack(
-                [self.source.sample_tile_mass(layer, geometry.tile, [s]) for s in steps], dim=1
-            )  # [P, T, H, nq, nk]
-            masses = masses.reshape(-1, *masses.shape[2:])  # [S, H, nq, nk]
+            masses = torch.cat(
+                [self.source.sample_tile_mass(layer, geometry.tile, [s]) for s in steps]
+            )  # [S, H, nq, nk] step-major
             per_bucket = []
             for bucket in buckets:
                 solutions = solver.solve(table[:, list(bucket.samples)], config)
@@ -165,11 +177,11 @@ class LayerShards:
 
     def __init__(self, source, tiles, block_size: int = 128, workers: int = 1):
         src = open_source(source)
-        self.num_layers = src.num_layers
+        self.layers = profiled_layers(src)
         self.tiles = [TileShape.of(t) for t in tiles]
         self.geometries = [geometry_of(src, t, block_size) for t in self.tiles]
-        workers = max(1, min(workers, self.num_layers))
-        shards = [list(range(rank, self.num_layers, workers)) for rank in range(workers)]
+        workers = max(1, min(workers, len(self.layers)))
+        shards = [self.layers[rank::workers] for rank in range(workers)]
         self._local: _Shard | None = None
         self._pipes = []
         self._processes = []
@@ -209,14 +221,12 @@ class LayerShards:
     def costs(self, tile_index, cuts, buckets, config: SolverConfig) -> np.ndarray:
         """[B, L, H] cost of every head's pattern."""
         per_layer = self._call("costs", tile_index, tuple(cuts), buckets, config)
-        return np.stack([per_layer[layer] for layer in range(self.num_layers)], axis=1)
+        return np.stack([per_layer[layer] for layer in self.layers], axis=1)
 
     def solve(self, tile_index, cuts, buckets, config: SolverConfig) -> list[list[list[tuple]]]:
-        """[bucket][layer][head] (HeadSolution, worst query-tile recall)."""
+        """[bucket][profiled layer][head] (HeadSolution, worst query-tile recall)."""
         per_layer = self._call("solve", tile_index, tuple(cuts), buckets, config)
-        return [
-            [per_layer[layer][b] for layer in range(self.num_layers)] for b in range(len(buckets))
-        ]
+        return [[per_layer[layer][b] for layer in self.layers] for b in range(len(buckets))]
 
     def close(self) -> None:
         for pipe in self._pipes:

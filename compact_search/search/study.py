@@ -31,7 +31,13 @@ import optuna
 
 from compact_search.errors import UserInputError
 from compact_search.geometry import TileShape
-from compact_search.search.shards import BucketRequest, LayerShards, TileMassSource, open_source
+from compact_search.search.shards import (
+    BucketRequest,
+    LayerShards,
+    TileMassSource,
+    open_source,
+    samples_per_step,
+)
 from compact_search.search.solver import DEFAULT_FRONT_LEVELS, SolverConfig
 
 # Optuna 5 replaced TPESampler(constraints_func=...) by Trial.set_constraint; samplers read it.
@@ -106,7 +112,7 @@ def schedule_of(
     dense_steps: int,
     bucket_cuts: list[int],
     captured: list[int],
-    num_prompts: int,
+    per_step: int,
     num_steps: int,
 ) -> tuple[Schedule | None, float]:
     """Build the schedule; (None, violation > 0) when a bucket would hold no profiled step.
@@ -130,8 +136,8 @@ def schedule_of(
         )
         bounds.append((start, stop))
         steps_here = range(first, stop_index)
-        # samples are prompt-major: sample p * T + t
-        samples.append(tuple(p * len(captured) + t for p in range(num_prompts) for t in steps_here))
+        # samples are step-major: sample t * per_step + p
+        samples.append(tuple(t * per_step + p for t in steps_here for p in range(per_step)))
         start = stop
     return Schedule(dense_steps, tuple(bounds), tuple(samples)), 0.0
 
@@ -171,7 +177,7 @@ def suggest(
         for k in range(config.num_buckets - 1)
     ]
     schedule, violation = schedule_of(
-        dense, bucket_cuts, captured, len(source.prompts), source.num_steps
+        dense, bucket_cuts, captured, samples_per_step(source), source.num_steps
     )
     if schedule is None:
         return None, violation

@@ -159,12 +159,12 @@ class SyntheticProfile:
     def sample_tile_mass(
         self, layer: int, tile: TileShape | None = None, steps: list[int] | None = None
     ) -> torch.Tensor:
-        """[S, H, nq, nk] fp32, samples prompt-major (prompt x step)."""
+        """[S, H, nq, nk] fp32, samples step-major (step x prompt), as a per-prompt profile."""
         tile = self.tiles[0] if tile is None else TileShape.of(tile)
         steps = list(self.steps if steps is None else steps)
         tile_grid = tile_grid_of(self.grid, tile)
         patterns = [planted_pattern(k, tile_grid, s) for k, s in self.head_kinds[layer]]
-        inside = torch.tensor([self._inside_share(s) for _ in self.prompts for s in steps])
+        inside = torch.tensor([self._inside_share(s) for s in steps for _ in self.prompts])
         gen = torch.Generator().manual_seed(_seed_of(self.seed, layer, tile, tuple(steps)))
         return planted_tile_mass(patterns, tile_grid, inside, noise=self.noise, generator=gen)
 
@@ -179,6 +179,6 @@ class SyntheticProfile:
         """[nq, nk]: one head's tile mass, averaged over prompts/steps left as None."""
         steps = None if step is None else [step]
         mass = self.sample_tile_mass(layer, tile, steps)[:, head]  # [P * T, nq, nk]
-        mass = mass.reshape(len(self.prompts), -1, *mass.shape[-2:])
-        mass = mass.mean(0) if prompt is None else mass[prompt]
+        mass = mass.reshape(-1, len(self.prompts), *mass.shape[-2:])  # [T, P, nq, nk]
+        mass = mass.mean(1) if prompt is None else mass[:, prompt]
         return mass.mean(0)
