@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import optuna
 import torch
 
@@ -57,15 +59,23 @@ def solve_head(
 
     if not spaces:
         solutions[()] = LayerSolver(cost_model, ()).solve(tables, config, exact=True)[0]
-    else:
-        sampler = (
-            optuna.samplers.BruteForceSampler(seed=seed)
-            if cut_sets <= n_trials
-            else optuna.samplers.TPESampler(seed=seed)
-        )
+        return solutions[()]
+    # A throwaway in-memory study per head: keep its per-trial log lines out of the caller's way.
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = (
+                optuna.samplers.BruteForceSampler(seed=seed)
+                if cut_sets <= n_trials
+                else optuna.samplers.TPESampler(seed=seed)
+            )
         study = optuna.create_study(sampler=sampler, direction="minimize")
         study.enqueue_trial({name: frames for name in spaces})
         study.optimize(objective, n_trials=min(n_trials, cut_sets))
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     return min(solutions.values(), key=lambda s: s.cost)
 
 

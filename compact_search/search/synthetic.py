@@ -164,9 +164,14 @@ class SyntheticProfile:
         steps = list(self.steps if steps is None else steps)
         tile_grid = tile_grid_of(self.grid, tile)
         patterns = [planted_pattern(k, tile_grid, s) for k, s in self.head_kinds[layer]]
-        inside = torch.tensor([self._inside_share(s) for s in steps for _ in self.prompts])
-        gen = torch.Generator().manual_seed(_seed_of(self.seed, layer, tile, tuple(steps)))
-        return planted_tile_mass(patterns, tile_grid, inside, noise=self.noise, generator=gen)
+        per_step = []
+        for step in steps:  # seeded per step: any selection of steps sees the same samples
+            inside = torch.full((len(self.prompts),), self._inside_share(step))
+            gen = torch.Generator().manual_seed(_seed_of(self.seed, layer, tile, step))
+            per_step.append(
+                planted_tile_mass(patterns, tile_grid, inside, noise=self.noise, generator=gen)
+            )
+        return torch.cat(per_step)
 
     def tile_mass(
         self,
