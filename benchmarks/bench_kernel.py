@@ -40,17 +40,6 @@ SWEEP_CONFIGS = {
     "BM128-BN128-w8-s3": kernel_config(128, 128, 8, 3),
     "BM64-BN64-w4-s3": kernel_config(64, 64, 4, 3),
     "BM64-BN128-w4-s3": kernel_config(64, 128, 4, 3),
-    "BM128-BN64-w4-s3-lazy": kernel_config(128, 64, 4, 3, lazy_rescale=True),
-    "BM128-BN64-w4-s2-lazy": kernel_config(128, 64, 4, 2, lazy_rescale=True),
-    "BM128-BN128-w8-s2-lazy": kernel_config(128, 128, 8, 2, lazy_rescale=True),
-    "BM64-BN64-w4-s3-lazy": kernel_config(64, 64, 4, 3, lazy_rescale=True),
-    "BM128-BN64-w4-s3-ws": kernel_config(128, 64, 4, 3, warp_specialize=True),
-    "BM128-BN64-w8-s3-ws": kernel_config(128, 64, 8, 3, warp_specialize=True),
-    "BM128-BN128-w8-s2-ws": kernel_config(128, 128, 8, 2, warp_specialize=True),
-    "BM128-BN128-w8-s3-ws": kernel_config(128, 128, 8, 3, warp_specialize=True),
-    "BM128-BN128-w8-s2-ws-lazy": kernel_config(
-        128, 128, 8, 2, lazy_rescale=True, warp_specialize=True
-    ),
 }
 
 
