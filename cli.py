@@ -346,6 +346,122 @@ def optimize(
     )
 
 
+@app.command("train-tiny")
+def train_tiny(
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Where tiny-wan.safetensors/.json go (default: package)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of weights, data and noise.")] = 0,
+    steps: Annotated[
+        int, typer.Option(help="Total optimizer steps (a resumed run counts on).")
+    ] = 8000,
+    batch_size: Annotated[int, typer.Option(help="Videos per step.")] = 64,
+    max_seconds: Annotated[
+        float | None, typer.Option(help="Stop (and save) after this many seconds of training.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    checkpoint_dir: Annotated[
+        Path | None, typer.Option(help="Write an fp32 EMA checkpoint here to resume from.")
+    ] = None,
+    resume_from: Annotated[
+        Path | None, typer.Option(help="Continue from a --checkpoint-dir of an earlier run.")
+    ] = None,
+) -> None:
+    """Train the built-in tiny video DiT with flow matching (docs/tiny-model.md)."""
+    import torch
+    from rich.table import Table
+
+    from compact_search.models.tiny.pipeline import WEIGHTS_DIR
+    from compact_search.models.tiny.train import TrainConfig, train_and_save
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        config = TrainConfig(seed=seed, steps=steps, batch_size=batch_size, max_seconds=max_seconds)
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from exc
+    result = train_and_save(
+        config,
+        out or WEIGHTS_DIR,
+        device=device,
+        resume_from=resume_from,
+        checkpoint_dir=checkpoint_dir,
+        command=" ".join(["compact-search", *sys.argv[1:]]),
+        log=console.print,
+    )
+    table = Table(title="tiny model trained", show_header=False)
+    for key in ("seed", "steps", "final_loss", "seconds", "device"):
+        table.add_row(key, str(result.record[key]))
+    table.add_row("weights", str(out or WEIGHTS_DIR))
+    console.print(table)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[
+        str,
+        typer.Argument(help='e.g. "a red circle moves left slowly over a plain grey background"'),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Animated GIF to write.")] = Path(
+        "tiny.gif"
+    ),
+    steps: Annotated[int, typer.Option(help="Euler steps.")] = 20,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 4.0,
+    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+) -> None:
+    """Sample a video from the built-in tiny model and save it as a GIF."""
+    import time
+
+    from compact_search.models.tiny import load_tiny_pipeline, save_gif
+    from compact_search.models.tiny.detector import detect
+
+    if steps < 1:
+        raise UserInputError(f"--steps must be >= 1, got {steps}")
+    pipeline = load_tiny_pipeline(device)
+    started = time.perf_counter()
+    sample = pipeline(prompt, num_steps=steps, guidance_scale=guidance, seed=seed)
+    seconds = time.perf_counter() - started
+    save_gif(sample.videos[0], out)
+    seen = detect(sample.videos[0])
+    console.print(
+        f"wrote [bold]{out}[/] ({seconds:.1f} s); detector reads: colour={seen.colour}, "
+        f"shape={seen.shape}, direction={seen.direction}"
+    )
+
+
+@app.command("tiny-report")
+def tiny_report(
+    recall: Annotated[float, typer.Option(help="Recall each head must keep.")] = 0.9,
+    tile: Annotated[str, typer.Option(help="Tile shape FxHxW in tokens.")] = "1x4x4",
+    prompts: Annotated[int, typer.Option(help="Held-out prompts to sample.")] = 4,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+) -> None:
+    """Per-head smallest density at a recall, built-in tiny model vs random weights."""
+    from compact_search.models.tiny import load_tiny_pipeline
+    from compact_search.models.tiny.report import (
+        head_structure_report,
+        random_weights_pipeline,
+        render_head_report,
+    )
+
+    try:
+        tile_shape = tuple(int(size) for size in tile.lower().split("x"))
+    except ValueError as exc:
+        raise UserInputError(f"--tile must look like 1x4x4, got {tile!r}") from exc
+    if len(tile_shape) != 3 or not 0.0 < recall <= 1.0 or prompts < 1:
+        raise UserInputError("need --tile FxHxW, 0 < --recall <= 1 and --prompts >= 1")
+    trained = load_tiny_pipeline(device)
+    reports = [
+        head_structure_report(
+            pipeline, label=label, recall=recall, tile=tile_shape, num_prompts=prompts
+        )
+        for label, pipeline in (("trained", trained), ("random", random_weights_pipeline(trained)))
+    ]
+    console.print(render_head_report(reports))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry.
 
