@@ -228,6 +228,7 @@ def train_and_save(
     config: TrainConfig,
     output_dir: Path,
     *,
+    model_config: TinyModelConfig | None = None,
     device: str | torch.device = "cpu",
     resume_from: Path | None = None,
     checkpoint_dir: Path | None = None,
@@ -236,7 +237,12 @@ def train_and_save(
 ) -> TrainResult:
     """Train, then write the fp16 model files (``tiny-wan.safetensors`` / ``.json``)."""
     result = train_tiny(
-        config, device=device, resume_from=resume_from, checkpoint_dir=checkpoint_dir, log=log
+        config,
+        model_config=model_config,
+        device=device,
+        resume_from=resume_from,
+        checkpoint_dir=checkpoint_dir,
+        log=log,
     )
     record = {**result.record, "command": command}
     save_tiny_model(
