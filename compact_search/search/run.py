@@ -100,6 +100,7 @@ def assemble(
             "best_value": outcome.best_value,
             "trials_completed": outcome.trials_completed,
             "seconds": round(outcome.seconds, 3),
+            "timings": {k: round(v, 3) for k, v in outcome.timings.items()},
             "seed": config.seed,
         },
         heads=tuple(heads),

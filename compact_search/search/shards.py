@@ -159,7 +159,11 @@ def _worst_tile(solution: HeadSolution, tile_grid: Grid, mass: torch.Tensor) -> 
 
 def _serve(connection, source, tiles, layers, block_size) -> None:
     torch.set_num_threads(1)
-    shard = _Shard(source, tiles, layers, block_size)
+    try:
+        shard = _Shard(source, tiles, layers, block_size)
+    except Exception as exc:  # e.g. an unreadable profile: the parent re-raises it
+        connection.send(("error", exc))
+        return
     connection.send(("ready", None))
     while True:
         message = connection.recv()

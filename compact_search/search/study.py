@@ -296,8 +296,9 @@ class StudyOutcome:
     choice: TrialChoice
     geometry: object  # shards.Geometry of the chosen tile
     solutions: list  # [bucket][layer][head] (HeadSolution, worst query-tile recall)
-    seconds: float
-    trial_seconds: list[float] = field(default_factory=list)
+    seconds: float  # the whole run
+    timings: dict[str, float] = field(default_factory=dict)  # tables, trials, final solve
+    trial_seconds: list[float] = field(default_factory=list)  # objective time per trial
 
 
 def run_study(
@@ -315,16 +316,24 @@ def run_study(
     if not tiles:
         raise UserInputError("the profile lists no candidate tile shapes")
     study = open_study(src, config, storage, run_dir)
+    timings = {}
     with LayerShards(source, tiles, config.block_size, config.workers) as shards:
+        timings["tables"] = time.perf_counter() - started
         finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if not study.trials:
             study.enqueue_trial(warm_start_params(src, config, shards.geometries))
         remaining = config.n_trials - len(finished)
+        timings["trials_run"] = max(0, remaining)
+        trials_started = time.perf_counter()
         if remaining > 0:
             callbacks = [lambda st, tr: on_trial(st, tr)] if on_trial else None
             study.optimize(
                 make_objective(src, config, shards), n_trials=remaining, callbacks=callbacks
             )
+        timings["trials"] = time.perf_counter() - trials_started
+        ran = study.trials[len(study.trials) - max(0, remaining) :] if remaining > 0 else []
+        timings["objective"] = sum(t.user_attrs.get("seconds", 0.0) for t in ran)
+        final_started = time.perf_counter()
         best = best_feasible(study)
         choice, _ = suggest(optuna.trial.FixedTrial(best.params), src, config, shards.geometries)
         buckets = [BucketRequest(samples) for samples in choice.schedule.samples]
@@ -332,6 +341,7 @@ def run_study(
             choice.tile_index, choice.cuts, buckets, config.solver_config(front=True)
         )
         geometry = shards.geometries[choice.tile_index]
+        timings["final"] = time.perf_counter() - final_started
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     return StudyOutcome(
         study_name=study.study_name,
@@ -342,5 +352,6 @@ def run_study(
         geometry=geometry,
         solutions=solutions,
         seconds=time.perf_counter() - started,
+        timings=timings,
         trial_seconds=[t.user_attrs.get("seconds", 0.0) for t in completed],
     )
