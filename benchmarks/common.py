@@ -44,11 +44,15 @@ def environment() -> dict[str, str]:
 
 
 def append_rows(csv_path: Path, rows: list[dict[str, object]]) -> None:
-    """Append rows to a CSV, writing the header when the file is new."""
+    """Append rows to a CSV; columns are the union of the old header and the new rows' keys."""
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    new = not csv_path.exists()
-    with csv_path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
+    existing: list[dict[str, str]] = []
+    if csv_path.exists():
+        with csv_path.open(newline="") as handle:
+            existing = list(csv.DictReader(handle))
+    columns = list(dict.fromkeys(k for row in [*existing, *rows] for k in row))
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(existing)
         writer.writerows(rows)

@@ -240,8 +240,9 @@ class TileLayout:
             )
         shape = list(x.shape)
         shape[dim] = self.padded_len
-        out = x.new_zeros(shape)
-        return out.index_copy_(dim, self.token_to_slot.to(x.device), x)
+        # One scatter of the real tokens and a small fill of the padding: no full memset pass.
+        out = x.new_empty(shape).index_copy_(dim, self._on(x.device, "token_to_slot"), x)
+        return out.index_fill_(dim, self._on(x.device, "padding_slots"), 0)
 
     def from_slots(self, y: torch.Tensor, dim: int = -2) -> torch.Tensor:
         """Slot order -> model order along `dim`; padded slots are dropped."""
@@ -250,7 +251,20 @@ class TileLayout:
             raise ValueError(
                 f"from_slots: dim {dim} of y has {y.shape[dim]} slots, layout has {self.padded_len}"
             )
-        return y.index_select(dim, self.token_to_slot.to(y.device))
+        return y.index_select(dim, self._on(y.device, "token_to_slot"))
+
+    @cached_property
+    def padding_slots(self) -> torch.Tensor:
+        """[padded_len - num_tokens] int64: the slots that hold padding."""
+        return torch.nonzero(self.slot_to_token < 0).flatten()
+
+    def _on(self, device: torch.device, name: str) -> torch.Tensor:
+        """An index tensor of this layout on `device`, copied there once."""
+        cache = self.__dict__.setdefault("_device_indices", {})
+        key = (name, str(device))
+        if key not in cache:
+            cache[key] = getattr(self, name).to(device)
+        return cache[key]
 
     # --- blocks ------------------------------------------------------------------------------
 

@@ -208,7 +208,9 @@ class CompactHandle:
             backend=self.backend,
             key_block_lengths=self.key_block_lengths(q.device),
         )  # [B, H, padded_len, D]
-        return layout.from_slots(out)
+        # Gather back through a [B, P, H, D] view: the result is contiguous as [B, N, H, D], which
+        # is the layout the processor flattens next, so that step copies nothing.
+        return layout.from_slots(out.transpose(1, 2), dim=1).transpose(1, 2)
 
     def revert(self) -> None:
         if self._attention_handle is not None:
