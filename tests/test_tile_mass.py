@@ -77,10 +77,6 @@ def test_triton_path_matches_brute_force(b, h, grid, tile, d, dtype, tol):
     counts = tile_token_counts(grid, tile).double() * b
     got = sums.double() / counts[:, None]
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
-    # The public function dispatches to Triton under the interpreter and agrees as well.
-    torch.testing.assert_close(
-        attention_tile_mass(q, k, grid, tile).double(), got, atol=1e-6, rtol=0
-    )
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="Triton path on CPU needs TRITON_INTERPRET=1")

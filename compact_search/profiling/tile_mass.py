@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from compact_search.errors import UserInputError
-from compact_search.geometry import Grid, TileShape, tile_grid_of, video_token_tiles
+from compact_search.geometry import Grid, TileLayout, TileShape, tile_grid_of, video_token_tiles
 from compact_search.profiling.triton_tile_mass import triton_supports, triton_tile_mass_sums
 
 # Upper bound on the fp32 score chunk [B, H, chunk, N] held at once, in elements (256 MB).
@@ -45,22 +45,35 @@ def torch_tile_mass_sums(
     q: torch.Tensor, k: torch.Tensor, grid: Grid, tile: TileShape, *, scale: float
 ) -> torch.Tensor:
     """Chunked softmax in fp32 (fp64 for fp64 inputs): probability sums [H, nt, nt] over the batch
-    and over the query tokens of each query tile."""
-    b, h, n, _ = q.shape
+    and over the query tokens of each query tile.
+
+    Tokens are permuted into tile order first (``TileLayout`` with 1-token blocks: every tile
+    padded to the full tile volume), so per-tile sums are plain reshapes and sums; padded keys get
+    a -inf bias and padded query rows are zeroed. Each query row is normalised after its keys are
+    summed per tile, so the full probability matrix is never divided.
+    """
+    b, h, _, _ = q.shape
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-    nt = tile_grid_of(grid, tile).num_tokens
-    token_tile = video_token_tiles(grid, tile).to(q.device)  # [N]
-    sums = torch.zeros((h, nt, nt), dtype=ct, device=q.device)  # [H, nq, nk]
-    chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * n))
-    kc = k.to(ct)
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        scores = torch.einsum("bhqd,bhkd->bhqk", q[:, :, start:stop].to(ct), kc) * scale
-        probs = torch.softmax(scores, dim=-1)  # [B, H, C, N]
-        per_key_tile = torch.zeros((b, h, stop - start, nt), dtype=ct, device=q.device)
-        per_key_tile.index_add_(3, token_tile, probs)  # [B, H, C, nk]
-        # sum over the batch, then over the query tokens of each query tile
-        sums.index_add_(1, token_tile[start:stop], per_key_tile.sum(0))
+    layout = TileLayout(grid, tile, block_size=1)
+    nt, volume = layout.num_tiles, layout.tile_slots
+    real_slots = (layout.slot_to_token >= 0).to(q.device)  # [P]
+    q_slots = layout.to_slots(q.to(ct), dim=2)  # [B, H, P, D]
+    k_slots = layout.to_slots(k.to(ct), dim=2)
+    key_bias = torch.zeros(real_slots.shape, dtype=ct, device=q.device)
+    key_bias.masked_fill_(~real_slots, float("-inf"))  # [P]
+    sums = torch.empty((h, nt, nt), dtype=ct, device=q.device)  # [H, nq, nk]
+    # Whole query tiles per chunk, the [B, H, rows, P] score chunk under CHUNK_ELEMENTS.
+    tiles_per_chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * volume * layout.padded_len))
+    for first in range(0, nt, tiles_per_chunk):
+        last = min(first + tiles_per_chunk, nt)
+        rows = slice(first * volume, last * volume)
+        scores = torch.einsum("bhqd,bhkd->bhqk", q_slots[:, :, rows], k_slots)  # [B, H, C, P]
+        scores.mul_(scale).add_(key_bias)
+        scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+        per_key_tile = scores.view(b, h, -1, nt, volume).sum(-1)  # [B, H, C, nk]
+        per_key_tile /= per_key_tile.sum(-1, keepdim=True)
+        per_key_tile *= real_slots[rows, None]  # padded query rows count for nothing
+        sums[:, first:last] = per_key_tile.view(b, h, last - first, volume, nt).sum((0, 3))
     return sums
 
 
