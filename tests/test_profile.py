@@ -36,8 +36,8 @@ dtype = "float32"
 [sampling]
 height = 16
 width = 16
-frames = 4
-steps = 6
+frames = 2
+steps = 4
 guidance = 4.0
 prompts = [
     "a red circle moves left slowly over a plain grey background",
@@ -46,9 +46,9 @@ prompts = [
 ]
 seeds = [7]
 [capture]
-steps = [1, 3, 4]
+steps = [1, 2]
 layers = "all"
-tiles = [[1, 4, 4], [2, 4, 4], [4, 8, 8]]
+tiles = [[1, 4, 4], [2, 4, 4], [2, 8, 8]]
 store = "{store}"
 """
 
@@ -79,18 +79,18 @@ def brute_force_mass(q: torch.Tensor, k: torch.Tensor, grid: Grid, tile: TileSha
 
 def test_round_trip_matches_brute_force(reference_run):
     settings, profile = reference_run
-    assert profile.grid == Grid(4, 8, 8)
+    assert profile.grid == Grid(2, 8, 8)
     assert (profile.num_layers, profile.num_heads, profile.head_dim) == (6, 8, 32)
-    assert profile.steps == [1, 3, 4] and profile.num_steps == 6
+    assert profile.steps == [1, 2] and profile.num_steps == 4
     assert profile.prompts == list(settings.prompts) and profile.prefix_tokens == 0
-    assert profile.tiles == [TileShape(1, 4, 4), TileShape(2, 4, 4), TileShape(4, 8, 8)]
-    # Record q, k of prompt 1, step 3, layer 2 with a plain hook, independently of the profiler.
+    assert profile.tiles == [TileShape(1, 4, 4), TileShape(2, 4, 4), TileShape(2, 8, 8)]
+    # Record q, k of prompt 1, step 2, layer 2 with a plain hook, independently of the profiler.
     model = load_source(settings, torch.device("cpu"))
     seen = {}
     state = {"step": -1}
 
     def record(layer, q, k, v):
-        if layer == 2 and state["step"] == 3:
+        if layer == 2 and state["step"] == 2:
             seen["q"], seen["k"] = q.clone(), k.clone()
         return F.scaled_dot_product_attention(q, k, v)
 
@@ -99,40 +99,26 @@ def test_round_trip_matches_brute_force(reference_run):
     for tile in profile.tiles:
         expected = brute_force_mass(seen["q"], seen["k"], profile.grid, tile)  # [H, nt, nt]
         for head in (0, 5):
-            got = profile.tile_mass(2, head, step=3, prompt=1, tile=tile)
+            got = profile.tile_mass(2, head, step=2, prompt=1, tile=tile)
             torch.testing.assert_close(got.double(), expected[head], atol=2e-3, rtol=2e-3)
 
 
 def test_sample_axis_and_averages(reference_run):
     _, profile = reference_run
     samples = profile.sample_tile_mass(0, tile=(2, 4, 4))
-    assert samples.shape == (9, 8, 8, 8) and samples.dtype == torch.float32  # 3 steps x 3 prompts
-    torch.testing.assert_close(samples.sum(-1), torch.ones(9, 8, 8), atol=1e-5, rtol=0)
-    assert profile.sample_index[:4] == [(1, 0), (1, 1), (1, 2), (3, 0)]
-    only = profile.sample_tile_mass(0, tile=(2, 4, 4), steps=[4])
-    torch.testing.assert_close(only, samples[6:])
+    assert samples.shape == (6, 8, 4, 4) and samples.dtype == torch.float32  # 2 steps x 3 prompts
+    torch.testing.assert_close(samples.sum(-1), torch.ones(6, 8, 4), atol=1e-5, rtol=0)
+    assert profile.sample_index[:4] == [(1, 0), (1, 1), (1, 2), (2, 0)]
+    only = profile.sample_tile_mass(0, tile=(2, 4, 4), steps=[2])
+    torch.testing.assert_close(only, samples[3:])
     mean = profile.tile_mass(0, 3, tile=(2, 4, 4))
     expected = samples[:, 3].mean(0)
     torch.testing.assert_close(mean, expected / expected.sum(-1, keepdim=True), atol=1e-5, rtol=0)
-    assert profile.tile_mass(0, 3).shape == (16, 16)  # first candidate 1x4x4: 4x2x2 tiles
+    assert profile.tile_mass(0, 3).shape == (8, 8)  # first candidate 1x4x4: 2x2x2 tiles
     with pytest.raises(UserInputError, match="not profiled"):
         profile.tile_mass(0, 0, tile=(1, 2, 2))
     with pytest.raises(UserInputError, match="not captured"):
-        profile.tile_mass(0, 0, step=2)
-
-
-def test_prompt_mean_store(tmp_path, reference_run):
-    _, per_prompt = reference_run
-    settings = load_settings(write_profile(tmp_path, "prompt-mean"))
-    run_profile(settings, tmp_path / "profile", progress=False)
-    profile = load_profile(tmp_path / "profile")
-    samples = profile.sample_tile_mass(1)
-    assert samples.shape == (3, 8, 16, 16)  # S = steps: each the mean over the 3 prompts
-    assert profile.sample_index == [(1, None), (3, None), (4, None)]
-    expected = per_prompt.sample_tile_mass(1).view(3, 3, 8, 16, 16).mean(1)
-    torch.testing.assert_close(samples, expected, atol=2e-3, rtol=0)
-    with pytest.raises(UserInputError, match="mean over prompts"):
-        profile.tile_mass(1, 0, prompt=0)
+        profile.tile_mass(0, 0, step=0)
 
 
 class _Interrupt(Exception):
@@ -146,7 +132,7 @@ def test_resume_after_interruption_in_process(tmp_path, reference_run):
 
     def stop_after_eight(prompt, step, layer):
         written.append((prompt, step, layer))
-        if len(written) == 8:  # mid-way through prompt 0, step 3 (6 layers a step)
+        if len(written) == 8:  # mid-way through prompt 0, step 2 (6 layers a step)
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
@@ -155,7 +141,7 @@ def test_resume_after_interruption_in_process(tmp_path, reference_run):
         load_profile(tmp_path / "profile")
     resumed = run_profile(settings, tmp_path / "profile", progress=False)
     assert resumed.resumed and resumed.skipped_units == 8
-    assert resumed.captured_units == 3 * 3 * 6 - 8  # nothing captured twice
+    assert resumed.captured_units == 3 * 2 * 6 - 8  # nothing captured twice
     assert load_profile(tmp_path / "profile").fingerprint == reference.fingerprint
 
 
@@ -186,26 +172,36 @@ def test_resume_after_killing_a_real_cli_run(tmp_path, reference_run):
     assert not list(out.rglob("*.tmp"))
 
 
-@pytest.mark.parametrize("store", ["per-prompt", "prompt-mean"])
-def test_ranks_shard_prompts_and_merge(tmp_path, store):
-    settings = load_settings(write_profile(tmp_path, store))
-    single = tmp_path / "single"
-    run_profile(settings, single, progress=False)
-    sharded = tmp_path / "sharded"
+def test_ranks_shard_prompts_and_merge(tmp_path, reference_run):
+    _, reference = reference_run
+    settings = load_settings(write_profile(tmp_path))
+    out = tmp_path / "sharded"
     # Rank 1 of 2 takes prompt 1 and leaves its part; rank 0 takes prompts 0 and 2, then merges.
-    partial = run_profile(settings, sharded, rank=1, world=2, progress=False)
-    assert not partial.complete and partial.captured_units == 3 * 6
-    assert not (sharded / "profile.json").exists()
-    done = run_profile(settings, sharded, rank=0, world=2, progress=False)
-    assert done.complete and done.captured_units == 2 * 3 * 6
-    assert not (sharded / "parts").exists()
-    a, b = load_profile(single), load_profile(sharded)
-    for layer in (0, 5):
-        torch.testing.assert_close(
-            a.sample_tile_mass(layer), b.sample_tile_mass(layer), atol=1e-3, rtol=0
-        )
-    if store == "per-prompt":
-        assert a.fingerprint == b.fingerprint
+    partial = run_profile(settings, out, rank=1, world=2, progress=False)
+    assert not partial.complete and partial.captured_units == 1 * 2 * 6
+    assert not (out / "profile.json").exists()
+    done = run_profile(settings, out, rank=0, world=2, progress=False)
+    assert done.complete and done.captured_units == 2 * 2 * 6
+    assert not (out / "parts").exists()
+    assert load_profile(out).fingerprint == reference.fingerprint
+
+
+def test_prompt_mean_store_sharded(tmp_path, reference_run):
+    """Prompt-mean store: S = captured steps, each sample the mean over prompts; the rank merge
+    weights each part's mean by its prompt count."""
+    _, per_prompt = reference_run
+    settings = load_settings(write_profile(tmp_path, "prompt-mean"))
+    out = tmp_path / "profile"
+    run_profile(settings, out, rank=1, world=2, progress=False)
+    run_profile(settings, out, rank=0, world=2, progress=False)
+    profile = load_profile(out)
+    samples = profile.sample_tile_mass(1)
+    assert samples.shape == (2, 8, 8, 8)
+    assert profile.sample_index == [(1, None), (2, None)]
+    expected = per_prompt.sample_tile_mass(1).view(2, 3, 8, 8, 8).mean(1)
+    torch.testing.assert_close(samples, expected, atol=2e-3, rtol=0)
+    with pytest.raises(UserInputError, match="mean over prompts"):
+        profile.tile_mass(1, 0, prompt=0)
 
 
 def test_damaged_profiles_fail_with_one_line(tmp_path, reference_run):
@@ -214,7 +210,7 @@ def test_damaged_profiles_fail_with_one_line(tmp_path, reference_run):
 
     copy = tmp_path / "copy"
     shutil.copytree(reference.path, copy)
-    unit = copy / "tile_mass" / unit_name(3, 2)
+    unit = copy / "tile_mass" / unit_name(2, 2)
     data = unit.read_bytes()
     unit.write_bytes(data[: len(data) // 2])
     with pytest.raises(UserInputError) as info:
@@ -239,10 +235,10 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path, reference_run):
 
 
 BAD_FIELDS = [
-    ("steps = 6", "steps = 0", "sampling.steps"),
-    ("steps = [1, 3, 4]", "steps = [1, 9]", "capture.steps"),
-    ("steps = [1, 3, 4]", "steps = [3, 1]", "capture.steps"),
-    ("tiles = [[1, 4, 4], [2, 4, 4], [4, 8, 8]]", "tiles = [[1, 0, 4]]", "capture.tiles"),
+    ("steps = 4", "steps = 0", "sampling.steps"),
+    ("steps = [1, 2]", "steps = [1, 9]", "capture.steps"),
+    ("steps = [1, 2]", "steps = [2, 1]", "capture.steps"),
+    ("tiles = [[1, 4, 4], [2, 4, 4], [2, 8, 8]]", "tiles = [[1, 0, 4]]", "capture.tiles"),
     ('adapter = "wan"', 'adapter = "sora"', "model.adapter"),
     ("seeds = [7]", "seeds = [1, 2]", "sampling.seeds"),
     ('dtype = "float32"', 'dtype = "int8"', "model.dtype"),
@@ -272,7 +268,7 @@ def test_shipped_profiles_parse():
 
 
 def test_cli_bad_profile_exits_2_with_one_line(tmp_path):
-    bad = write_profile(tmp_path, text=SMALL_PROFILE.replace("steps = 6", "steps = -1"))
+    bad = write_profile(tmp_path, text=SMALL_PROFILE.replace("steps = 4", "steps = -1"))
     result = subprocess.run(
         [sys.executable, "-m", "cli", "profile", str(bad), "--out", str(tmp_path / "p")],
         cwd=REPO,
