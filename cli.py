@@ -103,6 +103,41 @@ def demo(
     )
 
 
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `compact-search optimize`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Config file to write.")],
+    profile: Annotated[
+        Path | None, typer.Option(help="The profile the run searched (default: as recorded).")
+    ] = None,
+    recall: Annotated[
+        float | None, typer.Option(help="Another recall level: each head's cheapest front point.")
+    ] = None,
+    output_format: Annotated[
+        str, typer.Option("--format", help="json (+ kernel lookup tables) or flex (+ BlockMasks).")
+    ] = "json",
+    allow_below: Annotated[
+        bool, typer.Option("--allow-below", help="Write even if heads miss the threshold.")
+    ] = False,
+) -> None:
+    """Write the versioned config for a search run, re-checking recall on the profile."""
+    from compact_search.export import export_run
+
+    result = export_run(
+        run,
+        out,
+        profile=profile,
+        recall=recall,
+        output_format=output_format,
+        allow_below=allow_below,
+    )
+    console.print(f"wrote [bold]{result.path}[/] and [bold]{result.sidecar}[/]")
+    console.print(
+        f"recall threshold {result.recall}: {len(result.below_threshold)} heads below it; "
+        f"mean density {result.mean_density:.4f}, mean cost {result.mean_cost:.4f}"
+    )
+
+
 class OutputFormat(str, Enum):
     table = "table"
     json = "json"

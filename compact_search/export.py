@@ -1,0 +1,301 @@
+"""`compact-search export`: a search run -> the versioned config the runtime loads.
+
+Per (bucket, layer, head) the chosen pattern, or with `recall=` the cheapest point of the head's
+Pareto front that reaches it; layers the profile did not capture stay dense. Every exported head's
+recall is re-measured on the profile (the same samples the search used) and written into the
+config's stats; a head below the threshold stops the export. Writes are atomic. A sidecar
+`<config>.luts.safetensors` holds the kernel's lookup tables for every (bucket, layer), so
+loading costs a file read instead of a mask build; `--format flex` writes FlexAttention block
+masks instead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compact_search.check import _recalls
+from compact_search.config import (
+    CompactConfig,
+    GeometrySpec,
+    HeadEntry,
+    ModelSpec,
+    StepSchedule,
+    default_provenance,
+    save_config,
+)
+from compact_search.errors import UserInputError
+from compact_search.geometry import Grid, TileShape
+from compact_search.io import atomic_write_bytes
+from compact_search.patterns import HeadPattern, density
+
+LUT_SUFFIX = ".luts.safetensors"
+FLEX_SUFFIX = ".flex.safetensors"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    config: CompactConfig
+    path: Path
+    sidecar: Path | None
+    recall: float
+    below_threshold: list[tuple[int, int, int, float]]  # (bucket, layer, head, recall)
+    mean_density: float
+    mean_cost: float
+
+
+def _pattern_for(head_result, recall: float | None) -> HeadPattern:
+    if recall is None:
+        return head_result.pattern
+    reaching = [e for e in head_result.front if e.level >= recall - 1e-9]
+    if not reaching:
+        return HeadPattern.dense()
+    return min(reaching, key=lambda e: e.cost).pattern
+
+
+def build_config(result, profile, *, recall: float | None = None) -> CompactConfig:
+    """The config for a search result (and optionally another point of each head's front)."""
+    from compact_search.models.adapters import ADAPTERS
+
+    adapter = profile.adapter
+    prefix_at = ADAPTERS[adapter].prefix_at if adapter in ADAPTERS else "start"
+    geometry = GeometrySpec(
+        Grid(*result.grid),
+        TileShape(*result.tile),
+        result.block_size,
+        result.prefix_tokens,
+        prefix_at,
+    )
+    schedule = StepSchedule(
+        result.num_steps, result.dense_steps, tuple(b.start for b in result.buckets)
+    )
+    heads = []
+    for b in range(len(result.buckets)):
+        layers = []
+        for layer in range(result.num_layers):
+            if layer not in result.layers:
+                layers.append(
+                    tuple(HeadEntry(HeadPattern.dense()) for _ in range(result.num_heads))
+                )
+                continue
+            layers.append(
+                tuple(
+                    HeadEntry(_pattern_for(result.head(b, layer, h), recall))
+                    for h in range(result.num_heads)
+                )
+            )
+        heads.append(tuple(layers))
+    model = ModelSpec(result.model, adapter, result.num_layers, result.num_heads, profile.head_dim)
+    provenance = default_provenance(
+        recall_threshold=recall if recall is not None else result.recall,
+        recall_measure="min over samples" if not result.mean_over_samples else "mean over samples",
+        profile_fingerprint=result.fingerprint,
+        search_objective=result.objective,
+    )
+    return CompactConfig(model, geometry, schedule, tuple(heads), provenance)
+
+
+def measure(config: CompactConfig, result, profile) -> tuple[CompactConfig, list]:
+    """Re-measure recall of every head on the profile; returns the config with stats filled in
+    and the heads below the threshold (by the measure the search constrained)."""
+    threshold = float(config.provenance["recall_threshold"])
+    layout = config.layout()
+    below = []
+    new_heads = []
+    for b, bounds in enumerate(result.buckets):
+        layers = []
+        for layer in range(config.model.num_layers):
+            entries = config.heads[b][layer]
+            masks = config.tile_masks(b, layer)  # [H, nt, nt]
+            costs = layout.cost(masks)  # [H]
+            dens = density(masks)  # [H]
+            if layer not in result.layers or not bounds.steps:
+                layers.append(
+                    tuple(
+                        HeadEntry(e.pattern, {"density": float(dens[h]), "cost": float(costs[h])})
+                        for h, e in enumerate(entries)
+                    )
+                )
+                continue
+            samples = profile.sample_tile_mass(
+                layer, tile=config.geometry.tile, steps=list(bounds.steps)
+            )
+            recalls = _recalls(masks, samples)
+            row = []
+            for h, entry in enumerate(entries):
+                stats = {
+                    "recall_mean": float(recalls.mean[h]),
+                    "recall_min": float(recalls.minimum[h]),
+                    "recall_worst_tile": float(recalls.worst_tile[h]),
+                    "density": float(dens[h]),
+                    "cost": float(costs[h]),
+                }
+                measured = stats["recall_mean"] if result.mean_over_samples else stats["recall_min"]
+                if measured < threshold - 1e-6:
+                    below.append((b, layer, h, measured))
+                row.append(HeadEntry(entry.pattern, stats))
+            layers.append(tuple(row))
+        new_heads.append(tuple(layers))
+    measured = CompactConfig(
+        config.model, config.geometry, config.schedule, tuple(new_heads), config.provenance
+    )
+    return measured, below
+
+
+def write_lut_sidecar(config: CompactConfig, path: Path) -> Path:
+    """Precompiled lookup tables for every (bucket, layer) as safetensors, written atomically."""
+    from safetensors.torch import save
+
+    from compact_search.runtime.lut import build_block_lut
+
+    layout = config.layout()
+    lengths = layout.key_block_lengths()
+    tensors = {}
+    for b in range(config.schedule.num_buckets):
+        for layer in range(config.model.num_layers):
+            lut = build_block_lut(
+                config.block_masks(b, layer),
+                seq_len=layout.padded_len,
+                block_size=layout.block_size,
+                key_block_lengths=lengths,
+            )
+            for name in ("kv_block_ids", "full_counts", "total_counts", "q_block_order"):
+                tensors[f"b{b}.l{layer}.{name}"] = getattr(lut, name).contiguous()
+    tensors["key_lengths"] = lengths.contiguous()
+    metadata = {
+        "format": "compact-search/luts",
+        "version": "1",
+        "config_sha": _config_digest(config),
+    }
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    return path
+
+
+def write_flex_masks(config: CompactConfig, path: Path) -> Path:
+    """FlexAttention block masks (block level) for every (bucket, layer) as safetensors.
+
+    Per (bucket, layer): `kv_num_blocks`, `kv_indices` (partial blocks: they hold padded keys),
+    `full_kv_num_blocks`, `full_kv_indices`; plus `key_block_lengths`. `load_flex_masks`
+    turns them back into BlockMasks.
+    """
+    from safetensors.torch import save
+
+    from compact_search.runtime.flex import flex_block_mask
+
+    layout = config.layout()
+    lengths = layout.key_block_lengths()
+    tensors = {"key_block_lengths": lengths.contiguous()}
+    for b in range(config.schedule.num_buckets):
+        for layer in range(config.model.num_layers):
+            mask = flex_block_mask(
+                config.block_masks(b, layer), layout.padded_len, layout.block_size, lengths
+            )
+            for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+                tensors[f"b{b}.l{layer}.{name}"] = getattr(mask, name).contiguous()
+    metadata = {
+        "format": "compact-search/flex",
+        "version": "1",
+        "block_size": str(layout.block_size),
+        "seq_len": str(layout.padded_len),
+    }
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    return path
+
+
+def load_flex_masks(path: str | Path) -> dict[tuple[int, int], object]:
+    """(bucket, layer) -> FlexAttention BlockMask, from a `--format flex` export."""
+    from safetensors import safe_open
+    from torch.nn.attention.flex_attention import BlockMask
+
+    with safe_open(str(path), "pt") as handle:
+        meta = handle.metadata() or {}
+        if meta.get("format") != "compact-search/flex":
+            raise UserInputError(f"{path}: not a compact-search flex export")
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    block_size, seq_len = int(meta["block_size"]), int(meta["seq_len"])
+    lengths = tensors.pop("key_block_lengths")
+    valid = (torch.arange(seq_len) % block_size) < lengths.repeat_interleave(block_size)[:seq_len]
+    out = {}
+    for key in tensors:
+        if not key.endswith(".kv_num_blocks") or key.count(".") != 2:
+            continue
+        prefix = key[: -len(".kv_num_blocks")]
+        b, layer = (int(part[1:]) for part in prefix.split("."))
+        out[(b, layer)] = BlockMask.from_kv_blocks(
+            tensors[f"{prefix}.kv_num_blocks"],
+            tensors[f"{prefix}.kv_indices"],
+            tensors[f"{prefix}.full_kv_num_blocks"],
+            tensors[f"{prefix}.full_kv_indices"],
+            BLOCK_SIZE=block_size,
+            mask_mod=lambda b_, h, q, kv, v=valid: v[kv],
+            seq_lengths=(seq_len, seq_len),
+        )
+    return out
+
+
+def _config_digest(config: CompactConfig) -> str:
+    import hashlib
+
+    text = json.dumps(config.to_json()["buckets"], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    profile: str | Path | None = None,
+    recall: float | None = None,
+    output_format: str = "json",
+    allow_below: bool = False,
+) -> ExportResult:
+    """Export a search run to `out` (see the module doc)."""
+    from compact_search.profiling import load_profile
+    from compact_search.search.result import load_search_result
+
+    if recall is not None and not 0.0 < recall <= 1.0:
+        raise UserInputError(f"--recall must be in (0, 1], got {recall}")
+    if output_format not in ("json", "flex"):
+        raise UserInputError(f"--format must be json or flex, got {output_format!r}")
+    result = load_search_result(run_dir)
+    profile_path = profile if profile is not None else result.study.get("profile")
+    if profile_path is None:
+        raise UserInputError(f"{run_dir}: no profile recorded in the run; pass --profile")
+    prof = load_profile(profile_path)
+    if prof.fingerprint != result.fingerprint:
+        raise UserInputError(
+            f"profile {profile_path} (fingerprint {prof.fingerprint}) is not the one the run "
+            f"searched ({result.fingerprint})"
+        )
+    config, below = measure(build_config(result, prof, recall=recall), result, prof)
+    if below and not allow_below:
+        b, layer, h, value = below[0]
+        raise UserInputError(
+            f"{len(below)} heads are below the recall threshold on the profile, e.g. bucket {b} "
+            f"layer {layer} head {h}: {value:.4f} < {config.provenance['recall_threshold']} "
+            f"(--allow-below writes the config anyway)"
+        )
+    out = Path(out)
+    save_config(config, out)
+    sidecar = None
+    if output_format == "json":
+        sidecar = write_lut_sidecar(
+            config, out.with_name(out.name.removesuffix(".json") + LUT_SUFFIX)
+        )
+    else:
+        sidecar = write_flex_masks(
+            config, out.with_name(out.name.removesuffix(".json") + FLEX_SUFFIX)
+        )
+    summary = config.summary()
+    return ExportResult(
+        config,
+        out,
+        sidecar,
+        float(config.provenance["recall_threshold"]),
+        below,
+        summary["mean_density"],
+        summary["mean_cost"],
+    )
