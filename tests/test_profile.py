@@ -278,3 +278,41 @@ def test_cli_bad_profile_exits_2_with_one_line(tmp_path):
     )
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "sampling.steps" in result.stderr
+
+
+@pytest.mark.parametrize("prefix_at", ["start", "end"])
+def test_recorder_renormalises_over_video_keys(prefix_at):
+    """MM-DiT prefix tokens: the output is the full dense attention; the tile mass is the
+    softmax over video keys only, averaged over the step's calls weighted by batch."""
+    from compact_search.profiling.capture import TileMassRecorder
+
+    grid, tiles, prefix = Grid(2, 4, 4), (TileShape(1, 2, 2), TileShape(2, 4, 4)), 5
+    recorder = TileMassRecorder(grid, tiles, prefix_at)
+    recorder.start_step(frozenset({3}))
+    gen = torch.Generator().manual_seed(0)
+    calls = [torch.randn(3, b, 2, prefix + grid.num_tokens, 16, generator=gen) for b in (1, 2)]
+    for q, k, v in calls:
+        out = recorder(3, q, k, v)
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+    assert recorder(0, *calls[0]).shape == calls[0][0].shape  # uncaptured layer: dense only
+    masses = recorder.take()
+    assert recorder.prefix_tokens == prefix and set(masses) == {3}
+    video = slice(prefix, None) if prefix_at == "start" else slice(0, grid.num_tokens)
+    for tile in tiles:
+        expected = (
+            sum(
+                brute_force_mass(q[:, :, video], k[:, :, video], grid, tile) * q.shape[0]
+                for q, k, _ in calls
+            )
+            / 3
+        )
+        torch.testing.assert_close(masses[3][tile].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    text = SMALL_PROFILE.format(store="per-prompt").replace(
+        'source = "builtin:tiny-random"', 'source = "no-such-checkpoint"'
+    )
+    settings = load_settings(write_profile(tmp_path, text=text))
+    with pytest.raises(UserInputError, match="not a local diffusers pipeline"):
+        run_profile(settings, tmp_path / "profile", progress=False)
