@@ -234,18 +234,30 @@ def test_lut_cache_hits_and_invalidation() -> None:
     assert not lut_module._LUT_CACHE, "a collected mask must leave the cache"
 
 
+CONFIGS = {
+    "BM64-BN64": (64, 64, False),
+    "BM64-BN128": (64, 128, False),
+    "BM128-BN64-issue-ahead": (128, 64, True),
+    "BM64-BN64-issue-ahead": (64, 64, True),
+}
+
+
 @needs_kernel
-@pytest.mark.parametrize("block_n", [64, 128], ids=["BM64-BN64", "BM64-BN128"])
-def test_query_tiles_smaller_than_mask_block(block_n: int) -> None:
-    """64-row query tiles on 128-token mask blocks (two programs per block), padded keys."""
+@pytest.mark.parametrize("name", CONFIGS)
+def test_kernel_configs_match_reference(name: str) -> None:
+    """64-row query tiles on 128-token mask blocks (two programs per block) and the loop that
+    issues the next tile's scores early; with padded keys and rows with no full key block."""
     from compact_search.runtime.triton_attention import kernel_config
 
+    block_m, block_n, issue_ahead = CONFIGS[name]
+    config = kernel_config(block_m, block_n, 4, 3, issue_ahead=issue_ahead)
     generator = torch.Generator().manual_seed(3)
     # Large-magnitude queries make the running max jump between tiles (exercises rescaling).
-    q = (4 * torch.randn(1, 2, 300, 64, generator=generator)).to(torch.bfloat16)
-    k, v = (torch.randn(1, 2, 300, 64, generator=generator).to(torch.bfloat16) for _ in range(2))
-    block_mask = random_block_mask(2, 3, generator)
-    lengths = torch.tensor([128, 40, 44], dtype=torch.int32)
+    q = (4 * torch.randn(1, 2, 400, 64, generator=generator)).to(torch.bfloat16)
+    k, v = (torch.randn(1, 2, 400, 64, generator=generator).to(torch.bfloat16) for _ in range(2))
+    block_mask = random_block_mask(2, 4, generator)
+    block_mask[1, 0] = torch.tensor([False, False, True, True])  # only padded key blocks
+    lengths = torch.tensor([128, 128, 44, 16], dtype=torch.int32)
     kwargs = {"block_size": 128, "key_block_lengths": lengths}
-    out = run_kernel(q, k, v, block_mask, config=kernel_config(64, block_n, 4, 3), **kwargs)
+    out = run_kernel(q, k, v, block_mask, config=config, **kwargs)
     assert_close_to_reference(out, q, k, v, block_mask, **kwargs)
