@@ -65,6 +65,9 @@ def main() -> None:
     parser.add_argument(
         "--sweep", action="store_true", help="time fixed kernel configs on the first shape instead"
     )
+    parser.add_argument(
+        "--configs", help="with --sweep: comma-separated names from SWEEP_CONFIGS (default all)"
+    )
     args = parser.parse_args()
 
     console = Console(width=140)
@@ -77,7 +80,9 @@ def main() -> None:
         sweep_kernel_configs(
             shape_by_name(args.shapes.split(",")[0]),
             parse_float_list(args.densities, "--densities"),
-            SWEEP_CONFIGS,
+            {n: SWEEP_CONFIGS[n] for n in args.configs.split(",")}
+            if args.configs
+            else SWEEP_CONFIGS,
             block_size=args.block_size,
             log=lambda line: console.print(line, highlight=False),
         )
