@@ -164,6 +164,10 @@ def check_config(
     baseline_densities = []
     notes = []
     samples_per_bucket = {b: 0 for b in steps}
+    captured = set(getattr(profile, "layers", range(config.model.num_layers)))
+    missing = [layer for layer in range(config.model.num_layers) if layer not in captured]
+    if missing:
+        notes.append(f"layers {missing} were not profiled: their recall is unchecked")
     for bucket in range(config.schedule.num_buckets):
         if not steps[bucket]:
             notes.append(
@@ -177,7 +181,7 @@ def check_config(
             if baseline is not None:
                 base_masks = baseline.tile_masks(bucket, layer)
                 baseline_densities.append(mask_density(base_masks))
-            if steps[bucket]:
+            if steps[bucket] and layer in captured:
                 samples = profile.sample_tile_mass(
                     layer, tile=config.geometry.tile, steps=steps[bucket]
                 )  # [S, H, nt, nt]
