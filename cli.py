@@ -338,6 +338,9 @@ def optimize(
     ] = None,
     max_groups: Annotated[int, typer.Option(help="Most frame groups per pattern.")] = 3,
     workers: Annotated[int, typer.Option(help="Worker processes (layers are sharded).")] = 2,
+    block_size: Annotated[
+        int, typer.Option(help="Kernel block size the cost counts blocks of.")
+    ] = 128,
 ) -> None:
     """Search per-head sparse patterns meeting the recall threshold; write the run folder."""
     import optuna
@@ -362,6 +365,7 @@ def optimize(
         n_trials=trials,
         seed=seed,
         workers=workers,
+        block_size=block_size,
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with Progress(console=console, transient=True) as progress:
