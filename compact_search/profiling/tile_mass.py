@@ -57,22 +57,31 @@ def torch_tile_mass_sums(
     layout = TileLayout(grid, tile, block_size=1)
     nt, volume = layout.num_tiles, layout.tile_slots
     real_slots = (layout.slot_to_token >= 0).to(q.device)  # [P]
+    padded = not bool(real_slots.all())
     q_slots = layout.to_slots(q.to(ct), dim=2)  # [B, H, P, D]
-    k_slots = layout.to_slots(k.to(ct), dim=2)
+    # Scale folded into the keys once; [B, H, D, P] so each chunk is one plain matmul.
+    k_slots_t = (layout.to_slots(k.to(ct), dim=2) * scale).transpose(-1, -2).contiguous()
     key_bias = torch.zeros(real_slots.shape, dtype=ct, device=q.device)
     key_bias.masked_fill_(~real_slots, float("-inf"))  # [P]
     sums = torch.empty((h, nt, nt), dtype=ct, device=q.device)  # [H, nq, nk]
-    # Whole query tiles per chunk, the [B, H, rows, P] score chunk under CHUNK_ELEMENTS.
+    # Whole query tiles per chunk, the [B, H, rows, P] score chunk under CHUNK_ELEMENTS; one
+    # buffer reused across chunks (fresh multi-MB allocations cost page faults on CPU).
     tiles_per_chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * volume * layout.padded_len))
+    scores = None
     for first in range(0, nt, tiles_per_chunk):
         last = min(first + tiles_per_chunk, nt)
         rows = slice(first * volume, last * volume)
-        scores = torch.einsum("bhqd,bhkd->bhqk", q_slots[:, :, rows], k_slots)  # [B, H, C, P]
-        scores.mul_(scale).add_(key_bias)
+        q_chunk = q_slots[:, :, rows]
+        if scores is None or scores.shape[2] != q_chunk.shape[2]:
+            scores = q.new_empty((b, h, q_chunk.shape[2], layout.padded_len), dtype=ct)
+        torch.matmul(q_chunk, k_slots_t, out=scores)  # [B, H, C, P]
+        if padded:
+            scores.add_(key_bias)
         scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
         per_key_tile = scores.view(b, h, -1, nt, volume).sum(-1)  # [B, H, C, nk]
         per_key_tile /= per_key_tile.sum(-1, keepdim=True)
-        per_key_tile *= real_slots[rows, None]  # padded query rows count for nothing
+        if padded:
+            per_key_tile *= real_slots[rows, None]  # padded query rows count for nothing
         sums[:, first:last] = per_key_tile.view(b, h, last - first, volume, nt).sum((0, 3))
     return sums
 

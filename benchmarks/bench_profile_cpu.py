@@ -1,0 +1,104 @@
+"""CPU figure for `compact-search profile`: the built-in model's default profile, end to end.
+
+    taskset -c 0,1 python benchmarks/bench_profile_cpu.py [--threads 2] [--profile tiny]
+
+Runs profiles/<profile>.toml into a temporary folder with torch limited to --threads threads,
+then times one captured layer call (dense SDPA vs SDPA + tile mass for every candidate tile) at
+the model's shape. Appends a row to benchmarks/data/profile_cpu.csv and prints JSON. The machine
+load average is recorded with the row: other processes on the same cores inflate the time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compact_search.profiling import load_profile, load_settings, run_profile  # noqa: E402
+from compact_search.profiling.settings import resolve_profile_path  # noqa: E402
+from compact_search.profiling.tile_mass import multi_tile_mass  # noqa: E402
+
+
+def _median_s(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", default="tiny")
+    parser.add_argument("--csv", default="benchmarks/data/profile_cpu.csv")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    settings = load_settings(resolve_profile_path(args.profile))
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        result = run_profile(settings, Path(tmp) / "profile", device="cpu", progress=False)
+        seconds = time.perf_counter() - start
+        profile = load_profile(Path(tmp) / "profile")
+        disk = sum(p.stat().st_size for p in (Path(tmp) / "profile").rglob("*") if p.is_file())
+    load_after = os.getloadavg()[0]
+
+    # One captured layer call at the model's shape: batch 2 (guidance), fp32.
+    gen = torch.Generator().manual_seed(0)
+    shape = (2, profile.num_heads, profile.grid.num_tokens, profile.head_dim)
+    q, k, v = (torch.randn(shape, generator=gen) for _ in range(3))
+    dense_s = _median_s(lambda: F.scaled_dot_product_attention(q, k, v))
+    capture_s = _median_s(
+        lambda: (
+            F.scaled_dot_product_attention(q, k, v),
+            multi_tile_mass(q, k, profile.grid, profile.tiles),
+        )
+    )
+    row = {
+        "profile": args.profile,
+        "threads": args.threads,
+        "seconds": round(seconds, 1),
+        "layer_steps": result.captured_units,
+        "prompts": len(profile.prompts),
+        "captured_steps": len(profile.steps),
+        "num_steps": profile.num_steps,
+        "disk_mb": round(disk / 1e6, 1),
+        "dense_layer_call_ms": round(dense_s * 1e3, 1),
+        "capture_layer_call_ms": round(capture_s * 1e3, 1),
+        "load_avg_before": round(load_before, 2),
+        "load_avg_after": round(load_after, 2),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "git_sha": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
+        "date": datetime.date.today().isoformat(),
+    }
+    print(json.dumps(row, indent=2))
+    path = Path(args.csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+if __name__ == "__main__":
+    main()
