@@ -396,6 +396,10 @@ def train_tiny(
         int, typer.Option(help="Total optimizer steps (a resumed run counts on).")
     ] = 8000,
     batch_size: Annotated[int, typer.Option(help="Videos per step.")] = 64,
+    warmup_steps: Annotated[int, typer.Option(help="Learning-rate warm-up steps.")] = 200,
+    time_shift: Annotated[
+        float, typer.Option(help="Shift of training times towards high noise (1 = none).")
+    ] = 1.0,
     max_seconds: Annotated[
         float | None, typer.Option(help="Stop (and save) after this many seconds of training.")
     ] = None,
@@ -417,7 +421,14 @@ def train_tiny(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        config = TrainConfig(seed=seed, steps=steps, batch_size=batch_size, max_seconds=max_seconds)
+        config = TrainConfig(
+            seed=seed,
+            steps=steps,
+            batch_size=batch_size,
+            warmup_steps=warmup_steps,
+            time_shift=time_shift,
+            max_seconds=max_seconds,
+        )
     except ValueError as exc:
         raise UserInputError(str(exc)) from exc
     result = train_and_save(
