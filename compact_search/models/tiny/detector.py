@@ -163,6 +163,7 @@ def evaluate_fidelity(
     seed: int = 1234,
     num_steps: int = 20,
     guidance_scale: float = 4.0,
+    time_shift: float | None = None,
     batch_size: int = 32,
 ) -> FidelityScore:
     """Sample one video per random prompt of ``split`` with ``pipeline`` and score the detector."""
@@ -175,6 +176,7 @@ def evaluate_fidelity(
             num_steps=num_steps,
             guidance_scale=guidance_scale,
             seed=seed + start,
+            time_shift=time_shift,
         )
         detections += detect_batch(sample.videos)
     return score_detections(detections, specs)

@@ -122,6 +122,15 @@ def save_tiny_model(
     return directory / WEIGHTS_FILE
 
 
+def shift_times(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Move times in [0, 1] towards 1 (more noise) for ``shift`` > 1: ``s t / (1 + (s - 1) t)``.
+
+    Training with a shift spends more samples at high noise, where the prompt decides the
+    layout; sampling with one spends more Euler steps there.
+    """
+    return shift * t / (1 + (shift - 1) * t)
+
+
 @dataclass(frozen=True)
 class TinySample:
     """Sampler output: ``videos`` [B, 3, F, H, W] in [0, 1], float32 on the CPU."""
@@ -180,12 +189,15 @@ class TinyVideoPipeline:
         guidance_scale: float = 4.0,
         seed: int = 0,
         callback: StepCallback | None = None,
+        time_shift: float | None = None,
     ) -> TinySample:
         """Sample one video per prompt.
 
         The initial noise comes from a CPU generator seeded with ``seed``, so a seed gives the
         same noise on every device. ``callback(step_index, num_steps)`` runs before each
         transformer call. ``guidance_scale`` 1 disables guidance (one transformer call a step).
+        ``time_shift`` (default: the value the model was trained with) spaces the steps by
+        :func:`shift_times`.
         """
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -197,7 +209,11 @@ class TinyVideoPipeline:
         video = torch.randn(shape, generator=generator).to(self.device, dtype)  # [B, 3, F, H, W]
         use_guidance = guidance_scale != 1.0
         text = self.encode_prompts(prompts + [""] * batch if use_guidance else prompts).to(dtype)
-        times = torch.linspace(1.0, 0.0, num_steps + 1)
+        if time_shift is None:
+            time_shift = self.metadata.get("training", {}).get("time_shift", 1.0)
+        times = shift_times(
+            torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), time_shift
+        )
         for step in range(num_steps):
             if callback is not None:
                 callback(step, num_steps)

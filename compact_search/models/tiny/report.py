@@ -162,7 +162,10 @@ def random_weights_pipeline(pipeline: TinyVideoPipeline, seed: int = 0) -> TinyV
     torch.manual_seed(seed)
     transformer, text_encoder = build_models(pipeline.config)
     return TinyVideoPipeline(
-        pipeline.config, transformer.to(pipeline.device), text_encoder.to(pipeline.device)
+        pipeline.config,
+        transformer.to(pipeline.device),
+        text_encoder.to(pipeline.device),
+        pipeline.metadata,  # same sampling defaults
     )
 
 

@@ -30,6 +30,7 @@ from compact_search.models.tiny.pipeline import (
     TinyVideoPipeline,
     build_models,
     save_tiny_model,
+    shift_times,
 )
 
 CHECKPOINT_SHARD_BYTES = 14 * 1024 * 1024
@@ -51,6 +52,8 @@ class TrainConfig:
     warmup_steps: int = 200
     ema_decay: float = 0.999
     prompt_dropout: float = 0.1
+    # Shift of the logit-normal training times towards t = 1 (see pipeline.shift_times).
+    time_shift: float = 1.0
     max_seconds: float | None = None
     log_every: int = 100
 
@@ -61,6 +64,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"TrainConfig.ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.time_shift <= 0.0:
+            raise ValueError(f"TrainConfig.time_shift must be positive, got {self.time_shift}")
         if not 0.0 <= self.prompt_dropout < 1.0:
             raise ValueError(
                 f"TrainConfig.prompt_dropout must be in [0, 1), got {self.prompt_dropout}"
@@ -129,9 +134,10 @@ def train_tiny(
             for s in specs
         ]
         noise = torch.randn(clean.shape, generator=noise_generator, device=device)
-        t = torch.sigmoid(
-            torch.randn(config.batch_size, generator=noise_generator, device=device)
-        )  # [B], logit-normal
+        t = shift_times(
+            torch.sigmoid(torch.randn(config.batch_size, generator=noise_generator, device=device)),
+            config.time_shift,
+        )  # [B], shifted logit-normal
         t_video = t.view(-1, 1, 1, 1, 1)
         noisy = (1 - t_video) * clean + t_video * noise
         with autocast:
@@ -167,18 +173,24 @@ def train_tiny(
     log(f"stopped at step {total_steps} after {seconds:.0f} s, loss {running_loss:.4f}")
     record = {
         "seed": config.seed,
+        "time_shift": config.time_shift,
         "train_config": asdict(config),
         "steps": total_steps,
         "final_loss": round(running_loss, 5),
         "final_loss_definition": "running mean (0.9 decay, every 10th step) of the velocity MSE",
         "seconds": round(seconds + previous.get("seconds", 0.0), 1),
-        "chunks": [*previous.get("chunks", []), {"steps": steps_done, "seconds": round(seconds)}],
+        "chunks": [
+            *previous.get("chunks", []),
+            {"steps": steps_done, "seconds": round(seconds), "time_shift": config.time_shift},
+        ],
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "data_recipe": DATA_RECIPE,
     }
     if checkpoint_dir is not None:
         save_checkpoint(Path(checkpoint_dir), ema_transformer, ema_text_encoder, record)
-    ema_pipeline = TinyVideoPipeline(model_config, ema_transformer, ema_text_encoder, record)
+    ema_pipeline = TinyVideoPipeline(
+        model_config, ema_transformer, ema_text_encoder, {"training": record}
+    )
     return TrainResult(ema_pipeline, total_steps, running_loss, seconds, record)
 
 
