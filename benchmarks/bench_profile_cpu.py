@@ -5,7 +5,8 @@
 Runs profiles/<profile>.toml into a temporary folder with torch limited to --threads threads,
 then times one captured layer call (dense SDPA vs SDPA + tile mass for every candidate tile) at
 the model's shape. Appends a row to benchmarks/data/profile_cpu.csv and prints JSON. The machine
-load average is recorded with the row: other processes on the same cores inflate the time.
+load average and the process's CPU seconds are recorded with the row: other processes on the same
+cores inflate the wall time, and CPU seconds / threads estimates it on idle, dedicated cores.
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ def main() -> None:
     settings = load_settings(resolve_profile_path(args.profile))
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = run_profile(settings, Path(tmp) / "profile", device="cpu", progress=False)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         profile = load_profile(Path(tmp) / "profile")
         disk = sum(p.stat().st_size for p in (Path(tmp) / "profile").rglob("*") if p.is_file())
     load_after = os.getloadavg()[0]
@@ -73,6 +74,9 @@ def main() -> None:
         "profile": args.profile,
         "threads": args.threads,
         "seconds": round(seconds, 1),
+        # CPU seconds of all threads over `threads`: the wall time on idle, dedicated cores.
+        "cpu_seconds": round(cpu_seconds, 1),
+        "idle_cores_estimate_s": round(cpu_seconds / args.threads, 1),
         "layer_steps": result.captured_units,
         "prompts": len(profile.prompts),
         "captured_steps": len(profile.steps),

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from compact_search.errors import ConfigError, UserInputError
 from compact_search.geometry import TileShape
+from compact_search.models.adapters import adapter_names
 
 try:
     import tomllib
@@ -70,6 +71,8 @@ class ProfileSettings:
 
     def __post_init__(self) -> None:
         where = f"profile {self.name!r}"
+        if self.adapter not in adapter_names():
+            raise ConfigError(where, "model.adapter", f"must be one of {adapter_names()}")
         if self.dtype not in DTYPES:
             raise ConfigError(where, "model.dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         if self.store not in STORE_MODES:
@@ -250,10 +253,6 @@ def load_settings(path: str | Path) -> ProfileSettings:
     steps = list(range(num_steps)) if steps == "all" else _int_list(steps, source, "capture.steps")
     layers = capture.get("layers", "all")
     layers = None if layers == "all" else tuple(_int_list(layers, source, "capture.layers"))
-    from compact_search.models.adapters import adapter_names
-
-    if adapter not in adapter_names():
-        raise ConfigError(source, "model.adapter", f"must be one of {adapter_names()}")
     name = data.get("name", path.stem)
     if not isinstance(name, str) or not name:
         raise ConfigError(source, "name", "must be a non-empty string")
