@@ -28,6 +28,12 @@ err_console = Console(stderr=True)
 _state = {"debug": False}
 
 
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+    junit = "junit"
+
+
 @app.callback()
 def main_options(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
@@ -78,29 +84,107 @@ def profile(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the demo's files.")] = Path("runs/demo"),
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    out: Annotated[Path, typer.Option(help="Folder for every stage's files.")] = Path("runs/demo"),
+    trials: Annotated[int, typer.Option(help="Optuna trials of the search.")] = 24,
+    prompts: Annotated[int, typer.Option(help="Held-out prompts to evaluate.")] = 8,
 ) -> None:
-    """Run the end-to-end demo on the built-in default and print a summary."""
+    """profile -> optimize -> export -> check -> evaluate on the built-in model, with a summary."""
+    from compact_search.demo import DemoOptions, run_demo
+
+    summary = run_demo(out, DemoOptions(trials=trials, eval_prompts=prompts), say=console.print)
+    render_evaluation(summary.evaluation, title="demo: dense vs compact on held-out prompts")
+    check = summary.check
+    verdict = "[green]PASS[/]" if check.passed else "[red]FAIL[/]"
+    console.print(
+        f"config [bold]{summary.export.path}[/]: mean density {summary.export.mean_density:.3f}, "
+        f"mean cost {summary.export.mean_cost:.3f}, recall threshold {summary.export.recall}"
+    )
+    console.print(
+        f"check on held-out prompts: {verdict} ({len(check.heads) - len(check.failed_heads)}/"
+        f"{len(check.heads)} heads within {check.min_recall} - slack)"
+    )
+    console.print(
+        "stage times: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in summary.seconds.items())
+        + f"; total {sum(summary.seconds.values()):.0f} s"
+    )
+    console.print(f"previews (dense | compact): [bold]{summary.out_dir / 'previews'}[/]")
+
+
+def render_evaluation(report, title: str) -> None:
     from rich.table import Table
 
-    from compact_search.demo import run_foundation_demo
-
-    result = run_foundation_demo(out, seed=seed)
-    console.print(f"config written and re-validated: [bold]{result.config_path}[/]")
-    console.print("layout: " + ", ".join(f"{k}={v}" for k, v in result.layout.items()))
-    table = Table(title="sparse (reference kernel) vs dense attention")
-    for column in ("head", "pattern", "density", "cost", "rel. error vs dense"):
+    table = Table(title=title)
+    for column in ("", "dense", "compact"):
         table.add_column(column, justify="right")
-    for h in result.heads:
-        table.add_row(
-            str(h.head), h.kind, f"{h.density:.3f}", f"{h.cost:.3f}", f"{h.relative_error:.4f}"
-        )
+    table.add_row("PSNR vs dense (dB)", "-", f"{report.mean_psnr_db:.2f}")
+    table.add_row("SSIM vs dense", "-", f"{report.mean_ssim:.4f}")
+    if report.dense_fidelity is not None:
+        for key in ("colour", "shape", "direction", "all_three"):
+            table.add_row(
+                f"fidelity: {key}",
+                f"{report.dense_fidelity[key]:.3f}",
+                f"{report.compact_fidelity[key]:.3f}",
+            )
+    table.add_row(
+        "self-attention (s)", f"{report.dense_attention_s:.2f}", f"{report.compact_attention_s:.2f}"
+    )
+    table.add_row("end to end (s)", f"{report.dense_total_s:.2f}", f"{report.compact_total_s:.2f}")
+    table.add_row("mean density", "1", f"{report.mean_density:.3f}")
     console.print(table)
     console.print(
-        f"sparse reference {result.sparse_seconds * 1e3:.1f} ms, dense SDPA "
-        f"{result.dense_seconds * 1e3:.1f} ms (CPU)"
+        f"{len(report.prompts)} prompts, {report.num_steps} steps ({report.dense_steps} dense), "
+        f"device {report.device}"
     )
+
+
+@app.command()
+def evaluate(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Config for the built-in model.")],
+    prompts: Annotated[int, typer.Option(help="Held-out prompts to sample.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of prompts and noise.")] = 1234,
+    steps: Annotated[
+        int | None, typer.Option(help="Denoising steps (default: the config's).")
+    ] = None,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 4.0,
+    out: Annotated[Path, typer.Option(help="Folder for previews and the JSON report.")] = Path(
+        "runs/evaluate"
+    ),
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    output_format: Annotated[OutputFormat, typer.Option("--format")] = OutputFormat.table,
+) -> None:
+    """Dense vs compact on the built-in model: PSNR, SSIM, fidelity, time, GIF previews."""
+    import json
+
+    import torch
+
+    from compact_search.config import load_config
+    from compact_search.evaluate import evaluate_config
+    from compact_search.io import atomic_write_text
+    from compact_search.models.tiny.data import sample_scene_specs
+    from compact_search.models.tiny.pipeline import load_tiny_pipeline
+
+    if prompts < 1:
+        raise UserInputError(f"--prompts must be >= 1, got {prompts}")
+    cfg = load_config(config)
+    specs = sample_scene_specs(prompts, torch.Generator().manual_seed(seed), split="held_out")
+    pipeline = load_tiny_pipeline(device)
+    report = evaluate_config(
+        pipeline,
+        cfg,
+        [s.prompt for s in specs],
+        seed=seed,
+        num_steps=steps,
+        guidance_scale=guidance,
+        out_dir=out / "previews",
+        specs=specs,
+    )
+    atomic_write_text(out / "evaluation.json", json.dumps(report.to_json(), indent=1) + "\n")
+    if output_format is OutputFormat.json:
+        console.print(json.dumps(report.to_json(), indent=1), markup=False, highlight=False)
+    else:
+        render_evaluation(report, title=f"dense vs compact: {config}")
+        console.print(f"report: [bold]{out / 'evaluation.json'}[/]; previews: {out / 'previews'}")
 
 
 @app.command()
@@ -136,12 +220,6 @@ def export(
         f"recall threshold {result.recall}: {len(result.below_threshold)} heads below it; "
         f"mean density {result.mean_density:.4f}, mean cost {result.mean_cost:.4f}"
     )
-
-
-class OutputFormat(str, Enum):
-    table = "table"
-    json = "json"
-    junit = "junit"
 
 
 @app.command()

@@ -1,111 +1,113 @@
-"""`compact-search demo`: the longest real pipeline that runs on a fresh CPU machine.
+"""`compact-search demo`: the whole pipeline on the built-in model, on this machine.
 
-Today: build a config by hand for a sample geometry, validate it through a save/load round trip,
-run block-sparse reference attention with its masks next to dense attention, and summarise.
+profile (training-style prompts) -> optimize -> export -> profile held-out prompts -> check the
+exported config on them -> evaluate dense vs compact on held-out scenes (PSNR, SSIM, fidelity,
+time) -> a summary. Every stage writes under `out_dir` and resumes if run again.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from compact_search.config import (
-    GeometrySpec,
-    ModelSpec,
-    StepSchedule,
-    load_config,
-    save_config,
-    uniform_config,
-)
-from compact_search.geometry import Grid, TileShape
-from compact_search.patterns import FrameGroup, HeadPattern, Rect, density
-from compact_search.runtime.attention import sparse_attention
+from compact_search.check import CheckReport, check_config
+from compact_search.evaluate import EvaluationReport, evaluate_config
+from compact_search.export import ExportResult, export_run
 
 
 @dataclass(frozen=True)
-class HeadResult:
-    head: int
-    kind: str
-    density: float
-    cost: float
-    relative_error: float
+class DemoOptions:
+    profile: str = "tiny"
+    heldout_profile: str = "tiny-heldout"
+    recall: float = 0.9
+    dense_fraction: float = 0.3  # first 30% of the steps run dense
+    num_buckets: int = 2
+    trials: int = 24
+    eval_prompts: int = 8
+    eval_seed: int = 1234
+    check_tolerance: float = 0.03  # recall slack on held-out prompts
+    workers: int = 2
 
 
-@dataclass(frozen=True)
-class DemoResult:
-    config_path: Path
-    layout: dict[str, object]
-    heads: list[HeadResult]
-    sparse_seconds: float
-    dense_seconds: float
+@dataclass
+class DemoSummary:
+    out_dir: Path
+    export: ExportResult
+    check: CheckReport
+    evaluation: EvaluationReport
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
-def sample_patterns(tile_grid: Grid) -> list[HeadPattern]:
-    """One head of each kind the family expresses."""
-    return [
-        HeadPattern.local(1, 1, 1),
-        HeadPattern.cross(1, 0, tile_grid),
-        HeadPattern.global_(tile_grid, frames=0),
-        HeadPattern((FrameGroup(0, 2), FrameGroup(2, tile_grid.frames, (Rect(1, 1),)))),
-    ]
+def run_demo(
+    out_dir: Path,
+    options: DemoOptions = DemoOptions(),
+    *,
+    say: Callable[[str], None] = print,
+) -> DemoSummary:
+    from compact_search.models.tiny.data import sample_scene_specs
+    from compact_search.models.tiny.pipeline import load_tiny_pipeline
+    from compact_search.profiling import load_profile, load_settings
+    from compact_search.profiling.capture import profile_from_file
+    from compact_search.profiling.settings import resolve_profile_path
+    from compact_search.search import SearchConfig, optimize_profile
 
-
-def run_foundation_demo(out_dir: Path, seed: int = 0) -> DemoResult:
-    """Hand-built config for an 8x16x16 grid, 4 heads; sparse vs dense reference attention."""
-    geometry = GeometrySpec(Grid(8, 16, 16), TileShape(2, 4, 8), block_size=64)
-    layout = geometry.layout()
-    patterns = sample_patterns(layout.tile_grid)
-    model = ModelSpec("sample", "wan", num_layers=1, num_heads=len(patterns), head_dim=64)
-    schedule = StepSchedule(num_steps=20, dense_steps=6, bucket_starts=(6,))
     out_dir.mkdir(parents=True, exist_ok=True)
-    config_path = out_dir / "sample-config.json"
-    save_config(uniform_config(model, geometry, schedule, patterns), config_path)
-    config = load_config(config_path)  # validated round trip
+    seconds: dict[str, float] = {}
 
-    gen = torch.Generator().manual_seed(seed)
-    # Queries and keys with spatial structure: tokens near each other in (f, h, w) correlate.
-    f, h, w = torch.meshgrid(
-        *(torch.arange(s, dtype=torch.float32) for s in (8, 16, 16)), indexing="ij"
+    def stage(name: str, fn):
+        say(f"[bold]{name}[/]")
+        start = time.perf_counter()
+        value = fn()
+        seconds[name] = time.perf_counter() - start
+        return value
+
+    settings = load_settings(resolve_profile_path(options.profile))
+    dense_steps = round(options.dense_fraction * settings.num_steps)
+    stage("1/6 profile", lambda: profile_from_file(options.profile, out_dir / "profile"))
+    search = SearchConfig(
+        recall=options.recall,
+        num_buckets=options.num_buckets,
+        dense_steps=dense_steps,
+        n_trials=options.trials,
+        workers=options.workers,
     )
-    position = torch.stack([f, h, w], dim=-1).reshape(1, 1, -1, 3)  # [1, 1, N, 3]
-    freqs = torch.randn(model.num_heads, 3, 32, generator=gen) * 0.4
-    phase = position @ freqs  # [1, H, N, 32]
-    q = torch.cat([phase.cos(), phase.sin()], dim=-1) * 3
-    k = q + 0.3 * torch.randn(q.shape, generator=gen)
-    v = torch.randn(q.shape, generator=gen)
-
-    q_s, k_s, v_s = (layout.to_slots(t) for t in (q, k, v))
-    block_mask = config.block_masks(0, 0)
-    start = time.perf_counter()
-    sparse = layout.from_slots(
-        sparse_attention(
-            q_s,
-            k_s,
-            v_s,
-            block_mask,
-            block_size=layout.block_size,
-            key_block_lengths=layout.key_block_lengths(),
-        )
+    stage("2/6 optimize", lambda: optimize_profile(out_dir / "profile", out_dir / "run", search))
+    exported = stage(
+        "3/6 export",
+        lambda: export_run(out_dir / "run", out_dir / "config.json", profile=out_dir / "profile"),
     )
-    sparse_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    dense_seconds = time.perf_counter() - start
+    stage(
+        "4/6 profile held-out prompts",
+        lambda: profile_from_file(options.heldout_profile, out_dir / "heldout-profile"),
+    )
+    report = stage(
+        "5/6 check",
+        lambda: check_config(
+            exported.config,
+            load_profile(out_dir / "heldout-profile"),
+            tolerance=options.check_tolerance,
+        ),
+    )
+    specs = sample_scene_specs(
+        options.eval_prompts, torch.Generator().manual_seed(options.eval_seed), split="held_out"
+    )
 
-    tile_masks = config.tile_masks(0, 0)
-    heads = []
-    for head, pattern in enumerate(patterns):
-        err = (sparse[0, head] - dense[0, head]).norm() / dense[0, head].norm()
-        heads.append(
-            HeadResult(
-                head=head,
-                kind=pattern.kind(layout.tile_grid),
-                density=float(density(tile_masks[head])),
-                cost=float(layout.cost(tile_masks[head])),
-                relative_error=float(err),
-            )
+    def evaluate():
+        pipeline = load_tiny_pipeline("cpu")
+        return evaluate_config(
+            pipeline,
+            exported.config,
+            [s.prompt for s in specs],
+            seed=options.eval_seed,
+            num_steps=settings.num_steps,
+            guidance_scale=settings.guidance,
+            out_dir=out_dir / "previews",
+            specs=specs,
         )
-    return DemoResult(config_path, layout.describe(), heads, sparse_seconds, dense_seconds)
+
+    evaluation = stage("6/6 evaluate", evaluate)
+    return DemoSummary(out_dir, exported, report, evaluation, seconds)
