@@ -40,11 +40,6 @@ SWEEP_CONFIGS = {
     "BM128-BN128-w8-s3": kernel_config(128, 128, 8, 3),
     "BM64-BN64-w4-s3": kernel_config(64, 64, 4, 3),
     "BM64-BN128-w4-s3": kernel_config(64, 128, 4, 3),
-    "BM128-BN64-w4-s3-ahead": kernel_config(128, 64, 4, 3, issue_ahead=True),
-    "BM128-BN64-w4-s2-ahead": kernel_config(128, 64, 4, 2, issue_ahead=True),
-    "BM128-BN64-w8-s3-ahead": kernel_config(128, 64, 8, 3, issue_ahead=True),
-    "BM128-BN128-w8-s2-ahead": kernel_config(128, 128, 8, 2, issue_ahead=True),
-    "BM128-BN128-w8-s3-ahead": kernel_config(128, 128, 8, 3, issue_ahead=True),
 }
 
 

@@ -234,23 +234,18 @@ def test_lut_cache_hits_and_invalidation() -> None:
     assert not lut_module._LUT_CACHE, "a collected mask must leave the cache"
 
 
-CONFIGS = {
-    "BM64-BN64": (64, 64, False),
-    "BM64-BN128": (64, 128, False),
-    "BM128-BN64-issue-ahead": (128, 64, True),
-    "BM64-BN64-issue-ahead": (64, 64, True),
-}
+CONFIGS = {"BM64-BN64": (64, 64), "BM64-BN128": (64, 128), "BM128-BN128": (128, 128)}
 
 
 @needs_kernel
 @pytest.mark.parametrize("name", CONFIGS)
 def test_kernel_configs_match_reference(name: str) -> None:
-    """64-row query tiles on 128-token mask blocks (two programs per block) and the loop that
-    issues the next tile's scores early; with padded keys and rows with no full key block."""
+    """64-row query tiles on 128-token mask blocks (two programs per block) and 128-key tiles,
+    with padded keys and a row whose kept blocks are all padded."""
     from compact_search.runtime.triton_attention import kernel_config
 
-    block_m, block_n, issue_ahead = CONFIGS[name]
-    config = kernel_config(block_m, block_n, 4, 3, issue_ahead=issue_ahead)
+    block_m, block_n = CONFIGS[name]
+    config = kernel_config(block_m, block_n, 4, 3)
     generator = torch.Generator().manual_seed(3)
     # Large-magnitude queries make the running max jump between tiles (exercises rescaling).
     q = (4 * torch.randn(1, 2, 400, 64, generator=generator)).to(torch.bfloat16)

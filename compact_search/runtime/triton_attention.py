@@ -61,13 +61,10 @@ def kernel_config(
     block_n: int,
     num_warps: int,
     num_stages: int,
-    *,
-    issue_ahead: bool = False,
 ) -> triton.Config:
-    """A launch config: query/key tile sizes, warps, pipeline stages, and whether the next key
-    tile's scores are issued before the current tile's softmax."""
+    """A launch config: query/key tile sizes, warps and pipeline stages."""
     return triton.Config(
-        {"BLOCK_M": block_m, "BLOCK_N": block_n, "ISSUE_AHEAD": issue_ahead},
+        {"BLOCK_M": block_m, "BLOCK_N": block_n},
         num_warps=num_warps,
         num_stages=num_stages,
         pre_hook=_set_descriptor_blocks,
@@ -128,21 +125,23 @@ def _load_tile(
 
 
 @triton.jit
-def _softmax_accumulate(
+def _attend_tile(
     acc,
     row_max,
     row_sum,
-    scores,
+    q,
+    k,
     v,
     qk_scale,
     col_valid,
     MASK_COLS: tl.constexpr,
 ):
-    """One online-softmax step: fold a key tile's raw scores ``[BM, BN]`` and values into acc.
+    """One online-softmax step over a key tile.
 
     ``row_max`` is kept in log2 units (scores times ``qk_scale``, which folds in log2(e)), so
     exponentials are exp2 of one fused multiply-add.
     """
+    scores = tl.dot(q, tl.trans(k))  # [BM, BN] fp32
     if MASK_COLS:
         # Padded keys never win the max: every tile that can be all padding comes after a tile of
         # the same row with a valid key (valid keys are a prefix of each block), so row_max is
@@ -155,14 +154,6 @@ def _softmax_accumulate(
     acc = acc * correction[:, None]  # [BM, D]
     acc = tl.dot(probs.to(v.dtype), v, acc)
     return acc, new_max, row_sum
-
-
-@triton.jit
-def _key_tile_start(block_ids_ptr, tile, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """First key row of the tile-th key tile of a query row's kept blocks."""
-    TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_N
-    key_block = tl.load(block_ids_ptr + tile // TILES_PER_BLOCK)
-    return key_block * BLOCK_SIZE + (tile % TILES_PER_BLOCK) * BLOCK_N
 
 
 @triton.jit
@@ -205,7 +196,6 @@ def _block_sparse_attention_kernel(
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
     COMPUTE_IN_FP32: tl.constexpr,
-    ISSUE_AHEAD: tl.constexpr,
 ):
     """Grid ``(num_blocks * BLOCK_SIZE / BLOCK_M, B * H)``; q/k/v/o ``[B, H, N, D]``, unit stride
     along D. Each program takes BLOCK_M query rows of one mask block."""
@@ -241,77 +231,21 @@ def _block_sparse_attention_kernel(
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_N
 
     # Key blocks with every key valid: no masking.
-    num_full_tiles = full_count * TILES_PER_BLOCK
-    if ISSUE_AHEAD:
-        # The next tile's Q K^T is issued before this tile's softmax, so the tensor cores run
-        # while the softmax does (wgmma is asynchronous).
-        if num_full_tiles > 0:
-            k_start = _key_tile_start(block_ids_ptr, 0, BLOCK_SIZE, BLOCK_N)
-            k = _load_tile(
-                k_base, k_desc, batch, head, k_start, seq_len, stride_kn, BLOCK_N, HEAD_DIM, USE_TMA
-            )  # [BN, D]
-            if COMPUTE_IN_FP32:
-                k = k.to(tl.float32)
-            scores = tl.dot(q, tl.trans(k))  # [BM, BN]
-            for tile in range(1, num_full_tiles):
-                next_start = _key_tile_start(block_ids_ptr, tile, BLOCK_SIZE, BLOCK_N)
-                k = _load_tile(
-                    k_base,
-                    k_desc,
-                    batch,
-                    head,
-                    next_start,
-                    seq_len,
-                    stride_kn,
-                    BLOCK_N,
-                    HEAD_DIM,
-                    USE_TMA,
-                )  # [BN, D]
-                v = _load_tile(
-                    v_base,
-                    v_desc,
-                    batch,
-                    head,
-                    k_start,
-                    seq_len,
-                    stride_vn,
-                    BLOCK_N,
-                    HEAD_DIM,
-                    USE_TMA,
-                )  # [BN, D]
-                if COMPUTE_IN_FP32:
-                    k = k.to(tl.float32)
-                    v = v.to(tl.float32)
-                next_scores = tl.dot(q, tl.trans(k))  # [BM, BN]
-                acc, row_max, row_sum = _softmax_accumulate(
-                    acc, row_max, row_sum, scores, v, qk_scale, col_offsets, MASK_COLS=False
-                )
-                scores = next_scores
-                k_start = next_start
-            v = _load_tile(
-                v_base, v_desc, batch, head, k_start, seq_len, stride_vn, BLOCK_N, HEAD_DIM, USE_TMA
-            )  # [BN, D]
-            if COMPUTE_IN_FP32:
-                v = v.to(tl.float32)
-            acc, row_max, row_sum = _softmax_accumulate(
-                acc, row_max, row_sum, scores, v, qk_scale, col_offsets, MASK_COLS=False
-            )
-    else:
-        for tile in range(0, num_full_tiles):
-            k_start = _key_tile_start(block_ids_ptr, tile, BLOCK_SIZE, BLOCK_N)
-            k = _load_tile(
-                k_base, k_desc, batch, head, k_start, seq_len, stride_kn, BLOCK_N, HEAD_DIM, USE_TMA
-            )  # [BN, D]
-            v = _load_tile(
-                v_base, v_desc, batch, head, k_start, seq_len, stride_vn, BLOCK_N, HEAD_DIM, USE_TMA
-            )  # [BN, D]
-            if COMPUTE_IN_FP32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            scores = tl.dot(q, tl.trans(k))  # [BM, BN]
-            acc, row_max, row_sum = _softmax_accumulate(
-                acc, row_max, row_sum, scores, v, qk_scale, col_offsets, MASK_COLS=False
-            )
+    for tile in range(0, full_count * TILES_PER_BLOCK):
+        key_block = tl.load(block_ids_ptr + tile // TILES_PER_BLOCK)
+        k_start = key_block * BLOCK_SIZE + (tile % TILES_PER_BLOCK) * BLOCK_N
+        k = _load_tile(
+            k_base, k_desc, batch, head, k_start, seq_len, stride_kn, BLOCK_N, HEAD_DIM, USE_TMA
+        )  # [BN, D]
+        v = _load_tile(
+            v_base, v_desc, batch, head, k_start, seq_len, stride_vn, BLOCK_N, HEAD_DIM, USE_TMA
+        )  # [BN, D]
+        if COMPUTE_IN_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        acc, row_max, row_sum = _attend_tile(
+            acc, row_max, row_sum, q, k, v, qk_scale, col_offsets, MASK_COLS=False
+        )
 
     # Key blocks holding padded keys (tile padding, the ragged last block): mask by length.
     for tile in range(full_count * TILES_PER_BLOCK, total_count * TILES_PER_BLOCK):
@@ -329,9 +263,8 @@ def _block_sparse_attention_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         col_valid = tile_offset + col_offsets < key_length  # [BN]
-        scores = tl.dot(q, tl.trans(k))  # [BM, BN]
-        acc, row_max, row_sum = _softmax_accumulate(
-            acc, row_max, row_sum, scores, v, qk_scale, col_valid, MASK_COLS=True
+        acc, row_max, row_sum = _attend_tile(
+            acc, row_max, row_sum, q, k, v, qk_scale, col_valid, MASK_COLS=True
         )
 
     # A row with no kept key block has row_sum 0 and acc 0: it outputs zeros.
