@@ -263,7 +263,10 @@ def export_run(
     result = load_search_result(run_dir)
     profile_path = profile if profile is not None else result.study.get("profile")
     if profile_path is None:
-        raise UserInputError(f"{run_dir}: no profile recorded in the run; pass --profile")
+        sibling = Path(run_dir).parent / "profile"  # the runs/<name>/{profile,run} convention
+        if not (sibling / "profile.json").exists():
+            raise UserInputError(f"{run_dir}: no profile recorded in the run; pass --profile")
+        profile_path = sibling
     prof = load_profile(profile_path)
     if prof.fingerprint != result.fingerprint:
         raise UserInputError(
