@@ -100,15 +100,10 @@ def _pareto(cand: _Candidates, both_fronts: bool) -> _Candidates:
     cheaper ones."""
     order = np.lexsort((-cand.recall.mean(axis=1), cand.cost))
     cost, recall, choice = cand.cost[order], cand.recall[order], cand.choice[order]
-    keep = _raises_running_max(recall.mean(axis=1))
+    keep = _running_max_mask(recall.mean(axis=1))
     if both_fronts:
-        keep |= _raises_running_max(recall.min(axis=1))
+        keep |= _running_max_mask(recall.min(axis=1))
     return _Candidates(cost[keep], recall[keep], choice[keep])
-
-
-def _raises_running_max(values: np.ndarray) -> np.ndarray:
-    best_before = np.concatenate([[-np.inf], np.maximum.accumulate(values)[:-1]])
-    return values > best_before + 1e-12
 
 
 def pattern_of(choice: np.ndarray, options: RectOptions, groups) -> HeadPattern:
