@@ -191,3 +191,29 @@ def test_fast_solver_close_to_exact_on_many_heads():
         assert f.cost <= 1.1 * e.cost + 1e-9
         assert f.cost <= f.greedy_cost + 1e-12
         assert costs[h] == pytest.approx(f.cost)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 1000),
+    tau=st.floats(0.3, 0.99),
+    cuts=st.sampled_from([(), (1,), (2,), (1, 2)]),
+    mean_over_samples=st.booleans(),
+)
+def test_solvers_always_meet_the_constraint(seed, tau, cuts, mean_over_samples):
+    """On random heads both solvers return patterns that really keep tau (checked on the
+    full masks) and never cost more than greedy."""
+    tile_grid = Grid(3, 3, 4)
+    mass = random_mass((2, 3, tile_grid.num_tokens, tile_grid.num_tokens), seed)  # [H, S, ...]
+    tables = recall_tables(mass, tile_grid)
+    solver = LayerSolver(CostModel.density_only(tile_grid), cuts)
+    config = SolverConfig(tau, mean_over_samples)
+    for exact in (False, True):
+        for h, solution in enumerate(solver.solve(tables, config, exact=exact)):
+            kept = recall(solution.pattern.tile_mask(tile_grid), mass[h]).mean
+            measure = kept.mean() if mean_over_samples else kept.min()
+            assert measure >= tau - 1e-5
+            assert solution.cost <= solution.greedy_cost + 1e-12
+            greedy_kept = recall(solution.greedy_pattern.tile_mask(tile_grid), mass[h]).mean
+            greedy_measure = greedy_kept.mean() if mean_over_samples else greedy_kept.min()
+            assert greedy_measure >= tau - 1e-5
