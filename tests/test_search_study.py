@@ -72,6 +72,9 @@ def test_every_head_meets_recall_and_beats_greedy(searched):
                 levels = [entry.level for entry in found.front]
                 assert levels == sorted(levels)
                 assert all(e.recall_min >= e.level - 1e-6 for e in found.front)
+                lower = found.at_recall(0.8)
+                assert lower.recall_min >= 0.8 - 1e-6
+                assert lower.cost <= found.at_recall(result.recall).cost + 1e-12
 
 
 def test_result_file_and_report(searched):

@@ -57,6 +57,20 @@ class HeadResult:
     greedy_cost: float
     front: tuple[FrontEntry, ...] = field(default=())
 
+    def at_recall(self, level: float, mean_over_samples: bool = False) -> FrontEntry:
+        """The cheapest front point keeping `level` (worst sample, or the mean over samples);
+        the dearest point when none does. What `export --recall` picks per head."""
+        if not self.front:
+            raise UserInputError(f"head {self.layer}.{self.head} has no Pareto front")
+
+        def reached(entry: FrontEntry) -> float:
+            return entry.recall_mean if mean_over_samples else entry.recall_min
+
+        keeping = [e for e in self.front if reached(e) >= level - 1e-9]
+        if not keeping:
+            return max(self.front, key=lambda e: e.cost)
+        return min(keeping, key=lambda e: e.cost)
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["pattern"] = self.pattern.to_json()
