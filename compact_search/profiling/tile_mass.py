@@ -13,6 +13,7 @@ is how one capture serves every candidate tile shape.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -35,8 +36,9 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, grid: Grid) -> None:
         raise ValueError(f"q has {q.shape[2]} tokens but grid {grid} holds {grid.num_tokens}")
 
 
+@functools.lru_cache(maxsize=64)
 def tile_token_counts(grid: Grid, tile: TileShape) -> torch.Tensor:
-    """[nt] int64: real tokens in every tile of the tile grid."""
+    """[nt] int64: real tokens in every tile of the tile grid (cached; do not modify)."""
     nt = tile_grid_of(grid, tile).num_tokens
     return torch.bincount(video_token_tiles(grid, tile), minlength=nt)
 
@@ -115,6 +117,22 @@ def sums_to_mass(sums: torch.Tensor, grid: Grid, tile: TileShape, batch: int) ->
     return sums / counts[:, None]
 
 
+@functools.lru_cache(maxsize=64)
+def _target_of_base(
+    grid: Grid, base: TileShape, target: TileShape, device: torch.device
+) -> torch.Tensor:
+    """[nb] int64: the target tile holding every base tile (cached per device)."""
+    base_grid, target_grid = tile_grid_of(grid, base), tile_grid_of(grid, target)
+    ratio = [t // b for b, t in zip(base.as_tuple(), target.as_tuple(), strict=True)]
+    f = torch.arange(base_grid.frames) // ratio[0]
+    h = torch.arange(base_grid.height) // ratio[1]
+    w = torch.arange(base_grid.width) // ratio[2]
+    ids = (f[:, None, None] * target_grid.height + h[None, :, None]) * target_grid.width + w[
+        None, None, :
+    ]
+    return ids.reshape(-1).to(device)
+
+
 def pool_tile_sums(
     sums: torch.Tensor, grid: Grid, base: TileShape, target: TileShape
 ) -> torch.Tensor:
@@ -126,16 +144,8 @@ def pool_tile_sums(
     for b_size, t_size in zip(base.as_tuple(), target.as_tuple(), strict=True):
         if t_size % b_size:
             raise UserInputError(f"tile {target} is not a union of base tiles {base}")
-    base_grid, target_grid = tile_grid_of(grid, base), tile_grid_of(grid, target)
-    ratio = [t // b for b, t in zip(base.as_tuple(), target.as_tuple(), strict=True)]
-    f = torch.arange(base_grid.frames) // ratio[0]
-    h = torch.arange(base_grid.height) // ratio[1]
-    w = torch.arange(base_grid.width) // ratio[2]
-    target_of_base = (
-        (f[:, None, None] * target_grid.height + h[None, :, None]) * target_grid.width
-        + w[None, None, :]
-    ).reshape(-1)  # [nb]
-    target_of_base = target_of_base.to(sums.device)
+    target_of_base = _target_of_base(grid, base, target, sums.device)  # [nb]
+    target_grid = tile_grid_of(grid, target)
     nt = target_grid.num_tokens
     rows = sums.new_zeros((*sums.shape[:-2], nt, sums.shape[-1]))
     rows.index_add_(-2, target_of_base, sums)  # [..., nt, nb]

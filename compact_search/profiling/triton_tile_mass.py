@@ -23,6 +23,7 @@ exponential per score: about half a dense attention call's arithmetic.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -179,6 +180,7 @@ def _dot_precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
+@functools.lru_cache(maxsize=32)
 def slot_layout(grid: Grid, tile: TileShape) -> TileLayout:
     """The 64-slot-block layout the kernels run on (video tokens only)."""
     return TileLayout(grid, tile, block_size=SLOT_BLOCK)
@@ -189,11 +191,18 @@ def _to_slots(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
     b, h, _, d = x.shape
     padded = math.ceil(layout.padded_len / MAX_BLOCK_M) * MAX_BLOCK_M
     out = x.new_zeros((b * h, padded, d))
-    index = layout.token_to_slot.to(x.device)
+    index = _slot_index(layout, x.device)
     out.index_copy_(1, index, x.reshape(b * h, -1, d))
     return out
 
 
+@functools.lru_cache(maxsize=32)
+def _slot_index(layout: TileLayout, device: torch.device) -> torch.Tensor:
+    """[N] int64 slot of every video token, on `device` (cached: built once per capture run)."""
+    return layout.token_to_slot.to(device)
+
+
+@functools.lru_cache(maxsize=32)
 def _key_lengths(layout: TileLayout, num_slots: int, device: torch.device) -> torch.Tensor:
     """[num_slots // 64] int32 real keys at the start of every key block (0 past the layout)."""
     lengths = torch.zeros(num_slots // SLOT_BLOCK, dtype=torch.int32)
@@ -278,12 +287,12 @@ def triton_tile_mass_sums(
     key_lengths = _key_lengths(layout, num_slots, q.device)
     qk_scale = scale * LOG2_E
     valid_slots = torch.zeros(num_slots, dtype=torch.bool, device=q.device)  # [P]
-    valid_slots[layout.token_to_slot.to(q.device)] = True
+    valid_slots[_slot_index(layout, q.device)] = True
     if log_sum_exp is None:
         lse = _launch_log_sum_exp(q_slots, k_slots, key_lengths, qk_scale)
     else:
         lse = torch.empty((b * h, num_slots), dtype=torch.float32, device=q.device)
-        lse[:, layout.token_to_slot.to(q.device)] = log_sum_exp.reshape(b * h, n).float() * LOG2_E
+        lse[:, _slot_index(layout, q.device)] = log_sum_exp.reshape(b * h, n).float() * LOG2_E
     # Padded query slots: lse = +inf makes every probability of theirs an exact 0.
     lse = lse.masked_fill(~valid_slots, float("inf"))
     block_sums = _launch_tile_mass(q_slots, k_slots, lse, key_lengths, qk_scale)
