@@ -88,27 +88,31 @@ class BucketRequest:
 class _Shard:
     """The tables of the layers one worker owns: tables[tile][layer] [H, S, Ft, Ht, Wt]."""
 
-    def __init__(self, source, tiles, layers, block_size):
+    def __init__(
+        self,
+        source: TileMassSource | str | Path,
+        tiles: list[TileShape],
+        layers: list[int],
+        block_size: int,
+    ):
         self.source = open_source(source)
         self.layers = list(layers)
         self.tiles = [TileShape.of(t) for t in tiles]
         self.geometries = [geometry_of(self.source, t, block_size) for t in self.tiles]
         steps = list(self.source.steps)
-        self.tables: list[dict[int, np.ndarray]] = []
-        for geometry in self.geometries:
-            per_layer = {}
-            for layer in self.layers:
-                per_step = [
-                    recall_tables(
-                        self.source.sample_tile_mass(layer, geometry.tile, [step]),
-                        geometry.tile_grid,
-                    )
-                    for step in steps
-                ]  # each [P, H, Ft, Ht, Wt]
+        self.tables: list[dict[int, np.ndarray]] = [{} for _ in self.geometries]
+        # Layer, then step, then tile: a profile stores all tile shapes of one (step, layer) in
+        # one file, so each file is read once.
+        for layer in self.layers:
+            per_step: list[list[np.ndarray]] = [[] for _ in self.geometries]
+            for step in steps:
+                for index, geometry in enumerate(self.geometries):
+                    mass = self.source.sample_tile_mass(layer, geometry.tile, [step])
+                    per_step[index].append(recall_tables(mass, geometry.tile_grid))  # [P, H, ...]
+            for index in range(len(self.geometries)):
                 # step-major samples (t * P + p), as the profile orders them -> [H, S, ...]
-                stacked = np.concatenate(per_step, axis=0)
-                per_layer[layer] = np.ascontiguousarray(np.moveaxis(stacked, 0, 1))
-            self.tables.append(per_layer)
+                stacked = np.concatenate(per_step[index], axis=0)
+                self.tables[index][layer] = np.ascontiguousarray(np.moveaxis(stacked, 0, 1))
         self.solvers: dict[tuple[int, tuple[int, ...]], LayerSolver] = {}
 
     def solver(self, tile_index: int, cuts: tuple[int, ...]) -> LayerSolver:
