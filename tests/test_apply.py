@@ -123,6 +123,17 @@ def test_steps_follow_the_scheduler():
     handle.revert()
 
 
+def test_unknown_step_warns_once_and_runs_dense():
+    model = small_wan()
+    before = forward(model)
+    handle = apply(model, config_for([HeadPattern.local(0, 0, 0)] * 2))
+    with pytest.warns(UserWarning, match="step is unknown"):
+        out = forward(model)
+    torch.testing.assert_close(out, before, rtol=1e-5, atol=1e-5)
+    assert handle.calls == {"dense": 2, "sparse": 0}
+    handle.revert()
+
+
 def test_geometry_mismatches_fail_in_one_line():
     model = small_wan()
     wrong_heads = uniform_config(

@@ -16,6 +16,7 @@ step follows the scheduler:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -157,6 +158,7 @@ class CompactHandle:
     _hook: object | None = None
     _masks: dict[tuple[int, int, str], torch.Tensor] = field(default_factory=dict)
     _lengths: dict[str, torch.Tensor] = field(default_factory=dict)
+    _warned_unknown_step: bool = False
 
     @property
     def layout(self) -> TileLayout:
@@ -168,6 +170,13 @@ class CompactHandle:
 
     def current_bucket(self) -> int | None:
         if self.tracker.step is None:
+            if not self._warned_unknown_step:
+                warnings.warn(
+                    "compact-search: the denoising step is unknown (no scheduler timesteps on "
+                    "the pipeline and no handle.set_step call), so attention runs dense",
+                    stacklevel=2,
+                )
+                self._warned_unknown_step = True
             return None  # step unknown: dense is always correct
         return self.config.schedule.bucket_for_step(self.tracker.step, self.tracker.num_steps)
 
