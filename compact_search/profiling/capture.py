@@ -242,10 +242,15 @@ def run_profile(
             for prompt in mine:
                 if not missing[prompt]:
                     continue
+
+                def unit_written(step: int, layer: int, prompt: int = prompt) -> None:
+                    bar.advance(task)
+                    if on_unit is not None:
+                        on_unit(prompt, step, layer)
+
                 captured += _capture_prompt(
-                    settings, model, store, recorder, rank, prompt, missing[prompt],
-                    lambda s, l, p=prompt: (bar.advance(task), on_unit and on_unit(p, s, l)),
-                )  # fmt: skip
+                    settings, model, store, recorder, rank, prompt, missing[prompt], unit_written
+                )
     model_info = {
         "grid": list(model.grid.as_tuple()),
         "prefix_tokens": recorder.prefix_tokens,
