@@ -252,3 +252,34 @@ def _check_adapter(model, inputs, reference, name, *, layer, q, k):
     with torch.no_grad(), adapter.install(model, Recorder(poison=True)):
         poisoned = model(**inputs)[0]
     assert not torch.allclose(poisoned, reference, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["wan", "cogvideox", "hunyuanvideo"])
+def test_tile_mass_recorder_leaves_output_unchanged(name):
+    """The profiler's own attention_fn through each adapter: same output, tile mass recorded for
+    the video tokens of every layer, rows summing to 1."""
+    from compact_search.geometry import Grid, TileShape
+    from compact_search.profiling.capture import TileMassRecorder
+
+    if name == "wan":
+        (model, inputs), grid = wan_case(), Grid(3, 4, 4)
+    elif name == "cogvideox":
+        (model, inputs, _), grid = cogvideox_case(), Grid(3, 4, 4)
+    else:
+        (model, inputs), grid = hunyuan_case(torch.tensor([[1, 1, 1, 0, 0]])), Grid(2, 4, 4)
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+    adapter = get_adapter(name)
+    tiles = (TileShape(1, 2, 2), TileShape(grid.frames, 4, 4))
+    recorder = TileMassRecorder(grid, tiles, adapter.prefix_at)
+    recorder.start_step(frozenset(range(adapter.num_layers(model))))
+    with torch.no_grad(), adapter.install(model, recorder):
+        out = model(**inputs)[0]
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    masses = recorder.take()
+    assert sorted(masses) == list(range(adapter.num_layers(model)))
+    for per_tile in masses.values():
+        for tile, mass in per_tile.items():
+            nt = (grid.frames // tile.frames) * (4 // tile.height) * (4 // tile.width)
+            assert mass.shape == (2, nt, nt)
+            torch.testing.assert_close(mass.sum(-1), torch.ones(2, nt), atol=1e-5, rtol=0)
