@@ -113,8 +113,8 @@ def train_tiny(
     optimizer = torch.optim.AdamW(
         parameters, lr=config.learning_rate, betas=(0.9, 0.99), weight_decay=0.0
     )
-    # Data and noise depend only on the seed and the global step count, so a resumed run draws
-    # what an uninterrupted run of the same chunking would.
+    # Data and noise streams are seeded by the seed and the global step a run starts at, so a
+    # rerun with the same chunk boundaries draws the same batches.
     data_generator = torch.Generator().manual_seed(config.seed * 1_000_003 + start_step)
     noise_generator = torch.Generator(device).manual_seed(config.seed * 7_919 + start_step)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
