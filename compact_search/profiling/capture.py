@@ -208,13 +208,16 @@ def run_profile(
     started = time.perf_counter()
     if rank is None or world is None:
         rank, world = distributed_rank()
+    if restart and world > 1:
+        # Rank 0 would clear the folder while other ranks read it: delete it before launching.
+        raise UserInputError("--restart is not supported under torchrun; remove the folder instead")
     store = ProfileStore(out)
     settings_fingerprint = settings.fingerprint()
     if store.is_complete() and not restart:
         store.begin(settings.to_json(), settings_fingerprint)
         metadata = _read_metadata(store)
         return ProfileResult(store.root, True, True, 0, 0, 0.0, metadata)
-    resumed = store.begin(settings.to_json(), settings_fingerprint, restart=restart and rank == 0)
+    resumed = store.begin(settings.to_json(), settings_fingerprint, restart=restart)
 
     model = load_source(settings, _resolve_device(device))
     layers = list(settings.capture_layers or range(model.num_layers))
