@@ -414,7 +414,7 @@ def optimize(
     target_cost: Annotated[
         float | None, typer.Option(help="Budget mode: allocate recall to hit this mean cost.")
     ] = None,
-    max_groups: Annotated[int, typer.Option(help="Most frame groups per pattern.")] = 3,
+    max_groups: Annotated[int, typer.Option(help="Most frame groups per pattern.")] = 8,
     workers: Annotated[int, typer.Option(help="Worker processes (layers are sharded).")] = 2,
     block_size: Annotated[
         int, typer.Option(help="Kernel block size the cost counts blocks of.")

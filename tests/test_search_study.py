@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from compact_search.geometry import Grid
+from compact_search.geometry import Grid, TileLayout
 from compact_search.patterns import density, recall
 from compact_search.search import (
     BudgetTarget,
@@ -26,8 +26,8 @@ from compact_search.search import (
     optimize_profile,
 )
 from compact_search.search.run import apply_budget
-from compact_search.search.study import schedule_of
-from compact_search.search.synthetic import SyntheticProfile
+from compact_search.search.study import frame_cuts, schedule_of
+from compact_search.search.synthetic import SyntheticProfile, planted_pattern
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,6 +119,30 @@ def test_schedule_needs_a_profiled_step_in_every_bucket():
     assert schedule_of(0, [2, 2], [2, 6, 10, 14], 1, 20)[0] is None  # an empty bucket
 
 
+def test_frame_cuts():
+    assert frame_cuts(1, "geometric", 6) == ()
+    assert frame_cuts(6, "linear", 6) == frame_cuts(9, "geometric", 6) == (1, 2, 3, 4, 5)
+    assert frame_cuts(3, "linear", 21) == (7, 14)
+    for groups in range(1, 9):
+        for spacing in ("geometric", "linear"):
+            cuts = frame_cuts(groups, spacing, 7)
+            assert len(cuts) == min(groups, 7) - 1
+            assert list(cuts) == sorted(set(cuts)) and all(0 < c < 7 for c in cuts)
+
+
+def test_planted_heads_at_model_level_cost_at_most_planted(tmp_path):
+    """With the finest frame groups every planted head is found at <= 1.1x its planted cost."""
+    profile = small_profile(diffuse_until=0.0, steps=(10, 14, 18), num_heads=6)
+    config = SearchConfig(n_trials=2, workers=1, num_buckets=1, dense_steps=0, tiles=((2, 6, 8),))
+    result = optimize_profile(profile, tmp_path, config)
+    layout = TileLayout(profile.grid, result.tile, block_size=config.block_size)
+    tile_grid = Grid(*result.tile_grid)
+    for head in result.heads:
+        kind, scale = profile.head_kinds[head.layer][head.head]
+        planted = planted_pattern(kind, tile_grid, scale).tile_mask(tile_grid)
+        assert head.cost <= 1.1 * float(layout.cost(planted)), (kind, head.cost)
+
+
 def test_two_workers_and_journal_storage_agree_with_one(tmp_path):
     profile = small_profile(num_layers=2)
     config = SearchConfig(n_trials=3, workers=1, dense_steps=0, tiles=((2, 6, 8),))
@@ -136,7 +160,7 @@ KILLED_SEARCH = textwrap.dedent(
     """
     import sys
     from compact_search.search import SearchConfig, optimize_profile
-    from compact_search.search.synthetic import SyntheticProfile
+    from compact_search.search.synthetic import SyntheticProfile, planted_pattern
 
     if __name__ == "__main__":
         profile = SyntheticProfile(

@@ -258,7 +258,9 @@ class LayerSolver:
             saving = (
                 self.option_cost[g_idx, choice[rows]][..., None] - self.option_cost[None]
             )  # [h, G, O]
-            ok = constraint_measure(switched.transpose(0, 2, 3, 1), mean_only) >= tau - RECALL_EPS
+            # reduce over the sample axis in place (a transposed view reduces several times slower)
+            measure = switched.mean(axis=1) if mean_only else switched.min(axis=1)  # [h, G, O]
+            ok = measure >= tau - RECALL_EPS
             gain = np.where(ok & (saving > 1e-12), saving, 0.0).reshape(len(rows), -1)
             best = gain.argmax(axis=1)
             moving = gain[np.arange(len(rows)), best] > 0

@@ -3,7 +3,8 @@
 One trial fixes the model-level choices:
 
 - the tile shape (one of the profile's candidates; the whole model uses one),
-- the frame-group cuts over temporal tile distance (up to `max_groups` groups),
+- the frame groups over temporal tile distance: how many (up to `max_groups`) and how they are
+  spaced (`frame_cuts`),
 - the dense warm-up K (unless fixed) and the bounds of the step buckets,
 
 and then solves every (bucket, layer, head) for the cheapest pattern meeting the recall
@@ -53,7 +54,7 @@ class SearchConfig:
     num_buckets: int = 2
     dense_steps: int | None = None  # None: searched in [0, max_dense_fraction * num_steps]
     max_dense_fraction: float = 0.5
-    max_groups: int = 3
+    max_groups: int = 8  # most frame groups; more never cost more on the profile (see docs)
     n_trials: int = 40
     seed: int = 0
     tiles: tuple[TileShape, ...] = ()  # empty: every candidate tile shape of the profile
@@ -151,21 +152,40 @@ class TrialChoice:
     schedule: Schedule
 
 
+FRAME_SPACINGS = ("geometric", "linear")
+
+
+def frame_cuts(groups: int, spacing: str, frames: int) -> tuple[int, ...]:
+    """Cuts over temporal tile distance [0, frames) for `groups` groups.
+
+    geometric: group edges at frames ** (k / groups) (fine near the query frame, coarse far
+    away, like attention that decays with distance); linear: evenly spaced. Asking for as many
+    groups as distances gives every distance its own group.
+    """
+    if groups >= frames:
+        return tuple(range(1, frames))
+    if spacing == "geometric":
+        edges = [frames ** (k / groups) for k in range(1, groups)]
+    else:
+        edges = [k * frames / groups for k in range(1, groups)]
+    cuts: list[int] = []
+    for edge in edges:  # strictly increasing, so rounding never merges two groups
+        cut = max(round(edge), cuts[-1] + 1 if cuts else 1)
+        if cut < frames:
+            cuts.append(cut)
+    return tuple(cuts)
+
+
 def suggest(
     trial: optuna.Trial, source: TileMassSource, config: SearchConfig, geometries
 ) -> tuple[TrialChoice | None, float]:
     """Sample the model-level choices; -> (TrialChoice or None, constraint violation)."""
     tile_names = [str(g.tile) for g in geometries]
     tile_index = tile_names.index(trial.suggest_categorical("tile", tile_names))
-    most_frames = max(g.tile_grid.frames for g in geometries)
     tile_frames = geometries[tile_index].tile_grid.frames
-    # One range for every tile shape keeps the space fixed; a cut at or past this tile grid's
-    # frames means "no cut", so a trial has 1 to max_groups groups.
-    raw_cuts = [
-        trial.suggest_int(f"frame_cut_{k}", 1, max(1, most_frames))
-        for k in range(config.max_groups - 1)
-    ]
-    cuts = tuple(sorted({c for c in raw_cuts if c < tile_frames}))
+    groups = trial.suggest_int("frame_groups", 1, config.max_groups)
+    spacing = trial.suggest_categorical("frame_spacing", FRAME_SPACINGS)
+    cuts = frame_cuts(groups, spacing, tile_frames)
     if config.dense_steps is None:
         most = int(config.max_dense_fraction * source.num_steps)
         dense = trial.suggest_int("dense_steps", 0, most) if most > 0 else 0
@@ -253,7 +273,8 @@ def open_study(
 
 
 def warm_start_params(source: TileMassSource, config: SearchConfig, geometries) -> dict:
-    """The first trial: the tile shape with least padding, evenly spaced groups and buckets."""
+    """The first trial: the tile shape with least padding, the finest frame groups allowed,
+    no warm-up (when searched) and evenly spaced buckets."""
 
     def full_cost(i: int) -> float:  # padding makes a tile shape's full pattern dearer
         return float(geometries[i].cost_model.per_offset.sum())
@@ -261,8 +282,8 @@ def warm_start_params(source: TileMassSource, config: SearchConfig, geometries) 
     tile_index = min(range(len(geometries)), key=full_cost)
     frames = geometries[tile_index].tile_grid.frames
     params: dict = {"tile": str(geometries[tile_index].tile)}
-    for k in range(config.max_groups - 1):
-        params[f"frame_cut_{k}"] = max(1, min(frames, 2**k))
+    params["frame_groups"] = min(config.max_groups, frames)
+    params["frame_spacing"] = "geometric"
     captured = list(source.steps)
     if config.dense_steps is None:
         params["dense_steps"] = 0
