@@ -17,7 +17,12 @@ import torch
 from compact_search.errors import UserInputError
 from compact_search.geometry import Grid, TileShape, tile_grid_of
 from compact_search.profiling.capture import PROFILE_FORMAT, PROFILE_VERSION
-from compact_search.profiling.store import ProfileStore, read_unit, read_unit_prompts, unit_name
+from compact_search.profiling.store import (
+    ProfileStore,
+    read_unit_prompts,
+    read_unit_tensor,
+    unit_name,
+)
 
 REQUIRED_FIELDS = (
     "format", "version", "model", "adapter", "grid", "prefix_tokens", "num_layers", "num_heads",
@@ -132,7 +137,7 @@ class Profile:
             raise UserInputError(f"layer {layer} was not captured; captured: {self.layers}")
         path = self.path / "tile_mass" / unit_name(step, layer)
         stat = path.stat()
-        tensor = _load_unit(path, stat.st_mtime_ns, stat.st_size)[tile]
+        tensor = _load_unit_tensor(path, stat.st_mtime_ns, stat.st_size, tile)
         nt = self.tile_grid(tile).num_tokens
         groups = len(self.prompts) if self.store == "per-prompt" else 1
         if tuple(tensor.shape) != (groups, self.num_heads, nt, nt):
@@ -143,10 +148,10 @@ class Profile:
         return tensor
 
 
-@lru_cache(maxsize=8)
-def _load_unit(path: Path, mtime_ns: int, size: int) -> dict[TileShape, torch.Tensor]:
-    """Cached per file version (mtime and size are part of the key)."""
-    return read_unit(path).masses
+@lru_cache(maxsize=64)
+def _load_unit_tensor(path: Path, mtime_ns: int, size: int, tile: TileShape) -> torch.Tensor:
+    """One tile of one unit, cached per file version (mtime and size are part of the key)."""
+    return read_unit_tensor(path, tile)
 
 
 def _profile_dir(path: Path) -> Path:

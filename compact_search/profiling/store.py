@@ -88,6 +88,15 @@ def read_unit(path: Path) -> Unit:
     return Unit(prompts, masses, prefix)
 
 
+def read_unit_tensor(path: Path, tile: TileShape) -> torch.Tensor:
+    """One tile's tensor [G, H, nt, nt] of a unit, without loading the other tiles."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor(tile_key(tile))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise UserInputError(f"{path}: corrupt profile unit ({_first_line(exc)})") from None
+
+
 def _parse_tile(key: str) -> tuple[int, int, int]:
     parts = key.split("x")
     if len(parts) != 3:
