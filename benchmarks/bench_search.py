@@ -47,7 +47,8 @@ def per_head_times(profile: SyntheticProfile, config: SearchConfig) -> dict[str,
     started = time.process_time()
     tables = np.ascontiguousarray(np.moveaxis(recall_tables(mass, geometry.tile_grid), 0, 1))
     table_ms = (time.process_time() - started) * 1e3 / profile.num_heads
-    solver = LayerSolver(geometry.cost_model, (1, 3))
+    # the default search's finest frame groups: one per temporal tile distance
+    solver = LayerSolver(geometry.cost_model, tuple(range(1, geometry.tile_grid.frames)))
     out = {"tables_ms_per_head": table_ms}
     for name, run in (
         ("trial_ms_per_head", lambda: solver.head_costs(tables, config.solver_config())),
