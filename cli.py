@@ -86,7 +86,7 @@ def profile(
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for every stage's files.")] = Path("runs/demo"),
     trials: Annotated[int, typer.Option(help="Optuna trials of the search.")] = 24,
-    prompts: Annotated[int, typer.Option(help="Held-out prompts to evaluate.")] = 8,
+    prompts: Annotated[int, typer.Option(help="Held-out prompts to evaluate.")] = 4,
 ) -> None:
     """profile -> optimize -> export -> check -> evaluate on the built-in model, with a summary."""
     from compact_search.demo import DemoOptions, run_demo

@@ -27,7 +27,8 @@ class DemoOptions:
     dense_fraction: float = 0.3  # first 30% of the steps run dense
     num_buckets: int = 2
     trials: int = 24
-    eval_prompts: int = 8
+    block_size: int = 64  # 2,048 tokens: 128-token blocks would leave 16 blocks per axis
+    eval_prompts: int = 4
     eval_seed: int = 1234
     check_tolerance: float = 0.03  # recall slack on held-out prompts
     workers: int = 2
@@ -48,6 +49,8 @@ def run_demo(
     *,
     say: Callable[[str], None] = print,
 ) -> DemoSummary:
+    import optuna
+
     from compact_search.models.tiny.data import sample_scene_specs
     from compact_search.models.tiny.pipeline import load_tiny_pipeline
     from compact_search.profiling import load_profile, load_settings
@@ -55,6 +58,7 @@ def run_demo(
     from compact_search.profiling.settings import resolve_profile_path
     from compact_search.search import SearchConfig, optimize_profile
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the stage header says enough
     out_dir.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
 

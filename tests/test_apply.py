@@ -171,3 +171,29 @@ def test_rescale_adapts_windows_and_says_recall_is_not_guaranteed():
     handle.set_step(3, 4)
     forward(model)
     handle.revert()
+
+
+def test_one_line_apply_follows_the_builtin_sampler():
+    from compact_search.models.tiny.pipeline import TinyModelConfig, TinyVideoPipeline, build_models
+
+    torch.manual_seed(0)
+    tiny = TinyModelConfig(num_layers=2, num_heads=2, head_dim=32, ffn_dim=64)
+    pipeline = TinyVideoPipeline(tiny, *build_models(tiny))
+    config = uniform_config(
+        ModelSpec("tiny-random", "wan", 2, 2, 32),
+        GeometrySpec(Grid(*pipeline.grid), TileShape(2, 4, 8), block_size=64),
+        StepSchedule(num_steps=4, dense_steps=1, bucket_starts=(1, 3)),
+        [HeadPattern.local(0, 0, 0)] * 2,
+    )
+    handle = apply(pipeline, config)
+    seen = []
+    pipeline(
+        "a red circle moves left",
+        num_steps=4,
+        seed=0,
+        callback=lambda step, total: seen.append(step),
+    )
+    # 4 steps x 2 layers; the first step dense, guidance batches both halves in one call
+    assert handle.calls == {"dense": 2, "sparse": 6}
+    assert handle.tracker.step == 3 and seen == [0, 1, 2, 3]
+    handle.revert()

@@ -154,6 +154,7 @@ class TinyVideoPipeline:
         self.text_encoder = text_encoder.eval()
         self.tokenizer = WordTokenizer(config.text.max_length)
         self.metadata = metadata or {}
+        self.timesteps: torch.Tensor | None = None  # set by each call, one value per step
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -214,6 +215,9 @@ class TinyVideoPipeline:
         times = shift_times(
             torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), time_shift
         )
+        # Every step's transformer timestep, as diffusers schedulers expose theirs: a runtime
+        # hooked into the transformer (compact_search.apply) maps each call to its step.
+        self.timesteps = (times[:-1] * TIMESTEP_SCALE).to(dtype)
         for step in range(num_steps):
             if callback is not None:
                 callback(step, num_steps)
