@@ -58,11 +58,29 @@ def masked_reference(
     token_mask = block_mask.to(q.device).repeat_interleave(block_size, dim=1)
     token_mask = token_mask.repeat_interleave(block_size, dim=2)[:, :n, :n]  # [H|1, N, N]
     token_mask = token_mask & valid_keys(n, block_size, key_block_lengths, q.device)[None, None, :]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.to(ct), k.to(ct), v.to(ct), attn_mask=token_mask.unsqueeze(0), scale=scale
-    )  # [B, H, N, D]; rows with no allowed key come out NaN
-    has_key = token_mask.any(dim=-1).unsqueeze(0).unsqueeze(-1)  # [1, H|1, N, 1]
-    return torch.where(has_key, out, torch.zeros((), dtype=ct)).to(q.dtype)
+    allowed = token_mask.unsqueeze(0)  # [1, H|1, N, N]
+    has_key = allowed.any(dim=-1, keepdim=True)  # [1, H|1, N, 1]
+    qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
+    nonfinite = (~torch.isfinite(vc)).flatten(0, 1).any(dim=0).any(dim=-1)  # [N]
+    if not nonfinite.any():
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qc, kc, vc, attn_mask=allowed, scale=scale
+        )  # [B, H, N, D]; rows with no allowed key come out NaN
+        return torch.where(has_key, out, torch.zeros((), dtype=ct)).to(q.dtype)
+    # Inf or NaN values: a matmul would multiply them by the zero weight of a masked key and
+    # spread NaN to rows that never attend them. Columns with such values are summed only where
+    # allowed; all other columns go through the matmul.
+    scores = torch.einsum("bhqd,bhkd->bhqk", qc, kc) * scale
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)  # [B, H, N, N]
+    probs = torch.where(has_key, probs, torch.zeros((), dtype=ct))
+    bad = torch.nonzero(nonfinite).flatten()  # keys with a non-finite value somewhere
+    clean_v = vc.index_fill(2, bad, 0)
+    out = probs @ clean_v
+    p_bad = probs[..., bad]  # [B, H, N, J]
+    terms = p_bad.unsqueeze(-1) * vc[:, :, bad].unsqueeze(2)  # [B, H, N, J, D]
+    keep = allowed[..., bad].unsqueeze(-1)  # [1, H|1, N, J, 1]
+    out = out + torch.where(keep, terms, torch.zeros((), dtype=ct)).sum(dim=-2)
+    return out.to(q.dtype)
 
 
 def chunked_reference(
