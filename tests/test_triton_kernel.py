@@ -220,16 +220,18 @@ def test_lut_cache_hits_and_invalidation() -> None:
         block_mask, seq_len=300, block_size=64, key_block_lengths=lengths
     )
     assert with_lengths is not first
-    # Equal lengths in a fresh tensor still hit.
-    again = cached_block_lut(
+    # The same lengths tensor hits; a fresh one rebuilds (comparing values would sync the GPU).
+    again = cached_block_lut(block_mask, seq_len=300, block_size=64, key_block_lengths=lengths)
+    assert again is with_lengths
+    fresh = cached_block_lut(
         block_mask, seq_len=300, block_size=64, key_block_lengths=lengths.clone()
     )
-    assert again is with_lengths
+    assert fresh is not with_lengths and torch.equal(fresh.kv_block_ids, with_lengths.kv_block_ids)
     block_mask[0, 0] = ~block_mask[0, 0]  # an in-place edit bumps the version: rebuild
     rebuilt = cached_block_lut(block_mask, seq_len=300, block_size=64)
     assert rebuilt is not first
     assert rebuilt.total_counts[0, 0] == block_mask[0, 0].sum()
-    del block_mask, first, with_lengths, again, rebuilt
+    del block_mask, first, with_lengths, again, fresh, rebuilt
     gc.collect()
     assert not lut_module._LUT_CACHE, "a collected mask must leave the cache"
 

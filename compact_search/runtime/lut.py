@@ -142,8 +142,14 @@ def _cache_key(
     key_block_lengths: torch.Tensor | None,
     device: torch.device,
 ) -> tuple:
-    # By value: callers often rebuild the (small, [nb]) lengths tensor for every call.
-    lengths_key = None if key_block_lengths is None else key_block_lengths.cpu().numpy().tobytes()
+    # By identity and version, never by value: reading the values would synchronise with the
+    # GPU on every call. Callers that pass the same lengths tensor each time (the runtime does)
+    # hit; a fresh tensor with equal values rebuilds the table.
+    lengths_key = (
+        None
+        if key_block_lengths is None
+        else (id(key_block_lengths), key_block_lengths._version, key_block_lengths.data_ptr())
+    )
     return (block_mask._version, block_mask.data_ptr(), seq_len, block_size, lengths_key, device)
 
 
@@ -158,7 +164,8 @@ def cached_block_lut(
     """:func:`build_block_lut` on ``device`` (default: the mask's), cached per mask object.
 
     A hit needs the same mask tensor object, unmodified since (its version counter), the same
-    ``seq_len``/``block_size``/device and equal ``key_block_lengths`` values (or None).
+    ``seq_len``/``block_size``/device and the same unmodified ``key_block_lengths`` tensor
+    object (or None).
     """
     device = torch.device(device) if device is not None else block_mask.device
     key = _cache_key(block_mask, seq_len, block_size, key_block_lengths, device)
