@@ -10,11 +10,8 @@ sparse configuration is checked for correctness before it is timed. Used by
 from __future__ import annotations
 
 import csv
-import datetime
 import functools
 import math
-import os
-import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,27 +245,10 @@ def time_call(fn: Callable[[], object], *, min_runs: int = 10, budget_ms: float 
 
 
 def _environment() -> dict[str, str]:
-    import triton
+    from compact_search.environment import environment
 
-    sha = os.environ.get("COMPACT_SEARCH_GIT_SHA")
-    if not sha:
-        try:
-            sha = subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                capture_output=True,
-                text=True,
-                check=True,
-                cwd=Path(__file__).resolve().parent,
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            sha = "unknown"
-    return {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "git_sha": sha,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-    }
+    env = environment()
+    return {"gpu": env.pop("device"), **env}
 
 
 def _relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
