@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import pytest
@@ -25,7 +26,9 @@ needs_kernel = pytest.mark.skipif(
 )
 
 # Max |kernel - fp64 reference| per dtype: fp32 accumulation, output rounded to the input dtype.
-TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# (atol, rtol) against the fp64 reference: the kernel rounds P to the input dtype for the P @ V
+# product and the output to it at the end, so the error grows with the output's magnitude.
+TOLERANCE = {torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -105,14 +108,16 @@ def run_kernel(q, k, v, block_mask, **kwargs) -> torch.Tensor:
 def assert_close_to_reference(out, q, k, v, block_mask, **kwargs) -> None:
     expected = masked_reference(q.double(), k.double(), v.double(), block_mask, **kwargs)
     assert not out.isnan().any(), "kernel left NaN (an unwritten block) in the output"
-    error = (out.double() - expected).abs().max().item()
-    assert error <= TOLERANCE[q.dtype], f"max abs error {error:.2e} > {TOLERANCE[q.dtype]:.0e}"
+    atol, rtol = TOLERANCE[q.dtype]
+    excess = (out.double() - expected).abs() - (atol + rtol * expected.abs())
+    worst = excess.max().item()
+    assert worst <= 0, f"error exceeds atol {atol:.0e} + rtol {rtol:.0e} * |ref| by {worst:.2e}"
 
 
 @needs_kernel
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_kernel_matches_reference(case: Case) -> None:
-    generator = torch.Generator().manual_seed(hash(case.id) % 2**31)
+    generator = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))  # not hash(): salted
     shape = (case.batch, case.heads, case.seq_len, case.head_dim)
     q, k, v = (torch.randn(shape, generator=generator).to(case.dtype) for _ in range(3))
     num_blocks = -(-case.seq_len // case.block_size)
