@@ -150,9 +150,11 @@ class SearchResult:
         return cls(**fields)
 
     def save(self, run_dir: Path) -> Path:
+        from compact_search.io import atomic_write_json
+
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / RESULT_FILE
-        path.write_text(json.dumps(self.to_json(), indent=1))
+        atomic_write_json(path, self.to_json())  # a killed run never leaves half a result
         return path
 
 
