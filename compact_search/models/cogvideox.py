@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from compact_search.models.wan import AttentionFn, AttentionHandle
+from compact_search.models.wan import AttentionFn, AttentionHandle, install_processors
 
 
 def apply_real_rope(x: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -78,9 +78,7 @@ def cogvideox_self_attention_modules(transformer) -> list:
 
 def install_cogvideox_attention(transformer, attention_fn: AttentionFn) -> AttentionHandle:
     """Route every joint attention of a CogVideoX transformer through attention_fn."""
-    handle = AttentionHandle()
-    for layer, module in enumerate(cogvideox_self_attention_modules(transformer)):
-        handle.modules.append(module)
-        handle.originals.append(module.processor)
-        module.set_processor(CogVideoXJointAttnProcessor(layer, attention_fn))
-    return handle
+    return install_processors(
+        cogvideox_self_attention_modules(transformer),
+        lambda layer: CogVideoXJointAttnProcessor(layer, attention_fn),
+    )

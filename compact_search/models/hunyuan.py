@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from compact_search.models.cogvideox import apply_real_rope
-from compact_search.models.wan import AttentionFn, AttentionHandle
+from compact_search.models.wan import AttentionFn, AttentionHandle, install_processors
 
 
 def _valid_lengths(attention_mask: torch.Tensor | None, batch: int, length: int) -> list[int]:
@@ -132,9 +132,7 @@ def hunyuan_self_attention_modules(transformer) -> list:
 
 def install_hunyuan_attention(transformer, attention_fn: AttentionFn) -> AttentionHandle:
     """Route every joint attention of a HunyuanVideo transformer through attention_fn."""
-    handle = AttentionHandle()
-    for layer, module in enumerate(hunyuan_self_attention_modules(transformer)):
-        handle.modules.append(module)
-        handle.originals.append(module.processor)
-        module.set_processor(HunyuanJointAttnProcessor(layer, attention_fn))
-    return handle
+    return install_processors(
+        hunyuan_self_attention_modules(transformer),
+        lambda layer: HunyuanJointAttnProcessor(layer, attention_fn),
+    )

@@ -107,11 +107,19 @@ def wan_self_attention_modules(transformer) -> list:
     return [block.attn1 for block in blocks]
 
 
-def install_wan_attention(transformer, attention_fn: AttentionFn) -> AttentionHandle:
-    """Route every self-attention layer of a Wan transformer through attention_fn."""
+def install_processors(modules: list, make_processor: Callable[[int], object]) -> AttentionHandle:
+    """Give module i the processor make_processor(i); the handle restores the originals."""
     handle = AttentionHandle()
-    for layer, module in enumerate(wan_self_attention_modules(transformer)):
+    for layer, module in enumerate(modules):
         handle.modules.append(module)
         handle.originals.append(module.processor)
-        module.set_processor(WanSelfAttnProcessor(layer, attention_fn))
+        module.set_processor(make_processor(layer))
     return handle
+
+
+def install_wan_attention(transformer, attention_fn: AttentionFn) -> AttentionHandle:
+    """Route every self-attention layer of a Wan transformer through attention_fn."""
+    return install_processors(
+        wan_self_attention_modules(transformer),
+        lambda layer: WanSelfAttnProcessor(layer, attention_fn),
+    )

@@ -210,6 +210,17 @@ def _key_lengths(layout: TileLayout, num_slots: int, device: torch.device) -> to
     return lengths.to(device)
 
 
+def _launch(tuned, plain, num_slots: int, bh: int, args: tuple, constants: dict) -> None:
+    """Launch over (query blocks, batch x heads): autotuned, or the first config directly."""
+    if _autotune_enabled():
+        tuned[lambda meta: (num_slots // meta["BLOCK_M"], bh)](*args, **constants)
+        return
+    config = KERNEL_CONFIGS[0]
+    plain[(num_slots // config.kwargs["BLOCK_M"], bh)](
+        *args, **constants, **config.kwargs, **_launch_options(config)
+    )
+
+
 def _launch_log_sum_exp(
     q_slots: torch.Tensor, k_slots: torch.Tensor, key_lengths: torch.Tensor, qk_scale: float
 ) -> torch.Tensor:
@@ -222,14 +233,7 @@ def _launch_log_sum_exp(
         "COMPUTE_IN_FP32": _interpreting() or q_slots.dtype == torch.float32,
         "DOT_PRECISION": _dot_precision(q_slots),
     }
-    if _autotune_enabled():
-        grid = lambda meta: (num_slots // meta["BLOCK_M"], bh)  # noqa: E731
-        _log_sum_exp_tuned[grid](*args, **constants)
-    else:
-        config = KERNEL_CONFIGS[0]
-        _log_sum_exp_kernel[(num_slots // config.kwargs["BLOCK_M"], bh)](
-            *args, **constants, **config.kwargs, **_launch_options(config)
-        )
+    _launch(_log_sum_exp_tuned, _log_sum_exp_kernel, num_slots, bh, args, constants)
     return lse
 
 
@@ -253,14 +257,7 @@ def _launch_tile_mass(
         "COMPUTE_IN_FP32": _interpreting() or q_slots.dtype == torch.float32,
         "DOT_PRECISION": _dot_precision(q_slots),
     }
-    if _autotune_enabled():
-        grid = lambda meta: (num_slots // meta["BLOCK_M"], bh)  # noqa: E731
-        _tile_mass_tuned[grid](*args, **constants)
-    else:
-        config = KERNEL_CONFIGS[0]
-        _tile_mass_kernel[(num_slots // config.kwargs["BLOCK_M"], bh)](
-            *args, **constants, **config.kwargs, **_launch_options(config)
-        )
+    _launch(_tile_mass_tuned, _tile_mass_kernel, num_slots, bh, args, constants)
     return out
 
 
