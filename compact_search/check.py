@@ -118,17 +118,17 @@ def bucket_steps(config: CompactConfig, profile) -> dict[int, list[int]]:
 
 
 @dataclass(frozen=True)
-class _Recalls:
+class HeadRecalls:
     mean: torch.Tensor  # [H] mean over samples of the per-sample mean recall
     minimum: torch.Tensor  # [H] the worst sample
     worst_tile: torch.Tensor  # [H] the worst query tile of any sample
 
 
-def _recalls(tile_masks: torch.Tensor, samples: torch.Tensor) -> _Recalls:
+def head_recalls(tile_masks: torch.Tensor, samples: torch.Tensor) -> HeadRecalls:
     """tile_masks [H, nt, nt], samples [S, H, nt, nt]."""
     kept = (samples * tile_masks.unsqueeze(0).to(samples.dtype)).sum(dim=-1)  # [S, H, nq]
     per_sample = kept.mean(dim=-1)  # [S, H]
-    return _Recalls(per_sample.mean(dim=0), per_sample.min(dim=0).values, kept.amin(dim=(0, 2)))
+    return HeadRecalls(per_sample.mean(dim=0), per_sample.min(dim=0).values, kept.amin(dim=(0, 2)))
 
 
 def check_config(
@@ -186,8 +186,8 @@ def check_config(
                     layer, tile=config.geometry.tile, steps=steps[bucket]
                 )  # [S, H, nt, nt]
                 samples_per_bucket[bucket] = samples.shape[0]
-                recalls = _recalls(masks, samples)
-                base_recalls = _recalls(base_masks, samples) if base_masks is not None else None
+                recalls = head_recalls(masks, samples)
+                base_recalls = head_recalls(base_masks, samples) if base_masks is not None else None
                 for head in range(config.model.num_heads):
                     rows.append(
                         _judge(

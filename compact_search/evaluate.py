@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from compact_search.config import CompactConfig
-from compact_search.runtime.apply import _installers, apply
+from compact_search.runtime.apply import apply, installer_for
 
 
 def psnr(test: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -142,7 +142,7 @@ def evaluate_config(
     describe: the fidelity detector scores both runs against them.
     """
     num_steps = num_steps or config.schedule.num_steps
-    install = _installers()[config.model.adapter]
+    install = installer_for(config.model.adapter)
 
     dense_timer = AttentionTimer()
     from compact_search.models.wan import dense_attention

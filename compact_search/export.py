@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from compact_search.check import _recalls
+from compact_search.check import head_recalls
 from compact_search.config import (
     CompactConfig,
     GeometrySpec,
@@ -123,7 +123,7 @@ def measure(config: CompactConfig, result, profile) -> tuple[CompactConfig, list
             samples = profile.sample_tile_mass(
                 layer, tile=config.geometry.tile, steps=list(bounds.steps)
             )
-            recalls = _recalls(masks, samples)
+            recalls = head_recalls(masks, samples)
             row = []
             for h, entry in enumerate(entries):
                 stats = {

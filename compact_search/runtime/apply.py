@@ -31,17 +31,15 @@ from compact_search.runtime.attention import sparse_attention
 Installer = Callable[[object, Callable], object]
 
 
-def _installers() -> dict[str, Installer]:
-    from compact_search.models.wan import install_wan_attention
+def installer_for(adapter: str) -> Installer:
+    """The function that routes a model family's self-attention through an attention function."""
+    from compact_search.models.adapters import ADAPTERS
 
-    installers: dict[str, Installer] = {"wan": install_wan_attention}
-    try:  # adapters for MM-DiT models register themselves there
-        from compact_search.models.adapters import ADAPTERS
-    except ImportError:
-        return installers
-    for name, adapter in ADAPTERS.items():
-        installers.setdefault(name, adapter.install)
-    return installers
+    if adapter not in ADAPTERS:
+        raise UserInputError(
+            f"config adapter {adapter!r} is unknown; known: {', '.join(sorted(ADAPTERS))}"
+        )
+    return ADAPTERS[adapter].install
 
 
 def find_transformer(obj):
@@ -266,11 +264,7 @@ def apply(
             f"config is for {model.num_layers} layers x {model.num_heads} heads x head dim "
             f"{model.head_dim} ({model.name}); the model has {layers} x {heads} x {head_dim}"
         )
-    installers = _installers()
-    if model.adapter not in installers:
-        raise UserInputError(
-            f"config adapter {model.adapter!r} is unknown; known: {', '.join(sorted(installers))}"
-        )
+    install = installer_for(model.adapter)
     notes = []
     model_grid = grid if grid is not None else getattr(pipeline_or_transformer, "grid", None)
     if model_grid is not None and Grid.of(model_grid) != config.geometry.grid:
@@ -284,7 +278,7 @@ def apply(
 
     pipeline = pipeline_or_transformer if pipeline_or_transformer is not transformer else None
     handle = CompactHandle(config, transformer, StepTracker(pipeline), backend, notes)
-    handle._attention_handle = installers[model.adapter](transformer, handle.attention)
+    handle._attention_handle = install(transformer, handle.attention)
 
     def before_forward(module, args, kwargs):
         handle.tracker.observe(kwargs.get("timestep", args[1] if len(args) > 1 else None))
