@@ -19,6 +19,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -158,8 +159,9 @@ class CompactHandle:
     _lengths: dict[str, torch.Tensor] = field(default_factory=dict)
     _warned_unknown_step: bool = False
 
-    @property
+    @cached_property
     def layout(self) -> TileLayout:
+        # One layout per handle: its permutation indices are built once, not on every call.
         return self.config.layout()
 
     def set_step(self, step: int, num_steps: int) -> None:
