@@ -123,6 +123,10 @@ class HeadRecalls:
     minimum: torch.Tensor  # [H] the worst sample
     worst_tile: torch.Tensor  # [H] the worst query tile of any sample
 
+    def measure(self, statistic: str) -> torch.Tensor:
+        """[H] fp64: the recall the gate compares, mean or worst over samples."""
+        return (self.mean if statistic == "mean" else self.minimum).double()
+
 
 def head_recalls(tile_masks: torch.Tensor, samples: torch.Tensor) -> HeadRecalls:
     """tile_masks [H, nt, nt], samples [S, H, nt, nt]."""
@@ -188,20 +192,27 @@ def check_config(
                 samples_per_bucket[bucket] = samples.shape[0]
                 recalls = head_recalls(masks, samples)
                 base_recalls = head_recalls(base_masks, samples) if base_masks is not None else None
+                value = recalls.measure(statistic)  # [H]
+                base = base_recalls.measure(statistic) if base_recalls is not None else None
                 for head in range(config.model.num_heads):
+                    reasons = []
+                    if min_recall is not None and value[head] < min_recall - tolerance:
+                        reasons.append(f"recall {value[head]:.4f} < {min_recall:.4f}")
+                    if base is not None and value[head] < base[head] - tolerance:
+                        reasons.append(f"recall {value[head]:.4f} < baseline {base[head]:.4f}")
                     rows.append(
-                        _judge(
-                            bucket,
-                            layer,
-                            head,
-                            config,
-                            tile_grid,
-                            masks,
-                            recalls,
-                            base_recalls,
-                            min_recall,
-                            statistic,
-                            tolerance,
+                        HeadCheck(
+                            bucket=bucket,
+                            layer=layer,
+                            head=head,
+                            kind=config.pattern(bucket, layer, head).kind(tile_grid),
+                            density=float(densities[-1][head]),
+                            recall_mean=float(recalls.mean[head]),
+                            recall_min=float(recalls.minimum[head]),
+                            recall_worst_tile=float(recalls.worst_tile[head]),
+                            baseline_recall=None if base is None else float(base[head]),
+                            passed=not reasons,
+                            reason="; ".join(reasons),
                         )
                     )
             if progress is not None:
@@ -229,45 +240,6 @@ def check_config(
     if kernel:
         report.kernel = check_kernel(config, layers=kernel_layers)
     return report
-
-
-def _judge(
-    bucket,
-    layer,
-    head,
-    config,
-    tile_grid,
-    masks,
-    recalls,
-    base_recalls,
-    min_recall,
-    statistic,
-    tolerance,
-) -> HeadCheck:
-    value = recalls.mean[head] if statistic == "mean" else recalls.minimum[head]
-    value = float(value)
-    reasons = []
-    if min_recall is not None and value < min_recall - tolerance:
-        reasons.append(f"recall {value:.4f} < {min_recall:.4f}")
-    base_value = None
-    if base_recalls is not None:
-        base = base_recalls.mean[head] if statistic == "mean" else base_recalls.minimum[head]
-        base_value = float(base)
-        if value < base_value - tolerance:
-            reasons.append(f"recall {value:.4f} < baseline {base_value:.4f}")
-    return HeadCheck(
-        bucket=bucket,
-        layer=layer,
-        head=head,
-        kind=config.pattern(bucket, layer, head).kind(tile_grid),
-        density=float(mask_density(masks[head])),
-        recall_mean=float(recalls.mean[head]),
-        recall_min=float(recalls.minimum[head]),
-        recall_worst_tile=float(recalls.worst_tile[head]),
-        baseline_recall=base_value,
-        passed=not reasons,
-        reason="; ".join(reasons),
-    )
 
 
 # Relative error allowed between the kernel and the fp32 reference, by input dtype.

@@ -210,6 +210,16 @@ def _key_lengths(layout: TileLayout, num_slots: int, device: torch.device) -> to
     return lengths.to(device)
 
 
+def _constants(q_slots: torch.Tensor) -> dict:
+    """Compile-time constants both kernels share."""
+    return {
+        "HEAD_DIM": q_slots.shape[-1],
+        "BLOCK_N": BLOCK_N,
+        "COMPUTE_IN_FP32": _interpreting() or q_slots.dtype == torch.float32,
+        "DOT_PRECISION": _dot_precision(q_slots),
+    }
+
+
 def _launch(tuned, plain, num_slots: int, bh: int, args: tuple, constants: dict) -> None:
     """Launch over (query blocks, batch x heads): autotuned, or the first config directly."""
     if _autotune_enabled():
@@ -224,15 +234,10 @@ def _launch(tuned, plain, num_slots: int, bh: int, args: tuple, constants: dict)
 def _launch_log_sum_exp(
     q_slots: torch.Tensor, k_slots: torch.Tensor, key_lengths: torch.Tensor, qk_scale: float
 ) -> torch.Tensor:
-    bh, num_slots, head_dim = q_slots.shape
+    bh, num_slots, _ = q_slots.shape
     lse = torch.empty((bh, num_slots), dtype=torch.float32, device=q_slots.device)
     args = (q_slots, k_slots, key_lengths, lse, num_slots, num_slots // BLOCK_N, qk_scale)
-    constants = {
-        "HEAD_DIM": head_dim,
-        "BLOCK_N": BLOCK_N,
-        "COMPUTE_IN_FP32": _interpreting() or q_slots.dtype == torch.float32,
-        "DOT_PRECISION": _dot_precision(q_slots),
-    }
+    constants = _constants(q_slots)
     _launch(_log_sum_exp_tuned, _log_sum_exp_kernel, num_slots, bh, args, constants)
     return lse
 
@@ -244,19 +249,13 @@ def _launch_tile_mass(
     key_lengths: torch.Tensor,
     qk_scale: float,
 ) -> torch.Tensor:
-    bh, num_slots, head_dim = q_slots.shape
+    bh, num_slots, _ = q_slots.shape
     num_key_blocks = num_slots // BLOCK_N
     out = torch.empty(
         (bh, num_slots // QUERY_GROUP, num_key_blocks), dtype=torch.float32, device=q_slots.device
     )
     args = (q_slots, k_slots, lse, key_lengths, out, num_slots, num_key_blocks, qk_scale)
-    constants = {
-        "HEAD_DIM": head_dim,
-        "BLOCK_N": BLOCK_N,
-        "QUERY_GROUP": QUERY_GROUP,
-        "COMPUTE_IN_FP32": _interpreting() or q_slots.dtype == torch.float32,
-        "DOT_PRECISION": _dot_precision(q_slots),
-    }
+    constants = {**_constants(q_slots), "QUERY_GROUP": QUERY_GROUP}
     _launch(_tile_mass_tuned, _tile_mass_kernel, num_slots, bh, args, constants)
     return out
 
