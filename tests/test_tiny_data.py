@@ -91,3 +91,30 @@ def test_scene_spec_rejects_unknown_values():
             True,
             0.0,
         )
+
+
+@pytest.mark.parametrize("axis_directions", [("left", "right"), ("up", "down")])
+def test_positions_do_not_reveal_the_direction(axis_directions):
+    """Opposite directions cover the same positions (the path midpoint is direction-free), so
+    where the object is in one frame says little about its direction: frame order must."""
+    specs = data.sample_scene_specs(3000, torch.Generator().manual_seed(5), split="all")
+    midpoints: dict[str, list[float]] = {d: [] for d in axis_directions}
+    for spec in specs:
+        if spec.direction not in midpoints:
+            continue
+        dx, dy = data.DIRECTIONS[spec.direction]
+        half_travel = data.SPEEDS[spec.speed] * (data.NUM_FRAMES - 1) / 2
+        start = spec.start_x if dx else spec.start_y
+        midpoints[spec.direction].append(start + (dx or dy) * half_travel)
+    first, second = (torch.tensor(midpoints[d]) for d in axis_directions)
+    assert len(first) > 300 and len(second) > 300
+    assert abs(first.mean() - second.mean()) < 0.5
+    assert abs(first.min() - second.min()) < 1.0 and abs(first.max() - second.max()) < 1.0
+    # Every path stays in frame.
+    extent = data.WIDTH if axis_directions[0] == "left" else data.HEIGHT
+    for spec in specs:
+        if spec.direction in axis_directions:
+            dx, dy = data.DIRECTIONS[spec.direction]
+            start = spec.start_x if dx else spec.start_y
+            end = start + (dx or dy) * data.SPEEDS[spec.speed] * (data.NUM_FRAMES - 1)
+            assert spec.size < min(start, end) and max(start, end) < extent - spec.size
