@@ -473,7 +473,17 @@ def train_tiny(
     steps: Annotated[
         int, typer.Option(help="Total optimizer steps (a resumed run counts on).")
     ] = 8000,
-    batch_size: Annotated[int, typer.Option(help="Videos per step.")] = 64,
+    batch_size: Annotated[
+        int, typer.Option(help="Videos per step (per rank under torchrun).")
+    ] = 64,
+    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.")] = 5e-4,
+    heads: Annotated[
+        int, typer.Option(help="Attention heads per layer (new runs; a resume keeps its own).")
+    ] = 8,
+    head_dim: Annotated[int, typer.Option(help="Head dimension (new runs).")] = 32,
+    compile_model: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the transformer (CUDA).")
+    ] = False,
     warmup_steps: Annotated[int, typer.Option(help="Learning-rate warm-up steps.")] = 200,
     time_shift: Annotated[
         float, typer.Option(help="Shift of training times towards high noise (1 = none).")
@@ -493,7 +503,7 @@ def train_tiny(
     import torch
     from rich.table import Table
 
-    from compact_search.models.tiny.pipeline import WEIGHTS_DIR
+    from compact_search.models.tiny.pipeline import WEIGHTS_DIR, TinyModelConfig
     from compact_search.models.tiny.train import TrainConfig, train_and_save
 
     if device == "auto":
@@ -506,12 +516,20 @@ def train_tiny(
             warmup_steps=warmup_steps,
             time_shift=time_shift,
             max_seconds=max_seconds,
+            learning_rate=learning_rate,
+            compile=compile_model,
+        )
+        if heads < 1 or head_dim < 2 or head_dim % 2:
+            raise ValueError(f"need --heads >= 1 and an even --head-dim, got {heads}, {head_dim}")
+        model_config = (
+            None if resume_from is not None else TinyModelConfig(num_heads=heads, head_dim=head_dim)
         )
     except ValueError as exc:
         raise UserInputError(str(exc)) from exc
     result = train_and_save(
         config,
         out or WEIGHTS_DIR,
+        model_config=model_config,
         device=device,
         resume_from=resume_from,
         checkpoint_dir=checkpoint_dir,

@@ -1,5 +1,6 @@
 """Training the tiny model: a few CPU steps of a shrunken architecture, checkpoint and resume."""
 
+import json
 import math
 
 import torch
@@ -31,3 +32,46 @@ def test_train_checkpoint_resume_and_load(tmp_path):
     video = pipeline("a red circle moves left slowly over a plain grey background", num_steps=1)
     assert video.videos.shape == (1, 3, 8, 32, 32)
     assert torch.isfinite(video.videos).all()
+
+
+def _train_rank(rank: int, world_size: int, port: int, directory: str) -> None:
+    import os
+    from pathlib import Path
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)
+    config = TrainConfig(seed=5, steps=3, batch_size=2, warmup_steps=1, log_every=1)
+    result = train_and_save(
+        config,
+        Path(directory) / f"model-{rank}",
+        model_config=SMALL,
+        checkpoint_dir=Path(directory) / f"ckpt-{rank}",
+        log=print,
+    )
+    # Every rank's averaged weights, to compare across ranks.
+    weights = torch.cat([p.detach().flatten() for p in result.pipeline.transformer.parameters()])
+    torch.save(weights, Path(directory) / f"weights-{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_data_parallel_ranks_stay_identical_and_rank0_alone_writes(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_train_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    first, second = (torch.load(tmp_path / f"weights-{r}.pt") for r in (0, 1))
+    assert torch.equal(first, second)  # averaged gradients: no drift between ranks
+    assert (tmp_path / "model-0" / "tiny-wan.json").is_file()
+    assert not (tmp_path / "model-1").exists() and not (tmp_path / "ckpt-1").exists()
+    record = json.loads((tmp_path / "ckpt-0" / "checkpoint.json").read_text())
+    assert record["world_size"] == 2 and record["chunks"][-1]["batch_size"] == 4
