@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
 
-from compact_search.errors import UserInputError
+from compact_search.errors import ConfigError, UserInputError
 from compact_search.geometry import Grid
 from compact_search.models.adapters import Adapter, adapter_for, get_adapter
 from compact_search.profiling.settings import ProfileSettings
@@ -110,12 +111,57 @@ def _patch_sizes(config) -> tuple[int, int, int]:
     return (getattr(config, "patch_size_t", None) or 1, patch, patch)
 
 
+def _pipeline_grid(pipe, settings: ProfileSettings) -> Grid:
+    """The token grid (F, H, W) `pipe` samples at the settings' size.
+
+    Sizes the pipeline would change are refused: Wan rounds the frame count down to 1 + a
+    multiple of the VAE's temporal factor (a grid from the asked count would then take a whole
+    latent frame for prefix tokens), and sizes that are not whole patches fail inside Wan and
+    CogVideoX.
+    """
+    temporal = getattr(pipe, "vae_scale_factor_temporal", 4)
+    spatial = getattr(pipe, "vae_scale_factor_spatial", 8)
+    pt, ph, pw = _patch_sizes(pipe.transformer.config)
+    where, name = f"profile {settings.name!r}", type(pipe).__name__
+    if (settings.frames - 1) % temporal:
+        nearest = (settings.frames - 1) // temporal * temporal + 1
+        raise ConfigError(
+            where,
+            "sampling.frames",
+            f"{name} samples 1 + a multiple of {temporal} frames, got {settings.frames} "
+            f"(e.g. {nearest} or {nearest + temporal})",
+        )
+    for field, size, unit in (
+        ("sampling.height", settings.height, spatial * ph),
+        ("sampling.width", settings.width, spatial * pw),
+    ):
+        if size % unit:
+            raise ConfigError(
+                where, field, f"{name} needs a multiple of {unit} (VAE x patch), got {size}"
+            )
+    latent_frames = (settings.frames - 1) // temporal + 1
+    # CogVideoX 1.5 (patch_size_t 2) pads the latent frames up to whole temporal patches:
+    # 49 frames -> 13 latent -> 14 -> F = 7.
+    return Grid(
+        -(-latent_frames // pt), settings.height // (spatial * ph), settings.width // (spatial * pw)
+    )
+
+
 def _diffusers(settings: ProfileSettings, device: torch.device) -> ProfiledModel:
     from diffusers import DiffusionPipeline
 
     path = Path(settings.source)
     if not (path / "model_index.json").is_file():
         raise UserInputError(f"{path} is not a local diffusers pipeline (no model_index.json)")
+    # transformers holds the text encoders and tokenizers; without accelerate diffusers refuses
+    # to load a Wan transformer (its fp32 modules) and randomly initialises any other model in
+    # full before reading its weights.
+    missing = [name for name in ("transformers", "accelerate") if find_spec(name) is None]
+    if missing:
+        raise UserInputError(
+            f"loading the diffusers pipeline {path} needs {' and '.join(missing)}: "
+            f"pip install {' '.join(missing)}"
+        )
     pipe = DiffusionPipeline.from_pretrained(
         str(path), torch_dtype=DTYPES[settings.dtype], local_files_only=True
     ).to(device)
@@ -126,14 +172,7 @@ def _diffusers(settings: ProfileSettings, device: torch.device) -> ProfiledModel
             f"{path} holds a {type(transformer).__name__}; the profile names adapter "
             f"{settings.adapter!r}"
         )
-    temporal = getattr(pipe, "vae_scale_factor_temporal", 4)
-    spatial = getattr(pipe, "vae_scale_factor_spatial", 8)
-    pt, ph, pw = _patch_sizes(transformer.config)
-    grid = Grid(
-        ((settings.frames - 1) // temporal + 1) // pt,
-        settings.height // (spatial * ph),
-        settings.width // (spatial * pw),
-    )
+    grid = _pipeline_grid(pipe, settings)
 
     def sample(prompt: str, seed: int, on_step: Callable[[int], None]) -> None:
         def after_step(_pipe, step: int, _timestep, callback_kwargs: dict) -> dict:
