@@ -5,6 +5,8 @@ Exit codes: 0 ok, 1 check failed / regression, 2 bad input or usage.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.exceptions import TyperException
 
 from compact_search.errors import UserInputError
@@ -87,11 +90,19 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for every stage's files.")] = Path("runs/demo"),
     trials: Annotated[int, typer.Option(help="Optuna trials of the search.")] = 24,
     prompts: Annotated[int, typer.Option(help="Held-out prompts to evaluate.")] = 4,
+    block_size: Annotated[
+        int | None, typer.Option(help="Mask block in tokens (default: the demo's, see docs).")
+    ] = None,
 ) -> None:
     """profile -> optimize -> export -> check -> evaluate on the built-in model, with a summary."""
     from compact_search.demo import DemoOptions, run_demo
 
-    summary = run_demo(out, DemoOptions(trials=trials, eval_prompts=prompts), say=console.print)
+    options = DemoOptions(trials=trials, eval_prompts=prompts)
+    if block_size is not None:
+        if block_size < 16 or block_size & (block_size - 1):
+            raise UserInputError(f"--block-size must be a power of two >= 16, got {block_size}")
+        options = dataclasses.replace(options, block_size=block_size)
+    summary = run_demo(out, options, say=console.print)
     render_evaluation(summary.evaluation, title="demo: dense vs compact on held-out prompts")
     check = summary.check
     verdict = "[green]PASS[/]" if check.passed else "[red]FAIL[/]"
@@ -479,8 +490,8 @@ def train_tiny(
     learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.")] = 5e-4,
     heads: Annotated[
         int, typer.Option(help="Attention heads per layer (new runs; a resume keeps its own).")
-    ] = 8,
-    head_dim: Annotated[int, typer.Option(help="Head dimension (new runs).")] = 32,
+    ] = 4,
+    head_dim: Annotated[int, typer.Option(help="Head dimension (new runs).")] = 64,
     compile_model: Annotated[
         bool, typer.Option("--compile", help="torch.compile the transformer (CUDA).")
     ] = False,
@@ -536,6 +547,8 @@ def train_tiny(
         command=" ".join(["compact-search", *sys.argv[1:]]),
         log=console.print,
     )
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports
     table = Table(title="tiny model trained", show_header=False)
     for key in ("seed", "steps", "final_loss", "seconds", "device"):
         table.add_row(key, str(result.record[key]))
@@ -620,7 +633,11 @@ def main(argv: list[str] | None = None) -> None:
     except (UserInputError, OSError) as exc:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escape: messages may hold brackets (paths, "pip install 'pkg[extra]'") that rich would
+        # otherwise read as markup and drop.
+        err_console.print(
+            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+        )
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("interrupted")
@@ -634,8 +651,8 @@ def main(argv: list[str] | None = None) -> None:
         if _state["debug"]:
             raise
         err_console.print(
-            f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (--debug shows the "
-            "traceback)",
+            f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} "
+            "(--debug shows the traceback)",
             highlight=False,
             soft_wrap=True,
         )

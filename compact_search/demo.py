@@ -78,6 +78,7 @@ def run_demo(
         dense_steps=dense_steps,
         n_trials=options.trials,
         workers=options.workers,
+        block_size=options.block_size,
     )
     stage("2/6 optimize", lambda: optimize_profile(out_dir / "profile", out_dir / "run", search))
     exported = stage(

@@ -46,3 +46,14 @@ def test_bad_files_give_one_line_and_debug_gives_the_traceback(tmp_path):
     assert len(lines) == 1 and "not valid JSON" in lines[0] and str(truncated) in lines[0]
     debug = run_cli("--debug", "check", "--config", str(truncated), "--profile", str(tmp_path))
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_error_lines_keep_square_brackets(tmp_path):
+    """rich markup must not eat bracketed text such as "run[extra]" in messages."""
+    folder = tmp_path / "run[extra]"
+    folder.mkdir()
+    truncated = folder / "config.json"
+    truncated.write_text('{"format": "compact-search/config", "vers')
+    result = run_cli("check", "--config", str(truncated), "--profile", str(tmp_path))
+    assert result.returncode == 2
+    assert str(truncated) in " ".join(result.stderr.split())

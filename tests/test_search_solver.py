@@ -63,6 +63,10 @@ def test_offset_tables_match_masks(spec, seed):
     assert cost == pytest.approx(float(layout.cost(mask)), abs=1e-9)
     dense_only = CostModel.density_only(tile_grid)
     assert (dense_only.per_offset * kept).sum() == pytest.approx(float(density(mask)), abs=1e-6)
+    # The dense pattern costs the padded full mask the kernel runs, not the unpadded 1.0.
+    full = torch.ones(tile_grid.num_tokens, tile_grid.num_tokens, dtype=torch.bool)
+    assert cost_model.dense_cost == pytest.approx(float(layout.cost(full)), abs=1e-9)
+    assert cost_model.dense_cost > 1.0  # 7x15x18 in 2x4x4 tiles pads its 16-token blocks
 
 
 def kept_offsets(pattern: HeadPattern, tile_grid: Grid) -> np.ndarray:

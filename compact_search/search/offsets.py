@@ -66,7 +66,9 @@ class CostModel:
     tile_grid: Grid
     per_offset: np.ndarray  # [Ft, Ht, Wt] float64
     constant: float
-    dense_cost: float  # the cost of HeadPattern.dense(): 1.0 (dense blocks over dense blocks)
+    # The cost of HeadPattern.dense(): every tile pair kept. With a layout that is the padded
+    # full mask the kernel runs (> 1 where tiles pad their blocks), not the unpadded 1.0.
+    dense_cost: float
 
     def __post_init__(self) -> None:
         if self.per_offset.shape != self.tile_grid.as_tuple():
@@ -88,7 +90,10 @@ class CostModel:
         pb = layout.prefix_blocks
         prefix = pb * pb + 2 * pb * float(counts.sum())
         dense = float(layout.dense_blocks)
-        return cls(tg, (table / dense).reshape(tg.as_tuple()).numpy(), prefix / dense, 1.0)
+        full_mask = float(table.sum()) + prefix  # = (prefix blocks + tile blocks) ** 2
+        return cls(
+            tg, (table / dense).reshape(tg.as_tuple()).numpy(), prefix / dense, full_mask / dense
+        )
 
 
 def density_table(tile_grid: Grid) -> np.ndarray:
