@@ -316,3 +316,15 @@ def test_missing_checkpoint_is_one_line(tmp_path):
     settings = load_settings(write_profile(tmp_path, text=text))
     with pytest.raises(UserInputError, match="not a local diffusers pipeline"):
         run_profile(settings, tmp_path / "profile", progress=False)
+
+
+def test_rank0_gives_up_on_a_dead_rank_with_one_line(tmp_path, monkeypatch):
+    """world=2 but rank 1 never runs: rank 0 stops waiting once nothing changes for a while."""
+    from compact_search.profiling import capture
+
+    monkeypatch.setattr(capture, "MERGE_STALL_S", 0.3)
+    monkeypatch.setattr(capture, "MERGE_POLL_S", 0.05)
+    settings = load_settings(write_profile(tmp_path, "per-prompt"))
+    with pytest.raises(UserInputError, match=r"no rank wrote a unit .* prompts \[1\]"):
+        run_profile(settings, tmp_path / "profile", rank=0, world=2, progress=False)
+    assert not (tmp_path / "profile" / "profile.json").exists()

@@ -53,6 +53,9 @@ PROFILE_FORMAT = "compact-search/profile"
 PROFILE_VERSION = 1
 # How often rank 0 looks for the other ranks' units while waiting to merge, in seconds.
 MERGE_POLL_S = 2.0
+# Rank 0 gives up when no rank has added a unit for this long (a dead rank, e.g. one launched
+# separately from a job scheduler; torchrun itself stops every rank when one fails).
+MERGE_STALL_S = 3600.0
 
 
 class _SamplingDone(Exception):
@@ -315,12 +318,22 @@ def _capture_prompt(
 def _wait_for_ranks(store: ProfileStore, steps, layers, num_prompts: int, world: int) -> None:
     """Rank 0 waits until the other ranks' units cover every prompt (file-based, no NCCL)."""
     everything = set(range(num_prompts))
+    progress, last_change = -1, time.monotonic()
     while True:
         covered = store.covered(steps, layers)
         if all(prompts >= everything for prompts in covered.values()):
             return
         if world == 1:
             raise UserInputError(f"{store.root}: capture finished with prompts missing")
+        done = sum(len(prompts) for prompts in covered.values())
+        if done != progress:
+            progress, last_change = done, time.monotonic()
+        elif time.monotonic() - last_change > MERGE_STALL_S:
+            missing = sorted(everything - set.intersection(*covered.values()))
+            raise UserInputError(
+                f"{store.root}: no rank wrote a unit for {MERGE_STALL_S:.0f} s; prompts "
+                f"{missing} are incomplete (is a rank dead? rerun the same command to resume)"
+            )
         time.sleep(MERGE_POLL_S)
 
 
