@@ -498,7 +498,7 @@ def train_tiny(
     warmup_steps: Annotated[int, typer.Option(help="Learning-rate warm-up steps.")] = 200,
     time_shift: Annotated[
         float, typer.Option(help="Shift of training times towards high noise (1 = none).")
-    ] = 1.0,
+    ] = 3.0,
     max_seconds: Annotated[
         float | None, typer.Option(help="Stop (and save) after this many seconds of training.")
     ] = None,
