@@ -9,8 +9,18 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib.util  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# The GPU machine's image has no optuna (a hard dependency here): its modules hold no GPU tests,
+# so `pytest -m gpu` there skips collecting them instead of stopping on the import error.
+collect_ignore = (
+    ["test_search_solver.py", "test_search_study.py"]
+    if importlib.util.find_spec("optuna") is None
+    else []
+)
 
 
 def pytest_collection_modifyitems(config, items):
