@@ -328,3 +328,35 @@ def test_rank0_gives_up_on_a_dead_rank_with_one_line(tmp_path, monkeypatch):
     with pytest.raises(UserInputError, match=r"no rank wrote a unit .* prompts \[1\]"):
         run_profile(settings, tmp_path / "profile", rank=0, world=2, progress=False)
     assert not (tmp_path / "profile" / "profile.json").exists()
+
+
+def test_source_identity_follows_configs_and_weight_sizes_not_timestamps(tmp_path):
+    from compact_search.profiling.capture import source_identity
+
+    folder = tmp_path / "checkpoint"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    config = folder / "transformer" / "config.json"
+    config.write_text('{"num_layers": 30}')
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"\0" * 64)
+    first = source_identity(str(folder))
+    os.utime(weights, (1, 1))  # a copy with new timestamps is the same checkpoint
+    assert source_identity(str(folder)) == first
+    config.write_text('{"num_layers": 40}')
+    assert source_identity(str(folder)) != first
+    config.write_text('{"num_layers": 30}')
+    weights.write_bytes(b"\0" * 128)
+    assert source_identity(str(folder)) != first
+    assert source_identity("builtin:tiny") != source_identity("builtin:tiny-random")
+
+
+def test_resuming_over_other_weights_is_refused(tmp_path, monkeypatch):
+    from compact_search.profiling import capture
+
+    settings = load_settings(write_profile(tmp_path))
+    out = tmp_path / "profile"
+    run_profile(settings, out, progress=False)
+    monkeypatch.setattr(capture, "source_identity", lambda source: "retrained")
+    with pytest.raises(UserInputError, match="other settings or model weights"):
+        run_profile(settings, out, progress=False)

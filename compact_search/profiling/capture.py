@@ -215,7 +215,11 @@ def run_profile(
         # Rank 0 would clear the folder while other ranks read it: delete it before launching.
         raise UserInputError("--restart is not supported under torchrun; remove the folder instead")
     store = ProfileStore(out)
-    settings_fingerprint = settings.fingerprint()
+    # Settings and the weights they point at: resuming over other weights (a retrained built-in
+    # model, a replaced checkpoint) is refused like resuming over other settings.
+    settings_fingerprint = hashlib.sha256(
+        f"{settings.fingerprint()}:{source_identity(settings.source)}".encode()
+    ).hexdigest()
     if store.is_complete() and not restart:
         store.begin(settings.to_json(), settings_fingerprint)
         metadata = _read_metadata(store)
@@ -276,6 +280,29 @@ def run_profile(
     store.write_metadata(metadata)
     return ProfileResult(store.root, True, resumed, captured, total_units - todo_units,
                          time.perf_counter() - started, metadata)  # fmt: skip
+
+
+def source_identity(source: str) -> str:
+    """sha256 naming the weights behind ``model.source``, cheap even for a 30 GB checkpoint.
+
+    Built-in tiny model: its model JSON (which records the training run of the shipped weights).
+    Other built-ins are seeded in code. A folder: the text of every JSON in it and the name and
+    size of every other file (weights are not read).
+    """
+    digest = hashlib.sha256(source.encode())
+    if source == "builtin:tiny":
+        from compact_search.models.tiny.pipeline import CONFIG_FILE, WEIGHTS_DIR
+
+        digest.update((WEIGHTS_DIR / CONFIG_FILE).read_bytes())
+    elif not source.startswith("builtin:"):
+        folder = Path(source)
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            name = path.relative_to(folder).as_posix()
+            if path.suffix == ".json":
+                digest.update(f"{name}:".encode() + path.read_bytes())
+            else:
+                digest.update(f"{name}:{path.stat().st_size}".encode())
+    return digest.hexdigest()
 
 
 def _capture_prompt(

@@ -211,7 +211,7 @@ class ProfileStore:
                 raise UserInputError(f"{self.settings_path}: corrupt settings file") from None
             if recorded != fingerprint:
                 raise UserInputError(
-                    f"{self.root} holds a profile with other settings; "
+                    f"{self.root} holds a profile with other settings or model weights; "
                     "pass --restart to discard it or choose another --out"
                 )
             return True
