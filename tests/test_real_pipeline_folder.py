@@ -1,12 +1,12 @@
 """A diffusers pipeline folder on disk, driven through every command of docs/real-models.md.
 
-Tiny random-weight Wan2.1 and CogVideoX pipelines are built in code (transformer, VAE, T5-family
-text encoder, the scheduler the published checkpoints use, and a tokenizer made offline) and
+Tiny random-weight Wan2.1, CogVideoX and HunyuanVideo pipelines are built in code (transformer,
+VAE, text encoders, the scheduler the published checkpoints use, and tokenizers made offline) and
 saved with `save_pretrained`. On each folder: `profile` (for Wan also under torchrun) ->
 `optimize` -> `export` (and `--recall 0.85`) -> `check` on a profile of held-out prompts, then
 step 4's Python: `from_pretrained`, `compact_search.apply(pipe, "config.json")`, a generation,
 `handle.revert()`, the one-line error at another resolution and `apply(..., rescale=True,
-grid=...)`.
+grid=...)`. Step 4 on HunyuanVideo is an expected failure today (`expect_apply_failure_on_hunyuan`).
 
 Random weights attend almost uniformly, so the search keeps most tiles (mean density ~0.9): the
 tests pin the plumbing between a real pipeline folder and every stage, not sparsity.
@@ -27,9 +27,10 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import cli
 import compact_search
@@ -56,18 +57,41 @@ STEPS = 6
 LAYERS, HEADS, HEAD_DIM = 2, 2, 16
 
 
-def offline_tokenizer() -> PreTrainedTokenizerFast:
-    """A T5-style word tokenizer (pad 0, eos 1, unk 2) over the test prompts, built in code."""
-    words = sorted({w for p in PROMPTS + HELD_OUT for w in re.findall(r"\w+|[^\w\s]+", p.lower())})
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(words)}
-    tokenizer = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()  # the same split as the regex above
+def word_tokenizer(
+    texts: list[str], specials: list[str], split, single: str, lowercase: bool = False, **roles
+) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer built in code: `specials` first (ids 0, 1, ...), then every piece
+    `split` (a pre-tokenizer) cuts `texts` into; `single` is the post-processing template."""
+    normalizer = normalizers.Lowercase() if lowercase else None
+    pieces = set()
+    for text in texts:
+        for part in re.split("|".join(map(re.escape, specials)), text):
+            part = normalizer.normalize_str(part) if normalizer else part
+            pieces |= {piece for piece, _ in split.pre_tokenize_str(part)}
+    vocab = {token: i for i, token in enumerate(specials)}
+    vocab |= {piece: i + len(specials) for i, piece in enumerate(sorted(pieces))}
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token=roles["unk_token"]))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = split
+    tokenizer.add_special_tokens(specials)
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="$A </s>", special_tokens=[("</s>", 1)]
-    )  # T5 ends every prompt with eos
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+        single=single, special_tokens=[(t, vocab[t]) for t in specials if t in single.split()]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **roles)
+
+
+def offline_tokenizer() -> PreTrainedTokenizerFast:
+    """A T5-style word tokenizer (pad 0, eos 1, unk 2) over the test prompts; T5 ends every
+    prompt with eos."""
+    return word_tokenizer(
+        PROMPTS + HELD_OUT,
+        ["<pad>", "</s>", "<unk>"],
+        pre_tokenizers.Whitespace(),
+        "$A </s>",
+        lowercase=True,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
     )
 
 
@@ -171,6 +195,100 @@ def build_cogvideox(folder: Path, patch_size_t: int | None = None) -> None:
     pipeline.save_pretrained(folder)
 
 
+# Llama 3's pre-tokenizer pattern. With one token per piece, the part of HunyuanVideo's prompt
+# template before the prompt encodes to 95 tokens, the `crop_start` the pipeline cuts off; a
+# whitespace split would cut into the prompt or leave template tokens in the text.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def build_hunyuan(folder: Path) -> None:
+    """HunyuanVideo's parts at toy size: a Llama text encoder under the pipeline's default prompt
+    template, a CLIP text encoder for the pooled projection, the HunyuanVideo VAE (4x time, 8x
+    space), one dual-stream and one single-stream block, flow-matching Euler with shift 7."""
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    template = DEFAULT_PROMPT_TEMPLATE["template"]
+    tokenizer = word_tokenizer(
+        [template.format(p) for p in PROMPTS + HELD_OUT],
+        ["<|begin_of_text|>", "<|end_of_text|>", "<unk>"]
+        + ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        "<|begin_of_text|> $A",
+        bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>",
+        pad_token="<|end_of_text|>",
+        unk_token="<unk>",
+    )
+    tokenizer_2 = word_tokenizer(
+        PROMPTS + HELD_OUT,
+        ["<|startoftext|>", "<|endoftext|>", "<unk>"],
+        pre_tokenizers.Whitespace(),
+        "<|startoftext|> $A <|endoftext|>",
+        lowercase=True,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+    )
+    special_ids = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+    torch.manual_seed(0)
+    pipeline = diffusers.HunyuanVideoPipeline(
+        tokenizer=tokenizer,
+        # Two layers: the pipeline takes the hidden states of the third layer from the end.
+        text_encoder=LlamaModel(
+            LlamaConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                max_position_embeddings=512,  # the 95 cropped + 256 text tokens
+                **special_ids,
+            )
+        ),
+        tokenizer_2=tokenizer_2,
+        text_encoder_2=CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer_2),
+                hidden_size=8,
+                intermediate_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                projection_dim=8,
+                **special_ids,  # the pooled output is read at the first eos
+            )
+        ),
+        vae=diffusers.AutoencoderKLHunyuanVideo(
+            latent_channels=4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            norm_num_groups=2,
+        ),
+        transformer=diffusers.HunyuanVideoTransformer3DModel(
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=HEADS,
+            attention_head_dim=HEAD_DIM,
+            num_layers=LAYERS // 2,  # dual-stream blocks
+            num_single_layers=LAYERS - LAYERS // 2,
+            num_refiner_layers=1,
+            mlp_ratio=2.0,
+            patch_size=2,
+            patch_size_t=1,
+            text_embed_dim=16,
+            pooled_projection_dim=8,
+            rope_axes_dim=(4, 6, 6),
+        ),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0),
+    )
+    pipeline.save_pretrained(folder)
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -179,14 +297,38 @@ class Case:
     build: Callable[[Path], None]
     guidance: float
     store: str
-    prefix_tokens: int  # text tokens inside self-attention: CogVideoX's 226 padded T5 tokens
-    calls_per_step: int  # transformer calls per step with guidance: Wan 2, CogVideoX 1 (batched)
+    # Text tokens inside self-attention: CogVideoX's 226 padded T5 tokens; HunyuanVideo's real
+    # (unpadded) Llama tokens of the longest prompt, 14 and <|eot_id|>.
+    prefix_tokens: int
+    # Transformer calls per step with guidance: Wan 2, CogVideoX 1 (batched), HunyuanVideo 1
+    # (guidance distilled into the model: an input, not a second pass).
+    calls_per_step: int
+    text_end: str  # the last text-encoder token the pipeline keeps of a prompt
 
 
 CASES = [
-    Case("wan", "wan", "WanPipeline", build_wan, 5.0, "per-prompt", 0, 2),
+    Case("wan", "wan", "WanPipeline", build_wan, 5.0, "per-prompt", 0, 2, "</s>"),
     Case(
-        "cogvideox", "cogvideox", "CogVideoXPipeline", build_cogvideox, 6.0, "prompt-mean", 226, 1
+        "cogvideox",
+        "cogvideox",
+        "CogVideoXPipeline",
+        build_cogvideox,
+        6.0,
+        "prompt-mean",
+        226,
+        1,
+        "</s>",
+    ),
+    Case(
+        "hunyuanvideo",
+        "hunyuanvideo",
+        "HunyuanVideoPipeline",
+        build_hunyuan,
+        6.0,
+        "prompt-mean",
+        15,
+        1,
+        "<|eot_id|>",
     ),
 ]
 
@@ -346,6 +488,22 @@ def test_export_and_check_on_held_out_prompts(workspace):
     assert lower.summary()["mean_density"] <= config.summary()["mean_density"] + 1e-9
 
 
+def expect_apply_failure_on_hunyuan(request, case: Case) -> None:
+    """Step 4 on HunyuanVideo fails today, in compact_search/runtime/apply.py: `apply` compares the
+    transformer's `config.num_layers` (dual-stream blocks only: 1 here, 20 in the checkpoint) with
+    the config's layers (dual + single: 2 here, 60 there), and `CompactHandle.attention` requires
+    every prompt to have the profiled (longest) text length, while the adapter hands it each
+    prompt's real text tokens. Strict: the marker goes once apply is fixed."""
+    if case.adapter == "hunyuanvideo":
+        request.applymarker(
+            pytest.mark.xfail(
+                raises=UserInputError,
+                strict=True,
+                reason="apply on HunyuanVideo: layer count and prompt-dependent text length",
+            )
+        )
+
+
 def load_pipeline(workspace):
     """docs step 4: `WanPipeline.from_pretrained(folder, torch_dtype=...)`, then `.to(device)`."""
     pipeline_class = getattr(diffusers, workspace.case.pipeline)
@@ -353,6 +511,17 @@ def load_pipeline(workspace):
     pipe.to("cpu")
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def prompt_tokens(pipe, prompt: str) -> list[str]:
+    """The text-encoder tokens the pipeline keeps of a prompt: for HunyuanVideo those after the
+    `crop_start` tokens of its template."""
+    if isinstance(pipe, diffusers.HunyuanVideoPipeline):
+        text = DEFAULT_PROMPT_TEMPLATE["template"].format(prompt)
+        ids = pipe.tokenizer(text).input_ids[DEFAULT_PROMPT_TEMPLATE["crop_start"] :]
+    else:
+        ids = pipe.tokenizer(prompt).input_ids
+    return pipe.tokenizer.convert_ids_to_tokens(ids)
 
 
 def generate(pipe, case: Case, width: int = SIZE["width"]) -> np.ndarray:
@@ -369,11 +538,12 @@ def generate(pipe, case: Case, width: int = SIZE["width"]) -> np.ndarray:
     ).frames[0]
 
 
-def test_step4_generates_with_the_config_and_reverts_exactly(workspace):
+def test_step4_generates_with_the_config_and_reverts_exactly(workspace, request):
     case = workspace.case
+    expect_apply_failure_on_hunyuan(request, case)
     pipe = load_pipeline(workspace)
-    ids = pipe.tokenizer(PROMPTS[0]).input_ids
-    assert ids[-1] == pipe.tokenizer.eos_token_id and pipe.tokenizer.unk_token_id not in ids
+    tokens = prompt_tokens(pipe, PROMPTS[0])
+    assert tokens[0] == "a" and tokens[-1] == case.text_end and "<unk>" not in tokens
     attention = get_adapter(case.adapter).attention_modules
     originals = [m.processor for m in attention(pipe.transformer)]
     dense = generate(pipe, case)
@@ -401,8 +571,9 @@ def test_step4_generates_with_the_config_and_reverts_exactly(workspace):
     assert np.array_equal(generate(pipe, case), dense)
 
 
-def test_other_resolution_fails_in_one_line_and_rescale_runs(workspace):
+def test_other_resolution_fails_in_one_line_and_rescale_runs(workspace, request):
     case = workspace.case
+    expect_apply_failure_on_hunyuan(request, case)
     pipe = load_pipeline(workspace)
     config = str(workspace.path("config.json"))
 
@@ -455,6 +626,23 @@ def test_missing_transformers_or_accelerate_is_one_line(workspace, monkeypatch, 
     assert run("profile", workspace.path("model.toml"), "--out", out) == 2
     line = error_line(capsys.readouterr().err)
     assert "needs accelerate: pip install accelerate" in line and str(workspace.folder) in line
+
+
+@pytest.mark.parametrize("workspace", CASES[2:], indirect=True, ids=["hunyuanvideo"])
+def test_hunyuan_template_crop_leaves_exactly_the_prompt(workspace):
+    """The pipeline wraps every prompt in its Llama chat template and cuts the template's
+    `crop_start` (95) tokens off: the folder's tokenizer leaves each prompt's words and
+    <|eot_id|>, the longest of them the profile's prefix."""
+    tokenizer = AutoTokenizer.from_pretrained(workspace.folder / "tokenizer")
+    template, crop = DEFAULT_PROMPT_TEMPLATE["template"], DEFAULT_PROMPT_TEMPLATE["crop_start"]
+    lengths = []
+    for prompt in PROMPTS + HELD_OUT:
+        ids = tokenizer(template.format(prompt)).input_ids
+        kept = tokenizer.convert_ids_to_tokens(ids[crop:])
+        assert "".join(kept[:-1]) == prompt and kept[-1] == "<|eot_id|>"
+        lengths.append(len(kept))
+    assert load_profile(workspace.path("runs/model/profile")).prefix_tokens == max(lengths[:2])
+    assert len(set(lengths)) > 1  # prompts of different text lengths
 
 
 def test_cogvideox_15_temporal_patches_pad_the_latent_frames(tmp_path):
