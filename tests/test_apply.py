@@ -197,3 +197,32 @@ def test_one_line_apply_follows_the_builtin_sampler():
     assert handle.calls == {"dense": 2, "sparse": 6}
     assert handle.tracker.step == 3 and seen == [0, 1, 2, 3]
     handle.revert()
+
+
+@pytest.mark.parametrize("real_text", [1, 3, 16, 17, 20])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fewer_text_tokens_than_profiled_are_padded_and_never_attended(real_text, backend):
+    """HunyuanVideo hands attention only a prompt's real text tokens, after the video: with fewer
+    than the config's 20 prefix tokens (2 blocks of 16; 3 leaves the second all padding) the
+    missing ones are padded and must get no weight, so dense patterns equal plain attention over
+    the real tokens, and the padded rows are dropped."""
+    from compact_search.runtime.apply import CompactHandle, StepTracker
+
+    model = ModelSpec("small-hunyuan", "hunyuanvideo", num_layers=1, num_heads=2, head_dim=64)
+    geometry = GeometrySpec(GRID, TileShape(2, 2, 3), 16, prefix_tokens=20, prefix_at="end")
+    schedule = StepSchedule(num_steps=4, dense_steps=1, bucket_starts=(1,))
+    config = uniform_config(model, geometry, schedule, HeadPattern.dense())
+    handle = CompactHandle(config, None, StepTracker(None), backend)
+    handle.set_step(3, 4)  # a sparse-bucket step
+    dtype = torch.float16 if backend == "triton" else torch.float32  # the kernel's dtypes
+    gen = torch.Generator().manual_seed(real_text)
+    n = GRID.num_tokens + real_text
+    q, k, v = torch.randn(3, 1, 2, n, 64, generator=gen).to(dtype).unbind(0)  # [B, H, N, D]
+    got = handle.attention(0, q, k, v)
+    expected = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert got.shape == q.shape and handle.calls["sparse"] == 1
+    tolerance = 2e-2 if dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(got.double(), expected, atol=tolerance, rtol=tolerance)
+
+    with pytest.raises(UserInputError, match="longer than every profiled one"):
+        handle.attention(0, *(torch.zeros(1, 2, GRID.num_tokens + 21, 64, dtype=dtype),) * 3)

@@ -6,7 +6,8 @@ saved with `save_pretrained`. On each folder: `profile` (for Wan also under torc
 `optimize` -> `export` (and `--recall 0.85`) -> `check` on a profile of held-out prompts, then
 step 4's Python: `from_pretrained`, `compact_search.apply(pipe, "config.json")`, a generation,
 `handle.revert()`, the one-line error at another resolution and `apply(..., rescale=True,
-grid=...)`. Step 4 on HunyuanVideo is an expected failure today (`expect_apply_failure_on_hunyuan`).
+grid=...)`. HunyuanVideo's prompts differ in real text length: step 4 runs a prompt shorter
+than the longest profiled one (its missing text tokens are padded and masked as keys).
 
 Random weights attend almost uniformly, so the search keeps most tiles (mean density ~0.9): the
 tests pin the plumbing between a real pipeline folder and every stage, not sparsity.
@@ -488,22 +489,6 @@ def test_export_and_check_on_held_out_prompts(workspace):
     assert lower.summary()["mean_density"] <= config.summary()["mean_density"] + 1e-9
 
 
-def expect_apply_failure_on_hunyuan(request, case: Case) -> None:
-    """Step 4 on HunyuanVideo fails today, in compact_search/runtime/apply.py: `apply` compares the
-    transformer's `config.num_layers` (dual-stream blocks only: 1 here, 20 in the checkpoint) with
-    the config's layers (dual + single: 2 here, 60 there), and `CompactHandle.attention` requires
-    every prompt to have the profiled (longest) text length, while the adapter hands it each
-    prompt's real text tokens. Strict: the marker goes once apply is fixed."""
-    if case.adapter == "hunyuanvideo":
-        request.applymarker(
-            pytest.mark.xfail(
-                raises=UserInputError,
-                strict=True,
-                reason="apply on HunyuanVideo: layer count and prompt-dependent text length",
-            )
-        )
-
-
 def load_pipeline(workspace):
     """docs step 4: `WanPipeline.from_pretrained(folder, torch_dtype=...)`, then `.to(device)`."""
     pipeline_class = getattr(diffusers, workspace.case.pipeline)
@@ -538,9 +523,8 @@ def generate(pipe, case: Case, width: int = SIZE["width"]) -> np.ndarray:
     ).frames[0]
 
 
-def test_step4_generates_with_the_config_and_reverts_exactly(workspace, request):
+def test_step4_generates_with_the_config_and_reverts_exactly(workspace):
     case = workspace.case
-    expect_apply_failure_on_hunyuan(request, case)
     pipe = load_pipeline(workspace)
     tokens = prompt_tokens(pipe, PROMPTS[0])
     assert tokens[0] == "a" and tokens[-1] == case.text_end and "<unk>" not in tokens
@@ -571,9 +555,8 @@ def test_step4_generates_with_the_config_and_reverts_exactly(workspace, request)
     assert np.array_equal(generate(pipe, case), dense)
 
 
-def test_other_resolution_fails_in_one_line_and_rescale_runs(workspace, request):
+def test_other_resolution_fails_in_one_line_and_rescale_runs(workspace):
     case = workspace.case
-    expect_apply_failure_on_hunyuan(request, case)
     pipe = load_pipeline(workspace)
     config = str(workspace.path("config.json"))
 

@@ -48,17 +48,14 @@ def find_transformer(obj):
     return getattr(obj, "transformer", obj)
 
 
-def transformer_shape(transformer) -> tuple[int, int, int]:
-    """(self-attention layers, heads, head dim) of a diffusers video transformer."""
+def head_shape(transformer) -> tuple[int, int]:
+    """(heads, head dim) of a diffusers video transformer's self-attention."""
     cfg = getattr(transformer, "config", None)
     heads = getattr(cfg, "num_attention_heads", None)
     head_dim = getattr(cfg, "attention_head_dim", None)
-    layers = getattr(cfg, "num_layers", None)
-    if heads is None or head_dim is None or layers is None:
-        raise UserInputError(
-            f"cannot read layers/heads/head dim from {type(transformer).__name__}.config"
-        )
-    return int(layers), int(heads), int(head_dim)
+    if heads is None or head_dim is None:
+        raise UserInputError(f"cannot read heads/head dim from {type(transformer).__name__}.config")
+    return int(heads), int(head_dim)
 
 
 @dataclass
@@ -156,7 +153,7 @@ class CompactHandle:
     _attention_handle: object | None = None
     _hook: object | None = None
     _masks: dict[tuple[int, int, str], torch.Tensor] = field(default_factory=dict)
-    _lengths: dict[str, torch.Tensor] = field(default_factory=dict)
+    _lengths: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     _warned_unknown_step: bool = False
 
     @cached_property
@@ -186,27 +183,52 @@ class CompactHandle:
             self._masks[key] = self.config.block_masks(bucket, layer).to(device)
         return self._masks[key]
 
-    def key_block_lengths(self, device: torch.device) -> torch.Tensor:
-        key = str(device)
+    def key_block_lengths(self, device: torch.device, prefix_tokens: int) -> torch.Tensor:
+        """[nb] int32 valid keys per block when ``prefix_tokens`` of the layout's prefix are real.
+
+        Cached per (device, count): the kernel's lookup-table cache keys on the tensor itself.
+        """
+        key = (str(device), prefix_tokens)
         if key not in self._lengths:
-            self._lengths[key] = self.layout.key_block_lengths(device)
+            layout = self.layout
+            lengths = layout.key_block_lengths(device).clone()
+            # Prefix token j sits in slot j (prefix blocks first): real ones are a prefix of it.
+            starts = torch.arange(layout.prefix_blocks, device=device) * layout.block_size
+            lengths[: layout.prefix_blocks] = (prefix_tokens - starts).clamp(0, layout.block_size)
+            self._lengths[key] = lengths
         return self._lengths[key]
+
+    def _missing_prefix_tokens(self, num_tokens: int) -> int:
+        """Prefix tokens the layout has beyond the call's (0 if it fits); raises if it can't fit.
+
+        A HunyuanVideo call carries only its prompt's real text tokens, fewer than the longest
+        profiled prompt: the missing ones are padded at the end and masked as keys.
+        """
+        layout = self.layout
+        missing = layout.num_tokens - num_tokens
+        if missing == 0 or (layout.prefix_at == "end" and 0 < missing <= layout.prefix_tokens):
+            return missing
+        hint = "other resolution or frame count? apply(..., rescale=True) adapts the config"
+        if layout.prefix_at == "end" and missing < 0:
+            hint += "; or a prompt longer than every profiled one? profile with longer prompts"
+        raise UserInputError(
+            f"config geometry does not fit the model input: config grid "
+            f"{self.config.geometry.grid} + {layout.prefix_tokens} prefix tokens = "
+            f"{layout.num_tokens} tokens, the model attends over {num_tokens} ({hint})"
+        )
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """The installed attention: q, k, v [B, H, N, D] in model order -> [B, H, N, D]."""
         layout = self.layout
-        if q.shape[2] != layout.num_tokens:
-            raise UserInputError(
-                f"config geometry does not fit the model input: config grid "
-                f"{self.config.geometry.grid} + {layout.prefix_tokens} prefix tokens = "
-                f"{layout.num_tokens} tokens, the model attends over {q.shape[2]} "
-                f"(other resolution or frame count? apply(..., rescale=True) adapts the config)"
-            )
+        num_tokens = q.shape[2]
+        missing = self._missing_prefix_tokens(num_tokens)
         bucket = self.current_bucket()
         if bucket is None:
             self.calls["dense"] += 1
             return F.scaled_dot_product_attention(q, k, v)
         self.calls["sparse"] += 1
+        if missing:
+            q, k, v = (F.pad(t, (0, 0, 0, missing)) for t in (q, k, v))  # [B, H, layout N, D]
         masks = self.block_masks(bucket, layer, q.device)
         out = sparse_attention(
             layout.to_slots(q),
@@ -215,11 +237,12 @@ class CompactHandle:
             masks,
             block_size=layout.block_size,
             backend=self.backend,
-            key_block_lengths=self.key_block_lengths(q.device),
+            key_block_lengths=self.key_block_lengths(q.device, layout.prefix_tokens - missing),
         )  # [B, H, padded_len, D]
         # Gather back through a [B, P, H, D] view: the result is contiguous as [B, N, H, D], which
         # is the layout the processor flattens next, so that step copies nothing.
-        return layout.from_slots(out.transpose(1, 2), dim=1).transpose(1, 2)
+        out = layout.from_slots(out.transpose(1, 2), dim=1).transpose(1, 2)
+        return out[:, :, :num_tokens] if missing else out  # the padded rows dropped
 
     def revert(self) -> None:
         if self._attention_handle is not None:
@@ -259,14 +282,19 @@ def apply(
         A CompactHandle; `handle.revert()` restores the original attention exactly.
     """
     transformer = find_transformer(pipeline_or_transformer)
-    layers, heads, head_dim = transformer_shape(transformer)
     model = config.model
+    install = installer_for(model.adapter)
+    heads, head_dim = head_shape(transformer)
+    # Self-attention layers as the adapter counts them (HunyuanVideo: dual- and single-stream
+    # blocks; its config's num_layers counts the dual-stream ones only).
+    from compact_search.models.adapters import ADAPTERS
+
+    layers = ADAPTERS[model.adapter].num_layers(transformer)
     if (layers, heads, head_dim) != (model.num_layers, model.num_heads, model.head_dim):
         raise UserInputError(
             f"config is for {model.num_layers} layers x {model.num_heads} heads x head dim "
             f"{model.head_dim} ({model.name}); the model has {layers} x {heads} x {head_dim}"
         )
-    install = installer_for(model.adapter)
     notes = []
     model_grid = grid if grid is not None else getattr(pipeline_or_transformer, "grid", None)
     if model_grid is not None and Grid.of(model_grid) != config.geometry.grid:
