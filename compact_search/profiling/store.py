@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 
 from compact_search.errors import UserInputError
 from compact_search.geometry import TileShape
+from compact_search.io import atomic_write_text
 
 UNIT_PATTERN = re.compile(r"^s(\d+)-l(\d+)\.safetensors$")
 STORAGE_DTYPE = torch.float16
@@ -217,9 +218,9 @@ class ProfileStore:
             return True
         self.root.mkdir(parents=True, exist_ok=True)
         payload = {"fingerprint": fingerprint, "settings": settings_json}
-        temporary = self.settings_path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(temporary, self.settings_path)
+        # Under torchrun every rank may get here at once: each writes its own temporary file
+        # (the same content) and renames it into place.
+        atomic_write_text(self.settings_path, json.dumps(payload, indent=2) + "\n")
         return False
 
     def _clear(self) -> None:
@@ -300,6 +301,4 @@ class ProfileStore:
         return digest.hexdigest()
 
     def write_metadata(self, metadata: dict) -> None:
-        temporary = self.metadata_path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(metadata, indent=2) + "\n")
-        os.replace(temporary, self.metadata_path)
+        atomic_write_text(self.metadata_path, json.dumps(metadata, indent=2) + "\n")
