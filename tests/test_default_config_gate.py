@@ -9,17 +9,10 @@ import json
 from pathlib import Path
 
 import pytest
-
-import cli
+from cli_runner import run
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "tiny-default.json"
-
-
-def run(*args):
-    with pytest.raises(SystemExit) as info:
-        cli.main([str(a) for a in args])
-    return info.value.code
 
 
 @pytest.fixture(scope="module")

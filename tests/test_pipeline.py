@@ -9,8 +9,8 @@ import json
 
 import pytest
 import torch
+from cli_runner import run
 
-import cli
 from compact_search.config import load_config
 from compact_search.export import load_flex_masks
 
@@ -35,12 +35,6 @@ layers = "all"
 tiles = [[1, 4, 4], [2, 4, 8]]
 store = "per-prompt"
 """
-
-
-def run(*args):
-    with pytest.raises(SystemExit) as info:
-        cli.main([str(a) for a in args])
-    return info.value.code
 
 
 @pytest.fixture(scope="module")

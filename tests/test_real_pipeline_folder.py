@@ -28,12 +28,12 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from cli_runner import run
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-import cli
 import compact_search
 from compact_search.config import load_config
 from compact_search.errors import UserInputError
@@ -361,12 +361,6 @@ layers = "all"
 tiles = [[1, 4, 4], [3, 4, 4], [1, 8, 8]]
 store = "{case.store}"
 """
-
-
-def run(*args) -> int:
-    with pytest.raises(SystemExit) as info:
-        cli.main([str(a) for a in args])
-    return info.value.code
 
 
 def error_line(stderr: str) -> str:
