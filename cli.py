@@ -530,11 +530,8 @@ def train_tiny(
             learning_rate=learning_rate,
             compile=compile_model,
         )
-        if heads < 1 or head_dim < 2 or head_dim % 2:
-            raise ValueError(f"need --heads >= 1 and an even --head-dim, got {heads}, {head_dim}")
-        model_config = (
-            None if resume_from is not None else TinyModelConfig(num_heads=heads, head_dim=head_dim)
-        )
+        asked = TinyModelConfig(num_heads=heads, head_dim=head_dim)  # validates the flags
+        model_config = None if resume_from is not None else asked  # a resume keeps its own
     except ValueError as exc:
         raise UserInputError(str(exc)) from exc
     result = train_and_save(

@@ -75,3 +75,12 @@ def test_data_parallel_ranks_stay_identical_and_rank0_alone_writes(tmp_path):
     assert not (tmp_path / "model-1").exists() and not (tmp_path / "ckpt-1").exists()
     record = json.loads((tmp_path / "ckpt-0" / "checkpoint.json").read_text())
     assert record["world_size"] == 2 and record["chunks"][-1]["batch_size"] == 4
+
+
+def test_model_config_refuses_odd_head_dims_and_the_cli_says_so_in_one_line():
+    import pytest
+    from cli_runner import run
+
+    with pytest.raises(ValueError, match="even head_dim"):
+        TinyModelConfig(head_dim=33)
+    assert run("train-tiny", "--head-dim", "33", "--steps", "1") == 2

@@ -49,6 +49,11 @@ class TinyModelConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.num_heads < 1 or self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(
+                f"TinyModelConfig needs num_heads >= 1 and an even head_dim (rotary pairs), got "
+                f"{self.num_heads} and {self.head_dim}"
+            )
         for name, size, patch in (
             ("num_frames", self.num_frames, self.patch_size[0]),
             ("height", self.height, self.patch_size[1]),
