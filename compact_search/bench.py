@@ -22,8 +22,10 @@ from compact_search.errors import UserInputError
 from compact_search.geometry import Grid
 from compact_search.patterns import FrameGroup, HeadPattern, Rect
 
-PROVIDERS = ("cudnn", "fa2", "flex", "triton")
-# Not run by default: the kernel with plain pointer loads instead of tensor descriptors.
+# "triton": what `sparse_attention` runs (the Gluon kernel on Hopper); "triton-portable": the
+# portable `tl` kernel that runs everywhere else, timed side by side on Hopper.
+PROVIDERS = ("cudnn", "fa2", "flex", "triton", "triton-portable")
+# Not run by default: the portable kernel with plain pointer loads instead of tensor descriptors.
 EXTRA_PROVIDERS = ("triton-pointers",)
 DENSE_PROVIDERS = ("cudnn", "fa2")
 DEFAULT_DENSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.0)
@@ -313,7 +315,11 @@ def _bench_shape(
 ) -> list[dict[str, object]]:
     """Rows of one shape: dense baselines, then check and time every density."""
     from compact_search.runtime.reference import chunked_reference
-    from compact_search.runtime.triton_attention import autotuned_config, triton_sparse_attention
+    from compact_search.runtime.triton_attention import (
+        autotuned_config,
+        selected_kernel,
+        triton_sparse_attention,
+    )
 
     rows: list[dict[str, object]] = []
     generator = torch.Generator(device="cuda").manual_seed(seed)
@@ -384,6 +390,11 @@ def _bench_shape(
             checks["flex"] = _relative_error(out, flex(q, k, v, block_mask=flex_mask))
         if target >= 1.0 and "cudnn" in dense_out:
             checks["cudnn"] = _relative_error(out, dense_out["cudnn"])
+        if "triton-portable" in providers:
+            portable = triton_sparse_attention(
+                q, k, v, block_mask, block_size=block_size, kernel="portable"
+            )
+            checks["portable"] = _relative_error(out, portable)
         if out.isnan().any():
             raise RuntimeError(f"{shape.name} density {target}: NaN in the kernel output")
         log(
@@ -400,7 +411,16 @@ def _bench_shape(
             timings["triton"] = time_call(
                 lambda m=block_mask: triton_sparse_attention(q, k, v, m, block_size=block_size)
             )
-            log(f"{shape.name} density {density:.3f} kernel config: {autotuned_config()}")
+            log(
+                f"{shape.name} density {density:.3f} kernel: "
+                + selected_kernel(q, k, v, block_size, portable_config=autotuned_config())
+            )
+        if "triton-portable" in providers:
+            timings["triton-portable"] = time_call(
+                lambda m=block_mask: triton_sparse_attention(
+                    q, k, v, m, block_size=block_size, kernel="portable"
+                )
+            )
         if "triton-pointers" in providers:
             timings["triton-pointers"] = time_call(
                 lambda m=block_mask: triton_sparse_attention(
@@ -544,11 +564,12 @@ def plot_speedups(rows: list[dict[str, object]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    sparse = [r for r in rows if r["provider"] in ("triton", "flex") and r["speedup_vs_cudnn"]]
+    names = {"triton": "this kernel", "triton-portable": "portable kernel", "flex": "FlexAttention"}
+    sparse = [r for r in rows if r["provider"] in names and r["speedup_vs_cudnn"]]
     shapes = sorted({r["shape"] for r in sparse})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for color, shape in zip(colors, shapes, strict=False):
-        for provider, style in (("triton", "-o"), ("flex", "--x")):
+        for provider, style in (("triton", "-o"), ("triton-portable", "-.s"), ("flex", "--x")):
             points = sorted(
                 (float(r["density"]), float(r["speedup_vs_cudnn"]))
                 for r in sparse
@@ -556,7 +577,7 @@ def plot_speedups(rows: list[dict[str, object]], path: Path) -> None:
             )
             if points:
                 xs, ys = zip(*points, strict=True)
-                label = f"{shape} {'this kernel' if provider == 'triton' else 'FlexAttention'}"
+                label = f"{shape} {names[provider]}"
                 ax.plot(xs, ys, style, color=color, label=label, alpha=0.9)
     grid = [0.08 + i * 0.01 for i in range(93)]
     ax.plot(grid, [1 / d for d in grid], "k:", label="ideal 1/density")

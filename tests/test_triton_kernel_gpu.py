@@ -40,12 +40,27 @@ def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
     return ((out.float() - expected.float()).norm() / expected.float().norm()).item()
 
 
-@pytest.mark.parametrize("use_tma", [False, True], ids=["pointers", "tma"])
+# (kernel, use_tma, gluon config): the portable kernel on both load paths, the Gluon kernel in
+# its default and its other configs.
+VARIANTS = {
+    "portable-pointers": ("portable", False, None),
+    "portable-tma": ("portable", True, None),
+    "gluon": ("gluon", None, None),
+    "gluon-pingpong": ("gluon", None, dict(pingpong=True)),
+    "gluon-bn64": ("gluon", None, dict(block_n=64, stages=3)),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_kernel_matches_reference_on_gpu(case, use_tma: bool) -> None:
+def test_kernel_matches_reference_on_gpu(case, variant: str) -> None:
     batch, heads, seq_len, head_dim, dtype, block_size, padded = case
+    kernel, use_tma, gluon_config = VARIANTS[variant]
+    hopper = torch.cuda.get_device_capability()[0] == 9
     if use_tma and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor descriptors need Hopper or newer")
+    if kernel == "gluon" and (not hopper or block_size != 128):
+        pytest.skip("the Gluon kernel runs on Hopper with 128-token blocks")
     generator = torch.Generator(device="cuda").manual_seed(seq_len)
     shape = (batch, heads, seq_len, head_dim)
     q, k, v = (torch.randn(shape, device="cuda", generator=generator).to(dtype) for _ in range(3))
@@ -60,16 +75,28 @@ def test_kernel_matches_reference_on_gpu(case, use_tma: bool) -> None:
         ).to(torch.int32)
         lengths[1] = 0
     out = torch.full_like(q, float("nan"))
-    triton_sparse_attention(
-        q,
-        k,
-        v,
-        block_mask,
-        block_size=block_size,
-        key_block_lengths=lengths,
-        out=out,
-        use_tma=use_tma,
-    )
+    if gluon_config is None:
+        triton_sparse_attention(
+            q,
+            k,
+            v,
+            block_mask,
+            block_size=block_size,
+            key_block_lengths=lengths,
+            out=out,
+            use_tma=use_tma,
+            kernel=kernel,
+        )
+    else:
+        from compact_search.runtime.gluon_attention import GluonConfig, gluon_sparse_attention
+        from compact_search.runtime.lut import build_block_lut
+
+        lut = build_block_lut(
+            block_mask, seq_len=seq_len, block_size=block_size, key_block_lengths=lengths
+        )
+        gluon_sparse_attention(
+            q, k, v, out, lut, scale=head_dim**-0.5, config=GluonConfig(**gluon_config)
+        )
     torch.cuda.synchronize()
     expected = chunked_reference(
         q.float(),
@@ -84,7 +111,8 @@ def test_kernel_matches_reference_on_gpu(case, use_tma: bool) -> None:
     assert torch.equal(out[:, 0, :block_size], torch.zeros_like(out[:, 0, :block_size]))
 
 
-def test_dense_mask_matches_sdpa_on_gpu() -> None:
+@pytest.mark.parametrize("kernel", ["portable", "auto"])
+def test_dense_mask_matches_sdpa_on_gpu(kernel: str) -> None:
     generator = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (
         torch.randn(1, 8, 8191, 128, device="cuda", generator=generator)
@@ -95,6 +123,6 @@ def test_dense_mask_matches_sdpa_on_gpu() -> None:
         for _ in range(3)
     )
     block_mask = torch.ones(1, 64, 64, dtype=torch.bool, device="cuda")
-    out = triton_sparse_attention(q, k, v, block_mask, block_size=128)
+    out = triton_sparse_attention(q, k, v, block_mask, block_size=128, kernel=kernel)
     expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
     assert relative_error(out, expected) < TOLERANCE[torch.bfloat16]

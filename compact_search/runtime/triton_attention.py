@@ -393,6 +393,58 @@ def _fallback_reason(q: torch.Tensor) -> str | None:
     return None
 
 
+KERNELS = ("auto", "portable", "gluon")
+
+
+def gluon_available() -> bool:
+    """Whether this Triton has the Gluon Hopper API the Gluon kernel is written in."""
+    try:
+        import compact_search.runtime.gluon_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_gluon(
+    kernel: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    block_size: int,
+    *,
+    use_tma: bool | None,
+    config: triton.Config | None,
+) -> bool:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    if kernel == "portable" or (kernel == "auto" and (config is not None or use_tma is False)):
+        return False
+    runs = not _interpreting() and gluon_available()
+    if runs:
+        from compact_search.runtime.gluon_attention import gluon_supports
+
+        runs = gluon_supports(q, k, v, block_size) and gluon_supports(out, out, out, block_size)
+    if kernel == "gluon" and not runs:
+        raise ValueError(
+            "the Gluon kernel needs a compiled (not interpreted) Hopper GPU, block_size 128, "
+            "fp16/bf16, head dim 64 or 128 and 16-byte aligned strides"
+        )
+    return runs
+
+
+def selected_kernel(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, *, portable_config: str
+) -> str:
+    """Which kernel ``kernel="auto"`` runs for these inputs, with its launch config (logs)."""
+    # The output buffer is allocated contiguous: q stands in for its layout check.
+    if _use_gluon("auto", q, k, v, q, block_size, use_tma=None, config=None):
+        from compact_search.runtime.gluon_attention import GluonConfig
+
+        return f"gluon {GluonConfig()}"
+    return f"portable {portable_config}"
+
+
 def triton_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -405,6 +457,7 @@ def triton_sparse_attention(
     out: torch.Tensor | None = None,
     use_tma: bool | None = None,
     config: triton.Config | None = None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """Block-sparse attention with the Triton kernel.
 
@@ -420,6 +473,10 @@ def triton_sparse_attention(
         out: optional ``[B, H, N, D]`` output buffer of q's dtype (tests pass a NaN-filled one).
         use_tma: force tensor-descriptor loads on or off; default: on where available.
         config: launch this :func:`kernel_config` instead of autotuning (tuning sweeps).
+        kernel: "portable" (the ``tl`` kernel above, every GPU and the interpreter), "gluon"
+            (the warp-specialized Hopper kernel in ``gluon_attention``; ValueError where it cannot
+            run), or "auto": Gluon where it runs and no portable-only option (``config``,
+            ``use_tma=False``) was given, else portable.
 
     Returns:
         ``[B, H, N, D]`` in q's dtype; query rows with no valid kept key are zeros.
@@ -456,5 +513,9 @@ def triton_sparse_attention(
     )
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if _use_gluon(kernel, q, k, v, out, block_size, use_tma=use_tma, config=config):
+        from compact_search.runtime.gluon_attention import gluon_sparse_attention
+
+        return gluon_sparse_attention(q, k, v, out, lut, scale=scale)
     _launch(q, k, v, out, lut, block_size=block_size, scale=scale, use_tma=use_tma, config=config)
     return out

@@ -1,0 +1,536 @@
+"""Hopper block-sparse flash attention written in Gluon (warp-specialized, FA3-style).
+
+Same contract and lookup tables as ``triton_attention`` (same results); a Hopper-only fast path
+for 128-token mask blocks. Gluon exposes what plain Triton decides for itself on Hopper, and the
+difference is where the time goes. One CTA computes one 128-row query block:
+
+- a **K loader warp** and a **V loader warp** walk the row's lookup table and move key/value
+  tiles into rings of shared-memory buffers through TMA, each buffer with a "ready" mbarrier;
+  the consumers release a buffer on its "empty" mbarrier once their wgmma reads of it are done
+  (K and V separately, so a K buffer is refilled as soon as its Q K^T has run);
+- **two consumer warpgroups**, each its own partition (so neither waits for the other's
+  barrier arrivals), own 64 query rows each and keep the online softmax in registers; the loaders
+  give their registers to them (24 per loader thread, 240 per consumer thread);
+- **intra-warpgroup overlap**: a consumer issues tile j's Q K^T and tile j-1's P V as
+  asynchronous wgmma, waits for Q K^T only and computes tile j's softmax while P V still runs (P
+  stays in registers as the A operand);
+- optional **ping-pong** (``GluonConfig.pingpong``): the two warpgroups take turns issuing their
+  matmuls, FA3's inter-warpgroup schedule. Measured on an H200 it was within a few percent either
+  way of letting the warp schedulers interleave them freely (BENCHMARKS.md), so it is off by
+  default.
+
+It needs a CUDA device of compute capability 9.x, TMA-compatible q/k/v/o layouts and
+``block_size == 128``: ``gluon_supports`` says whether a call qualifies, and ``triton_attention``
+falls back to the portable kernel otherwise. Gluon does not run under the Triton interpreter, so
+CI compiles this kernel for sm_90 (tests/test_gluon_compile.py) and the GPU tests check its
+numbers against the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from compact_search.runtime.lut import BlockLUT
+
+__all__ = ["gluon_sparse_attention", "gluon_supports", "GLUON_BLOCK_SIZE", "GluonConfig"]
+
+GLUON_BLOCK_SIZE = 128  # mask block = query block of one CTA
+LOG2_E = 1.4426950408889634
+CONSUMER_WARPS = gl.constexpr(4)  # one warpgroup: 64 query rows
+CONSUMER_REGISTERS = gl.constexpr(240)
+LOADER_WARPS = gl.constexpr(1)
+LOADER_REGISTERS = gl.constexpr(24)
+# Registers per thread the launch asks for: 12 warps (2 consumer warpgroups, the loaders' warps
+# rounded up to a warpgroup) x 168 = 64,512 of the SM's 65,536; the default partition gets what
+# the workers leave: (168 * 12 - 240 * 4 - 24 * 4) / 4 = 240.
+MAX_REGISTERS = 168
+
+
+class GluonConfig:
+    """Key tile (BLOCK_N, a divisor of the mask block) and K/V ring depth (stages)."""
+
+    def __init__(self, block_n: int = 128, stages: int = 2, pingpong: bool = False):
+        if GLUON_BLOCK_SIZE % block_n or block_n < 64:
+            raise ValueError(f"block_n must divide {GLUON_BLOCK_SIZE} and be >= 64, got {block_n}")
+        self.block_n = block_n
+        self.stages = stages
+        self.pingpong = pingpong
+
+    def __repr__(self) -> str:
+        return (
+            f"GluonConfig(block_n={self.block_n}, stages={self.stages}, pingpong={self.pingpong})"
+        )
+
+
+@gluon.jit
+def _loader_partition(
+    desc,
+    bufs,
+    ready,
+    empty,
+    block_ids_ptr,
+    num_tiles,
+    batch,
+    head,
+    BLOCK_SIZE: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr,
+):
+    """One warp: tile ``t`` of the row (K or V) into ring slot ``t % STAGES`` through TMA.
+
+    K and V have a loader warp each, so a K tile waits only for its own buffer to drain (its
+    Q K^T), never for the P V of an older V tile.
+    """
+    TILES_PER_BLOCK: gl.constexpr = BLOCK_SIZE // BLOCK_N
+    for tile in range(num_tiles):
+        slot = tile % STAGES
+        key_block = gl.load(block_ids_ptr + tile // TILES_PER_BLOCK)
+        k_start = key_block * BLOCK_SIZE + (tile % TILES_PER_BLOCK) * BLOCK_N
+        # Barriers start in phase 0; "empty" is awaited on the opposite parity, so the first
+        # pass through the ring does not wait.
+        mbarrier.wait(empty.index(slot), ((tile // STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(slot), desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(
+            desc,
+            [batch, head, k_start, 0],
+            ready.index(slot),
+            bufs.index(slot)._reinterpret(desc.dtype, desc.block_type.shape, desc.layout),
+        )
+
+
+@gluon.jit
+def _softmax_step(
+    scores,
+    row_max,
+    row_sum,
+    qk_scale,
+    key_length,
+    tile,
+    full_tiles,
+    BLOCK_N: gl.constexpr,
+    TILES_PER_BLOCK: gl.constexpr,
+    s_layout: gl.constexpr,
+):
+    """Online-softmax update for one ``[BM, BN]`` score tile (fp32, in the wgmma layout).
+
+    Returns unnormalised probabilities, the new row max (log2 units), the new row sum and the
+    factor the accumulator must be scaled by before this tile's P V is added.
+    """
+    if tile >= full_tiles:
+        # A block with padded keys: only its first key_length keys are valid (a prefix).
+        cols = (tile % TILES_PER_BLOCK) * BLOCK_N + gl.arange(
+            0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)
+        )  # [BN]
+        scores = gl.where(gl.expand_dims(cols < key_length, 0), scores, float("-inf"))
+    new_max = gl.maximum(row_max, gl.max(scores, axis=1) * qk_scale)  # [BM]
+    probs = gl.exp2(scores * qk_scale - gl.expand_dims(new_max, 1))  # [BM, BN]
+    correction = gl.exp2(row_max - new_max)  # [BM]
+    row_sum = row_sum * correction + gl.sum(probs, axis=1)
+    return probs, new_max, row_sum, correction
+
+
+@gluon.jit
+def _consumer_partition(
+    q_halves,
+    k_bufs,
+    v_bufs,
+    o_desc,
+    q_bar,
+    k_ready,
+    v_ready,
+    k_empty,
+    v_empty,
+    turns,
+    key_lengths_ptr,
+    block_ids_ptr,
+    num_tiles,
+    full_tiles,
+    batch,
+    head,
+    q_start,
+    qk_scale,
+    WARPGROUP: gl.constexpr,
+    HEAD_DIM: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    BLOCK_SIZE: gl.constexpr,
+    STAGES: gl.constexpr,
+    PINGPONG: gl.constexpr,
+):
+    """One warpgroup: 64 query rows of the block, softmax and both matmuls.
+
+    Per key tile j: issue S_j = Q K_j^T and O += P_{j-1} V_{j-1} (asynchronous wgmma), wait for
+    S_j only, and compute tile j's softmax while P_{j-1} V_{j-1} runs. With ``PINGPONG`` the two
+    warpgroups take turns issuing their matmuls (an mbarrier pair), so one's softmax runs while
+    the other's matmuls occupy the tensor cores (FA3's inter-warpgroup schedule).
+    """
+    ROWS: gl.constexpr = 64
+    TILES_PER_BLOCK: gl.constexpr = BLOCK_SIZE // BLOCK_N
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
+    )
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    q_smem = q_halves.index(WARPGROUP)  # [64, D]
+    dtype: gl.constexpr = q_smem.dtype
+
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)  # [64, D]
+    mbarrier.wait(q_bar, 0)  # also before an empty row reuses q_smem for the output
+    if num_tiles > 0:
+        row_max = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        row_sum = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        zero_scores = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)  # [64, BN]
+
+        # Prologue: S_0 (turn 0).
+        _take_turn(turns, 0, WARPGROUP, PINGPONG)
+        mbarrier.wait(k_ready.index(0), 0)
+        scores_token = warpgroup_mma(
+            q_smem, k_bufs.index(0).permute((1, 0)), zero_scores, use_acc=False, is_async=True
+        )
+        _pass_turn(turns, WARPGROUP, PINGPONG)
+        scores = warpgroup_mma_wait(0, deps=(scores_token,))
+        mbarrier.arrive(k_empty.index(0), count=1)
+        key_length = gl.load(key_lengths_ptr + gl.load(block_ids_ptr))
+        probs, row_max, row_sum, correction = _softmax_step(
+            scores,
+            row_max,
+            row_sum,
+            qk_scale,
+            key_length,
+            0,
+            full_tiles,
+            BLOCK_N,
+            TILES_PER_BLOCK,
+            s_layout,
+        )
+        p = gl.convert_layout(probs.to(dtype), p_layout)  # [64, BN] as the A operand
+
+        for tile in range(1, num_tiles):
+            slot = tile % STAGES
+            prev_slot = (tile - 1) % STAGES
+            _take_turn(turns, tile, WARPGROUP, PINGPONG)
+            mbarrier.wait(k_ready.index(slot), (tile // STAGES) & 1)
+            scores_token = warpgroup_mma(
+                q_smem,
+                k_bufs.index(slot).permute((1, 0)),
+                zero_scores,
+                use_acc=False,
+                is_async=True,
+            )  # S_j
+            mbarrier.wait(v_ready.index(prev_slot), ((tile - 1) // STAGES) & 1)
+            acc_token = warpgroup_mma(p, v_bufs.index(prev_slot), acc, is_async=True)
+            _pass_turn(turns, WARPGROUP, PINGPONG)
+            scores = warpgroup_mma_wait(1, deps=(scores_token,))  # S_j; P V may still run
+            mbarrier.arrive(k_empty.index(slot), count=1)
+
+            # Softmax of tile j while the tensor cores run P_{j-1} V_{j-1}.
+            key_length = gl.load(key_lengths_ptr + gl.load(block_ids_ptr + tile // TILES_PER_BLOCK))
+            probs, row_max, row_sum, correction = _softmax_step(
+                scores,
+                row_max,
+                row_sum,
+                qk_scale,
+                key_length,
+                tile,
+                full_tiles,
+                BLOCK_N,
+                TILES_PER_BLOCK,
+                s_layout,
+            )
+
+            acc, p = warpgroup_mma_wait(0, deps=(acc_token, p))
+            mbarrier.arrive(v_empty.index(prev_slot), count=1)
+            acc = acc * gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
+            p = gl.convert_layout(probs.to(dtype), p_layout)
+
+        # Epilogue: the last tile's P V (turn num_tiles).
+        last = num_tiles - 1
+        _take_turn(turns, num_tiles, WARPGROUP, PINGPONG)
+        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+        acc_token = warpgroup_mma(p, v_bufs.index(last % STAGES), acc, is_async=True)
+        _pass_turn(turns, WARPGROUP, PINGPONG)
+        acc, p = warpgroup_mma_wait(0, deps=(acc_token, p))
+        mbarrier.arrive(v_empty.index(last % STAGES), count=1)
+        # Every row saw at least one valid key (blocks without one are not in the table).
+        acc = acc / gl.expand_dims(gl.convert_layout(row_sum, o_rows), 1)
+
+    # Rows past N are clipped by the TMA store; an empty row stores zeros.
+    q_smem.store(acc.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(
+        o_desc,
+        [batch, head, q_start + WARPGROUP * ROWS, 0],
+        q_smem._reinterpret(dtype, o_desc.block_type.shape, o_desc.layout),
+    )
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _take_turn(turns, turn, WARPGROUP: gl.constexpr, PINGPONG: gl.constexpr):
+    """Wait until the other warpgroup has issued its matmuls of the previous turn.
+
+    ``turns[w]`` completes a phase each time the other warpgroup passes the turn to w. Warpgroup
+    0 goes first: its turn t waits for phase t - 1 (parity (t & 1) ^ 1, already complete for
+    t = 0); warpgroup 1's turn t waits for warpgroup 0's turn t (parity t & 1).
+    """
+    if PINGPONG:
+        if WARPGROUP == 0:
+            mbarrier.wait(turns.index(0), (turn & 1) ^ 1)
+        else:
+            mbarrier.wait(turns.index(1), turn & 1)
+
+
+@gluon.jit
+def _pass_turn(turns, WARPGROUP: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turns.index(1 - WARPGROUP), count=1)
+
+
+@gluon.jit
+def _gluon_block_sparse_attention_kernel(
+    q_desc,
+    k_desc,
+    v_desc,
+    o_desc,
+    kv_block_ids_ptr,
+    full_counts_ptr,
+    total_counts_ptr,
+    key_lengths_ptr,
+    q_block_order_ptr,
+    num_heads,
+    mask_heads,
+    num_blocks,
+    lut_width,
+    qk_scale,
+    HEAD_DIM: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr,
+    PINGPONG: gl.constexpr,
+):
+    """Grid ``(num_blocks, B * H)``; one CTA = one 128-row query block of one (batch, head).
+
+    Partitions: warpgroup 0 (default, 4 warps) and warpgroup 1 (worker, 4 warps) compute 64 rows
+    each; a K loader warp and a V loader warp feed them.
+    """
+    ROWS: gl.constexpr = 64  # query rows per consumer warpgroup
+    BLOCK_SIZE: gl.constexpr = 128
+    TILES_PER_BLOCK: gl.constexpr = BLOCK_SIZE // BLOCK_N
+    batch_head = gl.program_id(1)
+    batch = batch_head // num_heads
+    head = batch_head % num_heads
+    row_index = (head % mask_heads) * num_blocks
+    q_block = gl.load(q_block_order_ptr + row_index + gl.program_id(0))
+    row_index += q_block
+    num_tiles = gl.load(total_counts_ptr + row_index) * TILES_PER_BLOCK
+    full_tiles = gl.load(full_counts_ptr + row_index) * TILES_PER_BLOCK
+    block_ids_ptr = kv_block_ids_ptr + row_index.to(gl.int64) * lut_width
+    q_start = q_block * BLOCK_SIZE
+
+    dtype: gl.constexpr = q_desc.dtype
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    q_halves = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], q_layout)
+    k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        # Both consumer warpgroups release a buffer.
+        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(v_empty.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(turns.index(i), count=1)
+    fence_async_shared()
+
+    # Q once, as two 64-row halves, before the partitions split.
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+    for half in gl.static_range(2):
+        tma.async_copy_global_to_shared(
+            q_desc,
+            [batch, head, q_start + half * ROWS, 0],
+            q_bar,
+            q_halves.index(half)._reinterpret(dtype, q_desc.block_type.shape, q_desc.layout),
+        )
+
+    gl.warp_specialize(
+        [
+            (
+                _consumer_partition,
+                (
+                    q_halves,
+                    k_bufs,
+                    v_bufs,
+                    o_desc,
+                    q_bar,
+                    k_ready,
+                    v_ready,
+                    k_empty,
+                    v_empty,
+                    turns,
+                    key_lengths_ptr,
+                    block_ids_ptr,
+                    num_tiles,
+                    full_tiles,
+                    batch,
+                    head,
+                    q_start,
+                    qk_scale,
+                    0,
+                    HEAD_DIM,
+                    BLOCK_N,
+                    BLOCK_SIZE,
+                    STAGES,
+                    PINGPONG,
+                ),
+            ),
+            (
+                _consumer_partition,
+                (
+                    q_halves,
+                    k_bufs,
+                    v_bufs,
+                    o_desc,
+                    q_bar,
+                    k_ready,
+                    v_ready,
+                    k_empty,
+                    v_empty,
+                    turns,
+                    key_lengths_ptr,
+                    block_ids_ptr,
+                    num_tiles,
+                    full_tiles,
+                    batch,
+                    head,
+                    q_start,
+                    qk_scale,
+                    1,
+                    HEAD_DIM,
+                    BLOCK_N,
+                    BLOCK_SIZE,
+                    STAGES,
+                    PINGPONG,
+                ),
+            ),
+            (
+                _loader_partition,
+                (
+                    k_desc,
+                    k_bufs,
+                    k_ready,
+                    k_empty,
+                    block_ids_ptr,
+                    num_tiles,
+                    batch,
+                    head,
+                    BLOCK_SIZE,
+                    BLOCK_N,
+                    STAGES,
+                ),
+            ),
+            (
+                _loader_partition,
+                (
+                    v_desc,
+                    v_bufs,
+                    v_ready,
+                    v_empty,
+                    block_ids_ptr,
+                    num_tiles,
+                    batch,
+                    head,
+                    BLOCK_SIZE,
+                    BLOCK_N,
+                    STAGES,
+                ),
+            ),
+        ],
+        [CONSUMER_WARPS, LOADER_WARPS, LOADER_WARPS],
+        [CONSUMER_REGISTERS, LOADER_REGISTERS, LOADER_REGISTERS],
+    )
+
+
+_GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
+
+
+def _tma_compatible(t: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned base and strides, unit stride along D."""
+    if t.stride(-1) != 1 or t.data_ptr() % 16:
+        return False
+    return all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
+
+
+def gluon_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> bool:
+    """Whether the Gluon kernel runs this call: Hopper (9.x), 128-token blocks, TMA layouts."""
+    if not q.is_cuda or block_size != GLUON_BLOCK_SIZE:
+        return False
+    if q.dtype not in _GL_DTYPES or q.shape[-1] not in (64, 128):
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    return all(_tma_compatible(t) for t in (q, k, v))
+
+
+def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
+    """Descriptor over ``[B, H, N, D]`` moving ``[1, 1, rows, D]`` boxes (zero past N)."""
+    block_shape = [1, 1, rows, t.shape[-1]]
+    layout = gl.NVMMASharedLayout.get_default_for(block_shape, _GL_DTYPES[t.dtype])
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block_shape, layout)
+
+
+def gluon_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lut: BlockLUT,
+    *,
+    scale: float,
+    config: GluonConfig | None = None,
+) -> torch.Tensor:
+    """Run the kernel into ``out`` (all ``[B, H, N, D]``; see :func:`gluon_supports`)."""
+    config = config or GluonConfig()
+    batch, heads, _, head_dim = q.shape
+    grid = (lut.num_blocks, batch * heads)
+    _gluon_block_sparse_attention_kernel[grid](
+        _descriptor(q, GLUON_BLOCK_SIZE // 2),
+        _descriptor(k, config.block_n),
+        _descriptor(v, config.block_n),
+        _descriptor(out, GLUON_BLOCK_SIZE // 2),
+        lut.kv_block_ids,
+        lut.full_counts,
+        lut.total_counts,
+        lut.key_lengths,
+        lut.q_block_order,
+        heads,
+        lut.mask_heads,
+        lut.num_blocks,
+        lut.kv_block_ids.shape[-1],
+        scale * LOG2_E,
+        HEAD_DIM=head_dim,
+        BLOCK_N=config.block_n,
+        STAGES=config.stages,
+        PINGPONG=config.pingpong,
+        num_warps=CONSUMER_WARPS.value,
+        maxnreg=MAX_REGISTERS,
+    )
+    return out
