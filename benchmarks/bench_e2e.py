@@ -281,8 +281,11 @@ def run_shape(name: str, spec: dict, env: dict, log) -> list[dict]:
     ]  # [B, H, N, D] views of [B, N, H, D], as the processor passes them
     slots = [layout.to_slots(t) for t in qkv]
     masks = handle.block_masks(0, 0, torch.device("cuda"))
-    lengths = handle.key_block_lengths(torch.device("cuda"))
+    lengths = handle.key_block_lengths(torch.device("cuda"), prefix_tokens=0)  # Wan: no text
     from compact_search.runtime.attention import sparse_attention
+    from compact_search.runtime.triton_attention import selected_kernel
+
+    log(f"{name}: kernel {selected_kernel(*slots, layout.block_size, portable_config='autotuned')}")
 
     through_handle = statistics.median(cuda_ms(lambda: handle.attention(0, *qkv), 20))
     kernel_alone = statistics.median(
