@@ -29,6 +29,7 @@ numbers against the reference.
 from __future__ import annotations
 
 import torch
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -314,6 +315,8 @@ def _gluon_block_sparse_attention_kernel(
     num_blocks,
     lut_width,
     qk_scale,
+    seq_len,  # autotuning key only: TMA clips at N by itself
+    density_bucket,  # autotuning key only
     HEAD_DIM: gl.constexpr,
     BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr,
@@ -497,6 +500,24 @@ def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block_shape, layout)
 
 
+# What the autotuner times per (N, head dim, density bucket): with and without ping-pong turns,
+# each ahead by a few percent at some shape on an H200 (BENCHMARKS.md); 128-key tiles, 2 stages.
+# 64-key tiles were 15% slower everywhere and are not candidates.
+AUTOTUNE_CONFIGS = [
+    triton.Config({"PINGPONG": pingpong}, num_warps=CONSUMER_WARPS.value, maxnreg=MAX_REGISTERS)
+    for pingpong in (False, True)
+]
+_autotuned_kernel = triton.autotune(
+    configs=AUTOTUNE_CONFIGS, key=["seq_len", "HEAD_DIM", "density_bucket"]
+)(_gluon_block_sparse_attention_kernel)
+
+
+def autotuned_config() -> str:
+    """The config the autotuner picked for the latest autotuned launch (for benchmark logs)."""
+    config = getattr(_autotuned_kernel, "best_config", None)
+    return "not tuned yet" if config is None else str(config)
+
+
 def gluon_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -506,12 +527,18 @@ def gluon_sparse_attention(
     *,
     scale: float,
     config: GluonConfig | None = None,
+    autotune: bool = True,
 ) -> torch.Tensor:
-    """Run the kernel into ``out`` (all ``[B, H, N, D]``; see :func:`gluon_supports`)."""
+    """Run the kernel into ``out`` (all ``[B, H, N, D]``; see :func:`gluon_supports`).
+
+    ``config`` launches that config directly; otherwise the autotuner picks among
+    ``AUTOTUNE_CONFIGS`` (``autotune=False``: the default :class:`GluonConfig`).
+    """
+    batch, heads, seq_len, head_dim = q.shape
+    tuned = config is None and autotune
     config = config or GluonConfig()
-    batch, heads, _, head_dim = q.shape
     grid = (lut.num_blocks, batch * heads)
-    _gluon_block_sparse_attention_kernel[grid](
+    args = (
         _descriptor(q, GLUON_BLOCK_SIZE // 2),
         _descriptor(k, config.block_n),
         _descriptor(v, config.block_n),
@@ -526,11 +553,19 @@ def gluon_sparse_attention(
         lut.num_blocks,
         lut.kv_block_ids.shape[-1],
         scale * LOG2_E,
-        HEAD_DIM=head_dim,
-        BLOCK_N=config.block_n,
-        STAGES=config.stages,
-        PINGPONG=config.pingpong,
-        num_warps=CONSUMER_WARPS.value,
-        maxnreg=MAX_REGISTERS,
+        seq_len,
+        round(lut.density * 4),
     )
+    if tuned:
+        _autotuned_kernel[grid](*args, HEAD_DIM=head_dim, BLOCK_N=config.block_n, STAGES=2)
+    else:
+        _gluon_block_sparse_attention_kernel[grid](
+            *args,
+            HEAD_DIM=head_dim,
+            BLOCK_N=config.block_n,
+            STAGES=config.stages,
+            PINGPONG=config.pingpong,
+            num_warps=CONSUMER_WARPS.value,
+            maxnreg=MAX_REGISTERS,
+        )
     return out

@@ -440,8 +440,9 @@ def selected_kernel(
     # The output buffer is allocated contiguous: q stands in for its layout check.
     if _use_gluon("auto", q, k, v, q, block_size, use_tma=None, config=None):
         from compact_search.runtime.gluon_attention import GluonConfig
+        from compact_search.runtime.gluon_attention import autotuned_config as gluon_tuned
 
-        return f"gluon {GluonConfig()}"
+        return f"gluon {gluon_tuned() if _autotune_enabled() else GluonConfig()}"
     return f"portable {portable_config}"
 
 
@@ -516,6 +517,6 @@ def triton_sparse_attention(
     if _use_gluon(kernel, q, k, v, out, block_size, use_tma=use_tma, config=config):
         from compact_search.runtime.gluon_attention import gluon_sparse_attention
 
-        return gluon_sparse_attention(q, k, v, out, lut, scale=scale)
+        return gluon_sparse_attention(q, k, v, out, lut, scale=scale, autotune=_autotune_enabled())
     _launch(q, k, v, out, lut, block_size=block_size, scale=scale, use_tma=use_tma, config=config)
     return out
