@@ -143,23 +143,11 @@ def _softmax_step(
 @gluon.jit
 def _consumer_partition(
     q_halves,
-    k_bufs,
-    v_bufs,
     o_desc,
     q_bar,
-    k_ready,
-    v_ready,
-    k_empty,
-    v_empty,
     turns,
-    key_lengths_ptr,
-    block_ids_ptr,
-    num_tiles,
-    full_tiles,
-    batch,
-    head,
-    q_start,
-    qk_scale,
+    rings,
+    row,
     WARPGROUP: gl.constexpr,
     HEAD_DIM: gl.constexpr,
     BLOCK_N: gl.constexpr,
@@ -174,6 +162,8 @@ def _consumer_partition(
     warpgroups take turns issuing their matmuls (an mbarrier pair), so one's softmax runs while
     the other's matmuls occupy the tensor cores (FA3's inter-warpgroup schedule).
     """
+    k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty = rings
+    key_lengths_ptr, block_ids_ptr, num_tiles, full_tiles, batch, head, q_start, qk_scale = row
     ROWS: gl.constexpr = 64
     TILES_PER_BLOCK: gl.constexpr = BLOCK_SIZE // BLOCK_N
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -374,29 +364,20 @@ def _gluon_block_sparse_attention_kernel(
             q_halves.index(half)._reinterpret(dtype, q_desc.block_type.shape, q_desc.layout),
         )
 
+    # K and V rings with their barriers; the query block's row of the lookup table.
+    rings = (k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty)
+    row = (key_lengths_ptr, block_ids_ptr, num_tiles, full_tiles, batch, head, q_start, qk_scale)
     gl.warp_specialize(
         [
             (
                 _consumer_partition,
                 (
                     q_halves,
-                    k_bufs,
-                    v_bufs,
                     o_desc,
                     q_bar,
-                    k_ready,
-                    v_ready,
-                    k_empty,
-                    v_empty,
                     turns,
-                    key_lengths_ptr,
-                    block_ids_ptr,
-                    num_tiles,
-                    full_tiles,
-                    batch,
-                    head,
-                    q_start,
-                    qk_scale,
+                    rings,
+                    row,
                     0,
                     HEAD_DIM,
                     BLOCK_N,
@@ -409,23 +390,11 @@ def _gluon_block_sparse_attention_kernel(
                 _consumer_partition,
                 (
                     q_halves,
-                    k_bufs,
-                    v_bufs,
                     o_desc,
                     q_bar,
-                    k_ready,
-                    v_ready,
-                    k_empty,
-                    v_empty,
                     turns,
-                    key_lengths_ptr,
-                    block_ids_ptr,
-                    num_tiles,
-                    full_tiles,
-                    batch,
-                    head,
-                    q_start,
-                    qk_scale,
+                    rings,
+                    row,
                     1,
                     HEAD_DIM,
                     BLOCK_N,
