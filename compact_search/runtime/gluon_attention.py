@@ -142,12 +142,7 @@ def _softmax_step(
 
 @gluon.jit
 def _consumer_partition(
-    q_halves,
-    o_desc,
-    q_bar,
-    turns,
-    rings,
-    row,
+    shared,
     WARPGROUP: gl.constexpr,
     HEAD_DIM: gl.constexpr,
     BLOCK_N: gl.constexpr,
@@ -162,6 +157,7 @@ def _consumer_partition(
     warpgroups take turns issuing their matmuls (an mbarrier pair), so one's softmax runs while
     the other's matmuls occupy the tensor cores (FA3's inter-warpgroup schedule).
     """
+    q_halves, o_desc, q_bar, turns, rings, row = shared
     k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty = rings
     key_lengths_ptr, block_ids_ptr, num_tiles, full_tiles, batch, head, q_start, qk_scale = row
     ROWS: gl.constexpr = 64
@@ -364,45 +360,14 @@ def _gluon_block_sparse_attention_kernel(
             q_halves.index(half)._reinterpret(dtype, q_desc.block_type.shape, q_desc.layout),
         )
 
-    # K and V rings with their barriers; the query block's row of the lookup table.
+    # What both consumers share: buffers, barriers and the query block's lookup-table row.
     rings = (k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty)
     row = (key_lengths_ptr, block_ids_ptr, num_tiles, full_tiles, batch, head, q_start, qk_scale)
+    shared = (q_halves, o_desc, q_bar, turns, rings, row)
     gl.warp_specialize(
         [
-            (
-                _consumer_partition,
-                (
-                    q_halves,
-                    o_desc,
-                    q_bar,
-                    turns,
-                    rings,
-                    row,
-                    0,
-                    HEAD_DIM,
-                    BLOCK_N,
-                    BLOCK_SIZE,
-                    STAGES,
-                    PINGPONG,
-                ),
-            ),
-            (
-                _consumer_partition,
-                (
-                    q_halves,
-                    o_desc,
-                    q_bar,
-                    turns,
-                    rings,
-                    row,
-                    1,
-                    HEAD_DIM,
-                    BLOCK_N,
-                    BLOCK_SIZE,
-                    STAGES,
-                    PINGPONG,
-                ),
-            ),
+            (_consumer_partition, (shared, 0, HEAD_DIM, BLOCK_N, BLOCK_SIZE, STAGES, PINGPONG)),
+            (_consumer_partition, (shared, 1, HEAD_DIM, BLOCK_N, BLOCK_SIZE, STAGES, PINGPONG)),
             (
                 _loader_partition,
                 (
