@@ -231,16 +231,17 @@ class CompactHandle:
             q, k, v = (F.pad(t, (0, 0, 0, missing)) for t in (q, k, v))  # [B, H, layout N, D]
         masks = self.block_masks(bucket, layer, q.device)
         out = sparse_attention(
-            layout.to_slots(q),
-            layout.to_slots(k),
-            layout.to_slots(v),
+            _to_slots(layout, q),
+            _to_slots(layout, k),
+            _to_slots(layout, v),
             masks,
             block_size=layout.block_size,
             backend=self.backend,
             key_block_lengths=self.key_block_lengths(q.device, layout.prefix_tokens - missing),
-        )  # [B, H, padded_len, D]
+        )  # [B, H, padded_len, D], in the slots' memory order
         # Gather back through a [B, P, H, D] view: the result is contiguous as [B, N, H, D], which
-        # is the layout the processor flattens next, so that step copies nothing.
+        # is the layout the processor flattens next, so that step copies nothing. With token-major
+        # slots the kernel's output is token-major too and this gather reads whole H x D rows.
         out = layout.from_slots(out.transpose(1, 2), dim=1).transpose(1, 2)
         return out[:, :, :num_tokens] if missing else out  # the padded rows dropped
 
@@ -257,6 +258,19 @@ class CompactHandle:
 
     def __exit__(self, *exc) -> None:
         self.revert()
+
+
+def _to_slots(layout, x: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, D] in model order -> [B, H, P, D] in slot order.
+
+    Attention processors hand over views of token-major [B, N, H, D] projections. Those are
+    gathered along N in their own storage, whole H x D rows at a time (contiguous reads and
+    writes), and passed on as a [B, H, P, D] view of [B, P, H, D] memory, which every backend
+    takes; anything else is gathered along dim 2 into a contiguous copy.
+    """
+    if x.transpose(1, 2).is_contiguous():
+        return layout.to_slots(x.transpose(1, 2), dim=1).transpose(1, 2)
+    return layout.to_slots(x, dim=2)
 
 
 def apply(

@@ -437,7 +437,7 @@ def selected_kernel(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, *, portable_config: str
 ) -> str:
     """Which kernel ``kernel="auto"`` runs for these inputs, with its launch config (logs)."""
-    # The output buffer is allocated contiguous: q stands in for its layout check.
+    # The output buffer is allocated in q's memory order: q stands in for its layout check.
     if _use_gluon("auto", q, k, v, q, block_size, use_tma=None, config=None):
         from compact_search.runtime.gluon_attention import GluonConfig
         from compact_search.runtime.gluon_attention import autotuned_config as gluon_tuned
@@ -513,7 +513,9 @@ def triton_sparse_attention(
         device=q.device,
     )
     if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        # q's memory order (e.g. token-major [B, N, H, D] storage seen as [B, H, N, D]), so a
+        # caller that gathers the output back along N reads whole rows.
+        out = torch.empty_like(q)
     if _use_gluon(kernel, q, k, v, out, block_size, use_tma=use_tma, config=config):
         from compact_search.runtime.gluon_attention import gluon_sparse_attention
 
