@@ -58,11 +58,17 @@ MAX_REGISTERS = 168
 
 
 class GluonConfig:
-    """Key tile (BLOCK_N, a divisor of the mask block) and K/V ring depth (stages)."""
+    """Key tile (BLOCK_N, a divisor of the mask block), K/V ring depth and the ping-pong switch.
+
+    Shared memory per CTA: Q (128 x D) + 2 rings x stages x BLOCK_N x D, in the input dtype; at
+    D = 128, 128-key tiles fit 3 stages at most (224 KB of the 227 KB a CTA may use).
+    """
 
     def __init__(self, block_n: int = 128, stages: int = 2, pingpong: bool = False):
         if GLUON_BLOCK_SIZE % block_n or block_n < 64:
             raise ValueError(f"block_n must divide {GLUON_BLOCK_SIZE} and be >= 64, got {block_n}")
+        if stages < 1:
+            raise ValueError(f"stages must be >= 1, got {stages}")
         self.block_n = block_n
         self.stages = stages
         self.pingpong = pingpong
