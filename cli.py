@@ -366,8 +366,12 @@ def bench(
         str, typer.Option(help="Comma-separated block densities.")
     ] = "0.1,0.2,0.3,0.4,0.5,0.6,1.0",
     providers: Annotated[
-        str, typer.Option(help="Comma-separated: cudnn, fa2, flex, triton, triton-pointers.")
-    ] = "cudnn,fa2,flex,triton",
+        str,
+        typer.Option(
+            help="Comma-separated: cudnn, fa2, flex, triton (what sparse_attention runs: the "
+            "Gluon kernel on Hopper), triton-portable, triton-pointers."
+        ),
+    ] = "cudnn,fa2,flex,triton,triton-portable",
     out_dir: Annotated[
         Path, typer.Option(help="Folder for kernel.csv (appended) and kernel_speedup.png.")
     ] = Path("benchmarks/results"),
