@@ -2,7 +2,9 @@
 
 Layers, top to bottom: the ``@triton.jit`` kernel and its helpers (with the autotune configs next
 to it) -> ``_launch`` (picks the load path and block sizes, builds descriptors) ->
-``triton_sparse_attention`` (the function ``compact_search.runtime.attention`` calls).
+``triton_sparse_attention`` (the function ``compact_search.runtime.attention`` calls), which runs
+the Gluon Hopper kernel (``gluon_attention.py``) instead where that one runs: this portable kernel
+serves every other GPU, block sizes other than 128 and the interpreter.
 
 One program computes one query block of one (batch, head): it walks the kept key blocks from the
 lookup table (``lut.py``), first the blocks whose keys are all valid with no masking, then the ones
