@@ -263,3 +263,14 @@ def test_kernel_configs_match_reference(name: str) -> None:
     kwargs = {"block_size": 128, "key_block_lengths": lengths}
     out = run_kernel(q, k, v, block_mask, config=config, **kwargs)
     assert_close_to_reference(out, q, k, v, block_mask, **kwargs)
+
+
+def test_tma_layout_check_wants_unit_stride_d_and_16_byte_strides():
+    from compact_search.runtime.triton_attention import tma_layout_ok
+
+    base = torch.empty(1, 2, 64, 72, dtype=torch.float16)
+    assert tma_layout_ok(base[..., :64])  # row stride 144 bytes
+    assert not tma_layout_ok(torch.empty(1, 2, 64, 65, dtype=torch.float16)[..., :64])
+    assert not tma_layout_ok(base[..., ::2])  # stride 2 along D
+    token_major = torch.empty(1, 64, 2, 64, dtype=torch.bfloat16).transpose(1, 2)
+    assert tma_layout_ok(token_major)  # [B, N, H, D] storage seen as [B, H, N, D]

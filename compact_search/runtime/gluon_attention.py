@@ -42,6 +42,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from compact_search.runtime.lut import BlockLUT
+from compact_search.runtime.triton_attention import tma_layout_ok
 
 __all__ = ["gluon_sparse_attention", "gluon_supports", "GLUON_BLOCK_SIZE", "GluonConfig"]
 
@@ -415,22 +416,24 @@ def _gluon_block_sparse_attention_kernel(
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 
 
-def _tma_compatible(t: torch.Tensor) -> bool:
-    """TMA needs 16-byte aligned base and strides, unit stride along D."""
-    if t.stride(-1) != 1 or t.data_ptr() % 16:
-        return False
-    return all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
-
-
-def gluon_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> bool:
-    """Whether the Gluon kernel runs this call: Hopper (9.x), 128-token blocks, TMA layouts."""
+def gluon_supports(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_size: int,
+    *,
+    out: torch.Tensor | None = None,
+) -> bool:
+    """Whether the Gluon kernel runs this call: Hopper (9.x), 128-token blocks, TMA layouts of
+    q, k, v (and ``out`` when given)."""
     if not q.is_cuda or block_size != GLUON_BLOCK_SIZE:
         return False
     if q.dtype not in _GL_DTYPES or q.shape[-1] not in (64, 128):
         return False
     if torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
-    return all(_tma_compatible(t) for t in (q, k, v))
+    tensors = (q, k, v) if out is None else (q, k, v, out)
+    return all(tma_layout_ok(t) for t in tensors)
 
 
 def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:

@@ -290,18 +290,20 @@ _autotuned_kernel = triton.autotune(
 )(_block_sparse_attention_kernel)
 
 
+def tma_layout_ok(t: torch.Tensor) -> bool:
+    """A tensor descriptor can address ``t``: 16-byte aligned base and strides, unit stride last."""
+    if t.stride(-1) != 1 or t.data_ptr() % 16:
+        return False
+    return all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
+
+
 def _tma_available(*tensors: torch.Tensor) -> bool:
     """Hopper or newer, compiled (not interpreted), and descriptor-compatible layouts."""
     if _interpreting() or not tensors[0].is_cuda:
         return False
     if torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
         return False
-    for t in tensors:
-        if t.stride(-1) != 1 or t.data_ptr() % 16:
-            return False
-        if any((s * t.element_size()) % 16 for s in t.stride()[:-1]):
-            return False
-    return True
+    return all(tma_layout_ok(t) for t in tensors)
 
 
 def _descriptor(t: torch.Tensor):
@@ -426,7 +428,7 @@ def _use_gluon(
     if runs:
         from compact_search.runtime.gluon_attention import gluon_supports
 
-        runs = gluon_supports(q, k, v, block_size) and gluon_supports(out, out, out, block_size)
+        runs = gluon_supports(q, k, v, block_size, out=out)
     if kernel == "gluon" and not runs:
         raise ValueError(
             "the Gluon kernel needs a compiled (not interpreted) Hopper GPU, block_size 128, "
