@@ -16,12 +16,12 @@ from compact_search.runtime.reference import masked_reference
 GRID = Grid(3, 4, 5)  # latent 3 x 8 x 10 with patch (1, 2, 2)
 
 
-def small_wan(seed=0):
+def small_wan(seed=0, head_dim=32):
     torch.manual_seed(seed)
     return WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
-        attention_head_dim=32,
+        attention_head_dim=head_dim,
         in_channels=4,
         out_channels=4,
         text_dim=16,
@@ -45,8 +45,8 @@ def forward(model, timestep=500.0):
         return model(latents, torch.tensor([timestep]), text, return_dict=False)[0]
 
 
-def config_for(patterns, grid=GRID, tile=(2, 2, 3), block_size=8):
-    model = ModelSpec("small-wan", "wan", num_layers=2, num_heads=2, head_dim=32)
+def config_for(patterns, grid=GRID, tile=(2, 2, 3), block_size=8, head_dim=32):
+    model = ModelSpec("small-wan", "wan", num_layers=2, num_heads=2, head_dim=head_dim)
     geometry = GeometrySpec(grid, TileShape(*tile), block_size=block_size)
     schedule = StepSchedule(num_steps=4, dense_steps=1, bucket_starts=(1,))
     return uniform_config(model, geometry, schedule, patterns)
@@ -233,24 +233,10 @@ def test_token_major_inputs_take_the_row_gather_and_give_the_same_output(backend
     # Processors pass [B, H, N, D] views of token-major [B, N, H, D] projections; the handle
     # gathers those along N in their own storage. Same values in either memory order must give
     # the same output, on the reference and on the kernel (interpreter, head dim 64).
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=64,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=32,
-        ffn_dim=64,
-        num_layers=2,
-        rope_max_seq_len=64,
-    ).eval()
-    spec = ModelSpec("small-wan-d64", "wan", num_layers=2, num_heads=2, head_dim=64)
-    geometry = GeometrySpec(GRID, TileShape(2, 2, 3), block_size=16)
-    schedule = StepSchedule(num_steps=4, dense_steps=1, bucket_starts=(1,))
+    model = small_wan(head_dim=64)
     patterns = [HeadPattern.local(0, 1, 1), HeadPattern.local(1, 0, 1)]
-    handle = apply(model, uniform_config(spec, geometry, schedule, patterns), backend=backend)
+    config = config_for(patterns, block_size=16, head_dim=64)  # the kernel's smallest block
+    handle = apply(model, config, backend=backend)
     handle.set_step(3, 4)
     gen = torch.Generator().manual_seed(3)
     token_major = [torch.randn(1, GRID.num_tokens, 2, 64, generator=gen) for _ in range(3)]
