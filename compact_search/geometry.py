@@ -28,6 +28,39 @@ import torch
 
 from compact_search.errors import UserInputError
 
+# Tokens per mask block when nothing says otherwise: the kernel's query tile on Hopper.
+DEFAULT_BLOCK_SIZE = 128
+# The Triton kernels tile a mask block into power-of-two query and key tiles of at least 16 rows.
+MIN_KERNEL_BLOCK_SIZE = 16
+
+
+def check_block_size(block_size: int, name: str = "block_size") -> None:
+    """Raise UserInputError (a ValueError) unless the Triton kernels take this block size."""
+    if block_size < MIN_KERNEL_BLOCK_SIZE or block_size & (block_size - 1):
+        raise UserInputError(
+            f"{name} must be a power of two >= {MIN_KERNEL_BLOCK_SIZE}, got {block_size}"
+        )
+
+
+def valid_block_lengths(
+    num_valid: int | torch.Tensor,
+    block_size: int,
+    num_blocks: int | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """int32 ``[..., num_blocks]``: valid tokens per block when the first ``num_valid`` tokens of
+    a run of blocks are real and the rest is padding, i.e. ``clamp(num_valid - i * bs, 0, bs)``.
+
+    ``num_valid`` is a count or an int tensor of counts (one run of blocks each). ``num_blocks``
+    defaults to ``ceil(num_valid / block_size)``: full blocks and the ragged last one (none for
+    ``num_valid == 0``), the key lengths of an untiled sequence of N tokens.
+    """
+    if num_blocks is None:
+        num_blocks = -(-int(num_valid) // block_size)
+    counts = torch.as_tensor(num_valid, device=device).to(torch.int64)
+    starts = torch.arange(num_blocks, device=counts.device) * block_size  # [num_blocks]
+    return (counts[..., None] - starts).clamp(0, block_size).to(torch.int32)
+
 
 def _positive_ints(name: str, values: tuple[int, ...]) -> None:
     for field, value in zip(("frames", "height", "width"), values, strict=True):
@@ -127,7 +160,7 @@ class TileLayout:
 
     grid: Grid
     tile: TileShape
-    block_size: int = 128
+    block_size: int = DEFAULT_BLOCK_SIZE
     prefix_tokens: int = 0
     prefix_at: str = "start"  # where the prefix sits in the model's own token order: start | end
 
@@ -271,8 +304,10 @@ class TileLayout:
     @cached_property
     def block_lengths(self) -> torch.Tensor:
         """[nb] int32: valid (non-padding) slots at the start of every block."""
-        valid = (self.slot_to_token >= 0).view(self.num_blocks, self.block_size)
-        return valid.sum(dim=1, dtype=torch.int32)
+        # Real tokens come first in the prefix and in every tile (see the module doc).
+        prefix = valid_block_lengths(self.prefix_tokens, self.block_size, self.prefix_blocks)
+        tiles = valid_block_lengths(self.tile_token_counts, self.block_size, self.blocks_per_tile)
+        return torch.cat([prefix, tiles.flatten()])
 
     def key_block_lengths(self, device: torch.device | str | None = None) -> torch.Tensor:
         """[nb] int32 for the kernel: keys past this count in a block are padding."""
