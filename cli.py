@@ -18,6 +18,7 @@ from rich.markup import escape
 from typer.exceptions import TyperException
 
 from compact_search.errors import UserInputError
+from compact_search.geometry import DEFAULT_BLOCK_SIZE, check_block_size
 
 app = typer.Typer(
     name="compact-search",
@@ -99,8 +100,7 @@ def demo(
 
     options = DemoOptions(trials=trials, eval_prompts=prompts)
     if block_size is not None:
-        if block_size < 16 or block_size & (block_size - 1):
-            raise UserInputError(f"--block-size must be a power of two >= 16, got {block_size}")
+        check_block_size(block_size, "--block-size")
         options = dataclasses.replace(options, block_size=block_size)
     summary = run_demo(out, options, say=console.print)
     render_evaluation(summary.evaluation, title="demo: dense vs compact on held-out prompts")
@@ -209,7 +209,7 @@ def export(
         float | None, typer.Option(help="Another recall level: each head's cheapest front point.")
     ] = None,
     output_format: Annotated[
-        str, typer.Option("--format", help="json (+ kernel lookup tables) or flex (+ BlockMasks).")
+        str, typer.Option("--format", help="json, or flex: json + FlexAttention BlockMasks.")
     ] = "json",
     allow_below: Annotated[
         bool, typer.Option("--allow-below", help="Write even if heads miss the threshold.")
@@ -226,7 +226,8 @@ def export(
         output_format=output_format,
         allow_below=allow_below,
     )
-    console.print(f"wrote [bold]{result.path}[/] and [bold]{result.sidecar}[/]")
+    written = [result.path] if result.sidecar is None else [result.path, result.sidecar]
+    console.print("wrote " + " and ".join(f"[bold]{path}[/]" for path in written))
     console.print(
         f"recall threshold {result.recall}: {len(result.below_threshold)} heads below it; "
         f"mean density {result.mean_density:.4f}, mean cost {result.mean_cost:.4f}"
@@ -433,7 +434,7 @@ def optimize(
     workers: Annotated[int, typer.Option(help="Worker processes (layers are sharded).")] = 2,
     block_size: Annotated[
         int, typer.Option(help="Kernel block size the cost counts blocks of.")
-    ] = 128,
+    ] = DEFAULT_BLOCK_SIZE,
 ) -> None:
     """Search per-head sparse patterns meeting the recall threshold; write the run folder."""
     import optuna

@@ -256,8 +256,8 @@ def check_kernel(
     """
     import os
 
-    from compact_search.runtime.reference import masked_reference
-    from compact_search.runtime.triton_attention import triton_sparse_attention
+    from compact_search.runtime.attention import sparse_attention
+    from compact_search.runtime.kernels.reference import masked_reference
 
     cuda = torch.cuda.is_available()
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -279,13 +279,14 @@ def check_kernel(
                 torch.randn(1, heads, layout.padded_len, d, generator=gen, device=device).to(dtype)
                 for _ in range(3)
             )
-            got = triton_sparse_attention(
+            got = sparse_attention(
                 q,
                 k,
                 v,
                 masks,
                 block_size=layout.block_size,
                 scale=d**-0.5,
+                backend="triton",
                 key_block_lengths=lengths,
             )
             ref = masked_reference(

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from compact_search.errors import ConfigError, UserInputError
-from compact_search.geometry import Grid, TileLayout, TileShape
+from compact_search.geometry import DEFAULT_BLOCK_SIZE, Grid, TileLayout, TileShape
 from compact_search.io import atomic_write_json, read_json
 from compact_search.patterns import HeadPattern, density
 
@@ -43,7 +43,7 @@ class GeometrySpec:
 
     grid: Grid
     tile: TileShape
-    block_size: int = 128
+    block_size: int = DEFAULT_BLOCK_SIZE
     prefix_tokens: int = 0
     prefix_at: str = "start"
 
@@ -306,7 +306,7 @@ def _parse_config(obj: Any, source: str) -> CompactConfig:
     geometry = GeometrySpec(
         grid=Grid(*r.int_list(r.get(g, "grid", "geometry"), "geometry.grid", 3, 1)),
         tile=TileShape(*r.int_list(r.get(g, "tile", "geometry"), "geometry.tile", 3, 1)),
-        block_size=r.integer(g.get("block_size", 128), "geometry.block_size", 1),
+        block_size=r.integer(g.get("block_size", DEFAULT_BLOCK_SIZE), "geometry.block_size", 1),
         prefix_tokens=r.integer(g.get("prefix_tokens", 0), "geometry.prefix_tokens", 0),
         prefix_at=prefix_at,
     )

@@ -3,19 +3,16 @@
 Per (bucket, layer, head) the chosen pattern, or with `recall=` the cheapest point of the head's
 Pareto front that reaches it; layers the profile did not capture stay dense. Every exported head's
 recall is re-measured on the profile (the same samples the search used) and written into the
-config's stats; a head below the threshold stops the export. Writes are atomic. A sidecar
-`<config>.luts.safetensors` holds the kernel's lookup tables for every (bucket, layer), so
-loading costs a file read instead of a mask build; `--format flex` writes FlexAttention block
-masks instead.
+config's stats; a head below the threshold stops the export. Writes are atomic. The runtime
+builds block masks and lookup tables from the config itself (docs/config.md says why there is no
+precomputed-table file); `--format flex` also writes FlexAttention block masks for other runtimes
+(`<config>.flex.safetensors`, read back by `runtime.kernels.flex.load_flex_masks`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from compact_search.check import head_recalls
 from compact_search.config import (
@@ -32,7 +29,6 @@ from compact_search.geometry import Grid, TileShape
 from compact_search.io import atomic_write_bytes
 from compact_search.patterns import HeadPattern, density
 
-LUT_SUFFIX = ".luts.safetensors"
 FLEX_SUFFIX = ".flex.safetensors"
 
 
@@ -40,7 +36,7 @@ FLEX_SUFFIX = ".flex.safetensors"
 class ExportResult:
     config: CompactConfig
     path: Path
-    sidecar: Path | None
+    sidecar: Path | None  # the FlexAttention masks of --format flex
     recall: float
     below_threshold: list[tuple[int, int, int, float]]  # (bucket, layer, head, recall)
     mean_density: float
@@ -145,45 +141,16 @@ def measure(config: CompactConfig, result, profile) -> tuple[CompactConfig, list
     return measured, below
 
 
-def write_lut_sidecar(config: CompactConfig, path: Path) -> Path:
-    """Precompiled lookup tables for every (bucket, layer) as safetensors, written atomically."""
-    from safetensors.torch import save
-
-    from compact_search.runtime.lut import build_block_lut
-
-    layout = config.layout()
-    lengths = layout.key_block_lengths()
-    tensors = {}
-    for b in range(config.schedule.num_buckets):
-        for layer in range(config.model.num_layers):
-            lut = build_block_lut(
-                config.block_masks(b, layer),
-                seq_len=layout.padded_len,
-                block_size=layout.block_size,
-                key_block_lengths=lengths,
-            )
-            for name in ("kv_block_ids", "full_counts", "total_counts", "q_block_order"):
-                tensors[f"b{b}.l{layer}.{name}"] = getattr(lut, name).contiguous()
-    tensors["key_lengths"] = lengths.contiguous()
-    metadata = {
-        "format": "compact-search/luts",
-        "version": "1",
-        "config_sha": _config_digest(config),
-    }
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
-    return path
-
-
 def write_flex_masks(config: CompactConfig, path: Path) -> Path:
     """FlexAttention block masks (block level) for every (bucket, layer) as safetensors.
 
     Per (bucket, layer): `kv_num_blocks`, `kv_indices` (partial blocks: they hold padded keys),
-    `full_kv_num_blocks`, `full_kv_indices`; plus `key_block_lengths`. `load_flex_masks`
-    turns them back into BlockMasks.
+    `full_kv_num_blocks`, `full_kv_indices`; plus `key_block_lengths`.
+    `runtime.kernels.flex.load_flex_masks` turns them back into BlockMasks.
     """
     from safetensors.torch import save
 
-    from compact_search.runtime.flex import flex_block_mask
+    from compact_search.runtime.kernels.flex import flex_block_mask
 
     layout = config.layout()
     lengths = layout.key_block_lengths()
@@ -203,44 +170,6 @@ def write_flex_masks(config: CompactConfig, path: Path) -> Path:
     }
     atomic_write_bytes(path, save(tensors, metadata=metadata))
     return path
-
-
-def load_flex_masks(path: str | Path) -> dict[tuple[int, int], object]:
-    """(bucket, layer) -> FlexAttention BlockMask, from a `--format flex` export."""
-    from safetensors import safe_open
-    from torch.nn.attention.flex_attention import BlockMask
-
-    with safe_open(str(path), "pt") as handle:
-        meta = handle.metadata() or {}
-        if meta.get("format") != "compact-search/flex":
-            raise UserInputError(f"{path}: not a compact-search flex export")
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-    block_size, seq_len = int(meta["block_size"]), int(meta["seq_len"])
-    lengths = tensors.pop("key_block_lengths")
-    valid = (torch.arange(seq_len) % block_size) < lengths.repeat_interleave(block_size)[:seq_len]
-    out = {}
-    for key in tensors:
-        if not key.endswith(".kv_num_blocks") or key.count(".") != 2:
-            continue
-        prefix = key[: -len(".kv_num_blocks")]
-        b, layer = (int(part[1:]) for part in prefix.split("."))
-        out[(b, layer)] = BlockMask.from_kv_blocks(
-            tensors[f"{prefix}.kv_num_blocks"],
-            tensors[f"{prefix}.kv_indices"],
-            tensors[f"{prefix}.full_kv_num_blocks"],
-            tensors[f"{prefix}.full_kv_indices"],
-            BLOCK_SIZE=block_size,
-            mask_mod=lambda b_, h, q, kv, v=valid: v[kv],
-            seq_lengths=(seq_len, seq_len),
-        )
-    return out
-
-
-def _config_digest(config: CompactConfig) -> str:
-    import hashlib
-
-    text = json.dumps(config.to_json()["buckets"], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def export_run(
@@ -284,11 +213,7 @@ def export_run(
     out = Path(out)
     save_config(config, out)
     sidecar = None
-    if output_format == "json":
-        sidecar = write_lut_sidecar(
-            config, out.with_name(out.name.removesuffix(".json") + LUT_SUFFIX)
-        )
-    else:
+    if output_format == "flex":
         sidecar = write_flex_masks(
             config, out.with_name(out.name.removesuffix(".json") + FLEX_SUFFIX)
         )

@@ -11,7 +11,7 @@ from compact_search.errors import UserInputError
 from compact_search.geometry import Grid, TileShape
 from compact_search.patterns import HeadPattern
 from compact_search.runtime.apply import apply, rescale_config
-from compact_search.runtime.reference import masked_reference
+from compact_search.runtime.kernels.reference import masked_reference
 
 GRID = Grid(3, 4, 5)  # latent 3 x 8 x 10 with patch (1, 2, 2)
 

@@ -37,6 +37,13 @@ def test_usage_errors_exit_2(args):
     assert "Traceback" not in result.stderr
 
 
+def test_demo_block_size_must_suit_the_kernel():
+    result = run_cli("demo", "--block-size", "24")
+    assert result.returncode == 2
+    assert "--block-size must be a power of two >= 16, got 24" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_bad_files_give_one_line_and_debug_gives_the_traceback(tmp_path):
     truncated = tmp_path / "config.json"
     truncated.write_text('{"format": "compact-search/config", "vers')

@@ -8,7 +8,7 @@ import torch
 from compact_search import sparse_attention
 from compact_search.geometry import Grid, TileLayout, TileShape
 from compact_search.patterns import HeadPattern
-from compact_search.runtime.reference import masked_reference
+from compact_search.runtime.kernels.reference import masked_reference
 
 
 @pytest.mark.parametrize(("n", "bs"), [(63, 16), (100, 32)], ids=["N63-bs16", "N100-bs32"])

@@ -8,7 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compact_search.errors import UserInputError
-from compact_search.geometry import Grid, TileLayout, TileShape, tile_grid_of, video_token_tiles
+from compact_search.geometry import (
+    Grid,
+    TileLayout,
+    TileShape,
+    check_block_size,
+    tile_grid_of,
+    valid_block_lengths,
+    video_token_tiles,
+)
 from compact_search.patterns import HeadPattern
 
 REAL_GRIDS = [
@@ -139,3 +147,32 @@ def test_permutation_shape_errors():
         layout.to_slots(torch.zeros(1, 1, 7, 2))
     with pytest.raises(ValueError, match="slots"):
         layout.from_slots(torch.zeros(1, 1, 7, 2))
+
+
+@pytest.mark.parametrize(
+    ("num_valid", "block_size", "num_blocks", "expected"),
+    [
+        (300, 128, None, [128, 128, 44]),  # the ragged last block of an untiled sequence
+        (256, 128, None, [128, 128]),
+        (0, 128, None, []),  # no tokens, no blocks
+        (5, 4, 3, [4, 1, 0]),  # a padded run: blocks past the real tokens are empty
+        (torch.tensor([5, 0, 8]), 4, 2, [[4, 1], [0, 0], [4, 4]]),  # one run per count
+    ],
+    ids=["ragged", "whole", "empty", "padded-run", "per-tile"],
+)
+def test_valid_block_lengths(num_valid, block_size, num_blocks, expected):
+    lengths = valid_block_lengths(num_valid, block_size, num_blocks)
+    assert lengths.dtype == torch.int32 and lengths.tolist() == expected
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128, 256])
+def test_kernel_block_sizes_pass(block_size):
+    check_block_size(block_size)
+
+
+@pytest.mark.parametrize("block_size", [0, 8, 24, 48, 100])
+def test_other_block_sizes_are_user_errors_naming_the_option(block_size):
+    with pytest.raises(
+        UserInputError, match=f"--block-size must be a power of two >= 16, got {block_size}"
+    ):
+        check_block_size(block_size, "--block-size")

@@ -21,13 +21,13 @@ import sys
 import pytest
 import torch
 
-gluon_attention = pytest.importorskip(
-    "compact_search.runtime.gluon_attention", reason="this Triton has no Gluon Hopper API"
+gluon_hopper = pytest.importorskip(
+    "compact_search.runtime.kernels.gluon_hopper", reason="this Triton has no Gluon Hopper API"
 )
 
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from compact_search.runtime.triton_attention import triton_sparse_attention  # noqa: E402
+from compact_search import sparse_attention  # noqa: E402
 
 H100_SHARED_MEMORY = 227 * 1024  # bytes one CTA may use on sm_90
 
@@ -38,16 +38,16 @@ def compile_for_hopper(head_dim: int, dtype: torch.dtype, config):
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    kernel = gluon_attention._gluon_block_sparse_attention_kernel
+    kernel = gluon_hopper._gluon_block_sparse_attention_kernel
     names = list(inspect.signature(kernel.fn).parameters)
     # Descriptors need a tensor only for dtype, shape and strides; nothing is launched.
     stand_in = torch.empty(1, 2, 256, head_dim, dtype=dtype)
-    rows = gluon_attention.GLUON_BLOCK_SIZE // 2
+    rows = gluon_hopper.GLUON_BLOCK_SIZE // 2
     descriptors = {
-        "q_desc": gluon_attention._descriptor(stand_in, rows),
-        "k_desc": gluon_attention._descriptor(stand_in, config.block_n),
-        "v_desc": gluon_attention._descriptor(stand_in, config.block_n),
-        "o_desc": gluon_attention._descriptor(stand_in, rows),
+        "q_desc": gluon_hopper._descriptor(stand_in, rows),
+        "k_desc": gluon_hopper._descriptor(stand_in, config.block_n),
+        "v_desc": gluon_hopper._descriptor(stand_in, config.block_n),
+        "o_desc": gluon_hopper._descriptor(stand_in, rows),
     }
     constants = {
         "HEAD_DIM": head_dim,
@@ -70,8 +70,8 @@ def compile_for_hopper(head_dim: int, dtype: torch.dtype, config):
             signature[name] = "i32"
     source = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     options = {
-        "num_warps": gluon_attention.CONSUMER_WARPS.value,
-        "maxnreg": gluon_attention.MAX_REGISTERS,
+        "num_warps": gluon_hopper.CONSUMER_WARPS.value,
+        "maxnreg": gluon_hopper.MAX_REGISTERS,
     }
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
@@ -79,9 +79,9 @@ def compile_for_hopper(head_dim: int, dtype: torch.dtype, config):
 @pytest.mark.parametrize(
     "head_dim, dtype, config",
     [
-        (128, torch.bfloat16, gluon_attention.GluonConfig()),
-        (64, torch.float16, gluon_attention.GluonConfig()),
-        (128, torch.float16, gluon_attention.GluonConfig(block_n=64, stages=3, pingpong=True)),
+        (128, torch.bfloat16, gluon_hopper.GluonConfig()),
+        (64, torch.float16, gluon_hopper.GluonConfig()),
+        (128, torch.float16, gluon_hopper.GluonConfig(block_n=64, stages=3, pingpong=True)),
     ],
     ids=["d128-bf16-default", "d64-fp16-default", "d128-fp16-bn64-pingpong"],
 )
@@ -102,16 +102,16 @@ def test_kernel_compiles_for_hopper_without_spills(head_dim, dtype, config) -> N
 
 def test_gluon_config_rejects_tiles_that_do_not_divide_the_block() -> None:
     with pytest.raises(ValueError, match="block_n"):
-        gluon_attention.GluonConfig(block_n=96)
+        gluon_hopper.GluonConfig(block_n=96)
 
 
 def test_explicit_gluon_kernel_off_hopper_is_a_clear_error() -> None:
     q = torch.randn(1, 2, 256, 64, dtype=torch.float16)
     mask = torch.ones(1, 2, 2, dtype=torch.bool)
     with pytest.raises(ValueError, match="Gluon kernel needs"):
-        triton_sparse_attention(q, q, q, mask, block_size=128, kernel="gluon")
-    with pytest.raises(ValueError, match="kernel must be one of"):
-        triton_sparse_attention(q, q, q, mask, block_size=128, kernel="fast")
+        sparse_attention(q, q, q, mask, block_size=128, backend="triton-gluon")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sparse_attention(q, q, q, mask, block_size=128, backend="triton-fast")
 
 
 if __name__ == "__main__":
@@ -119,7 +119,7 @@ if __name__ == "__main__":
     compiled = compile_for_hopper(
         int(head_dim),
         getattr(torch, dtype_name),
-        gluon_attention.GluonConfig(int(block_n), int(stages), bool(int(pingpong))),
+        gluon_hopper.GluonConfig(int(block_n), int(stages), bool(int(pingpong))),
     )
     ptx = compiled.asm["ptx"]
     facts = {
@@ -131,26 +131,26 @@ if __name__ == "__main__":
     print(json.dumps(facts))
 
 
-def test_auto_picks_gluon_only_where_it_runs_and_no_portable_option_was_asked(monkeypatch):
-    from compact_search.runtime import triton_attention
-    from compact_search.runtime.triton_attention import _use_gluon, kernel_config
+def test_triton_backend_picks_gluon_only_where_it_runs(monkeypatch):
+    from compact_search.runtime.attention import choose_kernel
 
     q = torch.empty(1, 2, 256, 64, dtype=torch.float16)
-    monkeypatch.setattr(triton_attention, "_interpreting", lambda: False)
-    monkeypatch.setattr(gluon_attention, "gluon_supports", lambda *args, **kwargs: True)
-    choose = lambda kernel, **kw: _use_gluon(  # noqa: E731
-        kernel, q, q, q, q, 128, use_tma=kw.get("use_tma"), config=kw.get("config")
-    )
-    assert choose("auto") and choose("gluon")
-    assert not choose("portable")
-    assert not choose("auto", use_tma=False)  # pointer loads exist only in the portable kernel
-    assert not choose("auto", config=kernel_config(128, 64, 4, 3))  # a portable launch config
-    monkeypatch.setattr(gluon_attention, "gluon_supports", lambda *args, **kwargs: False)
-    assert not choose("auto")
-    with pytest.raises(ValueError, match="Gluon kernel needs"):
-        choose("gluon")
+    # A CUDA tensor without a GPU: the chooser reads only is_cuda, dtype and shape.
+    cuda_q = torch.empty(1, 2, 256, 64, dtype=torch.float16, device="meta")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: t.device.type == "meta"))
+    monkeypatch.setattr(gluon_hopper, "gluon_supports", lambda *args, **kwargs: True)
+    choose = lambda backend, x=cuda_q: choose_kernel(x, x, x, 128, backend)  # noqa: E731
+    assert choose("auto") == choose("triton") == ("triton-gluon", None)
+    assert choose("triton-gluon") == ("triton-gluon", None)
+    assert choose("triton-portable") == ("triton-portable", None)
+    assert choose("auto", q) == ("reference", None)  # CPU: the interpreter is no default
+    monkeypatch.setattr(gluon_hopper, "gluon_supports", lambda *args, **kwargs: False)
+    assert choose("auto") == choose("triton") == ("triton-portable", None)
+    fp32 = cuda_q.float()
+    kernel, reason = choose("triton-gluon", fp32)
+    assert kernel == "reference" and "dtype torch.float32" in reason
 
 
 def test_gluon_supports_nothing_off_the_gpu():
     token_major = torch.empty(1, 64, 2, 64, dtype=torch.bfloat16).transpose(1, 2)
-    assert not gluon_attention.gluon_supports(token_major, token_major, token_major, 128)  # CPU
+    assert not gluon_hopper.gluon_supports(token_major, token_major, token_major, 128)  # CPU

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compact_search import sparse_attention
-from compact_search.runtime.reference import chunked_reference, masked_reference
+from compact_search.runtime.kernels.reference import chunked_reference, masked_reference
 
 
 def plain_attention(q, k, v, token_mask, scale):

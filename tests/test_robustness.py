@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compact_search import sparse_attention
-from compact_search.runtime.reference import masked_reference
+from compact_search.runtime.kernels.reference import masked_reference
 
 
 def random_case(seed: int, n: int, heads: int, block_size: int, density: float, dtype):

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from compact_search.runtime import lut as lut_module
+from compact_search.runtime.kernels.reference import masked_reference
 from compact_search.runtime.lut import build_block_lut, cached_block_lut, clear_lut_cache
-from compact_search.runtime.reference import masked_reference
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 needs_kernel = pytest.mark.skipif(
@@ -97,10 +97,10 @@ def random_key_lengths(seq_len: int, block_size: int, generator: torch.Generator
 
 
 def run_kernel(q, k, v, block_mask, **kwargs) -> torch.Tensor:
-    from compact_search.runtime.triton_attention import triton_sparse_attention
+    from compact_search.runtime.kernels.triton_portable import portable_sparse_attention
 
     out = torch.full_like(q, float("nan"))
-    result = triton_sparse_attention(q, k, v, block_mask, out=out, **kwargs)
+    result = portable_sparse_attention(q, k, v, block_mask, out=out, **kwargs)
     assert result is out
     return out
 
@@ -163,18 +163,28 @@ def test_public_entry_point_uses_kernel() -> None:
 
 
 def test_unsupported_head_dim_warns_once_and_uses_reference() -> None:
-    from compact_search.runtime import triton_attention
+    from compact_search.runtime import attention
 
-    triton_attention._warned_fallback.clear()
+    attention._warned_fallbacks.clear()
     q = k = v = torch.randn(1, 1, 70, 32).to(torch.bfloat16)
     block_mask = torch.ones(1, 2, 2, dtype=torch.bool)
     with pytest.warns(UserWarning, match="head dim 32"):
-        first = triton_attention.triton_sparse_attention(q, k, v, block_mask, block_size=64)
+        first = attention.sparse_attention(q, k, v, block_mask, block_size=64, backend="triton")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        triton_attention.triton_sparse_attention(q, k, v, block_mask, block_size=64)
+        attention.sparse_attention(q, k, v, block_mask, block_size=64, backend="triton")
     expected = masked_reference(q, k, v, block_mask, block_size=64)
     assert torch.equal(first, expected)
+
+
+def test_kernel_block_size_must_be_a_power_of_two() -> None:
+    from compact_search import sparse_attention
+
+    q = torch.randn(1, 1, 96, 64).to(torch.float16)
+    with pytest.raises(ValueError, match="block_size must be a power of two >= 16, got 48"):
+        sparse_attention(
+            q, q, q, torch.ones(1, 2, 2, dtype=torch.bool), block_size=48, backend="triton"
+        )
 
 
 # --- lookup tables -----------------------------------------------------------------------------
@@ -249,7 +259,7 @@ CONFIGS = {"BM64-BN64": (64, 64), "BM64-BN128": (64, 128), "BM128-BN128": (128, 
 def test_kernel_configs_match_reference(name: str) -> None:
     """64-row query tiles on 128-token mask blocks (two programs per block) and 128-key tiles,
     with padded keys and a row whose kept blocks are all padded."""
-    from compact_search.runtime.triton_attention import kernel_config
+    from compact_search.runtime.kernels.triton_portable import kernel_config
 
     block_m, block_n = CONFIGS[name]
     config = kernel_config(block_m, block_n, 4, 3)
@@ -266,7 +276,7 @@ def test_kernel_configs_match_reference(name: str) -> None:
 
 
 def test_tma_layout_check_wants_unit_stride_d_and_16_byte_strides():
-    from compact_search.runtime.triton_attention import tma_layout_ok
+    from compact_search.runtime.kernels.common import tma_layout_ok
 
     base = torch.empty(1, 2, 64, 72, dtype=torch.float16)
     assert tma_layout_ok(base[..., :64])  # row stride 144 bytes

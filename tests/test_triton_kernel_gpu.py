@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compact_search.runtime.reference import chunked_reference
-from compact_search.runtime.triton_attention import triton_sparse_attention
+from compact_search import sparse_attention
+from compact_search.runtime.kernels.reference import chunked_reference
+from compact_search.runtime.kernels.triton_portable import portable_sparse_attention
 
 pytestmark = [
     pytest.mark.gpu,
@@ -75,8 +76,8 @@ def test_kernel_matches_reference_on_gpu(case, variant: str) -> None:
         ).to(torch.int32)
         lengths[1] = 0
     out = torch.full_like(q, float("nan"))
-    if gluon_config is None:
-        triton_sparse_attention(
+    if kernel == "portable":
+        portable_sparse_attention(
             q,
             k,
             v,
@@ -85,17 +86,19 @@ def test_kernel_matches_reference_on_gpu(case, variant: str) -> None:
             key_block_lengths=lengths,
             out=out,
             use_tma=use_tma,
-            kernel=kernel,
         )
     else:
-        from compact_search.runtime.gluon_attention import GluonConfig, gluon_sparse_attention
-        from compact_search.runtime.lut import build_block_lut
+        from compact_search.runtime.kernels.gluon_hopper import GluonConfig, gluon_sparse_attention
 
-        lut = build_block_lut(
-            block_mask, seq_len=seq_len, block_size=block_size, key_block_lengths=lengths
-        )
         gluon_sparse_attention(
-            q, k, v, out, lut, scale=head_dim**-0.5, config=GluonConfig(**gluon_config)
+            q,
+            k,
+            v,
+            block_mask,
+            block_size=block_size,
+            key_block_lengths=lengths,
+            out=out,
+            config=None if gluon_config is None else GluonConfig(**gluon_config),
         )
     torch.cuda.synchronize()
     expected = chunked_reference(
@@ -111,8 +114,8 @@ def test_kernel_matches_reference_on_gpu(case, variant: str) -> None:
     assert torch.equal(out[:, 0, :block_size], torch.zeros_like(out[:, 0, :block_size]))
 
 
-@pytest.mark.parametrize("kernel", ["portable", "auto"])
-def test_dense_mask_matches_sdpa_on_gpu(kernel: str) -> None:
+@pytest.mark.parametrize("backend", ["triton-portable", "triton"])
+def test_dense_mask_matches_sdpa_on_gpu(backend: str) -> None:
     generator = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (
         torch.randn(1, 8, 8191, 128, device="cuda", generator=generator)
@@ -123,6 +126,6 @@ def test_dense_mask_matches_sdpa_on_gpu(kernel: str) -> None:
         for _ in range(3)
     )
     block_mask = torch.ones(1, 64, 64, dtype=torch.bool, device="cuda")
-    out = triton_sparse_attention(q, k, v, block_mask, block_size=128, kernel=kernel)
+    out = sparse_attention(q, k, v, block_mask, block_size=128, backend=backend)
     expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
     assert relative_error(out, expected) < TOLERANCE[torch.bfloat16]

@@ -21,7 +21,10 @@ import torch
 
 from compact_search.errors import UserInputError
 from compact_search.geometry import Grid, TileLayout, TileShape, tile_grid_of, video_token_tiles
-from compact_search.profiling.triton_tile_mass import triton_supports, triton_tile_mass_sums
+from compact_search.profiling.triton_tile_mass import (
+    tile_mass_kernel_supports,
+    triton_tile_mass_sums,
+)
 
 # Upper bound on the fp32 score chunk [B, H, chunk, N] held at once, in elements (256 MB).
 CHUNK_ELEMENTS = 64 * 1024 * 1024
@@ -106,7 +109,7 @@ def tile_mass_sums(
     grid, tile = Grid.of(grid), TileShape.of(tile)
     _check_inputs(q, k, grid)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if triton_supports(q) and q.dtype != torch.float64:
+    if tile_mass_kernel_supports(q) and q.dtype != torch.float64:
         return triton_tile_mass_sums(q, k, grid, tile, scale=scale, log_sum_exp=log_sum_exp)
     return torch_tile_mass_sums(q, k, grid, tile, scale=scale)
 

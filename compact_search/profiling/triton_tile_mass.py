@@ -25,23 +25,20 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from compact_search.geometry import Grid, TileLayout, TileShape
+from compact_search.runtime.kernels.common import LOG2_E, autotune_enabled, interpreting
 
-LOG2_E = 1.4426950408889634
 # Key blocks are 64 slots and tiles are padded to whole key blocks; query probabilities are summed
 # per 64-slot group, which never straddles two tiles.
 SLOT_BLOCK = 64
 BLOCK_N = SLOT_BLOCK
 QUERY_GROUP = SLOT_BLOCK
 MAX_BLOCK_M = 128
-# Set to "0" to run the first config only (the tests do; the interpreter always does).
-AUTOTUNE_ENV = "COMPACT_SEARCH_AUTOTUNE"
 
 # Query block (a multiple of QUERY_GROUP, at most MAX_BLOCK_M), warps, stages. The first config is
 # the one used without autotuning.
@@ -54,19 +51,11 @@ KERNEL_CONFIGS = [
 ]
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _autotune_enabled() -> bool:
-    return not _interpreting() and os.environ.get(AUTOTUNE_ENV, "1") != "0"
-
-
 def _launch_options(config: triton.Config) -> dict:
     return {"num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
-def triton_supports(q: torch.Tensor) -> bool:
+def tile_mass_kernel_supports(q: torch.Tensor) -> bool:
     """Whether the Triton path serves q: a CUDA tensor with a head dim tl.dot takes (a power of
     two, 16 to 256). CPU tensors take the torch path even under TRITON_INTERPRET=1: the tests
     call `triton_tile_mass_sums` directly for that."""
@@ -215,14 +204,14 @@ def _constants(q_slots: torch.Tensor) -> dict:
     return {
         "HEAD_DIM": q_slots.shape[-1],
         "BLOCK_N": BLOCK_N,
-        "COMPUTE_IN_FP32": _interpreting() or q_slots.dtype == torch.float32,
+        "COMPUTE_IN_FP32": interpreting() or q_slots.dtype == torch.float32,
         "DOT_PRECISION": _dot_precision(q_slots),
     }
 
 
 def _launch(tuned, plain, num_slots: int, bh: int, args: tuple, constants: dict) -> None:
     """Launch over (query blocks, batch x heads): autotuned, or the first config directly."""
-    if _autotune_enabled():
+    if autotune_enabled():
         tuned[lambda meta: (num_slots // meta["BLOCK_M"], bh)](*args, **constants)
         return
     config = KERNEL_CONFIGS[0]

@@ -1,4 +1,5 @@
-"""Runtime: block-sparse attention backends and their PyTorch reference."""
+"""Runtime: `sparse_attention` (the kernel chooser), the kernels under `kernels/`, their lookup
+tables (`lut`) and `apply`."""
 
 from compact_search.runtime.attention import sparse_attention
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from compact_search.config import CompactConfig, HeadEntry
 from compact_search.errors import UserInputError
-from compact_search.geometry import Grid, TileLayout
+from compact_search.geometry import Grid, TileLayout, valid_block_lengths
 from compact_search.runtime.attention import sparse_attention
 
 Installer = Callable[[object, Callable], object]
@@ -193,8 +193,9 @@ class CompactHandle:
             layout = self.layout
             lengths = layout.key_block_lengths(device).clone()
             # Prefix token j sits in slot j (prefix blocks first): real ones are a prefix of it.
-            starts = torch.arange(layout.prefix_blocks, device=device) * layout.block_size
-            lengths[: layout.prefix_blocks] = (prefix_tokens - starts).clamp(0, layout.block_size)
+            lengths[: layout.prefix_blocks] = valid_block_lengths(
+                prefix_tokens, layout.block_size, layout.prefix_blocks, device
+            )
             self._lengths[key] = lengths
         return self._lengths[key]
 

@@ -1,20 +1,49 @@
-"""The public entry point: `sparse_attention`, argument checks and backend choice."""
+"""The public entry point `sparse_attention`: argument checks and the one place a kernel is chosen.
+
+Backends (the `backend=` argument):
+
+- "reference": PyTorch (`kernels/reference.py`), any device and float dtype;
+- "triton-portable": the portable Triton kernel (`kernels/triton_portable.py`): every GPU, any
+  power-of-two block size, the Triton interpreter on CPU;
+- "triton-gluon": the warp-specialized Hopper kernel (`kernels/gluon_hopper.py`); ValueError
+  where it cannot run;
+- "triton": the Gluon kernel where it runs (compiled, Hopper, block size 128, TMA layouts), else
+  the portable one;
+- "flex": FlexAttention with the same block mask (`kernels/flex.py`), for comparison and interop;
+- "auto": "triton" on CUDA, "reference" elsewhere (on CPU the interpreter is far slower).
+
+A Triton backend (or "auto" on CUDA) given a dtype or head dim the kernels do not take runs the
+reference instead and says so in one warning per distinct reason. The kernel modules never import
+each other; they are imported here on first use, so the reference path never loads triton.
+"""
 
 from __future__ import annotations
 
+import importlib
 import math
+import warnings
+from collections.abc import Callable
 
 import torch
 
-from compact_search.runtime.reference import chunked_reference, masked_reference
+from compact_search.geometry import DEFAULT_BLOCK_SIZE
+from compact_search.runtime.kernels.common import unsupported_reason
 
-BACKENDS = ("auto", "reference", "triton", "flex")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-TRITON_DTYPES = (torch.float16, torch.bfloat16)
-TRITON_HEAD_DIMS = (64, 128)
-# Above this many query x key tokens per head the reference walks query blocks instead of
-# building the [N, N] mask.
-MASKED_REFERENCE_MAX_PAIRS = 4096 * 4096
+# What each kernel backend runs: (module, function), every function called as
+# run(q, k, v, block_mask, *, block_size, scale, key_block_lengths).
+KERNELS = {
+    "reference": ("compact_search.runtime.kernels.reference", "reference_sparse_attention"),
+    "triton-portable": (
+        "compact_search.runtime.kernels.triton_portable",
+        "portable_sparse_attention",
+    ),
+    "triton-gluon": ("compact_search.runtime.kernels.gluon_hopper", "gluon_sparse_attention"),
+    "flex": ("compact_search.runtime.kernels.flex", "flex_sparse_attention"),
+}
+BACKENDS = ("auto", "triton", *KERNELS)
+
+_warned_fallbacks: set[str] = set()
 
 
 def _check_arguments(q, k, v, block_mask, block_size, key_block_lengths) -> None:
@@ -65,18 +94,61 @@ def _check_arguments(q, k, v, block_mask, block_size, key_block_lengths) -> None
             )
 
 
-def triton_supports(q: torch.Tensor) -> bool:
-    """Whether the Triton kernel runs q's dtype and head dim (any device with a Triton driver)."""
-    return q.dtype in TRITON_DTYPES and q.shape[-1] in TRITON_HEAD_DIMS
+def _kernel_module(kernel: str):
+    try:
+        return importlib.import_module(KERNELS[kernel][0])
+    except ImportError as error:  # e.g. a Triton without the Gluon Hopper API
+        raise ValueError(f"backend {kernel!r} cannot be loaded here: {error}") from error
 
 
-def choose_backend(q: torch.Tensor, backend: str) -> str:
+def kernel_function(kernel: str) -> Callable[..., torch.Tensor]:
+    """The function a kernel backend runs (a key of KERNELS)."""
+    return getattr(_kernel_module(kernel), KERNELS[kernel][1])
+
+
+def _gluon_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> bool:
+    if not q.is_cuda:
+        return False
+    try:
+        from compact_search.runtime.kernels.gluon_hopper import gluon_supports
+    except ImportError:  # a Triton without the Gluon Hopper API
+        return False
+    # The output buffer is allocated in q's memory order: q stands in for its layout check.
+    return gluon_supports(q, k, v, block_size)
+
+
+def choose_kernel(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, backend: str = "auto"
+) -> tuple[str, str | None]:
+    """The kernel `sparse_attention` runs for these inputs (a key of KERNELS), and why it fell
+    back to the reference (None when it did not)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend != "auto":
-        return backend
-    # On CPU the interpreter is far slower than the reference, so auto never picks it there.
-    return "triton" if q.is_cuda and triton_supports(q) else "reference"
+    if backend in ("reference", "flex"):
+        return backend, None
+    if backend == "auto" and not q.is_cuda:
+        return "reference", None
+    reason = unsupported_reason(q)
+    if reason is not None:
+        return "reference", reason
+    if backend in ("auto", "triton"):
+        return ("triton-gluon" if _gluon_runs(q, k, v, block_size) else "triton-portable"), None
+    return backend, None
+
+
+def selected_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    backend: str = "auto",
+) -> str:
+    """What `sparse_attention` runs for these inputs, with the Triton kernel's launch config of
+    its latest call (for benchmark logs), e.g. "triton-portable untuned (first config)"."""
+    kernel, _ = choose_kernel(q, k, v, block_size, backend)
+    launch_config = getattr(_kernel_module(kernel), "autotuned_config", None)
+    return kernel if launch_config is None else f"{kernel} {launch_config()}"
 
 
 def sparse_attention(
@@ -85,7 +157,7 @@ def sparse_attention(
     v: torch.Tensor,
     block_mask: torch.Tensor,
     *,
-    block_size: int = 128,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     scale: float | None = None,
     backend: str = "auto",
     key_block_lengths: torch.Tensor | None = None,
@@ -96,11 +168,11 @@ def sparse_attention(
         q, k, v: [B, H, N, D], fp16, bf16, fp32 (or fp64 on the reference backend), one device.
         block_mask: bool [H, nb, nb] or [1, nb, nb], nb = ceil(N / block_size): query block i of
             head h attends key block j iff block_mask[h, i, j].
-        block_size: tokens per mask block.
+        block_size: tokens per mask block (a power of two >= 16 for the Triton kernels).
         scale: softmax scale, D ** -0.5 when None.
-        backend: "reference" (PyTorch), "triton" (the kernel; the Triton interpreter on CPU),
-            "flex" (FlexAttention with the same block mask, for comparison and interop), or
-            "auto" (the kernel on CUDA when it supports dtype and head dim, else the reference).
+        backend: "auto", "reference", "triton", "triton-portable", "triton-gluon" or "flex"
+            (see the module doc); the Triton kernels take fp16/bf16 and head dim 64 or 128, other
+            inputs run the reference after one warning.
         key_block_lengths: optional int32 [nb]: only the first key_block_lengths[j] keys of block
             j are valid (padding of tiled layouts); default all, with the ragged last block.
 
@@ -108,24 +180,16 @@ def sparse_attention(
         [B, H, N, D] in q's dtype; a query with no valid kept key outputs zeros.
     """
     _check_arguments(q, k, v, block_mask, block_size, key_block_lengths)
-    chosen = choose_backend(q, backend)
+    kernel, fallback = choose_kernel(q, k, v, block_size, backend)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if q.shape[2] == 0:
         return torch.empty_like(q)
-    if chosen == "triton":
-        from compact_search.runtime.triton_attention import triton_sparse_attention
-
-        run = triton_sparse_attention
-    elif chosen == "flex":
-        from compact_search.runtime.flex import flex_sparse_attention
-
-        run = flex_sparse_attention
-    else:
-        n = q.shape[2]
-        run = masked_reference if n * n <= MASKED_REFERENCE_MAX_PAIRS else chunked_reference
+    if fallback is not None and fallback not in _warned_fallbacks:
+        _warned_fallbacks.add(fallback)
+        warnings.warn(f"sparse_attention: {fallback}; using the reference", stacklevel=2)
     if key_block_lengths is not None:
         key_block_lengths = key_block_lengths.to(torch.int32)
-    return run(
+    return kernel_function(kernel)(
         q,
         k,
         v,

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from compact_search.geometry import valid_block_lengths
+
 __all__ = ["BlockLUT", "build_block_lut", "cached_block_lut", "clear_lut_cache"]
 
 
@@ -52,16 +54,6 @@ class BlockLUT:
         return self.kv_block_ids.shape[1]
 
 
-def default_key_block_lengths(
-    seq_len: int, block_size: int, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """int32 ``[nb]``: ``block_size`` for every key block but the ragged last one."""
-    num_blocks = -(-seq_len // block_size)
-    lengths = torch.full((num_blocks,), block_size, dtype=torch.int32, device=device)
-    lengths[-1] = seq_len - (num_blocks - 1) * block_size
-    return lengths
-
-
 def build_block_lut(
     block_mask: torch.Tensor,
     *,
@@ -89,7 +81,7 @@ def build_block_lut(
         )
     device = block_mask.device
     block_mask = block_mask.bool()
-    existing = default_key_block_lengths(seq_len, block_size, device)  # [nb]
+    existing = valid_block_lengths(seq_len, block_size, device=device)  # [nb]
     if key_block_lengths is None:
         key_lengths = existing
     else:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from compact_search.geometry import Grid, TileLayout, TileShape, tile_grid_of
+from compact_search.geometry import DEFAULT_BLOCK_SIZE, Grid, TileLayout, TileShape, tile_grid_of
 from compact_search.patterns import recall
 from compact_search.search.offsets import CostModel, recall_tables
 from compact_search.search.solver import HeadSolution, LayerSolver, SolverConfig
@@ -183,7 +183,7 @@ def _serve(connection, source, tiles, layers, block_size) -> None:
 class LayerShards:
     """Shards the layers of a source over `workers` processes (in-process when workers == 1)."""
 
-    def __init__(self, source, tiles, block_size: int = 128, workers: int = 1):
+    def __init__(self, source, tiles, block_size: int = DEFAULT_BLOCK_SIZE, workers: int = 1):
         src = open_source(source)
         self.layers = profiled_layers(src)
         self.tiles = [TileShape.of(t) for t in tiles]

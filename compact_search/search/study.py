@@ -31,7 +31,7 @@ import numpy as np
 import optuna
 
 from compact_search.errors import UserInputError
-from compact_search.geometry import TileShape
+from compact_search.geometry import DEFAULT_BLOCK_SIZE, TileShape
 from compact_search.search.shards import (
     BucketRequest,
     LayerShards,
@@ -58,7 +58,7 @@ class SearchConfig:
     n_trials: int = 40
     seed: int = 0
     tiles: tuple[TileShape, ...] = ()  # empty: every candidate tile shape of the profile
-    block_size: int = 128
+    block_size: int = DEFAULT_BLOCK_SIZE
     workers: int = 2
     front_levels: tuple[float, ...] = DEFAULT_FRONT_LEVELS
 

@@ -9,6 +9,8 @@ attention over the kept keys.
 Two forms: `masked_reference` builds the [N, N] token mask (small N, tests) and
 `chunked_reference` walks query blocks and gathers their kept keys, so memory stays at
 [B, block_size, kept keys] per step (a 32,768-token head runs on CPU).
+`reference_sparse_attention`, what the "reference" backend runs, takes the first up to 4,096
+tokens and the second above.
 """
 
 from __future__ import annotations
@@ -17,14 +19,11 @@ import math
 
 import torch
 
+from compact_search.geometry import DEFAULT_BLOCK_SIZE
 
-def default_key_block_lengths(n: int, block_size: int, device: torch.device) -> torch.Tensor:
-    """[nb] int32: full blocks, and the ragged remainder in the last one."""
-    nb = math.ceil(n / block_size)
-    lengths = torch.full((nb,), block_size, dtype=torch.int32, device=device)
-    if nb:
-        lengths[-1] = n - (nb - 1) * block_size
-    return lengths
+# Above this many query x key tokens per head `reference_sparse_attention` walks query blocks
+# instead of building the [N, N] mask.
+MASKED_REFERENCE_MAX_PAIRS = 4096 * 4096
 
 
 def valid_keys(
@@ -47,7 +46,7 @@ def masked_reference(
     v: torch.Tensor,
     block_mask: torch.Tensor,
     *,
-    block_size: int = 128,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     scale: float | None = None,
     key_block_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -89,7 +88,7 @@ def chunked_reference(
     v: torch.Tensor,
     block_mask: torch.Tensor,
     *,
-    block_size: int = 128,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     scale: float | None = None,
     key_block_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -120,3 +119,27 @@ def chunked_reference(
             probs = torch.softmax(q_blk @ k_sel.transpose(-1, -2) * scale, dim=-1)
             out[:, head, rows] = (probs @ v_sel).to(q.dtype)
     return out
+
+
+def reference_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    scale: float | None = None,
+    key_block_lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The masked form where the [N, N] mask is small, else the chunked one (same results)."""
+    n = q.shape[2]
+    run = masked_reference if n * n <= MASKED_REFERENCE_MAX_PAIRS else chunked_reference
+    return run(
+        q,
+        k,
+        v,
+        block_mask,
+        block_size=block_size,
+        scale=scale,
+        key_block_lengths=key_block_lengths,
+    )

@@ -5,11 +5,18 @@
 whose keys are all valid go in as *full* blocks (no mask_mod call); kept blocks that hold padded
 keys (tile padding, the ragged last block) go in as *partial* blocks, where the mask_mod drops the
 padded keys. Semantics match `sparse_attention`: a query row with no kept valid key outputs 0.
+
+`load_flex_masks` reads the BlockMasks back from a `compact-search export --format flex` file.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+from compact_search.errors import UserInputError
+from compact_search.geometry import valid_block_lengths
 
 
 def _sorted_kept(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -17,6 +24,12 @@ def _sorted_kept(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     counts = mask.sum(-1, dtype=torch.int32)[None]
     order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices
     return counts, order.to(torch.int32)[None].contiguous()
+
+
+def _valid_keys(lengths: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[nb * block_size] bool from valid keys per block [nb]: which key slots are not padding."""
+    slots = torch.arange(lengths.numel() * block_size, device=lengths.device)
+    return (slots % block_size) < lengths.repeat_interleave(block_size)
 
 
 def flex_block_mask(
@@ -35,8 +48,7 @@ def flex_block_mask(
     nb = block_mask.shape[-1]
     device = block_mask.device
     if key_block_lengths is None:
-        key_block_lengths = torch.full((nb,), block_size, dtype=torch.int32, device=device)
-        key_block_lengths[-1] = seq_len - (nb - 1) * block_size
+        key_block_lengths = valid_block_lengths(seq_len, block_size, nb)
     lengths = key_block_lengths.to(device)
     has_keys = lengths > 0  # [nb]
     complete = lengths == block_size  # [nb]
@@ -44,9 +56,7 @@ def flex_block_mask(
     partial = block_mask & (has_keys & ~complete)[None, None, :]
     full_counts, full_ids = _sorted_kept(full)
     partial_counts, partial_ids = _sorted_kept(partial)
-    valid = (torch.arange(nb * block_size, device=device) % block_size) < lengths.repeat_interleave(
-        block_size
-    )  # [nb * block_size] key validity per slot
+    valid = _valid_keys(lengths, block_size)  # [nb * block_size]
 
     heads = block_mask.shape[0]
 
@@ -90,3 +100,33 @@ def flex_sparse_attention(
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
         return _compiled_flex(q, k, v, block_mask=mask, scale=scale)
     return flex_attention(q, k, v, block_mask=mask, scale=scale)
+
+
+def load_flex_masks(path: str | Path) -> dict[tuple[int, int], object]:
+    """(bucket, layer) -> FlexAttention BlockMask, from a `--format flex` export."""
+    from safetensors import safe_open
+    from torch.nn.attention.flex_attention import BlockMask
+
+    with safe_open(str(path), "pt") as handle:
+        meta = handle.metadata() or {}
+        if meta.get("format") != "compact-search/flex":
+            raise UserInputError(f"{path}: not a compact-search flex export")
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    block_size, seq_len = int(meta["block_size"]), int(meta["seq_len"])
+    valid = _valid_keys(tensors.pop("key_block_lengths"), block_size)
+    out = {}
+    for key in tensors:
+        if not key.endswith(".kv_num_blocks") or key.count(".") != 2:
+            continue
+        prefix = key[: -len(".kv_num_blocks")]
+        b, layer = (int(part[1:]) for part in prefix.split("."))
+        out[(b, layer)] = BlockMask.from_kv_blocks(
+            tensors[f"{prefix}.kv_num_blocks"],
+            tensors[f"{prefix}.kv_indices"],
+            tensors[f"{prefix}.full_kv_num_blocks"],
+            tensors[f"{prefix}.full_kv_indices"],
+            BLOCK_SIZE=block_size,
+            mask_mod=lambda b_, h, q, kv, v=valid: v[kv],
+            seq_lengths=(seq_len, seq_len),
+        )
+    return out

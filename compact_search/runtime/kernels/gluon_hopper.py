@@ -1,8 +1,9 @@
 """Hopper block-sparse flash attention written in Gluon (warp-specialized, FA3-style).
 
-Same contract and lookup tables as ``triton_attention`` (same results); a Hopper-only fast path
-for 128-token mask blocks. Gluon exposes what plain Triton decides for itself on Hopper, and the
-difference is where the time goes. One CTA computes one 128-row query block:
+Same contract and lookup tables as the portable kernel (``triton_portable.py``, same results):
+a Hopper-only fast path for 128-token mask blocks. Gluon exposes what plain Triton decides for
+itself on Hopper, and the difference is where the time goes. One CTA computes one 128-row query
+block:
 
 - a **K loader warp** and a **V loader warp** walk the row's lookup table and move key/value
   tiles into rings of shared-memory buffers through TMA, each buffer with a "ready" mbarrier;
@@ -20,10 +21,10 @@ difference is where the time goes. One CTA computes one 128-row query block:
   default.
 
 It needs a CUDA device of compute capability 9.x, TMA-compatible q/k/v/o layouts and
-``block_size == 128``: ``gluon_supports`` says whether a call qualifies, and ``triton_attention``
-falls back to the portable kernel otherwise. Gluon does not run under the Triton interpreter, so
-CI compiles this kernel for sm_90 (tests/test_gluon_compile.py) and the GPU tests check its
-numbers against the reference.
+``block_size == 128``: ``gluon_supports`` says whether a call qualifies, and the chooser
+(``runtime/attention.py``) runs the portable kernel otherwise. Gluon does not run under the
+Triton interpreter, so CI compiles this kernel for sm_90 (tests/test_gluon_compile.py) and the
+GPU tests check its numbers against the reference.
 """
 
 from __future__ import annotations
@@ -41,13 +42,21 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from compact_search.runtime.lut import BlockLUT
-from compact_search.runtime.triton_attention import tma_layout_ok
+from compact_search.runtime.kernels.common import (
+    LOG2_E,
+    autotune_enabled,
+    density_bucket,
+    interpreting,
+    lut_sizes,
+    lut_tensors,
+    tma_layout_ok,
+    unsupported_reason,
+)
+from compact_search.runtime.lut import BlockLUT, cached_block_lut
 
 __all__ = ["gluon_sparse_attention", "gluon_supports", "GLUON_BLOCK_SIZE", "GluonConfig"]
 
 GLUON_BLOCK_SIZE = 128  # mask block = query block of one CTA
-LOG2_E = 1.4426950408889634
 CONSUMER_WARPS = gl.constexpr(4)  # one warpgroup: 64 query rows
 CONSUMER_REGISTERS = gl.constexpr(240)
 LOADER_WARPS = gl.constexpr(1)
@@ -424,11 +433,11 @@ def gluon_supports(
     *,
     out: torch.Tensor | None = None,
 ) -> bool:
-    """Whether the Gluon kernel runs this call: Hopper (9.x), 128-token blocks, TMA layouts of
-    q, k, v (and ``out`` when given)."""
-    if not q.is_cuda or block_size != GLUON_BLOCK_SIZE:
+    """Whether the Gluon kernel runs this call: compiled (not interpreted) on Hopper (9.x),
+    128-token blocks, the kernels' dtypes and head dims, TMA layouts of q, k, v (and ``out``)."""
+    if interpreting() or not q.is_cuda or block_size != GLUON_BLOCK_SIZE:
         return False
-    if q.dtype not in _GL_DTYPES or q.shape[-1] not in (64, 128):
+    if unsupported_reason(q) is not None:
         return False
     if torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
@@ -456,12 +465,14 @@ _autotuned_kernel = triton.autotune(
 
 
 def autotuned_config() -> str:
-    """The config the autotuner picked for the latest autotuned launch (for benchmark logs)."""
+    """The config the latest launch used without a ``config`` argument (for benchmark logs)."""
+    if not autotune_enabled():
+        return repr(GluonConfig())
     config = getattr(_autotuned_kernel, "best_config", None)
     return "not tuned yet" if config is None else str(config)
 
 
-def gluon_sparse_attention(
+def _launch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -486,18 +497,12 @@ def gluon_sparse_attention(
         _descriptor(k, config.block_n),
         _descriptor(v, config.block_n),
         _descriptor(out, GLUON_BLOCK_SIZE // 2),
-        lut.kv_block_ids,
-        lut.full_counts,
-        lut.total_counts,
-        lut.key_lengths,
-        lut.q_block_order,
+        *lut_tensors(lut),
         heads,
-        lut.mask_heads,
-        lut.num_blocks,
-        lut.kv_block_ids.shape[-1],
+        *lut_sizes(lut),
         scale * LOG2_E,
         seq_len,
-        round(lut.density * 4),
+        density_bucket(lut),
     )
     if tuned:
         _autotuned_kernel[grid](*args, HEAD_DIM=head_dim, BLOCK_N=config.block_n, STAGES=2)
@@ -512,3 +517,40 @@ def gluon_sparse_attention(
             maxnreg=MAX_REGISTERS,
         )
     return out
+
+
+def gluon_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    block_size: int = GLUON_BLOCK_SIZE,
+    scale: float | None = None,
+    key_block_lengths: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: GluonConfig | None = None,
+) -> torch.Tensor:
+    """Block-sparse attention with the Gluon Hopper kernel.
+
+    Args: as the portable kernel's (``[B, H, N, D]`` q, k, v; bool ``[H or 1, nb, nb]`` mask;
+    int32 ``[nb]`` key lengths; an optional output buffer), where :func:`gluon_supports` holds
+    (ValueError otherwise). ``config`` launches that :class:`GluonConfig` instead of autotuning.
+    """
+    if out is None:
+        # q's memory order, as the portable kernel: a token-major caller reads whole rows back.
+        out = torch.empty_like(q)
+    if not gluon_supports(q, k, v, block_size, out=out):
+        raise ValueError(
+            "the Gluon kernel needs a compiled (not interpreted) Hopper GPU, block_size 128, "
+            "fp16/bf16, head dim 64 or 128 and 16-byte aligned strides"
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    lut = cached_block_lut(
+        block_mask,
+        seq_len=q.shape[2],
+        block_size=block_size,
+        key_block_lengths=key_block_lengths,
+        device=q.device,
+    )
+    return _launch(q, k, v, out, lut, scale=scale, config=config, autotune=autotune_enabled())

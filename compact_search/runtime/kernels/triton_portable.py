@@ -1,10 +1,11 @@
-"""Forward block-sparse flash attention in Triton.
+"""Forward block-sparse flash attention in portable Triton: every GPU, any power-of-two block
+size, and the Triton interpreter (CI).
 
 Layers, top to bottom: the ``@triton.jit`` kernel and its helpers (with the autotune configs next
 to it) -> ``_launch`` (picks the load path and block sizes, builds descriptors) ->
-``triton_sparse_attention`` (the function ``compact_search.runtime.attention`` calls), which runs
-the Gluon Hopper kernel (``gluon_attention.py``) instead where that one runs: this portable kernel
-serves every other GPU, block sizes other than 128 and the interpreter.
+``portable_sparse_attention`` (validates, builds the lookup tables), which the chooser
+(``runtime/attention.py``, backends "triton-portable" and "triton" where the Gluon Hopper kernel
+does not run) calls.
 
 One program computes one query block of one (batch, head): it walks the kept key blocks from the
 lookup table (``lut.py``), first the blocks whose keys are all valid with no masking, then the ones
@@ -14,37 +15,24 @@ O) move through tensor descriptors (TMA); elsewhere, and under the interpreter, 
 
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
 import triton
 import triton.language as tl
 
+from compact_search.geometry import DEFAULT_BLOCK_SIZE, check_block_size
+from compact_search.runtime.kernels.common import (
+    LOG2_E,
+    autotune_enabled,
+    density_bucket,
+    interpreting,
+    lut_sizes,
+    lut_tensors,
+    tma_layout_ok,
+    unsupported_reason,
+)
 from compact_search.runtime.lut import BlockLUT, cached_block_lut
 
-__all__ = [
-    "triton_sparse_attention",
-    "autotuned_config",
-    "kernel_config",
-    "SUPPORTED_HEAD_DIMS",
-    "SUPPORTED_DTYPES",
-]
-
-SUPPORTED_HEAD_DIMS = (64, 128)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-LOG2_E = 1.4426950408889634
-
-# Set to "0" to run the first config only (the tests do; the interpreter always does).
-AUTOTUNE_ENV = "COMPACT_SEARCH_AUTOTUNE"
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _autotune_enabled() -> bool:
-    return not _interpreting() and os.environ.get(AUTOTUNE_ENV, "1") != "0"
+__all__ = ["portable_sparse_attention", "autotuned_config", "kernel_config"]
 
 
 def _set_descriptor_blocks(nargs: dict) -> None:
@@ -290,16 +278,9 @@ _autotuned_kernel = triton.autotune(
 )(_block_sparse_attention_kernel)
 
 
-def tma_layout_ok(t: torch.Tensor) -> bool:
-    """A tensor descriptor can address ``t``: 16-byte aligned base and strides, unit stride last."""
-    if t.stride(-1) != 1 or t.data_ptr() % 16:
-        return False
-    return all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
-
-
 def _tma_available(*tensors: torch.Tensor) -> bool:
     """Hopper or newer, compiled (not interpreted), and descriptor-compatible layouts."""
-    if _interpreting() or not tensors[0].is_cuda:
+    if interpreting() or not tensors[0].is_cuda:
         return False
     if torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
         return False
@@ -334,7 +315,7 @@ def _launch(
     def grid(meta: dict) -> tuple[int, int]:
         return (lut.num_blocks * (block_size // meta["BLOCK_M"]), batch * heads)
 
-    if config is None and _autotune_enabled():
+    if config is None and autotune_enabled():
         kernel, config_args = _autotuned_kernel, {}
     else:
         # The autotuner would time even a single config: launch one directly.
@@ -356,26 +337,20 @@ def _launch(
         v,
         out,
         *descs,
-        lut.kv_block_ids,
-        lut.full_counts,
-        lut.total_counts,
-        lut.key_lengths,
-        lut.q_block_order,
+        *lut_tensors(lut),
         *q.stride()[:3],
         *k.stride()[:3],
         *v.stride()[:3],
         *out.stride()[:3],
         heads,
-        lut.mask_heads,
-        lut.num_blocks,
-        lut.kv_block_ids.shape[-1],
+        *lut_sizes(lut),
         seq_len,
-        round(lut.density * 4),
+        density_bucket(lut),
         scale * LOG2_E,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         USE_TMA=use_tma,
-        COMPUTE_IN_FP32=_interpreting(),
+        COMPUTE_IN_FP32=interpreting(),
         **config_args,
     )
 
@@ -386,129 +361,42 @@ def autotuned_config() -> str:
     return "untuned (first config)" if config is None else str(config)
 
 
-_warned_fallback: set[str] = set()
-
-
-def _fallback_reason(q: torch.Tensor) -> str | None:
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        return f"head dim {q.shape[-1]} (kernel supports {SUPPORTED_HEAD_DIMS})"
-    if q.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {q.dtype} (kernel supports float16 and bfloat16)"
-    return None
-
-
-KERNELS = ("auto", "portable", "gluon")
-
-
-def gluon_available() -> bool:
-    """Whether this Triton has the Gluon Hopper API the Gluon kernel is written in."""
-    try:
-        import compact_search.runtime.gluon_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _use_gluon(
-    kernel: str,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    block_size: int,
-    *,
-    use_tma: bool | None,
-    config: triton.Config | None,
-) -> bool:
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-    if kernel == "portable" or (kernel == "auto" and (config is not None or use_tma is False)):
-        return False
-    runs = not _interpreting() and gluon_available()
-    if runs:
-        from compact_search.runtime.gluon_attention import gluon_supports
-
-        runs = gluon_supports(q, k, v, block_size, out=out)
-    if kernel == "gluon" and not runs:
-        raise ValueError(
-            "the Gluon kernel needs a compiled (not interpreted) Hopper GPU, block_size 128, "
-            "fp16/bf16, head dim 64 or 128 and 16-byte aligned strides"
-        )
-    return runs
-
-
-def selected_kernel(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, *, portable_config: str
-) -> str:
-    """Which kernel ``kernel="auto"`` runs for these inputs, with its launch config (logs)."""
-    # The output buffer is allocated in q's memory order: q stands in for its layout check.
-    if _use_gluon("auto", q, k, v, q, block_size, use_tma=None, config=None):
-        from compact_search.runtime.gluon_attention import GluonConfig
-        from compact_search.runtime.gluon_attention import autotuned_config as gluon_tuned
-
-        return f"gluon {gluon_tuned() if _autotune_enabled() else GluonConfig()}"
-    return f"portable {portable_config}"
-
-
-def triton_sparse_attention(
+def portable_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     block_mask: torch.Tensor,
     *,
-    block_size: int = 128,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     scale: float | None = None,
     key_block_lengths: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     use_tma: bool | None = None,
     config: triton.Config | None = None,
-    kernel: str = "auto",
 ) -> torch.Tensor:
-    """Block-sparse attention with the Triton kernel.
+    """Block-sparse attention with the portable Triton kernel.
 
     Args:
-        q, k, v: ``[B, H, N, D]``, float16 or bfloat16, D in (64, 128), unit stride along D.
-            Other head dims or dtypes run :func:`masked_reference` after one warning.
+        q, k, v: ``[B, H, N, D]``, float16 or bfloat16, D in (64, 128), unit stride along D
+            (ValueError otherwise: the chooser sends other inputs to the reference).
         block_mask: bool ``[H or 1, nb, nb]``, ``nb = ceil(N / block_size)``; query block i of
             head h attends key block j iff ``block_mask[h, i, j]``.
-        block_size: tokens per mask block, 64 or 128 (also the kernel's query tile).
+        block_size: tokens per mask block, a power of two >= 16 (also the kernel's query tile).
         scale: softmax scale; default ``D ** -0.5``.
         key_block_lengths: int32 ``[nb]`` valid keys per key block (a prefix of each block),
             shared by all heads; default: every block full but the ragged last one.
         out: optional ``[B, H, N, D]`` output buffer of q's dtype (tests pass a NaN-filled one).
         use_tma: force tensor-descriptor loads on or off; default: on where available.
         config: launch this :func:`kernel_config` instead of autotuning (tuning sweeps).
-        kernel: "portable" (the ``tl`` kernel above, every GPU and the interpreter), "gluon"
-            (the warp-specialized Hopper kernel in ``gluon_attention``; ValueError where it cannot
-            run), or "auto": Gluon where it runs and no portable-only option (``config``,
-            ``use_tma=False``) was given, else portable.
 
     Returns:
-        ``[B, H, N, D]`` in q's dtype; query rows with no valid kept key are zeros.
+        ``[B, H, N, D]`` in q's dtype (``out`` when given); rows with no valid kept key are zeros.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    reason = _fallback_reason(q)
+    reason = unsupported_reason(q)
     if reason is not None:
-        if reason not in _warned_fallback:
-            _warned_fallback.add(reason)
-            warnings.warn(f"triton_sparse_attention: {reason}; using the reference", stacklevel=2)
-        from compact_search.runtime.reference import masked_reference
-
-        result = masked_reference(
-            q,
-            k,
-            v,
-            block_mask,
-            block_size=block_size,
-            scale=scale,
-            key_block_lengths=key_block_lengths,
-        )
-        if out is None:
-            return result
-        return out.copy_(result)
-
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+        raise ValueError(f"the portable kernel cannot run {reason}")
+    check_block_size(block_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     lut = cached_block_lut(
         block_mask,
         seq_len=q.shape[2],
@@ -520,9 +408,5 @@ def triton_sparse_attention(
         # q's memory order (e.g. token-major [B, N, H, D] storage seen as [B, H, N, D]), so a
         # caller that gathers the output back along N reads whole rows.
         out = torch.empty_like(q)
-    if _use_gluon(kernel, q, k, v, out, block_size, use_tma=use_tma, config=config):
-        from compact_search.runtime.gluon_attention import gluon_sparse_attention
-
-        return gluon_sparse_attention(q, k, v, out, lut, scale=scale, autotune=_autotune_enabled())
     _launch(q, k, v, out, lut, block_size=block_size, scale=scale, use_tma=use_tma, config=config)
     return out

@@ -1,0 +1,64 @@
+"""What the kernels share: the inputs the Triton kernels take, log2(e), the interpreter and
+autotuning switches, the TMA layout rule and the lookup-table launch arguments.
+
+Plain facts and small functions, no kernel and no triton import. The kernel modules next to this
+one never import each other; they, the chooser (``runtime/attention.py``) and the profiling
+kernels read these from here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from compact_search.runtime.lut import BlockLUT
+
+# Inputs the attention kernels (portable and Gluon) take; other ones run the reference.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+KERNEL_HEAD_DIMS = (64, 128)
+# exp(x) = exp2(x * LOG2_E): kernels fold it into the softmax scale and work in log2 units.
+LOG2_E = 1.4426950408889634
+# Set to "0" to run the first config only (the tests do; the interpreter always does).
+AUTOTUNE_ENV = "COMPACT_SEARCH_AUTOTUNE"
+
+
+def interpreting() -> bool:
+    """Whether Triton runs its CPU interpreter (TRITON_INTERPRET=1, set before triton loads)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_enabled() -> bool:
+    """Autotune unless interpreting (one config is enough there) or switched off."""
+    return not interpreting() and os.environ.get(AUTOTUNE_ENV, "1") != "0"
+
+
+def unsupported_reason(q: torch.Tensor) -> str | None:
+    """Why the attention kernels cannot take q's head dim or dtype, or None when they can."""
+    if q.shape[-1] not in KERNEL_HEAD_DIMS:
+        return f"head dim {q.shape[-1]} (kernel supports {KERNEL_HEAD_DIMS})"
+    if q.dtype not in KERNEL_DTYPES:
+        return f"dtype {q.dtype} (kernel supports float16 and bfloat16)"
+    return None
+
+
+def tma_layout_ok(t: torch.Tensor) -> bool:
+    """A tensor descriptor can address ``t``: 16-byte aligned base and strides, unit stride last."""
+    if t.stride(-1) != 1 or t.data_ptr() % 16:
+        return False
+    return all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
+
+
+def lut_tensors(lut: BlockLUT) -> tuple[torch.Tensor, ...]:
+    """The five tables in the order both kernels take them."""
+    return (lut.kv_block_ids, lut.full_counts, lut.total_counts, lut.key_lengths, lut.q_block_order)
+
+
+def lut_sizes(lut: BlockLUT) -> tuple[int, int, int]:
+    """(mask heads, blocks, table width): how a kernel indexes the tables."""
+    return (lut.mask_heads, lut.num_blocks, lut.kv_block_ids.shape[-1])
+
+
+def density_bucket(lut: BlockLUT) -> int:
+    """The autotuning key's density part: 0-4 in steps of a quarter."""
+    return round(lut.density * 4)
