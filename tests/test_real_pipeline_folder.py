@@ -37,9 +37,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 import compact_search
 from compact_search.config import load_config
 from compact_search.errors import UserInputError
+from compact_search.models import diffusers_folder
 from compact_search.models.adapters import get_adapter
 from compact_search.profiling import load_profile
-from compact_search.profiling import sources as profile_sources
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -592,9 +592,9 @@ def test_sizes_the_pipeline_would_change_are_refused_in_one_line(workspace, fiel
 
 
 def test_missing_transformers_or_accelerate_is_one_line(workspace, monkeypatch, capsys):
-    real_find_spec = profile_sources.find_spec
+    real_find_spec = diffusers_folder.find_spec
     monkeypatch.setattr(
-        profile_sources,
+        diffusers_folder,
         "find_spec",
         lambda name: None if name == "accelerate" else real_find_spec(name),
     )

@@ -41,9 +41,9 @@ import torch.nn.functional as F
 
 from compact_search.errors import UserInputError
 from compact_search.geometry import Grid, TileShape
-from compact_search.profiling.dense import dense_attention_with_log_sum_exp
 from compact_search.models.adapters import load_model, source_identity
 from compact_search.models.plugin import LoadedModel
+from compact_search.profiling.dense import dense_attention_with_log_sum_exp
 from compact_search.profiling.settings import RunProfile, load_run_profile, resolve_run_profile
 from compact_search.profiling.store import CaptureStore, read_unit, unit_name
 from compact_search.profiling.tile_mass import multi_tile_mass

@@ -115,7 +115,9 @@ def _load_random(adapter: Adapter, settings: ModelSettings, device: torch.device
     from compact_search.models.tiny.pipeline import TinyModelConfig, TinyVideoPipeline, build_models
 
     dtype = TORCH_DTYPES[settings.dtype]
-    config = TinyModelConfig(num_frames=settings.frames, height=settings.height, width=settings.width)
+    config = TinyModelConfig(
+        num_frames=settings.frames, height=settings.height, width=settings.width
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_RANDOM_SEED)
         transformer, text_encoder = build_models(config)
