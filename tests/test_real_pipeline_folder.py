@@ -431,6 +431,22 @@ def test_profile_reads_the_pipeline_folder(workspace):
     torch.testing.assert_close(mass.sum(-1), torch.ones(mass.shape[:-1]))
 
 
+def test_the_folder_loader_runs_the_pipeline_to_latents(workspace):
+    """The loader every diffusers family shares: the folder's own transformer, the run
+    profile's grid, steps reported before each step and after the last, latents out."""
+    from compact_search.models.adapters import load_model
+    from compact_search.profiling import load_run_profile
+
+    model = load_model(load_run_profile(workspace.path("model.toml")), torch.device("cpu"))
+    assert model.adapter is get_adapter(workspace.case.adapter) and model.output == "latent"
+    assert model.transformers == (model.pipeline.transformer,)
+    assert model.grid.as_tuple() == GRID
+    steps = []
+    latents = model.run(PROMPTS[:1], seed=0, num_steps=2, guidance_scale=1.0, on_step=steps.append)
+    assert steps == [0, 1, 2]
+    assert latents.shape[0] == 1 and torch.isfinite(latents).all()
+
+
 @pytest.mark.parametrize("workspace", CASES[:1], indirect=True, ids=["wan"])
 def test_torchrun_profile_matches_one_process(workspace):
     """docs step 2's `torchrun ... -m cli profile`: prompts sharded over 2 ranks, same result.
