@@ -164,15 +164,16 @@ def evaluate_config(
     num_steps = num_steps or config.schedule.num_steps
     sampling = {"seed": seed, "num_steps": num_steps, "guidance_scale": guidance_scale}
 
-    dense_timer = AttentionTimer()
-    with model.install(dense_timer.wrap(dense_attention)):
-        dense, dense_total = _timed_run(model, prompts, **sampling, on_step=None)
-
-    compact_timer = AttentionTimer()
+    # Applied first, so a config that does not fit fails before any sampling; its attention
+    # is swapped for timed dense attention, then for its own under a timer.
     runtime = apply(model.pipeline, config, backend=backend, rescale=rescale)
-    runtime._attention_handle.revert()  # re-install the runtime's attention under a timer
-    runtime._attention_handle = model.install(compact_timer.wrap(runtime.attention))
+    dense_timer, compact_timer = AttentionTimer(), AttentionTimer()
     try:
+        runtime._attention_handle.revert()
+        runtime._attention_handle = model.install(dense_timer.wrap(dense_attention))
+        dense, dense_total = _timed_run(model, prompts, **sampling, on_step=None)
+        runtime._attention_handle.revert()
+        runtime._attention_handle = model.install(compact_timer.wrap(runtime.attention))
         compact, compact_total = _timed_run(
             model,
             prompts,

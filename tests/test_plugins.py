@@ -107,10 +107,6 @@ def test_tiny_random_loads_at_the_run_profile_size_and_reports_its_steps(tmp_pat
     )
     assert steps == [0, 1, 2, 3] and videos.shape == (1, 3, 4, 16, 16)
     assert videos.min() >= 0 and videos.max() <= 1
-    again = load_model(settings, torch.device("cpu")).run(
-        ["a red circle moves left"], seed=1, num_steps=3, guidance_scale=4.0
-    )
-    torch.testing.assert_close(again, videos)  # seeded weights, seeded noise
 
 
 def test_an_exception_in_on_step_stops_sampling_there():
@@ -203,7 +199,8 @@ def test_evaluate_cli_names_rescale_and_rescale_runs(tmp_path, capsys):
     )
     path = tmp_path / "other-grid.json"
     path.write_text(json.dumps(config.to_json()))
-    common = ("evaluate", "--config", path, "--prompts", "1", "--steps", "2", "--out", tmp_path)
+    common = ("evaluate", "--config", path, "--prompts", "1", "--steps", "2", "--guidance", "1")
+    common += ("--out", tmp_path)
     capsys.readouterr()
     assert run(*common) == 2
     error = capsys.readouterr().err
