@@ -392,13 +392,14 @@ def bench(
 ) -> None:
     """Time the Triton kernel against cuDNN, FA2 and FlexAttention on a GPU (needs CUDA)."""
     from compact_search.bench import (
-        append_csv,
+        csv_rows,
         parse_float_list,
         plot_speedups,
         rows_table,
         run_kernel_benchmark,
         shape_by_name,
     )
+    from compact_search.environment import append_rows
 
     rows = run_kernel_benchmark(
         [shape_by_name(name.strip()) for name in shapes.split(",")],
@@ -406,7 +407,7 @@ def bench(
         providers=[p.strip() for p in providers.split(",")],
         log=lambda line: console.print(line, highlight=False),
     )
-    append_csv(rows, out_dir / "kernel.csv")
+    append_rows(out_dir / "kernel.csv", csv_rows(rows))
     plot_speedups(rows, out_dir / "kernel_speedup.png")
     console.print(rows_table(rows))
     console.print(f"rows appended to [bold]{out_dir / 'kernel.csv'}[/]")
