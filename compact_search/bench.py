@@ -20,24 +20,23 @@ import torch
 from compact_search import sparse_attention
 from compact_search.environment import environment
 from compact_search.errors import UserInputError
-from compact_search.geometry import Grid
+from compact_search.geometry import DEFAULT_BLOCK_SIZE, Grid
 from compact_search.patterns import FrameGroup, HeadPattern, Rect
-
-# TODO(lead): public names. `compact-search bench` times the two Triton kernels side by side
-# (kernel="portable", use_tma=False) and logs which one `sparse_attention` picked, which the
-# public `sparse_attention` cannot express; the FlexAttention block mask is the runtime's.
-from compact_search.runtime.flex import flex_block_mask
-from compact_search.runtime.triton_attention import (
-    autotuned_config,
-    selected_kernel,
-    triton_sparse_attention,
-)
+from compact_search.runtime.attention import selected_kernel
+from compact_search.runtime.kernels.flex import flex_block_mask
+from compact_search.runtime.kernels.triton_portable import portable_sparse_attention
 
 # "triton": what `sparse_attention` runs (the Gluon kernel on Hopper); "triton-portable": the
 # portable `tl` kernel that runs everywhere else, timed side by side on Hopper.
 PROVIDERS = ("cudnn", "fa2", "flex", "triton", "triton-portable")
 # Not run by default: the portable kernel with plain pointer loads instead of tensor descriptors.
 EXTRA_PROVIDERS = ("triton-pointers",)
+# What each Triton provider runs, called as run(q, k, v, block_mask, block_size=...).
+TRITON_RUNS: dict[str, Callable[..., torch.Tensor]] = {
+    "triton": functools.partial(sparse_attention, backend="triton"),
+    "triton-portable": functools.partial(sparse_attention, backend="triton-portable"),
+    "triton-pointers": functools.partial(portable_sparse_attention, use_tma=False),
+}
 DENSE_PROVIDERS = ("cudnn", "fa2")
 DEFAULT_DENSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.0)
 HEAD_KINDS = ("local", "cross", "temporal", "skip-near")
@@ -166,7 +165,7 @@ def _candidate_densities(
 
 
 def head_block_masks(
-    shape: BenchShape, density: float, block_size: int = 128
+    shape: BenchShape, density: float, block_size: int = DEFAULT_BLOCK_SIZE
 ) -> tuple[torch.Tensor, list[str]]:
     """Per-head block masks near a target density, head kinds cycling through HEAD_KINDS.
 
@@ -243,7 +242,7 @@ def run_kernel_benchmark(
     densities: Iterable[float] = DEFAULT_DENSITIES,
     *,
     providers: Iterable[str] = PROVIDERS,
-    block_size: int = 128,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     seed: int = 0,
     reference_heads: int = 2,
     log: Callable[[str], None] = print,
@@ -345,7 +344,7 @@ def _bench_shape(
             "density": round(density, 4),
             "head_kinds": "/".join(sorted(set(kinds))),
         }
-        out = triton_sparse_attention(q, k, v, block_mask, block_size=block_size)
+        out = TRITON_RUNS["triton"](q, k, v, block_mask, block_size=block_size)
         checks = {}
         if index == 0 and reference_heads:
             heads = slice(0, reference_heads)
@@ -365,9 +364,7 @@ def _bench_shape(
         if target >= 1.0 and "cudnn" in dense_out:
             checks["cudnn"] = relative_error(out, dense_out["cudnn"])
         if "triton-portable" in providers:
-            portable = triton_sparse_attention(
-                q, k, v, block_mask, block_size=block_size, kernel="portable"
-            )
+            portable = TRITON_RUNS["triton-portable"](q, k, v, block_mask, block_size=block_size)
             checks["portable"] = relative_error(out, portable)
         if out.isnan().any():
             raise RuntimeError(f"{shape.name} density {target}: NaN in the kernel output")
@@ -381,26 +378,14 @@ def _bench_shape(
         max_rel_err = max(checks.values(), default=float("nan"))
 
         timings = {}
-        if "triton" in providers:
-            timings["triton"] = time_call(
-                lambda m=block_mask: triton_sparse_attention(q, k, v, m, block_size=block_size)
+        for provider in (p for p in TRITON_RUNS if p in providers):
+            run = TRITON_RUNS[provider]
+            timings[provider] = time_call(
+                lambda run=run, m=block_mask: run(q, k, v, m, block_size=block_size)
             )
-            log(
-                f"{shape.name} density {density:.3f} kernel: "
-                + selected_kernel(q, k, v, block_size, portable_config=autotuned_config())
-            )
-        if "triton-portable" in providers:
-            timings["triton-portable"] = time_call(
-                lambda m=block_mask: triton_sparse_attention(
-                    q, k, v, m, block_size=block_size, kernel="portable"
-                )
-            )
-        if "triton-pointers" in providers:
-            timings["triton-pointers"] = time_call(
-                lambda m=block_mask: triton_sparse_attention(
-                    q, k, v, m, block_size=block_size, use_tma=False
-                )
-            )
+            if provider == "triton":  # the launch config read back is the latest call's
+                kernel = selected_kernel(q, k, v, block_size=block_size, backend="triton")
+                log(f"{shape.name} density {density:.3f} kernel: {kernel}")
         if flex is not None:
             timings["flex"] = time_call(lambda m=flex_mask: flex(q, k, v, block_mask=m))
         for provider, timing in timings.items():

@@ -13,6 +13,7 @@ from compact_search import sparse_attention
 from compact_search.bench import (
     CSV_FIELDS,
     HEAD_KINDS,
+    TRITON_RUNS,
     BenchShape,
     _candidates,
     add_speedups,
@@ -26,7 +27,7 @@ from compact_search.bench import (
 )
 from compact_search.environment import append_rows
 from compact_search.errors import UserInputError
-from compact_search.runtime.flex import flex_block_mask
+from compact_search.runtime.kernels.flex import flex_block_mask
 
 # 210 tokens at block 16: 14 blocks, the last one ragged (2 keys).
 ODD = BenchShape("odd", (5, 6, 7), heads=5, head_dim=16)
@@ -64,6 +65,23 @@ def test_flex_check_matches_the_reference_on_a_ragged_last_block():
     rows = slice(3 * 16, 4 * 16)
     torch.testing.assert_close(got[:, 1, rows], torch.zeros_like(got[:, 1, rows]))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("provider", sorted(TRITON_RUNS))
+def test_every_timed_triton_provider_computes_the_reference(provider):
+    """What each Triton provider the bench times runs (here under the interpreter) matches the
+    reference on a ragged last block and a query block with no kept key block."""
+    shape = BenchShape("odd-d64", (5, 6, 7), heads=2, head_dim=64)
+    masks, _ = head_block_masks(shape, 0.3, block_size=16)
+    masks[1, 3] = False
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, shape.tokens, 64, generator=gen).half() for _ in range(3))
+    expected = sparse_attention(
+        q.double(), k.double(), v.double(), masks, block_size=16, backend="reference"
+    )
+    got = TRITON_RUNS[provider](q, k, v, masks, block_size=16)
+    assert got.dtype == torch.float16 and not got.isnan().any()
+    torch.testing.assert_close(got.double(), expected, atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.parametrize(
