@@ -33,6 +33,7 @@ from compact_search.config import (
 from compact_search.geometry import Grid, TileShape
 from compact_search.models.wan import install_wan_attention
 from compact_search.patterns import FrameGroup, HeadPattern, Rect, density
+from compact_search.runtime.attention import selected_kernel
 
 WAN_COMMON = dict(
     patch_size=(1, 2, 2),
@@ -278,11 +279,6 @@ def run_shape(name: str, spec: dict, env: dict, log) -> list[dict]:
     slots = [layout.to_slots(t) for t in qkv]
     masks = handle.block_masks(0, 0, torch.device("cuda"))
     lengths = handle.key_block_lengths(torch.device("cuda"), prefix_tokens=0)  # Wan: no text
-    # TODO(lead): public name (which kernel sparse_attention runs for these inputs)
-    from compact_search.runtime.triton_attention import selected_kernel
-
-    log(f"{name}: kernel {selected_kernel(*slots, layout.block_size, portable_config='autotuned')}")
-
     through_handle = statistics.median(cuda_ms(lambda: handle.attention(0, *qkv), 20))
     kernel_alone = statistics.median(
         cuda_ms(
@@ -296,6 +292,7 @@ def run_shape(name: str, spec: dict, env: dict, log) -> list[dict]:
             20,
         )
     )
+    log(f"{name}: kernel {selected_kernel(*slots, block_size=layout.block_size, backend='triton')}")
     handle.revert()
     per_layer = through_handle - kernel_alone
     compact = results[("compact-triton", round(config.summary()["mean_density"], 4))]

@@ -36,9 +36,7 @@ from compact_search.bench import (
     time_call,
 )
 from compact_search.environment import append_rows
-
-# TODO(lead): public names (a launch config and the kernel entry point that takes one).
-from compact_search.runtime.triton_attention import kernel_config, triton_sparse_attention
+from compact_search.runtime.kernels.triton_portable import kernel_config, portable_sparse_attention
 
 # name -> config for --sweep; a name starting with "pointers" runs without tensor descriptors.
 SWEEP_CONFIGS = {
@@ -63,7 +61,7 @@ def sweep_kernel_configs(
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, object]]:
-    """Time the kernel under each named launch config (no autotuning), with cuDNN for scale.
+    """Time the portable kernel under each named launch config (no autotuning), and cuDNN.
 
     A config that fails to compile or run is logged and skipped; every output is compared with
     the first config's. Returns rows with config, density, p20/p50/p80 ms and share of ideal.
@@ -86,7 +84,7 @@ def sweep_kernel_configs(
             use_tma = not name.startswith("pointers")
 
             def run(config=config, use_tma=use_tma, m=block_mask):
-                return triton_sparse_attention(
+                return portable_sparse_attention(
                     q, k, v, m, block_size=block_size, config=config, use_tma=use_tma
                 )
 
