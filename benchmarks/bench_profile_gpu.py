@@ -31,14 +31,7 @@ from compact_search.profiling.tile_mass import (
     sums_to_mass,
     torch_tile_mass_sums,
 )
-from compact_search.profiling.triton_tile_mass import (
-    LOG2_E,
-    _key_lengths,  # TODO(lead): public name
-    _launch_log_sum_exp,  # TODO(lead): public name
-    _to_slots,  # TODO(lead): public name
-    slot_layout,
-    triton_tile_mass_sums,
-)
+from compact_search.profiling.triton_tile_mass import triton_log_sum_exp, triton_tile_mass_sums
 
 GRID = Grid(21, 30, 52)  # Wan2.1 480p x 81 frames
 HEADS, HEAD_DIM = 12, 128
@@ -65,22 +58,6 @@ def structured_qk(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return q, k, v
 
 
-def triton_pass1_log_sum_exp(
-    q: torch.Tensor, k: torch.Tensor, grid: Grid, tile: TileShape, scale: float
-) -> torch.Tensor:
-    """The tile-mass kernel's own first pass: log-sum-exp [B, H, N] (natural log), token order.
-
-    TODO(lead): public name. profiling.triton_tile_mass has no public function returning the
-    pass-1 log-sum-exp alone, so this reaches for its slot layout and launcher.
-    """
-    batch, heads = q.shape[:2]
-    layout = slot_layout(grid, tile)
-    q_slots, k_slots = _to_slots(q, layout), _to_slots(k, layout)
-    key_lengths = _key_lengths(layout, q_slots.shape[1], q.device)
-    lse = _launch_log_sum_exp(q_slots, k_slots, key_lengths, scale * LOG2_E)  # log2 units
-    return lse[:, layout.token_to_slot.to(q.device)].view(batch, heads, -1) / LOG2_E
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", type=Path, default=RESULTS / "profile_gpu.csv")
@@ -105,7 +82,7 @@ def main() -> None:
     own = sums_to_mass(triton_tile_mass_sums(q, k, GRID, base, scale=scale), GRID, base, 1)
     result["max_abs_err_triton_vs_torch"] = (own - reference).abs().max().item()
     result["max_row_sum_err_triton"] = (own.sum(-1) - 1).abs().max().item()
-    own_lse = triton_pass1_log_sum_exp(q, k, GRID, base, scale)
+    own_lse = triton_log_sum_exp(q, k, GRID, base, scale=scale)  # the kernel's pass 1
     exact_lse = torch.logsumexp(
         torch.einsum("bhqd,bhkd->bhqk", q[:, :, :2048].float(), k.float()) * scale, -1
     )

@@ -17,7 +17,7 @@ from compact_search.profiling.tile_mass import (
     tile_mass_sums,
     tile_token_counts,
 )
-from compact_search.profiling.triton_tile_mass import triton_tile_mass_sums
+from compact_search.profiling.triton_tile_mass import triton_log_sum_exp, triton_tile_mass_sums
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -90,6 +90,19 @@ def test_triton_path_with_given_log_sum_exp():
     got = sums.double() / tile_token_counts(grid, tile).double()[:, None]
     expected = brute_force_tile_mass(q, k, grid, tile, scale=scale)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="Triton path on CPU needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("b,h,grid,tile,d", CASES)
+def test_triton_log_sum_exp_is_the_exact_normaliser_in_model_order(b, h, grid, tile, d):
+    """Pass 1 alone, read back from its padded slot layout into token order."""
+    q, k = _random_qk(b, h, grid, d, torch.float32, seed=3)
+    grid, tile = Grid.of(grid), TileShape.of(tile)
+    scale = 0.4
+    expected = torch.logsumexp(q.double() @ k.double().transpose(-1, -2) * scale, dim=-1)
+    got = triton_log_sum_exp(q, k, grid, tile, scale=scale)
+    assert got.shape == (b, h, grid.num_tokens) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_pooling_equals_direct_computation():

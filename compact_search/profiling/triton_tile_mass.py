@@ -1,7 +1,8 @@
 """Tile mass on the GPU in Triton: two passes over q and k in tile-slot order, no [N, N] tensor.
 
 Layers, top to bottom: the ``@triton.jit`` kernels -> ``_launch_*`` (block sizes, grids) ->
-``triton_tile_mass_sums`` (what ``tile_mass.py`` dispatches to on CUDA).
+``triton_tile_mass_sums`` (what ``tile_mass.py`` dispatches to on CUDA) and
+``triton_log_sum_exp`` (pass 1 alone, for benchmarks that compare normalisers).
 
 Tokens are first permuted into tile slots (``geometry.TileLayout`` with 64-slot blocks): every tile
 is contiguous and padded to whole 64-slot blocks, so a key block of ``BLOCK_N = 64`` slots lies in
@@ -249,6 +250,32 @@ def _launch_tile_mass(
     return out
 
 
+def _slot_inputs(
+    q: torch.Tensor, k: torch.Tensor, layout: TileLayout
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q and k in slot order [B*H, P, D] (fp64 as fp32) and the real keys per key block."""
+    if q.dtype == torch.float64:
+        q, k = q.float(), k.float()
+    q_slots, k_slots = _to_slots(q, layout), _to_slots(k, layout)  # [B*H, P, D]
+    return q_slots, k_slots, _key_lengths(layout, q_slots.shape[1], q.device)
+
+
+def triton_log_sum_exp(
+    q: torch.Tensor, k: torch.Tensor, grid: Grid, tile: TileShape, *, scale: float
+) -> torch.Tensor:
+    """Pass 1 alone: every query's log-sum-exp over all keys, [B, H, N] fp32, in model order.
+
+    q, k [B, H, N, D] video tokens in model order; the natural log of the scaled scores, as SDPA
+    kernels return it. ``triton_tile_mass_sums`` computes this when it is not given one; ``tile``
+    fixes the slot layout it runs on (the result does not depend on it beyond rounding).
+    """
+    b, h, n, _ = q.shape
+    layout = slot_layout(grid, tile)
+    q_slots, k_slots, key_lengths = _slot_inputs(q, k, layout)
+    lse = _launch_log_sum_exp(q_slots, k_slots, key_lengths, scale * LOG2_E)  # [B*H, P], log2
+    return lse[:, _slot_index(layout, q.device)].view(b, h, n) / LOG2_E
+
+
 def triton_tile_mass_sums(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -265,11 +292,8 @@ def triton_tile_mass_sums(
     """
     b, h, n, d = q.shape
     layout = slot_layout(grid, tile)
-    if q.dtype == torch.float64:
-        q, k = q.float(), k.float()
-    q_slots, k_slots = _to_slots(q, layout), _to_slots(k, layout)  # [B*H, P, D]
+    q_slots, k_slots, key_lengths = _slot_inputs(q, k, layout)
     num_slots = q_slots.shape[1]
-    key_lengths = _key_lengths(layout, num_slots, q.device)
     qk_scale = scale * LOG2_E
     valid_slots = torch.zeros(num_slots, dtype=torch.bool, device=q.device)  # [P]
     valid_slots[_slot_index(layout, q.device)] = True
