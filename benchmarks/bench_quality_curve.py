@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS, append_rows, environment
-from compact_search.evaluate import evaluate_config
+from compact_search.evaluate import evaluate_config, evaluation_prompts
 from compact_search.export import export_run
-from compact_search.models.tiny.data import sample_scene_specs
-from compact_search.models.tiny.pipeline import load_tiny_pipeline
+from compact_search.models.adapters import load_model
+from compact_search.profiling import load_run_profile
+from compact_search.profiling.settings import resolve_run_profile
 
 TAUS = (0.8, 0.85, 0.9, 0.95)
 PROMPTS, SEED = 4, 1234
@@ -25,16 +26,16 @@ PROMPTS, SEED = 4, 1234
 
 def main(root: Path) -> None:
     env = environment()
-    specs = sample_scene_specs(PROMPTS, torch.Generator().manual_seed(SEED), split="held_out")
-    pipeline = load_tiny_pipeline("cpu")
+    run_profile = load_run_profile(resolve_run_profile("tiny"))
+    model = load_model(run_profile, torch.device("cpu"))
+    # The built-in model's held-out prompts (scenes never seen in training), drawn from SEED.
+    prompts = evaluation_prompts(model, run_profile.prompts, PROMPTS, SEED)
     rows = []
     for tau in TAUS:
         exported = export_run(
             root / "run", root / f"curve-{tau}.json", profile=root / "profile", recall=tau
         )
-        report = evaluate_config(
-            pipeline, exported.config, [s.prompt for s in specs], seed=SEED, specs=specs
-        )
+        report = evaluate_config(model, exported.config, prompts, seed=SEED)
         row = {
             "model": "tiny",
             "recall": tau,
