@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import RESULTS, append_rows, git_sha
-from compact_search.profiling import load_profile, load_settings, run_profile
-from compact_search.profiling.settings import resolve_profile_path
+from compact_search.profiling import load_capture, load_run_profile, run_profile
+from compact_search.profiling.settings import resolve_run_profile
 from compact_search.profiling.tile_mass import multi_tile_mass
 
 
@@ -45,25 +45,25 @@ def main() -> None:
     parser.add_argument("--csv", type=Path, default=RESULTS / "profile_cpu.csv")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    settings = load_settings(resolve_profile_path(args.profile))
+    settings = load_run_profile(resolve_run_profile(args.profile))
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         start, cpu_start = time.perf_counter(), time.process_time()
         result = run_profile(settings, Path(tmp) / "profile", device="cpu", progress=False)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-        profile = load_profile(Path(tmp) / "profile")
+        capture = load_capture(Path(tmp) / "profile")
         disk = sum(p.stat().st_size for p in (Path(tmp) / "profile").rglob("*") if p.is_file())
     load_after = os.getloadavg()[0]
 
     # One captured layer call at the model's shape: batch 2 (guidance), fp32.
     gen = torch.Generator().manual_seed(0)
-    shape = (2, profile.num_heads, profile.grid.num_tokens, profile.head_dim)
+    shape = (2, capture.num_heads, capture.grid.num_tokens, capture.head_dim)
     q, k, v = (torch.randn(shape, generator=gen) for _ in range(3))
     dense_s = _median_s(lambda: F.scaled_dot_product_attention(q, k, v))
     capture_s = _median_s(
         lambda: (
             F.scaled_dot_product_attention(q, k, v),
-            multi_tile_mass(q, k, profile.grid, profile.tiles),
+            multi_tile_mass(q, k, capture.grid, capture.tiles),
         )
     )
     row = {
@@ -74,9 +74,9 @@ def main() -> None:
         "cpu_seconds": round(cpu_seconds, 1),
         "idle_cores_estimate_s": round(cpu_seconds / args.threads, 1),
         "layer_steps": result.captured_units,
-        "prompts": len(profile.prompts),
-        "captured_steps": len(profile.steps),
-        "num_steps": profile.num_steps,
+        "prompts": len(capture.prompts),
+        "captured_steps": len(capture.steps),
+        "num_steps": capture.num_steps,
         "disk_mb": round(disk / 1e6, 1),
         "dense_layer_call_ms": round(dense_s * 1e3, 1),
         "capture_layer_call_ms": round(capture_s * 1e3, 1),

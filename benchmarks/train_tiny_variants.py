@@ -15,6 +15,7 @@ variant's fp16 model and fp32 checkpoint are copied to ``--keep``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -56,13 +57,18 @@ def evaluate_model(model_dir: Path, device: str, fidelity_prompts: int) -> dict:
     from compact_search.models.tiny import load_tiny_pipeline
     from compact_search.models.tiny.detector import evaluate_fidelity
     from compact_search.models.tiny.report import head_structure_report
+    from compact_search.profiling import attention_tile_mass
 
+    # A freshly trained folder, not the shipped weights `builtin:tiny` loads through the registry.
     pipeline = load_tiny_pipeline(device, weights_dir=model_dir)
     started = time.perf_counter()
     held_out = evaluate_fidelity(pipeline, split="held_out", count=fidelity_prompts, seed=1234)
     train = evaluate_fidelity(pipeline, split="train", count=fidelity_prompts // 2, seed=99)
-    fine = head_structure_report(pipeline, label="trained", num_prompts=4)
-    coarse = head_structure_report(pipeline, label="trained", num_prompts=4, tile=(1, 8, 8))
+    report = functools.partial(
+        head_structure_report, label="trained", tile_mass_fn=attention_tile_mass, num_prompts=4
+    )
+    fine = report(pipeline)
+    coarse = report(pipeline, tile=(1, 8, 8))
     return {
         **{f"heldout_{k}": round(v, 4) for k, v in held_out.as_dict().items() if k != "count"},
         "heldout_count": held_out.count,

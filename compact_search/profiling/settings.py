@@ -285,8 +285,3 @@ def load_run_profile(path: str | Path) -> RunProfile:
         )
     except ConfigError as exc:
         raise ConfigError(source, exc.field, exc.problem) from None
-
-
-# The names these had before run profiles were called so; callers outside the package use them.
-load_settings = load_run_profile
-resolve_profile_path = resolve_run_profile
