@@ -1,9 +1,7 @@
 """compact-search: per-head structured sparse attention for video diffusion transformers."""
 
+from compact_search._version import __version__
 from compact_search.runtime.attention import sparse_attention
-
-# The one version string: pyproject.toml reads it from here (setuptools dynamic version).
-__version__ = "0.1.0"
 
 
 def apply(pipeline_or_transformer, config, **options):

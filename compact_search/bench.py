@@ -17,12 +17,11 @@ from pathlib import Path
 
 import torch
 
-from compact_search import sparse_attention
 from compact_search.environment import environment
 from compact_search.errors import UserInputError
 from compact_search.geometry import DEFAULT_BLOCK_SIZE, Grid
 from compact_search.patterns import FrameGroup, HeadPattern, Rect
-from compact_search.runtime.attention import selected_kernel
+from compact_search.runtime.attention import selected_kernel, sparse_attention
 from compact_search.runtime.kernels.flex import flex_block_mask
 from compact_search.runtime.kernels.triton_portable import portable_sparse_attention
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from compact_search._version import __version__
 from compact_search.errors import ConfigError, UserInputError
 from compact_search.geometry import DEFAULT_BLOCK_SIZE, Grid, TileLayout, TileShape
 from compact_search.io import atomic_write_json, read_json
@@ -223,8 +224,6 @@ def _entry_json(entry: HeadEntry) -> dict[str, Any]:
 
 
 def default_provenance(**extra: Any) -> dict[str, Any]:
-    from compact_search import __version__
-
     return {
         "tool_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -36,5 +36,5 @@ def test_environment_names_device_versions_sha_and_date(monkeypatch):
 
 
 def test_one_version_string():
-    """pyproject.toml reads its version from compact_search.__version__ (setuptools dynamic)."""
+    """pyproject.toml reads the version compact_search.__version__ exports (setuptools dynamic)."""
     assert importlib.metadata.version("compact-search") == compact_search.__version__

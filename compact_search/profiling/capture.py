@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from compact_search._version import __version__
 from compact_search.errors import UserInputError
 from compact_search.geometry import Grid, TileShape
 from compact_search.models.adapters import load_model, source_identity
@@ -154,10 +155,8 @@ def distributed_rank() -> tuple[int, int]:
 def _versions() -> dict[str, str]:
     import diffusers
 
-    import compact_search
-
     return {
-        "compact_search": compact_search.__version__,
+        "compact_search": __version__,
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
     }
