@@ -1,7 +1,7 @@
 """Per-head solver: the cheapest pattern of the family for fixed frame groups, all heads at once.
 
-With the frame groups fixed, a pattern is one option per group (none, one rectangle, or two
-crossing rectangles; see `RectOptions`), and a pattern's recall per sample and its cost are sums
+With the frame groups fixed, a pattern is one option per group (none, one window, or the union
+of two; see `WindowOptions`), and a pattern's recall per sample and its cost are sums
 of per-group option values (offset tables). So the search is a multiple-choice knapsack with one
 recall constraint per sample. Option values for every head, sample, group and option come from
 prefix-summed offset tables in one vectorised step ([H, S, G, O]); then one of two solvers:
@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from compact_search.errors import UserInputError
-from compact_search.patterns import FrameGroup, HeadPattern, Rect
+from compact_search.patterns import FrameGroup, HeadPattern
 from compact_search.search.greedy import RECALL_EPS, constraint_measure, greedy_shrink
 from compact_search.search.offsets import (
     CostModel,
-    RectOptions,
+    DEFAULT_MAX_OPTIONS,
+    WindowOptions,
     density_table,
     frame_groups_of,
     group_rect_sums,
@@ -106,11 +107,11 @@ def _pareto(cand: _Candidates, both_fronts: bool) -> _Candidates:
     return _Candidates(cost[keep], recall[keep], choice[keep])
 
 
-def pattern_of(choice: np.ndarray, options: RectOptions, groups) -> HeadPattern:
+def pattern_of(choice: np.ndarray, options: WindowOptions, groups) -> HeadPattern:
     """Option indices [G] -> canonical HeadPattern (equal neighbours merged, trailing skips cut)."""
     merged: list[list] = []
     for (start, stop), option in zip(groups, choice, strict=True):
-        rects = tuple(Rect(int(h), int(w)) for h, w in options.rects[option] if h >= 0)
+        rects = options.windows[option]
         if merged and merged[-1][2] == rects:
             merged[-1][1] = stop
         else:
@@ -123,11 +124,16 @@ def pattern_of(choice: np.ndarray, options: RectOptions, groups) -> HeadPattern:
 class LayerSolver:
     """Solves every head of one table stack for one geometry (tile grid, cost model, groups)."""
 
-    def __init__(self, cost_model: CostModel, cuts: tuple[int, ...]):
+    def __init__(
+        self,
+        cost_model: CostModel,
+        cuts: tuple[int, ...],
+        max_options: int = DEFAULT_MAX_OPTIONS,
+    ):
         self.cost_model = cost_model
         tg = cost_model.tile_grid
         self.groups = frame_groups_of(tuple(cuts), tg.frames)
-        self.options = RectOptions(tg.height, tg.width)
+        self.options = WindowOptions.of(tg.height, tg.width, max_options)
         self.cost_sums = group_rect_sums(cost_model.per_offset, self.groups)  # [G, n+1]
         self.option_cost = self.options.values(self.cost_sums)  # [G, O]
         self.option_density = self.options.values(
