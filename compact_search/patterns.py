@@ -25,6 +25,7 @@ recall is a sum over a table of offsets (the search uses that).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,6 @@ import torch
 
 from compact_search.errors import UserInputError
 from compact_search.geometry import Grid
-
 
 AXES = ("h", "w")
 
@@ -88,12 +88,28 @@ class Rect:
 
     def too_large_for(self, tile_grid: Grid) -> str | None:
         """Why the window reaches past the tile grid's largest distance, or None."""
-        for axis, end, n in (("h", self.height, tile_grid.height), ("w", self.width, tile_grid.width)):
+        for axis, end, n in (
+            ("h", self.height, tile_grid.height),
+            ("w", self.width, tile_grid.width),
+        ):
             largest = n // 2 if axis in self.wrap else n - 1
             if end > largest:
                 how = "wrapped " if axis in self.wrap else ""
                 return f"d{axis} end {end} exceeds the largest {how}tile distance {largest}"
         return None
+
+    def scaled(self, ratio_h: float, ratio_w: float, tile_grid: Grid) -> Rect:
+        """The window on a tile grid `ratio` times the size (ends round up, starts down, so the
+        window never shrinks), clipped to `tile_grid`'s largest distances."""
+
+        def span(start: int, end: int, ratio: float, wrapped: bool, n: int) -> tuple[int, int]:
+            largest = n // 2 if wrapped else n - 1
+            new_end = min(largest, max(0, math.ceil(end * ratio)))
+            return min(new_end, math.floor(start * ratio)), new_end
+
+        h_from, height = span(self.h_from, self.height, ratio_h, "h" in self.wrap, tile_grid.height)
+        w_from, width = span(self.w_from, self.width, ratio_w, "w" in self.wrap, tile_grid.width)
+        return Rect(height, width, h_from, w_from, self.wrap)
 
     def text(self) -> str:
         """'3x5' for Rect(3, 5); '1-3x0-5' for a band; '~' marks a wrapped axis ('1~x2')."""
@@ -132,7 +148,11 @@ class Rect:
             if not isinstance(wrap, list):
                 raise UserInputError(f"window wrap must be a list like ['w'], got {wrap!r}")
             return cls(
-                int_exact(height), int_exact(width), int_exact(h_from), int_exact(w_from), tuple(wrap)
+                int_exact(height),
+                int_exact(width),
+                int_exact(h_from),
+                int_exact(w_from),
+                tuple(wrap),
             )
         height, width = obj
         return cls(int_exact(height), int_exact(width))
@@ -287,9 +307,7 @@ class HeadPattern:
     @property
     def uses_far_windows(self) -> bool:
         """Any band or wrapped window (config version 2 describes those)."""
-        return self.groups is not None and any(
-            not r.is_near for g in self.groups for r in g.rects
-        )
+        return self.groups is not None and any(not r.is_near for g in self.groups for r in g.rects)
 
     # --- serialisation -----------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from diffusers import WanTransformer3DModel
 from compact_search.config import GeometrySpec, ModelSpec, StepSchedule, uniform_config
 from compact_search.errors import UserInputError
 from compact_search.geometry import Grid, TileShape
-from compact_search.patterns import HeadPattern
+from compact_search.patterns import FrameGroup, HeadPattern, Rect
 from compact_search.runtime.apply import apply, rescale_config
 from compact_search.runtime.reference import masked_reference
 
@@ -160,6 +160,12 @@ def test_rescale_adapts_windows_and_says_recall_is_not_guaranteed():
     assert rescaled.geometry.grid == Grid(6, 8, 10)
     assert rescaled.pattern(0, 0, 0) == HeadPattern.local(2, 2, 2)
     assert "no longer guaranteed" in note
+    # bands keep their start (scaled down) and wrapped axes stay wrapped, clipped to n // 2
+    band = HeadPattern((FrameGroup(0, 2, (Rect(1, 1, 1, 0, ("w",)), Rect(1, 0))),))
+    rescaled, _ = rescale_config(config_for([band] * 2, grid=Grid(3, 4, 5)), Grid(6, 8, 10))
+    assert rescaled.pattern(0, 0, 0) == HeadPattern(
+        (FrameGroup(0, 3, (Rect(2, 2, 2, 0, ("w",)), Rect(2, 0))),)
+    )
     model = small_wan()
     handle = apply(
         model,

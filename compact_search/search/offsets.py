@@ -217,10 +217,7 @@ class WindowOptions:
         spans_h = [(a, b) for a in range(ht) for b in range(a, ht)]
         spans_w = [(a, b) for a in range(wt) for b in range(a, wt)]
         return [
-            Rect(hb, wb, ha, wa)
-            for ha, hb in spans_h
-            for wa, wb in spans_w
-            if ha > 0 or wa > 0
+            Rect(hb, wb, ha, wa) for ha, hb in spans_h for wa, wb in spans_w if ha > 0 or wa > 0
         ]
 
     def _near_options(self, near: list[tuple[Rect, int]]) -> dict[int, tuple[Rect, ...]]:

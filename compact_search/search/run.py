@@ -102,6 +102,7 @@ def assemble(
             "seconds": round(outcome.seconds, 3),
             "timings": {k: round(v, 3) for k, v in outcome.timings.items()},
             "seed": config.seed,
+            "max_options": outcome.max_options,
         },
         heads=tuple(heads),
     )

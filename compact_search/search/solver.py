@@ -34,8 +34,8 @@ from compact_search.errors import UserInputError
 from compact_search.patterns import FrameGroup, HeadPattern
 from compact_search.search.greedy import RECALL_EPS, constraint_measure, greedy_shrink
 from compact_search.search.offsets import (
-    CostModel,
     DEFAULT_MAX_OPTIONS,
+    CostModel,
     WindowOptions,
     density_table,
     frame_groups_of,

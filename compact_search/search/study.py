@@ -32,11 +32,13 @@ import optuna
 
 from compact_search.errors import UserInputError
 from compact_search.geometry import TileShape
+from compact_search.search.offsets import DEFAULT_MAX_OPTIONS
 from compact_search.search.shards import (
     BucketRequest,
     LayerShards,
     TileMassSource,
     open_source,
+    profiled_layers,
     samples_per_step,
 )
 from compact_search.search.solver import DEFAULT_FRONT_LEVELS, SolverConfig
@@ -61,6 +63,9 @@ class SearchConfig:
     block_size: int = 128
     workers: int = 2
     front_levels: tuple[float, ...] = DEFAULT_FRONT_LEVELS
+    # Window options per frame group (`WindowOptions`); None: as many as the trial budget
+    # affords for the profile's size (`auto_max_options`).
+    max_options: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tiles", tuple(TileShape.of(t) for t in self.tiles))
@@ -81,6 +86,8 @@ class SearchConfig:
             raise UserInputError(f"n_trials must be >= 1, got {self.n_trials}")
         if self.workers < 1:
             raise UserInputError(f"workers must be >= 1, got {self.workers}")
+        if self.max_options is not None and self.max_options < 1:
+            raise UserInputError(f"max_options must be >= 1, got {self.max_options}")
 
     def solver_config(self, front: bool = False) -> SolverConfig:
         levels = tuple(sorted({*self.front_levels, self.recall})) if front else ()
@@ -94,6 +101,20 @@ class SearchConfig:
         fields["tiles"] = [str(t) for t in self.tiles]
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
         return f"compact-search-{fingerprint}-{digest}"
+
+
+# Solver work a trial may spend on window options: options x profiled layers x heads x samples.
+# Sized so that the Wan2.1-14B-sized benchmark (40 x 40 heads, 12 samples) gets ~800 options
+# per group (the near and wrapped tiers on its 7x6x8 tile grid; docs/search.md has the
+# timings), while small profiles such as the built-in model's get the whole family.
+OPTION_WORK_BUDGET = 800 * 40 * 40 * 12
+
+
+def auto_max_options(source: TileMassSource) -> int:
+    """Window options per frame group that the trial budget affords for this profile."""
+    work = len(profiled_layers(source)) * source.num_heads * len(source.steps)
+    work *= samples_per_step(source)
+    return int(min(DEFAULT_MAX_OPTIONS, max(1, OPTION_WORK_BUDGET // max(1, work))))
 
 
 @dataclass(frozen=True)
@@ -318,6 +339,7 @@ class StudyOutcome:
     geometry: object  # shards.Geometry of the chosen tile
     solutions: list  # [bucket][layer][head] (HeadSolution, worst query-tile recall)
     seconds: float  # the whole run
+    max_options: int  # window options per frame group the solvers enumerated
     timings: dict[str, float] = field(default_factory=dict)  # tables, trials, final solve
     trial_seconds: list[float] = field(default_factory=list)  # objective time per trial
 
@@ -337,8 +359,9 @@ def run_study(
     if not tiles:
         raise UserInputError("the profile lists no candidate tile shapes")
     study = open_study(src, config, storage, run_dir)
-    timings = {}
-    with LayerShards(source, tiles, config.block_size, config.workers) as shards:
+    timings: dict[str, float] = {}
+    max_options = config.max_options or auto_max_options(src)
+    with LayerShards(source, tiles, config.block_size, config.workers, max_options) as shards:
         timings["tables"] = time.perf_counter() - started
         finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if not study.trials:
@@ -373,6 +396,7 @@ def run_study(
         geometry=geometry,
         solutions=solutions,
         seconds=time.perf_counter() - started,
+        max_options=max_options,
         timings=timings,
         trial_seconds=[t.user_attrs.get("seconds", 0.0) for t in completed],
     )
