@@ -27,7 +27,12 @@ from compact_search.search import (
 )
 from compact_search.search.run import apply_budget
 from compact_search.search.study import frame_cuts, schedule_of
-from compact_search.search.synthetic import SyntheticProfile, planted_pattern
+from compact_search.search.synthetic import (
+    FAR_KINDS,
+    PLANTED_KINDS,
+    SyntheticProfile,
+    planted_pattern,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,8 +136,12 @@ def test_frame_cuts():
 
 
 def test_planted_heads_at_model_level_cost_at_most_planted(tmp_path):
-    """With the finest frame groups every planted head is found at <= 1.1x its planted cost."""
-    profile = small_profile(diffuse_until=0.0, steps=(10, 14, 18), num_heads=6)
+    """With the finest frame groups every planted head, the far ones (opposite edge, ring)
+    included, is found at <= 1.1x its planted cost and never dearer than greedy."""
+    profile = small_profile(
+        diffuse_until=0.0, steps=(10, 14, 18), num_heads=6, kinds=PLANTED_KINDS + FAR_KINDS
+    )
+    assert {k for row in profile.head_kinds for k, _ in row} >= set(FAR_KINDS)
     config = SearchConfig(n_trials=2, workers=1, num_buckets=1, dense_steps=0, tiles=((2, 6, 8),))
     result = optimize_profile(profile, tmp_path, config)
     layout = TileLayout(profile.grid, result.tile, block_size=config.block_size)
@@ -141,6 +150,7 @@ def test_planted_heads_at_model_level_cost_at_most_planted(tmp_path):
         kind, scale = profile.head_kinds[head.layer][head.head]
         planted = planted_pattern(kind, tile_grid, scale).tile_mask(tile_grid)
         assert head.cost <= 1.1 * float(layout.cost(planted)), (kind, head.cost)
+        assert head.cost <= head.greedy_cost + 1e-12
 
 
 def test_two_workers_and_journal_storage_agree_with_one(tmp_path):
@@ -160,7 +170,12 @@ KILLED_SEARCH = textwrap.dedent(
     """
     import sys
     from compact_search.search import SearchConfig, optimize_profile
-    from compact_search.search.synthetic import SyntheticProfile, planted_pattern
+    from compact_search.search.synthetic import (
+    FAR_KINDS,
+    PLANTED_KINDS,
+    SyntheticProfile,
+    planted_pattern,
+)
 
     if __name__ == "__main__":
         profile = SyntheticProfile(

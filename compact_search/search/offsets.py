@@ -234,9 +234,15 @@ class WindowOptions:
         return out
 
     def _mask(self, rect: Rect) -> int:
-        grid = Grid(1, self.height, self.width)
-        bits = rect.offset_mask(grid).reshape(-1).nonzero().flatten().tolist()
-        return sum(1 << b for b in bits)
+        """The window's kept (|dh|, |dw|) offsets as bits h * Wt + w."""
+        wt = self.width
+
+        def axis_bits(start: int, end: int, wrap: bool, n: int) -> list[int]:
+            return [d for d in range(n) if start <= (min(d, n - d) if wrap else d) <= end]
+
+        w_row = sum(1 << w for w in axis_bits(rect.w_from, rect.width, "w" in rect.wrap, wt))
+        rows = axis_bits(rect.h_from, rect.height, "h" in rect.wrap, self.height)
+        return sum(w_row << (h * wt) for h in rows)
 
     # --- values ------------------------------------------------------------------------------
 
