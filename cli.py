@@ -434,6 +434,20 @@ def optimize(
     block_size: Annotated[
         int, typer.Option(help="Kernel block size the cost counts blocks of.")
     ] = 128,
+    warmup_recall: Annotated[
+        float | None,
+        typer.Option(
+            help="Search the warm-up steps as a bucket of their own at this recall (e.g. 0.97); "
+            "heads no pattern serves stay dense. Default: dense warm-up."
+        ),
+    ] = None,
+    max_options: Annotated[
+        int | None,
+        typer.Option(
+            help="Window options per frame group (near, wrapped, band tiers; default: what the "
+            "trial budget affords for the profile's size)."
+        ),
+    ] = None,
 ) -> None:
     """Search per-head sparse patterns meeting the recall threshold; write the run folder."""
     import optuna
@@ -459,6 +473,8 @@ def optimize(
         seed=seed,
         workers=workers,
         block_size=block_size,
+        warmup_recall=warmup_recall,
+        max_options=max_options,
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with Progress(console=console, transient=True) as progress:

@@ -150,6 +150,7 @@ def bucket_summary(result: SearchResult) -> pd.DataFrame:
         (frame["cost"] < frame["greedy_cost"] - 1e-12).groupby(frame["bucket"]).mean()
     )
     summary["steps"] = [f"[{b.start}, {b.stop})" for b in result.buckets]
+    summary["tau"] = [result.bucket_recall(b) for b in range(len(result.buckets))]
     return summary.reset_index()
 
 
@@ -183,6 +184,7 @@ def summary_table(result: SearchResult) -> Table:
     for column in (
         "bucket",
         "steps",
+        "tau",
         "heads",
         "density",
         "cost",
@@ -195,6 +197,7 @@ def summary_table(result: SearchResult) -> Table:
         table.add_row(
             str(row.bucket),
             row.steps,
+            f"{row.tau:g}",
             str(row.heads),
             f"{row.density:.4f}",
             f"{row.cost:.4f}",

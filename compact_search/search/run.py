@@ -73,7 +73,8 @@ def assemble(
                 )
     schedule = choice.schedule
     buckets = tuple(
-        BucketBounds(a, b, tuple(s for s in captured if a <= s < b)) for a, b in schedule.bounds
+        BucketBounds(a, b, tuple(s for s in captured if a <= s < b), schedule.recall_of(i))
+        for i, (a, b) in enumerate(schedule.bounds)
     )
     result = SearchResult(
         model=str(getattr(source, "model", "unknown")),

@@ -9,7 +9,7 @@ boundaries: per-head costs for a trial, head solutions for the final pass.
 from __future__ import annotations
 
 import multiprocessing as mp
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -83,6 +83,10 @@ class BucketRequest:
     (step-major: sample t * samples_per_step + p for captured step t)."""
 
     samples: tuple[int, ...]
+    recall: float | None = None  # this bucket's threshold; None: the request's config's
+
+    def solver_config(self, config: SolverConfig) -> SolverConfig:
+        return config if self.recall is None else replace(config, recall=self.recall)
 
 
 class _Shard:
@@ -132,7 +136,10 @@ class _Shard:
         for layer in self.layers:
             table = self.tables[tile_index][layer]
             out[layer] = np.stack(
-                [solver.head_costs(table[:, list(b.samples)], config) for b in buckets]
+                [
+                    solver.head_costs(table[:, list(b.samples)], b.solver_config(config))
+                    for b in buckets
+                ]
             )
         return out
 
@@ -149,7 +156,9 @@ class _Shard:
             )  # [S, H, nq, nk] step-major
             per_bucket = []
             for bucket in buckets:
-                solutions = solver.solve(table[:, list(bucket.samples)], config)
+                solutions = solver.solve(
+                    table[:, list(bucket.samples)], bucket.solver_config(config)
+                )
                 per_bucket.append(
                     [
                         (sol, _worst_tile(sol, geometry.tile_grid, masses[list(bucket.samples), h]))

@@ -63,6 +63,9 @@ class SearchConfig:
     block_size: int = 128
     workers: int = 2
     front_levels: tuple[float, ...] = DEFAULT_FRONT_LEVELS
+    # Search the warm-up steps as a bucket of their own at this recall threshold instead of
+    # running them dense (heads that no pattern serves stay dense); None: dense warm-up.
+    warmup_recall: float | None = None
     # Window options per frame group (`WindowOptions`); None: as many as the trial budget
     # affords for the profile's size (`auto_max_options`).
     max_options: int | None = None
@@ -86,11 +89,14 @@ class SearchConfig:
             raise UserInputError(f"n_trials must be >= 1, got {self.n_trials}")
         if self.workers < 1:
             raise UserInputError(f"workers must be >= 1, got {self.workers}")
+        if self.warmup_recall is not None and not 0.0 < self.warmup_recall <= 1.0:
+            raise UserInputError(f"warmup recall must lie in (0, 1], got {self.warmup_recall}")
         if self.max_options is not None and self.max_options < 1:
             raise UserInputError(f"max_options must be >= 1, got {self.max_options}")
 
     def solver_config(self, front: bool = False) -> SolverConfig:
-        levels = tuple(sorted({*self.front_levels, self.recall})) if front else ()
+        thresholds = {self.recall} | ({self.warmup_recall} if self.warmup_recall else set())
+        levels = tuple(sorted({*self.front_levels, *thresholds})) if front else ()
         return SolverConfig(self.recall, self.mean_over_samples, levels)
 
     def study_name(self, fingerprint: str) -> str:
@@ -119,11 +125,19 @@ def auto_max_options(source: TileMassSource) -> int:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Dense warm-up steps and the step buckets after it, each with its profiled samples."""
+    """Dense warm-up steps and the step buckets after it, each with its profiled samples.
+
+    With a searched warm-up the warm-up steps are bucket 0 (its own recall threshold) and
+    `dense_steps` is 0.
+    """
 
     dense_steps: int
     bounds: tuple[tuple[int, int], ...]  # per bucket [start, stop) over denoising steps
     samples: tuple[tuple[int, ...], ...]  # per bucket: indices into the profile's samples
+    recall: tuple[float | None, ...] = ()  # per bucket; None or empty: the search's tau
+
+    def recall_of(self, bucket: int) -> float | None:
+        return self.recall[bucket] if self.recall else None
 
     def step_weights(self, num_steps: int) -> np.ndarray:
         """[B] share of all denoising steps each bucket covers."""
@@ -136,11 +150,14 @@ def schedule_of(
     captured: list[int],
     per_step: int,
     num_steps: int,
+    warmup_recall: float | None = None,
 ) -> tuple[Schedule | None, float]:
     """Build the schedule; (None, violation > 0) when a bucket would hold no profiled step.
 
     bucket_cuts index the captured steps: cut c starts a bucket at captured step c, the bound
-    sits halfway between captured steps c-1 and c.
+    sits halfway between captured steps c-1 and c. With `warmup_recall` the warm-up steps
+    [0, dense_steps) become bucket 0, searched at that threshold, when a profiled step falls in
+    them (they stay dense otherwise: there is nothing to search on).
     """
     live = [i for i, step in enumerate(captured) if step >= dense_steps]
     cuts = sorted(bucket_cuts)
@@ -161,7 +178,25 @@ def schedule_of(
         # samples are step-major: sample t * per_step + p
         samples.append(tuple(t * per_step + p for t in steps_here for p in range(per_step)))
         start = stop
-    return Schedule(dense_steps, tuple(bounds), tuple(samples)), 0.0
+    warm = [i for i, step in enumerate(captured) if step < dense_steps]
+    if warmup_recall is None or not warm:
+        return Schedule(dense_steps, tuple(bounds), tuple(samples)), 0.0
+    warm_samples = tuple(t * per_step + p for t in warm for p in range(per_step))
+    return (
+        Schedule(
+            0,
+            ((0, dense_steps), *bounds),
+            (warm_samples, *samples),
+            (warmup_recall, *(None for _ in bounds)),
+        ),
+        0.0,
+    )
+
+
+def bucket_requests(schedule: Schedule) -> list[BucketRequest]:
+    return [
+        BucketRequest(samples, schedule.recall_of(b)) for b, samples in enumerate(schedule.samples)
+    ]
 
 
 @dataclass(frozen=True)
@@ -218,7 +253,12 @@ def suggest(
         for k in range(config.num_buckets - 1)
     ]
     schedule, violation = schedule_of(
-        dense, bucket_cuts, captured, samples_per_step(source), source.num_steps
+        dense,
+        bucket_cuts,
+        captured,
+        samples_per_step(source),
+        source.num_steps,
+        config.warmup_recall,
     )
     if schedule is None:
         return None, violation
@@ -237,10 +277,11 @@ def make_objective(source: TileMassSource, config: SearchConfig, shards: LayerSh
         if choice is None:
             return 1.0  # dense; the constraint marks the trial infeasible
         schedule = choice.schedule
-        key = (choice.tile_index, choice.cuts, schedule.samples)
+        key = (choice.tile_index, choice.cuts, schedule.samples, schedule.recall)
         if key not in cache:
-            buckets = [BucketRequest(samples) for samples in schedule.samples]
-            cache[key] = shards.costs(choice.tile_index, choice.cuts, buckets, solver_config)
+            cache[key] = shards.costs(
+                choice.tile_index, choice.cuts, bucket_requests(schedule), solver_config
+            )
         costs = cache[key]  # [B, L, H]
         bucket_cost = costs.mean(axis=(1, 2))  # [B]
         weights = schedule.step_weights(source.num_steps)
@@ -380,9 +421,11 @@ def run_study(
         final_started = time.perf_counter()
         best = best_feasible(study)
         choice, _ = suggest(optuna.trial.FixedTrial(best.params), src, config, shards.geometries)
-        buckets = [BucketRequest(samples) for samples in choice.schedule.samples]
         solutions = shards.solve(
-            choice.tile_index, choice.cuts, buckets, config.solver_config(front=True)
+            choice.tile_index,
+            choice.cuts,
+            bucket_requests(choice.schedule),
+            config.solver_config(front=True),
         )
         geometry = shards.geometries[choice.tile_index]
         timings["final"] = time.perf_counter() - final_started
