@@ -404,8 +404,11 @@ def optimize(
         Path, typer.Argument(help="Profile folder written by `compact-search profile`.")
     ],
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Run folder: study, search.json, report.")
-    ],
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Run folder: study, search.json, report (not with --join)."
+        ),
+    ] = None,
     recall: Annotated[float, typer.Option(help="Recall threshold tau every head must keep.")] = 0.9,
     dense_steps: Annotated[
         int | None, typer.Option(help="Dense warm-up steps K (default: searched).")
@@ -448,14 +451,41 @@ def optimize(
             "trial budget affords for the profile's size)."
         ),
     ] = None,
+    join: Annotated[
+        bool,
+        typer.Option(
+            "--join",
+            help="Add trials to the study another optimize started on this --storage (a "
+            "database server) with the same profile and options; writes no run folder.",
+        ),
+    ] = False,
+    heartbeat: Annotated[
+        int,
+        typer.Option(
+            help="Seconds between a worker's heartbeats on a database server storage; a trial "
+            "silent for 3 of them is retried by another worker."
+        ),
+    ] = 10,
 ) -> None:
-    """Search per-head sparse patterns meeting the recall threshold; write the run folder."""
+    """Search per-head sparse patterns meeting the recall threshold; write the run folder.
+
+    Several processes on one study: `--storage postgresql://user:password@host/db` here, and
+    the same command with `--join` (no --out) on other hosts.
+    """
     import optuna
     from rich.progress import Progress
 
-    from compact_search.search import BudgetTarget, SearchConfig, optimize_profile
+    from compact_search.search import BudgetTarget, SearchConfig, join_study, optimize_profile
     from compact_search.search.report import summary_table
 
+    if join and storage is None:
+        raise UserInputError("--join needs --storage: the database the study lives in")
+    if join and (out is not None or target_density is not None or target_cost is not None):
+        raise UserInputError(
+            "--join only adds trials: --out and budget targets belong to the starting worker"
+        )
+    if not join and out is None:
+        raise UserInputError("--out is required (the run folder), unless --join")
     if target_density is not None and target_cost is not None:
         raise UserInputError("give --target-density or --target-cost, not both")
     target = None
@@ -484,9 +514,27 @@ def optimize(
             done = sum(t.state.is_finished() for t in study.trials)
             progress.update(task, completed=min(done, trials))
 
-        result = optimize_profile(
-            profile_dir, out, config, storage=storage, target=target, on_trial=on_trial
+        if join:
+            joined = join_study(
+                profile_dir, config, storage, on_trial=on_trial, heartbeat=heartbeat
+            )
+        else:
+            result = optimize_profile(
+                profile_dir,
+                out,
+                config,
+                storage=storage,
+                target=target,
+                on_trial=on_trial,
+                heartbeat=heartbeat,
+            )
+    if join:
+        console.print(
+            f"joined study [bold]{joined.study_name}[/]: ran {joined.trials_run} trials; it has "
+            f"{joined.trials_completed} of {joined.target} finished (the starting worker writes "
+            "the result)"
         )
+        return
     console.print(summary_table(result))
     console.print(
         f"search written to [bold]{out / 'search.json'}[/]; report: heads.csv, heads.md, "

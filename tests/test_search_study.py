@@ -170,12 +170,7 @@ KILLED_SEARCH = textwrap.dedent(
     """
     import sys
     from compact_search.search import SearchConfig, optimize_profile
-    from compact_search.search.synthetic import (
-    FAR_KINDS,
-    PLANTED_KINDS,
-    SyntheticProfile,
-    planted_pattern,
-)
+    from compact_search.search.synthetic import SyntheticProfile
 
     if __name__ == "__main__":
         profile = SyntheticProfile(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +43,13 @@ from compact_search.search.shards import (
     samples_per_step,
 )
 from compact_search.search.solver import DEFAULT_FRONT_LEVELS, SolverConfig
+from compact_search.search.storage import (
+    DEFAULT_HEARTBEAT,
+    TARGET_ATTR,
+    StudyStorage,
+    resolve_storage,
+    run_trials,
+)
 
 # Optuna 5 replaced TPESampler(constraints_func=...) by Trial.set_constraint; samplers read it.
 CONSTRAINT_NAME = "empty_buckets"
@@ -301,34 +309,31 @@ def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
     return bool(trial.constraints) and all(v <= 0 for v in trial.constraints.values())
 
 
-def resolve_storage(storage: str | None, run_dir: Path) -> str | optuna.storages.BaseStorage:
-    """None -> sqlite in the run directory; 'journal:PATH' -> a journal file (several processes
-    on a host); anything else is an Optuna RDB URL (sqlite:///..., postgresql://...)."""
-    if storage is None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{(run_dir / 'study.db').resolve()}"
-    if storage.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        path = Path(storage.removeprefix("journal:"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
-    if "://" not in storage:
-        raise UserInputError(
-            f"storage {storage!r}: expected an RDB URL (sqlite:///file.db, postgresql://...) "
-            "or journal:PATH"
-        )
-    return storage
-
-
 def open_study(
-    source: TileMassSource, config: SearchConfig, storage: str | None, run_dir: Path
+    source: TileMassSource,
+    config: SearchConfig,
+    where: StudyStorage,
+    *,
+    join: bool = False,
 ) -> optuna.Study:
-    sampler = optuna.samplers.TPESampler(seed=config.seed)
+    """Create or load the study (`join`: load only; it must exist)."""
+    name = config.study_name(source.fingerprint)
+    # Workers sharing a study sample with their own seeds (the same seed would propose the same
+    # parameters everywhere) and treat the others' running trials as taken (constant liar).
+    seed = config.seed if not join else random.SystemRandom().randrange(2**31)
+    sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=where.shared)
+    if join:
+        try:
+            return optuna.load_study(study_name=name, storage=where.storage, sampler=sampler)
+        except KeyError:
+            raise UserInputError(
+                f"storage {where.shown} holds no study {name}: start it with the same profile and "
+                "search options without --join first"
+            ) from None
     return optuna.create_study(
-        storage=resolve_storage(storage, run_dir),
+        storage=where.storage,
         sampler=sampler,
-        study_name=config.study_name(source.fingerprint),
+        study_name=name,
         direction="minimize",
         load_if_exists=True,
     )
@@ -383,6 +388,7 @@ class StudyOutcome:
     max_options: int  # window options per frame group the solvers enumerated
     timings: dict[str, float] = field(default_factory=dict)  # tables, trials, final solve
     trial_seconds: list[float] = field(default_factory=list)  # objective time per trial
+    storage: str = ""  # where the study lives, password hidden
 
 
 def run_study(
@@ -392,32 +398,41 @@ def run_study(
     *,
     storage: str | None = None,
     on_trial=None,
+    heartbeat: int = DEFAULT_HEARTBEAT,
 ) -> StudyOutcome:
-    """Run (or resume) the study, then solve every head at the best trial with Pareto fronts."""
+    """Run (or resume) the study, then solve every head at the best trial with Pareto fronts.
+
+    On a shared storage other workers (`join_study`) may add trials meanwhile; this worker waits
+    for their running trials and uses every finished one.
+    """
     started = time.perf_counter()
+    where = resolve_storage(storage, run_dir, heartbeat)
     src = open_source(source)
     tiles = config.tiles or tuple(src.tiles)
     if not tiles:
         raise UserInputError("the profile lists no candidate tile shapes")
-    study = open_study(src, config, storage, run_dir)
+    study = open_study(src, config, where)
+    study.set_user_attr(TARGET_ATTR, config.n_trials)
     timings: dict[str, float] = {}
     max_options = config.max_options or auto_max_options(src)
     with LayerShards(source, tiles, config.block_size, config.workers, max_options) as shards:
         timings["tables"] = time.perf_counter() - started
-        finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if not study.trials:
             study.enqueue_trial(warm_start_params(src, config, shards.geometries))
-        remaining = config.n_trials - len(finished)
-        timings["trials_run"] = max(0, remaining)
         trials_started = time.perf_counter()
-        if remaining > 0:
-            callbacks = [lambda st, tr: on_trial(st, tr)] if on_trial else None
-            study.optimize(
-                make_objective(src, config, shards), n_trials=remaining, callbacks=callbacks
-            )
+        callbacks = [lambda st, tr: on_trial(st, tr)] if on_trial else None
+        ran = run_trials(
+            study,
+            make_objective(src, config, shards),
+            config.n_trials,
+            shared=where.shared,
+            wait_for_others=True,
+            callbacks=callbacks,
+        )
+        timings["trials_run"] = len(ran)
         timings["trials"] = time.perf_counter() - trials_started
-        ran = study.trials[len(study.trials) - max(0, remaining) :] if remaining > 0 else []
-        timings["objective"] = sum(t.user_attrs.get("seconds", 0.0) for t in ran)
+        mine = [t for t in study.get_trials(deepcopy=False) if t.number in set(ran)]
+        timings["objective"] = sum(t.user_attrs.get("seconds", 0.0) for t in mine)
         final_started = time.perf_counter()
         best = best_feasible(study)
         choice, _ = suggest(optuna.trial.FixedTrial(best.params), src, config, shards.geometries)
@@ -429,7 +444,7 @@ def run_study(
         )
         geometry = shards.geometries[choice.tile_index]
         timings["final"] = time.perf_counter() - final_started
-    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     return StudyOutcome(
         study_name=study.study_name,
         best_trial=best.number,
@@ -442,4 +457,48 @@ def run_study(
         max_options=max_options,
         timings=timings,
         trial_seconds=[t.user_attrs.get("seconds", 0.0) for t in completed],
+        storage=where.shown,
     )
+
+
+@dataclass(frozen=True)
+class JoinOutcome:
+    study_name: str
+    trials_run: int  # by this worker
+    trials_completed: int  # by every worker, when this one stopped
+    target: int
+
+
+def join_study(
+    source: TileMassSource | str | Path,
+    config: SearchConfig,
+    storage: str,
+    *,
+    on_trial=None,
+    heartbeat: int = DEFAULT_HEARTBEAT,
+) -> JoinOutcome:
+    """Add trials to a shared study another `optimize` started with the same profile and search
+    options, until it has its trial count; writes no result (the starting worker does)."""
+    where = resolve_storage(storage, Path("."), heartbeat)
+    if not where.shared:
+        raise UserInputError(
+            f"--join needs a database server storage (postgresql://...), got {where.shown}: "
+            "only a server's heartbeats let workers take over a dead worker's trial"
+        )
+    src = open_source(source)
+    tiles = config.tiles or tuple(src.tiles)
+    study = open_study(src, config, where, join=True)
+    target = int(study.user_attrs.get(TARGET_ATTR, config.n_trials))
+    max_options = config.max_options or auto_max_options(src)
+    with LayerShards(source, tiles, config.block_size, config.workers, max_options) as shards:
+        callbacks = [lambda st, tr: on_trial(st, tr)] if on_trial else None
+        ran = run_trials(
+            study,
+            make_objective(src, config, shards),
+            target,
+            shared=True,
+            wait_for_others=False,
+            callbacks=callbacks,
+        )
+    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return JoinOutcome(study.study_name, len(ran), len(completed), target)
