@@ -241,7 +241,8 @@ def check(
         Path | None, typer.Option(help="Committed baseline config to compare with.")
     ] = None,
     min_recall: Annotated[
-        float | None, typer.Option(help="Recall floor per head (default: the config's threshold).")
+        float | None,
+        typer.Option(help="Recall floor per head (default: each bucket's search threshold)."),
     ] = None,
     max_density: Annotated[float | None, typer.Option(help="Ceiling on mean density.")] = None,
     statistic: Annotated[
