@@ -155,12 +155,13 @@ def test_planted_heads_at_model_level_cost_at_most_planted(tmp_path):
 
 def test_two_workers_and_journal_storage_agree_with_one(tmp_path):
     profile = small_profile(num_layers=2)
-    config = SearchConfig(n_trials=3, workers=1, dense_steps=0, tiles=((2, 6, 8),))
+    # the near and wrapped windows only: this test is about workers, not the window family
+    config = SearchConfig(n_trials=3, workers=1, dense_steps=0, tiles=((2, 6, 8),), max_options=109)
     one = optimize_profile(profile, tmp_path / "one", config)
     two = optimize_profile(
         profile,
         tmp_path / "two",
-        SearchConfig(n_trials=3, workers=2, dense_steps=0, tiles=((2, 6, 8),)),
+        SearchConfig(n_trials=3, workers=2, dense_steps=0, tiles=((2, 6, 8),), max_options=109),
         storage=f"journal:{tmp_path / 'journal.log'}",
     )
     assert [h.cost for h in one.heads] == pytest.approx([h.cost for h in two.heads])
@@ -177,7 +178,8 @@ KILLED_SEARCH = textwrap.dedent(
             grid=(16, 24, 32), tiles=[(2, 6, 8)], num_layers=2, num_heads=3, num_steps=20,
             steps=(2, 6, 10, 14, 18),
         )
-        optimize_profile(profile, sys.argv[1], SearchConfig(n_trials=100000, workers=1))
+        config = SearchConfig(n_trials=100000, workers=1, max_options=109)
+        optimize_profile(profile, sys.argv[1], config)
     """
 )
 
@@ -211,7 +213,8 @@ def test_killed_search_resumes_without_losing_trials(tmp_path):
         grid=(16, 24, 32), tiles=[(2, 6, 8)], num_layers=2, num_heads=3, num_steps=20,
         steps=(2, 6, 10, 14, 18),
     )  # fmt: skip
-    result = optimize_profile(profile, run_dir, SearchConfig(n_trials=before + 2, workers=1))
+    config = SearchConfig(n_trials=before + 2, workers=1, max_options=109)
+    result = optimize_profile(profile, run_dir, config)
     assert result.study["trials_completed"] == before + 2
     study = optuna.load_study(study_name=result.study["name"], storage=f"sqlite:///{db}")
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == before + 2
