@@ -123,6 +123,39 @@ def test_steps_follow_the_scheduler():
     handle.revert()
 
 
+def test_a_sparse_warm_up_bucket_runs_its_own_patterns_from_step_0():
+    """A config whose warm-up is bucket 0 (dense_steps 0, its own threshold) runs the kernel
+    with bucket 0's masks in the warm-up steps and bucket 1's after them."""
+    from compact_search.config import CompactConfig, HeadEntry
+
+    model = small_wan()
+    base = config_for([HeadPattern.dense()] * 2)
+    schedule = StepSchedule(
+        num_steps=4, dense_steps=0, bucket_starts=(0, 2), bucket_recall=(0.97, 0.9)
+    )
+    warm = HeadPattern((FrameGroup(0, 2, (Rect(0, 1, wrap="w"),)),))
+    late = HeadPattern.local(0, 0, 0)
+    heads = tuple(
+        tuple(tuple(HeadEntry(p) for p in (pattern, pattern)) for _ in range(2))
+        for pattern in (warm, late)
+    )
+    config = CompactConfig(base.model, base.geometry, schedule, heads, base.provenance)
+    timesteps = torch.tensor([999.0, 750.0, 500.0, 250.0])
+    pipeline = SimpleNamespace(transformer=model, scheduler=SimpleNamespace(timesteps=timesteps))
+    handle = apply(pipeline, config)
+    used = []
+    original = handle.block_masks
+    handle.block_masks = lambda bucket, layer, device: (
+        used.append(bucket) or original(bucket, layer, device)
+    )
+    forward(model, timestep=999.0)  # step 0: the warm-up bucket, sparse
+    assert handle.calls == {"dense": 0, "sparse": 2} and used == [0, 0]
+    forward(model, timestep=250.0)  # step 3: bucket 1
+    assert used == [0, 0, 1, 1]
+    assert not torch.equal(config.block_masks(0, 0), config.block_masks(1, 0))
+    handle.revert()
+
+
 def test_unknown_step_warns_once_and_runs_dense():
     model = small_wan()
     before = forward(model)

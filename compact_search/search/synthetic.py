@@ -151,6 +151,7 @@ class SyntheticProfile:
     noise: float = 0.3
     seed: int = 0
     model: str = "synthetic"
+    adapter: str = "wan"  # what an exported config names (export reads it)
     prompts: tuple[str, ...] = field(default=())
     kinds: tuple[str, ...] = PLANTED_KINDS  # drawn per head
 
