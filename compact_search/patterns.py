@@ -167,7 +167,7 @@ def _span_mask(start: int, end: int, wrap: bool, n: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class FrameGroup:
-    """Temporal tile distances start <= |df| < stop and the rectangles kept there (0, 1 or 2)."""
+    """Temporal tile distances start <= |df| < stop and the windows kept there (0, 1 or 2)."""
 
     start: int
     stop: int

@@ -33,7 +33,7 @@ def greedy_shrink(
 
     recall_sums [H, S, G, Ht*Wt + 1] and cost_sums [G, Ht*Wt + 1] are group rect sums
     (`group_rect_sums`). Returns [H, G] option indices into `options` (0 = none, else the single
-    rectangle 1 + h * Wt + w).
+    near window 1 + h * Wt + w).
     """
     num_heads, _, num_groups, _ = recall_sums.shape
     ht, wt, none = options.height, options.width, options.none

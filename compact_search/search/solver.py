@@ -10,7 +10,7 @@ prefix-summed offset tables in one vectorised step ([H, S, G, O]); then one of t
   1. Lagrangian: every group independently maximises price * mean recall - cost; the price is
      bisected per head to the cheapest setting meeting the constraint (the LP hull solution);
   2. repair: repeatedly switch the single group option that saves the most cost while every
-     sample stays >= tau (any option, rectangle pairs included);
+     sample stays >= tau (any option, unions of two windows included);
   3. the greedy baseline competes; the cheaper wins, so the result never costs more than greedy
      (repairing greedy too was measured to add nothing at 14B scale, for 30% more time).
 - exact (reference; `optimize_head` uses it), head by head: per group only the Pareto front of
@@ -241,7 +241,7 @@ class LayerSolver:
         self, option_recall: np.ndarray, choice: np.ndarray, tau: float, mean_only: bool
     ) -> np.ndarray:
         """Local search: repeatedly switch the one group option that saves the most cost while
-        the constraint holds (any option, rectangle pairs included). Infeasible starts move to
+        the constraint holds (any option, unions of two windows included). Infeasible starts move to
         the full pattern first."""
         choice = choice.copy()
         num_heads, num_groups = choice.shape
