@@ -175,7 +175,10 @@ def shared_run(postgres, tmp_path_factory):
     joins. -> (storage URL, study name, result)."""
     tmp_path = tmp_path_factory.mktemp("shared")
     name = create_study(postgres, trials=12, seed=3)
-    workers = [start_worker(tmp_path, role, postgres, 12, 3) for role in ("start", "join")]
+    # a third of a second a trial: both workers are sure to be up before the study is done
+    workers = [
+        start_worker(tmp_path, role, postgres, 12, 3, pause=0.3) for role in ("start", "join")
+    ]
     for worker in workers:
         assert worker.wait(timeout=300) == 0
     from compact_search.search import load_search_result
