@@ -431,7 +431,8 @@ def run_study(
         )
         timings["trials_run"] = len(ran)
         timings["trials"] = time.perf_counter() - trials_started
-        mine = [t for t in study.get_trials(deepcopy=False) if t.number in set(ran)]
+        ran_here = set(ran)
+        mine = [t for t in study.get_trials(deepcopy=False) if t.number in ran_here]
         timings["objective"] = sum(t.user_attrs.get("seconds", 0.0) for t in mine)
         final_started = time.perf_counter()
         best = best_feasible(study)
