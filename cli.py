@@ -441,10 +441,14 @@ def optimize(
     warmup_recall: Annotated[
         float | None,
         typer.Option(
-            help="Search the warm-up steps as a bucket of their own at this recall (e.g. 0.97); "
-            "heads no pattern serves stay dense. Default: dense warm-up."
+            help="Recall the warm-up steps (--dense-steps) are searched at, as a bucket of their "
+            "own; heads no pattern serves stay dense. Default 0.97 (docs/search.md)."
         ),
     ] = None,
+    dense_warmup: Annotated[
+        bool,
+        typer.Option("--dense-warmup", help="Run the warm-up steps dense instead."),
+    ] = False,
     max_options: Annotated[
         int | None,
         typer.Option(
@@ -478,6 +482,7 @@ def optimize(
 
     from compact_search.search import BudgetTarget, SearchConfig, join_study, optimize_profile
     from compact_search.search.report import summary_table
+    from compact_search.search.study import DEFAULT_WARMUP_RECALL
 
     if join and storage is None:
         raise UserInputError("--join needs --storage: the database the study lives in")
@@ -485,6 +490,8 @@ def optimize(
         raise UserInputError(
             "--join only adds trials: --out and budget targets belong to the starting worker"
         )
+    if dense_warmup and warmup_recall is not None:
+        raise UserInputError("give --warmup-recall or --dense-warmup, not both")
     if not join and out is None:
         raise UserInputError("--out is required (the run folder), unless --join")
     if target_density is not None and target_cost is not None:
@@ -504,7 +511,7 @@ def optimize(
         seed=seed,
         workers=workers,
         block_size=block_size,
-        warmup_recall=warmup_recall,
+        warmup_recall=None if dense_warmup else (warmup_recall or DEFAULT_WARMUP_RECALL),
         max_options=max_options,
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)

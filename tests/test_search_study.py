@@ -148,7 +148,9 @@ def test_sparse_warm_up_end_to_end(tmp_path):
     common = dict(
         n_trials=2, workers=1, num_buckets=1, dense_steps=8, max_options=109, tiles=((4, 4, 8),)
     )
-    dense = optimize_profile(profile, tmp_path / "dense", SearchConfig(**common))
+    dense = optimize_profile(
+        profile, tmp_path / "dense", SearchConfig(warmup_recall=None, **common)
+    )
     sparse = optimize_profile(
         profile, tmp_path / "sparse", SearchConfig(warmup_recall=0.97, **common)
     )
