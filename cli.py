@@ -442,7 +442,8 @@ def optimize(
         float | None,
         typer.Option(
             help="Recall the warm-up steps (--dense-steps) are searched at, as a bucket of their "
-            "own; heads no pattern serves stay dense. Default 0.97 (docs/search.md)."
+            "own; heads no pattern serves stay dense. Default: 0.97 for a given --dense-steps, a "
+            "dense warm-up when its length is searched (docs/search.md)."
         ),
     ] = None,
     dense_warmup: Annotated[
@@ -482,7 +483,7 @@ def optimize(
 
     from compact_search.search import BudgetTarget, SearchConfig, join_study, optimize_profile
     from compact_search.search.report import summary_table
-    from compact_search.search.study import DEFAULT_WARMUP_RECALL
+    from compact_search.search.study import AUTO
 
     if join and storage is None:
         raise UserInputError("--join needs --storage: the database the study lives in")
@@ -511,7 +512,7 @@ def optimize(
         seed=seed,
         workers=workers,
         block_size=block_size,
-        warmup_recall=None if dense_warmup else (warmup_recall or DEFAULT_WARMUP_RECALL),
+        warmup_recall=None if dense_warmup else (warmup_recall or AUTO),
         max_options=max_options,
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)

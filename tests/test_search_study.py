@@ -134,6 +134,10 @@ def test_schedule_with_a_searched_warm_up():
     assert schedule.recall == (0.97, None)
     dense, _ = schedule_of(2, [], [2, 6, 10, 14], 2, 20, warmup_recall=0.97)
     assert dense.dense_steps == 2 and dense.bounds == ((2, 20),) and not dense.recall
+    # the default: sparse for a warm-up of given length, dense for a searched one
+    assert SearchConfig(dense_steps=6).warmup_recall == 0.97
+    assert SearchConfig().warmup_recall is None
+    assert SearchConfig(dense_steps=6, warmup_recall=None).warmup_recall is None
 
 
 def test_sparse_warm_up_end_to_end(tmp_path):

@@ -52,9 +52,10 @@ from compact_search.search.storage import (
 )
 
 # The warm-up's recall threshold. On the built-in model (docs/search.md, "Sparse warm-up") a
-# warm-up searched at 0.97 kept PSNR against dense at 37.7 dB (39.5 with a dense warm-up) and
-# fidelity equal, for 11% less attention cost per video.
+# warm-up of fixed length searched at 0.97 kept PSNR against dense at 37.7 dB (39.5 with a dense
+# warm-up) and fidelity equal, for 11% less attention cost per video.
 DEFAULT_WARMUP_RECALL = 0.97
+AUTO = "auto"
 
 # Optuna 5 replaced TPESampler(constraints_func=...) by Trial.set_constraint; samplers read it.
 CONSTRAINT_NAME = "empty_buckets"
@@ -77,8 +78,10 @@ class SearchConfig:
     workers: int = 2
     front_levels: tuple[float, ...] = DEFAULT_FRONT_LEVELS
     # Search the warm-up steps as a bucket of their own at this recall threshold instead of
-    # running them dense (heads that no pattern serves stay dense); None: dense warm-up.
-    warmup_recall: float | None = DEFAULT_WARMUP_RECALL
+    # running them dense (heads that no pattern serves stay dense); None: dense warm-up. "auto":
+    # DEFAULT_WARMUP_RECALL for a warm-up of given length, dense when its length is searched
+    # (the search then trades the dense warm-up's length itself; docs/search.md has the numbers).
+    warmup_recall: float | str | None = AUTO
     # Window options per frame group (`WindowOptions`); None: as many as the trial budget
     # affords for the profile's size (`auto_max_options`).
     max_options: int | None = None
@@ -102,6 +105,13 @@ class SearchConfig:
             raise UserInputError(f"n_trials must be >= 1, got {self.n_trials}")
         if self.workers < 1:
             raise UserInputError(f"workers must be >= 1, got {self.workers}")
+        if self.warmup_recall == AUTO:
+            fixed = self.dense_steps is not None
+            object.__setattr__(self, "warmup_recall", DEFAULT_WARMUP_RECALL if fixed else None)
+        if isinstance(self.warmup_recall, str):
+            raise UserInputError(
+                f"warmup recall must be a number, 'auto' or None, got {self.warmup_recall!r}"
+            )
         if self.warmup_recall is not None and not 0.0 < self.warmup_recall <= 1.0:
             raise UserInputError(f"warmup recall must lie in (0, 1], got {self.warmup_recall}")
         if self.max_options is not None and self.max_options < 1:
