@@ -255,7 +255,8 @@ def check(
         Path | None, typer.Option(help="Committed baseline config to compare with.")
     ] = None,
     min_recall: Annotated[
-        float | None, typer.Option(help="Recall floor per head (default: the config's threshold).")
+        float | None,
+        typer.Option(help="Recall floor per head (default: each bucket's search threshold)."),
     ] = None,
     max_density: Annotated[float | None, typer.Option(help="Ceiling on mean density.")] = None,
     statistic: Annotated[
@@ -419,8 +420,11 @@ def optimize(
         Path, typer.Argument(help="Capture folder written by `compact-search profile`.")
     ],
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Run folder: study, search.json, report.")
-    ],
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Run folder: study, search.json, report (not with --join)."
+        ),
+    ] = None,
     recall: Annotated[float, typer.Option(help="Recall threshold tau every head must keep.")] = 0.9,
     dense_steps: Annotated[
         int | None, typer.Option(help="Dense warm-up steps K (default: searched).")
@@ -449,14 +453,63 @@ def optimize(
     block_size: Annotated[
         int, typer.Option(help="Kernel block size the cost counts blocks of.")
     ] = DEFAULT_BLOCK_SIZE,
+    warmup_recall: Annotated[
+        float | None,
+        typer.Option(
+            help="Recall the warm-up steps (--dense-steps) are searched at, as a bucket of their "
+            "own; heads no pattern serves stay dense. Default: 0.97 for a given --dense-steps, a "
+            "dense warm-up when its length is searched (docs/search.md)."
+        ),
+    ] = None,
+    dense_warmup: Annotated[
+        bool,
+        typer.Option("--dense-warmup", help="Run the warm-up steps dense instead."),
+    ] = False,
+    max_options: Annotated[
+        int | None,
+        typer.Option(
+            help="Window options per frame group (near, wrapped, band tiers; default: what the "
+            "trial budget affords for the profile's size)."
+        ),
+    ] = None,
+    join: Annotated[
+        bool,
+        typer.Option(
+            "--join",
+            help="Add trials to the study another optimize started on this --storage (a "
+            "database server) with the same profile and options; writes no run folder.",
+        ),
+    ] = False,
+    heartbeat: Annotated[
+        int,
+        typer.Option(
+            help="Seconds between a worker's heartbeats on a database server storage; a trial "
+            "silent for 3 of them is retried by another worker."
+        ),
+    ] = 10,
 ) -> None:
-    """Search per-head sparse patterns meeting the recall threshold; write the run folder."""
+    """Search per-head sparse patterns meeting the recall threshold; write the run folder.
+
+    Several processes on one study: `--storage postgresql://user:password@host/db` here, and
+    the same command with `--join` (no --out) on other hosts.
+    """
     import optuna
     from rich.progress import Progress
 
-    from compact_search.search import BudgetTarget, SearchConfig, optimize_profile
+    from compact_search.search import BudgetTarget, SearchConfig, join_study, optimize_profile
     from compact_search.search.report import summary_table
+    from compact_search.search.study import AUTO
 
+    if join and storage is None:
+        raise UserInputError("--join needs --storage: the database the study lives in")
+    if join and (out is not None or target_density is not None or target_cost is not None):
+        raise UserInputError(
+            "--join only adds trials: --out and budget targets belong to the starting worker"
+        )
+    if dense_warmup and warmup_recall is not None:
+        raise UserInputError("give --warmup-recall or --dense-warmup, not both")
+    if not join and out is None:
+        raise UserInputError("--out is required (the run folder), unless --join")
     if target_density is not None and target_cost is not None:
         raise UserInputError("give --target-density or --target-cost, not both")
     target = None
@@ -474,6 +527,8 @@ def optimize(
         seed=seed,
         workers=workers,
         block_size=block_size,
+        warmup_recall=None if dense_warmup else (warmup_recall or AUTO),
+        max_options=max_options,
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with Progress(console=console, transient=True) as progress:
@@ -483,9 +538,27 @@ def optimize(
             done = sum(t.state.is_finished() for t in study.trials)
             progress.update(task, completed=min(done, trials))
 
-        result = optimize_profile(
-            profile_dir, out, config, storage=storage, target=target, on_trial=on_trial
+        if join:
+            joined = join_study(
+                profile_dir, config, storage, on_trial=on_trial, heartbeat=heartbeat
+            )
+        else:
+            result = optimize_profile(
+                profile_dir,
+                out,
+                config,
+                storage=storage,
+                target=target,
+                on_trial=on_trial,
+                heartbeat=heartbeat,
+            )
+    if join:
+        console.print(
+            f"joined study [bold]{joined.study_name}[/]: ran {joined.trials_run} trials; it has "
+            f"{joined.trials_completed} of {joined.target} finished (the starting worker writes "
+            "the result)"
         )
+        return
     console.print(summary_table(result))
     console.print(
         f"search written to [bold]{out / 'search.json'}[/]; report: heads.csv, heads.md, "

@@ -26,6 +26,7 @@ from compact_search.search import SearchConfig, optimize_profile
 from compact_search.search.offsets import recall_tables
 from compact_search.search.shards import geometry_of
 from compact_search.search.solver import LayerSolver
+from compact_search.search.study import auto_max_options
 from compact_search.search.synthetic import SyntheticProfile
 
 SEARCH_CSV = RESULTS / "search.csv"
@@ -46,10 +47,11 @@ def per_head_times(profile: SyntheticProfile, config: SearchConfig) -> dict[str,
     started = time.process_time()
     tables = np.ascontiguousarray(np.moveaxis(recall_tables(mass, geometry.tile_grid), 0, 1))
     table_ms = (time.process_time() - started) * 1e3 / profile.num_heads
-    # the default search's finest frame groups: one per temporal tile distance
-    solver = LayerSolver(geometry.cost_model, tuple(range(1, geometry.tile_grid.frames)))
+    # the default search's finest frame groups (one per temporal tile distance) and windows
+    options = auto_max_options(profile)
+    solver = LayerSolver(geometry.cost_model, tuple(range(1, geometry.tile_grid.frames)), options)
     # the exact solver only at 3 groups: its front merge grows combinatorially with groups
-    three_groups = LayerSolver(geometry.cost_model, (1, 3))
+    three_groups = LayerSolver(geometry.cost_model, (1, 3), options)
     out = {"tables_ms_per_head": table_ms}
     for name, run in (
         ("trial_ms_per_head", lambda: solver.head_costs(tables, config.solver_config())),

@@ -4,7 +4,8 @@ For every (bucket, layer, head) the gate recomputes recall on the profile's samp
 the bucket's steps and fails a head when
 
 - its recall (mean over samples by default, `statistic="min"` for the worst sample) is below
-  `min_recall - tolerance` (`min_recall` defaults to the config's own recall threshold), or
+  `min_recall - tolerance` (`min_recall` defaults to the threshold the config's bucket was
+  searched at: `schedule.bucket_recall`, else the config's recall threshold), or
 - a baseline config is given and the head's recall fell more than `tolerance` below the
   baseline's recall on the same profile;
 
@@ -59,6 +60,7 @@ class CheckReport:
     samples_per_bucket: dict[int, int]
     config_failures: list[str] = field(default_factory=list)
     kernel: list[KernelCheck] = field(default_factory=list)
+    bucket_recall: dict[int, float | None] = field(default_factory=dict)  # the floor per bucket
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -79,6 +81,7 @@ class CheckReport:
             "mean_density": self.mean_density,
             "baseline_mean_density": self.baseline_mean_density,
             "min_recall": self.min_recall,
+            "bucket_recall": self.bucket_recall,
             "statistic": self.statistic,
             "samples_per_bucket": self.samples_per_bucket,
             "config_failures": self.config_failures,
@@ -155,11 +158,15 @@ def check_config(
     _check_compatible(config, profile, "config")
     if baseline is not None:
         _check_compatible(baseline, profile, "baseline config")
-    if min_recall is None:
-        threshold = config.provenance.get("recall_threshold")
-        min_recall = float(threshold) if isinstance(threshold, (int, float)) else None
     if min_recall is not None and not 0.0 <= min_recall <= 1.0:
         raise UserInputError(f"min recall must be in [0, 1], got {min_recall}")
+    threshold = config.provenance.get("recall_threshold")
+    config_recall = float(threshold) if isinstance(threshold, (int, float)) else None
+
+    def bucket_min_recall(bucket: int) -> float | None:
+        if min_recall is not None:
+            return min_recall
+        return config.schedule.recall_of(bucket, config_recall)
 
     steps = bucket_steps(config, profile)
     tile_grid = config.layout().tile_grid
@@ -194,10 +201,11 @@ def check_config(
                 base_recalls = head_recalls(base_masks, samples) if base_masks is not None else None
                 value = recalls.measure(statistic)  # [H]
                 base = base_recalls.measure(statistic) if base_recalls is not None else None
+                floor = bucket_min_recall(bucket)
                 for head in range(config.model.num_heads):
                     reasons = []
-                    if min_recall is not None and value[head] < min_recall - tolerance:
-                        reasons.append(f"recall {value[head]:.4f} < {min_recall:.4f}")
+                    if floor is not None and value[head] < floor - tolerance:
+                        reasons.append(f"recall {value[head]:.4f} < {floor:.4f}")
                     if base is not None and value[head] < base[head] - tolerance:
                         reasons.append(f"recall {value[head]:.4f} < baseline {base[head]:.4f}")
                     rows.append(
@@ -231,11 +239,12 @@ def check_config(
         heads=rows,
         mean_density=mean_density,
         baseline_mean_density=baseline_mean,
-        min_recall=min_recall,
+        min_recall=min_recall if min_recall is not None else config_recall,
         statistic=statistic,
         samples_per_bucket=samples_per_bucket,
         config_failures=failures,
         notes=notes,
+        bucket_recall={b: bucket_min_recall(b) for b in range(config.schedule.num_buckets)},
     )
     if kernel:
         report.kernel = check_kernel(config, layers=kernel_layers)

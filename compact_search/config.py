@@ -1,8 +1,10 @@
 """The versioned config: what the runtime needs to run a model with per-head sparse attention.
 
-Format "compact-search/config", version 1, documented field by field in docs/config.md. Loading
-validates everything and raises `ConfigError` naming the file, the field and what was expected;
-writes are atomic (see compact_search.io).
+Format "compact-search/config", versions 1 and 2, documented field by field in docs/config.md
+(which also says how versions evolve). Loading validates everything and raises `ConfigError`
+naming the file, the field and what was expected; writes are atomic (see compact_search.io) and
+use the lowest version that can express the config, so a config without version-2 features
+stays readable by version-1 readers.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from compact_search.io import atomic_write_json, read_json
 from compact_search.patterns import HeadPattern, density
 
 CONFIG_FORMAT = "compact-search/config"
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2  # the newest version this code reads and writes
+SUPPORTED_VERSIONS = (1, CONFIG_VERSION)
 STAT_FIELDS = ("recall_mean", "recall_min", "recall_worst_tile", "density", "cost")
 
 
@@ -63,9 +66,13 @@ class StepSchedule:
     num_steps: int
     dense_steps: int
     bucket_starts: tuple[int, ...]
+    # The recall threshold each bucket was searched at (version 2); empty: every bucket at the
+    # config's `provenance.recall_threshold`. A sparse warm-up is bucket 0 at a higher one.
+    bucket_recall: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bucket_starts", tuple(self.bucket_starts))
+        object.__setattr__(self, "bucket_recall", tuple(float(r) for r in self.bucket_recall))
         if self.num_steps < 1:
             raise UserInputError(f"num_steps must be >= 1, got {self.num_steps}")
         if not 0 <= self.dense_steps < self.num_steps:
@@ -86,9 +93,23 @@ class StepSchedule:
                 f"{self.num_steps}, got {list(starts)}"
             )
 
+        if self.bucket_recall and len(self.bucket_recall) != len(starts):
+            raise UserInputError(
+                f"bucket_recall needs one threshold per bucket ({len(starts)}), got "
+                f"{list(self.bucket_recall)}"
+            )
+        if any(not 0.0 < r <= 1.0 for r in self.bucket_recall):
+            raise UserInputError(
+                f"bucket_recall thresholds must lie in (0, 1], got {list(self.bucket_recall)}"
+            )
+
     @property
     def num_buckets(self) -> int:
         return len(self.bucket_starts)
+
+    def recall_of(self, bucket: int, default: float | None) -> float | None:
+        """The threshold `bucket` was searched at (`default` where the schedule names none)."""
+        return self.bucket_recall[bucket] if self.bucket_recall else default
 
     def bucket_range(self, bucket: int) -> tuple[int, int]:
         stops = (*self.bucket_starts[1:], self.num_steps)
@@ -181,10 +202,23 @@ class CompactConfig:
 
     # --- JSON ----------------------------------------------------------------------------------
 
+    @property
+    def version(self) -> int:
+        """The lowest format version that expresses this config (see docs/config.md)."""
+        far = any(e.pattern.uses_far_windows for b in self.heads for layer in b for e in layer)
+        return CONFIG_VERSION if far or self.schedule.bucket_recall else 1
+
     def to_json(self) -> dict[str, Any]:
+        schedule: dict[str, Any] = {
+            "num_steps": self.schedule.num_steps,
+            "dense_steps": self.schedule.dense_steps,
+            "bucket_starts": list(self.schedule.bucket_starts),
+        }
+        if self.schedule.bucket_recall:
+            schedule["bucket_recall"] = list(self.schedule.bucket_recall)
         return {
             "format": CONFIG_FORMAT,
-            "version": CONFIG_VERSION,
+            "version": self.version,
             "model": {
                 "name": self.model.name,
                 "adapter": self.model.adapter,
@@ -199,11 +233,7 @@ class CompactConfig:
                 "prefix_tokens": self.geometry.prefix_tokens,
                 "prefix_at": self.geometry.prefix_at,
             },
-            "schedule": {
-                "num_steps": self.schedule.num_steps,
-                "dense_steps": self.schedule.dense_steps,
-                "bucket_starts": list(self.schedule.bucket_starts),
-            },
+            "schedule": schedule,
             "buckets": [
                 {"layers": [[_entry_json(entry) for entry in layer] for layer in bucket]}
                 for bucket in self.heads
@@ -286,8 +316,12 @@ def _parse_config(obj: Any, source: str) -> CompactConfig:
     if fmt != CONFIG_FORMAT:
         raise r.fail("format", f"expected {CONFIG_FORMAT!r}, got {fmt!r}")
     version = r.get(root, "version", "")
-    if version != CONFIG_VERSION:
-        raise r.fail("version", f"expected {CONFIG_VERSION}, got {version!r} (unsupported version)")
+    if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
+        raise r.fail(
+            "version",
+            f"expected 1 or 2, got {version!r} (unsupported version; a newer compact-search "
+            "writes it)",
+        )
 
     m = r.obj(r.get(root, "model", ""), "model")
     model = ModelSpec(
@@ -311,6 +345,13 @@ def _parse_config(obj: Any, source: str) -> CompactConfig:
     )
 
     s = r.obj(r.get(root, "schedule", ""), "schedule")
+    bucket_recall = s.get("bucket_recall", [])
+    if bucket_recall and version < 2:
+        raise r.fail("schedule.bucket_recall", "needs config version 2")
+    if not isinstance(bucket_recall, list) or any(
+        isinstance(v, bool) or not isinstance(v, (int, float)) for v in bucket_recall
+    ):
+        raise r.fail("schedule.bucket_recall", f"expected a list of numbers, got {bucket_recall!r}")
     try:
         schedule = StepSchedule(
             num_steps=r.integer(r.get(s, "num_steps", "schedule"), "schedule.num_steps", 1),
@@ -318,6 +359,7 @@ def _parse_config(obj: Any, source: str) -> CompactConfig:
             bucket_starts=tuple(
                 r.int_list(r.get(s, "bucket_starts", "schedule"), "schedule.bucket_starts", None, 0)
             ),
+            bucket_recall=tuple(bucket_recall),
         )
     except ConfigError:
         raise
@@ -342,7 +384,7 @@ def _parse_config(obj: Any, source: str) -> CompactConfig:
             heads_json = r.array(layer_json, lpath, model.num_heads, "heads (model.num_heads)")
             for hi, head_json in enumerate(heads_json):
                 hpath = f"{lpath}[{hi}]"
-                entries.append(_parse_entry(r, head_json, hpath, tile_grid))
+                entries.append(_parse_entry(r, head_json, hpath, tile_grid, version))
             layers.append(tuple(entries))
         heads.append(tuple(layers))
 
@@ -351,7 +393,7 @@ def _parse_config(obj: Any, source: str) -> CompactConfig:
     return CompactConfig(model, geometry, schedule, tuple(heads), provenance)
 
 
-def _parse_entry(r: _Reader, value: Any, path: str, tile_grid: Grid) -> HeadEntry:
+def _parse_entry(r: _Reader, value: Any, path: str, tile_grid: Grid, version: int) -> HeadEntry:
     head = r.obj(value, path)
     try:
         pattern = HeadPattern.from_json(r.get(head, "pattern", path))
@@ -360,6 +402,8 @@ def _parse_entry(r: _Reader, value: Any, path: str, tile_grid: Grid) -> HeadEntr
         raise
     except UserInputError as exc:
         raise r.fail(f"{path}.pattern", str(exc)) from exc
+    if pattern.uses_far_windows and version < 2:
+        raise r.fail(f"{path}.pattern", "band or wrapped windows need config version 2")
     stats_json = r.obj(head.get("stats", {}), f"{path}.stats")
     stats = {}
     for key, number in stats_json.items():

@@ -65,11 +65,20 @@ def build_config(result, profile, *, recall: float | None = None) -> CompactConf
         result.prefix_tokens,
         prefix_at,
     )
+    # A bucket searched at its own threshold (a sparse warm-up) keeps it; `recall` moves the rest.
+    overall = recall if recall is not None else result.recall
+    own = [bucket.recall is not None for bucket in result.buckets]
     schedule = StepSchedule(
-        result.num_steps, result.dense_steps, tuple(b.start for b in result.buckets)
+        result.num_steps,
+        result.dense_steps,
+        tuple(b.start for b in result.buckets),
+        tuple(result.bucket_recall(b) if own[b] else overall for b in range(len(own)))
+        if any(own)
+        else (),
     )
     heads = []
     for b in range(len(result.buckets)):
+        pick = None if own[b] else recall
         layers = []
         for layer in range(result.num_layers):
             if layer not in result.layers:
@@ -79,14 +88,14 @@ def build_config(result, profile, *, recall: float | None = None) -> CompactConf
                 continue
             layers.append(
                 tuple(
-                    HeadEntry(_pattern_for(result.head(b, layer, h), recall))
+                    HeadEntry(_pattern_for(result.head(b, layer, h), pick))
                     for h in range(result.num_heads)
                 )
             )
         heads.append(tuple(layers))
     model = ModelSpec(result.model, adapter, result.num_layers, result.num_heads, profile.head_dim)
     provenance = default_provenance(
-        recall_threshold=recall if recall is not None else result.recall,
+        recall_threshold=overall,
         recall_measure="min over samples" if not result.mean_over_samples else "mean over samples",
         profile_fingerprint=result.fingerprint,
         search_objective=result.objective,
@@ -96,12 +105,13 @@ def build_config(result, profile, *, recall: float | None = None) -> CompactConf
 
 def measure(config: CompactConfig, result, profile) -> tuple[CompactConfig, list]:
     """Re-measure recall of every head on the profile; returns the config with stats filled in
-    and the heads below the threshold (by the measure the search constrained)."""
-    threshold = float(config.provenance["recall_threshold"])
+    and the heads below their bucket's threshold (by the measure the search constrained)."""
+    overall = float(config.provenance["recall_threshold"])
     layout = config.layout()
     below = []
     new_heads = []
     for b, bounds in enumerate(result.buckets):
+        threshold = config.schedule.recall_of(b, overall)
         layers = []
         for layer in range(config.model.num_layers):
             entries = config.heads[b][layer]
@@ -207,7 +217,8 @@ def export_run(
         b, layer, h, value = below[0]
         raise UserInputError(
             f"{len(below)} heads are below the recall threshold on the profile, e.g. bucket {b} "
-            f"layer {layer} head {h}: {value:.4f} < {config.provenance['recall_threshold']} "
+            f"layer {layer} head {h}: {value:.4f} < "
+            f"{config.schedule.recall_of(b, config.provenance['recall_threshold'])} "
             f"(--allow-below writes the config anyway)"
         )
     out = Path(out)

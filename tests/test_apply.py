@@ -9,7 +9,7 @@ from diffusers import WanTransformer3DModel
 from compact_search.config import GeometrySpec, ModelSpec, StepSchedule, uniform_config
 from compact_search.errors import UserInputError
 from compact_search.geometry import Grid, TileShape
-from compact_search.patterns import HeadPattern
+from compact_search.patterns import FrameGroup, HeadPattern, Rect
 from compact_search.runtime.apply import apply, rescale_config
 from compact_search.runtime.kernels.reference import masked_reference
 
@@ -123,6 +123,39 @@ def test_steps_follow_the_scheduler():
     handle.revert()
 
 
+def test_a_sparse_warm_up_bucket_runs_its_own_patterns_from_step_0():
+    """A config whose warm-up is bucket 0 (dense_steps 0, its own threshold) runs the kernel
+    with bucket 0's masks in the warm-up steps and bucket 1's after them."""
+    from compact_search.config import CompactConfig, HeadEntry
+
+    model = small_wan()
+    base = config_for([HeadPattern.dense()] * 2)
+    schedule = StepSchedule(
+        num_steps=4, dense_steps=0, bucket_starts=(0, 2), bucket_recall=(0.97, 0.9)
+    )
+    warm = HeadPattern((FrameGroup(0, 2, (Rect(0, 1, wrap="w"),)),))
+    late = HeadPattern.local(0, 0, 0)
+    heads = tuple(
+        tuple(tuple(HeadEntry(p) for p in (pattern, pattern)) for _ in range(2))
+        for pattern in (warm, late)
+    )
+    config = CompactConfig(base.model, base.geometry, schedule, heads, base.provenance)
+    timesteps = torch.tensor([999.0, 750.0, 500.0, 250.0])
+    pipeline = SimpleNamespace(transformer=model, scheduler=SimpleNamespace(timesteps=timesteps))
+    handle = apply(pipeline, config)
+    used = []
+    original = handle.block_masks
+    handle.block_masks = lambda bucket, layer, device: (
+        used.append(bucket) or original(bucket, layer, device)
+    )
+    forward(model, timestep=999.0)  # step 0: the warm-up bucket, sparse
+    assert handle.calls == {"dense": 0, "sparse": 2} and used == [0, 0]
+    forward(model, timestep=250.0)  # step 3: bucket 1
+    assert used == [0, 0, 1, 1]
+    assert not torch.equal(config.block_masks(0, 0), config.block_masks(1, 0))
+    handle.revert()
+
+
 def test_unknown_step_warns_once_and_runs_dense():
     model = small_wan()
     before = forward(model)
@@ -160,6 +193,12 @@ def test_rescale_adapts_windows_and_says_recall_is_not_guaranteed():
     assert rescaled.geometry.grid == Grid(6, 8, 10)
     assert rescaled.pattern(0, 0, 0) == HeadPattern.local(2, 2, 2)
     assert "no longer guaranteed" in note
+    # bands keep their start (scaled down) and wrapped axes stay wrapped, clipped to n // 2
+    band = HeadPattern((FrameGroup(0, 2, (Rect(1, 1, 1, 0, ("w",)), Rect(1, 0))),))
+    rescaled, _ = rescale_config(config_for([band] * 2, grid=Grid(3, 4, 5)), Grid(6, 8, 10))
+    assert rescaled.pattern(0, 0, 0) == HeadPattern(
+        (FrameGroup(0, 3, (Rect(2, 2, 2, 0, ("w",)), Rect(2, 0))),)
+    )
     model = small_wan()
     handle = apply(
         model,

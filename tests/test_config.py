@@ -74,7 +74,7 @@ def test_summary_reports_density_and_cost(config_file):
 
 BAD_EDITS = [
     ("format", lambda o: o.update(format="other"), "format: expected 'compact-search/config'"),
-    ("version", lambda o: o.update(version=2), "version: expected 1"),
+    ("version", lambda o: o.update(version=3), "version: expected 1 or 2, got 3"),
     ("heads", lambda o: o["buckets"][0]["layers"][1].pop(), r"layers\[1\]: expected 3 heads"),
     ("layers", lambda o: o["model"].update(num_layers=3), r"buckets\[0\].layers: expected 3"),
     ("buckets", lambda o: o["buckets"].pop(), "buckets: expected 2 buckets"),
@@ -92,9 +92,26 @@ BAD_EDITS = [
     (
         "oversize-window",
         lambda o: o["buckets"][0]["layers"][0][1]["pattern"]["groups"][0].update(rects=[[3, 1]]),
-        r"exceeds the largest tile distance \(2, 2\)",
+        "dh end 3 exceeds the largest tile distance 2",
     ),
     ("schedule", lambda o: o["schedule"].update(dense_steps=12), "dense_steps must be in"),
+    (
+        "band-in-v1",
+        lambda o: o["buckets"][0]["layers"][0][1]["pattern"]["groups"][0].update(
+            rects=[{"dh": [1, 2], "dw": [0, 1]}]
+        ),
+        "band or wrapped windows need config version 2",
+    ),
+    (
+        "bucket-recall-in-v1",
+        lambda o: o["schedule"].update(bucket_recall=[0.97, 0.9]),
+        "schedule.bucket_recall: needs config version 2",
+    ),
+    (
+        "bucket-recall-length",
+        lambda o: o.update(version=2) or o["schedule"].update(bucket_recall=[0.97]),
+        "bucket_recall needs one threshold per bucket",
+    ),
     ("missing", lambda o: o.pop("model"), "model: missing"),
     (
         "stats",
@@ -161,3 +178,21 @@ def test_hand_built_config_mismatch():
         uniform_config(MODEL, GEOMETRY, SCHEDULE, PATTERNS).tile_masks(0, 0)[1],
         PATTERNS[1].tile_mask(Grid(3, 3, 3)),
     )
+
+
+def test_versions_a_config_uses_the_lowest_that_expresses_it(tmp_path, config_file):
+    """Near windows only: version 1, byte for byte what version-1 readers know. A band, a
+    wrapped window or per-bucket thresholds: version 2, which this loader reads back."""
+    assert json.loads(config_file.read_text())["version"] == 1
+    far = HeadPattern((FrameGroup(0, 2, (Rect(1, 1, 0, 1, ("w",)), Rect(2, 0, 2))),))
+    schedule = StepSchedule(10, 0, (0, 3, 7), bucket_recall=(0.97, 0.9, 0.9))
+    for patterns, sched in ((PATTERNS[:2] + [far], SCHEDULE), (PATTERNS, schedule)):
+        config = uniform_config(MODEL, GEOMETRY, sched, patterns)
+        path = tmp_path / "v2.json"
+        save_config(config, path)
+        assert json.loads(path.read_text())["version"] == 2
+        loaded = load_config(path)
+        assert loaded == config
+        assert torch.equal(loaded.tile_masks(0, 0), config.tile_masks(0, 0))
+    assert load_config(path).schedule.recall_of(0, 0.9) == 0.97
+    assert SCHEDULE.recall_of(0, 0.9) == 0.9

@@ -155,3 +155,77 @@ def test_exported_config_runs_inside_the_sampler(workspace):
     handle.revert()
     assert steps[:2] == [None, None] and set(steps[2:]) == {0}
     assert handle.calls["sparse"] > 0 and handle.calls["dense"] > 0
+
+
+def keeps(rect, dh: int, dw: int, tile_grid) -> bool:
+    """A window's definition for one tile pair, independent of `HeadPattern.tile_mask`."""
+    if "h" in rect.wrap:
+        dh = min(dh, tile_grid.height - dh)
+    if "w" in rect.wrap:
+        dw = min(dw, tile_grid.width - dw)
+    return rect.h_from <= dh <= rect.height and rect.w_from <= dw <= rect.width
+
+
+def test_far_windows_through_check_flex_and_the_sampler(workspace):
+    """A config with band and wrapped windows (version 2): `check` measures its recall from the
+    tile masks exactly as the per-pair definition does, the flex export holds its block masks,
+    and the runtime runs it inside the sampler."""
+    from compact_search.profiling.sources import load_source
+
+    from compact_search import apply
+    from compact_search.config import CompactConfig, HeadEntry, save_config
+    from compact_search.export import write_flex_masks
+    from compact_search.geometry import tile_coordinates
+    from compact_search.patterns import FrameGroup, HeadPattern, Rect
+    from compact_search.profiling import load_profile, load_settings
+
+    config = load_config(workspace / "config.json")
+    tile_grid = config.layout().tile_grid
+    ft, ht, wt = tile_grid.as_tuple()
+    far = HeadPattern(
+        (
+            # the near row plus the opposite edge, and the far corner band
+            FrameGroup(0, 1, (Rect(0, wt // 2, wrap="w"), Rect(ht - 1, wt - 1, ht - 1, wt - 1))),
+            FrameGroup(1, ft, (Rect(ht - 1, wt - 1, 0, wt - 1),)),  # only the farthest columns
+        )
+    )
+    heads = tuple(
+        tuple(tuple(HeadEntry(far) for _ in layer) for layer in bucket) for bucket in config.heads
+    )
+    edited = CompactConfig(config.model, config.geometry, config.schedule, heads, config.provenance)
+    path = workspace / "far.json"
+    save_config(edited, path)
+    assert json.loads(path.read_text())["version"] == 2
+    report_path = workspace / "far-report.json"
+    args = ["check", "--config", path, "--profile", workspace / "profile", "--min-recall", "0"]
+    assert run(*args, "--format", "json", "--output", report_path) == 0
+    report = json.loads(report_path.read_text())
+    profile = load_profile(workspace / "profile")
+    coords = tile_coordinates(tile_grid).tolist()
+    kept = torch.tensor(
+        [
+            [
+                any(
+                    g.start <= abs(fq - fk) < g.stop
+                    and any(keeps(r, abs(hq - hk), abs(wq - wk), tile_grid) for r in g.rects)
+                    for g in far.groups
+                )
+                for fk, hk, wk in coords
+            ]
+            for fq, hq, wq in coords
+        ]
+    )
+    mass = profile.sample_tile_mass(0, tile=config.geometry.tile, steps=[3, 5])  # [S, H, nt, nt]
+    expected = (mass * kept).sum(-1).mean(-1).mean(0)  # [H]
+    measured = [h["recall_mean"] for h in report["heads"] if h["layer"] == 0]
+    assert measured == pytest.approx(expected.tolist(), abs=1e-6)
+    assert all(h["kind"] == "far" for h in report["heads"])
+    flex = load_flex_masks(write_flex_masks(edited, workspace / "far.flex.safetensors"))
+    assert torch.equal(flex[(0, 1)].to_dense()[0].bool(), edited.block_masks(0, 1))
+    settings = load_settings(workspace / "small.toml")
+    model = load_source(settings, torch.device("cpu"))
+    handle = apply(model.transformer, path)
+    with torch.no_grad():
+        model.sample(settings.prompts[0], 3, lambda step: handle.set_step(step, settings.num_steps))
+    handle.revert()
+    assert handle.calls["sparse"] > 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 import torch
@@ -13,9 +11,20 @@ from hypothesis import strategies as st
 from compact_search.geometry import Grid, TileLayout
 from compact_search.patterns import FrameGroup, HeadPattern, Rect, density, recall
 from compact_search.search import optimize_head, solve_head
-from compact_search.search.offsets import CostModel, RectOptions, recall_tables
+from compact_search.search.offsets import (
+    WINDOW_TIERS,
+    CostModel,
+    WindowOptions,
+    group_rect_sums,
+    recall_tables,
+)
 from compact_search.search.solver import LayerSolver, SolverConfig
-from compact_search.search.synthetic import PLANTED_KINDS, planted_pattern, planted_tile_mass
+from compact_search.search.synthetic import (
+    FAR_KINDS,
+    PLANTED_KINDS,
+    planted_pattern,
+    planted_tile_mass,
+)
 
 TILE_GRID = Grid(6, 5, 8)
 TAU = 0.9
@@ -27,11 +36,19 @@ def random_mass(shape, seed: int) -> torch.Tensor:
     return mass / mass.sum(-1, keepdim=True)
 
 
+@st.composite
+def windows(draw, height: int = 4, width: int = 5):
+    """Near windows, bands and wrapped windows that fit a height x width tile grid."""
+    wrap = tuple(a for a in ("h", "w") if draw(st.booleans()) and draw(st.booleans()))
+    end_h = draw(st.integers(0, height // 2 if "h" in wrap else height - 1))
+    end_w = draw(st.integers(0, width // 2 if "w" in wrap else width - 1))
+    start_h = draw(st.integers(0, end_h)) if draw(st.booleans()) else 0
+    start_w = draw(st.integers(0, end_w)) if draw(st.booleans()) else 0
+    return Rect(end_h, end_w, start_h, start_w, wrap)
+
+
 patterns_strategy = st.lists(
-    st.tuples(
-        st.integers(1, 3),
-        st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4)), max_size=2),
-    ),
+    st.tuples(st.integers(1, 3), st.lists(windows(), max_size=2)),
     min_size=1,
     max_size=3,
 )
@@ -40,7 +57,7 @@ patterns_strategy = st.lists(
 def build_pattern(spec) -> HeadPattern:
     groups, start = [], 0
     for length, rects in spec:
-        groups.append(FrameGroup(start, start + length, tuple(Rect(h, w) for h, w in rects)))
+        groups.append(FrameGroup(start, start + length, tuple(rects)))
         start += length
     return HeadPattern(tuple(groups))
 
@@ -73,35 +90,64 @@ def kept_offsets(pattern: HeadPattern, tile_grid: Grid) -> np.ndarray:
     """[Ft, Ht, Wt] bool: the offsets a pattern keeps, straight from its definition."""
     ft, ht, wt = tile_grid.as_tuple()
     kept = np.zeros((ft, ht, wt), dtype=bool)
-    dh, dw = np.arange(ht)[:, None], np.arange(wt)[None, :]
+    d_h, d_w = np.arange(ht), np.arange(wt)
     for group in pattern.groups:
         for rect in group.rects:
-            kept[group.start : min(group.stop, ft)] |= (dh <= rect.height) & (dw <= rect.width)
+            dist_h = np.minimum(d_h, ht - d_h) if "h" in rect.wrap else d_h
+            dist_w = np.minimum(d_w, wt - d_w) if "w" in rect.wrap else d_w
+            in_h = (dist_h >= rect.h_from) & (dist_h <= rect.height)
+            in_w = (dist_w >= rect.w_from) & (dist_w <= rect.width)
+            kept[group.start : min(group.stop, ft)] |= in_h[:, None] & in_w[None, :]
     return kept
 
 
-def test_options_cover_every_distinct_union():
-    """None, every single rect and every crossing pair; union values by inclusion-exclusion."""
-    options = RectOptions(3, 4)
+def test_near_tier_is_the_classic_family():
+    """None, every near window and every crossing pair, at the greedy baseline's indices."""
+    options = WindowOptions(3, 4, max_options=31)
     assert options.count == 1 + 12 + 3 * 6
-    rects = {tuple(map(tuple, r)) for r in options.rects.tolist()}
-    assert len(rects) == options.count
+    assert options.tiers == ["near"]
+    assert options.windows[1 + 2 * 4 + 3] == (Rect(2, 3),)
+    assert WindowOptions(3, 4).tiers == list(WINDOW_TIERS)
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (4, 4), (2, 5), (1, 3), (5, 6)], ids=str)
+def test_option_values_match_their_windows(shape):
+    """Every option's O(1) box sum equals the table summed over its windows' kept offsets, and
+    no two options keep the same offsets."""
+    ht, wt = shape
+    options = WindowOptions(ht, wt)
+    tile_grid = Grid(2, ht, wt)
+    table = np.random.default_rng(0).random((3, 2, ht, wt))  # [S, Ft, Ht, Wt]
+    values = options.values(group_rect_sums(table, ((0, 2),)))[:, 0]  # [S, O]
+    kept_sets = set()
+    for o, rects in enumerate(options.windows):
+        kept = kept_offsets(HeadPattern((FrameGroup(0, 2, rects),)), tile_grid)
+        kept_sets.add(kept.tobytes())
+        np.testing.assert_allclose(values[:, o], (table * kept).sum((1, 2, 3)), atol=1e-12)
+    assert len(kept_sets) == options.count
+
+
+def test_tiers_join_whole_within_the_budget():
+    full = WindowOptions(4, 4)
+    assert full.count <= 3000 and full.tiers == list(WINDOW_TIERS)
+    smaller = WindowOptions(4, 4, max_options=400)
+    assert smaller.tiers == ["near", "wrapped", "half-wrapped"]
+    assert smaller.windows == full.windows[: smaller.count]
+    assert all(r.h_from == 0 and r.w_from == 0 for rects in smaller.windows for r in rects)
 
 
 def brute_force_cost(table, cost_table, cuts, tau, mean_over_samples):
     """Cheapest option combination by enumeration (tiny grids only)."""
     tile_grid = Grid(*cost_table.shape)
     solver = LayerSolver(CostModel(tile_grid, cost_table, 0.0, 1.0), cuts)
-    from compact_search.search.offsets import group_rect_sums
-
     option_recall = solver.options.values(group_rect_sums(table, solver.groups))  # [S, G, O]
-    best = np.inf
-    for combo in itertools.product(range(solver.options.count), repeat=len(solver.groups)):
-        r = sum(option_recall[:, g, o] for g, o in enumerate(combo))
-        measure = r.mean() if mean_over_samples else r.min()
-        if measure >= tau - 1e-9:
-            best = min(best, sum(solver.option_cost[g, o] for g, o in enumerate(combo)))
-    return min(best, 1.0)
+    assert len(solver.groups) == 2
+    # every pair of options of the two groups: [S, O, O]
+    recall_sum = option_recall[:, 0, :, None] + option_recall[:, 1, None, :]
+    cost = solver.option_cost[0][:, None] + solver.option_cost[1][None, :]
+    measure = recall_sum.mean(0) if mean_over_samples else recall_sum.min(0)
+    feasible = cost[measure >= tau - 1e-9]
+    return min(float(feasible.min()) if feasible.size else np.inf, 1.0)
 
 
 @pytest.mark.parametrize("mean_over_samples", [True, False], ids=["mean", "every-sample"])
@@ -221,3 +267,24 @@ def test_solvers_always_meet_the_constraint(seed, tau, cuts, mean_over_samples):
             greedy_kept = recall(solution.greedy_pattern.tile_mask(tile_grid), mass[h]).mean
             greedy_measure = greedy_kept.mean() if mean_over_samples else greedy_kept.min()
             assert greedy_measure >= tau - 1e-5
+
+
+FAR_GRID = Grid(5, 4, 4)  # 4 x 4 tiles a frame, as the built-in model's demo tile
+
+
+@pytest.mark.parametrize("kind", FAR_KINDS)
+def test_optimize_head_recovers_far_heads(kind):
+    """Heads that attend the opposite edge or a ring: found at <= 1.1x the planted cost,
+    never dearer than greedy, while the near windows alone pay far more."""
+    pattern = planted_pattern(kind, FAR_GRID)
+    assert pattern.uses_far_windows
+    mass = planted_tile_mass(
+        [pattern], FAR_GRID, torch.full((4,), 0.95), generator=torch.Generator().manual_seed(5)
+    )[:, 0]  # [S, nq, nk]
+    planted_cost = float(density(pattern.tile_mask(FAR_GRID)))
+    solution = solve_head(mass, FAR_GRID, TAU, n_trials=10, seed=0)
+    assert recall(solution.pattern.tile_mask(FAR_GRID), mass).mean.min() >= TAU - 1e-6
+    assert solution.cost <= 1.1 * planted_cost, f"{kind}: {solution.cost} vs {planted_cost}"
+    assert solution.cost <= solution.greedy_cost + 1e-12
+    near_only = solve_head(mass, FAR_GRID, TAU, n_trials=10, seed=0, max_options=1)
+    assert near_only.cost > 1.2 * planted_cost

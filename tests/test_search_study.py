@@ -27,7 +27,12 @@ from compact_search.search import (
 )
 from compact_search.search.run import apply_budget
 from compact_search.search.study import frame_cuts, schedule_of
-from compact_search.search.synthetic import SyntheticProfile, planted_pattern
+from compact_search.search.synthetic import (
+    FAR_KINDS,
+    PLANTED_KINDS,
+    SyntheticProfile,
+    planted_pattern,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,6 +124,78 @@ def test_schedule_needs_a_profiled_step_in_every_bucket():
     assert schedule_of(0, [2, 2], [2, 6, 10, 14], 1, 20)[0] is None  # an empty bucket
 
 
+def test_schedule_with_a_searched_warm_up():
+    """The warm-up steps become bucket 0 at their own threshold, when a profiled step is in
+    them; with none there they stay dense."""
+    schedule, _ = schedule_of(7, [], [2, 6, 10, 14], 2, 20, warmup_recall=0.97)
+    assert schedule.dense_steps == 0
+    assert schedule.bounds == ((0, 7), (7, 20))
+    assert schedule.samples == ((0, 1, 2, 3), (4, 5, 6, 7))
+    assert schedule.recall == (0.97, None)
+    dense, _ = schedule_of(2, [], [2, 6, 10, 14], 2, 20, warmup_recall=0.97)
+    assert dense.dense_steps == 2 and dense.bounds == ((2, 20),) and not dense.recall
+    # the default: sparse for a warm-up of given length, dense for a searched one
+    assert SearchConfig(dense_steps=6).warmup_recall == 0.97
+    assert SearchConfig().warmup_recall is None
+    assert SearchConfig(dense_steps=6, warmup_recall=None).warmup_recall is None
+
+
+def test_sparse_warm_up_end_to_end(tmp_path):
+    """--warmup-recall: bucket 0 covers the warm-up, its heads keep the higher threshold on its
+    samples (or stay dense), the model costs less than with a dense warm-up, export writes the
+    per-bucket thresholds and check gates bucket 0 at its own."""
+    from compact_search.check import check_config
+    from compact_search.config import CompactConfig, HeadEntry
+    from compact_search.export import build_config, measure
+
+    profile = small_profile(num_layers=1, steps=(2, 6, 10, 14))
+    common = dict(
+        n_trials=2, workers=1, num_buckets=1, dense_steps=8, max_options=109, tiles=((4, 4, 8),)
+    )
+    dense = optimize_profile(
+        profile, tmp_path / "dense", SearchConfig(warmup_recall=None, **common)
+    )
+    sparse = optimize_profile(
+        profile, tmp_path / "sparse", SearchConfig(warmup_recall=0.97, **common)
+    )
+    assert dense.dense_steps == 8 and dense.buckets[0].start == 8
+    assert sparse.dense_steps == 0
+    assert [(b.start, b.stop, b.steps, b.recall) for b in sparse.buckets][0] == (0, 8, (2, 6), 0.97)
+    assert sparse.bucket_recall(1) == 0.9
+    assert sparse.objective < dense.objective
+    tile_grid = Grid(*sparse.tile_grid)
+    mass = profile.sample_tile_mass(0, sparse.tile, [2, 6])
+    for head in range(4):
+        found = sparse.head(0, 0, head)
+        kept = recall(found.pattern.tile_mask(tile_grid), mass[:, head]).mean
+        assert kept.min() >= 0.97 - 1e-6
+    config, below = measure(build_config(sparse, profile), sparse, profile)
+    assert not below
+    assert config.schedule.bucket_recall == (0.97, 0.9) and config.version == 2
+    assert check_config(config, profile).passed
+    # a bucket-0 head that keeps 0.9 but not 0.97 fails the gate at 0.97 and passes at 0.9
+    layer, head, weak = next(
+        (h.layer, h.head, e.pattern)
+        for h in sparse.heads
+        if h.bucket == 0
+        for e in h.front
+        if 0.9 <= e.recall_min < 0.97 - 1e-3
+    )
+    heads = [list(row) for row in config.heads[0]]
+    heads[layer][head] = HeadEntry(weak)
+    edited = CompactConfig(
+        config.model,
+        config.geometry,
+        config.schedule,
+        (tuple(tuple(row) for row in heads), *config.heads[1:]),
+        config.provenance,
+    )
+    report = check_config(edited, profile, statistic="min")
+    assert [(h.bucket, h.layer, h.head) for h in report.failed_heads] == [(0, layer, head)]
+    assert report.bucket_recall == {0: 0.97, 1: 0.9}
+    assert check_config(edited, profile, statistic="min", min_recall=0.9).passed
+
+
 def test_frame_cuts():
     assert frame_cuts(1, "geometric", 6) == ()
     assert frame_cuts(6, "linear", 6) == frame_cuts(9, "geometric", 6) == (1, 2, 3, 4, 5)
@@ -131,8 +208,12 @@ def test_frame_cuts():
 
 
 def test_planted_heads_at_model_level_cost_at_most_planted(tmp_path):
-    """With the finest frame groups every planted head is found at <= 1.1x its planted cost."""
-    profile = small_profile(diffuse_until=0.0, steps=(10, 14, 18), num_heads=6)
+    """With the finest frame groups every planted head, the far ones (opposite edge, ring)
+    included, is found at <= 1.1x its planted cost and never dearer than greedy."""
+    profile = small_profile(
+        diffuse_until=0.0, steps=(10, 14, 18), num_heads=6, kinds=PLANTED_KINDS + FAR_KINDS
+    )
+    assert {k for row in profile.head_kinds for k, _ in row} >= set(FAR_KINDS)
     config = SearchConfig(n_trials=2, workers=1, num_buckets=1, dense_steps=0, tiles=((2, 6, 8),))
     result = optimize_profile(profile, tmp_path, config)
     layout = TileLayout(profile.grid, result.tile, block_size=config.block_size)
@@ -141,16 +222,18 @@ def test_planted_heads_at_model_level_cost_at_most_planted(tmp_path):
         kind, scale = profile.head_kinds[head.layer][head.head]
         planted = planted_pattern(kind, tile_grid, scale).tile_mask(tile_grid)
         assert head.cost <= 1.1 * float(layout.cost(planted)), (kind, head.cost)
+        assert head.cost <= head.greedy_cost + 1e-12
 
 
 def test_two_workers_and_journal_storage_agree_with_one(tmp_path):
     profile = small_profile(num_layers=2)
-    config = SearchConfig(n_trials=3, workers=1, dense_steps=0, tiles=((2, 6, 8),))
+    # the near and wrapped windows only: this test is about workers, not the window family
+    config = SearchConfig(n_trials=3, workers=1, dense_steps=0, tiles=((2, 6, 8),), max_options=109)
     one = optimize_profile(profile, tmp_path / "one", config)
     two = optimize_profile(
         profile,
         tmp_path / "two",
-        SearchConfig(n_trials=3, workers=2, dense_steps=0, tiles=((2, 6, 8),)),
+        SearchConfig(n_trials=3, workers=2, dense_steps=0, tiles=((2, 6, 8),), max_options=109),
         storage=f"journal:{tmp_path / 'journal.log'}",
     )
     assert [h.cost for h in one.heads] == pytest.approx([h.cost for h in two.heads])
@@ -160,14 +243,15 @@ KILLED_SEARCH = textwrap.dedent(
     """
     import sys
     from compact_search.search import SearchConfig, optimize_profile
-    from compact_search.search.synthetic import SyntheticProfile, planted_pattern
+    from compact_search.search.synthetic import SyntheticProfile
 
     if __name__ == "__main__":
         profile = SyntheticProfile(
             grid=(16, 24, 32), tiles=[(2, 6, 8)], num_layers=2, num_heads=3, num_steps=20,
             steps=(2, 6, 10, 14, 18),
         )
-        optimize_profile(profile, sys.argv[1], SearchConfig(n_trials=100000, workers=1))
+        config = SearchConfig(n_trials=100000, workers=1, max_options=109)
+        optimize_profile(profile, sys.argv[1], config)
     """
 )
 
@@ -201,7 +285,8 @@ def test_killed_search_resumes_without_losing_trials(tmp_path):
         grid=(16, 24, 32), tiles=[(2, 6, 8)], num_layers=2, num_heads=3, num_steps=20,
         steps=(2, 6, 10, 14, 18),
     )  # fmt: skip
-    result = optimize_profile(profile, run_dir, SearchConfig(n_trials=before + 2, workers=1))
+    config = SearchConfig(n_trials=before + 2, workers=1, max_options=109)
+    result = optimize_profile(profile, run_dir, config)
     assert result.study["trials_completed"] == before + 2
     study = optuna.load_study(study_name=result.study["name"], storage=f"sqlite:///{db}")
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == before + 2

@@ -92,7 +92,7 @@ def rescale_config(config: CompactConfig, grid: Grid) -> tuple[CompactConfig, st
     Returns the new config and a sentence on what happens to the recall guarantee.
     """
     from compact_search.config import GeometrySpec
-    from compact_search.patterns import FrameGroup, HeadPattern, Rect
+    from compact_search.patterns import FrameGroup, HeadPattern
 
     old = config.layout()
     geometry = GeometrySpec(
@@ -106,9 +106,6 @@ def rescale_config(config: CompactConfig, grid: Grid) -> tuple[CompactConfig, st
     old_tg = old.tile_grid
     ratio = [n / o for n, o in zip(new_tg.as_tuple(), old_tg.as_tuple(), strict=True)]
 
-    def scale(value: int, axis: int, limit: int) -> int:
-        return min(limit, max(0, math.ceil(value * ratio[axis])))
-
     def convert(pattern: HeadPattern) -> HeadPattern:
         if pattern.groups is None:
             return pattern
@@ -117,10 +114,7 @@ def rescale_config(config: CompactConfig, grid: Grid) -> tuple[CompactConfig, st
             stop = min(new_tg.frames, max(start + 1, math.ceil(group.stop * ratio[0])))
             if start >= new_tg.frames:
                 break
-            rects = tuple(
-                Rect(scale(r.height, 1, new_tg.height - 1), scale(r.width, 2, new_tg.width - 1))
-                for r in group.rects
-            )
+            rects = tuple(r.scaled(ratio[1], ratio[2], new_tg) for r in group.rects)
             groups.append(FrameGroup(start, stop, rects))
             start = stop
         return HeadPattern(tuple(groups))

@@ -5,7 +5,7 @@ from compact_search.search.budget import BudgetTarget
 from compact_search.search.head import optimize_head, solve_head
 from compact_search.search.result import SearchResult, load_search_result
 from compact_search.search.run import optimize_profile
-from compact_search.search.study import SearchConfig
+from compact_search.search.study import SearchConfig, join_study
 
 __all__ = [
     "BudgetTarget",
@@ -14,6 +14,7 @@ __all__ = [
     "SearchResult",
     "load_search_result",
     "optimize_head",
+    "join_study",
     "optimize_profile",
     "solve_head",
 ]

@@ -4,14 +4,14 @@ Start dense (every frame group keeps the whole tile grid); repeatedly take the o
 groups, whose recall loss per unit of cost saved is smallest while the recall constraint still
 holds: shrink a group's window by one tile in height, or in width, or drop the group (skip those
 frame distances; dropping the farthest live group shrinks the temporal window). Stop when no
-move keeps recall >= tau. Every group holds one rectangle, as in the paper.
+move keeps recall >= tau. Every group holds one near window, as in the paper.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from compact_search.search.offsets import RectOptions
+from compact_search.search.offsets import WindowOptions
 
 # Recall comparisons allow this much float error (tables are float64 sums of float32 masses).
 RECALL_EPS = 1e-9
@@ -25,7 +25,7 @@ def constraint_measure(recall: np.ndarray, mean_over_samples: bool) -> np.ndarra
 def greedy_shrink(
     recall_sums: np.ndarray,
     cost_sums: np.ndarray,
-    options: RectOptions,
+    options: WindowOptions,
     tau: float,
     mean_over_samples: bool,
 ) -> np.ndarray:
@@ -33,7 +33,7 @@ def greedy_shrink(
 
     recall_sums [H, S, G, Ht*Wt + 1] and cost_sums [G, Ht*Wt + 1] are group rect sums
     (`group_rect_sums`). Returns [H, G] option indices into `options` (0 = none, else the single
-    rectangle 1 + h * Wt + w).
+    near window 1 + h * Wt + w).
     """
     num_heads, _, num_groups, _ = recall_sums.shape
     ht, wt, none = options.height, options.width, options.none

@@ -10,7 +10,7 @@ import torch
 from compact_search.errors import UserInputError
 from compact_search.geometry import Grid, TileLayout
 from compact_search.patterns import HeadPattern
-from compact_search.search.offsets import CostModel, recall_tables
+from compact_search.search.offsets import DEFAULT_MAX_OPTIONS, CostModel, recall_tables
 from compact_search.search.solver import HeadSolution, LayerSolver, SolverConfig
 
 
@@ -24,6 +24,7 @@ def solve_head(
     mean_over_samples: bool = False,
     layout: TileLayout | None = None,
     max_groups: int = 3,
+    max_options: int = DEFAULT_MAX_OPTIONS,
 ) -> HeadSolution:
     """Like `optimize_head`, returning the full solution (costs, recalls, greedy baseline).
 
@@ -53,12 +54,14 @@ def solve_head(
         raw = [trial.suggest_int(name, 1, frames) for name in spaces]
         cuts = tuple(sorted({c for c in raw if c < frames}))
         if cuts not in solutions:
-            solver = LayerSolver(cost_model, cuts)
+            solver = LayerSolver(cost_model, cuts, max_options)
             solutions[cuts] = solver.solve(tables, config, exact=True)[0]
         return solutions[cuts].cost
 
     if not spaces:
-        solutions[()] = LayerSolver(cost_model, ()).solve(tables, config, exact=True)[0]
+        solutions[()] = LayerSolver(cost_model, (), max_options).solve(tables, config, exact=True)[
+            0
+        ]
         return solutions[()]
     # A throwaway in-memory study per head: keep its per-trial log lines out of the caller's way.
     verbosity = optuna.logging.get_verbosity()
@@ -89,6 +92,7 @@ def optimize_head(
     mean_over_samples: bool = False,
     layout: TileLayout | None = None,
     max_groups: int = 3,
+    max_options: int = DEFAULT_MAX_OPTIONS,
 ) -> HeadPattern:
     """The cheapest pattern of the family with recall >= `recall` on every sample.
 
@@ -96,8 +100,9 @@ def optimize_head(
     sum to 1. Cost is the density (kept share of tile pairs) unless `layout` is given, then
     kernel blocks over dense blocks, padding and prefix included. `mean_over_samples` constrains
     the mean over samples instead of every sample. `max_groups` bounds the frame groups;
-    `n_trials` bounds the cut sets tried (see `solve_head`). Returns dense when nothing cheaper
-    meets the threshold.
+    `n_trials` bounds the cut sets tried (see `solve_head`). `max_options` bounds the window
+    options per group (`WindowOptions`: near windows first, then wrapped ones and bands while
+    they fit). Returns dense when nothing cheaper meets the threshold.
     """
     return solve_head(
         tile_mass,
@@ -108,4 +113,5 @@ def optimize_head(
         mean_over_samples=mean_over_samples,
         layout=layout,
         max_groups=max_groups,
+        max_options=max_options,
     ).pattern

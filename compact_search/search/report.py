@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 from rich.table import Table
 
+from compact_search.patterns import HeadPattern
 from compact_search.search.result import SearchResult
 
 KIND_COLOURS = {
@@ -14,28 +15,28 @@ KIND_COLOURS = {
     "global": "#1f77b4",
     "local": "#2ca02c",
     "cross": "#ff7f0e",
+    "far": "#d62728",
     "skip-near": "#9467bd",
     "mixed": "#8c564b",
     "empty": "#e0e0e0",
 }
 
 
-def windows_text(pattern_json: dict) -> str:
-    """'dense' or '[0,1):3x5+1x9 [1,4):2x2 [4,7):-' (rect = |dh| x |dw| half-extents)."""
-    if pattern_json["kind"] == "dense":
+def windows_text(pattern: HeadPattern) -> str:
+    """'dense' or '[0,1):3x5+1x9 [1,4):2x2~ [4,7):-' (window = |dh| x |dw| half-extents, a
+    band as from-to, '~' a wrapped axis: `Rect.text`)."""
+    if pattern.groups is None:
         return "dense"
     parts = []
-    for group in pattern_json["groups"]:
-        start, stop = group["frames"]
-        rects = "+".join(f"{h}x{w}" for h, w in group["rects"]) or "-"
-        parts.append(f"[{start},{stop}):{rects}")
+    for group in pattern.groups:
+        rects = "+".join(r.text() for r in group.rects) or "-"
+        parts.append(f"[{group.start},{group.stop}):{rects}")
     return " ".join(parts)
 
 
 def heads_frame(result: SearchResult) -> pd.DataFrame:
     rows = []
     for h in result.heads:
-        pattern = h.pattern.to_json()
         rows.append(
             {
                 "bucket": h.bucket,
@@ -43,14 +44,14 @@ def heads_frame(result: SearchResult) -> pd.DataFrame:
                 "head": h.head,
                 "kind": h.kind,
                 "groups": 0 if h.pattern.is_dense else len(h.pattern.groups),
-                "windows": windows_text(pattern),
+                "windows": windows_text(h.pattern),
                 "recall_min": h.recall_min,
                 "recall_mean": h.recall_mean,
                 "recall_worst_tile": h.recall_worst_tile,
                 "density": h.density,
                 "cost": h.cost,
                 "greedy_cost": h.greedy_cost,
-                "greedy_windows": windows_text(h.greedy_pattern.to_json()),
+                "greedy_windows": windows_text(h.greedy_pattern),
             }
         )
     return pd.DataFrame(rows)
@@ -149,6 +150,7 @@ def bucket_summary(result: SearchResult) -> pd.DataFrame:
         (frame["cost"] < frame["greedy_cost"] - 1e-12).groupby(frame["bucket"]).mean()
     )
     summary["steps"] = [f"[{b.start}, {b.stop})" for b in result.buckets]
+    summary["tau"] = [result.bucket_recall(b) for b in range(len(result.buckets))]
     return summary.reset_index()
 
 
@@ -182,6 +184,7 @@ def summary_table(result: SearchResult) -> Table:
     for column in (
         "bucket",
         "steps",
+        "tau",
         "heads",
         "density",
         "cost",
@@ -194,6 +197,7 @@ def summary_table(result: SearchResult) -> Table:
         table.add_row(
             str(row.bucket),
             row.steps,
+            f"{row.tau:g}",
             str(row.heads),
             f"{row.density:.4f}",
             f"{row.cost:.4f}",

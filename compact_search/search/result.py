@@ -92,11 +92,13 @@ class HeadResult:
 
 @dataclass(frozen=True)
 class BucketBounds:
-    """Denoising steps [start, stop) share one bucket's patterns; `steps`: its profiled steps."""
+    """Denoising steps [start, stop) share one bucket's patterns; `steps`: its profiled steps;
+    `recall`: the threshold it was searched at when not the run's (a searched warm-up)."""
 
     start: int
     stop: int
     steps: tuple[int, ...]
+    recall: float | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,11 @@ class SearchResult:
     heads: tuple[HeadResult, ...]
     budget: dict[str, Any] | None = None
 
+    def bucket_recall(self, bucket: int) -> float:
+        """The threshold `bucket`'s heads were searched at."""
+        own = self.buckets[bucket].recall
+        return self.recall if own is None else own
+
     def head(self, bucket: int, layer: int, head: int) -> HeadResult:
         """The head's result; layers that were not profiled have none (export keeps them dense)."""
         index = (bucket * len(self.layers) + self.layers.index(layer)) * self.num_heads + head
@@ -144,7 +151,8 @@ class SearchResult:
         for name in ("grid", "layers", "tile", "tile_grid", "frame_cuts"):
             fields[name] = tuple(fields[name])
         fields["buckets"] = tuple(
-            BucketBounds(b["start"], b["stop"], tuple(b["steps"])) for b in fields["buckets"]
+            BucketBounds(b["start"], b["stop"], tuple(b["steps"]), b.get("recall"))
+            for b in fields["buckets"]
         )
         fields["heads"] = tuple(HeadResult.from_json(h) for h in fields["heads"])
         return cls(**fields)

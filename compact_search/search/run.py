@@ -11,6 +11,7 @@ from compact_search.geometry import Grid
 from compact_search.search.budget import BudgetTarget, allocate
 from compact_search.search.result import BucketBounds, FrontEntry, HeadResult, SearchResult
 from compact_search.search.shards import TileMassSource, open_source, profiled_layers
+from compact_search.search.storage import DEFAULT_HEARTBEAT
 from compact_search.search.study import SearchConfig, StudyOutcome, run_study
 
 
@@ -22,13 +23,20 @@ def optimize_profile(
     storage: str | None = None,
     target: BudgetTarget | None = None,
     on_trial=None,
+    heartbeat: int = DEFAULT_HEARTBEAT,
 ) -> SearchResult:
-    """Search the profile, write RUN_DIR/search.json and the report files, return the result."""
+    """Search the profile, write RUN_DIR/search.json and the report files, return the result.
+
+    With a database server `storage` other processes may join the study (`join_study`); the
+    result uses every finished trial, whoever ran it.
+    """
     from compact_search.search.report import write_report
 
     run_dir = Path(run_dir)
+    outcome = run_study(
+        profile, config, run_dir, storage=storage, on_trial=on_trial, heartbeat=heartbeat
+    )
     source = open_source(profile)
-    outcome = run_study(profile, config, run_dir, storage=storage, on_trial=on_trial)
     result = assemble(source, config, outcome, storage)
     if target is not None:
         result = apply_budget(result, target)
@@ -73,7 +81,8 @@ def assemble(
                 )
     schedule = choice.schedule
     buckets = tuple(
-        BucketBounds(a, b, tuple(s for s in captured if a <= s < b)) for a, b in schedule.bounds
+        BucketBounds(a, b, tuple(s for s in captured if a <= s < b), schedule.recall_of(i))
+        for i, (a, b) in enumerate(schedule.bounds)
     )
     result = SearchResult(
         model=str(getattr(source, "model", "unknown")),
@@ -95,13 +104,14 @@ def assemble(
         objective=0.0,
         study={
             "name": outcome.study_name,
-            "storage": storage or "sqlite:///<run>/study.db",
+            "storage": outcome.storage if storage else "sqlite:///<run>/study.db",
             "best_trial": outcome.best_trial,
             "best_value": outcome.best_value,
             "trials_completed": outcome.trials_completed,
             "seconds": round(outcome.seconds, 3),
             "timings": {k: round(v, 3) for k, v in outcome.timings.items()},
             "seed": config.seed,
+            "max_options": outcome.max_options,
         },
         heads=tuple(heads),
     )

@@ -9,7 +9,7 @@ boundaries: per-head costs for a trial, head solutions for the final pass.
 from __future__ import annotations
 
 import multiprocessing as mp
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,7 +18,7 @@ import torch
 
 from compact_search.geometry import DEFAULT_BLOCK_SIZE, Grid, TileLayout, TileShape, tile_grid_of
 from compact_search.patterns import recall
-from compact_search.search.offsets import CostModel, recall_tables
+from compact_search.search.offsets import DEFAULT_MAX_OPTIONS, CostModel, recall_tables
 from compact_search.search.solver import HeadSolution, LayerSolver, SolverConfig
 
 
@@ -83,6 +83,10 @@ class BucketRequest:
     (step-major: sample t * samples_per_step + p for captured step t)."""
 
     samples: tuple[int, ...]
+    recall: float | None = None  # this bucket's threshold; None: the request's config's
+
+    def solver_config(self, config: SolverConfig) -> SolverConfig:
+        return config if self.recall is None else replace(config, recall=self.recall)
 
 
 class _Shard:
@@ -94,8 +98,10 @@ class _Shard:
         tiles: list[TileShape],
         layers: list[int],
         block_size: int,
+        max_options: int = DEFAULT_MAX_OPTIONS,
     ):
         self.source = open_source(source)
+        self.max_options = max_options
         self.layers = list(layers)
         self.tiles = [TileShape.of(t) for t in tiles]
         self.geometries = [geometry_of(self.source, t, block_size) for t in self.tiles]
@@ -118,7 +124,9 @@ class _Shard:
     def solver(self, tile_index: int, cuts: tuple[int, ...]) -> LayerSolver:
         key = (tile_index, cuts)
         if key not in self.solvers:
-            self.solvers[key] = LayerSolver(self.geometries[tile_index].cost_model, cuts)
+            self.solvers[key] = LayerSolver(
+                self.geometries[tile_index].cost_model, cuts, self.max_options
+            )
         return self.solvers[key]
 
     def costs(self, tile_index, cuts, buckets, config) -> dict[int, np.ndarray]:
@@ -128,7 +136,10 @@ class _Shard:
         for layer in self.layers:
             table = self.tables[tile_index][layer]
             out[layer] = np.stack(
-                [solver.head_costs(table[:, list(b.samples)], config) for b in buckets]
+                [
+                    solver.head_costs(table[:, list(b.samples)], b.solver_config(config))
+                    for b in buckets
+                ]
             )
         return out
 
@@ -145,7 +156,9 @@ class _Shard:
             )  # [S, H, nq, nk] step-major
             per_bucket = []
             for bucket in buckets:
-                solutions = solver.solve(table[:, list(bucket.samples)], config)
+                solutions = solver.solve(
+                    table[:, list(bucket.samples)], bucket.solver_config(config)
+                )
                 per_bucket.append(
                     [
                         (sol, _worst_tile(sol, geometry.tile_grid, masses[list(bucket.samples), h]))
@@ -161,10 +174,10 @@ def _worst_tile(solution: HeadSolution, tile_grid: Grid, mass: torch.Tensor) -> 
     return float(recall(solution.pattern.tile_mask(tile_grid), mass).worst.min())
 
 
-def _serve(connection, source, tiles, layers, block_size) -> None:
+def _serve(connection, source, tiles, layers, block_size, max_options) -> None:
     torch.set_num_threads(1)
     try:
-        shard = _Shard(source, tiles, layers, block_size)
+        shard = _Shard(source, tiles, layers, block_size, max_options)
     except Exception as exc:  # e.g. an unreadable profile: the parent re-raises it
         connection.send(("error", exc))
         return
@@ -183,7 +196,14 @@ def _serve(connection, source, tiles, layers, block_size) -> None:
 class LayerShards:
     """Shards the layers of a source over `workers` processes (in-process when workers == 1)."""
 
-    def __init__(self, source, tiles, block_size: int = DEFAULT_BLOCK_SIZE, workers: int = 1):
+    def __init__(
+        self,
+        source,
+        tiles,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        workers: int = 1,
+        max_options: int = DEFAULT_MAX_OPTIONS,
+    ):
         src = open_source(source)
         self.layers = profiled_layers(src)
         self.tiles = [TileShape.of(t) for t in tiles]
@@ -194,14 +214,16 @@ class LayerShards:
         self._pipes = []
         self._processes = []
         if workers == 1:
-            self._local = _Shard(src, self.tiles, shards[0], block_size)
+            self._local = _Shard(src, self.tiles, shards[0], block_size, max_options)
             return
         context = mp.get_context("spawn")
         # A profile travels as its path when it came as one; a synthetic source is pickled.
         for layers in shards:
             parent, child = context.Pipe()
             process = context.Process(
-                target=_serve, args=(child, source, self.tiles, layers, block_size), daemon=True
+                target=_serve,
+                args=(child, source, self.tiles, layers, block_size, max_options),
+                daemon=True,
             )
             process.start()
             self._pipes.append(parent)

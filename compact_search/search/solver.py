@@ -1,7 +1,7 @@
 """Per-head solver: the cheapest pattern of the family for fixed frame groups, all heads at once.
 
-With the frame groups fixed, a pattern is one option per group (none, one rectangle, or two
-crossing rectangles; see `RectOptions`), and a pattern's recall per sample and its cost are sums
+With the frame groups fixed, a pattern is one option per group (none, one window, or the union
+of two; see `WindowOptions`), and a pattern's recall per sample and its cost are sums
 of per-group option values (offset tables). So the search is a multiple-choice knapsack with one
 recall constraint per sample. Option values for every head, sample, group and option come from
 prefix-summed offset tables in one vectorised step ([H, S, G, O]); then one of two solvers:
@@ -10,7 +10,7 @@ prefix-summed offset tables in one vectorised step ([H, S, G, O]); then one of t
   1. Lagrangian: every group independently maximises price * mean recall - cost; the price is
      bisected per head to the cheapest setting meeting the constraint (the LP hull solution);
   2. repair: repeatedly switch the single group option that saves the most cost while every
-     sample stays >= tau (any option, rectangle pairs included);
+     sample stays >= tau (any option, unions of two windows included);
   3. the greedy baseline competes; the cheaper wins, so the result never costs more than greedy
      (repairing greedy too was measured to add nothing at 14B scale, for 30% more time).
 - exact (reference; `optimize_head` uses it), head by head: per group only the Pareto front of
@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from compact_search.errors import UserInputError
-from compact_search.patterns import FrameGroup, HeadPattern, Rect
+from compact_search.patterns import FrameGroup, HeadPattern
 from compact_search.search.greedy import RECALL_EPS, constraint_measure, greedy_shrink
 from compact_search.search.offsets import (
+    DEFAULT_MAX_OPTIONS,
     CostModel,
-    RectOptions,
+    WindowOptions,
     density_table,
     frame_groups_of,
     group_rect_sums,
@@ -106,11 +107,11 @@ def _pareto(cand: _Candidates, both_fronts: bool) -> _Candidates:
     return _Candidates(cost[keep], recall[keep], choice[keep])
 
 
-def pattern_of(choice: np.ndarray, options: RectOptions, groups) -> HeadPattern:
+def pattern_of(choice: np.ndarray, options: WindowOptions, groups) -> HeadPattern:
     """Option indices [G] -> canonical HeadPattern (equal neighbours merged, trailing skips cut)."""
     merged: list[list] = []
     for (start, stop), option in zip(groups, choice, strict=True):
-        rects = tuple(Rect(int(h), int(w)) for h, w in options.rects[option] if h >= 0)
+        rects = options.windows[option]
         if merged and merged[-1][2] == rects:
             merged[-1][1] = stop
         else:
@@ -123,11 +124,16 @@ def pattern_of(choice: np.ndarray, options: RectOptions, groups) -> HeadPattern:
 class LayerSolver:
     """Solves every head of one table stack for one geometry (tile grid, cost model, groups)."""
 
-    def __init__(self, cost_model: CostModel, cuts: tuple[int, ...]):
+    def __init__(
+        self,
+        cost_model: CostModel,
+        cuts: tuple[int, ...],
+        max_options: int = DEFAULT_MAX_OPTIONS,
+    ):
         self.cost_model = cost_model
         tg = cost_model.tile_grid
         self.groups = frame_groups_of(tuple(cuts), tg.frames)
-        self.options = RectOptions(tg.height, tg.width)
+        self.options = WindowOptions.of(tg.height, tg.width, max_options)
         self.cost_sums = group_rect_sums(cost_model.per_offset, self.groups)  # [G, n+1]
         self.option_cost = self.options.values(self.cost_sums)  # [G, O]
         self.option_density = self.options.values(
@@ -235,7 +241,7 @@ class LayerSolver:
         self, option_recall: np.ndarray, choice: np.ndarray, tau: float, mean_only: bool
     ) -> np.ndarray:
         """Local search: repeatedly switch the one group option that saves the most cost while
-        the constraint holds (any option, rectangle pairs included). Infeasible starts move to
+        the constraint holds (any option, unions of two windows included). Infeasible starts move to
         the full pattern first."""
         choice = choice.copy()
         num_heads, num_groups = choice.shape

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,14 +33,29 @@ import optuna
 
 from compact_search.errors import UserInputError
 from compact_search.geometry import DEFAULT_BLOCK_SIZE, TileShape
+from compact_search.search.offsets import DEFAULT_MAX_OPTIONS
 from compact_search.search.shards import (
     BucketRequest,
     LayerShards,
     TileMassSource,
     open_source,
+    profiled_layers,
     samples_per_step,
 )
 from compact_search.search.solver import DEFAULT_FRONT_LEVELS, SolverConfig
+from compact_search.search.storage import (
+    DEFAULT_HEARTBEAT,
+    TARGET_ATTR,
+    StudyStorage,
+    resolve_storage,
+    run_trials,
+)
+
+# The warm-up's recall threshold. On the built-in model (docs/search.md, "Sparse warm-up") a
+# warm-up of fixed length searched at 0.97 kept PSNR against dense at 37.7 dB (39.5 with a dense
+# warm-up) and fidelity equal, for 11% less attention cost per video.
+DEFAULT_WARMUP_RECALL = 0.97
+AUTO = "auto"
 
 # Optuna 5 replaced TPESampler(constraints_func=...) by Trial.set_constraint; samplers read it.
 CONSTRAINT_NAME = "empty_buckets"
@@ -61,6 +77,14 @@ class SearchConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     workers: int = 2
     front_levels: tuple[float, ...] = DEFAULT_FRONT_LEVELS
+    # Search the warm-up steps as a bucket of their own at this recall threshold instead of
+    # running them dense (heads that no pattern serves stay dense); None: dense warm-up. "auto":
+    # DEFAULT_WARMUP_RECALL for a warm-up of given length, dense when its length is searched
+    # (the search then trades the dense warm-up's length itself; docs/search.md has the numbers).
+    warmup_recall: float | str | None = AUTO
+    # Window options per frame group (`WindowOptions`); None: as many as the trial budget
+    # affords for the profile's size (`auto_max_options`).
+    max_options: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tiles", tuple(TileShape.of(t) for t in self.tiles))
@@ -81,9 +105,21 @@ class SearchConfig:
             raise UserInputError(f"n_trials must be >= 1, got {self.n_trials}")
         if self.workers < 1:
             raise UserInputError(f"workers must be >= 1, got {self.workers}")
+        if self.warmup_recall == AUTO:
+            fixed = self.dense_steps is not None
+            object.__setattr__(self, "warmup_recall", DEFAULT_WARMUP_RECALL if fixed else None)
+        if isinstance(self.warmup_recall, str):
+            raise UserInputError(
+                f"warmup recall must be a number, 'auto' or None, got {self.warmup_recall!r}"
+            )
+        if self.warmup_recall is not None and not 0.0 < self.warmup_recall <= 1.0:
+            raise UserInputError(f"warmup recall must lie in (0, 1], got {self.warmup_recall}")
+        if self.max_options is not None and self.max_options < 1:
+            raise UserInputError(f"max_options must be >= 1, got {self.max_options}")
 
     def solver_config(self, front: bool = False) -> SolverConfig:
-        levels = tuple(sorted({*self.front_levels, self.recall})) if front else ()
+        thresholds = {self.recall} | ({self.warmup_recall} if self.warmup_recall else set())
+        levels = tuple(sorted({*self.front_levels, *thresholds})) if front else ()
         return SolverConfig(self.recall, self.mean_over_samples, levels)
 
     def study_name(self, fingerprint: str) -> str:
@@ -96,13 +132,35 @@ class SearchConfig:
         return f"compact-search-{fingerprint}-{digest}"
 
 
+# Solver work a trial may spend on window options: options x profiled layers x heads x samples.
+# Sized so that the Wan2.1-14B-sized benchmark (40 x 40 heads, 12 samples) gets ~800 options
+# per group (the near and wrapped tiers on its 7x6x8 tile grid; docs/search.md has the
+# timings), while small profiles such as the built-in model's get the whole family.
+OPTION_WORK_BUDGET = 800 * 40 * 40 * 12
+
+
+def auto_max_options(source: TileMassSource) -> int:
+    """Window options per frame group that the trial budget affords for this profile."""
+    work = len(profiled_layers(source)) * source.num_heads * len(source.steps)
+    work *= samples_per_step(source)
+    return int(min(DEFAULT_MAX_OPTIONS, max(1, OPTION_WORK_BUDGET // max(1, work))))
+
+
 @dataclass(frozen=True)
 class Schedule:
-    """Dense warm-up steps and the step buckets after it, each with its profiled samples."""
+    """Dense warm-up steps and the step buckets after it, each with its profiled samples.
+
+    With a searched warm-up the warm-up steps are bucket 0 (its own recall threshold) and
+    `dense_steps` is 0.
+    """
 
     dense_steps: int
     bounds: tuple[tuple[int, int], ...]  # per bucket [start, stop) over denoising steps
     samples: tuple[tuple[int, ...], ...]  # per bucket: indices into the profile's samples
+    recall: tuple[float | None, ...] = ()  # per bucket; None or empty: the search's tau
+
+    def recall_of(self, bucket: int) -> float | None:
+        return self.recall[bucket] if self.recall else None
 
     def step_weights(self, num_steps: int) -> np.ndarray:
         """[B] share of all denoising steps each bucket covers."""
@@ -115,11 +173,14 @@ def schedule_of(
     captured: list[int],
     per_step: int,
     num_steps: int,
+    warmup_recall: float | None = None,
 ) -> tuple[Schedule | None, float]:
     """Build the schedule; (None, violation > 0) when a bucket would hold no profiled step.
 
     bucket_cuts index the captured steps: cut c starts a bucket at captured step c, the bound
-    sits halfway between captured steps c-1 and c.
+    sits halfway between captured steps c-1 and c. With `warmup_recall` the warm-up steps
+    [0, dense_steps) become bucket 0, searched at that threshold, when a profiled step falls in
+    them (they stay dense otherwise: there is nothing to search on).
     """
     live = [i for i, step in enumerate(captured) if step >= dense_steps]
     cuts = sorted(bucket_cuts)
@@ -140,7 +201,25 @@ def schedule_of(
         # samples are step-major: sample t * per_step + p
         samples.append(tuple(t * per_step + p for t in steps_here for p in range(per_step)))
         start = stop
-    return Schedule(dense_steps, tuple(bounds), tuple(samples)), 0.0
+    warm = [i for i, step in enumerate(captured) if step < dense_steps]
+    if warmup_recall is None or not warm:
+        return Schedule(dense_steps, tuple(bounds), tuple(samples)), 0.0
+    warm_samples = tuple(t * per_step + p for t in warm for p in range(per_step))
+    return (
+        Schedule(
+            0,
+            ((0, dense_steps), *bounds),
+            (warm_samples, *samples),
+            (warmup_recall, *(None for _ in bounds)),
+        ),
+        0.0,
+    )
+
+
+def bucket_requests(schedule: Schedule) -> list[BucketRequest]:
+    return [
+        BucketRequest(samples, schedule.recall_of(b)) for b, samples in enumerate(schedule.samples)
+    ]
 
 
 @dataclass(frozen=True)
@@ -197,7 +276,12 @@ def suggest(
         for k in range(config.num_buckets - 1)
     ]
     schedule, violation = schedule_of(
-        dense, bucket_cuts, captured, samples_per_step(source), source.num_steps
+        dense,
+        bucket_cuts,
+        captured,
+        samples_per_step(source),
+        source.num_steps,
+        config.warmup_recall,
     )
     if schedule is None:
         return None, violation
@@ -216,10 +300,11 @@ def make_objective(source: TileMassSource, config: SearchConfig, shards: LayerSh
         if choice is None:
             return 1.0  # dense; the constraint marks the trial infeasible
         schedule = choice.schedule
-        key = (choice.tile_index, choice.cuts, schedule.samples)
+        key = (choice.tile_index, choice.cuts, schedule.samples, schedule.recall)
         if key not in cache:
-            buckets = [BucketRequest(samples) for samples in schedule.samples]
-            cache[key] = shards.costs(choice.tile_index, choice.cuts, buckets, solver_config)
+            cache[key] = shards.costs(
+                choice.tile_index, choice.cuts, bucket_requests(schedule), solver_config
+            )
         costs = cache[key]  # [B, L, H]
         bucket_cost = costs.mean(axis=(1, 2))  # [B]
         weights = schedule.step_weights(source.num_steps)
@@ -239,34 +324,31 @@ def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
     return bool(trial.constraints) and all(v <= 0 for v in trial.constraints.values())
 
 
-def resolve_storage(storage: str | None, run_dir: Path) -> str | optuna.storages.BaseStorage:
-    """None -> sqlite in the run directory; 'journal:PATH' -> a journal file (several processes
-    on a host); anything else is an Optuna RDB URL (sqlite:///..., postgresql://...)."""
-    if storage is None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{(run_dir / 'study.db').resolve()}"
-    if storage.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        path = Path(storage.removeprefix("journal:"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
-    if "://" not in storage:
-        raise UserInputError(
-            f"storage {storage!r}: expected an RDB URL (sqlite:///file.db, postgresql://...) "
-            "or journal:PATH"
-        )
-    return storage
-
-
 def open_study(
-    source: TileMassSource, config: SearchConfig, storage: str | None, run_dir: Path
+    source: TileMassSource,
+    config: SearchConfig,
+    where: StudyStorage,
+    *,
+    join: bool = False,
 ) -> optuna.Study:
-    sampler = optuna.samplers.TPESampler(seed=config.seed)
+    """Create or load the study (`join`: load only; it must exist)."""
+    name = config.study_name(source.fingerprint)
+    # Workers sharing a study sample with their own seeds (the same seed would propose the same
+    # parameters everywhere) and treat the others' running trials as taken (constant liar).
+    seed = config.seed if not join else random.SystemRandom().randrange(2**31)
+    sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=where.shared)
+    if join:
+        try:
+            return optuna.load_study(study_name=name, storage=where.storage, sampler=sampler)
+        except KeyError:
+            raise UserInputError(
+                f"storage {where.shown} holds no study {name}: start it with the same profile and "
+                "search options without --join first"
+            ) from None
     return optuna.create_study(
-        storage=resolve_storage(storage, run_dir),
+        storage=where.storage,
         sampler=sampler,
-        study_name=config.study_name(source.fingerprint),
+        study_name=name,
         direction="minimize",
         load_if_exists=True,
     )
@@ -318,8 +400,10 @@ class StudyOutcome:
     geometry: object  # shards.Geometry of the chosen tile
     solutions: list  # [bucket][layer][head] (HeadSolution, worst query-tile recall)
     seconds: float  # the whole run
+    max_options: int  # window options per frame group the solvers enumerated
     timings: dict[str, float] = field(default_factory=dict)  # tables, trials, final solve
     trial_seconds: list[float] = field(default_factory=list)  # objective time per trial
+    storage: str = ""  # where the study lives, password hidden
 
 
 def run_study(
@@ -329,41 +413,54 @@ def run_study(
     *,
     storage: str | None = None,
     on_trial=None,
+    heartbeat: int = DEFAULT_HEARTBEAT,
 ) -> StudyOutcome:
-    """Run (or resume) the study, then solve every head at the best trial with Pareto fronts."""
+    """Run (or resume) the study, then solve every head at the best trial with Pareto fronts.
+
+    On a shared storage other workers (`join_study`) may add trials meanwhile; this worker waits
+    for their running trials and uses every finished one.
+    """
     started = time.perf_counter()
+    where = resolve_storage(storage, run_dir, heartbeat)
     src = open_source(source)
     tiles = config.tiles or tuple(src.tiles)
     if not tiles:
         raise UserInputError("the profile lists no candidate tile shapes")
-    study = open_study(src, config, storage, run_dir)
-    timings = {}
-    with LayerShards(source, tiles, config.block_size, config.workers) as shards:
+    study = open_study(src, config, where)
+    study.set_user_attr(TARGET_ATTR, config.n_trials)
+    timings: dict[str, float] = {}
+    max_options = config.max_options or auto_max_options(src)
+    with LayerShards(source, tiles, config.block_size, config.workers, max_options) as shards:
         timings["tables"] = time.perf_counter() - started
-        finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if not study.trials:
             study.enqueue_trial(warm_start_params(src, config, shards.geometries))
-        remaining = config.n_trials - len(finished)
-        timings["trials_run"] = max(0, remaining)
         trials_started = time.perf_counter()
-        if remaining > 0:
-            callbacks = [lambda st, tr: on_trial(st, tr)] if on_trial else None
-            study.optimize(
-                make_objective(src, config, shards), n_trials=remaining, callbacks=callbacks
-            )
+        callbacks = [lambda st, tr: on_trial(st, tr)] if on_trial else None
+        ran = run_trials(
+            study,
+            make_objective(src, config, shards),
+            config.n_trials,
+            shared=where.shared,
+            wait_for_others=True,
+            callbacks=callbacks,
+        )
+        timings["trials_run"] = len(ran)
         timings["trials"] = time.perf_counter() - trials_started
-        ran = study.trials[len(study.trials) - max(0, remaining) :] if remaining > 0 else []
-        timings["objective"] = sum(t.user_attrs.get("seconds", 0.0) for t in ran)
+        ran_here = set(ran)
+        mine = [t for t in study.get_trials(deepcopy=False) if t.number in ran_here]
+        timings["objective"] = sum(t.user_attrs.get("seconds", 0.0) for t in mine)
         final_started = time.perf_counter()
         best = best_feasible(study)
         choice, _ = suggest(optuna.trial.FixedTrial(best.params), src, config, shards.geometries)
-        buckets = [BucketRequest(samples) for samples in choice.schedule.samples]
         solutions = shards.solve(
-            choice.tile_index, choice.cuts, buckets, config.solver_config(front=True)
+            choice.tile_index,
+            choice.cuts,
+            bucket_requests(choice.schedule),
+            config.solver_config(front=True),
         )
         geometry = shards.geometries[choice.tile_index]
         timings["final"] = time.perf_counter() - final_started
-    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     return StudyOutcome(
         study_name=study.study_name,
         best_trial=best.number,
@@ -373,6 +470,51 @@ def run_study(
         geometry=geometry,
         solutions=solutions,
         seconds=time.perf_counter() - started,
+        max_options=max_options,
         timings=timings,
         trial_seconds=[t.user_attrs.get("seconds", 0.0) for t in completed],
+        storage=where.shown,
     )
+
+
+@dataclass(frozen=True)
+class JoinOutcome:
+    study_name: str
+    trials_run: int  # by this worker
+    trials_completed: int  # by every worker, when this one stopped
+    target: int
+
+
+def join_study(
+    source: TileMassSource | str | Path,
+    config: SearchConfig,
+    storage: str,
+    *,
+    on_trial=None,
+    heartbeat: int = DEFAULT_HEARTBEAT,
+) -> JoinOutcome:
+    """Add trials to a shared study another `optimize` started with the same profile and search
+    options, until it has its trial count; writes no result (the starting worker does)."""
+    where = resolve_storage(storage, Path("."), heartbeat)
+    if not where.shared:
+        raise UserInputError(
+            f"--join needs a database server storage (postgresql://...), got {where.shown}: "
+            "only a server's heartbeats let workers take over a dead worker's trial"
+        )
+    src = open_source(source)
+    tiles = config.tiles or tuple(src.tiles)
+    study = open_study(src, config, where, join=True)
+    target = int(study.user_attrs.get(TARGET_ATTR, config.n_trials))
+    max_options = config.max_options or auto_max_options(src)
+    with LayerShards(source, tiles, config.block_size, config.workers, max_options) as shards:
+        callbacks = [lambda st, tr: on_trial(st, tr)] if on_trial else None
+        ran = run_trials(
+            study,
+            make_objective(src, config, shards),
+            target,
+            shared=True,
+            wait_for_others=False,
+            callbacks=callbacks,
+        )
+    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return JoinOutcome(study.study_name, len(ran), len(completed), target)

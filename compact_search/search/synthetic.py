@@ -7,11 +7,15 @@ recall on every sample is exactly `inside`, so a search at tau <= inside must fi
 costs no more than the planted one.
 
 `SyntheticProfile` offers the profile interface the search reads (`sample_tile_mass` and the
-metadata), with a different planted kind per head and diffuse early denoising steps.
+metadata), with a different planted kind per head and diffuse early denoising steps. The classic
+kinds (`PLANTED_KINDS`) are what the paper's family describes; `FAR_KINDS` attend at a spatial
+distance: a local window plus the opposite edge of the frame, and a ring around the query tile
+(two bands, the near tiles left out).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -23,6 +27,7 @@ from compact_search.geometry import Grid, TileShape, tile_coordinates, tile_grid
 from compact_search.patterns import FrameGroup, HeadPattern, Rect
 
 PLANTED_KINDS = ("local", "cross", "global", "decaying", "peaking")
+FAR_KINDS = ("far-edge", "ring")
 
 
 def planted_pattern(kind: str, tile_grid: Grid, scale: float = 1.0) -> HeadPattern:
@@ -54,6 +59,18 @@ def planted_pattern(kind: str, tile_grid: Grid, scale: float = 1.0) -> HeadPatte
                 FrameGroup(mid, ft, (Rect(0, 0),)),
             )
         )
+    if kind == "far-edge":
+        near_h, near_w = size(0.1, ht), size(0.1, wt)
+        edge = wt - 1 - size(0.05, wt)  # the last tile columns, as far as the grid reaches
+        frames = size(0.15, ft)
+        local, far = Rect(near_h, near_w), Rect(near_h, wt - 1, 0, max(near_w + 1, edge))
+        return HeadPattern((FrameGroup(0, frames + 1, (local, far)),))
+    if kind == "ring":
+        outer = max(2, size(0.75, min(ht, wt)))
+        inner = max(1, round(0.6 * outer))  # |dh| and |dw| both below it are left out
+        frames = size(0.15, ft)
+        rows, columns = Rect(outer, outer, inner, 0), Rect(outer, outer, 0, inner)
+        return HeadPattern((FrameGroup(0, frames + 1, (rows, columns)),))
     if kind == "peaking":
         gap = max(1, size(0.3, ft))
         return HeadPattern(
@@ -62,7 +79,9 @@ def planted_pattern(kind: str, tile_grid: Grid, scale: float = 1.0) -> HeadPatte
                 FrameGroup(gap, min(ft, gap + 2), (Rect(size(0.2, ht), size(0.2, wt)),)),
             )
         )
-    raise UserInputError(f"unknown planted kind {kind!r}; expected one of {PLANTED_KINDS}")
+    raise UserInputError(
+        f"unknown planted kind {kind!r}; expected one of {PLANTED_KINDS + FAR_KINDS}"
+    )
 
 
 def planted_tile_mass(
@@ -76,15 +95,12 @@ def planted_tile_mass(
 ) -> torch.Tensor:
     """Tile masses [S, H, nq, nk] fp32 for H planted patterns; inside [S] (or [S, H]) is each
     sample's share of mass on the planted keys. Rows sum to 1."""
-    masks = torch.stack([p.tile_mask(tile_grid) for p in patterns]).float()  # [H, nq, nk]
-    coords = tile_coordinates(tile_grid).float()  # [nt, 3]
-    distance = (coords[:, None, :] - coords[None, :, :]).abs().sum(-1)  # [nq, nk]
-    falloff = torch.exp(-decay * distance)  # [nq, nk]
+    weights, outside = _planted_weights(tuple(patterns), tile_grid, decay)  # [H, nq, nk] each
     num_samples = inside.shape[0]
     share = inside.reshape(num_samples, -1, 1, 1).float()  # [S, H or 1, 1, 1]
-    jitter = torch.exp(noise * torch.randn((num_samples, *masks.shape), generator=generator))
-    planted = masks * falloff * jitter  # [S, H, nq, nk]
-    rest = (1 - masks) * jitter
+    jitter = torch.exp(noise * torch.randn((num_samples, *weights.shape), generator=generator))
+    planted = weights * jitter  # [S, H, nq, nk]
+    rest = outside * jitter
     planted_rows = planted.sum(-1, keepdim=True)
     rest_rows = rest.sum(-1, keepdim=True).clamp_min(1e-30)
     # A query tile with no planted key (possible at the grid border) spreads everything.
@@ -93,6 +109,19 @@ def planted_tile_mass(
     out = planted / planted_rows.clamp_min(1e-30) * planted_share
     out += rest / rest_rows * (1 - planted_share)
     return out
+
+
+# A profile reads every (layer, tile) once per captured step: keep the last few weight sets.
+@functools.lru_cache(maxsize=8)
+def _planted_weights(
+    patterns: tuple[HeadPattern, ...], tile_grid: Grid, decay: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask x distance falloff, 1 - mask), each [H, nq, nk] fp32."""
+    masks = torch.stack([p.tile_mask(tile_grid) for p in patterns]).float()  # [H, nq, nk]
+    coords = tile_coordinates(tile_grid).float()  # [nt, 3]
+    distance = (coords[:, None, :] - coords[None, :, :]).abs().sum(-1)  # [nq, nk]
+    falloff = torch.exp(-decay * distance)  # [nq, nk]
+    return masks * falloff, 1 - masks
 
 
 def _seed_of(*parts: object) -> int:
@@ -122,7 +151,9 @@ class SyntheticProfile:
     noise: float = 0.3
     seed: int = 0
     model: str = "synthetic"
+    adapter: str = "wan"  # what an exported config names (export reads it)
     prompts: tuple[str, ...] = field(default=())
+    kinds: tuple[str, ...] = PLANTED_KINDS  # drawn per head
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", Grid.of(self.grid))
@@ -132,22 +163,31 @@ class SyntheticProfile:
             raise UserInputError("a synthetic profile needs at least one tile shape")
         if not self.steps or self.steps[0] < 0 or self.steps[-1] >= self.num_steps:
             raise UserInputError(f"captured steps must lie in [0, {self.num_steps})")
+        object.__setattr__(self, "kinds", tuple(self.kinds))
+        unknown = [k for k in self.kinds if k not in PLANTED_KINDS + FAR_KINDS]
+        if not self.kinds or unknown:
+            raise UserInputError(
+                f"planted kinds must come from {PLANTED_KINDS + FAR_KINDS}, got {self.kinds}"
+            )
         if not self.prompts:
             prompts = tuple(f"synthetic prompt {i}" for i in range(self.num_prompts))
             object.__setattr__(self, "prompts", prompts)
 
     @property
     def fingerprint(self) -> str:
-        return f"synthetic-{_seed_of(self.grid, self.tiles, self.num_layers, self.seed):016x}"
+        parts = (self.grid, self.tiles, self.num_layers, self.seed)
+        if self.kinds != PLANTED_KINDS:
+            parts = (*parts, self.kinds)
+        return f"synthetic-{_seed_of(*parts):016x}"
 
     @cached_property
     def head_kinds(self) -> list[list[tuple[str, float]]]:
         """[layer][head] -> (planted kind, window scale)."""
         gen = torch.Generator().manual_seed(self.seed)
-        kinds = torch.randint(len(PLANTED_KINDS), (self.num_layers, self.num_heads), generator=gen)
+        kinds = torch.randint(len(self.kinds), (self.num_layers, self.num_heads), generator=gen)
         scales = 0.6 + 0.8 * torch.rand((self.num_layers, self.num_heads), generator=gen)
         return [
-            [(PLANTED_KINDS[int(k)], float(s)) for k, s in zip(row_k, row_s, strict=True)]
+            [(self.kinds[int(k)], float(s)) for k, s in zip(row_k, row_s, strict=True)]
             for row_k, row_s in zip(kinds, scales, strict=True)
         ]
 
