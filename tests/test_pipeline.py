@@ -170,14 +170,13 @@ def test_far_windows_through_check_flex_and_the_sampler(workspace):
     """A config with band and wrapped windows (version 2): `check` measures its recall from the
     tile masks exactly as the per-pair definition does, the flex export holds its block masks,
     and the runtime runs it inside the sampler."""
-    from compact_search.profiling.sources import load_source
-
     from compact_search import apply
     from compact_search.config import CompactConfig, HeadEntry, save_config
     from compact_search.export import write_flex_masks
     from compact_search.geometry import tile_coordinates
+    from compact_search.models.adapters import load_model
     from compact_search.patterns import FrameGroup, HeadPattern, Rect
-    from compact_search.profiling import load_profile, load_settings
+    from compact_search.profiling import load_profile, load_run_profile
 
     config = load_config(workspace / "config.json")
     tile_grid = config.layout().tile_grid
@@ -222,10 +221,16 @@ def test_far_windows_through_check_flex_and_the_sampler(workspace):
     assert all(h["kind"] == "far" for h in report["heads"])
     flex = load_flex_masks(write_flex_masks(edited, workspace / "far.flex.safetensors"))
     assert torch.equal(flex[(0, 1)].to_dense()[0].bool(), edited.block_masks(0, 1))
-    settings = load_settings(workspace / "small.toml")
-    model = load_source(settings, torch.device("cpu"))
-    handle = apply(model.transformer, path)
+    settings = load_run_profile(workspace / "small.toml")
+    model = load_model(settings, torch.device("cpu"))
+    handle = apply(model.transformers[0], path)
     with torch.no_grad():
-        model.sample(settings.prompts[0], 3, lambda step: handle.set_step(step, settings.num_steps))
+        model.run(
+            [settings.prompts[0]],
+            seed=3,
+            num_steps=settings.num_steps,
+            guidance_scale=settings.guidance,
+            on_step=lambda step: handle.set_step(step, settings.num_steps),
+        )
     handle.revert()
     assert handle.calls["sparse"] > 0
