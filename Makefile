@@ -28,7 +28,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 bench-mask: $(STAMP)
-	$(BIN)/python benchmarks/bench_mask_build.py
+	$(BIN)/python -m benchmarks.bench_mask_build
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

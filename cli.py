@@ -48,10 +48,10 @@ def main_options(
 @app.command()
 def profile(
     profile: Annotated[
-        str, typer.Argument(help="Profile: a .toml path or a name in profiles/ (default: tiny).")
+        str, typer.Argument(help="Run profile: a .toml path or a name in profiles/ (default tiny).")
     ] = "tiny",
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Profile folder (runs/NAME/profile).")
+        Path | None, typer.Option("--out", "-o", help="Capture folder (runs/NAME/profile).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     restart: Annotated[
@@ -151,7 +151,11 @@ def render_evaluation(report, title: str) -> None:
 
 @app.command()
 def evaluate(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Config for the built-in model.")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="Config to evaluate.")],
+    profile: Annotated[
+        str,
+        typer.Argument(help="Run profile of the model: a .toml path or a name in profiles/."),
+    ] = "tiny",
     prompts: Annotated[int, typer.Option(help="Held-out prompts to sample.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of prompts and noise.")] = 1234,
     steps: Annotated[
@@ -162,39 +166,46 @@ def evaluate(
         "runs/evaluate"
     ),
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    rescale: Annotated[
+        bool,
+        typer.Option("--rescale", help="Adapt a config made for another token grid to the model."),
+    ] = False,
     output_format: Annotated[OutputFormat, typer.Option("--format")] = OutputFormat.table,
 ) -> None:
-    """Dense vs compact on the built-in model: PSNR, SSIM, fidelity, time, GIF previews."""
+    """Dense vs compact from the same seeds (built-in model): PSNR, SSIM, fidelity, time, GIFs."""
     import json
 
     import torch
 
     from compact_search.config import load_config
-    from compact_search.evaluate import evaluate_config
+    from compact_search.evaluate import evaluate_config, evaluation_prompts
     from compact_search.io import atomic_write_text
-    from compact_search.models.tiny.data import sample_scene_specs
-    from compact_search.models.tiny.pipeline import load_tiny_pipeline
+    from compact_search.models.adapters import load_model
+    from compact_search.profiling import load_run_profile
+    from compact_search.profiling.settings import resolve_run_profile
 
     if prompts < 1:
         raise UserInputError(f"--prompts must be >= 1, got {prompts}")
     cfg = load_config(config)
-    specs = sample_scene_specs(prompts, torch.Generator().manual_seed(seed), split="held_out")
-    pipeline = load_tiny_pipeline(device)
+    run_profile = load_run_profile(resolve_run_profile(profile))
+    model = load_model(run_profile, torch.device(device))
     report = evaluate_config(
-        pipeline,
+        model,
         cfg,
-        [s.prompt for s in specs],
+        evaluation_prompts(model, run_profile.prompts, prompts, seed),
         seed=seed,
         num_steps=steps,
         guidance_scale=guidance,
         out_dir=out / "previews",
-        specs=specs,
+        rescale=rescale,
     )
     atomic_write_text(out / "evaluation.json", json.dumps(report.to_json(), indent=1) + "\n")
     if output_format is OutputFormat.json:
         console.print(json.dumps(report.to_json(), indent=1), markup=False, highlight=False)
     else:
         render_evaluation(report, title=f"dense vs compact: {config}")
+        for note in report.extra.get("notes", []):
+            console.print(f"[yellow]note:[/] {note}")
         console.print(f"report: [bold]{out / 'evaluation.json'}[/]; previews: {out / 'previews'}")
 
 
@@ -203,7 +214,7 @@ def export(
     run: Annotated[Path, typer.Argument(help="Run folder written by `compact-search optimize`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Config file to write.")],
     profile: Annotated[
-        Path | None, typer.Option(help="The profile the run searched (default: as recorded).")
+        Path | None, typer.Option(help="The capture the run searched (default: as recorded).")
     ] = None,
     recall: Annotated[
         float | None, typer.Option(help="Another recall level: each head's cheapest front point.")
@@ -237,7 +248,9 @@ def export(
 @app.command()
 def check(
     config: Annotated[Path, typer.Option("--config", "-c", help="Config to gate.")],
-    profile: Annotated[Path, typer.Option("--profile", "-p", help="Profile (held-out prompts).")],
+    profile: Annotated[
+        Path, typer.Option("--profile", "-p", help="Capture folder of held-out prompts.")
+    ],
     baseline: Annotated[
         Path | None, typer.Option(help="Committed baseline config to compare with.")
     ] = None,
@@ -379,13 +392,14 @@ def bench(
 ) -> None:
     """Time the Triton kernel against cuDNN, FA2 and FlexAttention on a GPU (needs CUDA)."""
     from compact_search.bench import (
-        append_csv,
+        csv_rows,
         parse_float_list,
         plot_speedups,
         rows_table,
         run_kernel_benchmark,
         shape_by_name,
     )
+    from compact_search.environment import append_rows
 
     rows = run_kernel_benchmark(
         [shape_by_name(name.strip()) for name in shapes.split(",")],
@@ -393,7 +407,7 @@ def bench(
         providers=[p.strip() for p in providers.split(",")],
         log=lambda line: console.print(line, highlight=False),
     )
-    append_csv(rows, out_dir / "kernel.csv")
+    append_rows(out_dir / "kernel.csv", csv_rows(rows))
     plot_speedups(rows, out_dir / "kernel_speedup.png")
     console.print(rows_table(rows))
     console.print(f"rows appended to [bold]{out_dir / 'kernel.csv'}[/]")
@@ -402,7 +416,7 @@ def bench(
 @app.command()
 def optimize(
     profile_dir: Annotated[
-        Path, typer.Argument(help="Profile folder written by `compact-search profile`.")
+        Path, typer.Argument(help="Capture folder written by `compact-search profile`.")
     ],
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Run folder: study, search.json, report.")
@@ -606,6 +620,7 @@ def tiny_report(
         random_weights_pipeline,
         render_head_report,
     )
+    from compact_search.profiling import attention_tile_mass
 
     try:
         tile_shape = tuple(int(size) for size in tile.lower().split("x"))
@@ -616,7 +631,12 @@ def tiny_report(
     trained = load_tiny_pipeline(device)
     reports = [
         head_structure_report(
-            pipeline, label=label, recall=recall, tile=tile_shape, num_prompts=prompts
+            pipeline,
+            label=label,
+            tile_mass_fn=attention_tile_mass,
+            recall=recall,
+            tile=tile_shape,
+            num_prompts=prompts,
         )
         for label, pipeline in (("trained", trained), ("random", random_weights_pipeline(trained)))
     ]

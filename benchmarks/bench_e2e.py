@@ -7,7 +7,7 @@ the Triton kernel and with FlexAttention through the same processor. Also: the i
 (non-attention time + density x dense attention time) and the runtime's own work (token
 permutation into and out of the tile layout) as a share of the compact forward.
 
-Usage: python benchmarks/bench_e2e.py [--shapes wan1.3b-480p,wan14b-720p] [--out DIR]
+Usage: python -m benchmarks.bench_e2e [--shapes wan1.3b-480p,wan14b-720p] [--out DIR]
 Appends to benchmarks/results/e2e.csv (or DIR/e2e.csv) and prints a table.
 """
 
@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import RESULTS, append_rows, environment  # noqa: E402
-
-from compact_search.config import (  # noqa: E402
+from benchmarks.common import RESULTS, append_rows, environment
+from compact_search import apply, sparse_attention
+from compact_search.config import (
     CompactConfig,
     GeometrySpec,
     HeadEntry,
@@ -33,10 +30,9 @@ from compact_search.config import (  # noqa: E402
     StepSchedule,
     default_provenance,
 )
-from compact_search.geometry import Grid, TileShape  # noqa: E402
-from compact_search.models.wan import install_wan_attention  # noqa: E402
-from compact_search.patterns import FrameGroup, HeadPattern, Rect, density  # noqa: E402
-from compact_search.runtime.apply import apply  # noqa: E402
+from compact_search.geometry import Grid, TileShape
+from compact_search.models.wan import install_wan_attention
+from compact_search.patterns import FrameGroup, HeadPattern, Rect, density
 
 WAN_COMMON = dict(
     patch_size=(1, 2, 2),
@@ -282,7 +278,7 @@ def run_shape(name: str, spec: dict, env: dict, log) -> list[dict]:
     slots = [layout.to_slots(t) for t in qkv]
     masks = handle.block_masks(0, 0, torch.device("cuda"))
     lengths = handle.key_block_lengths(torch.device("cuda"), prefix_tokens=0)  # Wan: no text
-    from compact_search.runtime.attention import sparse_attention
+    # TODO(lead): public name (which kernel sparse_attention runs for these inputs)
     from compact_search.runtime.triton_attention import selected_kernel
 
     log(f"{name}: kernel {selected_kernel(*slots, layout.block_size, portable_config='autotuned')}")
@@ -317,7 +313,7 @@ def run_shape(name: str, spec: dict, env: dict, log) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()

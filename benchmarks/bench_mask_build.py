@@ -2,22 +2,21 @@
 
 Target (issue 2): a 1,000-tile mask in under 10 ms. Prints a table and appends to
 benchmarks/results/mask_build.csv.
+
+    python -m benchmarks.bench_mask_build      # or: make bench-mask
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, append_rows, environment  # noqa: E402
-
-from compact_search.geometry import Grid  # noqa: E402
-from compact_search.patterns import FrameGroup, HeadPattern, Rect  # noqa: E402
+from benchmarks.common import RESULTS, append_rows, environment
+from compact_search.geometry import Grid
+from compact_search.patterns import FrameGroup, HeadPattern, Rect
 
 TILE_GRIDS = {"1000 tiles (10x10x10)": Grid(10, 10, 10), "420 tiles (7x6x10)": Grid(7, 6, 10)}
 
@@ -48,6 +47,7 @@ def time_ms(fn, repeats: int = 50) -> list[float]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     torch.set_num_threads(1)
     env = environment()
     rows = []

@@ -1,10 +1,10 @@
 """CPU figure for `compact-search profile`: the built-in model's default profile, end to end.
 
-    taskset -c 0,1 python benchmarks/bench_profile_cpu.py [--threads 2] [--profile tiny]
+    taskset -c 0,1 python -m benchmarks.bench_profile_cpu [--threads 2] [--profile tiny]
 
 Runs profiles/<profile>.toml into a temporary folder with torch limited to --threads threads,
 then times one captured layer call (dense SDPA vs SDPA + tile mass for every candidate tile) at
-the model's shape. Appends a row to benchmarks/data/profile_cpu.csv and prints JSON. The machine
+the model's shape. Appends a row to benchmarks/results/profile_cpu.csv and prints JSON. The machine
 load average and the process's CPU seconds are recorded with the row: other processes on the same
 cores inflate the wall time, and CPU seconds / threads estimates it on idle, dedicated cores.
 """
@@ -12,12 +12,9 @@ cores inflate the wall time, and CPU seconds / threads estimates it on idle, ded
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,11 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from compact_search.profiling import load_profile, load_settings, run_profile  # noqa: E402
-from compact_search.profiling.settings import resolve_profile_path  # noqa: E402
-from compact_search.profiling.tile_mass import multi_tile_mass  # noqa: E402
+from benchmarks.common import RESULTS, append_rows, git_sha
+from compact_search.profiling import load_profile, load_settings, run_profile
+from compact_search.profiling.settings import resolve_profile_path
+from compact_search.profiling.tile_mass import multi_tile_mass
 
 
 def _median_s(fn, repeats: int = 5) -> float:
@@ -43,10 +39,10 @@ def _median_s(fn, repeats: int = 5) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", default="tiny")
-    parser.add_argument("--csv", default="benchmarks/data/profile_cpu.csv")
+    parser.add_argument("--csv", type=Path, default=RESULTS / "profile_cpu.csv")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = load_settings(resolve_profile_path(args.profile))
@@ -88,20 +84,11 @@ def main() -> None:
         "load_avg_after": round(load_after, 2),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
-        "git_sha": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "git_sha": git_sha(),
         "date": datetime.date.today().isoformat(),
     }
     print(json.dumps(row, indent=2))
-    path = Path(args.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    append_rows(args.csv, [row])
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 One run: (1) correctness of the Triton tile mass against the chunked torch path at full size,
 (2) timings with the dense cuDNN attention call in the same process. Writes a JSON summary and
-appends rows to benchmarks/data/profile_gpu.csv (or --csv).
+appends rows to benchmarks/results/profile_gpu.csv (or --csv).
 
-    python benchmarks/bench_profile_gpu.py [--csv PATH] [--json PATH]
+    python -m benchmarks.bench_profile_gpu [--csv PATH] [--json PATH]
 
 Overhead per captured layer-step = (dense attention returning its log-sum-exp + tile mass for
 every candidate tile, from q and k, pooled) - (plain dense cuDNN attention), over the latter.
@@ -13,11 +13,8 @@ every candidate tile, from q and k, pooled) - (plain dense cuDNN attention), ove
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -25,21 +22,20 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from compact_search.geometry import Grid, TileShape  # noqa: E402
-from compact_search.profiling.dense import dense_attention_with_log_sum_exp  # noqa: E402
-from compact_search.profiling.tile_mass import (  # noqa: E402
+from benchmarks.common import RESULTS, append_rows, git_sha
+from compact_search.geometry import Grid, TileShape
+from compact_search.profiling.dense import dense_attention_with_log_sum_exp
+from compact_search.profiling.tile_mass import (
     base_tile_of,
     multi_tile_mass,
     sums_to_mass,
     torch_tile_mass_sums,
 )
-from compact_search.profiling.triton_tile_mass import (  # noqa: E402
+from compact_search.profiling.triton_tile_mass import (
     LOG2_E,
-    _key_lengths,
-    _launch_log_sum_exp,
-    _to_slots,
+    _key_lengths,  # TODO(lead): public name
+    _launch_log_sum_exp,  # TODO(lead): public name
+    _to_slots,  # TODO(lead): public name
     slot_layout,
     triton_tile_mass_sums,
 )
@@ -69,9 +65,25 @@ def structured_qk(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return q, k, v
 
 
+def triton_pass1_log_sum_exp(
+    q: torch.Tensor, k: torch.Tensor, grid: Grid, tile: TileShape, scale: float
+) -> torch.Tensor:
+    """The tile-mass kernel's own first pass: log-sum-exp [B, H, N] (natural log), token order.
+
+    TODO(lead): public name. profiling.triton_tile_mass has no public function returning the
+    pass-1 log-sum-exp alone, so this reaches for its slot layout and launcher.
+    """
+    batch, heads = q.shape[:2]
+    layout = slot_layout(grid, tile)
+    q_slots, k_slots = _to_slots(q, layout), _to_slots(k, layout)
+    key_lengths = _key_lengths(layout, q_slots.shape[1], q.device)
+    lse = _launch_log_sum_exp(q_slots, k_slots, key_lengths, scale * LOG2_E)  # log2 units
+    return lse[:, layout.token_to_slot.to(q.device)].view(batch, heads, -1) / LOG2_E
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--csv", default="benchmarks/data/profile_gpu.csv")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--csv", type=Path, default=RESULTS / "profile_gpu.csv")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -93,11 +105,7 @@ def main() -> None:
     own = sums_to_mass(triton_tile_mass_sums(q, k, GRID, base, scale=scale), GRID, base, 1)
     result["max_abs_err_triton_vs_torch"] = (own - reference).abs().max().item()
     result["max_row_sum_err_triton"] = (own.sum(-1) - 1).abs().max().item()
-    layout = slot_layout(GRID, base)
-    q_slots, k_slots = _to_slots(q, layout), _to_slots(k, layout)
-    key_lengths = _key_lengths(layout, q_slots.shape[1], q.device)
-    own_lse = _launch_log_sum_exp(q_slots, k_slots, key_lengths, scale * LOG2_E)
-    own_lse = own_lse[:, layout.token_to_slot.cuda()].view(1, HEADS, -1) / LOG2_E  # natural log
+    own_lse = triton_pass1_log_sum_exp(q, k, GRID, base, scale)
     exact_lse = torch.logsumexp(
         torch.einsum("bhqd,bhkd->bhqk", q[:, :, :2048].float(), k.float()) * scale, -1
     )
@@ -191,46 +199,27 @@ def main() -> None:
     )
     result["overhead_two_pass_x_dense"] = round((result["capture_two_pass_ms"] - dense) / dense, 3)
     print(json.dumps(result, indent=2))
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    path = Path(args.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as fh:
-        writer = csv.writer(fh)
-        if new:
-            writer.writerow(
-                [
-                    "kernel",
-                    "provider",
-                    "shape",
-                    "tiles",
-                    "p20_ms",
-                    "p50_ms",
-                    "p80_ms",
-                    "gpu",
-                    "torch",
-                    "triton",
-                    "git_sha",
-                    "date",
-                ]
-            )
-        for name, p20, p50, p80 in rows:
-            writer.writerow(
-                [
-                    "profile-capture",
-                    name,
-                    result["shape"],
-                    " ".join(result["tiles"]),
-                    f"{p20:.3f}",
-                    f"{p50:.3f}",
-                    f"{p80:.3f}",
-                    result["gpu"],
-                    torch.__version__,
-                    triton.__version__,
-                    sha.stdout.strip(),
-                    datetime.date.today().isoformat(),
-                ]
-            )
+    sha, date = git_sha(), datetime.date.today().isoformat()
+    append_rows(
+        args.csv,
+        [
+            {
+                "kernel": "profile-capture",
+                "provider": name,
+                "shape": result["shape"],
+                "tiles": " ".join(result["tiles"]),
+                "p20_ms": f"{p20:.3f}",
+                "p50_ms": f"{p50:.3f}",
+                "p80_ms": f"{p80:.3f}",
+                "gpu": result["gpu"],
+                "torch": torch.__version__,
+                "triton": triton.__version__,
+                "git_sha": sha,
+                "date": date,
+            }
+            for name, p20, p50, p80 in rows
+        ],
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

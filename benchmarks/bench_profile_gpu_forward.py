@@ -2,7 +2,7 @@
 transformer (bf16) at 480p x 81 frames (32,760 tokens), one forward dense vs one forward with
 every layer captured (TileMassRecorder, tiles 3x8x8, 3x8x16, 3x16x16).
 
-    python benchmarks/bench_profile_gpu_forward.py [--json PATH]
+    python -m benchmarks.bench_profile_gpu_forward [--json PATH]
 
 Overhead per captured layer-step = (captured forward - dense forward) / layers, reported also as
 a multiple of one dense cuDNN attention call at the same shape.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -21,11 +20,9 @@ import triton
 from diffusers import WanTransformer3DModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from compact_search.geometry import Grid, TileShape  # noqa: E402
-from compact_search.models.wan import install_wan_attention  # noqa: E402
-from compact_search.profiling.capture import TileMassRecorder  # noqa: E402
+from compact_search.geometry import Grid, TileShape
+from compact_search.models.wan import install_wan_attention
+from compact_search.profiling.capture import TileMassRecorder
 
 GRID = Grid(21, 30, 52)
 TILES = (TileShape(3, 8, 8), TileShape(3, 8, 16), TileShape(3, 16, 16))
@@ -37,7 +34,7 @@ def cudnn_attention(layer, q, k, v):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)

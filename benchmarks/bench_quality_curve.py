@@ -2,24 +2,22 @@
 
 Reads a demo (or optimize) run folder, exports each head's Pareto point at every tau, samples the
 same held-out prompts dense and compact, and records PSNR, SSIM and fidelity against density.
-Usage: python benchmarks/bench_quality_curve.py RUN_ROOT  (a folder holding profile/ and run/,
+Usage: python -m benchmarks.bench_quality_curve RUN_ROOT  (a folder holding profile/ and run/,
 e.g. runs/demo). Appends to benchmarks/results/quality_curve.csv and draws quality_curve.png.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, append_rows, environment  # noqa: E402
-
-from compact_search.evaluate import evaluate_config  # noqa: E402
-from compact_search.export import export_run  # noqa: E402
-from compact_search.models.tiny.data import sample_scene_specs  # noqa: E402
-from compact_search.models.tiny.pipeline import load_tiny_pipeline  # noqa: E402
+from benchmarks.common import RESULTS, append_rows, environment
+from compact_search.evaluate import evaluate_config
+from compact_search.export import export_run
+from compact_search.models.tiny.data import sample_scene_specs
+from compact_search.models.tiny.pipeline import load_tiny_pipeline
 
 TAUS = (0.8, 0.85, 0.9, 0.95)
 PROMPTS, SEED = 4, 1234
@@ -71,4 +69,6 @@ def main(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_root", type=Path, help="a demo or optimize run folder, e.g. runs/demo")
+    main(parser.parse_args().run_root)

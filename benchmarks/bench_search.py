@@ -5,32 +5,30 @@ tile shapes of 280-360 tiles, 6 captured steps x 2 prompts, 2 step buckets (3,20
 Reports the wall time of the whole search and its parts, the per-head solve times, and Optuna's
 per-trial overhead; appends one row to benchmarks/results/search.csv.
 
-    .venv/bin/python benchmarks/bench_search.py            # the full problem
-    .venv/bin/python benchmarks/bench_search.py --layers 4  # a quick look
+    .venv/bin/python -m benchmarks.bench_search             # the full problem
+    .venv/bin/python -m benchmarks.bench_search --layers 4  # a quick look
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import resource
-import subprocess
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import optuna
 
+from benchmarks.common import RESULTS, append_rows, git_sha
 from compact_search.search import SearchConfig, optimize_profile
 from compact_search.search.offsets import recall_tables
 from compact_search.search.shards import geometry_of
 from compact_search.search.solver import LayerSolver
 from compact_search.search.synthetic import SyntheticProfile
 
-RESULTS = Path(__file__).resolve().parent / "results" / "search.csv"
+SEARCH_CSV = RESULTS / "search.csv"
 
 
 def cpu_seconds() -> float:
@@ -100,9 +98,7 @@ def main() -> None:
     optuna_overhead_ms = (timings["trials"] - timings["objective"]) * 1e3 / trials_run
     row = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "git": git_sha(),
         "cpus": os.cpu_count(),
         "workers": args.workers,
         "layers": args.layers,
@@ -130,13 +126,7 @@ def main() -> None:
         "tile": "x".join(map(str, result.tile)),
         "dense_steps": result.dense_steps,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    new = not RESULTS.exists()
-    with RESULTS.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    append_rows(SEARCH_CSV, [row])
     for key, value in row.items():
         print(f"{key:>20}: {value}")
 

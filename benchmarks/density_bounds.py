@@ -11,7 +11,7 @@ averaged over the sparse steps the way the demo and the config summary do:
   weighting; the dense warm-up steps are left out of both).
 
 Variants (tile pairs are (query tile, key tile); a mask's recall on a sample is the mean over query
-tiles of the kept mass, as in DESIGN.md):
+tiles of the kept mass, as docs/concepts.md defines recall):
 
 - `freeform`: any set of tile pairs, one per (bucket, head), every training sample of the bucket
   >= tau (`min`) or the mean over them >= tau (`mean`).
@@ -23,22 +23,15 @@ tiles of the kept mass, as in DESIGN.md):
 - `oracle`: one mask per sample (dynamic, what no static config can reach): the smallest set of
   pairs holding tau of that sample's mass; the per-sample bound of BENCHMARKS.md.
 
-The `min` problems are covering programmes: minimise cost(x) subject to recall_s(x) >= tau for
-every sample s. Any convex combination pi of the samples' constraints relaxes them into one
-knapsack constraint whose fractional optimum is a *lower bound* (the LP dual; it is the LP value
-at the best pi). The script maximises that bound over pi by exponentiated-gradient steps on the
-samples that the current mixture leaves below tau, and takes as the feasible mask (*upper bound*)
-the shortest prefix of the mixture's order (mass per cost) that puts every sample over tau, then
-drops kept items whose removal keeps every sample over tau. Both bounds are reported (`density`
-is always a feasible mask; `density_lb` no mask of that variant can beat). For `freeform` and
-`rows` an LP vertex has at most S fractional items, so the two meet within a few pairs. The
-`mean` problems are one knapsack constraint: exact for unit costs (sort by mean mass).
+The `min` problems are covering programmes, solved by `benchmarks.covering.cover` with both a
+feasible mask (`density`, an upper bound) and an LP-dual lower bound that no mask of that variant
+can beat (`density_lb`); the `mean` problems are one knapsack constraint (`cover_mean`).
 
 Bucketings: the demo's (from --config), and every way to cut the sparse captured steps into
 1..n contiguous buckets with the search's rule (compact_search.search.study.schedule_of: a bound
 sits halfway between captured steps), the best cut per bucket count in the printed table.
 
-    .venv/bin/python benchmarks/density_bounds.py            # runs/demo-b32, tau 0.9
+    .venv/bin/python -m benchmarks.density_bounds            # runs/demo-b32, tau 0.9
 
 Appends to --out: summary rows (`level=model`), per-head rows of the demo bucketing
 (`level=head`), and per-head content-dependence rows (`level=content`: the free-form mask over all
@@ -52,158 +45,38 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
-import math
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS as RESULTS_DIR  # noqa: E402
-from common import append_rows  # noqa: E402
-
-from compact_search.config import load_config  # noqa: E402
-from compact_search.geometry import TileShape, tile_coordinates  # noqa: E402
-from compact_search.profiling import load_profile  # noqa: E402
-from compact_search.search.offsets import offset_index  # noqa: E402
-from compact_search.search.study import schedule_of  # noqa: E402
+from benchmarks.common import RESULTS as RESULTS_DIR
+from benchmarks.common import append_rows, git_sha
+from benchmarks.covering import DTYPE, cover, cover_mean
+from compact_search.config import load_config
+from compact_search.geometry import TileShape, tile_coordinates
+from compact_search.profiling import load_profile
+from compact_search.search.offsets import offset_index
+from compact_search.search.study import schedule_of
 
 RESULTS = RESULTS_DIR / "density_bounds.csv"
-DTYPE = torch.float64
-
-
-# --- covering solver ---------------------------------------------------------------------------
-
-
-@dataclass
-class Cover:
-    mask: torch.Tensor  # [N, P] bool, feasible
-    cost: torch.Tensor  # [N] cost of mask
-    lower: torch.Tensor  # [N] lower bound on the cost of any feasible mask
-
-
-def _inverse(order: torch.Tensor) -> torch.Tensor:
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
-    return rank
-
-
-def cover(
-    a: torch.Tensor,
-    tau: float,
-    cost: torch.Tensor | None = None,
-    *,
-    iters: int = 200,
-    rel_gap: float = 1e-3,
-    prune: int = 4096,
-    prune_each: bool = False,
-) -> Cover:
-    """min cost . x over x in {0,1}^P with a[n, s] . x >= tau for every s, for each n.
-
-    a: [N, S, P] nonnegative contributions; cost: [P] or [N, P] positive, None = unit costs.
-    Returns a feasible mask and the LP-dual lower bound (see the module doc). Rows stop once
-    their bounds are within rel_gap; prune_each prunes every candidate (small P only).
-    """
-    n, s, p = a.shape
-    a = a.to(DTYPE)
-    c = torch.ones(n, p, dtype=DTYPE) if cost is None else cost.to(DTYPE).expand(n, p).clone()
-    pi = torch.full((n, s), 1.0 / s, dtype=DTYPE)
-    best_ub = torch.full((n,), math.inf, dtype=DTYPE)
-    best_lb = torch.zeros(n, dtype=DTYPE)
-    best_mask = torch.ones(n, p, dtype=torch.bool)
-    best_pi = pi.clone()
-    act = torch.arange(n)  # rows still iterating
-    for t in range(iters if s > 1 else 1):
-        aa, cc, pp = a[act], c[act], pi[act]
-        na = len(act)
-        rows = torch.arange(na)
-        m = torch.einsum("ns,nsp->np", pp, aa)
-        order = (m / cc).argsort(-1, descending=True)
-        cum = aa.gather(2, order[:, None, :].expand(na, s, p)).cumsum(-1)  # [n, S, P]
-        c_sorted = cc.gather(1, order)
-        ccum = c_sorted.cumsum(-1)
-        m_sorted = m.gather(1, order)
-        mcum = m_sorted.cumsum(-1)
-        # lower bound: fractional knapsack on the pi-mixture constraint
-        k = (mcum < tau).sum(-1).clamp(max=p - 1)  # first index reaching tau
-        prev = (k - 1).clamp(min=0)
-        prev_m = torch.where(k > 0, mcum[rows, prev], 0.0)
-        prev_c = torch.where(k > 0, ccum[rows, prev], 0.0)
-        frac = ((tau - prev_m) / m_sorted[rows, k].clamp_min(1e-300)).clamp(0.0, 1.0)
-        lb = prev_c + frac * c_sorted[rows, k]
-        # upper bound: shortest prefix of this order meeting tau on every sample
-        worst = cum.min(1).values  # [n, P], nondecreasing
-        kf = (worst < tau).sum(-1).clamp(max=p - 1)
-        mask = _inverse(order) <= kf[:, None]
-        if prune_each:
-            mask = _prune(aa, cc, mask, pp, tau, prune)
-        ub = (mask * cc).sum(-1)
-        better = ub < best_ub[act]
-        best_mask[act] = torch.where(better[:, None], mask, best_mask[act])
-        best_ub[act] = torch.where(better, ub, best_ub[act])
-        up = lb > best_lb[act]
-        best_lb[act] = torch.where(up, lb, best_lb[act])
-        best_pi[act] = torch.where(up[:, None], pp, best_pi[act])
-        open_ = (best_ub[act] - best_lb[act]) > rel_gap * best_ub[act]
-        if s == 1 or not bool(open_.any()):
-            break
-        # exponentiated gradient: samples below tau at the mixture's own cut gain weight
-        g = cum[rows, :, k] - tau  # [n, S]
-        g = g / g.abs().amax(1, keepdim=True).clamp_min(1e-12)
-        pp = pp * torch.exp(-g / math.sqrt(t + 1))
-        pi[act] = pp / pp.sum(1, keepdim=True)
-        act = act[open_]
-    if prune and s > 1 and not prune_each:
-        best_mask = _prune(a, c, best_mask, best_pi, tau, prune)
-    final = (best_mask * c).sum(-1)
-    return Cover(best_mask, final, torch.minimum(best_lb, final))
-
-
-def _prune(
-    a: torch.Tensor, c: torch.Tensor, mask: torch.Tensor, pi: torch.Tensor, tau: float, limit: int
-) -> torch.Tensor:
-    """Drop kept items (highest cost first, then least mixture mass) while every sample stays
-    >= tau; at most `limit` candidates per row."""
-    n, s, p = a.shape
-    mask = mask.clone()
-    m = torch.einsum("ns,nsp->np", pi, a)
-    key = torch.where(mask, -c * 1e6 + m, math.inf)  # kept: cost desc, then mass asc
-    order = key.argsort(-1)[:, : min(limit, p)]
-    rec = torch.einsum("nsp,np->ns", a, mask.to(a.dtype))
-    rows = torch.arange(n)
-    for j in range(order.shape[1]):
-        item = order[:, j]
-        kept = mask[rows, item]
-        if not bool(kept.any()):
-            break
-        drop = a[rows, :, item]  # [N, S]
-        ok = kept & ((rec - drop).min(1).values >= tau)
-        if bool(ok.any()):
-            rec = torch.where(ok[:, None], rec - drop, rec)
-            mask[rows[ok], item[ok]] = False
-    return mask
-
-
-def cover_mean(a: torch.Tensor, tau: float, cost: torch.Tensor | None = None) -> Cover:
-    """The mean-over-samples constraint: one knapsack row."""
-    res = cover(a.mean(1, keepdim=True), tau, cost, prune=0)
-    if cost is not None:  # costs differ: drop what the prefix overshoots
-        res.mask = _prune(
-            a.mean(1, keepdim=True).to(DTYPE),
-            cost.to(DTYPE).expand_as(res.mask),
-            res.mask,
-            torch.ones(a.shape[0], 1, dtype=DTYPE),
-            tau,
-            4096,
-        )
-        res.cost = (res.mask * cost.to(DTYPE)).sum(-1)
-    return res
-
-
-# --- geometry --------------------------------------------------------------------------------
+# (variant, stat) pairs solved on every tile; "-" for the oracle, which has no constraint choice.
+VARIANTS = (
+    ("freeform", "min"),
+    ("freeform", "mean"),
+    ("rows", "min"),
+    ("rows", "mean"),
+    ("offsets", "min"),
+    ("offsets", "mean"),
+    ("offsets-signed", "min"),
+    ("oracle", "-"),
+)
+# Solved only on the demo's bucketing and the per-step one (4 buckets: one per sparse captured
+# step of the demo profile), to bound the run time.
+COMPARISON_VARIANTS = ("rows", "oracle", "offsets-signed")
+PER_STEP_BUCKETS = 4
 
 
 def signed_offset_index(tile_grid) -> tuple[torch.Tensor, int]:
@@ -229,9 +102,6 @@ def offset_tables(
     return (table / nt).reshape(*lead, n_off), dens
 
 
-# --- data ------------------------------------------------------------------------------------
-
-
 def load_masses(profile, tile: TileShape) -> dict[int, torch.Tensor]:
     """step -> [prompts, L*H, nq, nk] float64 (rows sum to 1)."""
     per_step = {}
@@ -255,9 +125,6 @@ def recalls(mask: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nqk,nsqk->ns", mask.to(DTYPE), samples) / nq
 
 
-# --- variants --------------------------------------------------------------------------------
-
-
 @dataclass
 class Solved:
     density: torch.Tensor  # [N]
@@ -265,8 +132,8 @@ class Solved:
     mask: torch.Tensor | None  # [N, nq, nk] bool (static variants)
 
 
-def solve(variant: str, stat: str, x: torch.Tensor, tau: float, grid, tg) -> Solved:
-    """x: [N, S, nq, nk] samples of one bucket."""
+def solve(variant: str, stat: str, x: torch.Tensor, tau: float, tg) -> Solved:
+    """Smallest mask of a variant on x: [N, S, nq, nk] samples of one bucket (tg: tile grid)."""
     n, s, nq, nk = x.shape
     if variant == "freeform":
         a = x.reshape(n, s, nq * nk) / nq
@@ -302,20 +169,19 @@ def solve(variant: str, stat: str, x: torch.Tensor, tau: float, grid, tg) -> Sol
     raise ValueError(variant)
 
 
-# --- main ------------------------------------------------------------------------------------
+class Bucketing(NamedTuple):
+    """One way to cut the sparse steps: its bucket count, its buckets and whether it is the
+    demo's; a bucket is (first step, stop step, captured steps inside)."""
+
+    count: int
+    buckets: list[tuple[int, int, tuple[int, ...]]]
+    is_demo: bool
 
 
-def git_sha() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def bucketings(profile, dense_steps: int, demo_starts: tuple[int, ...] | None):
-    """name -> list of (start, stop, captured steps), every contiguous cut of the sparse steps."""
+def bucketings(
+    profile, dense_steps: int, demo_starts: tuple[int, ...] | None
+) -> dict[str, Bucketing]:
+    """Every contiguous cut of the sparse captured steps, named "<count>b@<bucket starts>"."""
     captured = list(profile.steps)
     live = [i for i, s in enumerate(captured) if s >= dense_steps]
     out = {}
@@ -330,11 +196,47 @@ def bucketings(profile, dense_steps: int, demo_starts: tuple[int, ...] | None):
             ]
             starts = tuple(a for a, _, _ in buckets)
             name = f"{k}b@" + ",".join(map(str, starts))
-            out[name] = (k, buckets, starts == demo_starts)
+            out[name] = Bucketing(k, buckets, starts == demo_starts)
     return out
 
 
-def main() -> None:
+@dataclass(frozen=True)
+class Study:
+    """What every tile's pass shares: the profiles, the demo's config and schedule, tau."""
+
+    profile: object
+    heldout: object | None
+    config: object | None
+    tau: float
+    dense_steps: int
+    demo_starts: tuple[int, ...] | None
+    schemes: dict[str, Bucketing]
+    base: dict[str, object]  # leading columns of every CSV row
+
+    @property
+    def sparse_total(self) -> int:
+        return self.profile.num_steps - self.dense_steps
+
+    @property
+    def num_units(self) -> int:
+        """(layer, head) pairs: the N of every [N, ...] tensor here."""
+        return len(self.profile.layers) * self.profile.num_heads
+
+    def layer_head(self, unit: int) -> tuple[int, int]:
+        heads = self.profile.num_heads
+        return self.profile.layers[unit // heads], unit % heads
+
+    def step_weights(self, bounds: list[tuple[int, int]]) -> torch.Tensor:
+        """[B] share of the sparse denoising steps each bucket covers."""
+        return torch.tensor([(b - a) / self.sparse_total for a, b in bounds], dtype=DTYPE)
+
+    def heldout_steps(self, start: int, stop: int) -> tuple[int, ...]:
+        if self.heldout is None:
+            return ()
+        return tuple(s for s in self.heldout.steps if start <= s < stop)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--profile", default="runs/demo-b32/profile")
     ap.add_argument("--heldout", default="runs/demo-b32/heldout-profile")
@@ -350,11 +252,11 @@ def main() -> None:
     ap.add_argument("--tiles", default="", help="e.g. 1x4x4,2x4x4 (default: smallest + config's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS))
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
-    tau = args.recall
+    return ap.parse_args(argv)
 
+
+def load_study(args: argparse.Namespace) -> Study:
+    """Profiles, the schedule (the config's, else --dense-fraction) and every bucketing."""
     prof = load_profile(args.profile)
     held = load_profile(args.heldout) if args.heldout else None
     config = load_config(args.config) if args.config else None
@@ -364,217 +266,217 @@ def main() -> None:
     else:
         dense_steps = round(args.dense_fraction * prof.num_steps)
         demo_starts = None
-    if args.tiles:
-        tiles = [TileShape.of(tuple(int(v) for v in t.split("x"))) for t in args.tiles.split(",")]
-    else:
-        smallest = min(prof.tiles, key=lambda t: t.volume)
-        tiles = [smallest]
-        if config is not None and config.geometry.tile != smallest:
-            tiles.append(config.geometry.tile)
-    schemes = bucketings(prof, dense_steps, demo_starts)
-    sparse_total = prof.num_steps - dense_steps
-    nl, nh = len(prof.layers), prof.num_heads
-    print(
-        f"profile {args.profile}: steps {prof.steps}, {len(prof.prompts)} prompts, "
-        f"{nl} layers x {nh} heads; held-out {args.heldout}: "
-        f"steps {held.steps if held else '-'}; tau {tau}; dense steps {dense_steps}; "
-        f"demo buckets start {demo_starts}"
-    )
-
     base = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git": git_sha(),
         "profile": args.profile,
         "heldout": args.heldout or "",
-        "recall": tau,
+        "recall": args.recall,
         "dense_steps": dense_steps,
     }
-    rows: list[dict] = []
-    summary: list[dict] = []
-    timings: dict[str, float] = {}
-    variants = [
-        ("freeform", "min"),
-        ("freeform", "mean"),
-        ("rows", "min"),
-        ("rows", "mean"),
-        ("offsets", "min"),
-        ("offsets", "mean"),
-        ("offsets-signed", "min"),
-        ("oracle", "-"),
-    ]
-    for tile in tiles:
-        tg = prof.tile_grid(tile)
-        t0 = time.perf_counter()
-        train = load_masses(prof, tile)
-        heldm = load_masses(held, tile) if held else {}
-        timings[f"load {tile}"] = time.perf_counter() - t0
-        cache: dict[tuple, Solved] = {}
+    schemes = bucketings(prof, dense_steps, demo_starts)
+    return Study(prof, held, config, args.recall, dense_steps, demo_starts, schemes, base)
 
-        def get(variant, stat, steps, cache=cache, train=train, tg=tg, tile=tile):
-            key = (variant, stat, steps)
-            if key not in cache:
-                t = time.perf_counter()
-                cache[key] = solve(variant, stat, bucket_samples(train, steps), tau, prof.grid, tg)
-                timings[f"{variant}-{stat} {tile}"] = (
-                    timings.get(f"{variant}-{stat} {tile}", 0.0) + time.perf_counter() - t
-                )
-            return cache[key]
 
-        for variant, stat in variants:
-            for name, (k, buckets, is_demo) in schemes.items():
-                if variant in ("rows", "oracle", "offsets-signed") and not (is_demo or k == 4):
-                    continue  # comparison variants: demo buckets and per-step only
-                per_bucket = [get(variant, stat, steps) for _, _, steps in buckets]
-                dens = torch.stack([r.density for r in per_bucket])  # [B, N]
-                low = torch.stack([r.lower for r in per_bucket])
-                w = torch.tensor([(b - a) / sparse_total for a, b, _ in buckets], dtype=DTYPE)
-                row = {
-                    **base,
-                    "level": "model",
-                    "tile": str(tile),
-                    "variant": variant,
-                    "stat": stat,
-                    "buckets": k,
-                    "bucket_starts": name.split("@")[1],
-                    "demo_buckets": int(is_demo),
-                    "mean": round(float(dens.mean()), 4),
-                    "step_mean": round(float((w[:, None] * dens).sum(0).mean()), 4),
-                    "mean_lb": round(float(low.mean()), 4),
-                    "step_mean_lb": round(float((w[:, None] * low).sum(0).mean()), 4),
-                }
-                # held-out recall of the static masks (buckets holding held-out steps)
-                if held is not None and per_bucket[0].mask is not None:
-                    hr = []
-                    for (a, b, _), r in zip(buckets, per_bucket, strict=True):
-                        hsteps = tuple(s for s in held.steps if a <= s < b)
-                        if hsteps:
-                            hr.append(recalls(r.mask, bucket_samples(heldm, hsteps)))
-                    if hr:
-                        worst = torch.stack([h.min(1).values for h in hr])  # [B', N]
-                        meanr = torch.stack([h.mean(1) for h in hr])
-                        row.update(_held_stats(worst, meanr, tau))
-                rows.append(row)
-                if is_demo:
-                    for b, r in enumerate(per_bucket):
-                        for i in range(nl * nh):
-                            hrow = {
-                                **base,
-                                "level": "head",
-                                "tile": str(tile),
-                                "variant": variant,
-                                "stat": stat,
-                                "buckets": k,
-                                "bucket_starts": name.split("@")[1],
-                                "demo_buckets": 1,
-                                "bucket": b,
-                                "layer": prof.layers[i // nh],
-                                "head": i % nh,
-                                "mean": round(float(r.density[i]), 4),
-                                "mean_lb": round(float(r.lower[i]), 4),
-                            }
-                            a_, b_, _ = buckets[b]
-                            hsteps = tuple(s for s in held.steps if a_ <= s < b_) if held else ()
-                            if r.mask is not None and hsteps:
-                                hrec = recalls(
-                                    r.mask[i : i + 1], bucket_samples(heldm, hsteps)[i : i + 1]
-                                )
-                                hrow["heldout_worst"] = round(float(hrec.min()), 4)
-                                hrow["heldout_mean"] = round(float(hrec.mean()), 4)
-                            rows.append(hrow)
-        # reference: the config's own masks on the same held-out samples
-        if config is not None and config.geometry.tile == tile and held is not None:
-            worst_l, mean_l, dens_l = [], [], []
-            for b in range(config.schedule.num_buckets):
-                a_, b_ = config.schedule.bucket_range(b)
-                masks = torch.cat([config.tile_masks(b, layer) for layer in prof.layers])
-                dens_l.append(masks.float().mean((1, 2)).to(DTYPE))
-                hsteps = tuple(s for s in held.steps if a_ <= s < b_)
-                if hsteps:
-                    h = recalls(masks, bucket_samples(heldm, hsteps))
-                    worst_l.append(h.min(1).values)
-                    mean_l.append(h.mean(1))
-            dens = torch.stack(dens_l)
-            w = torch.tensor(
-                [
-                    (lambda r: (r[1] - r[0]) / sparse_total)(config.schedule.bucket_range(b))
-                    for b in range(len(dens_l))
-                ],
-                dtype=DTYPE,
+def tiles_of(args: argparse.Namespace, study: Study) -> list[TileShape]:
+    """--tiles, else the profile's smallest tile and the config's."""
+    if args.tiles:
+        return [TileShape.of(tuple(int(v) for v in t.split("x"))) for t in args.tiles.split(",")]
+    smallest = min(study.profile.tiles, key=lambda t: t.volume)
+    tiles = [smallest]
+    if study.config is not None and study.config.geometry.tile != smallest:
+        tiles.append(study.config.geometry.tile)
+    return tiles
+
+
+class TileSolver:
+    """One tile's samples (training and held-out) and its solved masks, each solved once."""
+
+    def __init__(self, study: Study, tile: TileShape, timings: dict[str, float]):
+        self.study, self.tile, self.timings = study, tile, timings
+        self.tile_grid = study.profile.tile_grid(tile)
+        started = time.perf_counter()
+        self.train = load_masses(study.profile, tile)
+        self.heldout = load_masses(study.heldout, tile) if study.heldout else {}
+        timings[f"load {tile}"] = time.perf_counter() - started
+        self._solved: dict[tuple, Solved] = {}
+
+    def get(self, variant: str, stat: str, steps: tuple[int, ...]) -> Solved:
+        key = (variant, stat, steps)
+        if key not in self._solved:
+            started = time.perf_counter()
+            samples = bucket_samples(self.train, steps)
+            self._solved[key] = solve(variant, stat, samples, self.study.tau, self.tile_grid)
+            name = f"{variant}-{stat} {self.tile}"
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
+        return self._solved[key]
+
+    def heldout_samples(self, start: int, stop: int) -> torch.Tensor | None:
+        """[N, S', nq, nk] held-out samples of the steps in [start, stop); None if none."""
+        steps = self.study.heldout_steps(start, stop)
+        return bucket_samples(self.heldout, steps) if steps else None
+
+
+def _leading(study, tile, level, variant, stat, buckets, starts, demo) -> dict[str, object]:
+    return {
+        **study.base,
+        "level": level,
+        "tile": str(tile),
+        "variant": variant,
+        "stat": stat,
+        "buckets": buckets,
+        "bucket_starts": starts,
+        "demo_buckets": demo,
+    }
+
+
+def _heldout_recalls(solver: TileSolver, bounds, masks) -> list[torch.Tensor]:
+    """[N, S'] held-out recall of each bucket's masks, for the buckets holding held-out steps."""
+    out = []
+    for (start, stop), mask in zip(bounds, masks, strict=True):
+        samples = solver.heldout_samples(start, stop)
+        if samples is not None:
+            out.append(recalls(mask, samples))
+    return out
+
+
+def variant_rows(solver: TileSolver, variant: str, stat: str) -> list[dict]:
+    """A model row per bucketing (comparison variants: the demo's and per-step only), and a row
+    per (bucket, layer, head) of the demo's bucketing."""
+    study, tile = solver.study, solver.tile
+    rows = []
+    for name, (k, buckets, is_demo) in study.schemes.items():
+        if variant in COMPARISON_VARIANTS and not (is_demo or k == PER_STEP_BUCKETS):
+            continue
+        starts = name.split("@")[1]
+        per_bucket = [solver.get(variant, stat, steps) for _, _, steps in buckets]
+        dens = torch.stack([r.density for r in per_bucket])  # [B, N]
+        low = torch.stack([r.lower for r in per_bucket])
+        w = study.step_weights([(a, b) for a, b, _ in buckets])
+        row = {
+            **_leading(study, tile, "model", variant, stat, k, starts, int(is_demo)),
+            "mean": round(float(dens.mean()), 4),
+            "step_mean": round(float((w[:, None] * dens).sum(0).mean()), 4),
+            "mean_lb": round(float(low.mean()), 4),
+            "step_mean_lb": round(float((w[:, None] * low).sum(0).mean()), 4),
+        }
+        if study.heldout is not None and per_bucket[0].mask is not None:
+            held = _heldout_recalls(
+                solver, [(a, b) for a, b, _ in buckets], [r.mask for r in per_bucket]
             )
-            row = {
-                **base,
-                "level": "model",
-                "tile": str(tile),
-                "variant": "config",
-                "stat": "min",
-                "buckets": len(dens_l),
-                "bucket_starts": ",".join(map(str, demo_starts)),
-                "demo_buckets": 1,
-                "mean": round(float(dens.mean()), 4),
-                "step_mean": round(float((w[:, None] * dens).sum(0).mean()), 4),
-            }
-            if worst_l:
-                row.update(_held_stats(torch.stack(worst_l), torch.stack(mean_l), tau))
-            rows.append(row)
-            config_dens = dens  # [B, N]
-            for b in range(dens.shape[0]):
-                for i in range(nl * nh):
-                    rows.append(
-                        {
-                            **base,
-                            "level": "head",
-                            "tile": str(tile),
-                            "variant": "config",
-                            "stat": "min",
-                            "buckets": dens.shape[0],
-                            "bucket_starts": row["bucket_starts"],
-                            "demo_buckets": 1,
-                            "bucket": b,
-                            "layer": prof.layers[i // nh],
-                            "head": i % nh,
-                            "mean": round(float(dens[b, i]), 4),
-                        }
-                    )
-        else:
-            config_dens = None
-        summary.extend(r for r in rows if r["level"] == "model" and r["tile"] == str(tile))
-        print_table(summary, str(tile))
-        summary = []
-        demo = [v for v in schemes.values() if v[2]]
-        if demo:
-            per_head = {
-                f"{v}-{st}": torch.stack(
-                    [get(v, st, steps).density for _, _, steps in demo[0][1]]
-                ).mean(0)
-                for v, st in variants
-            }
-            if config_dens is not None:
-                per_head = {"config": config_dens.mean(0), **per_head}
-            head_table(per_head, prof.layers, nh)
-        # content dependence: per-prompt static masks on the demo buckets
-        if demo:
-            t = time.perf_counter()
-            for r in content_report(train, demo[0][1], tau, nl, nh, prof, tile):
-                rows.append(
-                    {
-                        **base,
-                        "level": "content",
-                        "tile": str(tile),
-                        "buckets": len(demo[0][1]),
-                        "bucket_starts": ",".join(map(str, demo_starts)),
-                        "demo_buckets": 1,
-                        **r,
-                    }
-                )
-            timings[f"content {tile}"] = time.perf_counter() - t
+            if held:
+                worst = torch.stack([h.min(1).values for h in held])  # [B', N]
+                mean = torch.stack([h.mean(1) for h in held])
+                row.update(_held_stats(worst, mean, study.tau))
+        rows.append(row)
+        if is_demo:
+            rows += _demo_head_rows(solver, variant, stat, k, starts, buckets, per_bucket)
+    return rows
 
-    wall = time.perf_counter() - t_start
-    for r in rows:
-        r["wall_s"] = round(wall, 1)
-        r["threads"] = args.threads
-    append_rows(Path(args.out), rows)
-    print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
-    print(f"wall {wall:.1f} s; {len(rows)} rows appended to {args.out}")
+
+def _demo_head_rows(solver, variant, stat, k, starts, buckets, per_bucket) -> list[dict]:
+    study = solver.study
+    rows = []
+    for b, solved in enumerate(per_bucket):
+        start, stop, _ = buckets[b]
+        held = solver.heldout_samples(start, stop) if solved.mask is not None else None
+        for unit in range(study.num_units):
+            layer, head = study.layer_head(unit)
+            row = {
+                **_leading(study, solver.tile, "head", variant, stat, k, starts, 1),
+                "bucket": b,
+                "layer": layer,
+                "head": head,
+                "mean": round(float(solved.density[unit]), 4),
+                "mean_lb": round(float(solved.lower[unit]), 4),
+            }
+            if held is not None:
+                recall = recalls(solved.mask[unit : unit + 1], held[unit : unit + 1])
+                row["heldout_worst"] = round(float(recall.min()), 4)
+                row["heldout_mean"] = round(float(recall.mean()), 4)
+            rows.append(row)
+    return rows
+
+
+def config_rows(solver: TileSolver) -> tuple[list[dict], torch.Tensor]:
+    """The demo config's own masks at this tile: a model row with their held-out recall, a row
+    per (bucket, layer, head), and their density [B, N]."""
+    study, config = solver.study, solver.study.config
+    bounds = [config.schedule.bucket_range(b) for b in range(config.schedule.num_buckets)]
+    masks = [
+        torch.cat([config.tile_masks(b, layer) for layer in study.profile.layers])
+        for b in range(len(bounds))
+    ]
+    dens = torch.stack([m.float().mean((1, 2)).to(DTYPE) for m in masks])  # [B, N]
+    w = study.step_weights(bounds)
+    starts = ",".join(map(str, study.demo_starts))
+    row = {
+        **_leading(study, solver.tile, "model", "config", "min", len(bounds), starts, 1),
+        "mean": round(float(dens.mean()), 4),
+        "step_mean": round(float((w[:, None] * dens).sum(0).mean()), 4),
+    }
+    held = _heldout_recalls(solver, bounds, masks)
+    if held:
+        worst = torch.stack([h.min(1).values for h in held])
+        mean = torch.stack([h.mean(1) for h in held])
+        row.update(_held_stats(worst, mean, study.tau))
+    rows = [row]
+    for b in range(dens.shape[0]):
+        for unit in range(study.num_units):
+            layer, head = study.layer_head(unit)
+            rows.append(
+                {
+                    **_leading(study, solver.tile, "head", "config", "min", len(bounds), starts, 1),
+                    "bucket": b,
+                    "layer": layer,
+                    "head": head,
+                    "mean": round(float(dens[b, unit]), 4),
+                }
+            )
+    return rows, dens
+
+
+def study_tile(study: Study, tile: TileShape, timings: dict[str, float]) -> list[dict]:
+    """Every row of one tile, printing its summary table, per-head table and content report."""
+    solver = TileSolver(study, tile, timings)
+    rows = []
+    for variant, stat in VARIANTS:
+        rows += variant_rows(solver, variant, stat)
+    config_density = None
+    config = study.config
+    if config is not None and config.geometry.tile == tile and study.heldout is not None:
+        more, config_density = config_rows(solver)
+        rows += more
+    print_table([r for r in rows if r["level"] == "model"], str(tile))
+    demo = [scheme for scheme in study.schemes.values() if scheme.is_demo]
+    if not demo:
+        return rows
+    demo_buckets = demo[0].buckets
+    per_head = {
+        f"{v}-{st}": torch.stack(
+            [solver.get(v, st, steps).density for _, _, steps in demo_buckets]
+        ).mean(0)
+        for v, st in VARIANTS
+    }
+    if config_density is not None:
+        per_head = {"config": config_density.mean(0), **per_head}
+    head_table(per_head, study.profile.layers, study.profile.num_heads)
+    started = time.perf_counter()
+    nl, nh = len(study.profile.layers), study.profile.num_heads
+    for r in content_report(solver.train, demo_buckets, study.tau, nl, nh, study.profile, tile):
+        rows.append(
+            {
+                **study.base,
+                "level": "content",
+                "tile": str(tile),
+                "buckets": len(demo_buckets),
+                "bucket_starts": ",".join(map(str, study.demo_starts)),
+                "demo_buckets": 1,
+                **r,
+            }
+        )
+    timings[f"content {tile}"] = time.perf_counter() - started
+    return rows
 
 
 def _held_stats(worst: torch.Tensor, meanr: torch.Tensor, tau: float) -> dict:
@@ -670,10 +572,10 @@ def content_report(train, buckets, tau, nl, nh, prof, tile) -> list[dict]:
     for b, (_, _, steps) in enumerate(buckets):
         x = bucket_samples(train, steps)  # [N, S, nq, nk], S = steps x prompts
         n, s, nq, nk = x.shape
-        allp = solve("freeform", "min", x, tau, None, None)
+        allp = solve("freeform", "min", x, tau, None)
         per = x.reshape(n, len(steps), g, nq, nk).transpose(1, 2).reshape(n * g, len(steps), nq, nk)
-        perp = solve("freeform", "min", per, tau, None, None)
-        orc = solve("oracle", "-", x, tau, None, None)
+        perp = solve("freeform", "min", per, tau, None)
+        orc = solve("oracle", "-", x, tau, None)
         pmask = perp.mask.reshape(n, g, nq, nk)
         xs = x.reshape(n, len(steps), g, nq, nk)
         cross = torch.einsum("npqk,ntrqk->nptr", pmask.to(DTYPE), xs) / nq  # [N, P, T, R]
@@ -713,6 +615,31 @@ def content_report(train, buckets, tau, nl, nh, prof, tile) -> list[dict]:
                 }
             )
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    study = load_study(args)
+    prof, held = study.profile, study.heldout
+    print(
+        f"profile {args.profile}: steps {prof.steps}, {len(prof.prompts)} prompts, "
+        f"{len(prof.layers)} layers x {prof.num_heads} heads; held-out {args.heldout}: "
+        f"steps {held.steps if held else '-'}; tau {study.tau}; dense steps {study.dense_steps}; "
+        f"demo buckets start {study.demo_starts}"
+    )
+    timings: dict[str, float] = {}
+    rows: list[dict] = []
+    for tile in tiles_of(args, study):
+        rows += study_tile(study, tile, timings)
+    wall = time.perf_counter() - t_start
+    for r in rows:
+        r["wall_s"] = round(wall, 1)
+        r["threads"] = args.threads
+    append_rows(Path(args.out), rows)
+    print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    print(f"wall {wall:.1f} s; {len(rows)} rows appended to {args.out}")
 
 
 if __name__ == "__main__":

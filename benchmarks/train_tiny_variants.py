@@ -6,7 +6,7 @@ is scored on what issue #4 asks of the shipped model: the detector's fidelity on
 that keeps recall 0.9, tile 1x4x4). Rows go to benchmarks/results/tiny_training.csv; the best
 variant's fp16 model and fp32 checkpoint are copied to ``--keep``.
 
-    python benchmarks/train_tiny_variants.py --seconds 400 --out runs/variants --keep $OUT \\
+    python -m benchmarks.train_tiny_variants --seconds 400 --out runs/variants --keep $OUT \\
         --variant base:heads=8,head_dim=32 --variant wide:heads=4,head_dim=64
 
 ``--evaluate DIR`` scores a model folder (tiny-wan.safetensors/.json) without training.
@@ -23,8 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import RESULTS, append_rows, environment
+
+# Children run `python -m benchmarks.train_tiny_variants` from here, whatever the parent's cwd.
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 VARIANT_KEYS = {
     "heads": int,
@@ -105,7 +107,7 @@ def run_child(args: argparse.Namespace) -> None:
         device=args.device,
         resume_from=resume,
         checkpoint_dir=out / "checkpoint",
-        command=f"benchmarks/train_tiny_variants.py --variant {args.child}",
+        command=f"python -m benchmarks.train_tiny_variants --variant {args.child}",
         log=lambda message: print(f"[{name}] {message}", flush=True),
     )
     scores = evaluate_model(out / "model", args.device, args.fidelity_prompts)
@@ -126,8 +128,6 @@ def run_child(args: argparse.Namespace) -> None:
 
 
 def run_parent(args: argparse.Namespace) -> None:
-    from benchmarks.common import RESULTS, append_rows, environment
-
     variants = [parse_variant(text) for text in args.variant]
     gpus = args.gpus or list(range(len(variants)))
     if len(gpus) < len(variants):
@@ -137,7 +137,8 @@ def run_parent(args: argparse.Namespace) -> None:
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "PYTHONUNBUFFERED": "1"}
         command = [
             sys.executable,
-            __file__,
+            "-m",
+            "benchmarks.train_tiny_variants",
             "--child",
             text,
             "--out",
@@ -151,7 +152,7 @@ def run_parent(args: argparse.Namespace) -> None:
             "--device",
             args.device,
         ]
-        children.append((name, subprocess.Popen(command, env=env)))
+        children.append((name, subprocess.Popen(command, env=env, cwd=ROOT)))
     failed = [name for name, child in children if child.wait() != 0]
     rows = []
     for name, _ in variants:

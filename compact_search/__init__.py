@@ -2,6 +2,7 @@
 
 from compact_search.runtime.attention import sparse_attention
 
+# The one version string: pyproject.toml reads it from here (setuptools dynamic version).
 __version__ = "0.1.0"
 
 

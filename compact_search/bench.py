@@ -1,15 +1,14 @@
-"""Kernel benchmark: the Triton block-sparse kernel against dense SDPA and FlexAttention.
+"""The library of ``compact-search bench``: the kernel against dense SDPA and FlexAttention.
 
 On one GPU, on the same random bf16 inputs: cuDNN SDPA (dense), FlashAttention-2 SDPA (dense),
 FlexAttention with the identical block mask (built at block level) and this project's kernel,
 for model-sized shapes and per-head masks of several pattern kinds at target densities. Every
-sparse configuration is checked for correctness before it is timed. Used by
-``compact-search bench`` and ``benchmarks/bench_kernel.py``.
+sparse configuration is checked for correctness before it is timed. ``python -m
+benchmarks.bench_kernel`` adds a launch-config sweep and redrawing the plot from a CSV.
 """
 
 from __future__ import annotations
 
-import csv
 import functools
 import math
 from collections.abc import Callable, Iterable
@@ -18,9 +17,21 @@ from pathlib import Path
 
 import torch
 
+from compact_search import sparse_attention
+from compact_search.environment import environment
 from compact_search.errors import UserInputError
 from compact_search.geometry import Grid
 from compact_search.patterns import FrameGroup, HeadPattern, Rect
+
+# TODO(lead): public names. `compact-search bench` times the two Triton kernels side by side
+# (kernel="portable", use_tma=False) and logs which one `sparse_attention` picked, which the
+# public `sparse_attention` cannot express; the FlexAttention block mask is the runtime's.
+from compact_search.runtime.flex import flex_block_mask
+from compact_search.runtime.triton_attention import (
+    autotuned_config,
+    selected_kernel,
+    triton_sparse_attention,
+)
 
 # "triton": what `sparse_attention` runs (the Gluon kernel on Hopper); "triton-portable": the
 # portable `tl` kernel that runs everywhere else, timed side by side on Hopper.
@@ -96,9 +107,6 @@ def parse_float_list(text: str, name: str) -> list[float]:
     if not values or any(not 0.0 < v <= 1.0 for v in values):
         raise UserInputError(f"{name} must lie in (0, 1], got {text!r}")
     return values
-
-
-# --- masks -------------------------------------------------------------------------------------
 
 
 def block_grid(shape: BenchShape, block_size: int) -> Grid:
@@ -180,10 +188,8 @@ def head_block_masks(
     return torch.stack([best[kind] for kind in kinds]), kinds
 
 
-# --- providers ---------------------------------------------------------------------------------
-
-
-def _sdpa(backend_name: str) -> Callable:
+def dense_sdpa(backend_name: str) -> Callable:
+    """(q, k, v) -> SDPA output with the SDPA backend pinned (``"CUDNN_ATTENTION"``, ...)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = getattr(SDPBackend, backend_name)
@@ -193,31 +199,6 @@ def _sdpa(backend_name: str) -> Callable:
             return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
     return run
-
-
-def flex_block_mask(block_mask: torch.Tensor, seq_len: int, block_size: int):
-    """FlexAttention BlockMask from a bool [H, nb, nb] block mask, built at block level.
-
-    Every kept block goes in as a "full" block (no mask_mod), as in the Triton kernel; the ragged
-    last block is bounded by ``seq_lengths``.
-    """
-    from torch.nn.attention.flex_attention import BlockMask
-
-    counts = block_mask.sum(-1, dtype=torch.int32)[None]  # [1, H, nb]
-    # Kept ids first (ascending), then the rest; width nb so every density compiles once.
-    order = torch.sort((~block_mask).to(torch.int8), dim=-1, stable=True).indices
-    indices = order.to(torch.int32)[None].contiguous()  # [1, H, nb, nb]
-    return BlockMask.from_kv_blocks(
-        torch.zeros_like(counts),
-        torch.zeros_like(indices),
-        counts,
-        indices,
-        BLOCK_SIZE=block_size,
-        seq_lengths=(seq_len, seq_len),
-    )
-
-
-# --- timing ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -247,13 +228,12 @@ def time_call(fn: Callable[[], object], *, min_runs: int = 10, budget_ms: float 
 
 
 def _environment() -> dict[str, str]:
-    from compact_search.environment import environment
-
     env = environment()
     return {"gpu": env.pop("device"), **env}
 
 
-def _relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
+def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
+    """||out - expected|| / ||expected|| in fp32."""
     diff = (out.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)
     return diff.item()
 
@@ -270,7 +250,7 @@ def run_kernel_benchmark(
 ) -> list[dict[str, object]]:
     """Check, then time every provider on every shape and density; one CSV row per timing.
 
-    For each shape the kernel is first checked against ``chunked_reference`` (fp32) on its first
+    For each shape the kernel is first checked against the reference backend (fp32) on its first
     ``reference_heads`` heads at the first density, and at every density against FlexAttention
     (when timed) and, at density 1.0, cuDNN. A relative error above 2e-2 raises.
 
@@ -314,13 +294,6 @@ def _bench_shape(
     log: Callable[[str], None],
 ) -> list[dict[str, object]]:
     """Rows of one shape: dense baselines, then check and time every density."""
-    from compact_search.runtime.reference import chunked_reference
-    from compact_search.runtime.triton_attention import (
-        autotuned_config,
-        selected_kernel,
-        triton_sparse_attention,
-    )
-
     rows: list[dict[str, object]] = []
     generator = torch.Generator(device="cuda").manual_seed(seed)
     size = (1, shape.heads, shape.tokens, shape.head_dim)
@@ -342,7 +315,7 @@ def _bench_shape(
     for provider, backend in (("cudnn", "CUDNN_ATTENTION"), ("fa2", "FLASH_ATTENTION")):
         if provider not in providers:
             continue
-        run = _sdpa(backend)
+        run = dense_sdpa(backend)
         dense_out[provider] = run(q, k, v)
         timing = time_call(lambda run=run: run(q, k, v))
         dense_ms[provider] = timing.p50_ms
@@ -358,7 +331,7 @@ def _bench_shape(
         )
         log(f"{shape.name} {provider} dense: {timing.p50_ms:.2f} ms")
     if "fa2" in dense_out and "cudnn" in dense_out:
-        err = _relative_error(dense_out["fa2"], dense_out["cudnn"])
+        err = relative_error(dense_out["fa2"], dense_out["cudnn"])
         log(f"{shape.name} fa2 vs cudnn relative error {err:.1e}")
     dense_out.pop("fa2", None)
 
@@ -376,25 +349,26 @@ def _bench_shape(
         checks = {}
         if index == 0 and reference_heads:
             heads = slice(0, reference_heads)
-            expected = chunked_reference(
+            expected = sparse_attention(
                 q[:, heads].float(),
                 k[:, heads].float(),
                 v[:, heads].float(),
                 block_mask[heads],
                 block_size=block_size,
+                backend="reference",
             )
-            checks["reference"] = _relative_error(out[:, heads], expected)
+            checks["reference"] = relative_error(out[:, heads], expected)
         flex_mask = None
         if flex is not None:
             flex_mask = flex_block_mask(block_mask, shape.tokens, block_size)
-            checks["flex"] = _relative_error(out, flex(q, k, v, block_mask=flex_mask))
+            checks["flex"] = relative_error(out, flex(q, k, v, block_mask=flex_mask))
         if target >= 1.0 and "cudnn" in dense_out:
-            checks["cudnn"] = _relative_error(out, dense_out["cudnn"])
+            checks["cudnn"] = relative_error(out, dense_out["cudnn"])
         if "triton-portable" in providers:
             portable = triton_sparse_attention(
                 q, k, v, block_mask, block_size=block_size, kernel="portable"
             )
-            checks["portable"] = _relative_error(out, portable)
+            checks["portable"] = relative_error(out, portable)
         if out.isnan().any():
             raise RuntimeError(f"{shape.name} density {target}: NaN in the kernel output")
         log(
@@ -442,64 +416,6 @@ def _bench_shape(
     return rows
 
 
-def sweep_kernel_configs(
-    shape: BenchShape,
-    densities: Iterable[float],
-    configs: dict[str, object],
-    *,
-    block_size: int = 128,
-    seed: int = 0,
-    log: Callable[[str], None] = print,
-) -> list[dict[str, object]]:
-    """Time the kernel under each named launch config (no autotuning), with cuDNN for scale.
-
-    A config that fails to compile or run is logged and skipped; every output is compared with
-    the first config's. Returns rows with config, density, p20/p50/p80 ms and share of ideal.
-    """
-    from compact_search.runtime.triton_attention import triton_sparse_attention
-
-    generator = torch.Generator(device="cuda").manual_seed(seed)
-    size = (1, shape.heads, shape.tokens, shape.head_dim)
-    q, k, v = (
-        torch.randn(size, device="cuda", dtype=torch.bfloat16, generator=generator)
-        for _ in range(3)
-    )
-    cudnn = _sdpa("CUDNN_ATTENTION")
-    cudnn_ms = time_call(lambda: cudnn(q, k, v)).p50_ms
-    log(f"{shape.name} cudnn dense: {cudnn_ms:.2f} ms")
-    rows = []
-    for target in densities:
-        block_mask = head_block_masks(shape, target, block_size)[0].cuda()
-        density = block_mask.float().mean().item()
-        expected = None
-        for name, config in configs.items():
-            use_tma = not name.startswith("pointers")
-
-            def run(config=config, use_tma=use_tma, m=block_mask):
-                return triton_sparse_attention(
-                    q, k, v, m, block_size=block_size, config=config, use_tma=use_tma
-                )
-
-            try:
-                out = run()
-                torch.cuda.synchronize()
-            except Exception as exc:  # a config the compiler rejects is a result, not a crash
-                log(f"{name} density {density:.3f}: failed: {type(exc).__name__}: {exc}"[:300])
-                continue
-            expected = out if expected is None else expected
-            error = _relative_error(out, expected)
-            timing = time_call(run)
-            share = cudnn_ms * density / timing.p50_ms
-            log(
-                f"{name} density {density:.3f}: {timing.p50_ms:.3f} ms, share of ideal "
-                f"{share:.3f}, rel err vs first {error:.1e}"
-            )
-            rows.append(
-                {"config": name, "density": density, **vars(timing), "share_of_ideal": share}
-            )
-    return rows
-
-
 def add_speedups(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     """Fill speed-up columns against cuDNN, FA2 (same shape) and FlexAttention (same density).
 
@@ -524,36 +440,13 @@ def add_speedups(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     return rows
 
 
-# --- outputs -----------------------------------------------------------------------------------
+def csv_rows(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Rows as kernel.csv holds them: the columns of CSV_FIELDS in order, floats to 4 places."""
 
+    def cell(value: object) -> object:
+        return round(value, 4) if isinstance(value, float) else value
 
-def append_csv(rows: list[dict[str, object]], path: Path) -> None:
-    """Append rows to ``path`` (header written when the file is new)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    is_new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        if is_new:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _fmt(row.get(k, "")) for k in CSV_FIELDS})
-
-
-def read_csv(path: Path) -> list[dict[str, object]]:
-    """Rows of a kernel CSV, numbers parsed back to floats (empty cells stay "")."""
-
-    def parse(value: str) -> object:
-        try:
-            return float(value)
-        except ValueError:
-            return value
-
-    with path.open(newline="") as handle:
-        return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(handle)]
-
-
-def _fmt(value: object) -> object:
-    return round(value, 4) if isinstance(value, float) else value
+    return [{key: cell(row.get(key, "")) for key in CSV_FIELDS} for row in rows]
 
 
 def plot_speedups(rows: list[dict[str, object]], path: Path) -> None:

@@ -54,11 +54,11 @@ def run_demo(
 ) -> DemoSummary:
     import optuna
 
-    from compact_search.models.tiny.data import sample_scene_specs
-    from compact_search.models.tiny.pipeline import load_tiny_pipeline
-    from compact_search.profiling import load_profile, load_settings
+    from compact_search.evaluate import evaluation_prompts
+    from compact_search.models.adapters import load_model
+    from compact_search.profiling import load_capture, load_run_profile
     from compact_search.profiling.capture import profile_from_file
-    from compact_search.profiling.settings import resolve_profile_path
+    from compact_search.profiling.settings import resolve_run_profile
     from compact_search.search import SearchConfig, optimize_profile
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the stage header says enough
@@ -72,7 +72,7 @@ def run_demo(
         seconds[name] = time.perf_counter() - start
         return value
 
-    settings = load_settings(resolve_profile_path(options.profile))
+    settings = load_run_profile(resolve_run_profile(options.profile))
     dense_steps = round(options.dense_fraction * settings.num_steps)
     stage("1/6 profile", lambda: profile_from_file(options.profile, out_dir / "profile"))
     search = SearchConfig(
@@ -96,25 +96,21 @@ def run_demo(
         "5/6 check",
         lambda: check_config(
             exported.config,
-            load_profile(out_dir / "heldout-profile"),
+            load_capture(out_dir / "heldout-profile"),
             tolerance=options.check_tolerance,
         ),
     )
-    specs = sample_scene_specs(
-        options.eval_prompts, torch.Generator().manual_seed(options.eval_seed), split="held_out"
-    )
 
     def evaluate():
-        pipeline = load_tiny_pipeline("cpu")
+        model = load_model(settings, torch.device("cpu"))
         return evaluate_config(
-            pipeline,
+            model,
             exported.config,
-            [s.prompt for s in specs],
+            evaluation_prompts(model, settings.prompts, options.eval_prompts, options.eval_seed),
             seed=options.eval_seed,
             num_steps=settings.num_steps,
             guidance_scale=settings.guidance,
             out_dir=out_dir / "previews",
-            specs=specs,
         )
 
     evaluation = stage("6/6 evaluate", evaluate)

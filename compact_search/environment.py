@@ -1,11 +1,17 @@
-"""Where a number was measured: device, versions, git sha and date, for benchmark CSV rows."""
+"""Where a number was measured (device, versions, git sha, date) and the CSV it is appended to.
+
+Shared by `compact-search bench` and the scripts in benchmarks/, so every results CSV carries the
+same facts and grows the same way.
+"""
 
 from __future__ import annotations
 
+import csv
 import datetime
 import os
 import platform
 import subprocess
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -29,6 +35,7 @@ def git_sha() -> str:
 
 
 def environment() -> dict[str, str]:
+    """device (GPU name, else the CPU), torch, triton, git_sha and the UTC date (YYYY-MM-DD)."""
     try:
         import triton
 
@@ -45,3 +52,27 @@ def environment() -> dict[str, str]:
         "git_sha": git_sha(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
     }
+
+
+def append_rows(csv_path: Path, rows: Iterable[Mapping[str, object]]) -> None:
+    """Append rows to a CSV; its columns become the old header followed by any new keys.
+
+    The file is rewritten whole, so rows from older runs keep their cells when a benchmark adds a
+    column (their new cells stay empty) instead of shifting under a header they do not match.
+    """
+    rows = list(rows)
+    csv_path = Path(csv_path)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    header: list[str] = []
+    existing: list[dict[str, str]] = []
+    if csv_path.exists():
+        with csv_path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            existing = list(reader)
+            header = list(reader.fieldnames or [])
+    columns = list(dict.fromkeys([*header, *(key for row in rows for key in row)]))
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(existing)
+        writer.writerows(rows)

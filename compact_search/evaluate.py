@@ -1,8 +1,10 @@
 """`compact-search evaluate`: the same prompts and seeds, dense vs compact, side by side.
 
-Quality: PSNR and SSIM of the compact videos against the dense ones, and (built-in model) the
-fidelity detector's accuracy on both. Speed: self-attention time and end-to-end sampling time on
-this device. Previews: one GIF per prompt, dense left, compact right.
+The model comes from the adapter registry (`models.adapters.load_model`) as a `LoadedModel`
+whose pipeline returns videos. Quality: PSNR and SSIM of the compact videos against the dense
+ones, and, where the model's plug-in scores fidelity, that score on both. Speed: self-attention
+time and end-to-end sampling time on this device. Previews: one GIF per prompt, dense left,
+compact right.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from compact_search.config import CompactConfig
-from compact_search.runtime.apply import apply, installer_for
+from compact_search.errors import UserInputError
+from compact_search.models.plugin import LoadedModel
+from compact_search.models.wan import dense_attention
+from compact_search.previews import save_gif
+from compact_search.runtime.apply import apply
 
 
 def psnr(test: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -111,20 +117,29 @@ class EvaluationReport:
         return out
 
 
-def _sample(pipeline, prompts, *, num_steps, guidance_scale, seed, callback):
-    if next(pipeline.transformer.parameters()).is_cuda:
+def evaluation_prompts(model: LoadedModel, run_profile_prompts, count: int, seed: int) -> list[str]:
+    """`count` prompts to evaluate on: the model's held-out prompts drawn from `seed` where its
+    plug-in offers them, else the first `count` of the run profile's."""
+    if model.heldout_prompts is not None:
+        return model.heldout_prompts(count, seed)
+    return list(run_profile_prompts)[:count]
+
+
+def _timed_run(model: LoadedModel, prompts, *, seed, num_steps, guidance_scale, on_step):
+    cuda = next(model.transformers[0].parameters()).is_cuda
+    if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    videos = pipeline(
-        prompts, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed, callback=callback
-    ).videos
-    if next(pipeline.transformer.parameters()).is_cuda:
+    videos = model.run(
+        prompts, seed=seed, num_steps=num_steps, guidance_scale=guidance_scale, on_step=on_step
+    )
+    if cuda:
         torch.cuda.synchronize()
     return videos, time.perf_counter() - start
 
 
 def evaluate_config(
-    pipeline,
+    model: LoadedModel,
     config: CompactConfig,
     prompts: list[str],
     *,
@@ -132,46 +147,38 @@ def evaluate_config(
     num_steps: int | None = None,
     guidance_scale: float = 4.0,
     out_dir: Path | None = None,
-    specs: list | None = None,
     backend: str = "auto",
+    rescale: bool = False,
 ) -> EvaluationReport:
     """Sample `prompts` dense, then with `config` applied, with the same seed; compare.
 
-    `pipeline(prompts, num_steps=, guidance_scale=, seed=, callback=)` must return an object
-    with `.videos` [B, C, F, H, W] in [0, 1]. `specs` (built-in model) are the scenes the prompts
-    describe: the fidelity detector scores both runs against them.
+    `model.run` must return videos [B, C, F, H, W] in [0, 1] (`model.output == "video"`). Where
+    the model scores fidelity (`model.score_fidelity`), both runs are scored. `rescale` adapts a
+    config made for another token grid (`compact_search.apply(..., rescale=True)`).
     """
-    num_steps = num_steps or config.schedule.num_steps
-    install = installer_for(config.model.adapter)
-
-    dense_timer = AttentionTimer()
-    from compact_search.models.wan import dense_attention
-
-    handle = install(pipeline.transformer, dense_timer.wrap(dense_attention))
-    try:
-        dense, dense_total = _sample(
-            pipeline,
-            prompts,
-            num_steps=num_steps,
-            guidance_scale=guidance_scale,
-            seed=seed,
-            callback=None,
+    if model.output != "video":
+        raise UserInputError(
+            f"evaluate compares videos; the {model.adapter.name} pipeline loaded here returns "
+            f"{model.output}s"
         )
-    finally:
-        handle.revert()
+    num_steps = num_steps or config.schedule.num_steps
+    sampling = {"seed": seed, "num_steps": num_steps, "guidance_scale": guidance_scale}
 
-    compact_timer = AttentionTimer()
-    runtime = apply(pipeline, config, backend=backend)
-    runtime._attention_handle.revert()  # re-install the runtime's attention under a timer
-    runtime._attention_handle = install(pipeline.transformer, compact_timer.wrap(runtime.attention))
+    # Applied first, so a config that does not fit fails before any sampling; its attention
+    # is swapped for timed dense attention, then for its own under a timer.
+    runtime = apply(model.pipeline, config, backend=backend, rescale=rescale)
+    dense_timer, compact_timer = AttentionTimer(), AttentionTimer()
     try:
-        compact, compact_total = _sample(
-            pipeline,
+        runtime._attention_handle.revert()
+        runtime._attention_handle = model.install(dense_timer.wrap(dense_attention))
+        dense, dense_total = _timed_run(model, prompts, **sampling, on_step=None)
+        runtime._attention_handle.revert()
+        runtime._attention_handle = model.install(compact_timer.wrap(runtime.attention))
+        compact, compact_total = _timed_run(
+            model,
             prompts,
-            num_steps=num_steps,
-            guidance_scale=guidance_scale,
-            seed=seed,
-            callback=runtime.set_step,
+            **sampling,
+            on_step=lambda step: runtime.set_step(step, num_steps),
         )
     finally:
         runtime.revert()
@@ -179,23 +186,15 @@ def evaluate_config(
     psnrs, ssims = psnr(compact, dense), ssim(compact, dense)
     dense_hits = compact_hits = [None] * len(prompts)
     dense_fidelity = compact_fidelity = None
-    if specs is not None:
-        from compact_search.models.tiny.detector import detect_batch, score_detections
-
-        dense_det, compact_det = detect_batch(dense), detect_batch(compact)
-        dense_fidelity = score_detections(dense_det, specs).as_dict()
-        compact_fidelity = score_detections(compact_det, specs).as_dict()
-
-        def correct(d, s) -> bool:
-            return (d.colour, d.shape, d.direction) == (s.colour, s.shape, s.direction)
-
-        dense_hits = [correct(d, s) for d, s in zip(dense_det, specs, strict=True)]
-        compact_hits = [correct(d, s) for d, s in zip(compact_det, specs, strict=True)]
+    if model.score_fidelity is not None:
+        dense_score = model.score_fidelity(dense, prompts)
+        compact_score = model.score_fidelity(compact, prompts)
+        if dense_score is not None and compact_score is not None:
+            dense_fidelity, compact_fidelity = dense_score.scores, compact_score.scores
+            dense_hits, compact_hits = dense_score.correct, compact_score.correct
 
     previews = [None] * len(prompts)
     if out_dir is not None:
-        from compact_search.models.tiny.pipeline import save_gif
-
         out_dir.mkdir(parents=True, exist_ok=True)
         gap = torch.ones_like(dense[0][..., :2])  # a white 2-pixel divider
         for i in range(len(prompts)):
@@ -220,7 +219,8 @@ def evaluate_config(
         dense_total_s=dense_total,
         compact_total_s=compact_total,
         mean_density=config.summary()["mean_density"],
-        device=str(next(pipeline.transformer.parameters()).device),
+        device=str(next(model.transformers[0].parameters()).device),
         num_steps=num_steps,
         dense_steps=config.schedule.dense_steps,
+        extra={"notes": list(runtime.notes)} if runtime.notes else {},
     )

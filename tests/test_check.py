@@ -19,7 +19,7 @@ TILE_GRID = Grid(4, 2, 2)
 
 @dataclass
 class PlantedProfile:
-    """Duck-typed Profile: every head puts `local_share` of its mass on its own tile."""
+    """Duck-typed Capture: every head puts `local_share` of its mass on its own tile."""
 
     local_share: float = 0.95
     num_layers: int = 2

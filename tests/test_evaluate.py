@@ -7,7 +7,7 @@ import torch
 
 from compact_search.config import GeometrySpec, ModelSpec, StepSchedule, uniform_config
 from compact_search.evaluate import evaluate_config, psnr, ssim
-from compact_search.geometry import Grid, TileShape
+from compact_search.geometry import TileShape
 from compact_search.patterns import HeadPattern
 
 
@@ -28,6 +28,9 @@ def test_psnr_and_ssim_on_known_inputs():
 
 @pytest.fixture(scope="module")
 def small_pipeline():
+    """A small random-weight built-in pipeline, as the adapter registry hands models out."""
+    from compact_search.models.adapters import get_adapter
+    from compact_search.models.tiny.builtin import tiny_loaded_model
     from compact_search.models.tiny.pipeline import (
         TinyModelConfig,
         TinyVideoPipeline,
@@ -37,11 +40,13 @@ def small_pipeline():
     torch.manual_seed(0)
     config = TinyModelConfig(num_layers=2, num_heads=2, head_dim=32, ffn_dim=64)
     transformer, text_encoder = build_models(config)
-    return TinyVideoPipeline(config, transformer, text_encoder)
+    return tiny_loaded_model(
+        get_adapter("wan"), TinyVideoPipeline(config, transformer, text_encoder)
+    )
 
 
-def config_for(pipeline, patterns, dense_steps):
-    grid = Grid(*pipeline.grid)
+def config_for(model, patterns, dense_steps):
+    grid = model.grid
     return uniform_config(
         ModelSpec("tiny-random", "wan", 2, 2, 32),
         GeometrySpec(grid, TileShape(2, 4, 8), block_size=64),

@@ -132,12 +132,12 @@ def test_export_at_another_recall_and_as_flex_masks(workspace):
 
 def test_exported_config_runs_inside_the_sampler(workspace):
     from compact_search import apply
-    from compact_search.profiling import load_settings
-    from compact_search.profiling.sources import load_source
+    from compact_search.models.adapters import load_model
+    from compact_search.profiling import load_run_profile
 
-    settings = load_settings(workspace / "small.toml")
-    model = load_source(settings, torch.device("cpu"))
-    handle = apply(model.transformer, workspace / "config.json")
+    settings = load_run_profile(workspace / "small.toml")
+    model = load_model(settings, torch.device("cpu"))
+    handle = apply(model.transformers[0], workspace / "config.json")
     steps = []
 
     def on_step(step):
@@ -145,7 +145,13 @@ def test_exported_config_runs_inside_the_sampler(workspace):
         steps.append(handle.current_bucket())
 
     with torch.no_grad():
-        model.sample(settings.prompts[0], 3, on_step)
+        model.run(
+            [settings.prompts[0]],
+            seed=3,
+            num_steps=settings.num_steps,
+            guidance_scale=settings.guidance,
+            on_step=on_step,
+        )
     handle.revert()
     assert steps[:2] == [None, None] and set(steps[2:]) == {0}
     assert handle.calls["sparse"] > 0 and handle.calls["dense"] > 0

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from compact_search.errors import UserInputError
 from compact_search.geometry import Grid, TileShape, tile_grid_of, video_token_tiles
-from compact_search.profiling import load_profile, load_settings, run_profile
-from compact_search.profiling.settings import resolve_profile_path
-from compact_search.profiling.sources import load_source
+from compact_search.models.adapters import load_model
+from compact_search.profiling import load_profile, load_run_profile, run_profile
+from compact_search.profiling.settings import resolve_run_profile
 from compact_search.profiling.store import unit_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def write_profile(tmp_path: Path, store: str = "per-prompt", text: str | None = 
 def reference_run(tmp_path_factory):
     """One uninterrupted per-prompt run, shared by the tests that compare against it."""
     tmp = tmp_path_factory.mktemp("reference")
-    settings = load_settings(write_profile(tmp))
+    settings = load_run_profile(write_profile(tmp))
     run_profile(settings, tmp / "profile", progress=False)
     return settings, load_profile(tmp / "profile")
 
@@ -85,7 +85,7 @@ def test_round_trip_matches_brute_force(reference_run):
     assert profile.prompts == list(settings.prompts) and profile.prefix_tokens == 0
     assert profile.tiles == [TileShape(1, 4, 4), TileShape(2, 4, 4), TileShape(2, 8, 8)]
     # Record q, k of prompt 1, step 2, layer 2 with a plain hook, independently of the profiler.
-    model = load_source(settings, torch.device("cpu"))
+    model = load_model(settings, torch.device("cpu"))
     seen = {}
     state = {"step": -1}
 
@@ -94,8 +94,14 @@ def test_round_trip_matches_brute_force(reference_run):
             seen["q"], seen["k"] = q.clone(), k.clone()
         return F.scaled_dot_product_attention(q, k, v)
 
-    with torch.no_grad(), model.adapter.install(model.transformer, record):
-        model.sample(settings.prompts[1], settings.seeds[1], lambda s: state.update(step=s))
+    with torch.no_grad(), model.install(record):
+        model.run(
+            [settings.prompts[1]],
+            seed=settings.seeds[1],
+            num_steps=settings.num_steps,
+            guidance_scale=settings.guidance,
+            on_step=lambda s: state.update(step=s),
+        )
     for tile in profile.tiles:
         expected = brute_force_mass(seen["q"], seen["k"], profile.grid, tile)  # [H, nt, nt]
         for head in (0, 3):
@@ -127,7 +133,7 @@ class _Interrupt(Exception):
 
 def test_resume_after_interruption_in_process(tmp_path, reference_run):
     _, reference = reference_run
-    settings = load_settings(write_profile(tmp_path))
+    settings = load_run_profile(write_profile(tmp_path))
     written = []
 
     def stop_after_eight(prompt, step, layer):
@@ -174,7 +180,7 @@ def test_resume_after_killing_a_real_cli_run(tmp_path, reference_run):
 
 def test_ranks_shard_prompts_and_merge(tmp_path, reference_run):
     _, reference = reference_run
-    settings = load_settings(write_profile(tmp_path))
+    settings = load_run_profile(write_profile(tmp_path))
     out = tmp_path / "sharded"
     # Rank 1 of 2 takes prompt 1 and leaves its part; rank 0 takes prompts 0 and 2, then merges.
     partial = run_profile(settings, out, rank=1, world=2, progress=False)
@@ -190,7 +196,7 @@ def test_prompt_mean_store_sharded(tmp_path, reference_run):
     """Prompt-mean store: S = captured steps, each sample the mean over prompts; the rank merge
     weights each part's mean by its prompt count."""
     _, per_prompt = reference_run
-    settings = load_settings(write_profile(tmp_path, "prompt-mean"))
+    settings = load_run_profile(write_profile(tmp_path, "prompt-mean"))
     out = tmp_path / "profile"
     run_profile(settings, out, rank=1, world=2, progress=False)
     run_profile(settings, out, rank=0, world=2, progress=False)
@@ -254,7 +260,7 @@ BAD_FIELDS = [
 def test_bad_fields_give_one_line_naming_the_field(tmp_path, old, new, field):
     text = SMALL_PROFILE.replace(old, new).format(store="per-prompt")
     with pytest.raises(UserInputError) as info:
-        load_settings(write_profile(tmp_path, text=text))
+        load_run_profile(write_profile(tmp_path, text=text))
     message = str(info.value)
     assert field in message and "\n" not in message.strip()
 
@@ -263,7 +269,7 @@ def test_shipped_profiles_parse():
     names = sorted(p.stem for p in (REPO / "profiles").glob("*.toml"))
     assert "tiny" in names
     for name in names:
-        settings = load_settings(resolve_profile_path(name))
+        settings = load_run_profile(resolve_run_profile(name))
         assert settings.tiles and settings.prompts
 
 
@@ -313,7 +319,7 @@ def test_missing_checkpoint_is_one_line(tmp_path):
     text = SMALL_PROFILE.format(store="per-prompt").replace(
         'source = "builtin:tiny-random"', 'source = "no-such-checkpoint"'
     )
-    settings = load_settings(write_profile(tmp_path, text=text))
+    settings = load_run_profile(write_profile(tmp_path, text=text))
     with pytest.raises(UserInputError, match="not a local diffusers pipeline"):
         run_profile(settings, tmp_path / "profile", progress=False)
 
@@ -324,14 +330,14 @@ def test_rank0_gives_up_on_a_dead_rank_with_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(capture, "MERGE_STALL_S", 0.3)
     monkeypatch.setattr(capture, "MERGE_POLL_S", 0.05)
-    settings = load_settings(write_profile(tmp_path, "per-prompt"))
+    settings = load_run_profile(write_profile(tmp_path, "per-prompt"))
     with pytest.raises(UserInputError, match=r"no rank wrote a unit .* prompts \[1\]"):
         run_profile(settings, tmp_path / "profile", rank=0, world=2, progress=False)
     assert not (tmp_path / "profile" / "profile.json").exists()
 
 
 def test_source_identity_follows_configs_and_weight_sizes_not_timestamps(tmp_path):
-    from compact_search.profiling.capture import source_identity
+    from compact_search.models.adapters import source_identity
 
     folder = tmp_path / "checkpoint"
     (folder / "transformer").mkdir(parents=True)
@@ -354,7 +360,7 @@ def test_source_identity_follows_configs_and_weight_sizes_not_timestamps(tmp_pat
 def test_resuming_over_other_weights_is_refused(tmp_path, monkeypatch):
     from compact_search.profiling import capture
 
-    settings = load_settings(write_profile(tmp_path))
+    settings = load_run_profile(write_profile(tmp_path))
     out = tmp_path / "profile"
     run_profile(settings, out, progress=False)
     monkeypatch.setattr(capture, "source_identity", lambda source: "retrained")

@@ -37,9 +37,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 import compact_search
 from compact_search.config import load_config
 from compact_search.errors import UserInputError
+from compact_search.models import diffusers_folder
 from compact_search.models.adapters import get_adapter
 from compact_search.profiling import load_profile
-from compact_search.profiling import sources as profile_sources
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -431,6 +431,22 @@ def test_profile_reads_the_pipeline_folder(workspace):
     torch.testing.assert_close(mass.sum(-1), torch.ones(mass.shape[:-1]))
 
 
+def test_the_folder_loader_runs_the_pipeline_to_latents(workspace):
+    """The loader every diffusers family shares: the folder's own transformer, the run
+    profile's grid, steps reported before each step and after the last, latents out."""
+    from compact_search.models.adapters import load_model
+    from compact_search.profiling import load_run_profile
+
+    model = load_model(load_run_profile(workspace.path("model.toml")), torch.device("cpu"))
+    assert model.adapter is get_adapter(workspace.case.adapter) and model.output == "latent"
+    assert model.transformers == (model.pipeline.transformer,)
+    assert model.grid.as_tuple() == GRID
+    steps = []
+    latents = model.run(PROMPTS[:1], seed=0, num_steps=2, guidance_scale=1.0, on_step=steps.append)
+    assert steps == [0, 1, 2]
+    assert latents.shape[0] == 1 and torch.isfinite(latents).all()
+
+
 @pytest.mark.parametrize("workspace", CASES[:1], indirect=True, ids=["wan"])
 def test_torchrun_profile_matches_one_process(workspace):
     """docs step 2's `torchrun ... -m cli profile`: prompts sharded over 2 ranks, same result.
@@ -592,9 +608,9 @@ def test_sizes_the_pipeline_would_change_are_refused_in_one_line(workspace, fiel
 
 
 def test_missing_transformers_or_accelerate_is_one_line(workspace, monkeypatch, capsys):
-    real_find_spec = profile_sources.find_spec
+    real_find_spec = diffusers_folder.find_spec
     monkeypatch.setattr(
-        profile_sources,
+        diffusers_folder,
         "find_spec",
         lambda name: None if name == "accelerate" else real_find_spec(name),
     )

@@ -10,6 +10,7 @@ from compact_search.models.tiny.report import (
     min_density_for_recall,
     random_weights_pipeline,
 )
+from compact_search.profiling import attention_tile_mass
 
 
 def test_uniform_rows_need_the_recall_share_and_one_hot_rows_need_one_tile_each():
@@ -42,7 +43,12 @@ def test_time_shift_keeps_the_ends_and_moves_times_towards_noise():
 def test_trained_heads_are_sparser_and_more_varied_than_random_heads():
     torch.set_num_threads(2)
     trained = load_tiny_pipeline("cpu")
-    options = {"num_prompts": 1, "capture_steps": (0,), "num_steps": 1}
+    options = {
+        "num_prompts": 1,
+        "capture_steps": (0,),
+        "num_steps": 1,
+        "tile_mass_fn": attention_tile_mass,
+    }
     learned = head_structure_report(trained, label="trained", **options)
     untrained = head_structure_report(random_weights_pipeline(trained), label="random", **options)
     assert learned.densities.shape == (6, 4)

@@ -1,48 +1,32 @@
-"""Model adapters: how to route a transformer's self-attention through `attention_fn`, and where
-its prefix (text) tokens sit in the joint sequence.
+"""The adapter registry: every model family compact-search serves, and the models built into them.
 
-`ADAPTERS[name].install(transformer, attention_fn) -> handle` installs processors that call
-`attention_fn(layer, q, k, v)` with q, k, v [B, H, S, D] after RoPE; `handle.revert()` undoes it.
-`prefix_at` says where the S - F*H*W prefix tokens sit: "start" (CogVideoX: [text + video]),
-"end" (HunyuanVideo: [video + text]); Wan has none.
+`ADAPTERS[name]` is an `Adapter` (`models/plugin.py`): how to route the family's self-attention
+(`install`, `attention_modules`, `prefix_at`), and how to load its models (`load`). The diffusers
+families load local pipeline folders with the one shared loader; the built-in tiny model is a Wan
+transformer and registers as the Wan adapter's built-in models `builtin:tiny` and
+`builtin:tiny-random` (`models/tiny/builtin.py`). A new family, or a new built-in model, is one
+entry here; the stages that use them look them up and never name them.
+
+`load_model(run_profile, device)` loads what a run profile's `[model]` names;
+`source_identity(source)` names its weights for resume checks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import hashlib
+
+import torch
 
 from compact_search.errors import UserInputError
 from compact_search.models.cogvideox import (
     cogvideox_self_attention_modules,
     install_cogvideox_attention,
 )
+from compact_search.models.diffusers_folder import folder_identity, load_diffusers_folder
 from compact_search.models.hunyuan import hunyuan_self_attention_modules, install_hunyuan_attention
-from compact_search.models.wan import (
-    AttentionFn,
-    AttentionHandle,
-    install_wan_attention,
-    wan_self_attention_modules,
-)
-
-
-@dataclass(frozen=True)
-class Adapter:
-    """How compact-search meets one model family's self-attention."""
-
-    name: str
-    install: Callable[[object, AttentionFn], AttentionHandle]
-    attention_modules: Callable[[object], list]
-    prefix_at: str  # "start" | "end"; irrelevant when the model has no prefix tokens
-    transformer_class: str  # diffusers class name, to infer the adapter from a checkpoint
-
-    def __post_init__(self) -> None:
-        if self.prefix_at not in ("start", "end"):
-            raise ValueError(f"prefix_at must be 'start' or 'end', got {self.prefix_at!r}")
-
-    def num_layers(self, transformer) -> int:
-        return len(self.attention_modules(transformer))
-
+from compact_search.models.plugin import Adapter, BuiltinModel, LoadedModel, ModelSettings
+from compact_search.models.tiny.builtin import TINY_MODELS
+from compact_search.models.wan import install_wan_attention, wan_self_attention_modules
 
 ADAPTERS: dict[str, Adapter] = {
     adapter.name: adapter
@@ -53,6 +37,8 @@ ADAPTERS: dict[str, Adapter] = {
             wan_self_attention_modules,
             "start",
             "WanTransformer3DModel",
+            load_diffusers_folder,
+            builtins=TINY_MODELS,
         ),
         Adapter(
             "cogvideox",
@@ -60,6 +46,7 @@ ADAPTERS: dict[str, Adapter] = {
             cogvideox_self_attention_modules,
             "start",
             "CogVideoXTransformer3DModel",
+            load_diffusers_folder,
         ),
         Adapter(
             "hunyuanvideo",
@@ -67,6 +54,7 @@ ADAPTERS: dict[str, Adapter] = {
             hunyuan_self_attention_modules,
             "end",
             "HunyuanVideoTransformer3DModel",
+            load_diffusers_folder,
         ),
     )
 }
@@ -84,8 +72,33 @@ def get_adapter(name: str) -> Adapter:
 
 def adapter_for(transformer) -> Adapter:
     """The adapter whose diffusers class the transformer is (or derives from)."""
-    names = {cls.__name__ for cls in type(transformer).__mro__}
     for adapter in ADAPTERS.values():
-        if adapter.transformer_class in names:
+        if adapter.serves(transformer):
             return adapter
     raise UserInputError(f"no adapter for {type(transformer).__name__}; known: {adapter_names()}")
+
+
+def builtin_sources() -> dict[str, str]:
+    """Every built-in `model.source` -> the name of the adapter that registered it."""
+    return {b.source: a.name for a in ADAPTERS.values() for b in a.builtins}
+
+
+def _builtin(source: str) -> BuiltinModel | None:
+    return next((b for a in ADAPTERS.values() if (b := a.builtin(source)) is not None), None)
+
+
+def load_model(settings: ModelSettings, device: torch.device) -> LoadedModel:
+    """The model a run profile names (`model.source` through `model.adapter`), on `device`."""
+    return get_adapter(settings.adapter).load(settings, device)
+
+
+def source_identity(source: str) -> str:
+    """sha256 naming the weights behind `model.source`, cheap even for a 30 GB checkpoint.
+
+    A built-in model: what it says names its weights (the shipped model: its model JSON, which
+    records the training run; seeded ones: nothing beyond the name). A folder:
+    `diffusers_folder.folder_identity`.
+    """
+    builtin = _builtin(source)
+    named = builtin.weights_identity() if builtin is not None else folder_identity(source)
+    return hashlib.sha256(source.encode() + named).hexdigest()

@@ -1,18 +1,20 @@
-"""`compact-search profile`: sample prompts, record tile mass at the chosen steps, stream to disk.
+"""`compact-search profile`: run a run profile, record tile mass at the chosen steps, stream it
+to disk as a capture.
 
 Flow for one process (rank r of w; a plain run is rank 0 of 1):
 
-1. Open the profile directory (`store.py`); a directory from an interrupted run with the same
-   settings resumes, other settings are refused.
-2. Load the model (`sources.py`) and install `TileMassRecorder` through the model's adapter. The
-   recorder returns the model's own dense attention, so sampling is unchanged; at captured steps
-   it also computes the tile mass of every captured layer for every candidate tile.
+1. Open the capture folder (`store.py`); a folder from an interrupted run with the same run
+   profile resumes, other settings are refused.
+2. Load the model through the adapter registry (`models.adapters.load_model`) and install
+   `TileMassRecorder` into its transformers. The recorder returns the model's own dense
+   attention, so sampling is unchanged; at captured steps it also computes the tile mass of every
+   captured layer for every candidate tile.
 3. For each of this rank's prompts (prompt i belongs to rank i mod w): read which (step, layer)
    units already cover it, sample only as far as the last missing step (the rest of the
    trajectory is never needed), and after each captured step fold the prompt's tile masses into
    the rank's unit files, one atomic rename per (step, layer).
 4. Rank 0 waits until every unit covers every prompt, merges the parts and writes profile.json
-   with the metadata and the fingerprint (settings + content).
+   with the metadata and the fingerprint (run profile + weights + content).
 
 With classifier-free guidance the tile mass of a step is the average over every transformer call
 of that step (conditional and unconditional, batched or not): one pattern serves both.
@@ -39,18 +41,16 @@ import torch.nn.functional as F
 
 from compact_search.errors import UserInputError
 from compact_search.geometry import Grid, TileShape
+from compact_search.models.adapters import load_model, source_identity
+from compact_search.models.plugin import LoadedModel
 from compact_search.profiling.dense import dense_attention_with_log_sum_exp
-from compact_search.profiling.settings import (
-    ProfileSettings,
-    load_settings,
-    resolve_profile_path,
-)
-from compact_search.profiling.sources import ProfiledModel, load_source
-from compact_search.profiling.store import ProfileStore, read_unit, unit_name
+from compact_search.profiling.settings import RunProfile, load_run_profile, resolve_run_profile
+from compact_search.profiling.store import CaptureStore, read_unit, unit_name
 from compact_search.profiling.tile_mass import multi_tile_mass
 
-PROFILE_FORMAT = "compact-search/profile"
-PROFILE_VERSION = 1
+# What profile.json of a capture declares (the folder format predates the word "capture").
+CAPTURE_FORMAT = "compact-search/profile"
+CAPTURE_VERSION = 1
 # How often rank 0 looks for the other ranks' units while waiting to merge, in seconds.
 MERGE_POLL_S = 2.0
 # Rank 0 gives up when no rank has added a unit for this long (a dead rank, e.g. one launched
@@ -117,7 +117,7 @@ class TileMassRecorder:
 
 
 @dataclass(frozen=True)
-class ProfileResult:
+class CaptureResult:
     """What a profile run did, for the CLI to render."""
 
     path: Path
@@ -163,12 +163,10 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _metadata(
-    settings: ProfileSettings, model_info: dict, layers: list[int], fingerprint: str
-) -> dict:
+def _metadata(settings: RunProfile, model_info: dict, layers: list[int], fingerprint: str) -> dict:
     return {
-        "format": PROFILE_FORMAT,
-        "version": PROFILE_VERSION,
+        "format": CAPTURE_FORMAT,
+        "version": CAPTURE_VERSION,
         "name": settings.name,
         "model": settings.source,
         "adapter": settings.adapter,
@@ -193,7 +191,7 @@ def _metadata(
 
 
 def run_profile(
-    settings: ProfileSettings,
+    settings: RunProfile,
     out: str | Path,
     *,
     device: str = "auto",
@@ -202,8 +200,8 @@ def run_profile(
     world: int | None = None,
     progress: bool = True,
     on_unit: Callable[[int, int, int], None] | None = None,
-) -> ProfileResult:
-    """Run (or resume) a profile into directory `out`. See the module doc for the flow.
+) -> CaptureResult:
+    """Run (or resume) a run profile into the capture folder `out`. See the module doc.
 
     `rank`/`world` default to torchrun's environment. `on_unit(prompt, step, layer)` is called
     after each unit write (tests use it to stop a run at a chosen point).
@@ -214,7 +212,7 @@ def run_profile(
     if restart and world > 1:
         # Rank 0 would clear the folder while other ranks read it: delete it before launching.
         raise UserInputError("--restart is not supported under torchrun; remove the folder instead")
-    store = ProfileStore(out)
+    store = CaptureStore(out)
     # Settings and the weights they point at: resuming over other weights (a retrained built-in
     # model, a replaced checkpoint) is refused like resuming over other settings.
     settings_fingerprint = hashlib.sha256(
@@ -223,10 +221,10 @@ def run_profile(
     if store.is_complete() and not restart:
         store.begin(settings.to_json(), settings_fingerprint)
         metadata = _read_metadata(store)
-        return ProfileResult(store.root, True, True, 0, 0, 0.0, metadata)
+        return CaptureResult(store.root, True, True, 0, 0, 0.0, metadata)
     resumed = store.begin(settings.to_json(), settings_fingerprint, restart=restart)
 
-    model = load_source(settings, _resolve_device(device))
+    model = load_model(settings, _resolve_device(device))
     layers = list(settings.capture_layers or range(model.num_layers))
     if layers[-1] >= model.num_layers:
         raise UserInputError(
@@ -248,7 +246,7 @@ def run_profile(
     captured = 0
     with _progress(progress, settings.name) as bar:
         task = bar.add_task("capturing", total=todo_units)
-        with torch.no_grad(), model.adapter.install(model.transformer, recorder):
+        with torch.no_grad(), model.install(recorder):
             for prompt in mine:
                 if not missing[prompt]:
                     continue
@@ -270,7 +268,7 @@ def run_profile(
         "head_dim": model.head_dim,
     }
     if rank != 0:
-        return ProfileResult(store.root, False, resumed, captured, total_units - todo_units,
+        return CaptureResult(store.root, False, resumed, captured, total_units - todo_units,
                              time.perf_counter() - started, None)  # fmt: skip
     _wait_for_ranks(store, steps, layers, len(settings.prompts), world)
     store.merge(steps, layers, len(settings.prompts), settings.store)
@@ -278,37 +276,14 @@ def run_profile(
     fingerprint = _fingerprint(settings_fingerprint, store.content_hash(steps, layers))
     metadata = _metadata(settings, model_info, layers, fingerprint)
     store.write_metadata(metadata)
-    return ProfileResult(store.root, True, resumed, captured, total_units - todo_units,
+    return CaptureResult(store.root, True, resumed, captured, total_units - todo_units,
                          time.perf_counter() - started, metadata)  # fmt: skip
 
 
-def source_identity(source: str) -> str:
-    """sha256 naming the weights behind ``model.source``, cheap even for a 30 GB checkpoint.
-
-    Built-in tiny model: its model JSON (which records the training run of the shipped weights).
-    Other built-ins are seeded in code. A folder: the text of every JSON in it and the name and
-    size of every other file (weights are not read).
-    """
-    digest = hashlib.sha256(source.encode())
-    if source == "builtin:tiny":
-        from compact_search.models.tiny.pipeline import CONFIG_FILE, WEIGHTS_DIR
-
-        digest.update((WEIGHTS_DIR / CONFIG_FILE).read_bytes())
-    elif not source.startswith("builtin:"):
-        folder = Path(source)
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            name = path.relative_to(folder).as_posix()
-            if path.suffix == ".json":
-                digest.update(f"{name}:".encode() + path.read_bytes())
-            else:
-                digest.update(f"{name}:{path.stat().st_size}".encode())
-    return digest.hexdigest()
-
-
 def _capture_prompt(
-    settings: ProfileSettings,
-    model: ProfiledModel,
-    store: ProfileStore,
+    settings: RunProfile,
+    model: LoadedModel,
+    store: CaptureStore,
     recorder: TileMassRecorder,
     rank: int,
     prompt: int,
@@ -338,11 +313,17 @@ def _capture_prompt(
         recorder.start_step(missing.get(step, frozenset()))
 
     with contextlib.suppress(_SamplingDone):
-        model.sample(settings.prompts[prompt], settings.seeds[prompt], on_step)
+        model.run(
+            [settings.prompts[prompt]],
+            seed=settings.seeds[prompt],
+            num_steps=settings.num_steps,
+            guidance_scale=settings.guidance,
+            on_step=on_step,
+        )
     return state["written"]
 
 
-def _wait_for_ranks(store: ProfileStore, steps, layers, num_prompts: int, world: int) -> None:
+def _wait_for_ranks(store: CaptureStore, steps, layers, num_prompts: int, world: int) -> None:
     """Rank 0 waits until the other ranks' units cover every prompt (file-based, no NCCL)."""
     everything = set(range(num_prompts))
     progress, last_change = -1, time.monotonic()
@@ -364,7 +345,7 @@ def _wait_for_ranks(store: ProfileStore, steps, layers, num_prompts: int, world:
         time.sleep(MERGE_POLL_S)
 
 
-def _merged_prefix_tokens(store: ProfileStore, steps, layers) -> int:
+def _merged_prefix_tokens(store: CaptureStore, steps, layers) -> int:
     return read_unit(store.merged_dir / unit_name(steps[0], layers[0])).prefix_tokens
 
 
@@ -372,7 +353,7 @@ def _fingerprint(settings_fingerprint: str, content_hash: str) -> str:
     return hashlib.sha256(f"{settings_fingerprint}:{content_hash}".encode()).hexdigest()[:32]
 
 
-def _read_metadata(store: ProfileStore) -> dict:
+def _read_metadata(store: CaptureStore) -> dict:
     try:
         return json.loads(store.metadata_path.read_text())
     except ValueError:
@@ -415,9 +396,9 @@ def profile_from_file(
     device: str = "auto",
     restart: bool = False,
     progress: bool = True,
-) -> ProfileResult:
-    """The CLI's entry: resolve and parse a profile file, then run it into `out`
-    (default runs/<name>/profile)."""
-    settings = load_settings(resolve_profile_path(profile))
+) -> CaptureResult:
+    """The CLI's entry: resolve and parse a run profile, then run it into the capture folder
+    `out` (default runs/<name>/profile)."""
+    settings = load_run_profile(resolve_run_profile(profile))
     out = Path(out) if out is not None else Path("runs") / settings.name / "profile"
     return run_profile(settings, out, device=device, restart=restart, progress=progress)

@@ -1,31 +1,33 @@
-"""Profile settings: what `compact-search profile` runs, read from `profiles/*.toml`.
+"""Run profiles: what `compact-search profile` runs, read from `profiles/*.toml`.
 
-A profile file names the model, how to sample from it and what to capture::
+A run profile names the model, how to sample from it and what to capture::
 
-    name = "tiny"
+    name = "wan2.1-t2v-1.3b"
 
     [model]
-    source = "builtin:tiny"      # builtin:tiny | builtin:tiny-random | a local diffusers directory
-    adapter = "wan"              # wan | cogvideox | hunyuanvideo (see models/adapters.py)
-    dtype = "float32"            # float32 | float16 | bfloat16
+    source = "../checkpoints/Wan2.1-T2V-1.3B-Diffusers"  # a local diffusers folder, or builtin:NAME
+    adapter = "wan"              # a key of models.adapters.ADAPTERS
+    dtype = "bfloat16"           # float32 | float16 | bfloat16
 
     [sampling]
-    height = 32                  # pixels
-    width = 32
-    frames = 8
-    steps = 20                   # denoising steps
-    guidance = 4.0
-    prompts = ["a red circle moves left slowly over a plain grey background"]
+    height = 480                 # pixels
+    width = 832
+    frames = 81
+    steps = 50                   # denoising steps
+    guidance = 5.0
+    prompts = ["a red fox runs through fresh snow"]
     # prompts_file = "prompts.txt" (one prompt a line, relative to this file) instead of prompts
     seeds = [0]                  # one per prompt, or one for all (prompt i then uses seed + i)
 
     [capture]
-    steps = [0, 2, 4]            # denoising step indices, or "all"
+    steps = [0, 10, 20]          # denoising step indices, or "all"
     layers = "all"               # or a list of self-attention layer indices
-    tiles = [[1, 4, 4], [2, 4, 4]]
+    tiles = [[3, 8, 8], [3, 16, 16]]
     store = "per-prompt"         # or "prompt-mean" (average over prompts on disk)
 
-Every bad field raises one `UserInputError` line naming the file and the field.
+The built-in sources (`builtin:NAME`) are whatever the adapter registry says
+(`models.adapters.builtin_sources()`); each belongs to one adapter. Every bad field raises one
+`UserInputError` line naming the file and the field. docs/profile.md lists every field.
 """
 
 from __future__ import annotations
@@ -37,21 +39,24 @@ from pathlib import Path
 
 from compact_search.errors import ConfigError, UserInputError
 from compact_search.geometry import TileShape
-from compact_search.models.adapters import adapter_names
+from compact_search.models.adapters import adapter_names, builtin_sources
+from compact_search.models.plugin import TORCH_DTYPES
 
 try:
     import tomllib
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = tuple(TORCH_DTYPES)
 STORE_MODES = ("per-prompt", "prompt-mean")
-BUILTIN_SOURCES = ("builtin:tiny", "builtin:tiny-random")
 
 
 @dataclass(frozen=True)
-class ProfileSettings:
-    """One profiling run. `seeds` holds one seed per prompt; `capture_layers` None means all."""
+class RunProfile:
+    """One run profile (a `profiles/*.toml` file): the model, its sampling, what to capture.
+
+    `seeds` holds one seed per prompt; `capture_layers` None means all.
+    """
 
     name: str
     source: str
@@ -73,6 +78,11 @@ class ProfileSettings:
         where = f"profile {self.name!r}"
         if self.adapter not in adapter_names():
             raise ConfigError(where, "model.adapter", f"must be one of {adapter_names()}")
+        owner = builtin_sources().get(self.source)
+        if owner is not None and owner != self.adapter:
+            raise ConfigError(
+                where, "model.adapter", f"{self.source} is a model of adapter {owner!r}"
+            )
         if self.dtype not in DTYPES:
             raise ConfigError(where, "model.dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         if self.store not in STORE_MODES:
@@ -107,10 +117,6 @@ class ProfileSettings:
         if len(set(self.tiles)) != len(self.tiles):
             raise ConfigError(where, "capture.tiles", "lists a tile shape twice")
 
-    @property
-    def is_builtin(self) -> bool:
-        return self.source.startswith("builtin:")
-
     def to_json(self) -> dict:
         values = asdict(self)
         values["tiles"] = [list(t.as_tuple()) for t in self.tiles]
@@ -123,7 +129,7 @@ class ProfileSettings:
         return values
 
     @classmethod
-    def from_json(cls, values: dict) -> ProfileSettings:
+    def from_json(cls, values: dict) -> RunProfile:
         values = dict(values)
         values["tiles"] = tuple(TileShape.of(t) for t in values["tiles"])
         for key in ("prompts", "seeds", "capture_steps"):
@@ -194,12 +200,12 @@ def _tiles(capture: dict, source: str) -> tuple[TileShape, ...]:
     return tuple(shapes)
 
 
-# The profiles shipped with the project, next to the package in a source checkout.
+# The run profiles shipped with the project, next to the package in a source checkout.
 SHIPPED_PROFILES = Path(__file__).resolve().parents[2] / "profiles"
 
 
-def resolve_profile_path(name_or_path: str | Path) -> Path:
-    """A profile file path, a name in ./profiles, or a name in the shipped profiles/."""
+def resolve_run_profile(name_or_path: str | Path) -> Path:
+    """A run profile's path: a file path, a name in ./profiles, or a name in the shipped ones."""
     candidate = Path(name_or_path)
     if candidate.is_file():
         return candidate
@@ -210,8 +216,8 @@ def resolve_profile_path(name_or_path: str | Path) -> Path:
     raise UserInputError(f"no profile {str(name_or_path)!r}: not a file, nor profiles/NAME.toml")
 
 
-def load_settings(path: str | Path) -> ProfileSettings:
-    """Parse a profile TOML file into validated settings."""
+def load_run_profile(path: str | Path) -> RunProfile:
+    """Parse a run profile TOML file into a validated `RunProfile`."""
     path = Path(path)
     source = str(path)
     if not path.is_file():
@@ -225,10 +231,13 @@ def load_settings(path: str | Path) -> ProfileSettings:
     capture = _table(data, "capture", source)
 
     model_source = model.get("source")
+    builtins = tuple(builtin_sources())
     if not isinstance(model_source, str) or not model_source:
-        raise ConfigError(source, "model.source", "must name builtin:tiny or a local directory")
-    if model_source.startswith("builtin:") and model_source not in BUILTIN_SOURCES:
-        raise ConfigError(source, "model.source", f"must be one of {BUILTIN_SOURCES} or a path")
+        raise ConfigError(
+            source, "model.source", f"must name one of {builtins} or a local directory"
+        )
+    if model_source.startswith("builtin:") and model_source not in builtins:
+        raise ConfigError(source, "model.source", f"must be one of {builtins} or a path")
     if not model_source.startswith("builtin:"):
         model_path = Path(model_source).expanduser()
         if not model_path.is_absolute():
@@ -257,7 +266,7 @@ def load_settings(path: str | Path) -> ProfileSettings:
     if not isinstance(name, str) or not name:
         raise ConfigError(source, "name", "must be a non-empty string")
     try:
-        return ProfileSettings(
+        return RunProfile(
             name=name,
             source=model_source,
             adapter=adapter,
@@ -276,3 +285,8 @@ def load_settings(path: str | Path) -> ProfileSettings:
         )
     except ConfigError as exc:
         raise ConfigError(source, exc.field, exc.problem) from None
+
+
+# The names these had before run profiles were called so; callers outside the package use them.
+load_settings = load_run_profile
+resolve_profile_path = resolve_run_profile

@@ -1,10 +1,10 @@
-"""On-disk layout of a profile, written unit by unit so a killed run resumes without loss.
+"""On-disk layout of a capture, written unit by unit so a killed run resumes without loss.
 
-    <profile dir>/
+    <capture folder>/                  default runs/<name>/profile
       settings.json                    the run's settings and their fingerprint (resume check)
       parts/rank-<r>/s<step>-l<layer>.safetensors   units one process has written
       tile_mass/s<step>-l<layer>.safetensors        merged units (all prompts)
-      profile.json                     metadata + fingerprint; written last: the profile is done
+      profile.json                     metadata + fingerprint; written last: the capture is done
 
 A *unit* is one (captured step, layer): one safetensors file holding, for every candidate tile
 shape "tf x th x tw", a tensor [G, H, nt, nt] fp16 of tile mass, and in its metadata the prompt
@@ -170,8 +170,8 @@ def merge_units(units: list[Unit], store: str) -> Unit:
     return Unit(tuple(sorted(prompts)), masses, prefix)
 
 
-class ProfileStore:
-    """A profile directory: parts per process, merged units, settings and final metadata."""
+class CaptureStore:
+    """A capture folder: parts per process, merged units, settings and final metadata."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)

@@ -457,7 +457,7 @@ def apply(
         if not rescale:
             raise UserInputError(
                 f"config grid {config.geometry.grid} does not fit the model grid "
-                f"{Grid.of(model_grid)}; pass rescale=True (CLI: --rescale) to adapt it"
+                f"{Grid.of(model_grid)}; rescale=True (compact-search evaluate --rescale) adapts it"
             )
         config, note = rescale_config(config, Grid.of(model_grid))
         notes.append(note)

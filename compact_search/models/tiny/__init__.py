@@ -11,7 +11,7 @@ from compact_search.models.tiny.pipeline import (
     TinySample,
     TinyVideoPipeline,
     load_tiny_pipeline,
-    save_gif,
 )
+from compact_search.previews import save_gif
 
 __all__ = ["TinyModelConfig", "TinySample", "TinyVideoPipeline", "load_tiny_pipeline", "save_gif"]

@@ -118,6 +118,30 @@ def scene_prompt(spec: SceneSpec) -> str:
     return prompt
 
 
+@dataclass(frozen=True)
+class PromptAttributes:
+    """What the detector checks a video against: the prompt's colour, shape and direction."""
+
+    colour: str
+    shape: str
+    direction: str
+
+
+def prompt_attributes(prompt: str) -> PromptAttributes | None:
+    """The attributes a grammar prompt names ("a {colour} {shape} moves {direction} ..."); None
+    for a prompt the grammar does not produce."""
+    words = prompt.split()
+    if (
+        len(words) < 5
+        or (words[0], words[3]) != ("a", "moves")
+        or words[1] not in OBJECT_COLOURS
+        or words[2] not in SHAPES
+        or words[4] not in DIRECTIONS
+    ):
+        return None
+    return PromptAttributes(words[1], words[2], words[4])
+
+
 def grammar_words() -> list[str]:
     """Every word the prompt grammar can produce, in a fixed order."""
     fixed = [

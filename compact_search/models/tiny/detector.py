@@ -20,6 +20,7 @@ import torch
 from compact_search.models.tiny.data import (
     DIRECTIONS,
     OBJECT_COLOURS,
+    PromptAttributes,
     SceneSpec,
     sample_scene_specs,
 )
@@ -134,8 +135,10 @@ class FidelityScore:
         }
 
 
-def score_detections(detections: list[Detection], specs: list[SceneSpec]) -> FidelityScore:
-    """Compare detections with the scenes the prompts describe."""
+def score_detections(
+    detections: list[Detection], specs: list[SceneSpec] | list[PromptAttributes]
+) -> FidelityScore:
+    """Compare detections with the scenes (or the prompts' attributes) they should show."""
     if len(detections) != len(specs) or not specs:
         raise ValueError(
             f"need as many detections as specs (>0), got {len(detections)}, {len(specs)}"

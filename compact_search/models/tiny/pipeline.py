@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from diffusers import WanTransformer3DModel
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from compact_search.models.tiny.data import HEIGHT, NUM_FRAMES, WIDTH
@@ -263,17 +262,3 @@ def load_tiny_pipeline(
         if dtype != torch.float32:
             module.to(dtype)
     return TinyVideoPipeline(config, transformer, text_encoder, metadata)
-
-
-def save_gif(video: torch.Tensor, path: Path | str, *, scale: int = 4, frame_ms: int = 125) -> Path:
-    """Write one video [3, F, H, W] in [0, 1] as a looping GIF, enlarged ``scale`` times."""
-    path = Path(path)
-    frames = (video.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 3, 0)  # [F, H, W, 3]
-    images = [
-        Image.fromarray(frame.numpy()).resize(
-            (frame.shape[1] * scale, frame.shape[0] * scale), Image.NEAREST
-        )
-        for frame in frames
-    ]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
-    return path

@@ -10,10 +10,14 @@ target that is the smallest possible set (every pair costs the same and adds A[i
 A head's density is the mean over the profiled samples (prompt x captured step). A trained model
 passes when the mean over heads is at most ``MAX_MEAN_DENSITY`` and the heads spread widely
 (max - min at least ``MIN_DENSITY_SPREAD``); random weights attend almost uniformly and fail.
+
+The tile mass itself is the profiler's (`compact_search.profiling.attention_tile_mass`); callers
+pass it in as ``tile_mass_fn``, so the models never import the profiler that sits above them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,12 +28,13 @@ from rich.text import Text
 from compact_search.models.tiny.data import sample_scene_specs
 from compact_search.models.tiny.pipeline import TinyVideoPipeline, build_models
 from compact_search.models.wan import dense_attention, install_wan_attention
-from compact_search.profiling import attention_tile_mass
 
 MAX_MEAN_DENSITY = 0.6
 MIN_DENSITY_SPREAD = 0.3
 DEFAULT_TILE = (1, 4, 4)
 DEFAULT_CAPTURE_STEPS = (0, 5, 10, 15, 19)
+# (q [B, H, N, D], k [B, H, N, D], grid, tile) -> tile mass [H, nq, nk] with rows summing to 1
+TileMassFn = Callable[[torch.Tensor, torch.Tensor, tuple, tuple], torch.Tensor]
 
 
 def min_density_for_recall(tile_mass: torch.Tensor, recall: float) -> torch.Tensor:
@@ -85,6 +90,7 @@ def capture_tile_masses(
     pipeline: TinyVideoPipeline,
     prompts: list[str],
     *,
+    tile_mass_fn: TileMassFn,
     tile: tuple[int, int, int] = DEFAULT_TILE,
     capture_steps: tuple[int, ...] = DEFAULT_CAPTURE_STEPS,
     num_steps: int = 20,
@@ -103,7 +109,7 @@ def capture_tile_masses(
     def record_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         if current_step[0] in capture_steps:
             masses = [
-                attention_tile_mass(q[i : i + 1].float(), k[i : i + 1].float(), pipeline.grid, tile)
+                tile_mass_fn(q[i : i + 1].float(), k[i : i + 1].float(), pipeline.grid, tile)
                 for i in range(batch)
             ]
             captured[(current_step[0], layer)] = torch.stack(masses)  # [B, H, nq, nk]
@@ -136,6 +142,7 @@ def head_structure_report(
     pipeline: TinyVideoPipeline,
     *,
     label: str,
+    tile_mass_fn: TileMassFn,
     num_prompts: int = 4,
     recall: float = 0.9,
     tile: tuple[int, int, int] = DEFAULT_TILE,
@@ -148,6 +155,7 @@ def head_structure_report(
     masses = capture_tile_masses(
         pipeline,
         [s.prompt for s in specs],
+        tile_mass_fn=tile_mass_fn,
         tile=tile,
         capture_steps=capture_steps,
         num_steps=num_steps,

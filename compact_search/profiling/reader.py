@@ -1,4 +1,5 @@
-"""`load_profile(path) -> Profile`: the stable read API over a finished profile directory.
+"""`load_capture(path) -> Capture`: the read API over a finished capture (what `compact-search
+profile` writes). `load_profile` is the same function under its stable name (DESIGN.md).
 
 Tile masses come back as fp32 with every row renormalised to sum to 1 (storage is fp16). Samples
 are (step, prompt) pairs for a "per-prompt" store and (step, mean over prompts) for a
@@ -16,9 +17,9 @@ import torch
 
 from compact_search.errors import UserInputError
 from compact_search.geometry import Grid, TileShape, tile_grid_of
-from compact_search.profiling.capture import PROFILE_FORMAT, PROFILE_VERSION
+from compact_search.profiling.capture import CAPTURE_FORMAT, CAPTURE_VERSION
 from compact_search.profiling.store import (
-    ProfileStore,
+    CaptureStore,
     read_unit_prompts,
     read_unit_tensor,
     unit_name,
@@ -36,8 +37,8 @@ def _normalise_rows(mass: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class Profile:
-    """A finished profile. Metadata as attributes; tile masses loaded lazily per unit."""
+class Capture:
+    """A finished capture. Metadata as attributes; tile masses loaded lazily per unit."""
 
     path: Path
     model: str
@@ -154,7 +155,7 @@ def _load_unit_tensor(path: Path, mtime_ns: int, size: int, tile: TileShape) -> 
     return read_unit_tensor(path, tile)
 
 
-def _profile_dir(path: Path) -> Path:
+def _capture_dir(path: Path) -> Path:
     if path.is_file() and path.name == "profile.json":
         return path.parent
     if (path / "profile.json").is_file():
@@ -168,9 +169,9 @@ def _profile_dir(path: Path) -> Path:
     raise UserInputError(f"no profile at {path} (expected profile.json)")
 
 
-def load_profile(path: str | Path) -> Profile:
-    """Open a finished profile (its directory, its run directory, or its profile.json)."""
-    root = _profile_dir(Path(path))
+def load_capture(path: str | Path) -> Capture:
+    """Open a finished capture (its folder, the run folder above it, or its profile.json)."""
+    root = _capture_dir(Path(path))
     try:
         meta = json.loads((root / "profile.json").read_text())
     except (ValueError, OSError) as exc:
@@ -180,13 +181,13 @@ def load_profile(path: str | Path) -> Profile:
     missing = [f for f in REQUIRED_FIELDS if f not in meta]
     if missing:
         raise UserInputError(f"{root / 'profile.json'}: missing fields {missing}")
-    if meta["format"] != PROFILE_FORMAT or meta["version"] != PROFILE_VERSION:
+    if meta["format"] != CAPTURE_FORMAT or meta["version"] != CAPTURE_VERSION:
         raise UserInputError(
             f"{root / 'profile.json'}: format {meta['format']!r} v{meta['version']}, "
-            f"expected {PROFILE_FORMAT!r} v{PROFILE_VERSION}"
+            f"expected {CAPTURE_FORMAT!r} v{CAPTURE_VERSION}"
         )
     try:
-        profile = Profile(
+        capture = Capture(
             path=root,
             model=meta["model"],
             adapter=meta["adapter"],
@@ -208,13 +209,17 @@ def load_profile(path: str | Path) -> Profile:
     except (TypeError, ValueError) as exc:
         raise UserInputError(f"{root / 'profile.json'}: bad field ({exc})") from None
     # Every unit must be present and whole (headers are cheap to read; data loads lazily).
-    everyone = tuple(range(len(profile.prompts)))
-    store = ProfileStore(root)
-    for step in profile.steps:
-        for layer in profile.layers:
+    everyone = tuple(range(len(capture.prompts)))
+    store = CaptureStore(root)
+    for step in capture.steps:
+        for layer in capture.layers:
             unit = store.merged_dir / unit_name(step, layer)
             if not unit.is_file():
                 raise UserInputError(f"{root}: profile unit {unit.name} is missing")
             if read_unit_prompts(unit) != everyone:
                 raise UserInputError(f"{unit}: does not cover every prompt")
-    return profile
+    return capture
+
+
+# The stable name (DESIGN.md): other code and outside checks call it.
+load_profile = load_capture

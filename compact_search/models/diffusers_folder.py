@@ -1,0 +1,136 @@
+"""The loader every diffusers family shares: a local pipeline folder (`save_pretrained` layout).
+
+`load_diffusers_folder(adapter, run_profile, device)` opens the folder with
+`DiffusionPipeline.from_pretrained(path, local_files_only=True)` (nothing is downloaded), checks
+that its transformer is the adapter's class and that the run profile's size is one the pipeline
+samples unchanged, and returns a `LoadedModel` whose `run` returns the denoised latents.
+`folder_identity(folder)` names the weights of a folder cheaply, for resume checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib.util import find_spec
+from pathlib import Path
+
+import torch
+
+from compact_search.errors import ConfigError, UserInputError
+from compact_search.geometry import Grid
+from compact_search.models.plugin import TORCH_DTYPES, Adapter, LoadedModel, ModelSettings
+
+
+def _patch_sizes(config) -> tuple[int, int, int]:
+    patch = config.patch_size
+    if isinstance(patch, (tuple, list)):
+        return tuple(patch)
+    return (getattr(config, "patch_size_t", None) or 1, patch, patch)
+
+
+def pipeline_grid(pipe, settings: ModelSettings) -> Grid:
+    """The token grid (F, H, W) `pipe` samples at the settings' size.
+
+    Sizes the pipeline would change are refused: Wan rounds the frame count down to 1 + a
+    multiple of the VAE's temporal factor (a grid from the asked count would then take a whole
+    latent frame for prefix tokens), and sizes that are not whole patches fail inside Wan and
+    CogVideoX.
+    """
+    temporal = getattr(pipe, "vae_scale_factor_temporal", 4)
+    spatial = getattr(pipe, "vae_scale_factor_spatial", 8)
+    pt, ph, pw = _patch_sizes(pipe.transformer.config)
+    where, name = f"profile {settings.name!r}", type(pipe).__name__
+    if (settings.frames - 1) % temporal:
+        nearest = (settings.frames - 1) // temporal * temporal + 1
+        raise ConfigError(
+            where,
+            "sampling.frames",
+            f"{name} samples 1 + a multiple of {temporal} frames, got {settings.frames} "
+            f"(e.g. {nearest} or {nearest + temporal})",
+        )
+    for field, size, unit in (
+        ("sampling.height", settings.height, spatial * ph),
+        ("sampling.width", settings.width, spatial * pw),
+    ):
+        if size % unit:
+            raise ConfigError(
+                where, field, f"{name} needs a multiple of {unit} (VAE x patch), got {size}"
+            )
+    latent_frames = (settings.frames - 1) // temporal + 1
+    # CogVideoX 1.5 (patch_size_t 2) pads the latent frames up to whole temporal patches:
+    # 49 frames -> 13 latent -> 14 -> F = 7.
+    return Grid(
+        -(-latent_frames // pt), settings.height // (spatial * ph), settings.width // (spatial * pw)
+    )
+
+
+def load_diffusers_folder(
+    adapter: Adapter, settings: ModelSettings, device: torch.device
+) -> LoadedModel:
+    """The diffusers pipeline in folder `settings.source`, on `device`."""
+    from diffusers import DiffusionPipeline
+
+    path = Path(settings.source)
+    if not (path / "model_index.json").is_file():
+        raise UserInputError(f"{path} is not a local diffusers pipeline (no model_index.json)")
+    # transformers holds the text encoders and tokenizers; without accelerate diffusers refuses
+    # to load a Wan transformer (its fp32 modules) and randomly initialises any other model in
+    # full before reading its weights.
+    missing = [name for name in ("transformers", "accelerate") if find_spec(name) is None]
+    if missing:
+        raise UserInputError(
+            f"loading the diffusers pipeline {path} needs {' and '.join(missing)}: "
+            f"pip install {' '.join(missing)}"
+        )
+    pipe = DiffusionPipeline.from_pretrained(
+        str(path), torch_dtype=TORCH_DTYPES[settings.dtype], local_files_only=True
+    ).to(device)
+    transformer = pipe.transformer
+    if not adapter.serves(transformer):
+        raise UserInputError(
+            f"{path} holds a {type(transformer).__name__}; the profile names adapter "
+            f"{settings.adapter!r}"
+        )
+    grid = pipeline_grid(pipe, settings)
+
+    def run(
+        prompts: list[str],
+        *,
+        seed: int,
+        num_steps: int,
+        guidance_scale: float,
+        on_step: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        def after_step(_pipe, step: int, _timestep, callback_kwargs: dict) -> dict:
+            if on_step is not None:
+                on_step(step + 1)
+            return callback_kwargs
+
+        if on_step is not None:
+            on_step(0)
+        return pipe(
+            prompt=list(prompts),
+            height=settings.height,
+            width=settings.width,
+            num_frames=settings.frames,
+            num_inference_steps=num_steps,
+            guidance_scale=guidance_scale,
+            generator=torch.Generator(device=device).manual_seed(seed),
+            output_type="latent",
+            callback_on_step_end=after_step,
+        ).frames
+
+    return LoadedModel(adapter, pipe, (transformer,), grid, run, "latent")
+
+
+def folder_identity(folder: str | Path) -> bytes:
+    """Bytes naming a folder's weights: the text of every JSON in it and the name and size of
+    every other file (weights are not read, so a 30 GB checkpoint costs nothing)."""
+    folder = Path(folder)
+    parts = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if path.suffix == ".json":
+            parts.append(f"{name}:".encode() + path.read_bytes())
+        else:
+            parts.append(f"{name}:{path.stat().st_size}".encode())
+    return b"".join(parts)
