@@ -364,6 +364,14 @@ class CompactHandle:
         out = out.transpose(1, 2).index_select(1, tables.token_to_slot).transpose(1, 2)
         return out[:, :, :num_tokens] if missing else out  # the padded rows dropped
 
+    def install_attention(self) -> None:
+        """Route the transformer's self-attention through this runtime again, with the per-layer
+        tables (after other processors were installed in between, e.g. by `evaluate`)."""
+        if self._attention_handle is not None:
+            self._attention_handle.revert()
+        install = installer_for(self.config.model.adapter)
+        self._attention_handle = install(self.transformer, self.attention, layers=self._tables)
+
     def revert(self) -> None:
         if self._attention_handle is not None:
             self._attention_handle.revert()
