@@ -50,6 +50,7 @@ def two_ranks(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["apply_first", "parallel_first", "compiled"])
 def test_ulysses_on_two_ranks_equals_one_process_at_dense_and_sparse_steps(two_ranks, case):
     assert two_ranks["tokens_per_rank"] == [30]  # each rank holds half of the 60 tokens
@@ -57,11 +58,13 @@ def test_ulysses_on_two_ranks_equals_one_process_at_dense_and_sparse_steps(two_r
         assert difference <= 1e-5, (case, step, difference)
 
 
+@pytest.mark.slow
 def test_revert_under_context_parallelism_restores_the_model(two_ranks):
     # apply, then enable_parallelism: the originals get the config back at revert
     assert two_ranks["reverted"] <= 1e-5
 
 
+@pytest.mark.slow
 def test_ring_attention_is_refused_in_one_line_in_either_order(two_ranks):
     assert len(two_ranks["refusals"]) == 2
     for message in two_ranks["refusals"]:
