@@ -95,7 +95,7 @@ def test_compiled_evaluation_gives_the_eager_videos_with_one_graph_per_bucket(sm
     config = config_for(small_pipeline, [HeadPattern.local(0, 0, 0)] * 2, dense_steps=1)
     prompts = ["a blue square moves up"]
     eager = evaluate_config(small_pipeline, config, prompts, seed=5, num_steps=3)
-    counter = CompileCounterWithBackend("aot_eager")
+    counter = CompileCounterWithBackend("eager")  # dynamo's graphs; AOT: tests/test_compile.py
     compiled = evaluate_config(
         small_pipeline, config, prompts, seed=5, num_steps=3, compile_backend=counter
     )

@@ -379,6 +379,7 @@ class CompactHandle:
         for module in self._table_modules:
             delattr(module, TABLES_ATTRIBUTE)
         self._table_modules = []
+        self._tables = None  # their memory goes with the modules' references
         if self._undo_scheduler is not None:
             self._undo_scheduler()
             self._undo_scheduler = None
