@@ -35,6 +35,7 @@ class DemoOptions:
     eval_seed: int = 1234
     check_tolerance: float = 0.03  # recall slack on held-out prompts
     workers: int = 2
+    compile_backend: str | None = None  # evaluate compiled with this torch.compile backend
 
 
 @dataclass
@@ -111,6 +112,7 @@ def run_demo(
             num_steps=settings.num_steps,
             guidance_scale=settings.guidance,
             out_dir=out_dir / "previews",
+            compile_backend=options.compile_backend,
         )
 
     evaluation = stage("6/6 evaluate", evaluate)

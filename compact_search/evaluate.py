@@ -5,6 +5,12 @@ whose pipeline returns videos. Quality: PSNR and SSIM of the compact videos agai
 ones, and, where the model's plug-in scores fidelity, that score on both. Speed: self-attention
 time and end-to-end sampling time on this device. Previews: one GIF per prompt, dense left,
 compact right.
+
+With a compile backend (`compact-search evaluate --compile`) the transformers are compiled in
+place (`compile_repeated_blocks(fullgraph=True)` where the model names its repeated blocks, else
+the whole transformer), both runs sample the same prompts once untimed first, so that every
+graph is compiled (for these shapes) before the timed run (reported as warm-up seconds), and
+self-attention is not timed (a timer would synchronise inside the compiled graph).
 """
 
 from __future__ import annotations
@@ -101,8 +107,8 @@ class EvaluationReport:
     mean_ssim: float
     dense_fidelity: dict[str, float] | None
     compact_fidelity: dict[str, float] | None
-    dense_attention_s: float
-    compact_attention_s: float
+    dense_attention_s: float | None  # None: not timed (compiled)
+    compact_attention_s: float | None
     dense_total_s: float
     compact_total_s: float
     mean_density: float
@@ -149,12 +155,16 @@ def evaluate_config(
     out_dir: Path | None = None,
     backend: str = "auto",
     rescale: bool = False,
+    compile_backend=None,
 ) -> EvaluationReport:
     """Sample `prompts` dense, then with `config` applied, with the same seed; compare.
 
     `model.run` must return videos [B, C, F, H, W] in [0, 1] (`model.output == "video"`). Where
     the model scores fidelity (`model.score_fidelity`), both runs are scored. `rescale` adapts a
     config made for another token grid (`compact_search.apply(..., rescale=True)`).
+    `compile_backend` (a torch.compile backend: a name such as "inductor", or a callable)
+    compiles the transformers in place and warms both runs up first (see the module doc); None
+    samples eagerly.
     """
     if model.output != "video":
         raise UserInputError(
@@ -165,21 +175,32 @@ def evaluate_config(
     sampling = {"seed": seed, "num_steps": num_steps, "guidance_scale": guidance_scale}
 
     # Applied first, so a config that does not fit fails before any sampling; its attention
-    # is swapped for timed dense attention, then for its own under a timer.
+    # is swapped for timed dense attention, then for its own under a timer (compiled: untimed,
+    # and its own processors, whose per-layer tables keep one graph per step bucket).
     runtime = apply(model.pipeline, config, backend=backend, rescale=rescale)
     dense_timer, compact_timer = AttentionTimer(), AttentionTimer()
+    warmup: dict[str, float] = {}
+
+    def run(name: str, on_step):
+        if compile_backend is not None:
+            start = time.perf_counter()
+            _timed_run(model, prompts, **sampling, on_step=on_step)  # same shapes: no recompile
+            warmup[name] = time.perf_counter() - start
+        return _timed_run(model, prompts, **sampling, on_step=on_step)
+
     try:
+        if compile_backend is not None:
+            _compile_transformers(model, compile_backend)
         runtime._attention_handle.revert()
-        runtime._attention_handle = model.install(dense_timer.wrap(dense_attention))
-        dense, dense_total = _timed_run(model, prompts, **sampling, on_step=None)
+        dense_fn = dense_attention if compile_backend else dense_timer.wrap(dense_attention)
+        runtime._attention_handle = model.install(dense_fn)
+        dense, dense_total = run("dense", None)
         runtime._attention_handle.revert()
-        runtime._attention_handle = model.install(compact_timer.wrap(runtime.attention))
-        compact, compact_total = _timed_run(
-            model,
-            prompts,
-            **sampling,
-            on_step=lambda step: runtime.set_step(step, num_steps),
-        )
+        if compile_backend is not None:
+            runtime.install_attention()
+        else:
+            runtime._attention_handle = model.install(compact_timer.wrap(runtime.attention))
+        compact, compact_total = run("compact", lambda step: runtime.set_step(step, num_steps))
     finally:
         runtime.revert()
 
@@ -214,13 +235,25 @@ def evaluate_config(
         mean_ssim=float(ssims.mean()),
         dense_fidelity=dense_fidelity,
         compact_fidelity=compact_fidelity,
-        dense_attention_s=dense_timer.seconds,
-        compact_attention_s=compact_timer.seconds,
+        dense_attention_s=None if compile_backend else dense_timer.seconds,
+        compact_attention_s=None if compile_backend else compact_timer.seconds,
         dense_total_s=dense_total,
         compact_total_s=compact_total,
         mean_density=config.summary()["mean_density"],
         device=str(next(model.transformers[0].parameters()).device),
         num_steps=num_steps,
         dense_steps=config.schedule.dense_steps,
-        extra={"notes": list(runtime.notes)} if runtime.notes else {},
+        extra={
+            **({"notes": list(runtime.notes)} if runtime.notes else {}),
+            **({"compiled": compile_backend, "warmup_s": warmup} if compile_backend else {}),
+        },
     )
+
+
+def _compile_transformers(model: LoadedModel, backend: str) -> None:
+    """Compile every transformer of the model in place, with no graph break allowed."""
+    for transformer in model.transformers:
+        if getattr(transformer, "_repeated_blocks", None):
+            transformer.compile_repeated_blocks(fullgraph=True, backend=backend)
+        else:
+            transformer.compile(fullgraph=True, backend=backend)

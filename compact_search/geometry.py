@@ -154,6 +154,22 @@ def video_token_tiles(grid: Grid, tile: TileShape) -> torch.Tensor:
     return ids.reshape(-1)
 
 
+def scatter_to_slots(
+    x: torch.Tensor,
+    token_to_slot: torch.Tensor,
+    padding_slots: torch.Tensor,
+    padded_len: int,
+    dim: int,
+) -> torch.Tensor:
+    """`TileLayout.to_slots` with the layout's index tensors given (on x's device): tensor
+    operations only, so it traces into a compiled graph."""
+    shape = list(x.shape)
+    shape[dim] = padded_len
+    # One scatter of the real tokens and a small fill of the padding: no full memset pass.
+    out = x.new_empty(shape).index_copy_(dim, token_to_slot, x)
+    return out.index_fill_(dim, padding_slots, 0)
+
+
 @dataclass(frozen=True)
 class TileLayout:
     """The slot layout for one (grid, tile, block size, prefix) combination. See the module doc."""
@@ -271,11 +287,13 @@ class TileLayout:
             raise ValueError(
                 f"to_slots: dim {dim} of x has {x.shape[dim]} tokens, layout has {self.num_tokens}"
             )
-        shape = list(x.shape)
-        shape[dim] = self.padded_len
-        # One scatter of the real tokens and a small fill of the padding: no full memset pass.
-        out = x.new_empty(shape).index_copy_(dim, self._on(x.device, "token_to_slot"), x)
-        return out.index_fill_(dim, self._on(x.device, "padding_slots"), 0)
+        return scatter_to_slots(
+            x,
+            self._on(x.device, "token_to_slot"),
+            self._on(x.device, "padding_slots"),
+            self.padded_len,
+            dim,
+        )
 
     def from_slots(self, y: torch.Tensor, dim: int = -2) -> torch.Tensor:
         """Slot order -> model order along `dim`; padded slots are dropped."""

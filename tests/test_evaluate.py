@@ -83,3 +83,26 @@ def test_sparse_config_changes_the_video_and_warmup_limits_it(small_pipeline):
     assert math.isfinite(no_warmup.mean_psnr_db)
     # two dense steps out of three leave less room for sparse attention to change the output
     assert warmup.mean_psnr_db > no_warmup.mean_psnr_db
+
+
+@pytest.mark.slow
+def test_compiled_evaluation_gives_the_eager_videos_with_one_graph_per_bucket(small_pipeline):
+    """evaluate --compile: the repeated blocks compiled in place (fullgraph), a warm-up pass per
+    run, the same videos as eager, and 3 graphs: the dense run, the compact run's dense steps and
+    its one bucket."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    config = config_for(small_pipeline, [HeadPattern.local(0, 0, 0)] * 2, dense_steps=1)
+    prompts = ["a blue square moves up"]
+    eager = evaluate_config(small_pipeline, config, prompts, seed=5, num_steps=3)
+    counter = CompileCounterWithBackend("eager")  # dynamo's graphs; AOT: tests/test_compile.py
+    compiled = evaluate_config(
+        small_pipeline, config, prompts, seed=5, num_steps=3, compile_backend=counter
+    )
+    for transformer in small_pipeline.transformers:  # back to eager for the other tests
+        for block in transformer.blocks:
+            block._compiled_call_impl = None
+    assert counter.frame_count == 3
+    assert compiled.mean_psnr_db == pytest.approx(eager.mean_psnr_db, abs=1e-3)
+    assert compiled.dense_attention_s is None and compiled.compact_attention_s is None
+    assert set(compiled.extra["warmup_s"]) == {"dense", "compact"}

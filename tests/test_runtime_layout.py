@@ -91,7 +91,7 @@ def test_the_import_reader_sees_lazy_and_relative_imports():
     assert "torch.nn.attention.flex_attention" in flex  # imported inside a function
 
 
-def test_every_registered_kernel_takes_the_chooser_arguments():
+def test_every_registered_kernel_takes_the_chooser_and_the_operator_arguments():
     from compact_search.runtime.attention import KERNELS as REGISTERED
     from compact_search.runtime.attention import kernel_function
 
@@ -105,3 +105,7 @@ def test_every_registered_kernel_takes_the_chooser_arguments():
         assert list(parameters)[:4] == ["q", "k", "v", "block_mask"], name
         for keyword in ("block_size", "scale", "key_block_lengths"):
             assert parameters[keyword].kind is inspect.Parameter.KEYWORD_ONLY, (name, keyword)
+        from_tables = inspect.signature(kernel_function(name, from_tables=True)).parameters
+        assert list(from_tables)[:4] == ["q", "k", "v", "lut"], name
+        for keyword in ("block_size", "scale"):
+            assert from_tables[keyword].kind is inspect.Parameter.KEYWORD_ONLY, (name, keyword)

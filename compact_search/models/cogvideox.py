@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from compact_search.models.ulysses import NoContextParallel
 from compact_search.models.wan import AttentionFn, AttentionHandle, install_processors
 
 
@@ -24,10 +25,12 @@ def apply_real_rope(x: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tensor]) -
     return (x.float() * cos[None, None] + rotated.float() * sin[None, None]).to(x.dtype)
 
 
-class CogVideoXJointAttnProcessor:
+class CogVideoXJointAttnProcessor(NoContextParallel):
     """Joint text-video attention of one CogVideoX block, the attention call delegated."""
 
-    def __init__(self, layer: int, attention_fn: AttentionFn):
+    family = "CogVideoX"
+
+    def __init__(self, layer, attention_fn: AttentionFn):
         self.layer = layer
         self.attention_fn = attention_fn
 
@@ -76,9 +79,13 @@ def cogvideox_self_attention_modules(transformer) -> list:
     return [block.attn1 for block in blocks]
 
 
-def install_cogvideox_attention(transformer, attention_fn: AttentionFn) -> AttentionHandle:
-    """Route every joint attention of a CogVideoX transformer through attention_fn."""
+def install_cogvideox_attention(
+    transformer, attention_fn: AttentionFn, layers: list | None = None
+) -> AttentionHandle:
+    """Route every joint attention of a CogVideoX transformer through attention_fn (called with
+    `layers[i]` instead of the index i where given)."""
     return install_processors(
         cogvideox_self_attention_modules(transformer),
         lambda layer: CogVideoXJointAttnProcessor(layer, attention_fn),
+        layers,
     )

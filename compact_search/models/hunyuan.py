@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from compact_search.models.cogvideox import apply_real_rope
+from compact_search.models.ulysses import NoContextParallel
 from compact_search.models.wan import AttentionFn, AttentionHandle, install_processors
 
 
@@ -32,10 +33,12 @@ def _norm(norm, x: torch.Tensor) -> torch.Tensor:
     return x if norm is None else norm(x)
 
 
-class HunyuanJointAttnProcessor:
+class HunyuanJointAttnProcessor(NoContextParallel):
     """Joint video-text attention of one HunyuanVideo block, the attention call delegated."""
 
-    def __init__(self, layer: int, attention_fn: AttentionFn):
+    family = "HunyuanVideo"
+
+    def __init__(self, layer, attention_fn: AttentionFn):
         self.layer = layer
         self.attention_fn = attention_fn
 
@@ -130,9 +133,13 @@ def hunyuan_self_attention_modules(transformer) -> list:
     return [block.attn for block in dual] + [block.attn for block in single]
 
 
-def install_hunyuan_attention(transformer, attention_fn: AttentionFn) -> AttentionHandle:
-    """Route every joint attention of a HunyuanVideo transformer through attention_fn."""
+def install_hunyuan_attention(
+    transformer, attention_fn: AttentionFn, layers: list | None = None
+) -> AttentionHandle:
+    """Route every joint attention of a HunyuanVideo transformer through attention_fn (called with
+    `layers[i]` instead of the index i where given)."""
     return install_processors(
         hunyuan_self_attention_modules(transformer),
         lambda layer: HunyuanJointAttnProcessor(layer, attention_fn),
+        layers,
     )

@@ -7,6 +7,12 @@ itself to `attention_fn(layer, q, k, v)` with q, k, v [B, H, N, D] after RoPE, i
 token order (frame-major, no prefix tokens in Wan). The profiler records q and k there; the
 runtime runs the sparse kernel there. `handle.revert()` restores the original processors.
 Cross-attention (attn2) is untouched.
+
+`layer` is the layer index, or what the installer's `layers` gave for that layer: the runtime
+passes each layer's tables (`runtime/tables.py`), so compiled code reads tensors instead of
+branching on a Python index. Under diffusers' context parallelism the processor runs Ulysses
+(`models/ulysses.py`) and calls `attention_fn(layer, q, k, v, heads=(start, stop))` with this
+rank's heads over the whole sequence.
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-# (layer index, q, k, v) -> attention output; all [B, H, N, D]
-AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from compact_search.models.ulysses import UlyssesProcessor
+
+# (layer, q, k, v) -> attention output; all [B, H, N, D]. `layer` is the layer index or the
+# installer's `layers[index]`; with Ulysses a keyword `heads=(start, stop)` comes too.
+AttentionFn = Callable[..., torch.Tensor]
 
 
 def dense_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -38,10 +47,10 @@ def apply_wan_rope(
     return rotated.flatten(-2).type_as(x)
 
 
-class WanSelfAttnProcessor:
+class WanSelfAttnProcessor(UlyssesProcessor):
     """Self-attention processor for a WanAttention module that delegates the attention call."""
 
-    def __init__(self, layer: int, attention_fn: AttentionFn):
+    def __init__(self, layer, attention_fn: AttentionFn):
         self.layer = layer
         self.attention_fn = attention_fn
 
@@ -69,10 +78,8 @@ class WanSelfAttnProcessor:
         if rotary_emb is not None:
             query = apply_wan_rope(query, *rotary_emb)
             key = apply_wan_rope(key, *rotary_emb)
-        out = self.attention_fn(
-            self.layer, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        )  # [B, H, N, D]
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)  # [B, N, H*D]
+        out = self.attend(self.attention_fn, self.layer, query, key, value, attn.heads)
+        out = out.flatten(2, 3).type_as(query)  # [B, N, H*D]
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
@@ -89,6 +96,10 @@ class AttentionHandle:
         if not self.active:
             return
         for module, original in zip(self.modules, self.originals, strict=True):
+            # enable_parallelism after install configured the installed processor only
+            parallel = getattr(module.processor, "_parallel_config", None)
+            if parallel is not None and hasattr(original, "_parallel_config"):
+                original._parallel_config = parallel
             module.set_processor(original)
         self.active = False
 
@@ -107,19 +118,28 @@ def wan_self_attention_modules(transformer) -> list:
     return [block.attn1 for block in blocks]
 
 
-def install_processors(modules: list, make_processor: Callable[[int], object]) -> AttentionHandle:
-    """Give module i the processor make_processor(i); the handle restores the originals."""
+def install_processors(
+    modules: list, make_processor: Callable[[object], object], layers: list | None = None
+) -> AttentionHandle:
+    """Give module i the processor make_processor(layers[i]) (default make_processor(i)); the
+    handle restores the originals."""
+    if layers is not None and len(layers) != len(modules):
+        raise ValueError(f"{len(layers)} layer arguments for {len(modules)} attention layers")
     handle = AttentionHandle()
-    for layer, module in enumerate(modules):
+    for index, module in enumerate(modules):
         handle.modules.append(module)
         handle.originals.append(module.processor)
-        module.set_processor(make_processor(layer))
+        module.set_processor(make_processor(index if layers is None else layers[index]))
     return handle
 
 
-def install_wan_attention(transformer, attention_fn: AttentionFn) -> AttentionHandle:
-    """Route every self-attention layer of a Wan transformer through attention_fn."""
+def install_wan_attention(
+    transformer, attention_fn: AttentionFn, layers: list | None = None
+) -> AttentionHandle:
+    """Route every self-attention layer of a Wan transformer through attention_fn (called with
+    `layers[i]` instead of the index i where given)."""
     return install_processors(
         wan_self_attention_modules(transformer),
         lambda layer: WanSelfAttnProcessor(layer, attention_fn),
+        layers,
     )

@@ -1,20 +1,29 @@
 """`apply(pipeline_or_transformer, config)`: run a model's self-attention with a config's patterns.
 
-The handle installs one attention function into every self-attention layer (through the model's
-adapter) and a forward pre-hook on the transformer that reads the timestep of each call, so the
-step follows the scheduler:
+The handle builds every layer's lookup tables once (`runtime/tables.py`, buffers on each attention
+module), installs one attention function into every self-attention layer (through the model's
+adapter), and follows the denoising step outside the model, so the transformer can be compiled
+(`compile_repeated_blocks(fullgraph=True)` or `torch.compile(transformer, fullgraph=True)`):
 
-- the step index is the position of the call's timestep in the pipeline's timestep list
-  (`pipeline.scheduler.timesteps` for diffusers pipelines, `pipeline.timesteps` for the built-in
-  one), or what `handle.set_step(step, num_steps)` last said for a bare transformer;
-- steps in the config's dense warm-up run plain SDPA; later steps run the kernel with the
-  bucket's per-head block masks, on tokens permuted into the config's tile slot layout.
+- a diffusers pipeline: `apply` wraps its scheduler's `set_timesteps` (step 0 of a run of
+  `len(timesteps)` steps) and `step` (the scheduler's next `step_index`), so the step is a Python
+  number decided between transformer calls;
+- a pipeline without such a scheduler that lists its timesteps (`pipeline.timesteps`, the
+  built-in model): a forward pre-hook on the transformer finds each call's timestep in the list.
+  The hook reads the timestep's value, so only the blocks compile (`compile_repeated_blocks`);
+- a bare transformer: `handle.set_step(step, num_steps)`.
 
-`handle.revert()` restores the original processors and removes the hook.
+Steps in the config's dense warm-up run plain SDPA; later steps run the kernel operator
+(`compact_search::sparse_attention_lut`) with the bucket's per-head tables, on tokens permuted
+into the config's tile slot layout. Compiled code reads only `handle.bucket` (a Python int or
+None) and tensors: at most one graph per step bucket plus dense, whatever the number of layers.
+
+`handle.revert()` restores the original processors, the scheduler and the model.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -26,8 +35,10 @@ import torch.nn.functional as F
 
 from compact_search.config import CompactConfig, HeadEntry
 from compact_search.errors import UserInputError
-from compact_search.geometry import Grid, TileLayout, valid_block_lengths
-from compact_search.runtime.attention import sparse_attention
+from compact_search.geometry import Grid, TileLayout, scatter_to_slots, valid_block_lengths
+from compact_search.runtime.attention import lut_sparse_attention
+from compact_search.runtime.lut import BlockLUT, lut_block_mask, lut_tensors_from_mask
+from compact_search.runtime.tables import TABLES_ATTRIBUTE, LayerTables, build_layer_tables
 
 Installer = Callable[[object, Callable], object]
 
@@ -60,7 +71,7 @@ def head_shape(transformer) -> tuple[int, int]:
 
 @dataclass
 class StepTracker:
-    """Which denoising step the next transformer call belongs to."""
+    """Which denoising step the next transformer call belongs to (step of num_steps)."""
 
     pipeline: object | None
     step: int | None = None
@@ -75,15 +86,76 @@ class StepTracker:
             values = getattr(self.pipeline, "timesteps", None)
         return values if isinstance(values, torch.Tensor) and values.numel() else None
 
-    def observe(self, timestep) -> None:
-        """Called before every transformer forward with its timestep argument."""
+    def observe(self, timestep) -> bool:
+        """Set the step from a transformer call's timestep argument (its position in the
+        pipeline's timestep list); False where there is no list or no timestep."""
         schedule = self.timesteps()
         if schedule is None or timestep is None:
-            return  # a bare transformer: set_step() drives the step
+            return False
         t = float(torch.as_tensor(timestep).flatten()[0])
         distance = (schedule.detach().float().cpu() - t).abs()
         self.step = int(torch.argmin(distance))
         self.num_steps = int(schedule.numel())
+        return True
+
+
+def follows_scheduler(scheduler) -> bool:
+    """Whether a scheduler drives steps as diffusers' do (`set_timesteps`, then `step` per step)."""
+    return callable(getattr(scheduler, "set_timesteps", None)) and callable(
+        getattr(scheduler, "step", None)
+    )
+
+
+def _follow_scheduler(scheduler, handle: CompactHandle) -> Callable[[], None]:
+    """Wrap the scheduler instance's `set_timesteps`, `set_begin_index` and `step` so that they
+    tell the handle the step of the next transformer calls; returns the undo."""
+    names = [n for n in ("set_timesteps", "set_begin_index", "step") if hasattr(scheduler, n)]
+    own = {n: scheduler.__dict__[n] for n in names if n in scheduler.__dict__}
+    originals = {n: getattr(scheduler, n) for n in names}
+
+    def run_length() -> int | None:
+        timesteps = getattr(scheduler, "timesteps", None)
+        return len(timesteps) if timesteps is not None else None
+
+    @functools.wraps(originals["set_timesteps"])
+    def set_timesteps(*args, **kwargs):
+        result = originals["set_timesteps"](*args, **kwargs)
+        handle.set_step(0, run_length())
+        return result
+
+    @functools.wraps(originals["step"])
+    def step(*args, **kwargs):
+        result = originals["step"](*args, **kwargs)
+        # Schedulers with a step index (most of diffusers') count it themselves; else one more.
+        index = getattr(scheduler, "step_index", None)
+        current = handle.tracker.step
+        if isinstance(index, int):
+            handle.set_step(index, run_length())
+        elif current is not None:
+            handle.set_step(current + 1, run_length())
+        return result
+
+    wrappers = {"set_timesteps": set_timesteps, "step": step}
+    if "set_begin_index" in originals:
+
+        @functools.wraps(originals["set_begin_index"])
+        def set_begin_index(begin_index: int = 0, *args, **kwargs):
+            result = originals["set_begin_index"](begin_index, *args, **kwargs)
+            handle.set_step(begin_index, run_length())
+            return result
+
+        wrappers["set_begin_index"] = set_begin_index
+    for name, wrapper in wrappers.items():
+        setattr(scheduler, name, wrapper)
+
+    def undo() -> None:
+        for name in wrappers:
+            if name in own:
+                setattr(scheduler, name, own[name])
+            else:
+                delattr(scheduler, name)
+
+    return undo
 
 
 def rescale_config(config: CompactConfig, grid: Grid) -> tuple[CompactConfig, str]:
@@ -136,7 +208,12 @@ def rescale_config(config: CompactConfig, grid: Grid) -> tuple[CompactConfig, st
 
 @dataclass
 class CompactHandle:
-    """What `apply` returns: the installed runtime, its step state, and `revert()`."""
+    """What `apply` returns: the installed runtime, its step state, and `revert()`.
+
+    `bucket` is the step bucket the next transformer calls run (None: dense), the one value of
+    the handle that compiled code reads. `calls` counts attention calls that ran eagerly, dense
+    and sparse (a compiled graph does not count).
+    """
 
     config: CompactConfig
     transformer: object
@@ -144,10 +221,13 @@ class CompactHandle:
     backend: str
     notes: list[str] = field(default_factory=list)
     calls: dict[str, int] = field(default_factory=lambda: {"dense": 0, "sparse": 0})
+    bucket: int | None = None
     _attention_handle: object | None = None
     _hook: object | None = None
-    _masks: dict[tuple[int, int, str], torch.Tensor] = field(default_factory=dict)
-    _lengths: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    _undo_scheduler: Callable[[], None] | None = None
+    _tables: list[LayerTables] | None = None
+    _densities: tuple[float, ...] = ()
+    _table_modules: list = field(default_factory=list)
     _warned_unknown_step: bool = False
 
     @cached_property
@@ -155,43 +235,50 @@ class CompactHandle:
         # One layout per handle: its permutation indices are built once, not on every call.
         return self.config.layout()
 
-    def set_step(self, step: int, num_steps: int) -> None:
-        """Tell the runtime the current denoising step (for callers without a scheduler)."""
+    def set_step(self, step: int, num_steps: int | None = None) -> None:
+        """Say which denoising step the next transformer calls belong to.
+
+        Args:
+            step: the step index, from 0.
+            num_steps: steps in this run; default the config's own schedule length
+                (`config.schedule.num_steps`). A run of another length maps its steps by
+                position in the trajectory, as `StepSchedule.bucket_for_step` does.
+
+        Also usable as a per-step callback taking one argument (`on_step=handle.set_step`).
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise UserInputError(f"set_step: step must be an integer >= 0, got {step!r}")
+        if num_steps is None:
+            num_steps = self.config.schedule.num_steps
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise UserInputError(f"set_step: num_steps must be an integer >= 1, got {num_steps!r}")
         self.tracker.step, self.tracker.num_steps = step, num_steps
+        self.bucket = self.config.schedule.bucket_for_step(step, num_steps)
 
     def current_bucket(self) -> int | None:
-        if self.tracker.step is None:
-            if not self._warned_unknown_step:
-                warnings.warn(
-                    "compact-search: the denoising step is unknown (no scheduler timesteps on "
-                    "the pipeline and no handle.set_step call), so attention runs dense",
-                    stacklevel=2,
-                )
-                self._warned_unknown_step = True
-            return None  # step unknown: dense is always correct
-        return self.config.schedule.bucket_for_step(self.tracker.step, self.tracker.num_steps)
+        """The step bucket the next transformer calls run (None: dense), i.e. `bucket`."""
+        return self.bucket
 
     def block_masks(self, bucket: int, layer: int, device: torch.device) -> torch.Tensor:
-        key = (bucket, layer, str(device))
-        if key not in self._masks:
-            self._masks[key] = self.config.block_masks(bucket, layer).to(device)
-        return self._masks[key]
+        """[H, nb, nb] bool: what a layer runs in a bucket, as a block mask (benchmarks, tests)."""
+        return self.config.block_masks(bucket, layer).to(device)
 
     def key_block_lengths(self, device: torch.device, prefix_tokens: int) -> torch.Tensor:
-        """[nb] int32 valid keys per block when ``prefix_tokens`` of the layout's prefix are real.
+        """[nb] int32 valid keys per block when ``prefix_tokens`` of the layout's prefix are real
+        (tensor operations only: it also runs inside a compiled graph)."""
+        layout = self.layout
+        lengths = layout.key_block_lengths(device)
+        if prefix_tokens == layout.prefix_tokens:
+            return lengths
+        # Prefix token j sits in slot j (prefix blocks first): real ones are a prefix of it.
+        prefix = valid_block_lengths(prefix_tokens, layout.block_size, layout.prefix_blocks, device)
+        return torch.cat([prefix, lengths[layout.prefix_blocks :]])
 
-        Cached per (device, count): the kernel's lookup-table cache keys on the tensor itself.
-        """
-        key = (str(device), prefix_tokens)
-        if key not in self._lengths:
-            layout = self.layout
-            lengths = layout.key_block_lengths(device).clone()
-            # Prefix token j sits in slot j (prefix blocks first): real ones are a prefix of it.
-            lengths[: layout.prefix_blocks] = valid_block_lengths(
-                prefix_tokens, layout.block_size, layout.prefix_blocks, device
-            )
-            self._lengths[key] = lengths
-        return self._lengths[key]
+    def layer_tables(self, device: torch.device) -> list[LayerTables]:
+        """Every layer's tables on ``device``, built here if `apply` did not (eager use)."""
+        if self._tables is None or self._tables[0].token_to_slot.device != device:
+            self._tables, self._densities = build_layer_tables(self.config, self.layout, device)
+        return self._tables
 
     def _missing_prefix_tokens(self, num_tokens: int) -> int:
         """Prefix tokens the layout has beyond the call's (0 if it fits); raises if it can't fit.
@@ -212,38 +299,84 @@ class CompactHandle:
             f"{layout.num_tokens} tokens, the model attends over {num_tokens} ({hint})"
         )
 
-    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """The installed attention: q, k, v [B, H, N, D] in model order -> [B, H, N, D]."""
+    def _count(self, bucket: int | None) -> None:
+        """Eager bookkeeping of one attention call: the counters, and the unknown-step warning."""
+        self.calls["dense" if bucket is None else "sparse"] += 1
+        if bucket is None and self.tracker.step is None and not self._warned_unknown_step:
+            warnings.warn(
+                "compact-search: the denoising step is unknown (no scheduler timesteps on "
+                "the pipeline and no handle.set_step call), so attention runs dense",
+                stacklevel=4,
+            )
+            self._warned_unknown_step = True
+
+    def attention(
+        self,
+        layer: LayerTables | int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        heads: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """The installed attention: q, k, v [B, H, N, D] in model order -> [B, H, N, D].
+
+        Args:
+            layer: the layer's `LayerTables` (what the installed processors pass) or its index.
+            heads: (start, stop), the heads of the model that q, k, v hold (Ulysses context
+                parallelism: this rank's heads over the whole sequence); default all.
+        """
+        bucket = self.bucket  # compiled code specialises on it: one graph per bucket and dense
+        if not torch.compiler.is_compiling():
+            self._count(bucket)
         layout = self.layout
         num_tokens = q.shape[2]
         missing = self._missing_prefix_tokens(num_tokens)
-        bucket = self.current_bucket()
         if bucket is None:
-            self.calls["dense"] += 1
             return F.scaled_dot_product_attention(q, k, v)
-        self.calls["sparse"] += 1
+        tables = layer if isinstance(layer, LayerTables) else self.layer_tables(q.device)[layer]
+        lut = tables.buckets[bucket].lut(self._densities[bucket])
+        if heads is not None:
+            lut = lut.heads(*heads)
         if missing:
             q, k, v = (F.pad(t, (0, 0, 0, missing)) for t in (q, k, v))  # [B, H, layout N, D]
-        masks = self.block_masks(bucket, layer, q.device)
-        out = sparse_attention(
-            _to_slots(layout, q),
-            _to_slots(layout, k),
-            _to_slots(layout, v),
-            masks,
+            lut = _with_key_lengths(
+                lut, self.key_block_lengths(q.device, layout.prefix_tokens - missing), layout
+            )
+        to_slots = functools.partial(_to_slots, layout, tables.token_to_slot, tables.padding_slots)
+        out = lut_sparse_attention(
+            to_slots(q),
+            to_slots(k),
+            to_slots(v),
+            lut,
             block_size=layout.block_size,
             backend=self.backend,
-            key_block_lengths=self.key_block_lengths(q.device, layout.prefix_tokens - missing),
         )  # [B, H, padded_len, D], in the slots' memory order
         # Gather back through a [B, P, H, D] view: the result is contiguous as [B, N, H, D], which
         # is the layout the processor flattens next, so that step copies nothing. With token-major
         # slots the kernel's output is token-major too and this gather reads whole H x D rows.
-        out = layout.from_slots(out.transpose(1, 2), dim=1).transpose(1, 2)
+        out = out.transpose(1, 2).index_select(1, tables.token_to_slot).transpose(1, 2)
         return out[:, :, :num_tokens] if missing else out  # the padded rows dropped
+
+    def install_attention(self) -> None:
+        """Route the transformer's self-attention through this runtime again, with the per-layer
+        tables (after other processors were installed in between, e.g. by `evaluate`)."""
+        if self._attention_handle is not None:
+            self._attention_handle.revert()
+        install = installer_for(self.config.model.adapter)
+        self._attention_handle = install(self.transformer, self.attention, layers=self._tables)
 
     def revert(self) -> None:
         if self._attention_handle is not None:
             self._attention_handle.revert()
             self._attention_handle = None
+        for module in self._table_modules:
+            delattr(module, TABLES_ATTRIBUTE)
+        self._table_modules = []
+        self._tables = None  # their memory goes with the modules' references
+        if self._undo_scheduler is not None:
+            self._undo_scheduler()
+            self._undo_scheduler = None
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -255,7 +388,21 @@ class CompactHandle:
         self.revert()
 
 
-def _to_slots(layout, x: torch.Tensor) -> torch.Tensor:
+def _with_key_lengths(lut: BlockLUT, key_lengths: torch.Tensor, layout: TileLayout) -> BlockLUT:
+    """The tables rebuilt for other key lengths (fewer real prefix tokens), the width kept, in
+    tensor operations (inside a compiled graph too)."""
+    tables = lut_tensors_from_mask(
+        lut_block_mask(lut.kv_block_ids, lut.total_counts),
+        key_lengths,
+        layout.block_size,
+        lut.kv_block_ids.shape[-1],
+    )
+    return BlockLUT(*tables, density=lut.density)
+
+
+def _to_slots(
+    layout: TileLayout, token_to_slot: torch.Tensor, padding_slots: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
     """[B, H, N, D] in model order -> [B, H, P, D] in slot order.
 
     Attention processors hand over views of token-major [B, N, H, D] projections. Those are
@@ -264,8 +411,11 @@ def _to_slots(layout, x: torch.Tensor) -> torch.Tensor:
     takes; anything else is gathered along dim 2 into a contiguous copy.
     """
     if x.transpose(1, 2).is_contiguous():
-        return layout.to_slots(x.transpose(1, 2), dim=1).transpose(1, 2)
-    return layout.to_slots(x, dim=2)
+        slots = scatter_to_slots(
+            x.transpose(1, 2), token_to_slot, padding_slots, layout.padded_len, dim=1
+        )
+        return slots.transpose(1, 2)
+    return scatter_to_slots(x, token_to_slot, padding_slots, layout.padded_len, dim=2)
 
 
 def apply(
@@ -317,10 +467,47 @@ def apply(
 
     pipeline = pipeline_or_transformer if pipeline_or_transformer is not transformer else None
     handle = CompactHandle(config, transformer, StepTracker(pipeline), backend, notes)
-    handle._attention_handle = install(transformer, handle.attention)
+    modules = ADAPTERS[model.adapter].attention_modules(transformer)
+    tables = handle.layer_tables(_device_of(transformer))
+    for module, layer_tables in zip(modules, tables, strict=True):
+        module.add_module(TABLES_ATTRIBUTE, layer_tables)  # buffers follow transformer.to()
+        handle._table_modules.append(module)
+    handle._attention_handle = install(transformer, handle.attention, layers=tables)
+    try:
+        _hand_over_parallel_config(transformer, handle._attention_handle)
+    except UserInputError:
+        handle.revert()
+        raise
 
-    def before_forward(module, args, kwargs):
-        handle.tracker.observe(kwargs.get("timestep", args[1] if len(args) > 1 else None))
+    scheduler = getattr(pipeline, "scheduler", None)
+    if follows_scheduler(scheduler):
+        handle._undo_scheduler = _follow_scheduler(scheduler, handle)
+    elif pipeline is not None:  # e.g. the built-in pipeline, which lists its timesteps per call
 
-    handle._hook = transformer.register_forward_pre_hook(before_forward, with_kwargs=True)
+        def before_forward(module, args, kwargs):
+            timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+            if handle.tracker.observe(timestep):
+                handle.set_step(handle.tracker.step, handle.tracker.num_steps)
+
+        handle._hook = transformer.register_forward_pre_hook(before_forward, with_kwargs=True)
     return handle
+
+
+def _device_of(transformer) -> torch.device:
+    parameter = next(iter(transformer.parameters()), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _hand_over_parallel_config(transformer, attention_handle) -> None:
+    """`apply` after `enable_parallelism`: give the new processors the model's context-parallel
+    config, as `enable_parallelism` gives it to processors that have the attribute."""
+    parallel = getattr(transformer, "_parallel_config", None)
+    if getattr(parallel, "context_parallel_config", None) is None:
+        return
+    for module in attention_handle.modules:
+        if not hasattr(module.processor, "_parallel_config"):
+            raise UserInputError(
+                f"{type(module.processor).__name__} does not run context parallelism; apply "
+                "compact-search without enable_parallelism"
+            )
+        module.processor._parallel_config = parallel  # the processor checks what it supports

@@ -15,6 +15,19 @@ Backends (the `backend=` argument):
 A Triton backend (or "auto" on CUDA) given a dtype or head dim the kernels do not take runs the
 reference instead and says so in one warning per distinct reason. The kernel modules never import
 each other; they are imported here on first use, so the reference path never loads triton.
+
+Two PyTorch operators carry the kernels into torch.compile (`torch.library.custom_op`, opaque to
+the compiler, with a fake implementation that allocates the output as the kernels do and reads no
+data; docs/kernel.md says why not `triton_op`):
+
+- `compact_search::sparse_attention` (q, k, v, block mask): what `sparse_attention` calls; its
+  kernels build their lookup tables from the mask (cached per mask object) when it runs;
+- `compact_search::sparse_attention_lut` (q, k, v, the five lookup tables): tables built
+  beforehand, so nothing is built, looked up or read back to the host when it runs; what
+  `apply`'s runtime calls (`lut_sparse_attention`), and what a CUDA graph can capture.
+
+Both choose the kernel when they run, from the real tensors (the Gluon kernel needs aligned
+addresses), and return a tensor in q's memory order.
 """
 
 from __future__ import annotations
@@ -27,19 +40,30 @@ from collections.abc import Callable
 import torch
 
 from compact_search.geometry import DEFAULT_BLOCK_SIZE
-from compact_search.runtime.kernels.common import unsupported_reason
+from compact_search.runtime.kernels.common import lut_tensors, unsupported_reason
+from compact_search.runtime.lut import BlockLUT
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# What each kernel backend runs: (module, function), every function called as
-# run(q, k, v, block_mask, *, block_size, scale, key_block_lengths).
+# What each kernel backend runs: (module, function from a mask, function from lookup tables),
+# called as run(q, k, v, block_mask, *, block_size, scale, key_block_lengths) and
+# run_lut(q, k, v, lut, *, block_size, scale).
 KERNELS = {
-    "reference": ("compact_search.runtime.kernels.reference", "reference_sparse_attention"),
+    "reference": (
+        "compact_search.runtime.kernels.reference",
+        "reference_sparse_attention",
+        "reference_lut_attention",
+    ),
     "triton-portable": (
         "compact_search.runtime.kernels.triton_portable",
         "portable_sparse_attention",
+        "portable_lut_attention",
     ),
-    "triton-gluon": ("compact_search.runtime.kernels.gluon_hopper", "gluon_sparse_attention"),
-    "flex": ("compact_search.runtime.kernels.flex", "flex_sparse_attention"),
+    "triton-gluon": (
+        "compact_search.runtime.kernels.gluon_hopper",
+        "gluon_sparse_attention",
+        "gluon_lut_attention",
+    ),
+    "flex": ("compact_search.runtime.kernels.flex", "flex_sparse_attention", "flex_lut_attention"),
 }
 BACKENDS = ("auto", "triton", *KERNELS)
 
@@ -101,9 +125,10 @@ def _kernel_module(kernel: str):
         raise ValueError(f"backend {kernel!r} cannot be loaded here: {error}") from error
 
 
-def kernel_function(kernel: str) -> Callable[..., torch.Tensor]:
-    """The function a kernel backend runs (a key of KERNELS)."""
-    return getattr(_kernel_module(kernel), KERNELS[kernel][1])
+def kernel_function(kernel: str, *, from_tables: bool = False) -> Callable[..., torch.Tensor]:
+    """The function a kernel backend (a key of KERNELS) runs from a block mask, or with
+    ``from_tables`` from lookup tables."""
+    return getattr(_kernel_module(kernel), KERNELS[kernel][2 if from_tables else 1])
 
 
 def _gluon_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> bool:
@@ -151,6 +176,113 @@ def selected_kernel(
     return kernel if launch_config is None else f"{kernel} {launch_config()}"
 
 
+def _warn_fallback(fallback: str | None) -> None:
+    if fallback is not None and fallback not in _warned_fallbacks:
+        _warned_fallbacks.add(fallback)
+        warnings.warn(f"sparse_attention: {fallback}; using the reference", stacklevel=3)
+
+
+def _in_memory_order_of(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` in ``q``'s memory order: what the operators' fake implementation promises."""
+    if out.stride() == q.stride():
+        return out
+    return torch.empty_like(q).copy_(out)
+
+
+@torch.library.custom_op("compact_search::sparse_attention", mutates_args=())
+def _sparse_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    key_block_lengths: torch.Tensor | None,
+    block_size: int,
+    scale: float,
+    backend: str,
+) -> torch.Tensor:
+    kernel, fallback = choose_kernel(q, k, v, block_size, backend)
+    _warn_fallback(fallback)
+    out = kernel_function(kernel)(
+        q,
+        k,
+        v,
+        block_mask,
+        block_size=block_size,
+        scale=scale,
+        key_block_lengths=key_block_lengths,
+    )
+    return _in_memory_order_of(q, out)
+
+
+@torch.library.custom_op("compact_search::sparse_attention_lut", mutates_args=())
+def _sparse_attention_lut_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_block_ids: torch.Tensor,
+    full_counts: torch.Tensor,
+    total_counts: torch.Tensor,
+    key_lengths: torch.Tensor,
+    q_block_order: torch.Tensor,
+    block_size: int,
+    scale: float,
+    density: float,
+    backend: str,
+) -> torch.Tensor:
+    kernel, fallback = choose_kernel(q, k, v, block_size, backend)
+    _warn_fallback(fallback)
+    lut = BlockLUT(kv_block_ids, full_counts, total_counts, key_lengths, q_block_order, density)
+    out = kernel_function(kernel, from_tables=True)(
+        q, k, v, lut, block_size=block_size, scale=scale
+    )
+    return _in_memory_order_of(q, out)
+
+
+@_sparse_attention_op.register_fake
+@_sparse_attention_lut_op.register_fake
+def _output_like_q(q: torch.Tensor, *args) -> torch.Tensor:
+    # [B, H, N, D] in q's memory order (token-major storage stays token-major), no data read.
+    return torch.empty_like(q)
+
+
+def lut_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lut: BlockLUT,
+    *,
+    block_size: int,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Block-sparse attention from lookup tables built beforehand (`runtime/lut.py`).
+
+    Args:
+        q, k, v: [B, H, N, D] as for `sparse_attention`.
+        lut: the tables on q's device, for Hm in (1, H) mask heads and nb = ceil(N / block_size)
+            blocks; `lut.density` keys the kernels' autotuning.
+        block_size, scale, backend: as for `sparse_attention`.
+
+    Returns:
+        [B, H, N, D] in q's dtype and memory order. Traceable by torch.compile without a graph
+        break, and nothing in it allocates outside the output or synchronises with the GPU, so a
+        CUDA graph can capture it.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _sparse_attention_lut_op(
+        q,
+        k,
+        v,
+        *lut_tensors(lut),
+        block_size,
+        scale,
+        float(lut.density),
+        backend,
+    )
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -180,21 +312,11 @@ def sparse_attention(
         [B, H, N, D] in q's dtype; a query with no valid kept key outputs zeros.
     """
     _check_arguments(q, k, v, block_mask, block_size, key_block_lengths)
-    kernel, fallback = choose_kernel(q, k, v, block_size, backend)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if q.shape[2] == 0:
         return torch.empty_like(q)
-    if fallback is not None and fallback not in _warned_fallbacks:
-        _warned_fallbacks.add(fallback)
-        warnings.warn(f"sparse_attention: {fallback}; using the reference", stacklevel=2)
     if key_block_lengths is not None:
         key_block_lengths = key_block_lengths.to(torch.int32)
-    return kernel_function(kernel)(
-        q,
-        k,
-        v,
-        block_mask,
-        block_size=block_size,
-        scale=scale,
-        key_block_lengths=key_block_lengths,
-    )
+    return _sparse_attention_op(q, k, v, block_mask, key_block_lengths, block_size, scale, backend)

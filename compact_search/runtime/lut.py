@@ -15,7 +15,14 @@ import torch
 
 from compact_search.geometry import valid_block_lengths
 
-__all__ = ["BlockLUT", "build_block_lut", "cached_block_lut", "clear_lut_cache"]
+__all__ = [
+    "BlockLUT",
+    "build_block_lut",
+    "cached_block_lut",
+    "clear_lut_cache",
+    "lut_block_mask",
+    "lut_tensors_from_mask",
+]
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,19 @@ class BlockLUT:
     def num_blocks(self) -> int:
         return self.kv_block_ids.shape[1]
 
+    def heads(self, start: int, stop: int) -> BlockLUT:
+        """The tables of heads [start, stop) (views; all of them when one mask is shared)."""
+        if self.mask_heads == 1:
+            return self
+        return BlockLUT(
+            self.kv_block_ids[start:stop],
+            self.full_counts[start:stop],
+            self.total_counts[start:stop],
+            self.key_lengths,
+            self.q_block_order[start:stop],
+            self.density,
+        )
+
 
 def build_block_lut(
     block_mask: torch.Tensor,
@@ -60,6 +80,7 @@ def build_block_lut(
     seq_len: int,
     block_size: int,
     key_block_lengths: torch.Tensor | None = None,
+    width: int | None = None,
 ) -> BlockLUT:
     """Compile a block mask into lookup tables (no caching; see :func:`cached_block_lut`).
 
@@ -69,6 +90,9 @@ def build_block_lut(
         block_size: tokens per mask block.
         key_block_lengths: int32 ``[nb]`` valid keys per key block, or None for the default
             (full blocks, ragged last one). Clipped to the tokens that exist.
+        width: entries per row of ``kv_block_ids``; default the longest row. A larger one (up to
+            nb) pads, so the tables of several layers share one shape; a smaller one is a
+            ValueError.
 
     Returns:
         A :class:`BlockLUT` on the mask's device.
@@ -86,40 +110,79 @@ def build_block_lut(
         key_lengths = existing
     else:
         key_lengths = torch.minimum(key_block_lengths.to(device, torch.int32), existing)
+    full_kept, padded_kept = _kept_blocks(block_mask, key_lengths, block_size)
+    total_counts = full_kept.sum(-1) + padded_kept.sum(-1)  # [Hm, nb]
+    longest = max(int(total_counts.max()) if total_counts.numel() else 0, 1)
+    if width is None:
+        width = longest
+    elif not longest <= width <= max(num_blocks, 1):
+        raise ValueError(
+            f"width {width} must lie between the longest row ({longest}) and nb ({num_blocks})"
+        )
+    tables = lut_tensors_from_mask(block_mask, key_lengths, block_size, width)
+    density = float(block_mask.float().mean()) if block_mask.numel() else 0.0
+    return BlockLUT(*tables, density=density)
+
+
+def _kept_blocks(
+    block_mask: torch.Tensor, key_lengths: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool ``[Hm, nb, nb]`` twice: kept key blocks whose keys are all valid, and kept key blocks
+    with padded keys but at least one valid key."""
     has_keys = key_lengths > 0  # [nb]
     is_full = key_lengths == block_size  # [nb]
+    return block_mask & is_full, block_mask & has_keys & ~is_full
 
-    full_kept = block_mask & is_full  # [Hm, nb, nb]
-    padded_kept = block_mask & has_keys & ~is_full  # [Hm, nb, nb]
+
+def lut_tensors_from_mask(
+    block_mask: torch.Tensor, key_lengths: torch.Tensor, block_size: int, width: int
+) -> tuple[torch.Tensor, ...]:
+    """The five tables of :class:`BlockLUT` (``kv_block_ids`` ``width`` wide: at least the longest
+    row, at most nb), from bool ``[Hm, nb, nb]`` and int32 ``[nb]`` key lengths clipped to N.
+
+    Tensor operations only, no value read back to Python: it runs inside a compiled graph (the
+    runtime rebuilds a layer's tables there when a call has fewer prefix tokens than the config).
+    """
+    full_kept, padded_kept = _kept_blocks(block_mask, key_lengths, block_size)  # [Hm, nb, nb]
     full_counts = full_kept.sum(-1, dtype=torch.int32)  # [Hm, nb]
     total_counts = full_counts + padded_kept.sum(-1, dtype=torch.int32)  # [Hm, nb]
 
     # Sort key: full kept blocks first, then padded kept blocks, then the rest; a stable sort keeps
     # ascending block ids inside each group.
-    group = torch.full(block_mask.shape, 2, dtype=torch.int8, device=device)
-    group[padded_kept] = 1
-    group[full_kept] = 0
+    group = torch.where(full_kept, 0, torch.where(padded_kept, 1, 2)).to(torch.int8)
     order = torch.sort(group, dim=-1, stable=True).indices.to(torch.int32)  # [Hm, nb, nb]
-    width = max(int(total_counts.max()), 1)
-    kv_block_ids = order[..., :width].contiguous()  # [Hm, nb, width]
+    kv_block_ids = order[..., :width]  # [Hm, nb, width]
 
     # Pad past each row's count with its last kept id (0 for an empty row).
-    slot = torch.arange(width, device=device, dtype=torch.int32)  # [width]
+    slot = torch.arange(width, device=block_mask.device, dtype=torch.int32)  # [width]
     last_slot = (total_counts - 1).clamp(min=0).unsqueeze(-1)  # [Hm, nb, 1]
     last_id = torch.gather(kv_block_ids, -1, last_slot.long())  # [Hm, nb, 1]
     last_id = torch.where(total_counts.unsqueeze(-1) > 0, last_id, torch.zeros_like(last_id))
     kv_block_ids = torch.where(slot < total_counts.unsqueeze(-1), kv_block_ids, last_id)
 
     q_block_order = torch.sort(total_counts, dim=-1, descending=True, stable=True).indices
-    density = float(block_mask.float().mean()) if block_mask.numel() else 0.0
-    return BlockLUT(
-        kv_block_ids=kv_block_ids.contiguous(),
-        full_counts=full_counts.contiguous(),
-        total_counts=total_counts.contiguous(),
-        key_lengths=key_lengths.contiguous(),
-        q_block_order=q_block_order.to(torch.int32).contiguous(),
-        density=density,
+    return (
+        kv_block_ids.contiguous(),
+        full_counts.contiguous(),
+        total_counts.contiguous(),
+        key_lengths.to(torch.int32).contiguous(),
+        q_block_order.to(torch.int32).contiguous(),
     )
+
+
+def lut_block_mask(kv_block_ids: torch.Tensor, total_counts: torch.Tensor) -> torch.Tensor:
+    """bool ``[Hm, nb, nb]``: the key blocks a lookup table visits (kept blocks with a valid key).
+
+    The inverse of the tables up to blocks without valid keys, which the tables drop and which
+    attend nothing anyway; what the reference and FlexAttention run from tables. Tensor operations
+    only (traceable).
+    """
+    heads, num_blocks, width = kv_block_ids.shape
+    device = kv_block_ids.device
+    visited = torch.arange(width, device=device) < total_counts.unsqueeze(-1)  # [Hm, nb, width]
+    # Padding entries repeat a listed id: summing (not assigning) keeps them from unsetting it.
+    hits = torch.zeros(heads, num_blocks, num_blocks, dtype=torch.int32, device=device)
+    return hits.scatter_add(-1, kv_block_ids.long(), visited.to(torch.int32)) > 0
 
 
 # id(block_mask) -> (weak reference to the mask, cache key, lut). Entries leave when the mask is

@@ -17,6 +17,7 @@ import torch
 
 from compact_search.errors import UserInputError
 from compact_search.geometry import valid_block_lengths
+from compact_search.runtime.lut import BlockLUT, lut_block_mask
 
 
 def _sorted_kept(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,6 +101,27 @@ def flex_sparse_attention(
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
         return _compiled_flex(q, k, v, block_mask=mask, scale=scale)
     return flex_attention(q, k, v, block_mask=mask, scale=scale)
+
+
+def flex_lut_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lut: BlockLUT,
+    *,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """FlexAttention over the blocks a lookup table visits, with its key lengths."""
+    return flex_sparse_attention(
+        q,
+        k,
+        v,
+        lut_block_mask(lut.kv_block_ids, lut.total_counts),
+        block_size=block_size,
+        scale=scale,
+        key_block_lengths=lut.key_lengths,
+    )
 
 
 def load_flex_masks(path: str | Path) -> dict[tuple[int, int], object]:

@@ -54,7 +54,13 @@ from compact_search.runtime.kernels.common import (
 )
 from compact_search.runtime.lut import BlockLUT, cached_block_lut
 
-__all__ = ["gluon_sparse_attention", "gluon_supports", "GLUON_BLOCK_SIZE", "GluonConfig"]
+__all__ = [
+    "gluon_sparse_attention",
+    "gluon_lut_attention",
+    "gluon_supports",
+    "GLUON_BLOCK_SIZE",
+    "GluonConfig",
+]
 
 GLUON_BLOCK_SIZE = 128  # mask block = query block of one CTA
 CONSUMER_WARPS = gl.constexpr(4)  # one warpgroup: 64 query rows
@@ -537,6 +543,31 @@ def gluon_sparse_attention(
     int32 ``[nb]`` key lengths; an optional output buffer), where :func:`gluon_supports` holds
     (ValueError otherwise). ``config`` launches that :class:`GluonConfig` instead of autotuning.
     """
+    lut = cached_block_lut(
+        block_mask,
+        seq_len=q.shape[2],
+        block_size=block_size,
+        key_block_lengths=key_block_lengths,
+        device=q.device,
+    )
+    return gluon_lut_attention(
+        q, k, v, lut, block_size=block_size, scale=scale, out=out, config=config
+    )
+
+
+def gluon_lut_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lut: BlockLUT,
+    *,
+    block_size: int = GLUON_BLOCK_SIZE,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    config: GluonConfig | None = None,
+) -> torch.Tensor:
+    """:func:`gluon_sparse_attention` from lookup tables built beforehand (``lut.py``), on q's
+    device: no table is built or looked up here, so nothing reads a value back to the host."""
     if out is None:
         # q's memory order, as the portable kernel: a token-major caller reads whole rows back.
         out = torch.empty_like(q)
@@ -546,11 +577,4 @@ def gluon_sparse_attention(
             "fp16/bf16, head dim 64 or 128 and 16-byte aligned strides"
         )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    lut = cached_block_lut(
-        block_mask,
-        seq_len=q.shape[2],
-        block_size=block_size,
-        key_block_lengths=key_block_lengths,
-        device=q.device,
-    )
     return _launch(q, k, v, out, lut, scale=scale, config=config, autotune=autotune_enabled())

@@ -10,7 +10,8 @@ Two forms: `masked_reference` builds the [N, N] token mask (small N, tests) and
 `chunked_reference` walks query blocks and gathers their kept keys, so memory stays at
 [B, block_size, kept keys] per step (a 32,768-token head runs on CPU).
 `reference_sparse_attention`, what the "reference" backend runs, takes the first up to 4,096
-tokens and the second above.
+tokens and the second above; `reference_lut_attention` runs it from lookup tables (the compiled
+runtime's operator hands every backend tables, `runtime/lut.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import math
 import torch
 
 from compact_search.geometry import DEFAULT_BLOCK_SIZE
+from compact_search.runtime.lut import BlockLUT, lut_block_mask
 
 # Above this many query x key tokens per head `reference_sparse_attention` walks query blocks
 # instead of building the [N, N] mask.
@@ -142,4 +144,25 @@ def reference_sparse_attention(
         block_size=block_size,
         scale=scale,
         key_block_lengths=key_block_lengths,
+    )
+
+
+def reference_lut_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lut: BlockLUT,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The reference over the blocks a lookup table visits, with its key lengths."""
+    return reference_sparse_attention(
+        q,
+        k,
+        v,
+        lut_block_mask(lut.kv_block_ids, lut.total_counts),
+        block_size=block_size,
+        scale=scale,
+        key_block_lengths=lut.key_lengths,
     )

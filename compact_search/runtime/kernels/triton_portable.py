@@ -32,7 +32,12 @@ from compact_search.runtime.kernels.common import (
 )
 from compact_search.runtime.lut import BlockLUT, cached_block_lut
 
-__all__ = ["portable_sparse_attention", "autotuned_config", "kernel_config"]
+__all__ = [
+    "portable_sparse_attention",
+    "portable_lut_attention",
+    "autotuned_config",
+    "kernel_config",
+]
 
 
 def _set_descriptor_blocks(nargs: dict) -> None:
@@ -392,11 +397,6 @@ def portable_sparse_attention(
     Returns:
         ``[B, H, N, D]`` in q's dtype (``out`` when given); rows with no valid kept key are zeros.
     """
-    reason = unsupported_reason(q)
-    if reason is not None:
-        raise ValueError(f"the portable kernel cannot run {reason}")
-    check_block_size(block_size)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     lut = cached_block_lut(
         block_mask,
         seq_len=q.shape[2],
@@ -404,6 +404,30 @@ def portable_sparse_attention(
         key_block_lengths=key_block_lengths,
         device=q.device,
     )
+    return portable_lut_attention(
+        q, k, v, lut, block_size=block_size, scale=scale, out=out, use_tma=use_tma, config=config
+    )
+
+
+def portable_lut_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lut: BlockLUT,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    use_tma: bool | None = None,
+    config: triton.Config | None = None,
+) -> torch.Tensor:
+    """:func:`portable_sparse_attention` from lookup tables built beforehand (``lut.py``), on q's
+    device: no table is built or looked up here, so nothing reads a value back to the host."""
+    reason = unsupported_reason(q)
+    if reason is not None:
+        raise ValueError(f"the portable kernel cannot run {reason}")
+    check_block_size(block_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if out is None:
         # q's memory order (e.g. token-major [B, N, H, D] storage seen as [B, H, N, D]), so a
         # caller that gathers the output back along N reads whole rows.
