@@ -140,20 +140,34 @@ def test_a_sparse_warm_up_bucket_runs_its_own_patterns_from_step_0():
         for pattern in (warm, late)
     )
     config = CompactConfig(base.model, base.geometry, schedule, heads, base.provenance)
+
+    def outputs_under(cfg, timesteps_run):
+        pipeline = SimpleNamespace(
+            transformer=model, scheduler=SimpleNamespace(timesteps=timesteps)
+        )
+        handle = apply(pipeline, cfg)
+        outs, buckets = [], []
+        for t in timesteps_run:
+            outs.append(forward(model, timestep=t))
+            buckets.append(handle.current_bucket())
+        calls = dict(handle.calls)
+        handle.revert()
+        return outs, buckets, calls
+
+    def only(pattern):
+        same = tuple(
+            tuple(tuple(HeadEntry(pattern) for _ in range(2)) for _ in range(2)) for _ in range(2)
+        )
+        return CompactConfig(base.model, base.geometry, schedule, same, base.provenance)
+
     timesteps = torch.tensor([999.0, 750.0, 500.0, 250.0])
-    pipeline = SimpleNamespace(transformer=model, scheduler=SimpleNamespace(timesteps=timesteps))
-    handle = apply(pipeline, config)
-    used = []
-    original = handle.block_masks
-    handle.block_masks = lambda bucket, layer, device: (
-        used.append(bucket) or original(bucket, layer, device)
-    )
-    forward(model, timestep=999.0)  # step 0: the warm-up bucket, sparse
-    assert handle.calls == {"dense": 0, "sparse": 2} and used == [0, 0]
-    forward(model, timestep=250.0)  # step 3: bucket 1
-    assert used == [0, 0, 1, 1]
-    assert not torch.equal(config.block_masks(0, 0), config.block_masks(1, 0))
-    handle.revert()
+    (warm_step, late_step), buckets, calls = outputs_under(config, [999.0, 250.0])
+    assert buckets == [0, 1] and calls == {"dense": 0, "sparse": 4}
+    (all_warm, _), _, _ = outputs_under(only(warm), [999.0, 250.0])
+    (late_at_0, all_late), _, _ = outputs_under(only(late), [999.0, 250.0])
+    # step 0 ran bucket 0's (warm-up) patterns, step 3 bucket 1's, each through the kernel path
+    assert torch.equal(warm_step, all_warm) and torch.equal(late_step, all_late)
+    assert not torch.equal(warm_step, late_at_0)  # the two buckets' patterns differ in effect
 
 
 def test_unknown_step_warns_once_and_runs_dense():
