@@ -10,14 +10,15 @@ Two providers, each compiled with `compile_repeated_blocks(fullgraph=True)` (`--
   `benchmarks/bench_e2e.py`), a sparse step; Ulysses in `compact_search/models/ulysses.py`.
 
 Per provider: the first call (compilation, autotuning, first launch) in seconds, then forward
-p20/p50/p80 over `--reps` calls on rank 0; the all-to-all time per forward from one more forward
-under the torch profiler (the NCCL all-to-all kernels' device time, gloo's `gloo:all_to_all`
-spans on CPU; mean and max over ranks; a rank's all-to-all time includes its wait for the slowest
-peer); the relative error ||out - ref|| / ||ref|| of the gathered output against a one-process
-eager forward of the same model, computed on rank 0 before parallelism is enabled (at N = 1: the
-compiled forward against the eager one); the scaling efficiency p50(1 GPU) / (N x p50(N GPUs)),
-p50(1 GPU) read from the latest N = 1 row of the same shape, provider, mode and device in the
-output CSV or benchmarks/results/context_parallel.csv (blank when there is none).
+p20/p50/p80 over `--reps` calls on rank 0; at N > 1 the all-to-all time per forward from one
+more forward under the torch profiler (the NCCL all-to-all kernels' device time, gloo's
+`gloo:all_to_all` spans on CPU; mean and max over ranks; a rank's all-to-all time includes its
+wait for the slowest peer); the relative error ||out - ref|| / ||ref|| of the gathered output
+against a one-process eager forward of the same model, computed on rank 0 before parallelism is
+enabled (at N = 1: the compiled forward against the eager one); the scaling efficiency
+p50(1 GPU) / (N x p50(N GPUs)), p50(1 GPU) read from the latest N = 1 row of the same shape,
+provider, mode and device in the output CSV or benchmarks/results/context_parallel.csv (blank
+when there is none).
 
 Usage (NCCL's NVLink multicast stays off; the script sets NCCL_NVLS_ENABLE=0 itself too):
     NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node N -m benchmarks.bench_context_parallel \\
@@ -26,7 +27,13 @@ Usage (NCCL's NVLink multicast stays off; the script sets NCCL_NVLS_ENABLE=0 its
         --dry-run --out DIR   # CPU, gloo, a small fp32 model, dynamo's eager backend; checks
 Appends to DIR/context_parallel.csv (DIR: --out, else $OUT when set, else benchmarks/results)
 and writes DIR/context_parallel_N<N>.json (every rank's all-to-all figures). Exit 1 when the
-dry run's checks fail. Expected wall time on one H200 at N = 1: about 3 minutes.
+dry run's checks fail.
+
+Expected wall time on one H200 at N = 1, from bench_compile's figures (not measured with this
+script yet): about 2.5 minutes: build ~10 s, eager references (dense 12 s, compact 7 s plus the
+kernel's autotuning) ~25 s, compact compiled (first call ~35 s, 3 x 5.5 s) ~50 s, dense compiled
+(first call 23 s, 3 x 11.3 s) ~57 s, plus imports. N > 1 adds one eager and, per provider, one
+profiled forward at N ranks.
 """
 
 from __future__ import annotations
@@ -79,20 +86,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn, reps: int, device: torch.device) -> tuple[float, list[float]]:
-    """Seconds of the first call, then the milliseconds of `reps` more, sorted."""
+def time_calls(fn, reps: int, device: torch.device) -> tuple[float, list[float], object]:
+    """Seconds of the first call, the milliseconds of `reps` more (sorted), the last result."""
     synchronize(device)
     start = time.perf_counter()
-    fn()
+    result = fn()
     synchronize(device)
     first = time.perf_counter() - start
     times = []
     for _ in range(reps):
         begin = time.perf_counter()
-        fn()
+        result = fn()
         synchronize(device)
         times.append((time.perf_counter() - begin) * 1e3)
-    return first, sorted(times)
+    return first, sorted(times), result
 
 
 # NCCL kernels of the other collectives; what is left of NCCL's kernels in a forward is the
@@ -291,22 +298,21 @@ def run(args, spec, name, device, dtype, backend, reps, world, rank, out_dir, lo
 
     def measure(provider: str) -> None:
         frames = counter.frame_count
-        first, times = time_calls(forward, reps, device)
+        first, times, out = time_calls(forward, reps, device)
         graphs = counter.frame_count - frames
-        from torch.profiler import ProfilerActivity, profile
-
-        activities = [ProfilerActivity.CPU]
-        if device.type == "cuda":
-            activities.append(ProfilerActivity.CUDA)
-        with profile(activities=activities) as prof:
-            out = forward()
-            synchronize(device)
-        a2a_ms, a2a_calls = all_to_all_time(prof.events())
-        gathered = [None] * world
+        gathered = [(0.0, 0)]  # one rank: no all-to-all, no profiler pass
         if world > 1:
-            dist.all_gather_object(gathered, (a2a_ms, a2a_calls))
-        else:
-            gathered = [(a2a_ms, a2a_calls)]
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU]
+            if device.type == "cuda":
+                activities.append(ProfilerActivity.CUDA)
+            with profile(activities=activities) as prof:
+                out = forward()
+                synchronize(device)
+            gathered = [None] * world
+            dist.all_gather_object(gathered, all_to_all_time(prof.events()))
+        a2a_calls = gathered[rank][1]
         per_rank[provider] = gathered
         if rank != 0:
             return
