@@ -41,7 +41,7 @@ def optimize_profile(
     if target is not None:
         result = apply_budget(result, target)
     result.save(run_dir)
-    write_report(result, run_dir)
+    write_report(result, run_dir, source)  # the gallery draws the tile mass the search read
     return result
 
 
