@@ -271,7 +271,11 @@ def test_fewer_text_tokens_than_profiled_are_padded_and_never_attended(real_text
     gen = torch.Generator().manual_seed(real_text)
     n = GRID.num_tokens + real_text
     q, k, v = torch.randn(3, 1, 2, n, 64, generator=gen).to(dtype).unbind(0)  # [B, H, N, D]
-    got = handle.attention(0, q, k, v)
+    from compact_search.runtime.attention import recorded_kernels
+
+    with recorded_kernels() as ran:
+        got = handle.attention(0, q, k, v)
+    assert ran == ["triton-portable" if backend == "triton" else "reference"]
     expected = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
     assert got.shape == q.shape and handle.calls["sparse"] == 1
     tolerance = 2e-2 if dtype == torch.float16 else 1e-5
@@ -281,22 +285,45 @@ def test_fewer_text_tokens_than_profiled_are_padded_and_never_attended(real_text
         handle.attention(0, *(torch.zeros(1, 2, GRID.num_tokens + 21, 64, dtype=dtype),) * 3)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_token_major_inputs_take_the_row_gather_and_give_the_same_output(backend):
+@pytest.mark.parametrize(
+    ("backend", "dtype", "kernel"),
+    [("reference", torch.float32, "reference"), ("triton", torch.bfloat16, "triton-portable")],
+    ids=["reference", "triton"],
+)
+def test_token_major_inputs_take_the_row_gather_and_give_the_same_output(backend, dtype, kernel):
     # Processors pass [B, H, N, D] views of token-major [B, N, H, D] projections; the handle
     # gathers those along N in their own storage. Same values in either memory order must give
-    # the same output, on the reference and on the kernel (interpreter, head dim 64).
+    # the same output, on the reference and on the kernel (interpreter, head dim 64, bf16: the
+    # kernel's dtypes, so it does not fall back).
+    from compact_search.runtime.attention import recorded_kernels
+
     model = small_wan(head_dim=64)
     patterns = [HeadPattern.local(0, 1, 1), HeadPattern.local(1, 0, 1)]
     config = config_for(patterns, block_size=16, head_dim=64)  # the kernel's smallest block
     handle = apply(model, config, backend=backend)
     handle.set_step(3, 4)
     gen = torch.Generator().manual_seed(3)
-    token_major = [torch.randn(1, GRID.num_tokens, 2, 64, generator=gen) for _ in range(3)]
+    token_major = [
+        torch.randn(1, GRID.num_tokens, 2, 64, generator=gen).to(dtype) for _ in range(3)
+    ]
     views = [t.transpose(1, 2) for t in token_major]  # [B, H, N, D], not contiguous
     copies = [t.contiguous() for t in views]
-    out_views = handle.attention(0, *views)
-    out_copies = handle.attention(0, *copies)
+    with recorded_kernels() as ran:
+        out_views = handle.attention(0, *views)
+        out_copies = handle.attention(0, *copies)
+    assert ran == [kernel, kernel]
+    layout = config.layout()
+    expected = layout.from_slots(
+        masked_reference(
+            *(layout.to_slots(t.double()) for t in copies),
+            config.block_masks(0, 0),
+            block_size=16,
+            key_block_lengths=layout.key_block_lengths(),
+        )
+    )
     handle.revert()
-    torch.testing.assert_close(out_views, out_copies, rtol=0, atol=0)
+    # fp32 casts: the interpreter computes in fp32, the comparison must not round to bf16 again
+    torch.testing.assert_close(out_views.float(), out_copies.float(), rtol=0, atol=0)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out_views.double(), expected, rtol=tolerance, atol=tolerance)
     assert out_views.transpose(1, 2).is_contiguous()  # what the processor flattens next
