@@ -157,9 +157,13 @@ def flex_lut_attention(
 
 
 def load_flex_masks(path: str | Path) -> dict[tuple[int, int], object]:
-    """(bucket, layer) -> FlexAttention BlockMask, from a `--format flex` export."""
+    """(bucket, layer) -> FlexAttention BlockMask, from a `--format flex` export.
+
+    The stored block lists are turned back into the [H, nb, nb] block mask and rebuilt with
+    `flex_block_mask`, so the mask_mod knows the kept blocks as well as the padding: eager
+    flex_attention (which ignores the block lists) gives the same sparse result as compiled.
+    """
     from safetensors import safe_open
-    from torch.nn.attention.flex_attention import BlockMask
 
     with safe_open(str(path), "pt") as handle:
         meta = handle.metadata() or {}
@@ -167,20 +171,17 @@ def load_flex_masks(path: str | Path) -> dict[tuple[int, int], object]:
             raise UserInputError(f"{path}: not a compact-search flex export")
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
     block_size, seq_len = int(meta["block_size"]), int(meta["seq_len"])
-    valid = _valid_keys(tensors.pop("key_block_lengths"), block_size)
+    lengths = tensors.pop("key_block_lengths")
     out = {}
     for key in tensors:
         if not key.endswith(".kv_num_blocks") or key.count(".") != 2:
             continue
         prefix = key[: -len(".kv_num_blocks")]
         b, layer = (int(part[1:]) for part in prefix.split("."))
-        out[(b, layer)] = BlockMask.from_kv_blocks(
-            tensors[f"{prefix}.kv_num_blocks"],
-            tensors[f"{prefix}.kv_indices"],
-            tensors[f"{prefix}.full_kv_num_blocks"],
-            tensors[f"{prefix}.full_kv_indices"],
-            BLOCK_SIZE=block_size,
-            mask_mod=lambda b_, h, q, kv, v=valid: v[kv],
-            seq_lengths=(seq_len, seq_len),
+        # [1, H, nb] counts and [1, H, nb, nb] ids of the partial and the full kept blocks
+        partial = lut_block_mask(tensors[f"{prefix}.kv_indices"][0], tensors[key][0])
+        full = lut_block_mask(
+            tensors[f"{prefix}.full_kv_indices"][0], tensors[f"{prefix}.full_kv_num_blocks"][0]
         )
+        out[(b, layer)] = flex_block_mask(partial | full, seq_len, block_size, lengths)
     return out
