@@ -327,3 +327,63 @@ def test_token_major_inputs_take_the_row_gather_and_give_the_same_output(backend
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out_views.double(), expected, rtol=tolerance, atol=tolerance)
     assert out_views.transpose(1, 2).is_contiguous()  # what the processor flattens next
+
+
+def test_a_second_apply_on_the_same_model_is_refused_until_the_first_is_reverted():
+    model = small_wan()
+    before = forward(model)
+    local = config_for([HeadPattern.local(0, 0, 0)] * 2)
+    first = apply(model, config_for([HeadPattern.dense()] * 2))
+    with pytest.raises(UserInputError, match="already runs a compact-search config") as info:
+        apply(model, local)
+    assert "\n" not in str(info.value)
+    first.set_step(3, 4)
+    torch.testing.assert_close(forward(model), before, rtol=1e-5, atol=1e-5)  # still the first
+    first.revert()
+    second = apply(model, local)
+    second.set_step(3, 4)
+    assert (forward(model) - before).abs().max() > 1e-3  # the second config runs now
+    second.revert()
+    assert torch.equal(forward(model), before)
+
+
+def test_set_attn_processor_after_apply_warns_and_revert_keeps_the_new_processors():
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    model = small_wan()
+    stock = forward(model)
+    handle = apply(model, config_for([HeadPattern.local(0, 0, 0)] * 2))
+    handle.set_step(3, 4)
+    sparse = forward(model)
+    assert (sparse - stock).abs().max() > 1e-3
+    mine = WanAttnProcessor()
+    with pytest.warns(UserWarning, match="replaced the compact attention of 2 of 2"):
+        model.set_attn_processor(mine)
+    assert handle.bypassed_layers() == [0, 1]
+    calls = dict(handle.calls)
+    torch.testing.assert_close(forward(model), stock, rtol=1e-5, atol=1e-5)  # mine run
+    assert handle.calls == calls
+    handle.install_attention()  # compact again, over my processors
+    assert handle.bypassed_layers() == []
+    torch.testing.assert_close(forward(model), sparse, rtol=0, atol=0)
+    handle.revert()
+    assert all(block.attn1.processor is mine for block in model.blocks)  # not the originals
+    assert "set_attn_processor" not in vars(model)  # the model's own method again
+    torch.testing.assert_close(forward(model), stock, rtol=1e-5, atol=1e-5)
+
+
+def test_revert_restores_only_the_layers_still_running_compact_attention():
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    model = small_wan()
+    original = model.blocks[0].attn1.processor
+    handle = apply(model, config_for([HeadPattern.local(0, 0, 0)] * 2))
+    processors = model.attn_processors  # diffusers' own view works with apply active
+    mine = WanAttnProcessor()
+    processors["blocks.1.attn1.processor"] = mine
+    with pytest.warns(UserWarning, match="1 of 2 self-attention layers"):
+        model.set_attn_processor(processors)
+    assert handle.bypassed_layers() == [1]
+    handle.revert()
+    assert model.blocks[0].attn1.processor is original
+    assert model.blocks[1].attn1.processor is mine
