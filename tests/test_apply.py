@@ -387,3 +387,38 @@ def test_revert_restores_only_the_layers_still_running_compact_attention():
     handle.revert()
     assert model.blocks[0].attn1.processor is original
     assert model.blocks[1].attn1.processor is mine
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "flex"])
+def test_backends_that_run_from_a_mask_get_no_lookup_tables(backend, monkeypatch):
+    """On CPU "auto" is the reference: apply builds block masks only (the tables cost ~10x
+    more on a 14B-sized layer), and gives what the lookup-table path gives."""
+    from compact_search.runtime import attention
+    from compact_search.runtime import tables as tables_module
+    from compact_search.runtime.attention import recorded_kernels
+    from compact_search.runtime.tables import TABLES_ATTRIBUTE, BucketMasks, BucketTables
+
+    config = config_for([HeadPattern.local(0, 0, 0), HeadPattern.local(1, 1, 1)])
+    model = small_wan()
+    attention._warned_fallbacks.clear()
+    with pytest.warns(UserWarning, match="head dim 32"):  # the kernel falls back to the reference
+        from_tables = apply(model, config, backend="triton-portable")
+        from_tables.set_step(3, 4)
+        expected = forward(model)
+    buckets = getattr(model.blocks[0].attn1, TABLES_ATTRIBUTE).buckets
+    assert all(isinstance(b, BucketTables) for b in buckets)
+    from_tables.revert()
+
+    def no_tables(*args, **kwargs):
+        raise AssertionError("a lookup table was built for a backend that never reads it")
+
+    monkeypatch.setattr(tables_module, "build_block_lut", no_tables)
+    handle = apply(model, config, backend=backend)
+    buckets = getattr(model.blocks[0].attn1, TABLES_ATTRIBUTE).buckets
+    assert all(isinstance(b, BucketMasks) for b in buckets)
+    handle.set_step(3, 4)
+    with recorded_kernels() as ran:
+        got = forward(model)
+    assert ran == ["reference" if backend == "auto" else backend] * 2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    handle.revert()

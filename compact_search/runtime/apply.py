@@ -36,9 +36,18 @@ import torch.nn.functional as F
 from compact_search.config import CompactConfig, HeadEntry
 from compact_search.errors import UserInputError
 from compact_search.geometry import Grid, TileLayout, scatter_to_slots, valid_block_lengths
-from compact_search.runtime.attention import lut_sparse_attention
+from compact_search.runtime.attention import (
+    lut_sparse_attention,
+    mask_sparse_attention,
+    reads_lookup_tables,
+)
 from compact_search.runtime.lut import BlockLUT, lut_block_mask, lut_tensors_from_mask
-from compact_search.runtime.tables import TABLES_ATTRIBUTE, LayerTables, build_layer_tables
+from compact_search.runtime.tables import (
+    TABLES_ATTRIBUTE,
+    BucketMasks,
+    LayerTables,
+    build_layer_tables,
+)
 
 Installer = Callable[[object, Callable], object]
 
@@ -276,9 +285,15 @@ class CompactHandle:
         return torch.cat([prefix, lengths[layout.prefix_blocks :]])
 
     def layer_tables(self, device: torch.device) -> list[LayerTables]:
-        """Every layer's tables on ``device``, built here if `apply` did not (eager use)."""
+        """Every layer's tables on ``device``, built here if `apply` did not (eager use): lookup
+        tables where the backend's kernel reads them, else block masks (`runtime/tables.py`)."""
         if self._tables is None or self._tables[0].token_to_slot.device != device:
-            self._tables, self._densities = build_layer_tables(self.config, self.layout, device)
+            self._tables, self._densities = build_layer_tables(
+                self.config,
+                self.layout,
+                device,
+                lookup_tables=reads_lookup_tables(self.backend, device),
+            )
         return self._tables
 
     def _missing_prefix_tokens(self, num_tokens: int) -> int:
@@ -336,23 +351,37 @@ class CompactHandle:
         if bucket is None:
             return F.scaled_dot_product_attention(q, k, v)
         tables = layer if isinstance(layer, LayerTables) else self.layer_tables(q.device)[layer]
-        lut = tables.buckets[bucket].lut(self._densities[bucket])
-        if heads is not None:
-            lut = lut.heads(*heads)
         if missing:
             q, k, v = (F.pad(t, (0, 0, 0, missing)) for t in (q, k, v))  # [B, H, layout N, D]
-            lut = _with_key_lengths(
-                lut, self.key_block_lengths(q.device, layout.prefix_tokens - missing), layout
-            )
         to_slots = functools.partial(_to_slots, layout, tables.token_to_slot, tables.padding_slots)
-        out = lut_sparse_attention(
-            to_slots(q),
-            to_slots(k),
-            to_slots(v),
-            lut,
-            block_size=layout.block_size,
-            backend=self.backend,
-        )  # [B, H, padded_len, D], in the slots' memory order
+        q, k, v = to_slots(q), to_slots(k), to_slots(v)  # [B, H, padded_len, D]
+        entry = tables.buckets[bucket]
+        if isinstance(entry, BucketMasks):  # the reference or flex: no lookup tables
+            mask, key_lengths = entry.block_mask, entry.key_lengths  # [H, nb, nb], [nb]
+            if heads is not None:
+                mask = mask[heads[0] : heads[1]]
+            if missing:
+                key_lengths = self.key_block_lengths(q.device, layout.prefix_tokens - missing)
+            out = mask_sparse_attention(
+                q,
+                k,
+                v,
+                mask,
+                key_block_lengths=key_lengths,
+                block_size=layout.block_size,
+                backend=self.backend,
+            )
+        else:
+            lut = entry.lut(self._densities[bucket])
+            if heads is not None:
+                lut = lut.heads(*heads)
+            if missing:
+                lut = _with_key_lengths(
+                    lut, self.key_block_lengths(q.device, layout.prefix_tokens - missing), layout
+                )
+            out = lut_sparse_attention(
+                q, k, v, lut, block_size=layout.block_size, backend=self.backend
+            )  # [B, H, padded_len, D], in the slots' memory order
         # Gather back through a [B, P, H, D] view: the result is contiguous as [B, N, H, D], which
         # is the layout the processor flattens next, so that step copies nothing. With token-major
         # slots the kernel's output is token-major too and this gather reads whole H x D rows.

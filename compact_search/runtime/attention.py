@@ -187,6 +187,18 @@ def choose_kernel(
     return backend, None
 
 
+def reads_lookup_tables(backend: str, device: torch.device | str) -> bool:
+    """Whether what ``backend`` runs on ``device`` reads lookup tables: the Triton kernels do;
+    the reference and FlexAttention run from a block mask ("auto" off CUDA is the reference).
+    A Triton backend whose inputs fall back to the reference still gets tables (the reference
+    rebuilds the mask from them), since the dtype is known only when it runs."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend in ("reference", "flex"):
+        return False
+    return backend != "auto" or torch.device(device).type == "cuda"
+
+
 def selected_kernel(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -305,6 +317,24 @@ def lut_sparse_attention(
         float(lut.density),
         backend,
     )
+
+
+def mask_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    key_block_lengths: torch.Tensor,
+    block_size: int,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """`sparse_attention` without its argument checks, for callers that built their inputs
+    (`apply`'s runtime with the reference or FlexAttention): traceable by torch.compile without a
+    graph break. key_block_lengths int32 [nb]."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _sparse_attention_op(q, k, v, block_mask, key_block_lengths, block_size, scale, backend)
 
 
 def sparse_attention(
