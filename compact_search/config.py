@@ -30,6 +30,12 @@ SUPPORTED_VERSIONS = (1, CONFIG_VERSION)
 STAT_FIELDS = ("recall_mean", "recall_min", "recall_worst_tile", "density", "cost")
 
 
+def _check_integer(field_name: str, value: Any, minimum: int) -> None:
+    """What the JSON reader checks, for configs built in code: an int (not a bool) >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserInputError(f"{field_name} must be an integer >= {minimum}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Which model the config is for: its self-attention layers and heads."""
@@ -39,6 +45,14 @@ class ModelSpec:
     num_layers: int
     num_heads: int
     head_dim: int
+
+    def __post_init__(self) -> None:
+        for name in ("name", "adapter"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise UserInputError(f"model.{name} must be a non-empty string, got {value!r}")
+        for name in ("num_layers", "num_heads", "head_dim"):
+            _check_integer(f"model.{name}", getattr(self, name), 1)
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,16 @@ class GeometrySpec:
     block_size: int = DEFAULT_BLOCK_SIZE
     prefix_tokens: int = 0
     prefix_at: str = "start"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grid", Grid.of(self.grid))
+        object.__setattr__(self, "tile", TileShape.of(self.tile))
+        _check_integer("geometry.block_size", self.block_size, 1)
+        _check_integer("geometry.prefix_tokens", self.prefix_tokens, 0)
+        if self.prefix_at not in ("start", "end"):
+            raise UserInputError(
+                f"geometry.prefix_at must be 'start' or 'end', got {self.prefix_at!r}"
+            )
 
     def layout(self) -> TileLayout:
         return TileLayout(self.grid, self.tile, self.block_size, self.prefix_tokens, self.prefix_at)
@@ -324,7 +348,10 @@ def _parse_config(obj: Any, source: str) -> CompactConfig:
         )
 
     m = r.obj(r.get(root, "model", ""), "model")
-    model = ModelSpec(
+    model = _build(
+        r,
+        "model",
+        ModelSpec,
         name=r.string(r.get(m, "name", "model"), "model.name"),
         adapter=r.string(r.get(m, "adapter", "model"), "model.adapter"),
         num_layers=r.integer(r.get(m, "num_layers", "model"), "model.num_layers", 1),
@@ -336,7 +363,10 @@ def _parse_config(obj: Any, source: str) -> CompactConfig:
     prefix_at = g.get("prefix_at", "start")
     if prefix_at not in ("start", "end"):
         raise r.fail("geometry.prefix_at", f"expected 'start' or 'end', got {prefix_at!r}")
-    geometry = GeometrySpec(
+    geometry = _build(
+        r,
+        "geometry",
+        GeometrySpec,
         grid=Grid(*r.int_list(r.get(g, "grid", "geometry"), "geometry.grid", 3, 1)),
         tile=TileShape(*r.int_list(r.get(g, "tile", "geometry"), "geometry.tile", 3, 1)),
         block_size=r.integer(g.get("block_size", DEFAULT_BLOCK_SIZE), "geometry.block_size", 1),
@@ -390,7 +420,18 @@ def _parse_config(obj: Any, source: str) -> CompactConfig:
 
     provenance = root.get("provenance", {})
     r.obj(provenance, "provenance")
-    return CompactConfig(model, geometry, schedule, tuple(heads), provenance)
+    return _build(r, "buckets", CompactConfig, model, geometry, schedule, tuple(heads), provenance)
+
+
+def _build(r: _Reader, path: str, kind: type, *args: Any, **kwargs: Any) -> Any:
+    """``kind(*args, **kwargs)``, its own validation's error (what the reader's checks did not
+    already catch) as a ConfigError naming the file and ``path``."""
+    try:
+        return kind(*args, **kwargs)
+    except ConfigError:
+        raise
+    except UserInputError as exc:
+        raise r.fail(path, str(exc)) from exc
 
 
 def _parse_entry(r: _Reader, value: Any, path: str, tile_grid: Grid, version: int) -> HeadEntry:

@@ -271,7 +271,11 @@ def test_fewer_text_tokens_than_profiled_are_padded_and_never_attended(real_text
     gen = torch.Generator().manual_seed(real_text)
     n = GRID.num_tokens + real_text
     q, k, v = torch.randn(3, 1, 2, n, 64, generator=gen).to(dtype).unbind(0)  # [B, H, N, D]
-    got = handle.attention(0, q, k, v)
+    from compact_search.runtime.attention import recorded_kernels
+
+    with recorded_kernels() as ran:
+        got = handle.attention(0, q, k, v)
+    assert ran == ["triton-portable" if backend == "triton" else "reference"]
     expected = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
     assert got.shape == q.shape and handle.calls["sparse"] == 1
     tolerance = 2e-2 if dtype == torch.float16 else 1e-5
@@ -281,22 +285,140 @@ def test_fewer_text_tokens_than_profiled_are_padded_and_never_attended(real_text
         handle.attention(0, *(torch.zeros(1, 2, GRID.num_tokens + 21, 64, dtype=dtype),) * 3)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_token_major_inputs_take_the_row_gather_and_give_the_same_output(backend):
+@pytest.mark.parametrize(
+    ("backend", "dtype", "kernel"),
+    [("reference", torch.float32, "reference"), ("triton", torch.bfloat16, "triton-portable")],
+    ids=["reference", "triton"],
+)
+def test_token_major_inputs_take_the_row_gather_and_give_the_same_output(backend, dtype, kernel):
     # Processors pass [B, H, N, D] views of token-major [B, N, H, D] projections; the handle
     # gathers those along N in their own storage. Same values in either memory order must give
-    # the same output, on the reference and on the kernel (interpreter, head dim 64).
+    # the same output, on the reference and on the kernel (interpreter, head dim 64, bf16: the
+    # kernel's dtypes, so it does not fall back).
+    from compact_search.runtime.attention import recorded_kernels
+
     model = small_wan(head_dim=64)
     patterns = [HeadPattern.local(0, 1, 1), HeadPattern.local(1, 0, 1)]
     config = config_for(patterns, block_size=16, head_dim=64)  # the kernel's smallest block
     handle = apply(model, config, backend=backend)
     handle.set_step(3, 4)
     gen = torch.Generator().manual_seed(3)
-    token_major = [torch.randn(1, GRID.num_tokens, 2, 64, generator=gen) for _ in range(3)]
+    token_major = [
+        torch.randn(1, GRID.num_tokens, 2, 64, generator=gen).to(dtype) for _ in range(3)
+    ]
     views = [t.transpose(1, 2) for t in token_major]  # [B, H, N, D], not contiguous
     copies = [t.contiguous() for t in views]
-    out_views = handle.attention(0, *views)
-    out_copies = handle.attention(0, *copies)
+    with recorded_kernels() as ran:
+        out_views = handle.attention(0, *views)
+        out_copies = handle.attention(0, *copies)
+    assert ran == [kernel, kernel]
+    layout = config.layout()
+    expected = layout.from_slots(
+        masked_reference(
+            *(layout.to_slots(t.double()) for t in copies),
+            config.block_masks(0, 0),
+            block_size=16,
+            key_block_lengths=layout.key_block_lengths(),
+        )
+    )
     handle.revert()
-    torch.testing.assert_close(out_views, out_copies, rtol=0, atol=0)
+    # fp32 casts: the interpreter computes in fp32, the comparison must not round to bf16 again
+    torch.testing.assert_close(out_views.float(), out_copies.float(), rtol=0, atol=0)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out_views.double(), expected, rtol=tolerance, atol=tolerance)
     assert out_views.transpose(1, 2).is_contiguous()  # what the processor flattens next
+
+
+def test_a_second_apply_on_the_same_model_is_refused_until_the_first_is_reverted():
+    model = small_wan()
+    before = forward(model)
+    local = config_for([HeadPattern.local(0, 0, 0)] * 2)
+    first = apply(model, config_for([HeadPattern.dense()] * 2))
+    with pytest.raises(UserInputError, match="already runs a compact-search config") as info:
+        apply(model, local)
+    assert "\n" not in str(info.value)
+    first.set_step(3, 4)
+    torch.testing.assert_close(forward(model), before, rtol=1e-5, atol=1e-5)  # still the first
+    first.revert()
+    second = apply(model, local)
+    second.set_step(3, 4)
+    assert (forward(model) - before).abs().max() > 1e-3  # the second config runs now
+    second.revert()
+    assert torch.equal(forward(model), before)
+
+
+def test_set_attn_processor_after_apply_warns_and_revert_keeps_the_new_processors():
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    model = small_wan()
+    stock = forward(model)
+    handle = apply(model, config_for([HeadPattern.local(0, 0, 0)] * 2))
+    handle.set_step(3, 4)
+    sparse = forward(model)
+    assert (sparse - stock).abs().max() > 1e-3
+    mine = WanAttnProcessor()
+    with pytest.warns(UserWarning, match="replaced the compact attention of 2 of 2"):
+        model.set_attn_processor(mine)
+    assert handle.bypassed_layers() == [0, 1]
+    calls = dict(handle.calls)
+    torch.testing.assert_close(forward(model), stock, rtol=1e-5, atol=1e-5)  # mine run
+    assert handle.calls == calls
+    handle.install_attention()  # compact again, over my processors
+    assert handle.bypassed_layers() == []
+    torch.testing.assert_close(forward(model), sparse, rtol=0, atol=0)
+    handle.revert()
+    assert all(block.attn1.processor is mine for block in model.blocks)  # not the originals
+    assert "set_attn_processor" not in vars(model)  # the model's own method again
+    torch.testing.assert_close(forward(model), stock, rtol=1e-5, atol=1e-5)
+
+
+def test_revert_restores_only_the_layers_still_running_compact_attention():
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    model = small_wan()
+    original = model.blocks[0].attn1.processor
+    handle = apply(model, config_for([HeadPattern.local(0, 0, 0)] * 2))
+    processors = model.attn_processors  # diffusers' own view works with apply active
+    mine = WanAttnProcessor()
+    processors["blocks.1.attn1.processor"] = mine
+    with pytest.warns(UserWarning, match="1 of 2 self-attention layers"):
+        model.set_attn_processor(processors)
+    assert handle.bypassed_layers() == [1]
+    handle.revert()
+    assert model.blocks[0].attn1.processor is original
+    assert model.blocks[1].attn1.processor is mine
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "flex"])
+def test_backends_that_run_from_a_mask_get_no_lookup_tables(backend, monkeypatch):
+    """On CPU "auto" is the reference: apply builds block masks only (the tables cost ~10x
+    more on a 14B-sized layer), and gives what the lookup-table path gives."""
+    from compact_search.runtime import attention
+    from compact_search.runtime import tables as tables_module
+    from compact_search.runtime.attention import recorded_kernels
+    from compact_search.runtime.tables import TABLES_ATTRIBUTE, BucketMasks, BucketTables
+
+    config = config_for([HeadPattern.local(0, 0, 0), HeadPattern.local(1, 1, 1)])
+    model = small_wan()
+    attention._warned_fallbacks.clear()
+    with pytest.warns(UserWarning, match="head dim 32"):  # the kernel falls back to the reference
+        from_tables = apply(model, config, backend="triton-portable")
+        from_tables.set_step(3, 4)
+        expected = forward(model)
+    buckets = getattr(model.blocks[0].attn1, TABLES_ATTRIBUTE).buckets
+    assert all(isinstance(b, BucketTables) for b in buckets)
+    from_tables.revert()
+
+    def no_tables(*args, **kwargs):
+        raise AssertionError("a lookup table was built for a backend that never reads it")
+
+    monkeypatch.setattr(tables_module, "build_block_lut", no_tables)
+    handle = apply(model, config, backend=backend)
+    buckets = getattr(model.blocks[0].attn1, TABLES_ATTRIBUTE).buckets
+    assert all(isinstance(b, BucketMasks) for b in buckets)
+    handle.set_step(3, 4)
+    with recorded_kernels() as ran:
+        got = forward(model)
+    assert ran == ["reference" if backend == "auto" else backend] * 2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    handle.revert()

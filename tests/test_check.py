@@ -103,8 +103,46 @@ def test_json_and_junit_reports():
 
 
 def test_kernel_check_in_the_interpreter():
-    report = check_config(
-        config_with(HeadPattern.local(0, 0, 1)), PlantedProfile(), kernel=True, kernel_layers=1
-    )
+    from compact_search.runtime.attention import recorded_kernels
+
+    with recorded_kernels() as ran:
+        report = check_config(
+            config_with(HeadPattern.local(0, 0, 1)), PlantedProfile(), kernel=True, kernel_layers=1
+        )
+    assert ran == ["triton-portable"] * 2  # the kernel ran, not the reference it is compared to
     assert len(report.kernel) == 2  # one layer in each of two buckets
     assert all(k.passed and k.relative_error < 1e-2 for k in report.kernel)
+
+
+@dataclass
+class UnevenProfile(PlantedProfile):
+    """Query tiles that keep different shares on their own tile (even tiles 0.99, odd 0.85:
+    mean 0.92, worst 0.85), and samples that differ (sample s loses 0.03 * s everywhere)."""
+
+    def sample_tile_mass(self, layer, tile=None, steps=None):
+        nt = TILE_GRID.num_tokens
+        count = len(steps if steps is not None else self.steps) * len(self.prompts)
+        own = torch.where(torch.arange(nt) % 2 == 0, 0.99, 0.85)  # [nt]
+        samples = []
+        for s in range(count):
+            share = own - 0.03 * s  # [nt]
+            rest = ((1 - share) / (nt - 1))[:, None].expand(nt, nt)
+            samples.append(torch.where(torch.eye(nt, dtype=torch.bool), share[:, None], rest))
+        return torch.stack(samples)[:, None].expand(count, self.num_heads, nt, nt).clone()
+
+
+def test_the_gate_compares_the_mean_over_query_tiles_not_the_worst_tile():
+    """Two samples per bucket with per-sample means 0.92 and 0.89 (mean 0.905) and a worst
+    query tile of 0.82, at threshold 0.9: the mean passes, the worst sample fails, and the worst
+    tile is reported but never gated (docs: check.py's module doc)."""
+    profile = UnevenProfile()
+    config = config_with(HeadPattern.local(0, 0, 0), threshold=0.9)
+    report = check_config(config, profile)
+    head = report.heads[0]
+    assert head.recall_mean == pytest.approx(0.905)
+    assert head.recall_min == pytest.approx(0.89)
+    assert head.recall_worst_tile == pytest.approx(0.82)
+    assert report.passed  # would fail if the gate used the worst tile (0.82) or the worst sample
+    worst_sample = check_config(config, profile, statistic="min")
+    assert not worst_sample.passed and len(worst_sample.failed_heads) == 8
+    assert "recall 0.8900 < 0.9000" in worst_sample.failed_heads[0].reason  # not 0.905 or 0.82

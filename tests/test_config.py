@@ -9,6 +9,7 @@ import torch
 from compact_search.config import (
     CompactConfig,
     GeometrySpec,
+    HeadEntry,
     ModelSpec,
     StepSchedule,
     load_config,
@@ -113,6 +114,37 @@ BAD_EDITS = [
         "bucket_recall needs one threshold per bucket",
     ),
     ("missing", lambda o: o.pop("model"), "model: missing"),
+    # the reader's integer minimum, before anything else sees the value
+    (
+        "head-dim-0",
+        lambda o: o["model"].update(head_dim=0),
+        "model.head_dim: expected an integer >= 1, got 0",
+    ),
+    (
+        "heads-0",
+        lambda o: o["model"].update(num_heads=0),
+        "model.num_heads: expected an integer >= 1, got 0",
+    ),
+    (
+        "block-size-0",
+        lambda o: o["geometry"].update(block_size=0),
+        "geometry.block_size: expected an integer >= 1, got 0",
+    ),
+    (
+        "prefix-negative",
+        lambda o: o["geometry"].update(prefix_tokens=-1),
+        "geometry.prefix_tokens: expected an integer >= 0, got -1",
+    ),
+    (
+        "tile-0",
+        lambda o: o["geometry"].update(tile=[2, 0, 4]),
+        r"geometry.tile\[1\]: expected an integer >= 1, got 0",
+    ),
+    (
+        "bool-head-dim",
+        lambda o: o["model"].update(head_dim=True),
+        "model.head_dim: expected an integer, got True",
+    ),
     (
         "stats",
         lambda o: o["buckets"][0]["layers"][0][0].update(stats={"recall_mean": "high"}),
@@ -196,3 +228,64 @@ def test_versions_a_config_uses_the_lowest_that_expresses_it(tmp_path, config_fi
         assert torch.equal(loaded.tile_masks(0, 0), config.tile_masks(0, 0))
     assert load_config(path).schedule.recall_of(0, 0.9) == 0.97
     assert SCHEDULE.recall_of(0, 0.9) == 0.9
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: ModelSpec("toy", "wan", 2, 3, 0), "model.head_dim must be an integer >= 1, got 0"),
+        (lambda: ModelSpec("toy", "wan", 0, 3, 64), "model.num_layers must be an integer >= 1"),
+        (lambda: ModelSpec("toy", "wan", 2, 2.0, 64), "model.num_heads must be an integer"),
+        (lambda: ModelSpec("", "wan", 2, 3, 64), "model.name must be a non-empty string"),
+        (
+            lambda: GeometrySpec(Grid(5, 9, 10), TileShape(2, 4, 4), block_size=0),
+            "geometry.block_size must be an integer >= 1, got 0",
+        ),
+        (
+            lambda: GeometrySpec(Grid(5, 9, 10), TileShape(2, 4, 4), 32, prefix_tokens=-1),
+            "geometry.prefix_tokens must be an integer >= 0, got -1",
+        ),
+        (
+            lambda: GeometrySpec(Grid(5, 9, 10), TileShape(2, 4, 4), 32, prefix_at="middle"),
+            "geometry.prefix_at must be 'start' or 'end'",
+        ),
+        (
+            lambda: CompactConfig(
+                MODEL, GEOMETRY, SCHEDULE, ((tuple(HeadEntry(p) for p in PATTERNS[:2]),) * 2,) * 2
+            ),
+            "bucket 0 layer 0: 2 heads, model has 3",
+        ),
+        (
+            lambda: CompactConfig(
+                MODEL, GEOMETRY, SCHEDULE, ((tuple(HeadEntry(p) for p in PATTERNS),) * 3,) * 2
+            ),
+            "bucket 0: 3 layers, model has 2",
+        ),
+        (
+            lambda: CompactConfig(
+                MODEL, GEOMETRY, SCHEDULE, ((tuple(HeadEntry(p) for p in PATTERNS),) * 2,)
+            ),
+            "1 buckets of patterns for 2 step buckets",
+        ),
+    ],
+    ids=[
+        "head-dim-0",
+        "layers-0",
+        "float-heads",
+        "empty-name",
+        "block-size-0",
+        "prefix-negative",
+        "prefix-at",
+        "heads-per-layer",
+        "layers-per-bucket",
+        "buckets",
+    ],
+)
+def test_configs_built_in_code_are_validated_like_the_json_reader(build, message):
+    with pytest.raises(UserInputError, match=message) as info:
+        build()
+    assert "\n" not in str(info.value)
+
+
+def test_a_geometry_from_tuples_is_the_same_geometry():
+    assert GeometrySpec((5, 9, 10), (2, 4, 4), block_size=32) == GEOMETRY

@@ -36,9 +36,18 @@ import torch.nn.functional as F
 from compact_search.config import CompactConfig, HeadEntry
 from compact_search.errors import UserInputError
 from compact_search.geometry import Grid, TileLayout, scatter_to_slots, valid_block_lengths
-from compact_search.runtime.attention import lut_sparse_attention
+from compact_search.runtime.attention import (
+    lut_sparse_attention,
+    mask_sparse_attention,
+    reads_lookup_tables,
+)
 from compact_search.runtime.lut import BlockLUT, lut_block_mask, lut_tensors_from_mask
-from compact_search.runtime.tables import TABLES_ATTRIBUTE, LayerTables, build_layer_tables
+from compact_search.runtime.tables import (
+    TABLES_ATTRIBUTE,
+    BucketMasks,
+    LayerTables,
+    build_layer_tables,
+)
 
 Installer = Callable[[object, Callable], object]
 
@@ -229,6 +238,7 @@ class CompactHandle:
     _densities: tuple[float, ...] = ()
     _table_modules: list = field(default_factory=list)
     _warned_unknown_step: bool = False
+    _undo_processor_api: Callable[[], None] | None = None
 
     @cached_property
     def layout(self) -> TileLayout:
@@ -275,9 +285,15 @@ class CompactHandle:
         return torch.cat([prefix, lengths[layout.prefix_blocks :]])
 
     def layer_tables(self, device: torch.device) -> list[LayerTables]:
-        """Every layer's tables on ``device``, built here if `apply` did not (eager use)."""
+        """Every layer's tables on ``device``, built here if `apply` did not (eager use): lookup
+        tables where the backend's kernel reads them, else block masks (`runtime/tables.py`)."""
         if self._tables is None or self._tables[0].token_to_slot.device != device:
-            self._tables, self._densities = build_layer_tables(self.config, self.layout, device)
+            self._tables, self._densities = build_layer_tables(
+                self.config,
+                self.layout,
+                device,
+                lookup_tables=reads_lookup_tables(self.backend, device),
+            )
         return self._tables
 
     def _missing_prefix_tokens(self, num_tokens: int) -> int:
@@ -335,23 +351,37 @@ class CompactHandle:
         if bucket is None:
             return F.scaled_dot_product_attention(q, k, v)
         tables = layer if isinstance(layer, LayerTables) else self.layer_tables(q.device)[layer]
-        lut = tables.buckets[bucket].lut(self._densities[bucket])
-        if heads is not None:
-            lut = lut.heads(*heads)
         if missing:
             q, k, v = (F.pad(t, (0, 0, 0, missing)) for t in (q, k, v))  # [B, H, layout N, D]
-            lut = _with_key_lengths(
-                lut, self.key_block_lengths(q.device, layout.prefix_tokens - missing), layout
-            )
         to_slots = functools.partial(_to_slots, layout, tables.token_to_slot, tables.padding_slots)
-        out = lut_sparse_attention(
-            to_slots(q),
-            to_slots(k),
-            to_slots(v),
-            lut,
-            block_size=layout.block_size,
-            backend=self.backend,
-        )  # [B, H, padded_len, D], in the slots' memory order
+        q, k, v = to_slots(q), to_slots(k), to_slots(v)  # [B, H, padded_len, D]
+        entry = tables.buckets[bucket]
+        if isinstance(entry, BucketMasks):  # the reference or flex: no lookup tables
+            mask, key_lengths = entry.block_mask, entry.key_lengths  # [H, nb, nb], [nb]
+            if heads is not None:
+                mask = mask[heads[0] : heads[1]]
+            if missing:
+                key_lengths = self.key_block_lengths(q.device, layout.prefix_tokens - missing)
+            out = mask_sparse_attention(
+                q,
+                k,
+                v,
+                mask,
+                key_block_lengths=key_lengths,
+                block_size=layout.block_size,
+                backend=self.backend,
+            )
+        else:
+            lut = entry.lut(self._densities[bucket])
+            if heads is not None:
+                lut = lut.heads(*heads)
+            if missing:
+                lut = _with_key_lengths(
+                    lut, self.key_block_lengths(q.device, layout.prefix_tokens - missing), layout
+                )
+            out = lut_sparse_attention(
+                q, k, v, lut, block_size=layout.block_size, backend=self.backend
+            )  # [B, H, padded_len, D], in the slots' memory order
         # Gather back through a [B, P, H, D] view: the result is contiguous as [B, N, H, D], which
         # is the layout the processor flattens next, so that step copies nothing. With token-major
         # slots the kernel's output is token-major too and this gather reads whole H x D rows.
@@ -360,16 +390,45 @@ class CompactHandle:
 
     def install_attention(self) -> None:
         """Route the transformer's self-attention through this runtime again, with the per-layer
-        tables (after other processors were installed in between, e.g. by `evaluate`)."""
-        if self._attention_handle is not None:
-            self._attention_handle.revert()
+        tables (after other processors were installed in between, e.g. by `evaluate`, or by the
+        model's own `set_attn_processor`)."""
+        self._release_attention()
         install = installer_for(self.config.model.adapter)
-        self._attention_handle = install(self.transformer, self.attention, layers=self._tables)
+        self._attention_handle = _installed(
+            install(self.transformer, self.attention, layers=self._tables)
+        )
+
+    def bypassed_layers(self) -> list[int]:
+        """Self-attention layers whose processor is no longer the one this handle installed (the
+        model's `set_attn_processor` or a module's `set_processor` replaced it since)."""
+        attention_handle = self._attention_handle
+        installed = getattr(attention_handle, "installed", None)
+        if attention_handle is None or installed is None:
+            return []
+        pairs = zip(attention_handle.modules, installed, strict=True)
+        return [i for i, (module, ours) in enumerate(pairs) if module.processor is not ours]
+
+    def _release_attention(self) -> None:
+        """Put the original processors back where this handle's processors still run; a layer
+        whose processor was replaced since keeps the replacement."""
+        attention_handle = self._attention_handle
+        if attention_handle is None:
+            return
+        bypassed = set(self.bypassed_layers())
+        if bypassed:
+            keep = [i for i in range(len(attention_handle.modules)) if i not in bypassed]
+            attention_handle.modules = [attention_handle.modules[i] for i in keep]
+            attention_handle.originals = [attention_handle.originals[i] for i in keep]
+        attention_handle.revert()
+        self._attention_handle = None
 
     def revert(self) -> None:
-        if self._attention_handle is not None:
-            self._attention_handle.revert()
-            self._attention_handle = None
+        """Restore the processors `apply` replaced (a layer given another processor since keeps
+        that one), the scheduler and the model, and drop the tables."""
+        if self._undo_processor_api is not None:
+            self._undo_processor_api()
+            self._undo_processor_api = None
+        self._release_attention()
         for module in self._table_modules:
             delattr(module, TABLES_ATTRIBUTE)
         self._table_modules = []
@@ -418,6 +477,48 @@ def _to_slots(
     return scatter_to_slots(x, token_to_slot, padding_slots, layout.padded_len, dim=2)
 
 
+def _installed(attention_handle):
+    """The adapter's handle, told which processors it installed (what `bypassed_layers` and
+    `revert` compare against; handles installed elsewhere, e.g. by `evaluate`, are trusted)."""
+    attention_handle.installed = [module.processor for module in attention_handle.modules]
+    return attention_handle
+
+
+def _watch_processor_api(transformer, handle: CompactHandle) -> Callable[[], None] | None:
+    """Wrap the transformer instance's `set_attn_processor` (diffusers' API; its
+    `set_default_attn_processor` goes through it too) so that replacing the compact processors
+    says so in one warning; returns the undo (None where the model has no such method)."""
+    original = getattr(transformer, "set_attn_processor", None)
+    if not callable(original):
+        return None
+    own = "set_attn_processor" in vars(transformer)
+
+    @functools.wraps(original)
+    def set_attn_processor(*args, **kwargs):
+        result = original(*args, **kwargs)
+        bypassed = handle.bypassed_layers()
+        if bypassed:
+            warnings.warn(
+                f"compact-search: set_attn_processor replaced the compact attention of "
+                f"{len(bypassed)} of {len(handle._attention_handle.modules)} self-attention "
+                f"layers (apply's handle is still active): those layers now run the new "
+                f"processors; handle.install_attention() routes them through compact attention "
+                f"again, handle.revert() keeps the new processors",
+                stacklevel=2,
+            )
+        return result
+
+    object.__setattr__(transformer, "set_attn_processor", set_attn_processor)
+
+    def undo() -> None:
+        if own:
+            object.__setattr__(transformer, "set_attn_processor", original)
+        else:
+            object.__delattr__(transformer, "set_attn_processor")
+
+    return undo
+
+
 def apply(
     pipeline_or_transformer,
     config: CompactConfig,
@@ -439,6 +540,15 @@ def apply(
 
     Returns:
         A CompactHandle; `handle.revert()` restores the original attention exactly.
+
+    One handle per model: `apply` on a model whose earlier handle is still active is refused
+    (UserInputError) rather than stacked. Stacking would make the second config run and leave
+    the revert order to the caller (reverting the first handle first would put the stock
+    processors back under the second handle's feet); `revert()` the first handle, then apply
+    again. The model's own processor API wins over the handle: `set_attn_processor` after
+    `apply` installs the new processors, warns that compact attention no longer runs in those
+    layers (`handle.bypassed_layers()` lists them; `handle.install_attention()` routes them
+    back), and `revert()` keeps them.
     """
     transformer = find_transformer(pipeline_or_transformer)
     model = config.model
@@ -466,18 +576,24 @@ def apply(
         notes.append(note)
 
     pipeline = pipeline_or_transformer if pipeline_or_transformer is not transformer else None
-    handle = CompactHandle(config, transformer, StepTracker(pipeline), backend, notes)
     modules = ADAPTERS[model.adapter].attention_modules(transformer)
+    if any(hasattr(module, TABLES_ATTRIBUTE) for module in modules):
+        raise UserInputError(
+            "apply: this model already runs a compact-search config (an earlier apply's handle "
+            "is active); call revert() on that handle first"
+        )
+    handle = CompactHandle(config, transformer, StepTracker(pipeline), backend, notes)
     tables = handle.layer_tables(_device_of(transformer))
     for module, layer_tables in zip(modules, tables, strict=True):
         module.add_module(TABLES_ATTRIBUTE, layer_tables)  # buffers follow transformer.to()
         handle._table_modules.append(module)
-    handle._attention_handle = install(transformer, handle.attention, layers=tables)
+    handle._attention_handle = _installed(install(transformer, handle.attention, layers=tables))
     try:
         _hand_over_parallel_config(transformer, handle._attention_handle)
     except UserInputError:
         handle.revert()
         raise
+    handle._undo_processor_api = _watch_processor_api(transformer, handle)
 
     scheduler = getattr(pipeline, "scheduler", None)
     if follows_scheduler(scheduler):

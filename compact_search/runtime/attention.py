@@ -27,15 +27,17 @@ data; docs/kernel.md says why not `triton_op`):
   `apply`'s runtime calls (`lut_sparse_attention`), and what a CUDA graph can capture.
 
 Both choose the kernel when they run, from the real tensors (the Gluon kernel needs aligned
-addresses), and return a tensor in q's memory order.
+addresses), and return a tensor in q's memory order. `recorded_kernels()` lists the kernels they
+ran (so a test that names a backend can assert that this backend ran and did not fall back).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -68,6 +70,30 @@ KERNELS = {
 BACKENDS = ("auto", "triton", *KERNELS)
 
 _warned_fallbacks: set[str] = set()
+# The lists `recorded_kernels` hands out: every operator call appends the kernel it ran.
+_kernel_records: list[list[str]] = []
+
+
+@contextlib.contextmanager
+def recorded_kernels() -> Iterator[list[str]]:
+    """The kernels (keys of KERNELS) the operators run inside the ``with`` block, in call order.
+
+    Recorded when an operator runs, so calls inside compiled graphs count too.
+    """
+    record: list[str] = []
+    _kernel_records.append(record)
+    try:
+        yield record
+    finally:
+        _kernel_records.remove(record)
+
+
+def _choose_and_record(q, k, v, block_size: int, backend: str) -> str:
+    kernel, fallback = choose_kernel(q, k, v, block_size, backend)
+    _warn_fallback(fallback)
+    for record in _kernel_records:
+        record.append(kernel)
+    return kernel
 
 
 def _check_arguments(q, k, v, block_mask, block_size, key_block_lengths) -> None:
@@ -161,6 +187,18 @@ def choose_kernel(
     return backend, None
 
 
+def reads_lookup_tables(backend: str, device: torch.device | str) -> bool:
+    """Whether what ``backend`` runs on ``device`` reads lookup tables: the Triton kernels do;
+    the reference and FlexAttention run from a block mask ("auto" off CUDA is the reference).
+    A Triton backend whose inputs fall back to the reference still gets tables (the reference
+    rebuilds the mask from them), since the dtype is known only when it runs."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend in ("reference", "flex"):
+        return False
+    return backend != "auto" or torch.device(device).type == "cuda"
+
+
 def selected_kernel(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -179,7 +217,7 @@ def selected_kernel(
 def _warn_fallback(fallback: str | None) -> None:
     if fallback is not None and fallback not in _warned_fallbacks:
         _warned_fallbacks.add(fallback)
-        warnings.warn(f"sparse_attention: {fallback}; using the reference", stacklevel=3)
+        warnings.warn(f"sparse_attention: {fallback}; using the reference", stacklevel=4)
 
 
 def _in_memory_order_of(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -200,8 +238,7 @@ def _sparse_attention_op(
     scale: float,
     backend: str,
 ) -> torch.Tensor:
-    kernel, fallback = choose_kernel(q, k, v, block_size, backend)
-    _warn_fallback(fallback)
+    kernel = _choose_and_record(q, k, v, block_size, backend)
     out = kernel_function(kernel)(
         q,
         k,
@@ -229,8 +266,7 @@ def _sparse_attention_lut_op(
     density: float,
     backend: str,
 ) -> torch.Tensor:
-    kernel, fallback = choose_kernel(q, k, v, block_size, backend)
-    _warn_fallback(fallback)
+    kernel = _choose_and_record(q, k, v, block_size, backend)
     lut = BlockLUT(kv_block_ids, full_counts, total_counts, key_lengths, q_block_order, density)
     out = kernel_function(kernel, from_tables=True)(
         q, k, v, lut, block_size=block_size, scale=scale
@@ -281,6 +317,24 @@ def lut_sparse_attention(
         float(lut.density),
         backend,
     )
+
+
+def mask_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    key_block_lengths: torch.Tensor,
+    block_size: int,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """`sparse_attention` without its argument checks, for callers that built their inputs
+    (`apply`'s runtime with the reference or FlexAttention): traceable by torch.compile without a
+    graph break. key_block_lengths int32 [nb]."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _sparse_attention_op(q, k, v, block_mask, key_block_lengths, block_size, scale, backend)
 
 
 def sparse_attention(

@@ -1,5 +1,6 @@
 """What the kernels share: the inputs the Triton kernels take, log2(e), the interpreter and
-autotuning switches, the TMA layout rule and the lookup-table launch arguments.
+autotuning switches, the TMA layout rule, the lookup-table launch arguments, and the two helpers
+that keep non-finite keys and values of masked-out blocks out of the PyTorch backends' results.
 
 Plain facts and small functions, no kernel and no triton import. The kernel modules next to this
 one never import each other; they, the chooser (``runtime/attention.py``) and the profiling
@@ -62,3 +63,32 @@ def lut_sizes(lut: BlockLUT) -> tuple[int, int, int]:
 def density_bucket(lut: BlockLUT) -> int:
     """The autotuning key's density part: 0-4 in steps of a quarter."""
     return round(lut.density * 4)
+
+
+def nonfinite_keys(*tensors: torch.Tensor) -> torch.Tensor:
+    """bool ``[N]``: key positions where any of the ``[B, H, N, D]`` tensors holds Inf or NaN in
+    some batch or head.
+
+    A sum over D is non-finite exactly then, or when finite values overflow fp32; such a key only
+    takes the slower exact path. Costs one ``[B, H, N]`` reduction per tensor, no ``[.., D]`` mask.
+    """
+    bad = None
+    for t in tensors:
+        row_bad = ~torch.isfinite(t.sum(-1, dtype=torch.float32)).flatten(0, 1).all(dim=0)
+        bad = row_bad if bad is None else bad | row_bad
+    return bad
+
+
+def masked_value_terms(
+    probs: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor
+) -> torch.Tensor:
+    """``[B, H, N, D]``: sum over keys j of ``probs[..., j] * values[:, :, j]`` where
+    ``allowed[..., j]`` only.
+
+    A matmul would multiply a non-finite value by the zero weight of a row that does not attend
+    its key (0 * Inf is NaN); here those products are dropped. probs ``[B, H, N, J]``, values
+    ``[B, H, J, D]``, allowed bool broadcastable to ``[B, H, N, J]``; J is small (the keys that
+    `nonfinite_keys` found).
+    """
+    terms = probs.unsqueeze(-1) * values.unsqueeze(2)  # [B, H, N, J, D]
+    return torch.where(allowed.unsqueeze(-1), terms, torch.zeros((), dtype=terms.dtype)).sum(-2)

@@ -17,6 +17,7 @@ import torch
 
 from compact_search.errors import UserInputError
 from compact_search.geometry import valid_block_lengths
+from compact_search.runtime.kernels.common import masked_value_terms, nonfinite_keys
 from compact_search.runtime.lut import BlockLUT, lut_block_mask
 
 
@@ -81,6 +82,23 @@ def flex_block_mask(
 _compiled_flex = None
 
 
+def _flex(q, k, v, mask, scale: float, with_lse: bool = False):
+    """flex_attention, compiled on CUDA (its eager path computes every block), eager elsewhere;
+    with ``with_lse`` also the rows' log-sum-exp ``[B, H, N]`` (natural log)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+
+    run = flex_attention
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        run = _compiled_flex
+    if not with_lse:
+        return run(q, k, v, block_mask=mask, scale=scale)
+    out, aux = run(q, k, v, block_mask=mask, scale=scale, return_aux=AuxRequest(lse=True))
+    return out, aux.lse
+
+
 def flex_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -91,16 +109,30 @@ def flex_sparse_attention(
     scale: float,
     key_block_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Block-sparse attention through FlexAttention (compiled on CUDA, eager elsewhere)."""
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention
+    """Block-sparse attention through FlexAttention (compiled on CUDA, eager elsewhere).
 
-    mask = flex_block_mask(block_mask, q.shape[2], block_size, key_block_lengths)
-    if q.is_cuda:
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        return _compiled_flex(q, k, v, block_mask=mask, scale=scale)
-    return flex_attention(q, k, v, block_mask=mask, scale=scale)
+    Values holding Inf or NaN (found by one reduction over v, read back to the host: this runs
+    inside the opaque operator, so it breaks no graph) are zeroed for flex and their terms added
+    back where a row attends them, from flex's log-sum-exp: flex multiplies the zero weight of a
+    masked or padded key by its value, and 0 * Inf is NaN.
+    """
+    n = q.shape[2]
+    mask = flex_block_mask(block_mask, n, block_size, key_block_lengths)
+    bad = torch.nonzero(nonfinite_keys(v)).flatten()  # [J]
+    if bad.numel() == 0:
+        return _flex(q, k, v, mask, scale)
+    out, lse = _flex(q, k, v.index_fill(2, bad, 0), mask, scale, with_lse=True)  # lse [B, H, N]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.einsum("bhnd,bhjd->bhnj", q.to(compute), k[:, :, bad].to(compute)) * scale
+    probs = torch.exp(scores - lse.to(compute).unsqueeze(-1))  # [B, H, N, J]
+    lengths = key_block_lengths
+    if lengths is None:
+        lengths = valid_block_lengths(n, block_size, block_mask.shape[-1], q.device)
+    key_ok = _valid_keys(lengths.to(q.device), block_size)[bad]  # [J]
+    query_blocks = torch.arange(n, device=q.device) // block_size  # [N]
+    allowed = block_mask[:, query_blocks][:, :, bad // block_size] & key_ok  # [H|1, N, J]
+    extra = masked_value_terms(probs, v[:, :, bad].to(compute), allowed.unsqueeze(0))
+    return (out.to(compute) + extra).to(q.dtype)
 
 
 def flex_lut_attention(
@@ -125,9 +157,13 @@ def flex_lut_attention(
 
 
 def load_flex_masks(path: str | Path) -> dict[tuple[int, int], object]:
-    """(bucket, layer) -> FlexAttention BlockMask, from a `--format flex` export."""
+    """(bucket, layer) -> FlexAttention BlockMask, from a `--format flex` export.
+
+    The stored block lists are turned back into the [H, nb, nb] block mask and rebuilt with
+    `flex_block_mask`, so the mask_mod knows the kept blocks as well as the padding: eager
+    flex_attention (which ignores the block lists) gives the same sparse result as compiled.
+    """
     from safetensors import safe_open
-    from torch.nn.attention.flex_attention import BlockMask
 
     with safe_open(str(path), "pt") as handle:
         meta = handle.metadata() or {}
@@ -135,20 +171,17 @@ def load_flex_masks(path: str | Path) -> dict[tuple[int, int], object]:
             raise UserInputError(f"{path}: not a compact-search flex export")
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
     block_size, seq_len = int(meta["block_size"]), int(meta["seq_len"])
-    valid = _valid_keys(tensors.pop("key_block_lengths"), block_size)
+    lengths = tensors.pop("key_block_lengths")
     out = {}
     for key in tensors:
         if not key.endswith(".kv_num_blocks") or key.count(".") != 2:
             continue
         prefix = key[: -len(".kv_num_blocks")]
         b, layer = (int(part[1:]) for part in prefix.split("."))
-        out[(b, layer)] = BlockMask.from_kv_blocks(
-            tensors[f"{prefix}.kv_num_blocks"],
-            tensors[f"{prefix}.kv_indices"],
-            tensors[f"{prefix}.full_kv_num_blocks"],
-            tensors[f"{prefix}.full_kv_indices"],
-            BLOCK_SIZE=block_size,
-            mask_mod=lambda b_, h, q, kv, v=valid: v[kv],
-            seq_lengths=(seq_len, seq_len),
+        # [1, H, nb] counts and [1, H, nb, nb] ids of the partial and the full kept blocks
+        partial = lut_block_mask(tensors[f"{prefix}.kv_indices"][0], tensors[key][0])
+        full = lut_block_mask(
+            tensors[f"{prefix}.full_kv_indices"][0], tensors[f"{prefix}.full_kv_num_blocks"][0]
         )
+        out[(b, layer)] = flex_block_mask(partial | full, seq_len, block_size, lengths)
     return out

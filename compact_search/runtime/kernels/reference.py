@@ -3,8 +3,9 @@
 Query token i of head h attends key token j iff block_mask[h, i // bs, j // bs] is set and key j
 is valid: key j of block b is valid iff j - b * bs < key_block_lengths[b] (padding sits at the end
 of a block). A query with no valid kept key outputs zeros. Softmax runs in fp32 (fp64 for fp64
-inputs), the output is cast back to q's dtype. NaN in q, k or v propagates as in plain softmax
-attention over the kept keys.
+inputs), the output is cast back to q's dtype. NaN or Inf in q, k or v propagates as in plain
+softmax attention over the kept valid keys only: keys and values of blocks a query block skips,
+and padded keys, never reach its output, whatever they hold.
 
 Two forms: `masked_reference` builds the [N, N] token mask (small N, tests) and
 `chunked_reference` walks query blocks and gathers their kept keys, so memory stays at
@@ -21,6 +22,7 @@ import math
 import torch
 
 from compact_search.geometry import DEFAULT_BLOCK_SIZE
+from compact_search.runtime.kernels.common import masked_value_terms, nonfinite_keys
 from compact_search.runtime.lut import BlockLUT, lut_block_mask
 
 # Above this many query x key tokens per head `reference_sparse_attention` walks query blocks
@@ -62,25 +64,22 @@ def masked_reference(
     allowed = token_mask.unsqueeze(0)  # [1, H|1, N, N]
     has_key = allowed.any(dim=-1, keepdim=True)  # [1, H|1, N, 1]
     qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
-    nonfinite = (~torch.isfinite(vc)).flatten(0, 1).any(dim=0).any(dim=-1)  # [N]
+    nonfinite = nonfinite_keys(kc, vc)  # [N]
     if not nonfinite.any():
         out = torch.nn.functional.scaled_dot_product_attention(
             qc, kc, vc, attn_mask=allowed, scale=scale
         )  # [B, H, N, D]; rows with no allowed key come out NaN
         return torch.where(has_key, out, torch.zeros((), dtype=ct)).to(q.dtype)
-    # Inf or NaN values: a matmul would multiply them by the zero weight of a masked key and
-    # spread NaN to rows that never attend them. Columns with such values are summed only where
-    # allowed; all other columns go through the matmul.
+    # Inf or NaN in a key or value: SDPA adds its mask to the scores (NaN + -inf is NaN) and a
+    # matmul multiplies values by the zero weight of masked keys, so both would spread NaN to
+    # rows that never attend them. The scores are masked by replacement instead, and columns
+    # with such values are summed only where allowed; all other columns go through the matmul.
     scores = torch.einsum("bhqd,bhkd->bhqk", qc, kc) * scale
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)  # [B, H, N, N]
     probs = torch.where(has_key, probs, torch.zeros((), dtype=ct))
     bad = torch.nonzero(nonfinite).flatten()  # keys with a non-finite value somewhere
-    clean_v = vc.index_fill(2, bad, 0)
-    out = probs @ clean_v
-    p_bad = probs[..., bad]  # [B, H, N, J]
-    terms = p_bad.unsqueeze(-1) * vc[:, :, bad].unsqueeze(2)  # [B, H, N, J, D]
-    keep = allowed[..., bad].unsqueeze(-1)  # [1, H|1, N, J, 1]
-    out = out + torch.where(keep, terms, torch.zeros((), dtype=ct)).sum(dim=-2)
+    out = probs @ vc.index_fill(2, bad, 0)
+    out = out + masked_value_terms(probs[..., bad], vc[:, :, bad], allowed[..., bad])
     return out.to(q.dtype)
 
 

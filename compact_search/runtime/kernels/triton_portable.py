@@ -142,6 +142,9 @@ def _attend_tile(
         # the same row with a valid key (valid keys are a prefix of each block), so row_max is
         # finite by then and exp2(-inf) is a clean 0.
         scores = tl.where(col_valid[None, :], scores, float("-inf"))
+        # A padded key's weight is 0, and 0 * Inf or 0 * NaN in P V is NaN: whatever a padding
+        # slot holds must not reach the output.
+        v = tl.where(col_valid[:, None], v, tl.zeros_like(v))
     new_max = tl.maximum(row_max, tl.max(scores, 1) * qk_scale)  # [BM]
     probs = tl.math.exp2(scores * qk_scale - new_max[:, None])  # [BM, BN]
     correction = tl.math.exp2(row_max - new_max)  # [BM]
