@@ -3,12 +3,16 @@
 `load_diffusers_folder(adapter, run_profile, device)` opens the folder with
 `DiffusionPipeline.from_pretrained(path, local_files_only=True)` (nothing is downloaded), checks
 that its transformer is the adapter's class and that the run profile's size is one the pipeline
-samples unchanged, and returns a `LoadedModel` whose `run` returns the denoised latents.
+samples unchanged, and returns a `LoadedModel` whose `run` returns the denoised latents. A
+pipeline of several experts (Wan2.2's `transformer` and `transformer_2`, switched at the
+pipeline's `boundary_ratio`) hands over every transformer and which one runs each step.
 `folder_identity(folder)` names the weights of a folder cheaply, for resume checks.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
@@ -17,7 +21,13 @@ import torch
 
 from compact_search.errors import ConfigError, UserInputError
 from compact_search.geometry import Grid
-from compact_search.models.plugin import TORCH_DTYPES, Adapter, LoadedModel, ModelSettings
+from compact_search.models.plugin import (
+    TORCH_DTYPES,
+    Adapter,
+    LoadedModel,
+    ModelSettings,
+    pipeline_experts,
+)
 
 
 def _patch_sizes(config) -> tuple[int, int, int]:
@@ -84,12 +94,14 @@ def load_diffusers_folder(
     pipe = DiffusionPipeline.from_pretrained(
         str(path), torch_dtype=TORCH_DTYPES[settings.dtype], local_files_only=True
     ).to(device)
-    transformer = pipe.transformer
-    if not adapter.serves(transformer):
-        raise UserInputError(
-            f"{path} holds a {type(transformer).__name__}; the profile names adapter "
-            f"{settings.adapter!r}"
-        )
+    experts = pipeline_experts(pipe)
+    transformers = tuple(getattr(pipe, name) for name in experts)
+    for name, transformer in zip(experts, transformers, strict=True):
+        if not adapter.serves(transformer):
+            raise UserInputError(
+                f"{path} holds a {type(transformer).__name__} as {name}; the profile names "
+                f"adapter {settings.adapter!r}"
+            )
     grid = pipeline_grid(pipe, settings)
 
     def run(
@@ -119,7 +131,35 @@ def load_diffusers_folder(
             callback_on_step_end=after_step,
         ).frames
 
-    return LoadedModel(adapter, pipe, (transformer,), grid, run, "latent")
+    step_experts = None
+    if len(transformers) > 1:
+        step_experts = functools.partial(boundary_experts, pipe, len(transformers))
+    return LoadedModel(
+        adapter,
+        pipe,
+        transformers,
+        grid,
+        run,
+        "latent",
+        experts=experts,
+        step_experts=step_experts,
+    )
+
+
+def boundary_experts(pipe, count: int, num_steps: int) -> tuple[int, ...]:
+    """Which of a two-expert pipeline's transformers runs each step, as diffusers' Wan2.2
+    pipelines decide it: `transformer` (0) at timesteps >= boundary_ratio x the scheduler's
+    training timesteps, `transformer_2` (1) below."""
+    ratio = getattr(pipe.config, "boundary_ratio", None)
+    if count != 2 or ratio is None:
+        raise UserInputError(
+            f"{type(pipe).__name__} holds {count} transformers; compact-search knows which one "
+            "runs a step only for two experts switched at the pipeline's boundary_ratio"
+        )
+    scheduler = copy.deepcopy(pipe.scheduler)  # the pipeline's own stays untouched
+    scheduler.set_timesteps(num_steps, device="cpu")
+    boundary = ratio * scheduler.config.num_train_timesteps
+    return tuple(0 if float(t) >= boundary else 1 for t in scheduler.timesteps)
 
 
 def folder_identity(folder: str | Path) -> bytes:
