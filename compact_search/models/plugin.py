@@ -133,8 +133,10 @@ class LoadedModel:
     output: str  # "video" | "latent"
     score_fidelity: Callable[[torch.Tensor, list[str]], FidelityReport | None] | None = None
     heldout_prompts: Callable[[int, int], list[str]] | None = None
-    experts: tuple[str, ...] = (MAIN_TRANSFORMER,)  # pipeline attribute of each transformer
-    # num_steps -> for every step the index into `transformers` of the one that runs it
+    # The pipeline attribute of each transformer; empty: transformer, transformer_2, ...
+    experts: tuple[str, ...] = ()
+    # num_steps -> for every step the index into `transformers` of the one that runs it; None:
+    # not known (one transformer, or a model that routes steps itself)
     step_experts: Callable[[int], tuple[int, ...]] | None = None
 
     def __post_init__(self) -> None:
@@ -142,10 +144,8 @@ class LoadedModel:
             raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
         if not self.transformers:
             raise ValueError("a LoadedModel needs at least one transformer")
-        if len(self.experts) != len(self.transformers):
+        if self.experts and len(self.experts) != len(self.transformers):
             raise ValueError(f"{len(self.experts)} expert names for {len(self.transformers)}")
-        if len(self.transformers) > 1 and self.step_experts is None:
-            raise ValueError("a LoadedModel of several transformers needs step_experts")
         shapes = {self._shape(t) for t in self.transformers}
         if len(shapes) != 1:
             raise ValueError(f"the transformers' attention differs (layers, heads, dim): {shapes}")
@@ -153,11 +153,22 @@ class LoadedModel:
     def _shape(self, transformer) -> tuple[int, int, int]:
         return (self.adapter.num_layers(transformer), *self.adapter.attention_shape(transformer))
 
-    def expert_of_steps(self, num_steps: int) -> tuple[str, ...]:
-        """The expert (pipeline attribute) that runs each step of a `num_steps`-step run."""
+    @property
+    def expert_names(self) -> tuple[str, ...]:
+        """The pipeline attribute of each transformer."""
+        if self.experts:
+            return self.experts
+        return tuple(
+            MAIN_TRANSFORMER if i == 0 else f"{MAIN_TRANSFORMER}_{i + 1}"
+            for i in range(len(self.transformers))
+        )
+
+    def expert_of_steps(self, num_steps: int) -> tuple[str, ...] | None:
+        """The expert (pipeline attribute) that runs each step of a `num_steps`-step run; None
+        where the model does not say (`step_experts`)."""
         if self.step_experts is None:
-            return (self.experts[0],) * num_steps
-        return tuple(self.experts[i] for i in self.step_experts(num_steps))
+            return None
+        return tuple(self.expert_names[i] for i in self.step_experts(num_steps))
 
     @property
     def num_layers(self) -> int:

@@ -271,7 +271,7 @@ def run_profile(
                     settings, model, store, recorder, rank, prompt, missing[prompt], unit_written
                 )
     model_info = {
-        "step_experts": list(step_experts) if len(model.transformers) > 1 else None,
+        "step_experts": None if step_experts is None else list(step_experts),
         "grid": list(model.grid.as_tuple()),
         "prefix_tokens": recorder.prefix_tokens,
         "prefix_at": model.adapter.prefix_at,
@@ -336,9 +336,11 @@ def _capture_prompt(
 
 
 @contextlib.contextmanager
-def _expert_check(model: LoadedModel, recorder: TileMassRecorder, step_experts: tuple[str, ...]):
+def _expert_check(
+    model: LoadedModel, recorder: TileMassRecorder, step_experts: tuple[str, ...] | None
+):
     """While sampling: fail in one line when a step runs on another expert than `step_experts`
-    names (its tile mass would be filed under the wrong expert)."""
+    names (its tile mass would be filed under the wrong expert); None checks nothing."""
     hooks = []
 
     def before(name: str):
@@ -351,8 +353,8 @@ def _expert_check(model: LoadedModel, recorder: TileMassRecorder, step_experts: 
 
         return hook
 
-    if len(model.transformers) > 1:
-        for name, transformer in zip(model.experts, model.transformers, strict=True):
+    if step_experts is not None:
+        for name, transformer in zip(model.expert_names, model.transformers, strict=True):
             hooks.append(transformer.register_forward_pre_hook(before(name)))
     try:
         yield

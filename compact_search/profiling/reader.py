@@ -249,6 +249,11 @@ def load_capture(path: str | Path) -> Capture:
         )
     except (TypeError, ValueError) as exc:
         raise UserInputError(f"{root / 'profile.json'}: bad field ({exc})") from None
+    if capture.step_experts is not None and len(capture.step_experts) != capture.num_steps:
+        raise UserInputError(
+            f"{root / 'profile.json'}: step_experts names {len(capture.step_experts)} steps, "
+            f"num_steps is {capture.num_steps}"
+        )
     # Every unit must be present and whole (headers are cheap to read; data loads lazily).
     everyone = tuple(range(len(capture.prompts)))
     store = CaptureStore(root)
