@@ -306,3 +306,32 @@ def test_a_config_of_experts_needs_version_3_and_a_pipeline_with_them(workspace)
     )
     with pytest.raises(UserInputError, match="transformer_2, which this WanPipeline does not"):
         compact_search.apply(wan21, config)
+
+
+def test_a_pipeline_without_step_callback_or_guidance_argument_is_followed(workspace, monkeypatch):
+    """HunyuanVideo 1.5's pipeline takes neither `callback_on_step_end` nor `guidance_scale`
+    (its guider holds the scale): the loader then counts the scheduler's steps and hands the
+    guider the profile's scale for the call. Exercised on this folder with both hidden."""
+    from diffusers import ClassifierFreeGuidance
+
+    from compact_search.models import diffusers_folder
+
+    real = diffusers_folder.call_parameters
+    monkeypatch.setattr(
+        diffusers_folder,
+        "call_parameters",
+        lambda pipe: real(pipe) - {"callback_on_step_end", "guidance_scale"},
+    )
+    model = load_model(load_run_profile(workspace / "model.toml"), torch.device("cpu"))
+    guider = ClassifierFreeGuidance(guidance_scale=1.0)
+    model.pipeline.guider = guider
+    steps, scales = [], []
+
+    def on_step(step: int) -> None:
+        steps.append(step)
+        scales.append(model.pipeline.guider.guidance_scale)
+
+    latents = model.run(PROMPTS[:1], seed=0, num_steps=4, guidance_scale=3.5, on_step=on_step)
+    assert steps == [0, 1, 2, 3, 4] and scales[1:] == [3.5] * 4
+    assert model.pipeline.guider is guider and "step" not in model.pipeline.scheduler.__dict__
+    assert torch.isfinite(latents).all()

@@ -11,8 +11,10 @@ pipeline's `boundary_ratio`) hands over every transformer and which one runs eac
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import inspect
 from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
@@ -117,19 +119,28 @@ def load_diffusers_folder(
                 on_step(step + 1)
             return callback_kwargs
 
+        takes = call_parameters(pipe)
+        options = {}
+        if "callback_on_step_end" in takes:
+            options["callback_on_step_end"] = after_step
+        if "guidance_scale" in takes:
+            options["guidance_scale"] = guidance_scale
         if on_step is not None:
             on_step(0)
-        return pipe(
-            prompt=list(prompts),
-            height=settings.height,
-            width=settings.width,
-            num_frames=settings.frames,
-            num_inference_steps=num_steps,
-            guidance_scale=guidance_scale,
-            generator=torch.Generator(device=device).manual_seed(seed),
-            output_type="latent",
-            callback_on_step_end=after_step,
-        ).frames
+        with (
+            _guided(pipe, guidance_scale, "guidance_scale" not in takes),
+            _scheduler_steps(pipe, on_step, "callback_on_step_end" not in takes),
+        ):
+            return pipe(
+                prompt=list(prompts),
+                height=settings.height,
+                width=settings.width,
+                num_frames=settings.frames,
+                num_inference_steps=num_steps,
+                generator=torch.Generator(device=device).manual_seed(seed),
+                output_type="latent",
+                **options,
+            ).frames
 
     step_experts = None
     if len(transformers) > 1:
@@ -144,6 +155,53 @@ def load_diffusers_folder(
         experts=experts,
         step_experts=step_experts,
     )
+
+
+def call_parameters(pipe) -> set[str]:
+    """The keyword arguments the pipeline's `__call__` takes."""
+    return set(inspect.signature(type(pipe).__call__).parameters)
+
+
+@contextlib.contextmanager
+def _guided(pipe, guidance_scale: float, needed: bool):
+    """A pipeline without a `guidance_scale` argument (HunyuanVideo 1.5) takes its guidance
+    from its `guider`: one with the profile's scale for the call, the original after."""
+    guider = getattr(pipe, "guider", None)
+    if not needed or guider is None:
+        yield
+        return
+    pipe.guider = guider.new(guidance_scale=guidance_scale)
+    try:
+        yield
+    finally:
+        pipe.guider = guider
+
+
+@contextlib.contextmanager
+def _scheduler_steps(pipe, on_step: Callable[[int], None] | None, needed: bool):
+    """A pipeline without a step callback (HunyuanVideo 1.5): `on_step(i + 1)` after the
+    scheduler's i-th `step` of the call (each denoising step ends with one)."""
+    if not needed or on_step is None:
+        yield
+        return
+    scheduler = pipe.scheduler
+    original, own = scheduler.step, scheduler.__dict__.get("step")
+    done = [0]
+
+    def step(*args, **kwargs):
+        result = original(*args, **kwargs)
+        done[0] += 1
+        on_step(done[0])
+        return result
+
+    scheduler.step = step
+    try:
+        yield
+    finally:
+        if own is None:
+            del scheduler.step  # the class's method again
+        else:
+            scheduler.step = own
 
 
 def boundary_experts(pipe, count: int, num_steps: int) -> tuple[int, ...]:
