@@ -18,7 +18,6 @@ token split.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from compact_search.models.hunyuan import HunyuanJointAttnProcessor
 from compact_search.models.wan import AttentionFn, AttentionHandle, install_processors
@@ -37,9 +36,9 @@ class HunyuanVideo15AttnProcessor(HunyuanJointAttnProcessor):
         return (text.sum(dim=1) + total - text.shape[1]).tolist()
 
     def padded_rows(self, query, key, value) -> torch.Tensor:
-        # Masked as queries too: SDPA over no key at all, exactly as the model's own call.
-        nothing = torch.zeros(1, 1, 1, key.shape[2], dtype=torch.bool, device=key.device)
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=nothing)
+        # Masked as queries too: what SDPA gives a row masked from every key (torch >= 2.5),
+        # without computing ~1,000 padded rows over the whole sequence.
+        return torch.zeros_like(query)
 
 
 def hunyuan15_self_attention_modules(transformer) -> list:
