@@ -29,6 +29,7 @@ from compact_search.models.hunyuan15 import (
     install_hunyuan15_attention,
 )
 from compact_search.models.plugin import Adapter, BuiltinModel, LoadedModel, ModelSettings
+from compact_search.models.skyreels import install_skyreels_attention
 from compact_search.models.tiny.builtin import TINY_MODELS
 from compact_search.models.wan import install_wan_attention, wan_self_attention_modules
 
@@ -66,6 +67,14 @@ ADAPTERS: dict[str, Adapter] = {
             hunyuan15_self_attention_modules,
             "end",
             "HunyuanVideo15Transformer3DModel",
+            load_diffusers_folder,
+        ),
+        Adapter(
+            "skyreels-v2",
+            install_skyreels_attention,
+            wan_self_attention_modules,
+            "start",
+            "SkyReelsV2Transformer3DModel",
             load_diffusers_folder,
         ),
     )
