@@ -11,7 +11,9 @@ forwards.
   720p default, 720x1280 x 121 frames -> grid 31x45x80 = 111,600 video tokens, plus 128 real
   text tokens of the 1,000 the pipeline pads to (no glyph text, no image: masked out);
 - wan2.2-a14b-720p: one Wan2.2-A14B expert (the Wan2.1-14B architecture, 40 x 40 x 128) at
-  720x1280 x 81 frames -> 21x45x80 = 75,600 tokens; both experts share the architecture.
+  720x1280 x 81 frames -> 21x45x80 = 75,600 tokens; both experts share the architecture;
+- skyreels-v2-14b-720p (only when named in --models): SkyReels-V2-T2V-14B-720P, the same
+  architecture at 720x1280 x 121 frames -> 31x45x80 = 111,600 tokens.
 
 Usage: python -m benchmarks.bench_models [--models ...] [--repeats 2] [--out DIR]
        python -m benchmarks.bench_models --smoke   (CPU, toy sizes of the same architectures)
@@ -112,8 +114,8 @@ def hunyuan15_case(smoke: bool) -> ModelCase:
     return ModelCase("hunyuanvideo15", build, inputs, Grid(*latent), tile, real, block)
 
 
-def wan_expert_case(smoke: bool) -> ModelCase:
-    from diffusers import WanTransformer3DModel
+def wan_expert_case(smoke: bool, family: str = "WanTransformer3DModel", frames: int = 21):
+    import diffusers
 
     if smoke:
         config = {**WAN_COMMON, "attention_head_dim": 16, "text_dim": 24, "freq_dim": 32}
@@ -121,7 +123,7 @@ def wan_expert_case(smoke: bool) -> ModelCase:
         latent, text, tile, block = (3, 8, 12), 6, TileShape(1, 2, 4), 16
     else:  # Wan2.2-T2V-A14B's experts: the Wan2.1-14B architecture
         config = dict(num_attention_heads=40, ffn_dim=13824, num_layers=40, **WAN_COMMON)
-        latent, text, tile, block = (21, 90, 160), 512, TileShape(3, 8, 16), 128
+        latent, text, tile, block = (frames, 90, 160), 512, TileShape(3, 8, 16), 128
 
     def inputs(device, dtype):
         gen = torch.Generator(device=device).manual_seed(1)
@@ -138,10 +140,22 @@ def wan_expert_case(smoke: bool) -> ModelCase:
 
     f, h, w = latent
     grid = Grid(f, h // 2, w // 2)
-    return ModelCase("wan", lambda: WanTransformer3DModel(**config), inputs, grid, tile, 0, block)
+    adapter = "wan" if family == "WanTransformer3DModel" else "skyreels-v2"
+    model_class = getattr(diffusers, family)
+    return ModelCase(adapter, lambda: model_class(**config), inputs, grid, tile, 0, block)
 
 
-MODELS = {"hunyuanvideo1.5-720p": hunyuan15_case, "wan2.2-a14b-720p": wan_expert_case}
+def skyreels_case(smoke: bool) -> ModelCase:
+    """SkyReels-V2-T2V-14B-720P at 720x1280 x 121 frames: 31x45x80 = 111,600 tokens."""
+    return wan_expert_case(smoke, "SkyReelsV2Transformer3DModel", frames=31)
+
+
+MODELS = {
+    "hunyuanvideo1.5-720p": hunyuan15_case,
+    "wan2.2-a14b-720p": wan_expert_case,
+    "skyreels-v2-14b-720p": skyreels_case,
+}
+DEFAULT_MODELS = ("hunyuanvideo1.5-720p", "wan2.2-a14b-720p")
 
 
 def planted_config(name: str, case: ModelCase, model, target: float) -> CompactConfig:
@@ -303,7 +317,7 @@ def run_model(name: str, smoke: bool, repeats: int, env: dict, log) -> list[dict
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help=", ".join(MODELS))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="CPU, toy sizes, same code path")
     parser.add_argument("--out", type=Path, default=None)

@@ -24,3 +24,11 @@ def test_smoke_run_writes_a_dense_and_a_compact_row_per_model(tmp_path):
     for compact in rows[1::2]:
         assert 0.0 < compact["density"] < 0.6  # planted near 0.3 (toy tile grids are coarse)
         assert compact["output_rel_change"] > 0.0  # the masks acted on the output
+
+
+def test_smoke_run_of_skyreels(tmp_path):
+    (dense, compact) = main(
+        ["--smoke", "--repeats", "1", "--models", "skyreels-v2-14b-720p", "--out", str(tmp_path)]
+    )
+    assert (dense["provider"], compact["provider"]) == ("dense-cudnn", "compact")
+    assert compact["output_rel_change"] > 0.0 and dense["tokens"] == 3 * 4 * 6
