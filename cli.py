@@ -587,6 +587,8 @@ def optimize(
         f"search written to [bold]{out / 'search.json'}[/]; report: heads.csv, heads.md, "
         "pareto.png, kinds.png"
     )
+    for expert, folder in result.study.get("experts", {}).items():
+        console.print(f"{expert}: searched on its own steps, written to [bold]{out / folder}[/]")
 
 
 @app.command("train-tiny")
