@@ -71,6 +71,11 @@ class CheckReport:
     experts: dict[str, CheckReport] = field(default_factory=dict)  # the other experts' reports
 
     @property
+    def all_heads(self) -> list[HeadCheck]:
+        """Every checked head, this report's and its experts'."""
+        return self.heads + [h for report in self.experts.values() for h in report.all_heads]
+
+    @property
     def failed_heads(self) -> list[HeadCheck]:
         own = [h for h in self.heads if not h.passed]
         return own + [h for report in self.experts.values() for h in report.failed_heads]
@@ -396,19 +401,22 @@ def junit_xml(report: CheckReport, name: str = "compact-search check") -> str:
             ET.SubElement(element, "failure", message=failure).text = failure
             failures += 1
 
-    for h in report.heads:
-        case(
-            f"bucket{h.bucket}.layer{h.layer}.head{h.head}",
-            "recall",
-            None if h.passed else h.reason,
-        )
-    case("mean_density", "density", "; ".join(report.config_failures) or None)
-    for k in report.kernel:
-        case(
-            f"bucket{k.bucket}.layer{k.layer}",
-            "kernel",
-            None if k.passed else f"relative error {k.relative_error:.3g}",
-        )
+    # The first expert's cases keep their names; another expert's carry its name in front.
+    for name, expert in {"": report, **report.experts}.items():
+        where = f"{name}." if name else ""
+        for h in expert.heads:
+            case(
+                f"{where}bucket{h.bucket}.layer{h.layer}.head{h.head}",
+                "recall",
+                None if h.passed else h.reason,
+            )
+        case(f"{where}mean_density", "density", "; ".join(expert.config_failures) or None)
+        for k in expert.kernel:
+            case(
+                f"{where}bucket{k.bucket}.layer{k.layer}",
+                "kernel",
+                None if k.passed else f"relative error {k.relative_error:.3g}",
+            )
     suite.set("tests", str(cases))
     suite.set("failures", str(failures))
     suite.set("errors", "0")

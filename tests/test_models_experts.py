@@ -192,7 +192,7 @@ def test_export_writes_both_experts_and_check_gates_both(workspace):
         )
 
 
-def test_check_fails_a_second_expert_that_misses_its_recall(workspace):
+def test_check_fails_a_second_expert_that_misses_its_recall(workspace, capsys):
     """Gating the second expert is not a formality: with its patterns replaced by a skipping
     pattern it fails, while the first expert's heads still pass."""
     from compact_search.check import check_config
@@ -212,6 +212,25 @@ def test_check_fails_a_second_expert_that_misses_its_recall(workspace):
     )
     assert not report.passed
     assert report.failed_heads and {h.expert for h in report.failed_heads} == {"transformer_2"}
+    # The command: exit 1, the failing heads named by expert in the table and in JUnit.
+    path = workspace / "broken.json"
+    path.write_text(json.dumps(config.with_experts({"transformer_2": broken}).to_json()))
+    held_out = workspace / "runs/heldout/profile"
+    capsys.readouterr()
+    assert run("check", "--config", path, "--profile", held_out) == 1
+    out = capsys.readouterr().out
+    checked, failed = len(report.all_heads), len(report.failed_heads)
+    assert checked == len(report.heads) + len(report.experts["transformer_2"].heads)
+    assert f"FAIL: {checked - failed}/{checked} heads pass" in out
+    assert "transformer_2: mean density" in out
+    junit = workspace / "check.xml"
+    args = ("--format", "junit", "--output", junit)
+    assert run("check", "--config", path, "--profile", held_out, *args) == 1
+    text = junit.read_text()
+    assert (
+        'name="bucket0.layer0.head0"' in text
+        and 'name="transformer_2.bucket0.layer0.head0"' in text
+    )
 
 
 def test_apply_installs_both_experts_and_reverts_both(workspace):
