@@ -87,16 +87,20 @@ def load_pipeline(root: Path) -> diffusers.WanPipeline:
 
 
 def generate(pipe) -> np.ndarray:
-    return pipe(
-        PROMPTS[0],
-        height=SIZE["height"],
-        width=SIZE["width"],
-        num_frames=SIZE["frames"],
-        num_inference_steps=STEPS,
-        guidance_scale=WAN.guidance,
-        generator=torch.Generator().manual_seed(0),
-        output_type="latent",  # the VAE's decode adds time, not coverage
-    ).frames[0].numpy()
+    return (
+        pipe(
+            PROMPTS[0],
+            height=SIZE["height"],
+            width=SIZE["width"],
+            num_frames=SIZE["frames"],
+            num_inference_steps=STEPS,
+            guidance_scale=WAN.guidance,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",  # the VAE's decode adds time, not coverage
+        )
+        .frames[0]
+        .numpy()
+    )
 
 
 def test_the_loader_hands_over_both_experts_and_their_steps(workspace):

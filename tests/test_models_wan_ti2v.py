@@ -57,16 +57,20 @@ def folder(tmp_path_factory) -> Path:
 
 def generate(pipe) -> np.ndarray:
     """The denoised latents (the VAE's decode adds time, not coverage)."""
-    return pipe(
-        PROMPTS[0],
-        height=128,
-        width=128,
-        num_frames=9,
-        num_inference_steps=STEPS,
-        guidance_scale=5.0,
-        generator=torch.Generator().manual_seed(0),
-        output_type="latent",
-    ).frames[0].numpy()
+    return (
+        pipe(
+            PROMPTS[0],
+            height=128,
+            width=128,
+            num_frames=9,
+            num_inference_steps=STEPS,
+            guidance_scale=5.0,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+        )
+        .frames[0]
+        .numpy()
+    )
 
 
 def test_ti2v_profile_reads_the_16x_grid(folder):
