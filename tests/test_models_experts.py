@@ -9,6 +9,7 @@ captures steps 0, 2 (first expert) and 4 (second).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -123,6 +124,9 @@ def test_profile_captures_each_expert_on_its_steps(workspace):
     assert mass.shape == (2, 2, 12, 12) and torch.isfinite(mass).all()
     with pytest.raises(UserInputError, match="no expert 'transformer_3'"):
         profile.expert_view("transformer_3")
+    late = dataclasses.replace(profile, step_experts=["transformer"] * 5 + ["transformer_2"])
+    with pytest.raises(UserInputError, match="transformer_2 runs steps 5..5 and none of them"):
+        late.expert_view("transformer_2")
 
 
 def test_profile_records_the_expert_that_runs_each_step(workspace):
@@ -329,6 +333,10 @@ def test_a_config_of_experts_needs_version_3_and_a_pipeline_with_them(workspace)
     )
     with pytest.raises(UserInputError, match="transformer_2, which this WanPipeline does not"):
         compact_search.apply(wan21, config)
+    # One expert's patterns on a bare transformer: that expert's config.
+    handle = compact_search.apply(wan21.transformer, config.expert_configs()["transformer_2"])
+    assert handle.config.schedule == config.experts["transformer_2"].schedule
+    handle.revert()
 
 
 def test_a_pipeline_without_step_callback_or_guidance_argument_is_followed(workspace, monkeypatch):

@@ -495,7 +495,8 @@ def apply(
         raise UserInputError(
             f"the config holds patterns for {', '.join(missing)}, which this "
             f"{type(pipeline_or_transformer).__name__} does not have (its transformers: "
-            f"{', '.join(experts) or 'none'})"
+            f"{', '.join(experts) or 'none'}); one expert's patterns on a bare transformer: "
+            "apply(transformer, config.expert_configs()[name])"
         )
     notes = []
     dense = [name for name in experts if name not in configs]
