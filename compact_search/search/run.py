@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from compact_search.errors import UserInputError
 from compact_search.geometry import Grid
 from compact_search.search.budget import BudgetTarget, allocate
 from compact_search.search.result import BucketBounds, FrontEntry, HeadResult, SearchResult
@@ -40,7 +41,10 @@ def optimize_profile(
     from compact_search.search.report import write_report
 
     run_dir = Path(run_dir)
-    source = open_source(profile)
+    try:
+        source = open_source(profile)
+    except UserInputError:
+        source = None  # run_study says what is wrong with it, after checking the storage
     experts = list(getattr(source, "experts", None) or [])
     if len(experts) > 1 and getattr(source, "expert", None) is None:
         options = {"storage": storage, "target": target, "on_trial": on_trial}
@@ -67,7 +71,7 @@ def optimize_profile(
     outcome = run_study(
         searched, config, run_dir, storage=storage, on_trial=on_trial, heartbeat=heartbeat
     )
-    result = assemble(source, config, outcome, storage)
+    result = assemble(open_source(searched), config, outcome, storage)
     if getattr(source, "expert", None) is not None:
         result = replace(result, study={**result.study, "expert": source.expert})
     if target is not None:
