@@ -360,7 +360,7 @@ def render_check(report, heads: bool = True) -> None:
         for h in failed:
             base = "-" if h.baseline_recall is None else f"{h.baseline_recall:.4f}"
             table.add_row(
-                str(h.bucket),
+                str(h.bucket) if h.expert == "transformer" else f"{h.expert} {h.bucket}",
                 str(h.layer),
                 str(h.head),
                 h.kind,
@@ -372,15 +372,21 @@ def render_check(report, heads: bool = True) -> None:
                 h.reason,
             )
         console.print(table)
-    for note in report.notes:
-        console.print(f"[yellow]note:[/] {note}")
-    for k in report.kernel:
-        state = "[green]ok[/]" if k.passed else "[red]FAIL[/]"
-        console.print(
-            f"kernel bucket {k.bucket} layer {k.layer}: rel. error {k.relative_error:.2e} {state}"
-        )
-    for failure in report.config_failures:
-        console.print(f"[red]FAIL[/] {failure}")
+    for name, expert in {"": report, **report.experts}.items():
+        where = f"{name} " if name else ""
+        for note in expert.notes:
+            console.print(f"[yellow]note:[/] {where}{note}")
+        for k in expert.kernel:
+            state = "[green]ok[/]" if k.passed else "[red]FAIL[/]"
+            console.print(
+                f"{where}kernel bucket {k.bucket} layer {k.layer}: rel. error "
+                f"{k.relative_error:.2e} {state}"
+            )
+    for name, expert in {"": report, **report.experts}.items():
+        for failure in expert.config_failures:
+            console.print(f"[red]FAIL[/] {name + ': ' if name else ''}{failure}")
+        if name:
+            console.print(f"{name}: mean density {expert.mean_density:.4f}")
     base = (
         ""
         if report.baseline_mean_density is None
@@ -388,8 +394,9 @@ def render_check(report, heads: bool = True) -> None:
     )
     threshold = "-" if report.min_recall is None else f"{report.min_recall:.3f}"
     verdict = "[bold green]PASS[/]" if report.passed else "[bold red]FAIL[/]"
+    checked = len(report.all_heads)
     console.print(
-        f"{verdict}: {len(report.heads) - len(failed)}/{len(report.heads)} heads pass recall "
+        f"{verdict}: {checked - len(failed)}/{checked} heads pass recall "
         f"({report.statistic} over samples >= {threshold}), mean density "
         f"{report.mean_density:.4f}{base}"
     )
@@ -587,6 +594,8 @@ def optimize(
         f"search written to [bold]{out / 'search.json'}[/]; report: heads.csv, heads.md, "
         "pareto.png, kinds.png"
     )
+    for expert, folder in result.study.get("experts", {}).items():
+        console.print(f"{expert}: searched on its own steps, written to [bold]{out / folder}[/]")
 
 
 @app.command("train-tiny")

@@ -12,6 +12,11 @@ the bucket's steps and fails a head when
 and fails the config when its mean density is above `max_density`, or above the baseline's mean
 density plus `density_tolerance`. With `kernel=True` the Triton kernel is compared with the
 reference on the config's own block masks.
+
+A config of several experts (Wan2.2) is gated expert by expert on the profile's steps each one
+runs (`Capture.expert_view`): the report is the first expert's, with the others' in `experts`;
+it passes when all of them pass. A one-transformer config on a profile of several experts is
+gated on its own expert's steps, and the report notes which experts it leaves dense.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class HeadCheck:
     baseline_recall: float | None
     passed: bool
     reason: str
+    expert: str = "transformer"  # the pipeline attribute of the transformer the head is in
 
 
 @dataclass(frozen=True)
@@ -62,10 +68,17 @@ class CheckReport:
     kernel: list[KernelCheck] = field(default_factory=list)
     bucket_recall: dict[int, float | None] = field(default_factory=dict)  # the floor per bucket
     notes: list[str] = field(default_factory=list)
+    experts: dict[str, CheckReport] = field(default_factory=dict)  # the other experts' reports
+
+    @property
+    def all_heads(self) -> list[HeadCheck]:
+        """Every checked head, this report's and its experts'."""
+        return self.heads + [h for report in self.experts.values() for h in report.all_heads]
 
     @property
     def failed_heads(self) -> list[HeadCheck]:
-        return [h for h in self.heads if not h.passed]
+        own = [h for h in self.heads if not h.passed]
+        return own + [h for report in self.experts.values() for h in report.failed_heads]
 
     @property
     def passed(self) -> bool:
@@ -73,6 +86,7 @@ class CheckReport:
             not self.failed_heads
             and not self.config_failures
             and all(k.passed for k in self.kernel)
+            and all(report.passed for report in self.experts.values())
         )
 
     def to_json(self) -> dict:
@@ -89,6 +103,11 @@ class CheckReport:
             "heads": [asdict(h) for h in self.heads],
             "kernel": [asdict(k) for k in self.kernel],
             "notes": self.notes,
+            **(
+                {"experts": {name: r.to_json() for name, r in self.experts.items()}}
+                if self.experts
+                else {}
+            ),
         }
 
 
@@ -141,6 +160,53 @@ def head_recalls(tile_masks: torch.Tensor, samples: torch.Tensor) -> HeadRecalls
 def check_config(
     config: CompactConfig,
     profile,
+    **options,
+) -> CheckReport:
+    """Gate `config` on `profile`, expert by expert where either has several; see the module
+    doc and `check_one_config` for the options."""
+    profile_experts = list(getattr(profile, "experts", None) or [])
+    if getattr(profile, "expert", None) is not None:
+        profile_experts = []  # already one expert's view
+    configs = config.expert_configs()
+    if not config.experts and len(profile_experts) < 2:
+        return check_one_config(config, profile, **options)
+    if not profile_experts or len(profile_experts) < 2:
+        raise UserInputError(
+            f"the config holds patterns for {', '.join(configs)}; the profile is of one "
+            "transformer: profile the pipeline with all its experts"
+        )
+    unknown = [name for name in configs if name not in profile_experts]
+    if unknown:
+        raise UserInputError(
+            f"the config names experts {unknown} that the profile does not hold "
+            f"({', '.join(profile_experts)})"
+        )
+    baseline = options.pop("baseline", None)
+    base_configs = baseline.expert_configs() if baseline is not None else {}
+    reports = {
+        name: check_one_config(
+            expert,
+            profile.expert_view(name),
+            baseline=base_configs.get(name),
+            expert=name,
+            **options,
+        )
+        for name, expert in configs.items()
+    }
+    first, *_ = reports.values()
+    dense = [name for name in profile_experts if name not in configs]
+    if dense:
+        first.notes.append(
+            f"the config holds no patterns for {', '.join(dense)}: those experts stay dense "
+            "(unchecked)"
+        )
+    first.experts = {name: report for name, report in list(reports.items())[1:]}
+    return first
+
+
+def check_one_config(
+    config: CompactConfig,
+    profile,
     *,
     baseline: CompactConfig | None = None,
     min_recall: float | None = None,
@@ -151,8 +217,10 @@ def check_config(
     kernel: bool = False,
     kernel_layers: int | None = None,
     progress=None,
+    expert: str = "transformer",
 ) -> CheckReport:
-    """Gate `config` on `profile`; see the module doc. `progress(advance)` ticks per layer."""
+    """Gate one transformer's `config` on `profile`; see the module doc. `progress(advance)`
+    ticks per layer; `expert` names the transformer in the head rows."""
     if statistic not in ("mean", "min"):
         raise UserInputError(f"statistic must be 'mean' or 'min', got {statistic!r}")
     _check_compatible(config, profile, "config")
@@ -221,6 +289,7 @@ def check_config(
                             baseline_recall=None if base is None else float(base[head]),
                             passed=not reasons,
                             reason="; ".join(reasons),
+                            expert=expert,
                         )
                     )
             if progress is not None:
@@ -332,19 +401,22 @@ def junit_xml(report: CheckReport, name: str = "compact-search check") -> str:
             ET.SubElement(element, "failure", message=failure).text = failure
             failures += 1
 
-    for h in report.heads:
-        case(
-            f"bucket{h.bucket}.layer{h.layer}.head{h.head}",
-            "recall",
-            None if h.passed else h.reason,
-        )
-    case("mean_density", "density", "; ".join(report.config_failures) or None)
-    for k in report.kernel:
-        case(
-            f"bucket{k.bucket}.layer{k.layer}",
-            "kernel",
-            None if k.passed else f"relative error {k.relative_error:.3g}",
-        )
+    # The first expert's cases keep their names; another expert's carry its name in front.
+    for name, expert in {"": report, **report.experts}.items():
+        where = f"{name}." if name else ""
+        for h in expert.heads:
+            case(
+                f"{where}bucket{h.bucket}.layer{h.layer}.head{h.head}",
+                "recall",
+                None if h.passed else h.reason,
+            )
+        case(f"{where}mean_density", "density", "; ".join(expert.config_failures) or None)
+        for k in expert.kernel:
+            case(
+                f"{where}bucket{k.bucket}.layer{k.layer}",
+                "kernel",
+                None if k.passed else f"relative error {k.relative_error:.3g}",
+            )
     suite.set("tests", str(cases))
     suite.set("failures", str(failures))
     suite.set("errors", "0")

@@ -1,10 +1,15 @@
 """The versioned config: what the runtime needs to run a model with per-head sparse attention.
 
-Format "compact-search/config", versions 1 and 2, documented field by field in docs/config.md
+Format "compact-search/config", versions 1 to 3, documented field by field in docs/config.md
 (which also says how versions evolve). Loading validates everything and raises `ConfigError`
 naming the file, the field and what was expected; writes are atomic (see compact_search.io) and
 use the lowest version that can express the config, so a config without version-2 features
 stays readable by version-1 readers.
+
+A pipeline with several transformers (Wan2.2's two experts: `transformer` for the high-noise
+steps, `transformer_2` for the low-noise ones) gets one config: the top level is the patterns of
+`pipeline.transformer`, and `experts` (version 3) holds a whole config per other transformer,
+named by the pipeline's attribute, each with its own geometry, step schedule and buckets.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ from compact_search.io import atomic_write_json, read_json
 from compact_search.patterns import HeadPattern, density
 
 CONFIG_FORMAT = "compact-search/config"
-CONFIG_VERSION = 2  # the newest version this code reads and writes
-SUPPORTED_VERSIONS = (1, CONFIG_VERSION)
+CONFIG_VERSION = 3  # the newest version this code reads and writes
+SUPPORTED_VERSIONS = (1, 2, CONFIG_VERSION)
+# The pipeline attribute the top level of a config serves; `experts` names the others.
+MAIN_TRANSFORMER = "transformer"
 STAT_FIELDS = ("recall_mean", "recall_min", "recall_worst_tile", "density", "cost")
 
 
@@ -168,8 +175,18 @@ class CompactConfig:
     schedule: StepSchedule
     heads: tuple[tuple[tuple[HeadEntry, ...], ...], ...]  # [bucket][layer][head]
     provenance: dict[str, Any] = field(default_factory=dict)
+    # Pipeline attribute (e.g. "transformer_2") -> the config of that transformer (version 3).
+    experts: dict[str, CompactConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name, expert in self.experts.items():
+            if name == MAIN_TRANSFORMER or not name.isidentifier():
+                raise UserInputError(
+                    f"expert name {name!r} must be a pipeline attribute other than "
+                    f"{MAIN_TRANSFORMER!r} (the top level of the config serves that one)"
+                )
+            if expert.experts:
+                raise UserInputError(f"expert {name!r} holds experts of its own")
         heads = tuple(tuple(tuple(layer) for layer in bucket) for bucket in self.heads)
         object.__setattr__(self, "heads", heads)
         if len(heads) != self.schedule.num_buckets:
@@ -195,6 +212,17 @@ class CompactConfig:
 
     # --- what the runtime asks -----------------------------------------------------------------
 
+    def expert_configs(self) -> dict[str, CompactConfig]:
+        """Pipeline attribute -> the config of that transformer, this config's own first."""
+        own = CompactConfig(self.model, self.geometry, self.schedule, self.heads, self.provenance)
+        return {MAIN_TRANSFORMER: own, **self.experts}
+
+    def with_experts(self, experts: dict[str, CompactConfig]) -> CompactConfig:
+        """This config serving `pipeline.transformer`, with `experts` serving the others."""
+        return CompactConfig(
+            self.model, self.geometry, self.schedule, self.heads, self.provenance, dict(experts)
+        )
+
     def layout(self) -> TileLayout:
         return self.geometry.layout()
 
@@ -211,14 +239,15 @@ class CompactConfig:
         return self.layout().block_mask(self.tile_masks(bucket, layer))
 
     def summary(self) -> dict[str, float]:
-        """Mean density and cost over every (bucket, layer, head)."""
-        layout = self.layout()
+        """Mean density and cost over every (bucket, layer, head) of every expert."""
         densities, costs = [], []
-        for b in range(self.schedule.num_buckets):
-            for layer in range(self.model.num_layers):
-                masks = self.tile_masks(b, layer)
-                densities.append(density(masks))
-                costs.append(layout.cost(masks))
+        for config in self.expert_configs().values():
+            layout = config.layout()
+            for b in range(config.schedule.num_buckets):
+                for layer in range(config.model.num_layers):
+                    masks = config.tile_masks(b, layer)
+                    densities.append(density(masks))
+                    costs.append(layout.cost(masks))
         return {
             "mean_density": float(torch.cat(densities).mean()),
             "mean_cost": float(torch.cat(costs).mean()),
@@ -229,10 +258,21 @@ class CompactConfig:
     @property
     def version(self) -> int:
         """The lowest format version that expresses this config (see docs/config.md)."""
+        if self.experts:
+            return 3
         far = any(e.pattern.uses_far_windows for b in self.heads for layer in b for e in layer)
-        return CONFIG_VERSION if far or self.schedule.bucket_recall else 1
+        return 2 if far or self.schedule.bucket_recall else 1
 
     def to_json(self) -> dict[str, Any]:
+        out = self._body_json()
+        if self.experts:
+            out["experts"] = [
+                {"transformer": name, **expert._body_json()}
+                for name, expert in self.experts.items()
+            ]
+        return {"format": CONFIG_FORMAT, "version": self.version, **out}
+
+    def _body_json(self) -> dict[str, Any]:
         schedule: dict[str, Any] = {
             "num_steps": self.schedule.num_steps,
             "dense_steps": self.schedule.dense_steps,
@@ -241,8 +281,6 @@ class CompactConfig:
         if self.schedule.bucket_recall:
             schedule["bucket_recall"] = list(self.schedule.bucket_recall)
         return {
-            "format": CONFIG_FORMAT,
-            "version": self.version,
             "model": {
                 "name": self.model.name,
                 "adapter": self.model.adapter,
@@ -343,8 +381,30 @@ def _parse_config(obj: Any, source: str) -> CompactConfig:
     if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
         raise r.fail(
             "version",
-            f"expected 1 or 2, got {version!r} (unsupported version; a newer compact-search "
+            f"expected 1, 2 or 3, got {version!r} (unsupported version; a newer compact-search "
             "writes it)",
+        )
+    experts_json = root.get("experts", [])
+    if experts_json and version < 3:
+        raise r.fail("experts", "needs config version 3")
+    if not isinstance(experts_json, list):
+        raise r.fail("experts", f"expected a list of objects, got {type(experts_json).__name__}")
+    experts = {}
+    for index, expert_json in enumerate(experts_json):
+        path = f"experts[{index}]"
+        expert_obj = r.obj(expert_json, path)
+        name = r.string(r.get(expert_obj, "transformer", path), f"{path}.transformer")
+        if name in experts or name == MAIN_TRANSFORMER or not name.isidentifier():
+            raise r.fail(
+                f"{path}.transformer",
+                f"expected a pipeline attribute named once and other than {MAIN_TRANSFORMER!r}, "
+                f"got {name!r}",
+            )
+        if "experts" in expert_obj:
+            raise r.fail(f"{path}.experts", "an expert holds no experts of its own")
+        body = {k: v for k, v in expert_obj.items() if k != "transformer"}
+        experts[name] = _parse_config(
+            {"format": CONFIG_FORMAT, "version": version, **body}, f"{source}: {path}"
         )
 
     m = r.obj(r.get(root, "model", ""), "model")
@@ -420,7 +480,9 @@ def _parse_config(obj: Any, source: str) -> CompactConfig:
 
     provenance = root.get("provenance", {})
     r.obj(provenance, "provenance")
-    return _build(r, "buckets", CompactConfig, model, geometry, schedule, tuple(heads), provenance)
+    return _build(
+        r, "buckets", CompactConfig, model, geometry, schedule, tuple(heads), provenance, experts
+    )
 
 
 def _build(r: _Reader, path: str, kind: type, *args: Any, **kwargs: Any) -> Any:

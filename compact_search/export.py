@@ -7,6 +7,10 @@ config's stats; a head below the threshold stops the export. Writes are atomic. 
 builds block masks and lookup tables from the config itself (docs/config.md says why there is no
 precomputed-table file); `--format flex` also writes FlexAttention block masks for other runtimes
 (`<config>.flex.safetensors`, read back by `runtime.kernels.flex.load_flex_masks`).
+
+A run of several experts (`optimize` on a Wan2.2 profile) exports one config: the first expert's
+patterns at the top level and every other expert's under `experts` (docs/config.md), each built
+and re-measured on that expert's own steps of the profile.
 """
 
 from __future__ import annotations
@@ -200,25 +204,45 @@ def export_run(
     if output_format not in ("json", "flex"):
         raise UserInputError(f"--format must be json or flex, got {output_format!r}")
     result = load_search_result(run_dir)
+    expert_runs = {
+        name: load_search_result(Path(run_dir) / folder)
+        for name, folder in result.study.get("experts", {}).items()
+    }
     profile_path = profile if profile is not None else result.study.get("profile")
     if profile_path is None:
         sibling = Path(run_dir).parent / "profile"  # the runs/<name>/{profile,run} convention
         if not (sibling / "profile.json").exists():
             raise UserInputError(f"{run_dir}: no profile recorded in the run; pass --profile")
         profile_path = sibling
-    prof = load_profile(profile_path)
-    if prof.fingerprint != result.fingerprint:
-        raise UserInputError(
-            f"profile {profile_path} (fingerprint {prof.fingerprint}) is not the one the run "
-            f"searched ({result.fingerprint})"
+    capture = load_profile(profile_path)
+    measured = {}
+    below = []
+    for name, searched in {result.study.get("expert"): result, **expert_runs}.items():
+        prof = capture if name is None else capture.expert_view(name)
+        if prof.fingerprint != searched.fingerprint:
+            raise UserInputError(
+                f"profile {profile_path} (fingerprint {prof.fingerprint}) is not the one the run "
+                f"searched ({searched.fingerprint})"
+            )
+        measured[name], expert_below = measure(
+            build_config(searched, prof, recall=recall), searched, prof
         )
-    config, below = measure(build_config(result, prof, recall=recall), result, prof)
-    if below and not allow_below:
-        b, layer, h, value = below[0]
+        below += [(name, *entry) for entry in expert_below]
+    config, *others = measured.values()
+    config = config.with_experts(dict(zip(list(measured)[1:], others, strict=True)))
+    if output_format == "flex" and config.experts:
         raise UserInputError(
-            f"{len(below)} heads are below the recall threshold on the profile, e.g. bucket {b} "
-            f"layer {layer} head {h}: {value:.4f} < "
-            f"{config.schedule.recall_of(b, config.provenance['recall_threshold'])} "
+            "--format flex writes the masks of one transformer; export a run of several "
+            "experts as json"
+        )
+    if below and not allow_below:
+        name, b, layer, h, value = below[0]
+        where = config if name is None else config.expert_configs()[name]
+        expert = "" if name is None else f"{name} "
+        raise UserInputError(
+            f"{len(below)} heads are below the recall threshold on the profile, e.g. {expert}"
+            f"bucket {b} layer {layer} head {h}: {value:.4f} < "
+            f"{where.schedule.recall_of(b, where.provenance['recall_threshold'])} "
             f"(--allow-below writes the config anyway)"
         )
     out = Path(out)
@@ -234,7 +258,7 @@ def export_run(
         out,
         sidecar,
         float(config.provenance["recall_threshold"]),
-        below,
+        [entry[1:] for entry in below],
         summary["mean_density"],
         summary["mean_cost"],
     )

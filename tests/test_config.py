@@ -75,7 +75,7 @@ def test_summary_reports_density_and_cost(config_file):
 
 BAD_EDITS = [
     ("format", lambda o: o.update(format="other"), "format: expected 'compact-search/config'"),
-    ("version", lambda o: o.update(version=3), "version: expected 1 or 2, got 3"),
+    ("version", lambda o: o.update(version=4), "version: expected 1, 2 or 3, got 4"),
     ("heads", lambda o: o["buckets"][0]["layers"][1].pop(), r"layers\[1\]: expected 3 heads"),
     ("layers", lambda o: o["model"].update(num_layers=3), r"buckets\[0\].layers: expected 3"),
     ("buckets", lambda o: o["buckets"].pop(), "buckets: expected 2 buckets"),

@@ -24,7 +24,12 @@ from compact_search.models.cogvideox import (
 )
 from compact_search.models.diffusers_folder import folder_identity, load_diffusers_folder
 from compact_search.models.hunyuan import hunyuan_self_attention_modules, install_hunyuan_attention
+from compact_search.models.hunyuan15 import (
+    hunyuan15_self_attention_modules,
+    install_hunyuan15_attention,
+)
 from compact_search.models.plugin import Adapter, BuiltinModel, LoadedModel, ModelSettings
+from compact_search.models.skyreels import install_skyreels_attention
 from compact_search.models.tiny.builtin import TINY_MODELS
 from compact_search.models.wan import install_wan_attention, wan_self_attention_modules
 
@@ -54,6 +59,22 @@ ADAPTERS: dict[str, Adapter] = {
             hunyuan_self_attention_modules,
             "end",
             "HunyuanVideoTransformer3DModel",
+            load_diffusers_folder,
+        ),
+        Adapter(
+            "hunyuanvideo15",
+            install_hunyuan15_attention,
+            hunyuan15_self_attention_modules,
+            "end",
+            "HunyuanVideo15Transformer3DModel",
+            load_diffusers_folder,
+        ),
+        Adapter(
+            "skyreels-v2",
+            install_skyreels_attention,
+            wan_self_attention_modules,
+            "start",
+            "SkyReelsV2Transformer3DModel",
             load_diffusers_folder,
         ),
     )

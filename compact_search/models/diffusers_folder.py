@@ -3,12 +3,18 @@
 `load_diffusers_folder(adapter, run_profile, device)` opens the folder with
 `DiffusionPipeline.from_pretrained(path, local_files_only=True)` (nothing is downloaded), checks
 that its transformer is the adapter's class and that the run profile's size is one the pipeline
-samples unchanged, and returns a `LoadedModel` whose `run` returns the denoised latents.
+samples unchanged, and returns a `LoadedModel` whose `run` returns the denoised latents. A
+pipeline of several experts (Wan2.2's `transformer` and `transformer_2`, switched at the
+pipeline's `boundary_ratio`) hands over every transformer and which one runs each step.
 `folder_identity(folder)` names the weights of a folder cheaply, for resume checks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
+import inspect
 from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
@@ -17,7 +23,13 @@ import torch
 
 from compact_search.errors import ConfigError, UserInputError
 from compact_search.geometry import Grid
-from compact_search.models.plugin import TORCH_DTYPES, Adapter, LoadedModel, ModelSettings
+from compact_search.models.plugin import (
+    TORCH_DTYPES,
+    Adapter,
+    LoadedModel,
+    ModelSettings,
+    pipeline_experts,
+)
 
 
 def _patch_sizes(config) -> tuple[int, int, int]:
@@ -84,12 +96,14 @@ def load_diffusers_folder(
     pipe = DiffusionPipeline.from_pretrained(
         str(path), torch_dtype=TORCH_DTYPES[settings.dtype], local_files_only=True
     ).to(device)
-    transformer = pipe.transformer
-    if not adapter.serves(transformer):
-        raise UserInputError(
-            f"{path} holds a {type(transformer).__name__}; the profile names adapter "
-            f"{settings.adapter!r}"
-        )
+    experts = pipeline_experts(pipe)
+    transformers = tuple(getattr(pipe, name) for name in experts)
+    for name, transformer in zip(experts, transformers, strict=True):
+        if not adapter.serves(transformer):
+            raise UserInputError(
+                f"{path} holds a {type(transformer).__name__} as {name}; the profile names "
+                f"adapter {settings.adapter!r}"
+            )
     grid = pipeline_grid(pipe, settings)
 
     def run(
@@ -105,21 +119,105 @@ def load_diffusers_folder(
                 on_step(step + 1)
             return callback_kwargs
 
+        takes = call_parameters(pipe)
+        options = {}
+        if "callback_on_step_end" in takes:
+            options["callback_on_step_end"] = after_step
+        if "guidance_scale" in takes:
+            options["guidance_scale"] = guidance_scale
         if on_step is not None:
             on_step(0)
-        return pipe(
-            prompt=list(prompts),
-            height=settings.height,
-            width=settings.width,
-            num_frames=settings.frames,
-            num_inference_steps=num_steps,
-            guidance_scale=guidance_scale,
-            generator=torch.Generator(device=device).manual_seed(seed),
-            output_type="latent",
-            callback_on_step_end=after_step,
-        ).frames
+        with (
+            _guided(pipe, guidance_scale, "guidance_scale" not in takes),
+            _scheduler_steps(pipe, on_step, "callback_on_step_end" not in takes),
+        ):
+            return pipe(
+                prompt=list(prompts),
+                height=settings.height,
+                width=settings.width,
+                num_frames=settings.frames,
+                num_inference_steps=num_steps,
+                generator=torch.Generator(device=device).manual_seed(seed),
+                output_type="latent",
+                **options,
+            ).frames
 
-    return LoadedModel(adapter, pipe, (transformer,), grid, run, "latent")
+    step_experts = None
+    if len(transformers) > 1:
+        step_experts = functools.partial(boundary_experts, pipe, len(transformers))
+    return LoadedModel(
+        adapter,
+        pipe,
+        transformers,
+        grid,
+        run,
+        "latent",
+        experts=experts,
+        step_experts=step_experts,
+    )
+
+
+def call_parameters(pipe) -> set[str]:
+    """The keyword arguments the pipeline's `__call__` takes."""
+    return set(inspect.signature(type(pipe).__call__).parameters)
+
+
+@contextlib.contextmanager
+def _guided(pipe, guidance_scale: float, needed: bool):
+    """A pipeline without a `guidance_scale` argument (HunyuanVideo 1.5) takes its guidance
+    from its `guider`: one with the profile's scale for the call, the original after."""
+    guider = getattr(pipe, "guider", None)
+    if not needed or guider is None:
+        yield
+        return
+    pipe.guider = guider.new(guidance_scale=guidance_scale)
+    try:
+        yield
+    finally:
+        pipe.guider = guider
+
+
+@contextlib.contextmanager
+def _scheduler_steps(pipe, on_step: Callable[[int], None] | None, needed: bool):
+    """A pipeline without a step callback (HunyuanVideo 1.5): `on_step(i + 1)` after the
+    scheduler's i-th `step` of the call (each denoising step ends with one)."""
+    if not needed or on_step is None:
+        yield
+        return
+    scheduler = pipe.scheduler
+    original, own = scheduler.step, scheduler.__dict__.get("step")
+    done = [0]
+
+    def step(*args, **kwargs):
+        result = original(*args, **kwargs)
+        done[0] += 1
+        on_step(done[0])
+        return result
+
+    scheduler.step = step
+    try:
+        yield
+    finally:
+        if own is None:
+            del scheduler.step  # the class's method again
+        else:
+            scheduler.step = own
+
+
+def boundary_experts(pipe, count: int, num_steps: int) -> tuple[int, ...]:
+    """Which of a two-expert pipeline's transformers runs each step, as diffusers' Wan2.2
+    pipelines decide it: `transformer` (0) at timesteps >= boundary_ratio x the scheduler's
+    training timesteps, `transformer_2` (1) below."""
+    ratio = getattr(pipe.config, "boundary_ratio", None)
+    if count != 2 or ratio is None:
+        raise UserInputError(
+            f"{type(pipe).__name__} holds {count} transformers; compact-search knows which one "
+            "runs a step only for two experts switched at the pipeline's boundary_ratio"
+        )
+    scheduler = copy.deepcopy(pipe.scheduler)  # the pipeline's own stays untouched
+    scheduler.set_timesteps(num_steps, device="cpu")
+    boundary = ratio * scheduler.config.num_train_timesteps
+    return tuple(0 if float(t) >= boundary else 1 for t in scheduler.timesteps)
 
 
 def folder_identity(folder: str | Path) -> bytes:

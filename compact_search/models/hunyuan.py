@@ -76,6 +76,15 @@ class HunyuanJointAttnProcessor(NoContextParallel):
             value = torch.cat([value, text_v.transpose(1, 2)], dim=2)
         return query, key, value
 
+    def valid_lengths(self, attention_mask, batch: int, total: int) -> list[int]:
+        """Real tokens of every sample (a prefix of the [video + text] sequence)."""
+        return _valid_lengths(attention_mask, batch, total)
+
+    def padded_rows(self, query, key, value) -> torch.Tensor:
+        """[B, H, P, D]: what the model computes for padded text queries (q [B, H, P, D]) over
+        the real keys and values: HunyuanVideo masks keys only, so they attend densely."""
+        return F.scaled_dot_product_attention(query, key, value)
+
     def _attend(self, query, key, value, lengths: list[int]) -> torch.Tensor:
         """[B, H, S, D]: attention_fn over the real tokens; padded text queries attend densely."""
         total = query.shape[2]
@@ -94,7 +103,7 @@ class HunyuanJointAttnProcessor(NoContextParallel):
         )  # [B, H, real, D]
         if real == total:
             return out
-        padded_rows = F.scaled_dot_product_attention(
+        padded_rows = self.padded_rows(
             query[:, :, real:], key[:, :, :real], value[:, :, :real]
         )  # [B, H, total - real, D]
         return torch.cat([out, padded_rows.to(out.dtype)], dim=2)
@@ -114,7 +123,7 @@ class HunyuanJointAttnProcessor(NoContextParallel):
             attn, hidden_states, encoder_hidden_states, image_rotary_emb
         )
         batch, _, total, _ = query.shape
-        out = self._attend(query, key, value, _valid_lengths(attention_mask, batch, total))
+        out = self._attend(query, key, value, self.valid_lengths(attention_mask, batch, total))
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)  # [B, S, H*D]
         video_out, text_out = out[:, :-text_len], out[:, -text_len:]
         if getattr(attn, "to_out", None) is not None:

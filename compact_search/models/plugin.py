@@ -18,10 +18,13 @@ samples one output per prompt, all from one seed, and returns what the pipeline 
 (`output`: "video", [B, C, F, H, W] in [0, 1], or "latent", the denoised latents); `on_step(i)`
 runs before the transformer calls of step i and `on_step(num_steps)` after the last. An
 exception raised in `on_step` stops sampling there. `transformers` holds every transformer the
-pipeline runs (one today; a two-expert pipeline holds two) and `install(attention_fn)` routes all
-of them. Optional extras: `score_fidelity(videos, prompts)` (does each video show what its prompt
-says; None where it cannot judge those prompts) and `heldout_prompts(count, seed)` (prompts the
-model never saw in training).
+pipeline runs and `install(attention_fn)` routes all of them. A pipeline of several experts
+(Wan2.2: `transformer` for the high-noise steps, `transformer_2` for the low-noise ones) names
+them in `experts` (the pipeline attributes, in the order of `transformers`) and says in
+`step_experts(num_steps)` which of them runs each step of a `num_steps`-step run. Optional
+extras: `score_fidelity(videos, prompts)` (does each video show what its prompt says; None where
+it cannot judge those prompts) and `heldout_prompts(count, seed)` (prompts the model never saw
+in training).
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ import torch
 
 from compact_search.geometry import Grid
 from compact_search.models.wan import AttentionFn, AttentionHandle
+
+# The pipeline attribute of a diffusers pipeline's (first) transformer.
+MAIN_TRANSFORMER = "transformer"
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OUTPUTS = ("video", "latent")
@@ -127,18 +133,42 @@ class LoadedModel:
     output: str  # "video" | "latent"
     score_fidelity: Callable[[torch.Tensor, list[str]], FidelityReport | None] | None = None
     heldout_prompts: Callable[[int, int], list[str]] | None = None
+    # The pipeline attribute of each transformer; empty: transformer, transformer_2, ...
+    experts: tuple[str, ...] = ()
+    # num_steps -> for every step the index into `transformers` of the one that runs it; None:
+    # not known (one transformer, or a model that routes steps itself)
+    step_experts: Callable[[int], tuple[int, ...]] | None = None
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
         if not self.transformers:
             raise ValueError("a LoadedModel needs at least one transformer")
+        if self.experts and len(self.experts) != len(self.transformers):
+            raise ValueError(f"{len(self.experts)} expert names for {len(self.transformers)}")
         shapes = {self._shape(t) for t in self.transformers}
         if len(shapes) != 1:
             raise ValueError(f"the transformers' attention differs (layers, heads, dim): {shapes}")
 
     def _shape(self, transformer) -> tuple[int, int, int]:
         return (self.adapter.num_layers(transformer), *self.adapter.attention_shape(transformer))
+
+    @property
+    def expert_names(self) -> tuple[str, ...]:
+        """The pipeline attribute of each transformer."""
+        if self.experts:
+            return self.experts
+        return tuple(
+            MAIN_TRANSFORMER if i == 0 else f"{MAIN_TRANSFORMER}_{i + 1}"
+            for i in range(len(self.transformers))
+        )
+
+    def expert_of_steps(self, num_steps: int) -> tuple[str, ...] | None:
+        """The expert (pipeline attribute) that runs each step of a `num_steps`-step run; None
+        where the model does not say (`step_experts`)."""
+        if self.step_experts is None:
+            return None
+        return tuple(self.expert_names[i] for i in self.step_experts(num_steps))
 
     @property
     def num_layers(self) -> int:
@@ -164,3 +194,18 @@ class LoadedModel:
             combined.revert()
             raise
         return combined
+
+
+def pipeline_experts(pipeline) -> tuple[str, ...]:
+    """The attributes of a pipeline's transformers (`transformer`, then `transformer_2`, ...):
+    what a several-expert pipeline such as Wan2.2's runs; a bare transformer has none."""
+    components = getattr(pipeline, "components", None)
+    if not isinstance(components, dict):
+        return ()
+    names = [
+        name
+        for name, value in components.items()
+        if value is not None
+        and (name == MAIN_TRANSFORMER or name.removeprefix(MAIN_TRANSFORMER + "_").isdigit())
+    ]
+    return tuple(sorted(names, key=lambda n: (n != MAIN_TRANSFORMER, len(n), n)))

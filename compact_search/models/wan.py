@@ -64,7 +64,7 @@ class WanSelfAttnProcessor(UlyssesProcessor):
     ) -> torch.Tensor:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("WanSelfAttnProcessor serves self-attention without a mask only")
-        if attn.fused_projections:
+        if getattr(attn, "fused_projections", False):
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
             query, key, value = (

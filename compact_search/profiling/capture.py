@@ -16,6 +16,12 @@ Flow for one process (rank r of w; a plain run is rank 0 of 1):
 4. Rank 0 waits until every unit covers every prompt, merges the parts and writes profile.json
    with the metadata and the fingerprint (run profile + weights + content).
 
+A pipeline of several experts (Wan2.2) runs each step on one of its transformers: the recorder is
+installed into all of them, every captured step is recorded from the expert that runs it (a
+forward pre-hook checks that it is the one the model's `step_experts` names), and profile.json
+lists the expert of every step (`step_experts`), so that the search can take each expert's steps
+apart (`Capture.expert_view`).
+
 With classifier-free guidance the tile mass of a step is the average over every transformer call
 of that step (conditional and unconditional, batched or not): one pattern serves both.
 
@@ -75,6 +81,7 @@ class TileMassRecorder:
         self.tiles = tiles
         self.prefix_at = prefix_at
         self.layers: frozenset[int] = frozenset()
+        self.step: int | None = None  # the denoising step the next calls belong to
         self.prefix_tokens = 0
         self._sums: dict[int, dict[TileShape, torch.Tensor]] = {}
         self._weights: dict[int, int] = {}
@@ -163,7 +170,11 @@ def _versions() -> dict[str, str]:
 
 
 def _metadata(settings: RunProfile, model_info: dict, layers: list[int], fingerprint: str) -> dict:
+    experts = (
+        {} if model_info["step_experts"] is None else {"step_experts": model_info["step_experts"]}
+    )
     return {
+        **experts,
         "format": CAPTURE_FORMAT,
         "version": CAPTURE_VERSION,
         "name": settings.name,
@@ -242,10 +253,11 @@ def run_profile(
     todo_units = sum(len(ls) for per_step in missing.values() for ls in per_step.values())
 
     recorder = TileMassRecorder(model.grid, settings.tiles, model.adapter.prefix_at)
+    step_experts = model.expert_of_steps(settings.num_steps)
     captured = 0
     with _progress(progress, settings.name) as bar:
         task = bar.add_task("capturing", total=todo_units)
-        with torch.no_grad(), model.install(recorder):
+        with torch.no_grad(), model.install(recorder), _expert_check(model, recorder, step_experts):
             for prompt in mine:
                 if not missing[prompt]:
                     continue
@@ -259,6 +271,7 @@ def run_profile(
                     settings, model, store, recorder, rank, prompt, missing[prompt], unit_written
                 )
     model_info = {
+        "step_experts": None if step_experts is None else list(step_experts),
         "grid": list(model.grid.as_tuple()),
         "prefix_tokens": recorder.prefix_tokens,
         "prefix_at": model.adapter.prefix_at,
@@ -308,7 +321,7 @@ def _capture_prompt(
         flush()
         if step > last:
             raise _SamplingDone
-        state["step"] = step
+        state["step"] = recorder.step = step
         recorder.start_step(missing.get(step, frozenset()))
 
     with contextlib.suppress(_SamplingDone):
@@ -320,6 +333,34 @@ def _capture_prompt(
             on_step=on_step,
         )
     return state["written"]
+
+
+@contextlib.contextmanager
+def _expert_check(
+    model: LoadedModel, recorder: TileMassRecorder, step_experts: tuple[str, ...] | None
+):
+    """While sampling: fail in one line when a step runs on another expert than `step_experts`
+    names (its tile mass would be filed under the wrong expert); None checks nothing."""
+    hooks = []
+
+    def before(name: str):
+        def hook(_module, _args) -> None:
+            step = recorder.step
+            if step is not None and step < len(step_experts) and step_experts[step] != name:
+                raise UserInputError(
+                    f"step {step} ran on {name}, but the model says {step_experts[step]} runs it"
+                )
+
+        return hook
+
+    if step_experts is not None:
+        for name, transformer in zip(model.expert_names, model.transformers, strict=True):
+            hooks.append(transformer.register_forward_pre_hook(before(name)))
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _wait_for_ranks(store: CaptureStore, steps, layers, num_prompts: int, world: int) -> None:

@@ -4,12 +4,17 @@ profile` writes). `load_profile` is the same function under its stable name (DES
 Tile masses come back as fp32 with every row renormalised to sum to 1 (storage is fp16). Samples
 are (step, prompt) pairs for a "per-prompt" store and (step, mean over prompts) for a
 "prompt-mean" store; `sample_index` says which.
+
+A capture of a pipeline of several experts (Wan2.2) names the expert of every denoising step
+(`step_experts`); `expert_view(name)` is the same capture restricted to the captured steps that
+expert runs, under a fingerprint of its own, which is what the search and the gate read for it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -57,6 +62,39 @@ class Capture:
     store: str
     fingerprint: str
     metadata: dict = field(repr=False)
+    step_experts: list[str] | None = None  # the expert of every denoising step; None: one
+    expert: str | None = None  # a view of one expert's steps (`expert_view`)
+
+    # --- experts -----------------------------------------------------------------------------
+
+    @property
+    def experts(self) -> list[str]:
+        """The transformers (pipeline attributes) whose steps the capture holds, in step order;
+        empty for a one-transformer model."""
+        if self.step_experts is None:
+            return []
+        return list(dict.fromkeys(self.step_experts))
+
+    def expert_steps(self, name: str) -> list[int]:
+        """Every denoising step (captured or not) that expert `name` runs."""
+        return [step for step, expert in enumerate(self.step_experts or []) if expert == name]
+
+    def expert_view(self, name: str) -> Capture:
+        """The capture restricted to the captured steps expert `name` runs."""
+        if name not in self.experts:
+            raise UserInputError(
+                f"{self.path}: no expert {name!r} in this profile; it holds "
+                f"{', '.join(self.experts) or 'one transformer'}"
+            )
+        runs = self.expert_steps(name)
+        steps = [s for s in self.steps if s in runs]
+        if not steps:
+            raise UserInputError(
+                f"{self.path}: {name} runs steps {runs[0]}..{runs[-1]} and none of them was "
+                f"captured (capture.steps {self.steps}): add one of its steps to capture.steps"
+            )
+        digest = hashlib.sha256(f"{self.fingerprint}:{name}".encode()).hexdigest()[:32]
+        return replace(self, steps=steps, fingerprint=digest, expert=name)
 
     # --- geometry ----------------------------------------------------------------------------
 
@@ -205,9 +243,17 @@ def load_capture(path: str | Path) -> Capture:
             store=str(meta["store"]),
             fingerprint=str(meta["fingerprint"]),
             metadata=meta,
+            step_experts=(
+                None if meta.get("step_experts") is None else [str(e) for e in meta["step_experts"]]
+            ),
         )
     except (TypeError, ValueError) as exc:
         raise UserInputError(f"{root / 'profile.json'}: bad field ({exc})") from None
+    if capture.step_experts is not None and len(capture.step_experts) != capture.num_steps:
+        raise UserInputError(
+            f"{root / 'profile.json'}: step_experts names {len(capture.step_experts)} steps, "
+            f"num_steps is {capture.num_steps}"
+        )
     # Every unit must be present and whole (headers are cheap to read; data loads lazily).
     everyone = tuple(range(len(capture.prompts)))
     store = CaptureStore(root)

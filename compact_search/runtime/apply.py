@@ -19,6 +19,11 @@ into the config's tile slot layout. Compiled code reads only `handle.bucket` (a 
 None) and tensors: at most one graph per step bucket plus dense, whatever the number of layers.
 
 `handle.revert()` restores the original processors, the scheduler and the model.
+
+A pipeline of several experts (Wan2.2's `transformer` and `transformer_2`) gets the runtime
+installed into every expert the config has patterns for, one single-transformer install each
+(`ExpertsHandle`, which reverts them all). Experts the config has no patterns for are refused in
+one line, or left dense with `dense_experts=True` (the handle's notes say which).
 """
 
 from __future__ import annotations
@@ -63,9 +68,9 @@ def installer_for(adapter: str) -> Installer:
     return ADAPTERS[adapter].install
 
 
-def find_transformer(obj):
-    """The transformer of a pipeline, or obj itself when it is one."""
-    return getattr(obj, "transformer", obj)
+def find_transformer(obj, name: str = "transformer"):
+    """The transformer `name` of a pipeline (default its first), or obj itself when it is one."""
+    return getattr(obj, name, obj)
 
 
 def head_shape(transformer) -> tuple[int, int]:
@@ -519,6 +524,39 @@ def _watch_processor_api(transformer, handle: CompactHandle) -> Callable[[], Non
     return undo
 
 
+@dataclass
+class ExpertsHandle:
+    """What `apply` returns for a pipeline of several experts: one CompactHandle per expert with
+    patterns (`handles`, by pipeline attribute), reverted together by `revert()`."""
+
+    config: CompactConfig
+    handles: dict[str, CompactHandle]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def calls(self) -> dict[str, int]:
+        """Eager attention calls of all experts, dense and sparse."""
+        return {
+            kind: sum(h.calls[kind] for h in self.handles.values()) for kind in ("dense", "sparse")
+        }
+
+    def set_step(self, step: int, num_steps: int | None = None) -> None:
+        """`CompactHandle.set_step` on every expert (the one whose step it is runs)."""
+        for handle in self.handles.values():
+            handle.set_step(step, num_steps)
+
+    def revert(self) -> None:
+        # Last installed first: each scheduler wrapper restores the one it wrapped.
+        for handle in reversed(list(self.handles.values())):
+            handle.revert()
+
+    def __enter__(self) -> ExpertsHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.revert()
+
+
 def apply(
     pipeline_or_transformer,
     config: CompactConfig,
@@ -526,7 +564,8 @@ def apply(
     backend: str = "auto",
     rescale: bool = False,
     grid: Grid | tuple[int, int, int] | None = None,
-) -> CompactHandle:
+    dense_experts: bool = False,
+) -> CompactHandle | ExpertsHandle:
     """Make a pipeline (or a bare transformer) run self-attention with `config`'s patterns.
 
     Args:
@@ -537,9 +576,12 @@ def apply(
             instead of failing (the handle's `notes` say what that does to recall).
         grid: the model's token grid when the object does not expose `.grid` (checked now);
             otherwise a mismatch surfaces at the first call as one clear error.
+        dense_experts: on a pipeline of several experts, leave the experts the config has no
+            patterns for dense (noted in the handle's `notes` and warned) instead of refusing.
 
     Returns:
-        A CompactHandle; `handle.revert()` restores the original attention exactly.
+        A CompactHandle (an ExpertsHandle for a pipeline of several experts, or a config with
+        `experts`); `handle.revert()` restores the original attention exactly.
 
     One handle per model: `apply` on a model whose earlier handle is still active is refused
     (UserInputError) rather than stacked. Stacking would make the second config run and leave
@@ -550,7 +592,66 @@ def apply(
     layers (`handle.bypassed_layers()` lists them; `handle.install_attention()` routes them
     back), and `revert()` keeps them.
     """
-    transformer = find_transformer(pipeline_or_transformer)
+    from compact_search.models.plugin import pipeline_experts
+
+    experts = pipeline_experts(pipeline_or_transformer)
+    if len(experts) < 2 and not config.experts:
+        return apply_transformer(
+            pipeline_or_transformer, config, backend=backend, rescale=rescale, grid=grid
+        )
+    configs = config.expert_configs()
+    missing = [name for name in configs if name not in experts]
+    if missing:
+        raise UserInputError(
+            f"the config holds patterns for {', '.join(missing)}, which this "
+            f"{type(pipeline_or_transformer).__name__} does not have (its transformers: "
+            f"{', '.join(experts) or 'none'}); one expert's patterns on a bare transformer: "
+            "apply(transformer, config.expert_configs()[name])"
+        )
+    notes = []
+    dense = [name for name in experts if name not in configs]
+    if dense:
+        line = (
+            f"compact-search: the config holds patterns for {', '.join(configs)} only; "
+            f"{', '.join(dense)} stays dense"
+        )
+        if not dense_experts:
+            raise UserInputError(
+                f"{line}: export a config of every expert (profile the pipeline folder), or "
+                "apply(..., dense_experts=True) to run it so"
+            )
+        warnings.warn(line, stacklevel=2)
+        notes.append(line)
+    handles: dict[str, CompactHandle] = {}
+    try:
+        for name, expert_config in configs.items():
+            handles[name] = apply_transformer(
+                pipeline_or_transformer,
+                expert_config,
+                backend=backend,
+                rescale=rescale,
+                grid=grid,
+                transformer_name=name,
+            )
+    except Exception:
+        ExpertsHandle(config, handles).revert()
+        raise
+    notes += [note for handle in handles.values() for note in handle.notes]
+    return ExpertsHandle(config, handles, notes)
+
+
+def apply_transformer(
+    pipeline_or_transformer,
+    config: CompactConfig,
+    *,
+    backend: str = "auto",
+    rescale: bool = False,
+    grid: Grid | tuple[int, int, int] | None = None,
+    transformer_name: str = "transformer",
+) -> CompactHandle:
+    """`apply` for one transformer: the pipeline's `transformer_name` (or the bare
+    transformer given), with `config`'s patterns and no experts."""
+    transformer = find_transformer(pipeline_or_transformer, transformer_name)
     model = config.model
     install = installer_for(model.adapter)
     heads, head_dim = head_shape(transformer)

@@ -1,4 +1,11 @@
-"""`compact-search optimize` as one library call: study, final solve, budget, result, report."""
+"""`compact-search optimize` as one library call: study, final solve, budget, result, report.
+
+A profile of several experts (Wan2.2) is searched one expert at a time, each on the captured
+steps it runs (`Capture.expert_view`), with its own tile shape, frame groups, warm-up and step
+buckets (no more buckets than it has captured steps): the first expert's result goes to
+RUN_DIR, every other expert's to RUN_DIR/expert-<name>, and the first's `study["experts"]` names
+those folders for `export`.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from compact_search.errors import UserInputError
 from compact_search.geometry import Grid
 from compact_search.search.budget import BudgetTarget, allocate
 from compact_search.search.result import BucketBounds, FrontEntry, HeadResult, SearchResult
@@ -33,16 +41,49 @@ def optimize_profile(
     from compact_search.search.report import write_report
 
     run_dir = Path(run_dir)
+    try:
+        source = open_source(profile)
+    except UserInputError:
+        source = None  # run_study says what is wrong with it, after checking the storage
+    experts = list(getattr(source, "experts", None) or [])
+    if len(experts) > 1 and getattr(source, "expert", None) is None:
+        options = {"storage": storage, "target": target, "on_trial": on_trial}
+        views = {name: source.expert_view(name) for name in experts}
+        results = {
+            name: optimize_profile(
+                view,
+                run_dir if name == experts[0] else run_dir / expert_run_name(name),
+                # No more step buckets than the expert has captured steps.
+                replace(config, num_buckets=min(config.num_buckets, len(view.steps))),
+                heartbeat=heartbeat,
+                **options,
+            )
+            for name, view in views.items()
+        }
+        first = results[experts[0]]
+        first = replace(
+            first, study={**first.study, "experts": {n: expert_run_name(n) for n in experts[1:]}}
+        )
+        first.save(run_dir)
+        return first
+    # An expert's view is handed to the workers as it is; a profile folder they open themselves.
+    searched = source if getattr(source, "expert", None) is not None else profile
     outcome = run_study(
-        profile, config, run_dir, storage=storage, on_trial=on_trial, heartbeat=heartbeat
+        searched, config, run_dir, storage=storage, on_trial=on_trial, heartbeat=heartbeat
     )
-    source = open_source(profile)
-    result = assemble(source, config, outcome, storage)
+    result = assemble(open_source(searched), config, outcome, storage)
+    if getattr(source, "expert", None) is not None:
+        result = replace(result, study={**result.study, "expert": source.expert})
     if target is not None:
         result = apply_budget(result, target)
     result.save(run_dir)
     write_report(result, run_dir, source)  # the gallery draws the tile mass the search read
     return result
+
+
+def expert_run_name(expert: str) -> str:
+    """The folder, inside the run folder, of the search of an expert other than the first."""
+    return f"expert-{expert}"
 
 
 def assemble(

@@ -502,6 +502,11 @@ def join_study(
             "only a server's heartbeats let workers take over a dead worker's trial"
         )
     src = open_source(source)
+    if len(getattr(src, "experts", None) or []) > 1 and getattr(src, "expert", None) is None:
+        raise UserInputError(
+            "--join is not supported for a profile of several experts yet: each expert is a "
+            "study of its own; run optimize without --join"
+        )
     tiles = config.tiles or tuple(src.tiles)
     study = open_study(src, config, where, join=True)
     target = int(study.user_attrs.get(TARGET_ATTR, config.n_trials))
