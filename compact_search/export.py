@@ -26,8 +26,9 @@ from compact_search.config import (
 )
 from compact_search.errors import UserInputError
 from compact_search.geometry import Grid, TileShape
-from compact_search.io import atomic_write_bytes
+from compact_search.io import atomic_write_bytes, written_together
 from compact_search.patterns import HeadPattern, density
+from compact_search.search.run import waste_warnings
 
 FLEX_SUFFIX = ".flex.safetensors"
 
@@ -41,6 +42,7 @@ class ExportResult:
     below_threshold: list[tuple[int, int, int, float]]  # (bucket, layer, head, recall)
     mean_density: float
     mean_cost: float
+    warnings: tuple[str, ...] = ()  # a wasteful block size, a cost above dense
 
 
 def _pattern_for(head_result, recall: float | None) -> HeadPattern:
@@ -93,12 +95,16 @@ def build_config(result, profile, *, recall: float | None = None) -> CompactConf
                 )
             )
         heads.append(tuple(layers))
-    model = ModelSpec(result.model, adapter, result.num_layers, result.num_heads, profile.head_dim)
+    # The model's name is the run profile's ("wan2.1-t2v-1.3b"), not a folder path of one
+    # machine; the path stays in the provenance.
+    name = getattr(profile, "metadata", {}).get("name") or result.model
+    model = ModelSpec(name, adapter, result.num_layers, result.num_heads, profile.head_dim)
     provenance = default_provenance(
         recall_threshold=overall,
         recall_measure="min over samples" if not result.mean_over_samples else "mean over samples",
         profile_fingerprint=result.fingerprint,
         search_objective=result.objective,
+        model_source=result.model,
     )
     return CompactConfig(model, geometry, schedule, tuple(heads), provenance)
 
@@ -200,17 +206,23 @@ def export_run(
     if output_format not in ("json", "flex"):
         raise UserInputError(f"--format must be json or flex, got {output_format!r}")
     result = load_search_result(run_dir)
-    profile_path = profile if profile is not None else result.study.get("profile")
+    recorded = result.study.get("profile")  # `optimize` records the capture it searched
+    profile_path = profile if profile is not None else recorded
     if profile_path is None:
         sibling = Path(run_dir).parent / "profile"  # the runs/<name>/{profile,run} convention
         if not (sibling / "profile.json").exists():
             raise UserInputError(f"{run_dir}: no profile recorded in the run; pass --profile")
         profile_path = sibling
+    if profile is None and recorded is not None and not Path(recorded).exists():
+        raise UserInputError(
+            f"{run_dir}: the profile the run searched, {recorded}, is gone; pass --profile"
+        )
     prof = load_profile(profile_path)
     if prof.fingerprint != result.fingerprint:
+        changed = "has changed since the run searched it" if profile is None else "is not the one"
         raise UserInputError(
-            f"profile {profile_path} (fingerprint {prof.fingerprint}) is not the one the run "
-            f"searched ({result.fingerprint})"
+            f"profile {profile_path} (fingerprint {prof.fingerprint}) {changed} "
+            f"(the run searched {result.fingerprint}); optimize again or pass --profile"
         )
     config, below = measure(build_config(result, prof, recall=recall), result, prof)
     if below and not allow_below:
@@ -222,13 +234,18 @@ def export_run(
             f"(--allow-below writes the config anyway)"
         )
     out = Path(out)
-    save_config(config, out)
     sidecar = None
-    if output_format == "flex":
-        sidecar = write_flex_masks(
-            config, out.with_name(out.name.removesuffix(".json") + FLEX_SUFFIX)
-        )
+    # The config and its FlexAttention masks are committed together: both are written in full
+    # before either replaces an older file, so a full disk never pairs a new one with an old one.
+    flex_path = out.with_name(out.name.removesuffix(".json") + FLEX_SUFFIX)
+    with written_together():
+        save_config(config, out)
+        if output_format == "flex":
+            sidecar = write_flex_masks(config, flex_path)
+    if output_format == "json":
+        flex_path.unlink(missing_ok=True)  # an older export's masks would disagree with it
     summary = config.summary()
+    warnings = waste_warnings(result, cost=summary["mean_cost"])
     return ExportResult(
         config,
         out,
@@ -237,4 +254,5 @@ def export_run(
         below,
         summary["mean_density"],
         summary["mean_cost"],
+        tuple(warnings),
     )

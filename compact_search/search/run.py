@@ -9,7 +9,13 @@ import numpy as np
 
 from compact_search.geometry import Grid
 from compact_search.search.budget import BudgetTarget, allocate
-from compact_search.search.result import BucketBounds, FrontEntry, HeadResult, SearchResult
+from compact_search.search.result import (
+    RESULT_FILE,
+    BucketBounds,
+    FrontEntry,
+    HeadResult,
+    SearchResult,
+)
 from compact_search.search.shards import TileMassSource, open_source, profiled_layers
 from compact_search.search.storage import DEFAULT_HEARTBEAT
 from compact_search.search.study import SearchConfig, StudyOutcome, run_study
@@ -24,6 +30,7 @@ def optimize_profile(
     target: BudgetTarget | None = None,
     on_trial=None,
     heartbeat: int = DEFAULT_HEARTBEAT,
+    on_stage=None,
 ) -> SearchResult:
     """Search the profile, write RUN_DIR/search.json and the report files, return the result.
 
@@ -34,14 +41,29 @@ def optimize_profile(
 
     run_dir = Path(run_dir)
     outcome = run_study(
-        profile, config, run_dir, storage=storage, on_trial=on_trial, heartbeat=heartbeat
+        profile,
+        config,
+        run_dir,
+        storage=storage,
+        on_trial=on_trial,
+        heartbeat=heartbeat,
+        on_stage=on_stage,
     )
     source = open_source(profile)
     result = assemble(source, config, outcome, storage)
+    if isinstance(profile, str | Path):
+        # `export RUN` finds the capture here; the run's fingerprint says whether it changed.
+        result = replace(result, study={**result.study, "profile": str(Path(profile).resolve())})
     if target is not None:
         result = apply_budget(result, target)
-    result.save(run_dir)
+    # search.json (what `export` reads) is written last and the old one goes first, so a full
+    # disk or an interruption never leaves a result beside another result's report: a folder
+    # without search.json is an unfinished run, which the same command completes.
+    (run_dir / RESULT_FILE).unlink(missing_ok=True)
+    if on_stage is not None:
+        on_stage(f"report: {run_dir}")
     write_report(result, run_dir)
+    result.save(run_dir)
     return result
 
 
@@ -143,3 +165,39 @@ def apply_budget(result: SearchResult, target: BudgetTarget) -> SearchResult:
     heads = [replace(h, kind=h.pattern.kind(tile_grid)) for h in heads]
     budgeted = replace(result, heads=tuple(heads), budget=summary)
     return replace(budgeted, objective=model_cost(budgeted))
+
+
+# Padding share of the computed slots above which a block size is called wasteful.
+WASTEFUL_PADDING = 0.5
+
+
+def waste_warnings(result: SearchResult, cost: float | None = None) -> list[str]:
+    """Lines for a result whose block size wastes the kernel's work: most computed slots are
+    padding (tiles much smaller than blocks), or the attention costs more than dense (`cost`,
+    dense = 1; default the search's objective)."""
+    from compact_search.geometry import TileLayout
+
+    def layout(block_size: int) -> TileLayout:
+        return TileLayout(result.grid, result.tile, block_size, result.prefix_tokens)
+
+    chosen = layout(result.block_size)
+    candidates = [16, 32, 64, 128]
+    better = [b for b in candidates if layout(b).padding_waste < WASTEFUL_PADDING]
+    hint = (
+        f"; try --block-size {max(better)}" if better and max(better) != result.block_size else ""
+    )
+    tile = "x".join(map(str, result.tile))
+    lines = []
+    if chosen.padding_waste >= WASTEFUL_PADDING:
+        lines.append(
+            f"{chosen.padding_waste:.0%} of the kernel's slots are padding: tile {tile} "
+            f"({chosen.tile.volume} tokens) padded to blocks of {result.block_size} "
+            f"(--block-size){hint}"
+        )
+    cost = result.objective if cost is None else cost
+    if cost > 1.0:
+        lines.append(
+            f"the config costs {cost:.2f}x dense attention (padding included): "
+            f"dense would be cheaper at --block-size {result.block_size}{hint}"
+        )
+    return lines
