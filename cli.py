@@ -806,6 +806,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(3)
     finally:
         _restore_sigterm(previous_sigterm)
+    if code == 130:  # typer turns a KeyboardInterrupt inside a command into exit code 130
+        err_console.print(INTERRUPTED, highlight=False, soft_wrap=True)
     sys.exit(code if isinstance(code, int) else 0)
 
 

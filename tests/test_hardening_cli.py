@@ -334,10 +334,12 @@ def test_interrupted_optimize_stops_its_workers_and_loses_no_trial(workspace, tm
     assert_group_gone(process.pid)
     resumed = run_cli(*args, "--trials", "40")
     assert resumed.returncode == 0, resumed.stderr
-    finished = re.search(r"resuming study \S+: (\d+) of 40 trials finished", resumed.stdout)
+    finished = re.search(r"resuming study\s+\S+: (\d+) of 40 trials\s+finished", resumed.stdout)
     assert finished and int(finished.group(1)) >= 40, resumed.stdout
-    assert "0 to run" in resumed.stdout
+    assert "trials: 0 to run" in resumed.stdout
     assert "Traceback" not in resumed.stdout + resumed.stderr
+    # the summary table fits the 80 columns it was given: no header cut short
+    assert "…" not in resumed.stdout and "greedy" in resumed.stdout
 
 
 # --- warnings where a result is wasteful ------------------------------------------------------
