@@ -271,7 +271,7 @@ def export(
         f"mean density {result.mean_density:.4f}, mean cost {result.mean_cost:.4f}"
     )
     for line in result.warnings:
-        err_console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False)
+        err_console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -345,9 +345,10 @@ def check(
 
 
 def _missed_bound(reason: str) -> str:
-    """'recall 0.81 < 0.90; recall 0.81 < baseline 0.85' -> '0.90, base 0.85'."""
+    """'recall 0.81 < 0.9000; recall 0.81 < baseline 0.85' -> '0.9, base' (the baseline's
+    value has its own column)."""
     bounds = [part.split(" < ", 1)[-1] for part in reason.split("; ")]
-    return ", ".join(b.replace("baseline ", "base ") for b in bounds)
+    return ", ".join("base" if b.startswith("baseline") else f"{float(b):g}" for b in bounds)
 
 
 def render_check(report, heads: bool = True) -> None:
@@ -602,7 +603,7 @@ def optimize(
         return
     console.print(summary_table(result))
     for line in waste_warnings(result):
-        err_console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False)
+        err_console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
     console.print(
         f"search written to [bold]{out / 'search.json'}[/]; report: heads.csv, heads.md, "
         "pareto.png, kinds.png"
