@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from compact_search.geometry import Grid
+from compact_search.io import ensure_folder
 from compact_search.search.budget import BudgetTarget, allocate
 from compact_search.search.result import (
     RESULT_FILE,
@@ -59,6 +60,7 @@ def optimize_profile(
     # search.json (what `export` reads) is written last and the old one goes first, so a full
     # disk or an interruption never leaves a result beside another result's report: a folder
     # without search.json is an unfinished run, which the same command completes.
+    ensure_folder(run_dir)
     (run_dir / RESULT_FILE).unlink(missing_ok=True)
     if on_stage is not None:
         on_stage(f"report: {run_dir}")
