@@ -320,6 +320,14 @@ def test_interrupted_profile_says_one_line_and_resumes(workspace, tmp_path):
     assert load_profile(out).fingerprint == load_profile(workspace / "profile").fingerprint
 
 
+def test_interrupted_demo_says_one_line(tmp_path):
+    process = cli_process("demo", "--out", tmp_path / "demo", "--trials", "2", "--prompts", "1")
+    stdout, stderr = interrupt_at(process, "layer-steps to capture", signal.SIGTERM)
+    assert "1/6 profile" in stdout
+    assert_interrupted(process, stdout, stderr)
+    assert_group_gone(process.pid)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_optimize_stops_its_workers_and_loses_no_trial(workspace, tmp_path, sig):
     run_dir = tmp_path / "run"
