@@ -29,6 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 import optuna
 
 from compact_search.errors import UserInputError
+from compact_search.io import ensure_folder
 
 # A live worker records a heartbeat this often (seconds); a running trial whose heartbeat is
 # older than GRACE_FACTOR intervals belongs to a dead worker and is retried by the others.
@@ -93,14 +94,14 @@ def resolve_storage(
     database server, connected here so that a wrong password or an unreachable server fails at
     once, in one line."""
     if storage is None:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_folder(run_dir)
         url = f"sqlite:///{(run_dir / 'study.db').resolve()}"
         return StudyStorage(url, url, shared=False)
     if storage.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         path = Path(storage.removeprefix("journal:"))
-        path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_folder(path.parent)
         return StudyStorage(JournalStorage(JournalFileBackend(str(path))), storage, shared=False)
     if "://" not in storage:
         raise UserInputError(
