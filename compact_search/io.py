@@ -63,7 +63,8 @@ def describe_os_error(exc: OSError, path: str | os.PathLike | None = None, size:
             folder = folder.parent
         free = shutil.disk_usage(folder).free
         need = f"; writing it needs {_size(size)}" if size else ""
-        return f"cannot write {where}: no space left on device ({_size(free)} free{need})"
+        reason = exc.strerror or "No space left on device"
+        return f"cannot write {where}: {reason} ({_size(free)} free{need})"
     if exc.errno == errno.ENOTDIR:
         blocker = file_in_the_way(where)
         if blocker is not None:
