@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
+import threading
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -80,6 +82,8 @@ def profile(
     table.add_row(
         "layer-steps", f"{result.captured_units} captured, {result.skipped_units} resumed"
     )
+    if result.repaired:
+        table.add_row("recomputed", f"{len(result.repaired)} damaged units")
     table.add_row("time", f"{result.seconds:.1f} s")
     table.add_row("fingerprint", meta["fingerprint"])
     console.print(table)
@@ -266,6 +270,8 @@ def export(
         f"recall threshold {result.recall}: {len(result.below_threshold)} heads below it; "
         f"mean density {result.mean_density:.4f}, mean cost {result.mean_cost:.4f}"
     )
+    for line in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -338,39 +344,40 @@ def check(
     raise typer.Exit(0 if report.passed else 1)
 
 
+def _missed_bound(reason: str) -> str:
+    """'recall 0.81 < 0.9000; recall 0.81 < baseline 0.85' -> '0.9, base' (the baseline's
+    value has its own column)."""
+    bounds = [part.split(" < ", 1)[-1] for part in reason.split("; ")]
+    return ", ".join("base" if b.startswith("baseline") else f"{float(b):g}" for b in bounds)
+
+
 def render_check(report, heads: bool = True) -> None:
+    from rich import box
     from rich.table import Table
 
     failed = report.failed_heads
     if heads and failed:
-        table = Table(title=f"{len(failed)} failing heads")
-        for column in (
-            "bucket",
-            "layer",
-            "head",
-            "pattern",
-            "density",
-            "recall mean",
-            "recall min",
-            "worst tile",
-            "baseline",
-            "reason",
-        ):
-            table.add_column(column)
+        # Fits 80 columns: the head as one "b0 l12 h3" cell, the reason as the bound it missed
+        # (the JSON and JUnit reports keep the full sentences).
+        table = Table(title=f"{len(failed)} failing heads", box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in ("head", "pattern", "density", "mean", "min", "tile", "base", "below"):
+            table.add_column(column, justify="left" if column in ("head", "pattern") else "right")
         for h in failed:
             base = "-" if h.baseline_recall is None else f"{h.baseline_recall:.4f}"
             table.add_row(
-                str(h.bucket) if h.expert == "transformer" else f"{h.expert} {h.bucket}",
-                str(h.layer),
-                str(h.head),
+                (f"{h.expert} " if h.expert != "transformer" else "")
+                + f"b{h.bucket} l{h.layer} h{h.head}",
                 h.kind,
                 f"{h.density:.3f}",
                 f"{h.recall_mean:.4f}",
                 f"{h.recall_min:.4f}",
                 f"{h.recall_worst_tile:.4f}",
                 base,
-                h.reason,
+                _missed_bound(h.reason),
             )
+        console.print(
+            "recall over samples: mean, min; worst query tile; baseline; the bound it is below"
+        )
         console.print(table)
     for name, expert in {"": report, **report.experts}.items():
         where = f"{name} " if name else ""
@@ -528,6 +535,7 @@ def optimize(
 
     from compact_search.search import BudgetTarget, SearchConfig, join_study, optimize_profile
     from compact_search.search.report import summary_table
+    from compact_search.search.run import waste_warnings
     from compact_search.search.study import AUTO
 
     if join and storage is None:
@@ -561,12 +569,23 @@ def optimize(
         max_options=max_options,
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with Progress(console=console, transient=True) as progress:
+    # On a terminal a live bar; elsewhere (a log, CI) a plain line per stage and every tenth
+    # of the trials.
+    plain = not console.is_terminal
+    with Progress(console=console, transient=True, disable=plain) as progress:
         task = progress.add_task("trials", total=trials)
+        reported = {"done": -1}
 
         def on_trial(study, trial) -> None:
-            done = sum(t.state.is_finished() for t in study.trials)
-            progress.update(task, completed=min(done, trials))
+            done = min(sum(t.state.is_finished() for t in study.trials), trials)
+            progress.update(task, completed=done)
+            step = max(1, trials // 10)
+            if plain and done != reported["done"] and (done % step == 0 or done == trials):
+                reported["done"] = done
+                console.print(f"optimize: {done} of {trials} trials finished", highlight=False)
+
+        def on_stage(line: str) -> None:
+            console.print(f"optimize: {line}", highlight=False)
 
         if join:
             joined = join_study(
@@ -581,6 +600,7 @@ def optimize(
                 target=target,
                 on_trial=on_trial,
                 heartbeat=heartbeat,
+                on_stage=on_stage if plain else _resume_notice,
             )
     if join:
         console.print(
@@ -590,12 +610,20 @@ def optimize(
         )
         return
     console.print(summary_table(result))
+    for line in waste_warnings(result):
+        err_console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
     console.print(
         f"search written to [bold]{out / 'search.json'}[/]; report: heads.csv, heads.md, "
         "pareto.png, kinds.png"
     )
     for expert, folder in result.study.get("experts", {}).items():
         console.print(f"{expert}: searched on its own steps, written to [bold]{out / folder}[/]")
+
+
+def _resume_notice(line: str) -> None:
+    """On a terminal the bar shows the stages; only a resumed study is said in words."""
+    if line.startswith("resuming"):
+        console.print(f"optimize: {line}", highlight=False)
 
 
 @app.command("train-tiny")
@@ -755,19 +783,22 @@ def main(argv: list[str] | None = None) -> None:
     130 interrupted, 3 internal error (one line; `--debug` shows the traceback).
     """
     _state["debug"] = False
+    # SIGTERM (a scheduler, `kill`) ends a command like Ctrl-C does: one line, exit 130.
+    previous_sigterm = _catch_sigterm()
     try:
         code = app(args=argv, standalone_mode=False)
     except (UserInputError, OSError) as exc:
         if _state["debug"]:
             raise
+        from compact_search.io import describe_os_error
+
+        message = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
         # escape: messages may hold brackets (paths, "pip install 'pkg[extra]'") that rich would
         # otherwise read as markup and drop.
-        err_console.print(
-            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
-        )
+        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
-        err_console.print("interrupted")
+        err_console.print(INTERRUPTED, highlight=False, soft_wrap=True)
         sys.exit(130)
     except TyperException as exc:  # usage errors: missing or malformed options
         if not hasattr(exc, "show"):
@@ -784,7 +815,31 @@ def main(argv: list[str] | None = None) -> None:
             soft_wrap=True,
         )
         sys.exit(3)
+    finally:
+        _restore_sigterm(previous_sigterm)
+    if code == 130:  # typer turns a KeyboardInterrupt inside a command into exit code 130
+        err_console.print(INTERRUPTED, highlight=False, soft_wrap=True)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+INTERRUPTED = "interrupted; rerun the same command to resume"
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _catch_sigterm():
+    """Turn SIGTERM into KeyboardInterrupt while a command runs; -> the handler it replaced
+    (None off the main thread, where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

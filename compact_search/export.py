@@ -30,8 +30,9 @@ from compact_search.config import (
 )
 from compact_search.errors import UserInputError
 from compact_search.geometry import Grid, TileShape
-from compact_search.io import atomic_write_bytes
+from compact_search.io import atomic_write_bytes, written_together
 from compact_search.patterns import HeadPattern, density
+from compact_search.search.run import waste_warnings
 
 FLEX_SUFFIX = ".flex.safetensors"
 
@@ -45,6 +46,7 @@ class ExportResult:
     below_threshold: list[tuple[int, int, int, float]]  # (bucket, layer, head, recall)
     mean_density: float
     mean_cost: float
+    warnings: tuple[str, ...] = ()  # a wasteful block size, a cost above dense
 
 
 def _pattern_for(head_result, recall: float | None) -> HeadPattern:
@@ -97,12 +99,16 @@ def build_config(result, profile, *, recall: float | None = None) -> CompactConf
                 )
             )
         heads.append(tuple(layers))
-    model = ModelSpec(result.model, adapter, result.num_layers, result.num_heads, profile.head_dim)
+    # The model's name is the run profile's ("wan2.1-t2v-1.3b"), not a folder path of one
+    # machine; the path stays in the provenance.
+    name = getattr(profile, "metadata", {}).get("name") or result.model
+    model = ModelSpec(name, adapter, result.num_layers, result.num_heads, profile.head_dim)
     provenance = default_provenance(
         recall_threshold=overall,
         recall_measure="min over samples" if not result.mean_over_samples else "mean over samples",
         profile_fingerprint=result.fingerprint,
         search_objective=result.objective,
+        model_source=result.model,
     )
     return CompactConfig(model, geometry, schedule, tuple(heads), provenance)
 
@@ -208,21 +214,29 @@ def export_run(
         name: load_search_result(Path(run_dir) / folder)
         for name, folder in result.study.get("experts", {}).items()
     }
-    profile_path = profile if profile is not None else result.study.get("profile")
+    recorded = result.study.get("profile")  # `optimize` records the capture it searched
+    profile_path = profile if profile is not None else recorded
     if profile_path is None:
         sibling = Path(run_dir).parent / "profile"  # the runs/<name>/{profile,run} convention
         if not (sibling / "profile.json").exists():
             raise UserInputError(f"{run_dir}: no profile recorded in the run; pass --profile")
         profile_path = sibling
+    if profile is None and recorded is not None and not Path(recorded).exists():
+        raise UserInputError(
+            f"{run_dir}: the profile the run searched, {recorded}, is gone; pass --profile"
+        )
     capture = load_profile(profile_path)
     measured = {}
     below = []
     for name, searched in {result.study.get("expert"): result, **expert_runs}.items():
         prof = capture if name is None else capture.expert_view(name)
         if prof.fingerprint != searched.fingerprint:
+            changed = "is not the one"
+            if profile is None:
+                changed = "has changed since the run searched it"
             raise UserInputError(
-                f"profile {profile_path} (fingerprint {prof.fingerprint}) is not the one the run "
-                f"searched ({searched.fingerprint})"
+                f"profile {profile_path} (fingerprint {prof.fingerprint}) {changed} "
+                f"(the run searched {searched.fingerprint}); optimize again or pass --profile"
             )
         measured[name], expert_below = measure(
             build_config(searched, prof, recall=recall), searched, prof
@@ -246,13 +260,18 @@ def export_run(
             f"(--allow-below writes the config anyway)"
         )
     out = Path(out)
-    save_config(config, out)
     sidecar = None
-    if output_format == "flex":
-        sidecar = write_flex_masks(
-            config, out.with_name(out.name.removesuffix(".json") + FLEX_SUFFIX)
-        )
+    # The config and its FlexAttention masks are committed together: both are written in full
+    # before either replaces an older file, so a full disk never pairs a new one with an old one.
+    flex_path = out.with_name(out.name.removesuffix(".json") + FLEX_SUFFIX)
+    with written_together():
+        save_config(config, out)
+        if output_format == "flex":
+            sidecar = write_flex_masks(config, flex_path)
+    if output_format == "json":
+        flex_path.unlink(missing_ok=True)  # an older export's masks would disagree with it
     summary = config.summary()
+    warnings = waste_warnings(result, cost=summary["mean_cost"])
     return ExportResult(
         config,
         out,
@@ -261,4 +280,5 @@ def export_run(
         [entry[1:] for entry in below],
         summary["mean_density"],
         summary["mean_cost"],
+        tuple(warnings),
     )

@@ -20,6 +20,7 @@ import tempfile
 import textwrap
 import time
 import urllib.request
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
@@ -117,12 +118,14 @@ CONFIG = dict(num_buckets=1, dense_steps=0, workers=1, max_options=200)
 
 WORKER = textwrap.dedent(
     """
-    import sys, time
+    import os, sys, time
     import compact_search.search.study as study
     from compact_search.search import SearchConfig, join_study, optimize_profile
     from compact_search.search.synthetic import SyntheticProfile
 
-    role, storage, run_dir, trials, seed, pause = sys.argv[1:7]
+    role, storage, run_dir, trials, seed, pause, go = sys.argv[1:8]
+    while go != "-" and not os.path.exists(go):  # hold back until the test says go
+        time.sleep(0.02)
     profile = SyntheticProfile(**{profile})
     config = SearchConfig(n_trials=int(trials), seed=int(seed), **{config})
     if float(pause):  # slow every trial down, so that a test can kill this worker inside one
@@ -142,11 +145,13 @@ WORKER = textwrap.dedent(
 ).format(profile=repr(PROFILE), config=repr(CONFIG))
 
 
-def start_worker(tmp_path, role, storage, trials, seed, pause=0.0) -> subprocess.Popen:
+def start_worker(tmp_path, role, storage, trials, seed, pause=0.0, go=None) -> subprocess.Popen:
+    """A worker process; with `go` (a path) it imports everything, then waits for that file."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    args = [role, storage, str(tmp_path / f"run-{role}"), str(trials), str(seed), str(pause)]
+    args = [role, storage, str(tmp_path / f"run-{role}"), str(trials), str(seed), str(pause),
+            str(go) if go is not None else "-"]  # fmt: skip
     return subprocess.Popen(
         [sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE, text=True
     )
@@ -231,8 +236,11 @@ def test_parallel_result_is_at_least_as_cheap_as_one_process(shared_run, tmp_pat
 
 def test_a_killed_worker_loses_no_finished_trial_and_the_other_completes(postgres, tmp_path):
     name = create_study(postgres, trials=10, seed=5)
+    go = tmp_path / "go"
     joiner = start_worker(tmp_path, "join", postgres, 10, 5, pause=1.0)
-    starter = start_worker(tmp_path, "start", postgres, 10, 5, pause=0.05)
+    # The starter imports meanwhile but runs no trial before the joiner is inside its second
+    # one: however loaded the machine, the starter cannot finish the study first.
+    starter = start_worker(tmp_path, "start", postgres, 10, 5, pause=0.05, go=go)
     victim = f"{socket.gethostname()}:{joiner.pid}"
     study = optuna.load_study(study_name=name, storage=resolve_storage(postgres, tmp_path).storage)
 
@@ -242,10 +250,14 @@ def test_a_killed_worker_loses_no_finished_trial_and_the_other_completes(postgre
 
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and joiner.poll() is None:
-        if victims(COMPLETE) and victims(optuna.trial.TrialState.RUNNING):
-            joiner.send_signal(signal.SIGKILL)  # a second inside its trial: still running
+        running = victims(optuna.trial.TrialState.RUNNING)
+        # a trial started under half a second ago still has over half a second of its pause
+        fresh = [t for t in running if datetime.now() - t.datetime_start < timedelta(seconds=0.5)]
+        if victims(COMPLETE) and fresh:
+            joiner.send_signal(signal.SIGKILL)
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
+    go.touch()
     joiner.wait()
     assert joiner.returncode == -signal.SIGKILL, "the joining worker ended before the kill"
     killed = victims(optuna.trial.TrialState.RUNNING)

@@ -135,6 +135,7 @@ class CaptureResult:
     skipped_units: int
     seconds: float
     metadata: dict | None
+    repaired: tuple[Path, ...] = ()  # damaged units found on resume, deleted and recomputed
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -228,18 +229,23 @@ def run_profile(
     settings_fingerprint = hashlib.sha256(
         f"{settings.fingerprint()}:{source_identity(settings.source)}".encode()
     ).hexdigest()
-    if store.is_complete() and not restart:
-        store.begin(settings.to_json(), settings_fingerprint)
-        metadata = _read_metadata(store)
-        return CaptureResult(store.root, True, True, 0, 0, 0.0, metadata)
-    resumed = store.begin(settings.to_json(), settings_fingerprint, restart=restart)
+    repaired: list[Path] = []
+    if not restart and store.check_resumable(settings_fingerprint):
+        if rank == 0:  # a truncated unit (a full disk, a cut copy) is computed again
+            repaired = store.drop_damaged_units()
+        if store.is_complete():
+            metadata = _read_metadata(store)
+            return CaptureResult(store.root, True, True, 0, 0, 0.0, metadata)
 
+    # The model refuses sizes it cannot sample before anything is written: a refused run leaves
+    # no settings.json that would refuse the corrected rerun.
     model = load_model(settings, _resolve_device(device))
     layers = list(settings.capture_layers or range(model.num_layers))
     if layers[-1] >= model.num_layers:
         raise UserInputError(
             f"capture.layers names layer {layers[-1]}; the model has {model.num_layers}"
         )
+    resumed = store.begin(settings.to_json(), settings_fingerprint, restart=restart)
     steps = list(settings.capture_steps)
     mine = [p for p in range(len(settings.prompts)) if p % world == rank]
     covered = store.covered(steps, layers)
@@ -254,6 +260,8 @@ def run_profile(
 
     recorder = TileMassRecorder(model.grid, settings.tiles, model.adapter.prefix_at)
     step_experts = model.expert_of_steps(settings.num_steps)
+    if hasattr(model.pipeline, "set_progress_bar_config"):
+        model.pipeline.set_progress_bar_config(disable=True)  # one progress display: ours
     captured = 0
     with _progress(progress, settings.name) as bar:
         task = bar.add_task("capturing", total=todo_units)
@@ -281,7 +289,7 @@ def run_profile(
     }
     if rank != 0:
         return CaptureResult(store.root, False, resumed, captured, total_units - todo_units,
-                             time.perf_counter() - started, None)  # fmt: skip
+                             time.perf_counter() - started, None, tuple(repaired))  # fmt: skip
     _wait_for_ranks(store, steps, layers, len(settings.prompts), world)
     store.merge(steps, layers, len(settings.prompts), settings.store)
     model_info["prefix_tokens"] = _merged_prefix_tokens(store, steps, layers)
@@ -289,7 +297,7 @@ def run_profile(
     metadata = _metadata(settings, model_info, layers, fingerprint)
     store.write_metadata(metadata)
     return CaptureResult(store.root, True, resumed, captured, total_units - todo_units,
-                         time.perf_counter() - started, metadata)  # fmt: skip
+                         time.perf_counter() - started, metadata, tuple(repaired))  # fmt: skip
 
 
 def _capture_prompt(
@@ -414,9 +422,32 @@ class _NoProgress:
         return None
 
 
+class _PlainProgress(_NoProgress):
+    """Without a terminal (a log file, CI): a plain line every tenth of the work."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.total = self.done = 0
+
+    def add_task(self, description: str, total: int = 0, **kwargs) -> int:
+        self.total = total
+        print(f"profile {self.name}: {total} layer-steps to capture", flush=True)
+        return 0
+
+    def advance(self, *args) -> None:
+        self.done += 1
+        every = max(1, self.total // 10)
+        if self.done % every == 0 or self.done == self.total:
+            print(f"profile {self.name}: {self.done} of {self.total} layer-steps", flush=True)
+
+
 def _progress(enabled: bool, name: str):
     if not enabled:
         return _NoProgress()
+    import sys
+
+    if not sys.stdout.isatty():
+        return _PlainProgress(name)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     return Progress(

@@ -32,6 +32,7 @@ The built-in sources (`builtin:NAME`) are whatever the adapter registry says
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -49,6 +50,16 @@ except ImportError:  # Python 3.10
 
 DTYPES = tuple(TORCH_DTYPES)
 STORE_MODES = ("per-prompt", "prompt-mean")
+
+# Every key a run profile may hold, per section ("" is the top level). A key outside it is an
+# error: a misspelled optional key would otherwise run with its default without a word.
+SCHEMA: dict[str, tuple[str, ...]] = {
+    "": ("name", "model", "sampling", "capture"),
+    "model": ("source", "adapter", "dtype"),
+    "sampling": ("height", "width", "frames", "steps", "guidance", "prompts", "prompts_file",
+                 "seeds"),
+    "capture": ("steps", "layers", "tiles", "store"),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -144,6 +155,25 @@ class RunProfile:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def check_schema(data: dict, source: str) -> None:
+    """Refuse any key or section the schema does not know, naming the closest valid one."""
+    for section, allowed in SCHEMA.items():
+        table = data if not section else data.get(section, {})
+        if not isinstance(table, dict):
+            continue  # _table reports a section that is not a table
+        for key in table:
+            if key in allowed:
+                continue
+            field = f"{section}.{key}" if section else key
+            near = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+            if not near:  # a key put into the wrong section, e.g. `frames` under [capture]
+                owner = [s for s, keys in SCHEMA.items() if s and s != section and key in keys]
+                near = [f"{owner[0]}.{key}"] if owner else []
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            what = "section" if isinstance(table[key], dict) else "key"
+            raise ConfigError(source, field, f"unknown {what}{hint} (docs/profile.md lists them)")
+
+
 def _table(data: dict, key: str, source: str) -> dict:
     value = data.get(key, {})
     if not isinstance(value, dict):
@@ -226,6 +256,7 @@ def load_run_profile(path: str | Path) -> RunProfile:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "toml", str(exc)) from None
+    check_schema(data, source)
     model = _table(data, "model", source)
     sampling = _table(data, "sampling", source)
     capture = _table(data, "capture", source)

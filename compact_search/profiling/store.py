@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from compact_search.errors import UserInputError
 from compact_search.geometry import TileShape
-from compact_search.io import atomic_write_text
+from compact_search.io import atomic_write_bytes, atomic_write_text, ensure_folder
 
 UNIT_PATTERN = re.compile(r"^s(\d+)-l(\d+)\.safetensors$")
 STORAGE_DTYPE = torch.float16
@@ -111,17 +110,26 @@ def _first_line(exc: BaseException) -> str:
 
 
 def write_unit(path: Path, unit: Unit) -> None:
-    """Atomic write: temporary file in the same directory, flushed, then renamed over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Atomic write: temporary file in the same directory, flushed, then renamed over `path`.
+    A full disk raises one UserInputError line naming the unit and the space it needs."""
+    ensure_folder(path.parent)
     tensors = {
         tile_key(tile): t.to("cpu", STORAGE_DTYPE).contiguous() for tile, t in unit.masses.items()
     }
     metadata = {"prompts": json.dumps(list(unit.prompts)), "prefix_tokens": str(unit.prefix_tokens)}
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(temporary), metadata=metadata)
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def unit_is_whole(path: Path) -> bool:
+    """Whether a unit file's header opens and covers the whole file (a truncated or damaged
+    unit fails here; safetensors checks the data offsets against the file size)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        json.loads(metadata["prompts"])
+    except (SafetensorError, OSError, KeyError, ValueError):
+        return False
+    return True
 
 
 def add_prompt(existing: Unit | None, prompt: int, masses: dict, store: str, prefix: int) -> Unit:
@@ -198,6 +206,22 @@ class CaptureStore:
     def is_complete(self) -> bool:
         return self.metadata_path.is_file()
 
+    def check_resumable(self, fingerprint: str) -> bool:
+        """Read-only: True when the folder holds a run of these settings, False when it holds
+        none; other settings are refused (the numbers would mix two experiments)."""
+        if not self.settings_path.is_file():
+            return False
+        try:
+            recorded = json.loads(self.settings_path.read_text())["fingerprint"]
+        except (ValueError, KeyError):
+            raise UserInputError(f"{self.settings_path}: corrupt settings file") from None
+        if recorded != fingerprint:
+            raise UserInputError(
+                f"{self.root} holds a profile with other settings or model weights; "
+                "pass --restart to discard it or choose another --out"
+            )
+        return True
+
     def begin(self, settings_json: dict, fingerprint: str, *, restart: bool = False) -> bool:
         """Create or reopen the directory. Returns True when resuming an earlier run.
 
@@ -205,18 +229,9 @@ class CaptureStore:
         """
         if restart and self.root.exists():
             self._clear()
-        if self.settings_path.is_file():
-            try:
-                recorded = json.loads(self.settings_path.read_text())["fingerprint"]
-            except (ValueError, KeyError):
-                raise UserInputError(f"{self.settings_path}: corrupt settings file") from None
-            if recorded != fingerprint:
-                raise UserInputError(
-                    f"{self.root} holds a profile with other settings or model weights; "
-                    "pass --restart to discard it or choose another --out"
-                )
+        if self.check_resumable(fingerprint):
             return True
-        self.root.mkdir(parents=True, exist_ok=True)
+        ensure_folder(self.root)
         payload = {"fingerprint": fingerprint, "settings": settings_json}
         # Under torchrun every rank may get here at once: each writes its own temporary file
         # (the same content) and renames it into place.
@@ -229,6 +244,22 @@ class CaptureStore:
                 path.rmdir()
             else:
                 path.unlink()
+
+    def drop_damaged_units(self) -> list[Path]:
+        """Delete every unit file that is not whole (truncated by a full disk or a cut copy),
+        so that a resumed run computes it again; a damaged merged unit also reopens a finished
+        capture (profile.json goes). -> the deleted files."""
+        damaged = []
+        for directory in [*self.part_dirs(), self.merged_dir]:
+            if not directory.is_dir():
+                continue
+            for path in sorted(directory.iterdir()):
+                if UNIT_PATTERN.match(path.name) and not unit_is_whole(path):
+                    path.unlink()
+                    damaged.append(path)
+        if any(path.parent == self.merged_dir for path in damaged):
+            self.metadata_path.unlink(missing_ok=True)
+        return damaged
 
     def covered(self, steps, layers) -> dict[tuple[int, int], set[int]]:
         """Prompts already on disk for every (step, layer), over all parts and merged units."""
@@ -257,7 +288,7 @@ class CaptureStore:
     def merge(self, steps, layers, num_prompts: int, store: str) -> None:
         """Parts -> merged units; each merged unit is written before its parts are removed, so a
         merge killed half way resumes too."""
-        self.merged_dir.mkdir(parents=True, exist_ok=True)
+        ensure_folder(self.merged_dir)
         for step in steps:
             for layer in layers:
                 name = unit_name(step, layer)

@@ -16,8 +16,15 @@ import numpy as np
 
 from compact_search.errors import UserInputError
 from compact_search.geometry import Grid
+from compact_search.io import ensure_folder
 from compact_search.search.budget import BudgetTarget, allocate
-from compact_search.search.result import BucketBounds, FrontEntry, HeadResult, SearchResult
+from compact_search.search.result import (
+    RESULT_FILE,
+    BucketBounds,
+    FrontEntry,
+    HeadResult,
+    SearchResult,
+)
 from compact_search.search.shards import TileMassSource, open_source, profiled_layers
 from compact_search.search.storage import DEFAULT_HEARTBEAT
 from compact_search.search.study import SearchConfig, StudyOutcome, run_study
@@ -32,6 +39,7 @@ def optimize_profile(
     target: BudgetTarget | None = None,
     on_trial=None,
     heartbeat: int = DEFAULT_HEARTBEAT,
+    on_stage=None,
 ) -> SearchResult:
     """Search the profile, write RUN_DIR/search.json and the report files, return the result.
 
@@ -47,7 +55,7 @@ def optimize_profile(
         source = None  # run_study says what is wrong with it, after checking the storage
     experts = list(getattr(source, "experts", None) or [])
     if len(experts) > 1 and getattr(source, "expert", None) is None:
-        options = {"storage": storage, "target": target, "on_trial": on_trial}
+        options = {"storage": storage, "target": target, "on_trial": on_trial, "on_stage": on_stage}
         views = {name: source.expert_view(name) for name in experts}
         results = {
             name: optimize_profile(
@@ -61,23 +69,41 @@ def optimize_profile(
             for name, view in views.items()
         }
         first = results[experts[0]]
-        first = replace(
-            first, study={**first.study, "experts": {n: expert_run_name(n) for n in experts[1:]}}
-        )
+        study = {**first.study, "experts": {n: expert_run_name(n) for n in experts[1:]}}
+        if isinstance(profile, str | Path):
+            study["profile"] = str(Path(profile).resolve())  # what `export RUN` reads
+        first = replace(first, study=study)
         first.save(run_dir)
         return first
     # An expert's view is handed to the workers as it is; a profile folder they open themselves.
     searched = source if getattr(source, "expert", None) is not None else profile
     outcome = run_study(
-        searched, config, run_dir, storage=storage, on_trial=on_trial, heartbeat=heartbeat
+        searched,
+        config,
+        run_dir,
+        storage=storage,
+        on_trial=on_trial,
+        heartbeat=heartbeat,
+        on_stage=on_stage,
     )
-    result = assemble(open_source(searched), config, outcome, storage)
+    source = open_source(searched)
+    result = assemble(source, config, outcome, storage)
     if getattr(source, "expert", None) is not None:
         result = replace(result, study={**result.study, "expert": source.expert})
+    if isinstance(profile, str | Path):
+        # `export RUN` finds the capture here; the run's fingerprint says whether it changed.
+        result = replace(result, study={**result.study, "profile": str(Path(profile).resolve())})
     if target is not None:
         result = apply_budget(result, target)
-    result.save(run_dir)
+    # search.json (what `export` reads) is written last and the old one goes first, so a full
+    # disk or an interruption never leaves a result beside another result's report: a folder
+    # without search.json is an unfinished run, which the same command completes.
+    ensure_folder(run_dir)
+    (run_dir / RESULT_FILE).unlink(missing_ok=True)
+    if on_stage is not None:
+        on_stage(f"report: {run_dir}")
     write_report(result, run_dir, source)  # the gallery draws the tile mass the search read
+    result.save(run_dir)
     return result
 
 
@@ -184,3 +210,39 @@ def apply_budget(result: SearchResult, target: BudgetTarget) -> SearchResult:
     heads = [replace(h, kind=h.pattern.kind(tile_grid)) for h in heads]
     budgeted = replace(result, heads=tuple(heads), budget=summary)
     return replace(budgeted, objective=model_cost(budgeted))
+
+
+# Padding share of the computed slots above which a block size is called wasteful.
+WASTEFUL_PADDING = 0.5
+
+
+def waste_warnings(result: SearchResult, cost: float | None = None) -> list[str]:
+    """Lines for a result whose block size wastes the kernel's work: most computed slots are
+    padding (tiles much smaller than blocks), or the attention costs more than dense (`cost`,
+    dense = 1; default the search's objective)."""
+    from compact_search.geometry import TileLayout
+
+    def layout(block_size: int) -> TileLayout:
+        return TileLayout(result.grid, result.tile, block_size, result.prefix_tokens)
+
+    chosen = layout(result.block_size)
+    candidates = [16, 32, 64, 128]
+    better = [b for b in candidates if layout(b).padding_waste < WASTEFUL_PADDING]
+    hint = (
+        f"; try --block-size {max(better)}" if better and max(better) != result.block_size else ""
+    )
+    tile = "x".join(map(str, result.tile))
+    lines = []
+    if chosen.padding_waste >= WASTEFUL_PADDING:
+        lines.append(
+            f"{chosen.padding_waste:.0%} of the kernel's slots are padding: tile {tile} "
+            f"({chosen.tile.volume} tokens) padded to blocks of {result.block_size} "
+            f"(--block-size){hint}"
+        )
+    cost = result.objective if cost is None else cost
+    if cost > 1.0:
+        lines.append(
+            f"the config costs {cost:.2f}x dense attention (padding included): "
+            f"dense would be cheaper at --block-size {result.block_size}{hint}"
+        )
+    return lines

@@ -8,7 +8,10 @@ boundaries: per-head costs for a trial, head solutions for the final pass.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import signal
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -183,7 +186,10 @@ def _serve(connection, source, tiles, layers, block_size, max_options) -> None:
         return
     connection.send(("ready", None))
     while True:
-        message = connection.recv()
+        try:
+            message = connection.recv()
+        except EOFError:  # the parent is gone (killed): nothing left to answer
+            return
         if message is None:
             return
         method, args = message
@@ -225,7 +231,8 @@ class LayerShards:
                 args=(child, source, self.tiles, layers, block_size, max_options),
                 daemon=True,
             )
-            process.start()
+            with _children_ignore_sigint():
+                process.start()
             self._pipes.append(parent)
             self._processes.append(process)
         for pipe in self._pipes:
@@ -268,5 +275,28 @@ class LayerShards:
     def __enter__(self) -> LayerShards:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # Interrupted or failed: the workers may be busy with a request nobody will read.
+        for process in self._processes:
+            process.terminate()
+        for process in self._processes:
+            process.join(timeout=10)
+        self._pipes, self._processes = [], []
+
+
+@contextlib.contextmanager
+def _children_ignore_sigint():
+    """Start worker processes with SIGINT ignored (an ignored signal survives exec, and Python
+    then installs no KeyboardInterrupt handler): Ctrl-C reaches the whole process group, and
+    the parent alone reports it and stops the workers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -17,6 +17,7 @@ that count exact.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -28,6 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 import optuna
 
 from compact_search.errors import UserInputError
+from compact_search.io import ensure_folder
 
 # A live worker records a heartbeat this often (seconds); a running trial whose heartbeat is
 # older than GRACE_FACTOR intervals belongs to a dead worker and is retried by the others.
@@ -92,14 +94,14 @@ def resolve_storage(
     database server, connected here so that a wrong password or an unreachable server fails at
     once, in one line."""
     if storage is None:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_folder(run_dir)
         url = f"sqlite:///{(run_dir / 'study.db').resolve()}"
         return StudyStorage(url, url, shared=False)
     if storage.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         path = Path(storage.removeprefix("journal:"))
-        path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_folder(path.parent)
         return StudyStorage(JournalStorage(JournalFileBackend(str(path))), storage, shared=False)
     if "://" not in storage:
         raise UserInputError(
@@ -176,26 +178,37 @@ def run_trials(
     """
     me = worker_name()
     ran: list[int] = []
+    optuna_logger = logging.getLogger("optuna")
+    level = optuna_logger.level
 
     def mine(trial: optuna.Trial) -> float:
         if shared:
             claim_or_prune(trial, target)
         trial.set_user_attr("worker", me)
         ran.append(trial.number)
-        return objective(trial)
+        try:
+            return objective(trial)
+        except KeyboardInterrupt:
+            # Optuna marks the trial failed, logs it with a traceback and re-raises: the trial
+            # is unfinished (a rerun runs it again), so only the CLI's one line is said.
+            optuna_logger.setLevel(max(optuna_logger.level, logging.ERROR))
+            raise
 
-    while True:
-        if shared:
-            fail_stale(study)
-        trials = study.get_trials(deepcopy=False)
-        states = [t.state for t in trials]
-        if states.count(optuna.trial.TrialState.COMPLETE) >= target:
-            return ran
-        if shared:
-            live = sum(s in LIVE for s in states)
-            if live >= target and optuna.trial.TrialState.WAITING not in states:
-                if not wait_for_others:
-                    return ran
-                time.sleep(poll_seconds)
-                continue
-        study.optimize(mine, n_trials=1, callbacks=callbacks)
+    try:
+        while True:
+            if shared:
+                fail_stale(study)
+            trials = study.get_trials(deepcopy=False)
+            states = [t.state for t in trials]
+            if states.count(optuna.trial.TrialState.COMPLETE) >= target:
+                return ran
+            if shared:
+                live = sum(s in LIVE for s in states)
+                if live >= target and optuna.trial.TrialState.WAITING not in states:
+                    if not wait_for_others:
+                        return ran
+                    time.sleep(poll_seconds)
+                    continue
+            study.optimize(mine, n_trials=1, callbacks=callbacks)
+    finally:
+        optuna_logger.setLevel(level)

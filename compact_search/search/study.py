@@ -414,12 +414,15 @@ def run_study(
     storage: str | None = None,
     on_trial=None,
     heartbeat: int = DEFAULT_HEARTBEAT,
+    on_stage=None,
 ) -> StudyOutcome:
     """Run (or resume) the study, then solve every head at the best trial with Pareto fronts.
 
     On a shared storage other workers (`join_study`) may add trials meanwhile; this worker waits
-    for their running trials and uses every finished one.
+    for their running trials and uses every finished one. `on_stage(line)` hears each stage
+    begin (and whether the study resumes), for a progress display.
     """
+    say = on_stage or (lambda line: None)
     started = time.perf_counter()
     where = resolve_storage(storage, run_dir, heartbeat)
     src = open_source(source)
@@ -428,12 +431,17 @@ def run_study(
         raise UserInputError("the profile lists no candidate tile shapes")
     study = open_study(src, config, where)
     study.set_user_attr(TARGET_ATTR, config.n_trials)
+    finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    if finished:
+        say(f"resuming study {study.study_name}: {finished} of {config.n_trials} trials finished")
     timings: dict[str, float] = {}
     max_options = config.max_options or auto_max_options(src)
+    say(f"offset tables: {len(profiled_layers(src))} layers, {len(tiles)} tile shapes")
     with LayerShards(source, tiles, config.block_size, config.workers, max_options) as shards:
         timings["tables"] = time.perf_counter() - started
         if not study.trials:
             study.enqueue_trial(warm_start_params(src, config, shards.geometries))
+        say(f"trials: {max(0, config.n_trials - finished)} to run")
         trials_started = time.perf_counter()
         callbacks = [lambda st, tr: on_trial(st, tr)] if on_trial else None
         ran = run_trials(
@@ -451,6 +459,7 @@ def run_study(
         timings["objective"] = sum(t.user_attrs.get("seconds", 0.0) for t in mine)
         final_started = time.perf_counter()
         best = best_feasible(study)
+        say(f"final solve with Pareto fronts at trial {best.number}")
         choice, _ = suggest(optuna.trial.FixedTrial(best.params), src, config, shards.geometries)
         solutions = shards.solve(
             choice.tile_index,
