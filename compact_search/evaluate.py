@@ -738,6 +738,8 @@ def run_evaluation(
             "(moved or deleted?)"
         )
     model = load_model(run_profile, device)
+    if hasattr(model.pipeline, "set_progress_bar_config"):
+        model.pipeline.set_progress_bar_config(disable=True)  # evaluate draws its own
     if options.prompts_file is not None:
         prompts = read_prompts_file(options.prompts_file)
         source = f"file {options.prompts_file}"
