@@ -428,13 +428,13 @@ def evaluate_configs(
         keys = [sample_key(**key_fields, prompts=s.prompts, seed=s.seed) for s in samples]
         found = [cache.get(k) if cache is not None else None for k in keys]
         todo = [i for i, hit in enumerate(found) if hit is None]
-        progress = on_phase(name, len(todo) * num_steps) if on_phase is not None else None
         outputs, timings = [None] * len(samples), [None] * len(samples)
         for i, hit in enumerate(found):
             if hit is not None:
                 outputs[i], timings[i] = hit[0], {**hit[1], "cached": True}
         if not todo:
             return outputs, timings
+        progress = on_phase(name, len(todo) * num_steps) if on_phase is not None else None
         timer = None if compile_backend is not None else AttentionTimer()
         handle = install(timer)
         try:
@@ -495,16 +495,21 @@ def evaluate_configs(
     dense_videos = []
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
+
+    def decode_time(start: float) -> float | None:
+        """Seconds since `start` decoding latents; None for pipelines that return videos."""
+        return None if model.output == "video" else time.perf_counter() - start
+
     prompt_index = 0
     for s, sample in enumerate(samples):
         start = time.perf_counter()
         dense = to_videos(model, dense_out[s], frames or 0)  # [b, 3, F, H, W]
-        dense_timings[s].setdefault("decode_s", time.perf_counter() - start)
+        dense_timings[s].setdefault("decode_s", decode_time(start))
         dense_videos.append(dense)
         for c, (outputs, timings, _notes) in enumerate(compact_runs):
             start = time.perf_counter()
             compact = to_videos(model, outputs[s], frames or 0)
-            timings[s].setdefault("decode_s", time.perf_counter() - start)
+            timings[s].setdefault("decode_s", decode_time(start))
             result = per_config[c]
             result["psnr"].append(psnr(compact, dense))
             result["ssim"].append(ssim(compact, dense))
