@@ -131,11 +131,10 @@ def build_pipeline(spec: dict, device: torch.device):
         vae = diffusers.AutoencoderKLWan(**spec["vae"])
     if spec["dtype"] != torch.float32:
         # What from_pretrained(torch_dtype=bf16) does: the modules Wan names stay in float32.
-        keep = transformer._keep_in_fp32_modules or []
-        for name, module in transformer.named_modules():
-            if not any(part in keep for part in name.split(".")):
-                for param in module.parameters(recurse=False):
-                    param.data = param.data.to(spec["dtype"])
+        keep = set(transformer._keep_in_fp32_modules or [])
+        for name, param in transformer.named_parameters():
+            if not keep & set(name.split(".")):
+                param.data = param.data.to(spec["dtype"])
     pipe = diffusers.WanPipeline(
         tokenizer=tokenizer,
         text_encoder=encoder.to(device, spec["dtype"]),
