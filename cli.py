@@ -240,7 +240,7 @@ def evaluate(
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     backend: Annotated[
-        str, typer.Option(help="Kernel: auto, triton-portable, triton-gluon, flex.")
+        str, typer.Option(help="Kernel, as apply's backend (auto: Triton on CUDA).")
     ] = "auto",
     rescale: Annotated[
         bool,

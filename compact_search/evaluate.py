@@ -733,9 +733,14 @@ def run_evaluation(
     from compact_search.config import load_config
     from compact_search.io import atomic_write_json
     from compact_search.models.adapters import builtin_sources, load_model, source_identity
+    from compact_search.runtime.attention import BACKENDS
 
     if options.prompt_count < 1:
         raise UserInputError(f"--prompts must be >= 1, got {options.prompt_count}")
+    if options.backend not in BACKENDS:
+        raise UserInputError(
+            f"--backend must be one of {', '.join(BACKENDS)}, got {options.backend!r}"
+        )
     configs = [load_config(path) for path in config_paths]
     if run_profile.source not in builtin_sources() and not Path(run_profile.source).is_dir():
         raise UserInputError(

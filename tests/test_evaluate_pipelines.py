@@ -207,6 +207,7 @@ def test_bad_input_is_one_line_with_exit_code_2(folder, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("# only a comment\n\n")
     assert "holds no prompt" in failure("--prompts", tmp_path / "empty.txt")
     assert "--seeds" in failure("--prompts", root / "prompts.txt", "--seeds", "1,2,3")
+    assert "--backend must be one of" in failure("--backend", "cudnn")
 
     model = load_model(load_run_profile(root / "model.toml"), torch.device("cpu"))
     other_grid = type(model.grid)(2, 4, 6)
