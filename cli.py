@@ -137,60 +137,115 @@ def demo(
     console.print(f"previews (dense | compact): [bold]{summary.out_dir / 'previews'}[/]")
 
 
-def render_evaluation(report, title: str) -> None:
+def render_evaluation(report, title: str, run=None) -> None:
+    """One column per config (`report`: one EvaluationReport, or a list), dense first."""
     from rich.table import Table
 
+    reports = report if isinstance(report, list) else [report]
+    first = reports[0]
     table = Table(title=title)
-    for column in ("", "dense", "compact"):
+    for column in ("", "dense", *(r.label for r in reports)):
         table.add_column(column, justify="right")
-    table.add_row("PSNR vs dense (dB)", "-", f"{report.mean_psnr_db:.2f}")
-    table.add_row("SSIM vs dense", "-", f"{report.mean_ssim:.4f}")
-    if report.dense_fidelity is not None:
+
+    def row(name, dense, value) -> None:
+        table.add_row(name, dense, *(value(r) for r in reports))
+
+    def fmt(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    row("PSNR vs dense (dB)", "-", lambda r: f"{r.mean_psnr_db:.2f}")
+    row("SSIM vs dense", "-", lambda r: f"{r.mean_ssim:.4f}")
+    if first.mean_lpips is not None:
+        row("LPIPS vs dense", "-", lambda r: f"{r.mean_lpips:.4f}")
+    if first.dense_fidelity is not None:
         for key in ("colour", "shape", "direction", "all_three"):
-            table.add_row(
+            row(
                 f"fidelity: {key}",
-                f"{report.dense_fidelity[key]:.3f}",
-                f"{report.compact_fidelity[key]:.3f}",
+                f"{first.dense_fidelity[key]:.3f}",
+                lambda r, key=key: f"{r.compact_fidelity[key]:.3f}",
             )
-    if report.dense_attention_s is not None:
-        table.add_row(
-            "self-attention (s)",
-            f"{report.dense_attention_s:.2f}",
-            f"{report.compact_attention_s:.2f}",
+    timing_rows = (
+        ("end to end per video (s)", "per_video_s", ".2f"),
+        ("denoising step (s)", "per_step_s", ".3f"),
+        ("text encoding (s)", "text_encode_s", ".2f"),
+        ("VAE decode (s)", "decode_s", ".2f"),
+        ("self-attention (s)", "attention_s", ".2f"),
+        ("self-attention share", "attention_share", ".2f"),
+    )
+    for name, key, spec in timing_rows:
+        if first.dense_timing.get(key) is not None:
+            row(
+                name,
+                fmt(first.dense_timing[key], spec),
+                lambda r, k=key, s=spec: fmt(r.compact_timing.get(k), s),
+            )
+    if first.dense_timing.get("peak_memory_bytes") is not None:
+        row(
+            "peak GPU memory (GiB)",
+            f"{first.dense_timing['peak_memory_bytes'] / 2**30:.1f}",
+            lambda r: fmt((r.compact_timing.get("peak_memory_bytes") or 0) / 2**30, ".1f"),
         )
-    table.add_row("end to end (s)", f"{report.dense_total_s:.2f}", f"{report.compact_total_s:.2f}")
-    table.add_row("mean density", "1", f"{report.mean_density:.3f}")
+    row("speed-up (end to end)", "1", lambda r: fmt(r.extra.get("speedup"), ".2f"))
+    row("mean density", "1", lambda r: f"{r.mean_density:.3f}")
     console.print(table)
     console.print(
-        f"{len(report.prompts)} prompts, {report.num_steps} steps ({report.dense_steps} dense), "
-        f"device {report.device}"
+        f"{len(first.prompts)} prompts, {first.num_steps} steps "
+        f"({', '.join(f'{r.label}: {r.dense_steps} dense' for r in reports)}), "
+        f"device {first.device}"
     )
-    if "compiled" in report.extra:
-        warmup = report.extra["warmup_s"]
+    cached = first.dense_timing.get("cached_samples")
+    if cached:
+        console.print(f"dense: {cached} samples read from the cache (their times as measured then)")
+    if "compiled" in first.extra:
+        warmup = first.extra["warmup_s"]
         console.print(
-            f"compiled ({report.extra['compiled']}): the times exclude one warm-up pass per run "
-            f"(dense {warmup['dense']:.1f} s, compact {warmup['compact']:.1f} s, compilation "
-            "included); self-attention is not timed"
+            f"compiled ({first.extra['compiled']}): the times exclude one warm-up pass per run "
+            f"({', '.join(f'{k} {v:.1f} s' for k, v in warmup.items())}, compilation included); "
+            "self-attention is not timed"
         )
+    for note in dict.fromkeys(n for r in reports for n in r.extra.get("notes", [])):
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    if run is not None:
+        for note in (run.lpips_note, run.preview_note):
+            if note:
+                console.print(f"[yellow]note:[/] {escape(note)}")
+        console.print(f"prompts: {run.prompts_source}")
 
 
 @app.command()
 def evaluate(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Config to evaluate.")],
+    config: Annotated[
+        list[Path], typer.Option("--config", "-c", help="Config to evaluate (repeat to compare).")
+    ],
     profile: Annotated[
         str,
         typer.Argument(help="Run profile of the model: a .toml path or a name in profiles/."),
     ] = "tiny",
-    prompts: Annotated[int, typer.Option(help="Held-out prompts to sample.")] = 8,
-    seed: Annotated[int, typer.Option(help="Seed of prompts and noise.")] = 1234,
-    steps: Annotated[
-        int | None, typer.Option(help="Denoising steps (default: the config's).")
+    prompts: Annotated[
+        str,
+        typer.Option(help="How many held-out prompts, or a file of prompts (one a line)."),
+    ] = "8",
+    seed: Annotated[int, typer.Option(help="Seed of the one batch of all prompts.")] = 1234,
+    seeds: Annotated[
+        str | None,
+        typer.Option(help="One video per prompt: a seed each (comma list), or one for all (+i)."),
     ] = None,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 4.0,
+    steps: Annotated[
+        int | None, typer.Option(help="Denoising steps (default: the run profile's).")
+    ] = None,
+    guidance: Annotated[
+        float | None, typer.Option(help="Guidance scale (default: the run profile's).")
+    ] = None,
     out: Annotated[Path, typer.Option(help="Folder for previews and the JSON report.")] = Path(
         "runs/evaluate"
     ),
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    cache: Annotated[
+        Path | None, typer.Option(help="Sample cache folder (default OUT/cache).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    backend: Annotated[
+        str, typer.Option(help="Kernel, as apply's backend (auto: Triton on CUDA).")
+    ] = "auto",
     rescale: Annotated[
         bool,
         typer.Option("--rescale", help="Adapt a config made for another token grid to the model."),
@@ -198,42 +253,59 @@ def evaluate(
     compile_model: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
     output_format: Annotated[OutputFormat, typer.Option("--format")] = OutputFormat.table,
 ) -> None:
-    """Dense vs compact from the same seeds (built-in model): PSNR, SSIM, fidelity, time, GIFs."""
+    """Dense vs compact from the same prompts and seeds: PSNR, SSIM, time, previews, JSON."""
     import json
 
     import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from compact_search.config import load_config
-    from compact_search.evaluate import evaluate_config, evaluation_prompts
-    from compact_search.io import atomic_write_text
-    from compact_search.models.adapters import load_model
+    from compact_search.evaluate import EvaluateOptions, run_evaluation
     from compact_search.profiling import load_run_profile
     from compact_search.profiling.settings import resolve_run_profile
 
-    if prompts < 1:
-        raise UserInputError(f"--prompts must be >= 1, got {prompts}")
-    cfg = load_config(config)
-    run_profile = load_run_profile(resolve_run_profile(profile))
-    model = load_model(run_profile, torch.device(device))
-    report = evaluate_config(
-        model,
-        cfg,
-        evaluation_prompts(model, run_profile.prompts, prompts, seed),
+    count, prompts_file = (int(prompts), None) if prompts.isdigit() else (8, Path(prompts))
+    seed_list = None
+    if seeds is not None:
+        try:
+            seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
+        except ValueError:
+            raise UserInputError(f"--seeds: comma-separated integers, got {seeds!r}") from None
+        if not seed_list:
+            raise UserInputError("--seeds: give at least one seed")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    options = EvaluateOptions(
+        prompt_count=count,
+        prompts_file=prompts_file,
         seed=seed,
+        seeds=seed_list,
         num_steps=steps,
         guidance_scale=guidance,
-        out_dir=out / "previews",
+        backend=backend,
         rescale=rescale,
         compile_backend="inductor" if compile_model else None,
+        cache_dir=cache,
     )
-    atomic_write_text(out / "evaluation.json", json.dumps(report.to_json(), indent=1) + "\n")
+    run_profile = load_run_profile(resolve_run_profile(profile))
+    columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), console=err_console) as progress:
+
+        def on_phase(name: str, total: int):
+            task = progress.add_task(f"sampling {name} (steps)", total=total)
+            return lambda: progress.advance(task)
+
+        run = run_evaluation(
+            run_profile, list(config), out, torch.device(device), options, on_phase=on_phase
+        )
     if output_format is OutputFormat.json:
-        console.print(json.dumps(report.to_json(), indent=1), markup=False, highlight=False)
+        console.print(json.dumps(run.to_json(), indent=1), markup=False, highlight=False)
     else:
-        render_evaluation(report, title=f"dense vs compact: {config}")
-        for note in report.extra.get("notes", []):
-            console.print(f"[yellow]note:[/] {note}")
-        console.print(f"report: [bold]{out / 'evaluation.json'}[/]; previews: {out / 'previews'}")
+        title = "dense vs compact: " + ", ".join(str(c) for c in config)
+        render_evaluation(run.reports, title=title, run=run)
+        console.print(
+            f"report: [bold]{out / 'evaluation.json'}[/]; previews: {out / 'previews'}; "
+            f"per-frame PSNR: {run.plots[0]}"
+        )
 
 
 @app.command()
