@@ -335,15 +335,15 @@ def test_interrupted_optimize_stops_its_workers_and_loses_no_trial(workspace, tm
     run_dir = tmp_path / "run"
     args = ["optimize", workspace / "profile", "--out", run_dir, "--block-size", "16",
             "--workers", "2"]  # fmt: skip
-    process = cli_process(*args, "--trials", "400")
-    stdout, stderr = interrupt_at(process, "40 of 400 trials finished", signal.SIGINT)
-    assert "optimize: trials: 400 to run" in stdout  # a plain line per stage without a TTY
+    process = cli_process(*args, "--trials", "200")
+    stdout, stderr = interrupt_at(process, "20 of 200 trials finished", signal.SIGINT)
+    assert "optimize: trials: 200 to run" in stdout  # a plain line per stage without a TTY
     assert_interrupted(process, stdout, stderr)
     assert_group_gone(process.pid)
-    resumed = run_cli(*args, "--trials", "40")
+    resumed = run_cli(*args, "--trials", "20")
     assert resumed.returncode == 0, resumed.stderr
-    finished = re.search(r"resuming study\s+\S+: (\d+) of 40 trials\s+finished", resumed.stdout)
-    assert finished and int(finished.group(1)) >= 40, resumed.stdout
+    finished = re.search(r"resuming study\s+\S+: (\d+) of 20 trials\s+finished", resumed.stdout)
+    assert finished and int(finished.group(1)) >= 20, resumed.stdout
     assert "trials: 0 to run" in resumed.stdout
     assert "Traceback" not in resumed.stdout + resumed.stderr
     # the summary table fits the 80 columns it was given: no header cut short
