@@ -52,6 +52,10 @@ LATENT_DECODERS: dict[str, Callable[[object, torch.Tensor, int], torch.Tensor]] 
     "wan": _wan_decode,
     "cogvideox": _cogvideox_decode,
     "hunyuanvideo": _hunyuan_decode,
+    # HunyuanVideo15Pipeline divides by the VAE's scaling factor as 1.0 does; SkyReelsV2Pipeline
+    # un-normalises with Wan's latents_mean / latents_std.
+    "hunyuanvideo15": _hunyuan_decode,
+    "skyreels-v2": _wan_decode,
 }
 
 
