@@ -464,8 +464,13 @@ def evaluate_configs(
 
         def install_compact(timer, runtime=runtime):
             if timer is not None:
-                runtime._attention_handle.revert()
-                runtime._attention_handle = model.install(timer.wrap(runtime.attention))
+                # Each expert's compact attention (a pipeline of two has two handles) through
+                # the timer, in the transformer it serves; runtime.revert() undoes all of it.
+                for handle in getattr(runtime, "handles", {"": runtime}).values():
+                    handle._attention_handle.revert()
+                    handle._attention_handle = model.adapter.install(
+                        handle.transformer, timer.wrap(handle.attention)
+                    )
             return runtime.revert
 
         key_fields = {

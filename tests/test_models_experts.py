@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import diffusers
@@ -366,3 +367,32 @@ def test_a_pipeline_without_step_callback_or_guidance_argument_is_followed(works
     assert steps == [0, 1, 2, 3, 4] and scales[1:] == [3.5] * 4
     assert model.pipeline.guider is guider and "step" not in model.pipeline.scheduler.__dict__
     assert torch.isfinite(latents).all()
+
+
+def test_evaluate_runs_both_experts_of_the_exported_config(workspace):
+    """`evaluate` on the two-expert folder: apply installs both experts, so the second expert's
+    patterns change the video too (a copy of the config whose second expert keeps every key
+    gives another PSNR; were the second expert left dense, the two would agree)."""
+    from compact_search.config import HeadEntry, save_config
+    from compact_search.evaluate import EvaluateOptions, run_evaluation
+    from compact_search.patterns import HeadPattern
+
+    config = load_config(workspace / "config.json")
+    second = config.experts["transformer_2"]
+    dense_heads = tuple(
+        tuple(tuple(HeadEntry(HeadPattern.dense()) for _ in layer) for layer in bucket)
+        for bucket in second.heads
+    )
+    second_dense = dataclasses.replace(second, heads=dense_heads)
+    save_config(config.with_experts({"transformer_2": second_dense}), workspace / "first-only.json")
+    settings = load_run_profile(workspace / "model.toml")
+    (workspace / "one.txt").write_text(HELD_OUT[0] + "\n")
+    both, first_only = run_evaluation(
+        settings,
+        [workspace / "config.json", workspace / "first-only.json"],
+        workspace / "evaluate",
+        torch.device("cpu"),
+        EvaluateOptions(prompts_file=workspace / "one.txt", seeds=(3,)),
+    ).reports
+    assert math.isfinite(both.mean_psnr_db) and math.isfinite(first_only.mean_psnr_db)
+    assert both.mean_psnr_db != pytest.approx(first_only.mean_psnr_db, abs=1e-3)
