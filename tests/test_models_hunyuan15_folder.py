@@ -16,7 +16,6 @@ import inspect
 from pathlib import Path
 
 import diffusers
-import numpy as np
 import torch
 from cli_runner import run
 from diffusers.guiders import ClassifierFreeGuidance
@@ -57,10 +56,7 @@ PROMPTS = [
     "a golden retriever runs across a sunlit meadow, slow motion",
     'a neon sign reads "OPEN" above a wet street at night',
 ]
-HELD_OUT = [
-    "waves crash against black rocks at sunset, aerial shot",
-    'a chalkboard that says "HELLO" in a quiet classroom',
-]
+HELD_OUT = ['a chalkboard that says "HELLO" in a quiet classroom']
 # Qwen2's pre-tokenizer pattern (one digit a piece, unlike Llama 3's three).
 QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -179,8 +175,9 @@ def real_text_tokens(pipe, prompt: str) -> tuple[list[str], list[str]]:
     )
 
 
-def generate(pipe) -> np.ndarray:
-    """[frames, height, width, 3] in [0, 1], the glyph prompt."""
+def generate(pipe) -> torch.Tensor:
+    """The denoised latents of the glyph prompt, [1, 4, 3, 8, 8] (what the transformer makes;
+    the VAE decode after it is left out to keep the test short)."""
     return pipe(
         PROMPTS[1],
         height=SIZE["height"],
@@ -188,8 +185,8 @@ def generate(pipe) -> np.ndarray:
         num_frames=SIZE["frames"],
         num_inference_steps=STEPS,
         generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).frames[0]
+        output_type="latent",
+    ).frames
 
 
 def test_hunyuan15_folder_is_profiled_searched_checked_and_applied(tmp_path):
@@ -257,9 +254,9 @@ def test_hunyuan15_folder_is_profiled_searched_checked_and_applied(tmp_path):
     assert handle.calls["sparse"] > 0
     assert [m.processor for m in attention(pipe.transformer)] == originals
 
-    assert reference.shape == (SIZE["frames"], SIZE["height"], SIZE["width"], 3)
-    np.testing.assert_allclose(videos["dense"], reference, atol=1e-4)  # fp32 rounding only
+    assert reference.shape == (1, 4, *GRID) and torch.isfinite(reference).all()
+    torch.testing.assert_close(videos["dense"], reference, atol=1e-4, rtol=0)  # fp32 rounding
     for name in ("local", "exported"):
-        assert np.isfinite(videos[name]).all()
-    assert np.abs(videos["local"] - reference).max() > 1e-3
-    assert np.array_equal(generate(pipe), reference)
+        assert torch.isfinite(videos[name]).all()
+    assert (videos["local"] - reference).abs().max() > 1e-3
+    assert torch.equal(generate(pipe), reference)
