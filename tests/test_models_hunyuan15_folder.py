@@ -6,8 +6,10 @@ word-level tokenizer with a Qwen-style chat template (its system prompt encodes 
 the quoted glyph text, the HunyuanVideo 1.5 VAE (16x in space, 4x in time), a two-block
 transformer, flow-matching Euler and the classifier-free-guidance guider. The folder goes
 through `profile` (training and held-out prompts) -> `optimize` -> `export` -> `check`, then
-`compact_search.apply` on the pipeline loaded from it: dense patterns reproduce its videos,
-sparse ones change them, the exported config runs, and `revert` restores the videos exactly.
+`compact_search.apply` on the pipeline loaded from it: dense patterns reproduce its denoised
+latents, sparse ones change them, the exported config runs, and `revert` restores them exactly.
+The prompt generated with quotes glyph text and is the longest profiled one; its unconditional
+pass (the empty negative prompt) has fewer text tokens, padded and masked as keys.
 """
 
 from __future__ import annotations
@@ -47,9 +49,9 @@ from transformers import (
 
 import compact_search
 from compact_search.config import StepSchedule, load_config, uniform_config
-from compact_search.models.adapters import get_adapter
+from compact_search.models.adapters import get_adapter, load_model
 from compact_search.patterns import HeadPattern
-from compact_search.profiling import load_profile
+from compact_search.profiling import load_profile, load_run_profile
 
 # The second prompt of each set quotes glyph text, which the pipeline encodes with ByT5.
 PROMPTS = [
@@ -201,7 +203,7 @@ def test_hunyuan15_folder_is_profiled_searched_checked_and_applied(tmp_path):
         out = tmp_path / f"runs/{name}/profile"
         assert run("profile", tmp_path / f"{name}.toml", "--out", out) == 0
 
-    pipe = diffusers.HunyuanVideo15Pipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+    pipe = diffusers.HunyuanVideo15Pipeline.from_pretrained(str(folder))  # float32
     pipe.set_progress_bar_config(disable=True)
     qwen, byt5 = real_text_tokens(pipe, PROMPTS[1])
     assert qwen[0] == "a" and "<unk>" not in qwen
@@ -210,7 +212,9 @@ def test_hunyuan15_folder_is_profiled_searched_checked_and_applied(tmp_path):
     profile = load_profile(tmp_path / "runs/model/profile")
     assert profile.adapter == "hunyuanvideo15" and profile.grid.as_tuple() == GRID
     assert (profile.num_layers, profile.num_heads, profile.head_dim) == (LAYERS, HEADS, HEAD_DIM)
-    assert profile.prefix_tokens == max(sum(map(len, real_text_tokens(pipe, p))) for p in PROMPTS)
+    # The glyph prompt is the longest; the empty negative prompt is shorter (padded at apply).
+    lengths = [sum(map(len, real_text_tokens(pipe, p))) for p in [*PROMPTS, ""]]
+    assert profile.prefix_tokens == max(lengths) == lengths[1] > lengths[2]
     mass = profile.sample_tile_mass(1, tile=(1, 4, 4))  # [S, H, 12, 12]: tile grid 3x2x2
     assert mass.shape == (3, HEADS, 12, 12) and torch.isfinite(mass).all()
     torch.testing.assert_close(mass.sum(-1), torch.ones(mass.shape[:-1]))
@@ -239,24 +243,42 @@ def test_hunyuan15_folder_is_profiled_searched_checked_and_applied(tmp_path):
     attention = get_adapter("hunyuanvideo15").attention_modules
     originals = [m.processor for m in attention(pipe.transformer)]
     reference = generate(pipe)
+    # What `profile` sampled: the loader's run on its own copy of the folder, following the
+    # steps through the scheduler and the guidance through the guider (the pipeline takes
+    # neither a step callback nor a guidance_scale).
+    model = load_model(load_run_profile(tmp_path / "model.toml"), torch.device("cpu"))
+    assert model.adapter is get_adapter("hunyuanvideo15") and model.grid.as_tuple() == GRID
+    guider, steps, scales = model.pipeline.guider, [], []
+
+    def on_step(step: int) -> None:
+        steps.append(step)
+        scales.append(model.pipeline.guider.guidance_scale)
+
+    model.pipeline.guider = guider.new(guidance_scale=1.5)
+    sampled = model.run(
+        PROMPTS[1:], seed=0, num_steps=STEPS, guidance_scale=CASE.guidance, on_step=on_step
+    )
+    assert steps == list(range(STEPS + 1)) and scales == [1.5] + [CASE.guidance] * STEPS
+    assert model.pipeline.guider.guidance_scale == 1.5
+    assert torch.equal(sampled, reference)
     every_step = StepSchedule(STEPS, 0, (0,))
-    videos = {}
+    outputs = {}
     for name, pattern in (("dense", HeadPattern.dense()), ("local", HeadPattern.local(0, 0, 0))):
-        config = uniform_config(config.model, config.geometry, every_step, pattern)
-        handle = compact_search.apply(pipe, config)
-        videos[name] = generate(pipe)
+        uniform = uniform_config(config.model, config.geometry, every_step, pattern)
+        handle = compact_search.apply(pipe, uniform)
+        outputs[name] = generate(pipe)
         handle.revert()
         # Guidance through the guider: a conditional and an unconditional call each step.
         assert handle.calls == {"dense": 0, "sparse": STEPS * 2 * LAYERS}
     handle = compact_search.apply(pipe, str(config_path))
-    videos["exported"] = generate(pipe)
+    outputs["exported"] = generate(pipe)
     handle.revert()
-    assert handle.calls["sparse"] > 0
+    assert sum(handle.calls.values()) == STEPS * 2 * LAYERS and handle.calls["sparse"] > 0
     assert [m.processor for m in attention(pipe.transformer)] == originals
 
     assert reference.shape == (1, 4, *GRID) and torch.isfinite(reference).all()
-    torch.testing.assert_close(videos["dense"], reference, atol=1e-4, rtol=0)  # fp32 rounding
+    torch.testing.assert_close(outputs["dense"], reference, atol=1e-4, rtol=0)  # fp32 rounding
     for name in ("local", "exported"):
-        assert torch.isfinite(videos[name]).all()
-    assert (videos["local"] - reference).abs().max() > 1e-3
+        assert torch.isfinite(outputs[name]).all()
+    assert (outputs["local"] - reference).abs().max() > 1e-3
     assert torch.equal(generate(pipe), reference)
