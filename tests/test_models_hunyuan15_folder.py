@@ -69,7 +69,6 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-CROP_START = 108  # HunyuanVideo15Pipeline.prompt_template_encode_start_idx
 CASE = CASES[2]  # HunyuanVideo's settings: guidance 6, prompt-mean store
 # The system prompt the pipeline wraps every prompt in (its encoder's default argument).
 SYSTEM_MESSAGE = (
@@ -172,7 +171,7 @@ def real_text_tokens(pipe, prompt: str) -> tuple[list[str], list[str]]:
     glyph = extract_glyph_texts(prompt)
     glyph_ids = [] if glyph is None else pipe.tokenizer_2(glyph).input_ids
     return (
-        pipe.tokenizer.convert_ids_to_tokens(ids[CROP_START:]),
+        pipe.tokenizer.convert_ids_to_tokens(ids[pipe.prompt_template_encode_start_idx :]),
         pipe.tokenizer_2.convert_ids_to_tokens(glyph_ids),
     )
 
@@ -206,7 +205,8 @@ def test_hunyuan15_folder_is_profiled_searched_checked_and_applied(tmp_path):
     pipe = diffusers.HunyuanVideo15Pipeline.from_pretrained(str(folder))  # float32
     pipe.set_progress_bar_config(disable=True)
     qwen, byt5 = real_text_tokens(pipe, PROMPTS[1])
-    assert qwen[0] == "a" and "<unk>" not in qwen
+    assert pipe.prompt_template_encode_start_idx == 108  # the template's tokens, all cropped
+    assert "".join(qwen[:-5]) == PROMPTS[1] and "<unk>" not in qwen
     assert qwen[-5:] == ["<|im_end|>", "\n", "<|im_start|>", "assistant", "\n"]
     assert "".join(byt5[:-1]) == 'Text "OPEN". ' and byt5[-1] == "</s>"
     profile = load_profile(tmp_path / "runs/model/profile")
