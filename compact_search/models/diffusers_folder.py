@@ -96,6 +96,7 @@ def load_diffusers_folder(
     pipe = DiffusionPipeline.from_pretrained(
         str(path), torch_dtype=TORCH_DTYPES[settings.dtype], local_files_only=True
     ).to(device)
+    _use_profile_scheduler(pipe, settings)
     experts = pipeline_experts(pipe)
     transformers = tuple(getattr(pipe, name) for name in experts)
     for name, transformer in zip(experts, transformers, strict=True):
@@ -178,6 +179,36 @@ def _guided(pipe, guidance_scale: float, needed: bool):
 
 
 @contextlib.contextmanager
+def _use_profile_scheduler(pipe, settings: ModelSettings) -> None:
+    """Swap in the run profile's `sampling.scheduler` (a diffusers scheduler class, built from the
+    folder's scheduler config) and its `sampling.flow_shift`; neither set keeps the folder's."""
+    import diffusers
+
+    name = getattr(settings, "scheduler", None)
+    flow_shift = getattr(settings, "flow_shift", None)
+    if name is None and flow_shift is None:
+        return
+    current = pipe.scheduler
+    kind = type(current) if name is None else getattr(diffusers, name, None)
+    if not (isinstance(kind, type) and issubclass(kind, diffusers.SchedulerMixin)):
+        raise UserInputError(
+            f"profile {settings.name!r}: sampling.scheduler {name!r} is not a diffusers "
+            f"scheduler class (the folder's is {type(current).__name__})"
+        )
+    overrides = {}
+    if flow_shift is not None:
+        # UniPC and DPM++ call it flow_shift, flow-matching Euler calls it shift.
+        accepted = inspect.signature(kind.__init__).parameters
+        key = next((k for k in ("flow_shift", "shift") if k in accepted), None)
+        if key is None:
+            raise UserInputError(
+                f"profile {settings.name!r}: sampling.flow_shift: {kind.__name__} has no flow "
+                "shift (flow_shift or shift)"
+            )
+        overrides[key] = float(flow_shift)
+    pipe.scheduler = kind.from_config(current.config, **overrides)
+
+
 def _scheduler_steps(pipe, on_step: Callable[[int], None] | None, needed: bool):
     """A pipeline without a step callback (HunyuanVideo 1.5): `on_step(i + 1)` after the
     scheduler's i-th `step` of the call (each denoising step ends with one)."""

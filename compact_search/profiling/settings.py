@@ -53,11 +53,14 @@ STORE_MODES = ("per-prompt", "prompt-mean")
 
 # Every key a run profile may hold, per section ("" is the top level). A key outside it is an
 # error: a misspelled optional key would otherwise run with its default without a word.
+# RunProfile fields a profile may leave unset (absent from its JSON form when unset).
+OPTIONAL_SAMPLING = ("scheduler", "flow_shift")
+
 SCHEMA: dict[str, tuple[str, ...]] = {
     "": ("name", "model", "sampling", "capture"),
     "model": ("source", "adapter", "dtype"),
     "sampling": ("height", "width", "frames", "steps", "guidance", "prompts", "prompts_file",
-                 "seeds"),
+                 "seeds", "scheduler", "flow_shift"),
     "capture": ("steps", "layers", "tiles", "store"),
 }  # fmt: skip
 
@@ -84,6 +87,10 @@ class RunProfile:
     capture_layers: tuple[int, ...] | None
     tiles: tuple[TileShape, ...]
     store: str = "per-prompt"
+    # A diffusers scheduler class to sample with instead of the folder's, and its flow shift;
+    # None keeps the folder's scheduler and its configuration.
+    scheduler: str | None = None
+    flow_shift: float | None = None
 
     def __post_init__(self) -> None:
         where = f"profile {self.name!r}"
@@ -127,6 +134,22 @@ class RunProfile:
             raise ConfigError(where, "capture.tiles", "needs at least one tile shape")
         if len(set(self.tiles)) != len(self.tiles):
             raise ConfigError(where, "capture.tiles", "lists a tile shape twice")
+        if self.scheduler is not None and (
+            not isinstance(self.scheduler, str) or not self.scheduler.isidentifier()
+        ):
+            raise ConfigError(
+                where,
+                "sampling.scheduler",
+                f"must name a diffusers scheduler class, got {self.scheduler!r}",
+            )
+        if self.flow_shift is not None and (
+            isinstance(self.flow_shift, bool)
+            or not isinstance(self.flow_shift, (int, float))
+            or not self.flow_shift > 0
+        ):
+            raise ConfigError(
+                where, "sampling.flow_shift", f"must be a positive number, got {self.flow_shift!r}"
+            )
 
     def to_json(self) -> dict:
         values = asdict(self)
@@ -137,6 +160,10 @@ class RunProfile:
         values["capture_layers"] = (
             None if self.capture_layers is None else list(self.capture_layers)
         )
+        # Unset sampling options stay out, so profiles without them keep their fingerprints.
+        for key in OPTIONAL_SAMPLING:
+            if values[key] is None:
+                del values[key]
         return values
 
     @classmethod
@@ -313,6 +340,8 @@ def load_run_profile(path: str | Path) -> RunProfile:
             capture_layers=layers,
             tiles=_tiles(capture, source),
             store=capture.get("store", "per-prompt"),
+            scheduler=sampling.get("scheduler"),
+            flow_shift=sampling.get("flow_shift"),
         )
     except ConfigError as exc:
         raise ConfigError(source, exc.field, exc.problem) from None
