@@ -178,7 +178,6 @@ def _guided(pipe, guidance_scale: float, needed: bool):
         pipe.guider = guider
 
 
-@contextlib.contextmanager
 def _use_profile_scheduler(pipe, settings: ModelSettings) -> None:
     """Swap in the run profile's `sampling.scheduler` (a diffusers scheduler class, built from the
     folder's scheduler config) and its `sampling.flow_shift`; neither set keeps the folder's."""
@@ -209,6 +208,7 @@ def _use_profile_scheduler(pipe, settings: ModelSettings) -> None:
     pipe.scheduler = kind.from_config(current.config, **overrides)
 
 
+@contextlib.contextmanager
 def _scheduler_steps(pipe, on_step: Callable[[int], None] | None, needed: bool):
     """A pipeline without a step callback (HunyuanVideo 1.5): `on_step(i + 1)` after the
     scheduler's i-th `step` of the call (each denoising step ends with one)."""
