@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_e2e import SHAPES, random_config
-from benchmarks.common import RESULTS, append_rows, environment
+from benchmarks.common import RESULTS, append_rows, environment, p20_p50_p80
 from compact_search import apply
 from compact_search.geometry import Grid, TileShape
 
@@ -100,7 +100,7 @@ def run_shape(name: str, reps: int, env: dict, log) -> list[dict]:
     handle = None
 
     def record(provider: str, compiled: bool, first: float, times: list[float], extra: dict):
-        p20, median, p80 = (times[round(q * (len(times) - 1))] for q in (0.2, 0.5, 0.8))
+        p20, median, p80 = p20_p50_p80(times)
         p50[(provider, compiled)] = median
         rows.append(
             {

@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.bench_e2e import SHAPES, WAN_COMMON, random_config
-from benchmarks.common import RESULTS, append_rows, environment
+from benchmarks.common import RESULTS, append_rows, environment, p20_p50_p80
 from compact_search import apply
 from compact_search.geometry import Grid, TileShape
 
@@ -316,7 +316,7 @@ def run(args, spec, name, device, dtype, backend, reps, world, rank, out_dir, lo
         per_rank[provider] = gathered
         if rank != 0:
             return
-        p20, p50, p80 = (times[round(q * (len(times) - 1))] for q in (0.2, 0.5, 0.8))
+        p20, p50, p80 = p20_p50_p80(times)
         compact = provider == "compact"
         single = p50 if world == 1 else None
         if single is None:

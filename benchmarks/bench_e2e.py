@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, append_rows, environment
+from benchmarks.common import RESULTS, append_rows, environment, p20_p50_p80
 from compact_search import apply, sparse_attention
 from compact_search.config import (
     CompactConfig,
@@ -194,7 +194,7 @@ def run_shape(name: str, spec: dict, env: dict, log) -> list[dict]:
     rows, results = [], {}
 
     def record(provider, target, cost, times, extra=None):
-        p20, p50, p80 = (times[round(q * (len(times) - 1))] for q in (0.2, 0.5, 0.8))
+        p20, p50, p80 = p20_p50_p80(times)
         results[(provider, target)] = p50
         rows.append(
             {

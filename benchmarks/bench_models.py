@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_e2e import HEAD_KINDS, WAN_COMMON, pattern_at_density
-from benchmarks.common import RESULTS, append_rows, environment
+from benchmarks.common import RESULTS, append_rows, environment, p20_p50_p80
 from compact_search import apply
 from compact_search.config import (
     CompactConfig,
@@ -287,7 +287,7 @@ def run_model(name: str, smoke: bool, repeats: int, env: dict, log) -> list[dict
     }
 
     def row(provider, density, cost, times, extra):
-        p20, p50, p80 = (times[round(q * (len(times) - 1))] for q in (0.2, 0.5, 0.8))
+        p20, p50, p80 = p20_p50_p80(times)
         return {
             **shared,
             "provider": provider,
