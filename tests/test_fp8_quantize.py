@@ -21,10 +21,12 @@ from compact_search.runtime.quantize import (
     emulate_quantize_qkv,
     hadamard_matrix,
     key_value_stats,
+    natural_key_order,
     quantize_qkv,
     round_half_even,
     round_to_e4m3,
     to_e4m3,
+    wgmma_key_order,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -203,3 +205,39 @@ def test_prepass_rejects_block_sizes_it_does_not_serve() -> None:
     q = torch.zeros(1, 1, 64, 64, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="block_size 64 or 128"):
         quantize_qkv(q, q, q, block_size=32, key_lengths=valid_block_lengths(64, 32))
+
+
+def test_prepass_writes_v_in_wgmma_key_order_on_request() -> None:
+    from compact_search.runtime.kernels.reference_fp8 import emulate_fp8_attention
+    from compact_search.runtime.kernels.triton_portable_fp8 import portable_fp8_attention
+    from compact_search.runtime.lut import build_block_lut
+
+    q, k, v = attention_inputs("gaussian", (1, 2, 300, 64), dtype=torch.bfloat16)
+    mask = torch.ones(1, 3, 3, dtype=torch.bool)
+    padded = padded_key_lengths(3, 128, seed=4)
+    lut = build_block_lut(mask, seq_len=300, block_size=128, key_block_lengths=padded)
+    lengths = lut.key_lengths  # clipped to N, as the pre-pass expects
+    natural = quantize_qkv(q, k, v, block_size=128, key_lengths=lengths)
+    permuted = quantize_qkv(q, k, v, block_size=128, key_lengths=lengths, key_order="wgmma")
+    assert permuted.wgmma_key_order and not natural.wgmma_key_order
+    bits = lambda t: t.view(torch.uint8)  # noqa: E731
+    assert not torch.equal(bits(permuted.v_t), bits(natural.v_t))
+    assert torch.equal(bits(natural_key_order(permuted.v_t)), bits(natural.v_t))
+    # Key 8 of every block of 32 sits at position 2, and the order stays inside each block.
+    order = wgmma_key_order(128)
+    assert (
+        order[8] == 2
+        and order[2] == 4
+        and torch.equal(order.view(4, 32) // 32, torch.arange(4)[:, None].expand(4, 32))
+    )
+    assert torch.equal(permuted.v_t[..., 2], natural.v_t[..., 8])
+    # The emulation reads either order and computes the same; the portable kernel refuses it.
+    scale = 64**-0.5
+    assert torch.equal(
+        emulate_fp8_attention(permuted, lut, scale=scale),
+        emulate_fp8_attention(natural, lut, scale=scale),
+    )
+    with pytest.raises(ValueError, match="token order"):
+        portable_fp8_attention(permuted, lut, torch.empty(q.shape), scale=scale)
+    with pytest.raises(ValueError, match="key_order must be"):
+        quantize_qkv(q, k, v, block_size=128, key_lengths=lengths, key_order="sorted")

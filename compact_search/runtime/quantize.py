@@ -93,6 +93,8 @@ class QuantizedQKV:
         k_mean: fp32 ``[B, H, D]``, in the rotated basis (the kernels do not need it).
         block_size: tokens per mask block (the K scale group); seq_len: N.
         rotated: whether Q and K carry the Hadamard rotation (scores are then ``D`` times larger).
+        wgmma_key_order: V^T's keys stored in ``wgmma_key_order`` within each block of 32 (what
+            the Gluon kernel reads); otherwise in token order.
     """
 
     q: torch.Tensor
@@ -106,11 +108,34 @@ class QuantizedQKV:
     block_size: int
     seq_len: int
     rotated: bool
+    wgmma_key_order: bool = False
 
     @property
     def score_scale(self) -> float:
         """What ``q8 k8^T * q_scale * k_scale`` must be multiplied by to give ``q k^T``."""
         return 1.0 / self.q.shape[-1] if self.rotated else 1.0
+
+
+def wgmma_key_order(length: int, device=None) -> torch.Tensor:
+    """int64 ``[length]``: where each key goes in V^T for the Gluon kernel (``length % 32 == 0``).
+
+    Key ``32 h + 16 j4 + 8 j3 + 4 j2 + 2 j1 + j0`` goes to ``32 h + 16 j4 + 8 j2 + 4 j1 + 2 j3 +
+    j0``: the key a thread's score register holds is then the key its P V operand byte multiplies
+    (``gluon_hopper_fp8._pv_operand``); the order of the sum over keys is all that changes.
+    """
+    keys = torch.arange(length, device=device)
+    return (keys & ~31) | (keys & 17) | (((keys >> 3) & 1) << 1) | (((keys >> 1) & 3) << 2)
+
+
+@triton.jit
+def _wgmma_position(keys):
+    """``wgmma_key_order`` in a kernel (the same bit shuffle)."""
+    return (keys & -32) | (keys & 17) | (((keys >> 3) & 1) << 1) | (((keys >> 1) & 3) << 2)
+
+
+def natural_key_order(v_t: torch.Tensor) -> torch.Tensor:
+    """V^T ``[B, H, D, Np]`` stored in ``wgmma_key_order`` back in token order."""
+    return v_t[..., wgmma_key_order(v_t.shape[-1], v_t.device)]
 
 
 def hadamard_matrix(dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -261,6 +286,7 @@ def _quantize_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     ROTATE: tl.constexpr,
+    WGMMA_KEY_ORDER: tl.constexpr,
 ):
     """Grid ``(nb, B * H)``: one block of Q, K and V of one head into the 8-bit layouts."""
     block = tl.program_id(0)
@@ -315,7 +341,10 @@ def _quantize_kernel(
     )[None, :]
     v8 = tl.where(valid[:, None], round_to_e4m3(centred), 0.0)
     # Transposed: [B*H, D, Np], each program writing BLOCK_SIZE consecutive bytes per channel.
-    column_major = (batch_head.to(tl.int64) * HEAD_DIM + cols[None, :]) * padded_len + rows[:, None]
+    positions = block * BLOCK_SIZE + _wgmma_position(offsets) if WGMMA_KEY_ORDER else rows
+    column_major = (batch_head.to(tl.int64) * HEAD_DIM + cols[None, :]) * padded_len + positions[
+        :, None
+    ]
     tl.store(v8_ptr + column_major, v8.to(v8_ptr.dtype.element_ty))
 
 
@@ -386,6 +415,7 @@ def quantize_qkv(
     block_size: int,
     key_lengths: torch.Tensor,
     rotate: bool = True,
+    key_order: str = "natural",
 ) -> QuantizedQKV:
     """The pre-pass (two Triton kernels and a few small torch reductions).
 
@@ -394,7 +424,11 @@ def quantize_qkv(
         block_size: tokens per mask block (64 or 128): K's scale group.
         key_lengths: int32 ``[nb]`` valid keys per block, clipped to N (``BlockLUT.key_lengths``).
         rotate: apply the Hadamard rotation to Q and K.
+        key_order: "natural" (token order) or "wgmma" (V^T's keys in ``wgmma_key_order``, what
+            the Gluon kernel reads).
     """
+    if key_order not in ("natural", "wgmma"):
+        raise ValueError(f"key_order must be 'natural' or 'wgmma', got {key_order!r}")
     _check_inputs(q, k, v, block_size)
     batch, heads, seq_len, head_dim = q.shape
     num_blocks = key_lengths.numel()
@@ -432,9 +466,21 @@ def quantize_qkv(
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         ROTATE=rotate,
+        WGMMA_KEY_ORDER=key_order == "wgmma",
     )
     return QuantizedQKV(
-        q8, q_scale, k8, k_scale, v8, v_scale, v_mean, k_mean, block_size, seq_len, rotate
+        q8,
+        q_scale,
+        k8,
+        k_scale,
+        v8,
+        v_scale,
+        v_mean,
+        k_mean,
+        block_size,
+        seq_len,
+        rotate,
+        wgmma_key_order=key_order == "wgmma",
     )
 
 

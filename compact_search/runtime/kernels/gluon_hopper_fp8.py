@@ -7,18 +7,26 @@ partitions, each issuing tile j's ``S_j = Q8 K8_j^T`` and tile j-1's ``P_{j-1} V
 asynchronous wgmma and computing tile j's softmax while the latter runs (optional ping-pong
 turns between the warpgroups). What the 8-bit operands change:
 
-- Q and K are INT8 (``m64n128k32.s32.s8.s8``): the scores arrive as exact int32 and are turned
-  into fp32 with one integer add and one float subtract (``MAGIC_I2F``; exact for
-  ``|S| < 2^22``, which D <= 128 guarantees) rather than the slower ``cvt`` (the switch exists so
-  a GPU run can compare them);
+- Q and K are INT8 (``m64n128k32.s32.s8.s8``): the scores arrive as exact int32 and become
+  fp32 with one integer add (``MAGIC_I2F``: ``2^23 + 2^22 + S`` read as a float, exact for
+  ``|S| < 2^22``, which D <= 128 guarantees; the bias is folded into the row's softmax offset)
+  rather than the slower ``cvt`` (the switch exists so a GPU run can compare them);
 - each score is scaled by ``q_scale_i * k_scale_j * scale * log2(e) / D`` inside the fused
-  multiply-add of the online softmax; P is ``448 * exp2(s - m)`` converted to e4m3 in registers
-  and fed as the wgmma A operand (``m64nDk32.f32.e4m3.e4m3``), V^T (``[B, H, D, Np]``, laid out by
-  the pre-pass) as its K-major B operand;
-- ``TWO_LEVEL`` (default): each tile's P V starts from a zero accumulator in the tensor core and
-  is added to the fp32 output accumulator with the rescale, ``acc = (acc + pv) * correction``,
-  because the FP8 wgmma accumulates with reduced precision; off, it accumulates in place as the
-  bf16 kernel does;
+  multiply-add of the online softmax; P is ``448 * exp2(s - m)``, rounded to e4m3 four values to
+  a register and fed as the wgmma A operand (``m64nDk32.f32.e4m3.e4m3``), V^T (``[B, H, D, Np]``,
+  laid out by the pre-pass) as its K-major B operand;
+- P never leaves its thread (``PERMUTED_KEYS``, default): the accumulator layout of Q K^T and
+  the A-operand layout of the 8-bit P V give a thread different keys, so the pre-pass stores V's
+  keys in the order that makes them agree (``quantize.wgmma_key_order``; a sum over keys does
+  not care about their order) and P goes from the scores to the tensor cores without a shuffle,
+  repack or trip through shared memory. P is carried to the next tile's issue in fp32 and
+  rounded there, in the block that issues its wgmma (8-bit values carried across the loop were
+  repacked byte by byte: ~3 integer instructions a score);
+- ``TWO_LEVEL`` (off by default): each tile's P V starts from a zero accumulator and is added to
+  the fp32 output accumulator with the rescale, ``acc = (acc + pv) * correction``, against the
+  FP8 wgmma's reduced-precision accumulation; measured, it changes the error by < 1% of itself
+  (BENCHMARKS.md) and its second accumulator spills registers, so P V accumulates in place as in
+  the bf16 kernel;
 - the epilogue applies V's per-channel scale and mean, ``out = acc / l * v_scale + v_mean``, and
   stores through a separate shared-memory tile in the output dtype.
 
@@ -82,7 +90,9 @@ MAGIC_BITS = gl.constexpr(0x4B400000)
 
 
 class GluonFP8Config:
-    """Launch options: ring depth, ping-pong turns, two-level accumulation, int -> float path.
+    """Launch options: ring depth, ping-pong turns, two-level accumulation, int -> float path,
+    and the key order of V (``permuted_keys``: the pre-pass writes V in the order that lets P stay
+    in its registers; the launcher quantizes to match).
 
     Shared memory per CTA at D = 128: Q 16 KB + 2 rings x stages x 16 KB + the output tile 32 KB
     (bf16), so 2 stages take 112 KB and 4 stages 176 KB of the 227 KB a CTA may use.
@@ -92,8 +102,9 @@ class GluonFP8Config:
         self,
         stages: int = 2,
         pingpong: bool = False,
-        two_level: bool = True,
+        two_level: bool = False,
         magic_i2f: bool = True,
+        permuted_keys: bool = True,
     ):
         if not 1 <= stages <= 4:
             raise ValueError(f"stages must be 1-4, got {stages}")
@@ -101,6 +112,7 @@ class GluonFP8Config:
         self.pingpong = pingpong
         self.two_level = two_level
         self.magic_i2f = magic_i2f
+        self.permuted_keys = permuted_keys
 
     def kwargs(self) -> dict:
         return {
@@ -108,17 +120,19 @@ class GluonFP8Config:
             "PINGPONG": self.pingpong,
             "TWO_LEVEL": self.two_level,
             "MAGIC_I2F": self.magic_i2f,
+            "PERMUTED_KEYS": self.permuted_keys,
         }
 
     def __repr__(self) -> str:
         return (
             f"GluonFP8Config(stages={self.stages}, pingpong={self.pingpong}, "
-            f"two_level={self.two_level}, magic_i2f={self.magic_i2f})"
+            f"two_level={self.two_level}, magic_i2f={self.magic_i2f}, "
+            f"permuted_keys={self.permuted_keys})"
         )
 
 
 @gluon.jit
-def _valueloader_partition(
+def _value_loader_partition(
     desc,
     bufs,
     ready,
@@ -145,14 +159,6 @@ def _valueloader_partition(
 
 
 @gluon.jit
-def _scores_to_float(scores, MAGIC_I2F: gl.constexpr):
-    """Exact int32 scores (``|S| < 2^22``) as fp32."""
-    if MAGIC_I2F:
-        return (scores + MAGIC_BITS).to(gl.float32, bitcast=True) - ROUNDING_MAGIC_C
-    return scores.to(gl.float32)
-
-
-@gluon.jit
 def _softmax_step(
     scores,
     row_max,
@@ -167,19 +173,75 @@ def _softmax_step(
 
     ``row_scale`` ``[64]`` turns integer scores into log2 units. Returns P (``448 * exp2(s - m)``,
     fp32), the new row max, the new row sum and the accumulator's rescale factor.
+
+    ``MAGIC_I2F``: the int32 scores become fp32 by one integer add, ``2^23 + 2^22 + S`` read as a
+    float (exact for ``|S| < 2^22``, which D <= 128 guarantees), and the bias is not subtracted
+    from each score but folded into the row's offset: ``(S + B) r - (m - log2 448 + B r)``, one
+    fused multiply-add a score as before. The folded offset is rounded once, a per-row shift of
+    at most ulp(B r) / 2 in log2 units (B r is a few times the row's largest possible score),
+    common to the tile's P and its row sum.
     """
-    scores = _scores_to_float(scores, MAGIC_I2F)  # [64, 128]
+    if MAGIC_I2F:
+        scores = (scores + MAGIC_BITS).to(gl.float32, bitcast=True)  # [64, 128], B + S
+        bias: gl.constexpr = ROUNDING_MAGIC_C
+    else:
+        scores = scores.to(gl.float32)
+        bias: gl.constexpr = 0.0
     if MASKED:
         # A block with padded keys: only its first key_length keys are valid (a prefix).
         cols = gl.arange(0, 128, layout=gl.SliceLayout(0, s_layout))  # [128]
         scores = gl.where(gl.expand_dims(cols < key_length, 0), scores, float("-inf"))
-    # row_scale > 0, so the max of the scaled scores is the scaled max.
-    new_max = gl.maximum(row_max, gl.max(scores, axis=1) * row_scale)  # [64]
-    offset = new_max - LOG2_P_SCALE_C  # [64]
+    # row_scale > 0, so the max of the scaled scores is the scaled max; max - B is exact.
+    new_max = gl.maximum(row_max, (gl.max(scores, axis=1) - bias) * row_scale)  # [64]
+    offset = new_max - LOG2_P_SCALE_C + bias * row_scale  # [64]
     probs = gl.exp2(scores * gl.expand_dims(row_scale, 1) - gl.expand_dims(offset, 1))
     correction = gl.exp2(row_max - new_max)  # [64]
     row_sum = row_sum * correction + gl.sum(probs, axis=1)
     return probs, new_max, row_sum, correction
+
+
+@gluon.jit
+def _pv_operand(probs, p_layout: gl.constexpr, PERMUTED_KEYS: gl.constexpr):
+    """P ``[64, 128]`` fp32 in the accumulator layout of Q K^T -> fp32 in the layout of P V's A
+    operand (``_issue_pv`` rounds it to e4m3 as it issues the wgmma).
+
+    A thread holds score columns ``8 i + 2 c + {0, 1}`` (``c`` its lane mod 4, ``i`` the n8 chunk)
+    and the 8-bit A operand wants ``4 c + {0..3}`` (and ``16 + 4 c + {0..3}``) of each 32 keys.
+    ``PERMUTED_KEYS``: the pre-pass stored V's keys in the order that makes a thread's own scores
+    its operand bytes (``quantize.wgmma_key_order``), so P's columns are relabelled here,
+    ``32 h + 16 j4 + 8 j3 + 4 j2 + 2 j1 + j0 -> 32 h + 16 j4 + 8 j2 + 4 j1 + 2 j3 + j0``, and the
+    conversion only renames registers. Off, it moves P between the lanes of a quad.
+    """
+    if PERMUTED_KEYS:
+        probs = gl.reshape(probs, [64, 4, 2, 2, 2, 2, 2])  # (row, h, j4, j3, j2, j1, j0)
+        probs = gl.permute(probs, [0, 1, 2, 4, 5, 3, 6])  # (row, h, j4, j2, j1, j3, j0)
+        probs = gl.reshape(probs, [64, 128])
+    return gl.convert_layout(probs, p_layout)
+
+
+@gluon.jit
+def _to_e4m3_packed(x):
+    """fp32 -> e4m3 (nearest even, saturating), four values into one 32-bit register.
+
+    The operand layout keeps 4 consecutive keys in a thread's consecutive registers: written as
+    one register they are the bytes the wgmma reads, with no repacking (the generic cast
+    converts pairs, then unpacks and repacks their bytes: ~3 integer instructions a pair).
+    """
+    return gl.inline_asm_elementwise(
+        """
+        {
+        .reg .b16 lo, hi;
+        cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;
+        cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;
+        mov.b32 $0, {lo, hi};
+        }
+        """,
+        "=r,r,r,r,r",
+        [x],
+        dtype=gl.float8e4nv,
+        is_pure=True,
+        pack=4,
+    )
 
 
 @gluon.jit
@@ -199,10 +261,12 @@ def _issue_pv(
     slot = tile % STAGES
     mbarrier.wait(v_ready.index(slot), (tile // STAGES) & 1)
     v_tile = v_bufs.index(slot).permute((1, 0))  # [128, D], keys contiguous: K-major
+    # Rounded here, in the block that issues the wgmma: packed registers go straight in.
+    p8 = _to_e4m3_packed(p)  # [64, 128] e4m3
     if TWO_LEVEL:
-        token = warpgroup_mma(p, v_tile, zero_pv, use_acc=False, is_async=True)
+        token = warpgroup_mma(p8, v_tile, zero_pv, use_acc=False, is_async=True)
     else:
-        token = warpgroup_mma(p, v_tile, acc, is_async=True)
+        token = warpgroup_mma(p8, v_tile, acc, is_async=True)
     return token
 
 
@@ -218,6 +282,7 @@ def _key_tile(
     PINGPONG: gl.constexpr,
     TWO_LEVEL: gl.constexpr,
     MAGIC_I2F: gl.constexpr,
+    PERMUTED_KEYS: gl.constexpr,
     MASKED: gl.constexpr,
 ):
     """Key tile j >= 1: issue S_j and P_{j-1} V_{j-1}, softmax j while the latter runs, merge.
@@ -265,7 +330,7 @@ def _key_tile(
         mbarrier.arrive(v_empty.index((tile - 1) % STAGES), count=1)
         scale_rows = gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
         acc = (acc + pv) * scale_rows if TWO_LEVEL else pv * scale_rows
-    p = gl.convert_layout(probs.to(gl.float8e4nv), p_layout)
+    p = _pv_operand(probs, p_layout, PERMUTED_KEYS)
     return acc, p, row_max, row_sum
 
 
@@ -278,6 +343,7 @@ def _consumer_partition(
     PINGPONG: gl.constexpr,
     TWO_LEVEL: gl.constexpr,
     MAGIC_I2F: gl.constexpr,
+    PERMUTED_KEYS: gl.constexpr,
 ):
     """One warpgroup: 64 query rows, both matmuls, the softmax and the epilogue.
 
@@ -356,7 +422,7 @@ def _consumer_partition(
             probs, row_max, row_sum, correction = _softmax_step(
                 scores, row_max, row_sum, row_scale, key_length, s_layout, True, MAGIC_I2F
             )
-        p = gl.convert_layout(probs.to(gl.float8e4nv), p_layout)  # [64, 128] A operand
+        p = _pv_operand(probs, p_layout, PERMUTED_KEYS)  # [64, 128] A operand
         state = (acc, p, row_max, row_sum)
 
         for tile in range(1, full_tiles):
@@ -371,6 +437,7 @@ def _consumer_partition(
                 PINGPONG,
                 TWO_LEVEL,
                 MAGIC_I2F,
+                PERMUTED_KEYS,
                 False,
             )
         for tile in range(gl.maximum(full_tiles, 1), num_tiles):
@@ -385,6 +452,7 @@ def _consumer_partition(
                 PINGPONG,
                 TWO_LEVEL,
                 MAGIC_I2F,
+                PERMUTED_KEYS,
                 True,
             )
         acc, p, row_max, row_sum = state
@@ -442,6 +510,7 @@ def _gluon_fp8_attention_kernel(
     PINGPONG: gl.constexpr,
     TWO_LEVEL: gl.constexpr,
     MAGIC_I2F: gl.constexpr,
+    PERMUTED_KEYS: gl.constexpr,
 ):
     """Grid ``(nb, B * H)``; one CTA = one 128-row query block of one (batch, head).
 
@@ -520,11 +589,11 @@ def _gluon_fp8_attention_kernel(
         [
             (
                 _consumer_partition,
-                (shared, 0, HEAD_DIM, STAGES, PINGPONG, TWO_LEVEL, MAGIC_I2F),
+                (shared, 0, HEAD_DIM, STAGES, PINGPONG, TWO_LEVEL, MAGIC_I2F, PERMUTED_KEYS),
             ),
             (
                 _consumer_partition,
-                (shared, 1, HEAD_DIM, STAGES, PINGPONG, TWO_LEVEL, MAGIC_I2F),
+                (shared, 1, HEAD_DIM, STAGES, PINGPONG, TWO_LEVEL, MAGIC_I2F, PERMUTED_KEYS),
             ),
             (
                 loader_partition,
@@ -543,7 +612,7 @@ def _gluon_fp8_attention_kernel(
                 ),
             ),
             (
-                _valueloader_partition,
+                _value_loader_partition,
                 (
                     v_desc,
                     v_bufs,
@@ -590,9 +659,9 @@ def descriptors(quantized: QuantizedQKV, out: torch.Tensor) -> tuple[TensorDescr
     )
 
 
-# What the autotuner times per (N, head dim, density bucket): ping-pong off and on (each ahead
-# at some shape for the bf16 kernel), 2 stages, two-level accumulation, the integer-add
-# conversion. bench_fp8 --probe times the other switches.
+# What the autotuner times per (N, head dim, density bucket): ping-pong off and on, 2 stages,
+# one-level accumulation (two-level spills registers: tests/test_fp8_gluon_compile.py), the
+# integer-add conversion, V in wgmma key order. bench_fp8 --probe times the other switches.
 AUTOTUNE_CONFIGS = [
     triton.Config(
         GluonFP8Config(pingpong=pingpong).kwargs(),
@@ -625,8 +694,15 @@ def gluon_fp8_attention(
     """Run the kernel into ``out`` ``[B, H, N, D]`` (fp16/bf16); ``config`` skips autotuning.
 
     ``out`` must suit a TMA descriptor (16-byte aligned strides, unit stride along D); other
-    layouts go through a contiguous buffer and a copy.
+    layouts go through a contiguous buffer and a copy. ``quantized`` must hold V^T in the key
+    order the config reads (``permuted_keys``: ``quantize_qkv(..., key_order="wgmma")``).
     """
+    permuted = (config or GluonFP8Config()).permuted_keys
+    if quantized.wgmma_key_order != permuted:
+        raise ValueError(
+            f"this config reads V^T in {'wgmma' if permuted else 'natural'} key order; quantize "
+            f"with key_order={'wgmma' if permuted else 'natural'!r}"
+        )
     target = (
         out if tma_layout_ok(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
     )
@@ -685,7 +761,9 @@ def gluon_fp8_lut_attention(
             "the Gluon 8-bit kernel needs a compiled (not interpreted) Hopper GPU and "
             "block_size 128"
         )
-    quantized = quantize_qkv(q, k, v, block_size=block_size, key_lengths=lut.key_lengths)
+    quantized = quantize_qkv(
+        q, k, v, block_size=block_size, key_lengths=lut.key_lengths, key_order="wgmma"
+    )
     return gluon_fp8_attention(quantized, lut, torch.empty_like(q), scale=scale)
 
 

@@ -24,6 +24,7 @@ from compact_search.runtime.quantize import (
     LOG2_P_SCALE,
     QuantizedQKV,
     emulate_quantize_qkv,
+    natural_key_order,
     to_e4m3,
 )
 
@@ -49,7 +50,8 @@ def emulate_fp8_attention(
     blocked = (batch, heads, num_blocks, block_size, head_dim)
     q8 = quantized.q.float().reshape(blocked)  # exact integers
     k8 = quantized.k.float().reshape(blocked)
-    v8 = quantized.v_t.float().transpose(-1, -2).reshape(blocked)  # e4m3 values
+    v_t = natural_key_order(quantized.v_t) if quantized.wgmma_key_order else quantized.v_t
+    v8 = v_t.float().transpose(-1, -2).reshape(blocked)  # e4m3 values
     q_scale = quantized.q_scale.reshape(batch, heads, num_blocks, block_size, 1)
     head_rows = torch.arange(heads, device=q8.device) % lut.mask_heads
     block_ids = lut.kv_block_ids.to(q8.device).long()[head_rows]  # [H, nb, width]

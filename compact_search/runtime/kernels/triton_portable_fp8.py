@@ -129,6 +129,8 @@ def portable_fp8_attention(
     quantized: QuantizedQKV, lut: BlockLUT, out: torch.Tensor, *, scale: float
 ) -> torch.Tensor:
     """Run the portable kernel into ``out`` (``[B, H, N, D]``, unit stride along D)."""
+    if quantized.wgmma_key_order:
+        raise ValueError("the portable 8-bit kernel reads V^T in token order (key_order 'natural')")
     batch, heads, padded_len, head_dim = quantized.q.shape
     block_size = quantized.block_size
     _fp8_block_sparse_attention_kernel[(lut.num_blocks, batch * heads)](
