@@ -231,12 +231,11 @@ def probe_variants() -> dict[str, object]:
     return {
         "default": GluonFP8Config(),
         "pingpong": GluonFP8Config(pingpong=True),
-        "stages3": GluonFP8Config(stages=3),
+        "chain-rows": GluonFP8Config(tree_rows=False),
+        "chain-rows-pingpong": GluonFP8Config(tree_rows=False, pingpong=True),
+        "no-prefetch": GluonFP8Config(prefetch=False),
+        "no-prefetch-pingpong": GluonFP8Config(prefetch=False, pingpong=True),
         "stages3-pingpong": GluonFP8Config(stages=3, pingpong=True),
-        "two-level": GluonFP8Config(two_level=True),
-        "natural-keys": GluonFP8Config(permuted_keys=False),
-        "natural-keys-pingpong": GluonFP8Config(permuted_keys=False, pingpong=True),
-        "cvt-i2f": GluonFP8Config(magic_i2f=False),
     }
 
 

@@ -64,8 +64,11 @@ VARIANTS = {
     "gluon": ("gluon", {}),
     "gluon-pingpong": ("gluon", {"pingpong": True}),
     "gluon-3-stages": ("gluon", {"stages": 3}),
-    "gluon-one-level": ("gluon", {"two_level": False}),
+    "gluon-two-level": ("gluon", {"two_level": True}),
     "gluon-cvt": ("gluon", {"magic_i2f": False}),
+    "gluon-natural-keys": ("gluon", {"permuted_keys": False}),
+    "gluon-chain-rows": ("gluon", {"tree_rows": False}),
+    "gluon-no-prefetch": ("gluon", {"prefetch": False}),
     "portable": ("portable", None),
 }
 
@@ -100,9 +103,10 @@ def test_fp8_kernel_on_gpu(case, variant: str) -> None:
     q, k, v, mask, lengths = _problem(case)
     seq_len, head_dim = q.shape[2], q.shape[3]
     lut = build_block_lut(mask, seq_len=seq_len, block_size=128, key_block_lengths=lengths)
-    quantized = quantize_qkv(q, k, v, block_size=128, key_lengths=lut.key_lengths)
-    out = torch.full_like(q, float("nan"))
     config = None if options is None else _gluon_config(**options)
+    order = "wgmma" if config is not None and config.permuted_keys else "natural"
+    quantized = quantize_qkv(q, k, v, block_size=128, key_lengths=lut.key_lengths, key_order=order)
+    out = torch.full_like(q, float("nan"))
     if kernel == "gluon":
         from compact_search.runtime.kernels.gluon_hopper_fp8 import gluon_fp8_attention
 

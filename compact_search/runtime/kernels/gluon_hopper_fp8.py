@@ -105,6 +105,8 @@ class GluonFP8Config:
         two_level: bool = False,
         magic_i2f: bool = True,
         permuted_keys: bool = True,
+        tree_rows: bool = True,
+        prefetch: bool = True,
     ):
         if not 1 <= stages <= 4:
             raise ValueError(f"stages must be 1-4, got {stages}")
@@ -113,6 +115,8 @@ class GluonFP8Config:
         self.two_level = two_level
         self.magic_i2f = magic_i2f
         self.permuted_keys = permuted_keys
+        self.tree_rows = tree_rows
+        self.prefetch = prefetch
 
     def kwargs(self) -> dict:
         return {
@@ -121,13 +125,16 @@ class GluonFP8Config:
             "TWO_LEVEL": self.two_level,
             "MAGIC_I2F": self.magic_i2f,
             "PERMUTED_KEYS": self.permuted_keys,
+            "TREE_ROWS": self.tree_rows,
+            "PREFETCH": self.prefetch,
         }
 
     def __repr__(self) -> str:
         return (
             f"GluonFP8Config(stages={self.stages}, pingpong={self.pingpong}, "
             f"two_level={self.two_level}, magic_i2f={self.magic_i2f}, "
-            f"permuted_keys={self.permuted_keys})"
+            f"permuted_keys={self.permuted_keys}, tree_rows={self.tree_rows}, "
+            f"prefetch={self.prefetch})"
         )
 
 
@@ -168,6 +175,7 @@ def _softmax_step(
     s_layout: gl.constexpr,
     MASKED: gl.constexpr,
     MAGIC_I2F: gl.constexpr,
+    TREE_ROWS: gl.constexpr,
 ):
     """Online-softmax update for one ``[64, 128]`` int32 score tile (the wgmma layout).
 
@@ -192,12 +200,35 @@ def _softmax_step(
         cols = gl.arange(0, 128, layout=gl.SliceLayout(0, s_layout))  # [128]
         scores = gl.where(gl.expand_dims(cols < key_length, 0), scores, float("-inf"))
     # row_scale > 0, so the max of the scaled scores is the scaled max; max - B is exact.
-    new_max = gl.maximum(row_max, (gl.max(scores, axis=1) - bias) * row_scale)  # [64]
+    rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    tile_max = _row_reduce(scores, rows_layout, TREE_ROWS, True)  # [64]
+    new_max = gl.maximum(row_max, (tile_max - bias) * row_scale)  # [64]
     offset = new_max - LOG2_P_SCALE_C + bias * row_scale  # [64]
     probs = gl.exp2(scores * gl.expand_dims(row_scale, 1) - gl.expand_dims(offset, 1))
     correction = gl.exp2(row_max - new_max)  # [64]
-    row_sum = row_sum * correction + gl.sum(probs, axis=1)
+    row_sum = row_sum * correction + _row_reduce(probs, rows_layout, TREE_ROWS, False)
     return probs, new_max, row_sum, correction
+
+
+@gluon.jit
+def _row_reduce(x, rows_layout: gl.constexpr, TREE_ROWS: gl.constexpr, MAX: gl.constexpr):
+    """Max (``MAX``) or sum over the 128 columns of ``[64, 128]`` in the accumulator layout.
+
+    A thread holds 32 columns of each of its 2 rows; reduced in order, that is a chain of 31
+    dependent instructions a row on the path from S to P. ``TREE_ROWS`` first combines the four
+    32-column quarters (whose index lives in the thread's registers) elementwise, 8 independent
+    chains of 3, then the 8 left: a chain of ~10 for the same instruction count.
+    """
+    if TREE_ROWS:
+        quarters = gl.reshape(x, [64, 4, 32])  # column = 32 quarter + r
+        if MAX:
+            total = gl.max(gl.max(quarters, axis=1), axis=1)  # [64, 32] first, then [64]
+        else:
+            total = gl.sum(gl.sum(quarters, axis=1), axis=1)
+        return gl.convert_layout(total, rows_layout)
+    if MAX:
+        return gl.max(x, axis=1)
+    return gl.sum(x, axis=1)
 
 
 @gluon.jit
@@ -246,9 +277,12 @@ def _to_e4m3_packed(x):
 
 @gluon.jit
 def _tile_scale(row, tile, q_scale):
-    """Tile ``tile``'s key block: ``[64]`` factor from int scores to log2 units, its length."""
-    key_lengths_ptr, block_ids_ptr, k_scale_ptr, qk_scale = row
-    key_block = gl.load(block_ids_ptr + tile)
+    """Tile ``tile``'s key block: ``[64]`` factor from int scores to log2 units, its length.
+
+    ``tile`` may be one past the row's last (a prefetch): block 0 stands in for it.
+    """
+    key_lengths_ptr, block_ids_ptr, k_scale_ptr, qk_scale, num_tiles = row
+    key_block = gl.load(block_ids_ptr + tile, mask=tile < num_tiles, other=0)
     row_scale = q_scale * (gl.load(k_scale_ptr + key_block) * qk_scale)
     return row_scale, gl.load(key_lengths_ptr + key_block)
 
@@ -283,13 +317,16 @@ def _key_tile(
     TWO_LEVEL: gl.constexpr,
     MAGIC_I2F: gl.constexpr,
     PERMUTED_KEYS: gl.constexpr,
+    TREE_ROWS: gl.constexpr,
+    PREFETCH: gl.constexpr,
     MASKED: gl.constexpr,
 ):
     """Key tile j >= 1: issue S_j and P_{j-1} V_{j-1}, softmax j while the latter runs, merge.
 
-    ``state`` is (acc, P_{j-1} as the A operand, row max, row sum); returns the same for j.
+    ``state`` is (acc, P_{j-1} in the A operand's layout, row max, row sum, the scale and length
+    of tile j when ``PREFETCH`` loaded them a tile ahead); returns the same for j.
     """
-    acc, p, row_max, row_sum = state
+    acc, p, row_max, row_sum, prefetched = state
     q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turns, zeros = operands
     zero_scores, zero_pv = zeros
     s_layout: gl.constexpr = zero_scores.type.layout
@@ -303,10 +340,14 @@ def _key_tile(
     )  # S_j
     pv_token = _issue_pv(p, v_bufs, v_ready, tile - 1, acc, zero_pv, STAGES, TWO_LEVEL)
     pass_turn(turns, WARPGROUP, PINGPONG)
-    row_scale, key_length = _tile_scale(row, tile, q_scale)
-    # P is not a dependency of the waits: 8-bit registers cannot be (Triton's lowering of the
-    # wait takes 16-, 32- and 64-bit values only). The wgmma reads P from copies made for it
-    # alone, which nothing writes again.
+    if PREFETCH:
+        # This tile's scale came a tile early; the next one's loads run under this softmax.
+        row_scale, key_length = prefetched
+        prefetched = _tile_scale(row, tile + 1, q_scale)
+    else:
+        row_scale, key_length = _tile_scale(row, tile, q_scale)
+    # P is not a dependency of the waits: the wgmma reads the e4m3 registers _issue_pv made for
+    # it alone, which nothing writes again.
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     if MASKED:
         # Tiles of padded blocks (a few per row at most) wait for P V before their softmax:
@@ -316,7 +357,7 @@ def _key_tile(
         mbarrier.arrive(v_empty.index((tile - 1) % STAGES), count=1)
         acc = acc + pv if TWO_LEVEL else pv
         probs, row_max, row_sum, correction = _softmax_step(
-            scores, row_max, row_sum, row_scale, key_length, s_layout, True, MAGIC_I2F
+            scores, row_max, row_sum, row_scale, key_length, s_layout, True, MAGIC_I2F, TREE_ROWS
         )
         acc = acc * gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
     else:
@@ -324,14 +365,14 @@ def _key_tile(
         mbarrier.arrive(k_empty.index(slot), count=1)
         # Softmax of tile j while the tensor cores run P_{j-1} V_{j-1}.
         probs, row_max, row_sum, correction = _softmax_step(
-            scores, row_max, row_sum, row_scale, key_length, s_layout, False, MAGIC_I2F
+            scores, row_max, row_sum, row_scale, key_length, s_layout, False, MAGIC_I2F, TREE_ROWS
         )
         pv = warpgroup_mma_wait(0, deps=(pv_token,))
         mbarrier.arrive(v_empty.index((tile - 1) % STAGES), count=1)
         scale_rows = gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
         acc = (acc + pv) * scale_rows if TWO_LEVEL else pv * scale_rows
     p = _pv_operand(probs, p_layout, PERMUTED_KEYS)
-    return acc, p, row_max, row_sum
+    return acc, p, row_max, row_sum, prefetched
 
 
 @gluon.jit
@@ -344,6 +385,8 @@ def _consumer_partition(
     TWO_LEVEL: gl.constexpr,
     MAGIC_I2F: gl.constexpr,
     PERMUTED_KEYS: gl.constexpr,
+    TREE_ROWS: gl.constexpr,
+    PREFETCH: gl.constexpr,
 ):
     """One warpgroup: 64 query rows, both matmuls, the softmax and the epilogue.
 
@@ -381,7 +424,7 @@ def _consumer_partition(
     o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
     q_smem = q_halves.index(WARPGROUP)  # [64, D] int8
     out_smem = out_halves.index(WARPGROUP)  # [64, D] output dtype
-    tile_row = (key_lengths_ptr, block_ids_ptr, k_scale_ptr, qk_scale)
+    tile_row = (key_lengths_ptr, block_ids_ptr, k_scale_ptr, qk_scale, num_tiles)
 
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)  # [64, D]
     # Also for an empty row: the CTA must not exit with the Q copy still landing.
@@ -416,14 +459,31 @@ def _consumer_partition(
         mbarrier.arrive(k_empty.index(0), count=1)
         if full_tiles > 0:
             probs, row_max, row_sum, correction = _softmax_step(
-                scores, row_max, row_sum, row_scale, key_length, s_layout, False, MAGIC_I2F
+                scores,
+                row_max,
+                row_sum,
+                row_scale,
+                key_length,
+                s_layout,
+                False,
+                MAGIC_I2F,
+                TREE_ROWS,
             )
         else:
             probs, row_max, row_sum, correction = _softmax_step(
-                scores, row_max, row_sum, row_scale, key_length, s_layout, True, MAGIC_I2F
+                scores,
+                row_max,
+                row_sum,
+                row_scale,
+                key_length,
+                s_layout,
+                True,
+                MAGIC_I2F,
+                TREE_ROWS,
             )
-        p = _pv_operand(probs, p_layout, PERMUTED_KEYS)  # [64, 128] A operand
-        state = (acc, p, row_max, row_sum)
+        p = _pv_operand(probs, p_layout, PERMUTED_KEYS)  # [64, 128] fp32, A operand layout
+        # Tile 1's scale (loaded only to be prefetched; without PREFETCH it is carried unused).
+        state = (acc, p, row_max, row_sum, _tile_scale(tile_row, 1, q_scale))
 
         for tile in range(1, full_tiles):
             state = _key_tile(
@@ -438,6 +498,8 @@ def _consumer_partition(
                 TWO_LEVEL,
                 MAGIC_I2F,
                 PERMUTED_KEYS,
+                TREE_ROWS,
+                PREFETCH,
                 False,
             )
         for tile in range(gl.maximum(full_tiles, 1), num_tiles):
@@ -453,9 +515,11 @@ def _consumer_partition(
                 TWO_LEVEL,
                 MAGIC_I2F,
                 PERMUTED_KEYS,
+                TREE_ROWS,
+                PREFETCH,
                 True,
             )
-        acc, p, row_max, row_sum = state
+        acc, p, row_max, row_sum, _ = state
 
         # Epilogue: the last tile's P V (turn num_tiles).
         last = num_tiles - 1
@@ -511,6 +575,8 @@ def _gluon_fp8_attention_kernel(
     TWO_LEVEL: gl.constexpr,
     MAGIC_I2F: gl.constexpr,
     PERMUTED_KEYS: gl.constexpr,
+    TREE_ROWS: gl.constexpr,
+    PREFETCH: gl.constexpr,
 ):
     """Grid ``(nb, B * H)``; one CTA = one 128-row query block of one (batch, head).
 
@@ -589,11 +655,33 @@ def _gluon_fp8_attention_kernel(
         [
             (
                 _consumer_partition,
-                (shared, 0, HEAD_DIM, STAGES, PINGPONG, TWO_LEVEL, MAGIC_I2F, PERMUTED_KEYS),
+                (
+                    shared,
+                    0,
+                    HEAD_DIM,
+                    STAGES,
+                    PINGPONG,
+                    TWO_LEVEL,
+                    MAGIC_I2F,
+                    PERMUTED_KEYS,
+                    TREE_ROWS,
+                    PREFETCH,
+                ),
             ),
             (
                 _consumer_partition,
-                (shared, 1, HEAD_DIM, STAGES, PINGPONG, TWO_LEVEL, MAGIC_I2F, PERMUTED_KEYS),
+                (
+                    shared,
+                    1,
+                    HEAD_DIM,
+                    STAGES,
+                    PINGPONG,
+                    TWO_LEVEL,
+                    MAGIC_I2F,
+                    PERMUTED_KEYS,
+                    TREE_ROWS,
+                    PREFETCH,
+                ),
             ),
             (
                 loader_partition,
