@@ -233,8 +233,6 @@ def probe_variants() -> dict[str, object]:
         "pingpong": GluonFP8Config(pingpong=True),
         "chain-rows": GluonFP8Config(tree_rows=False),
         "chain-rows-pingpong": GluonFP8Config(tree_rows=False, pingpong=True),
-        "no-prefetch": GluonFP8Config(prefetch=False),
-        "no-prefetch-pingpong": GluonFP8Config(prefetch=False, pingpong=True),
         "stages3-pingpong": GluonFP8Config(stages=3, pingpong=True),
     }
 

@@ -137,14 +137,14 @@ def compiled_facts(head_dim: int, dtype: torch.dtype, config) -> dict:
     }
 
 
-SWITCHES = ("pingpong", "two_level", "magic_i2f", "permuted_keys", "tree_rows", "prefetch")
+SWITCHES = ("pingpong", "two_level", "magic_i2f", "permuted_keys", "tree_rows")
 CONFIGS = [
     (128, torch.bfloat16, gluon_fp8.GluonFP8Config()),
     (64, torch.float16, gluon_fp8.GluonFP8Config()),
     (128, torch.bfloat16, gluon_fp8.GluonFP8Config(stages=3, pingpong=True)),
     (128, torch.bfloat16, gluon_fp8.GluonFP8Config(two_level=True, magic_i2f=False)),
     (128, torch.bfloat16, gluon_fp8.GluonFP8Config(permuted_keys=False)),
-    (128, torch.bfloat16, gluon_fp8.GluonFP8Config(tree_rows=False, prefetch=False)),
+    (128, torch.bfloat16, gluon_fp8.GluonFP8Config(tree_rows=False)),
 ]
 
 

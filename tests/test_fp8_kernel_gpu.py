@@ -68,7 +68,6 @@ VARIANTS = {
     "gluon-cvt": ("gluon", {"magic_i2f": False}),
     "gluon-natural-keys": ("gluon", {"permuted_keys": False}),
     "gluon-chain-rows": ("gluon", {"tree_rows": False}),
-    "gluon-no-prefetch": ("gluon", {"prefetch": False}),
     "portable": ("portable", None),
 }
 

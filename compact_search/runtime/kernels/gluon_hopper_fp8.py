@@ -106,7 +106,6 @@ class GluonFP8Config:
         magic_i2f: bool = True,
         permuted_keys: bool = True,
         tree_rows: bool = True,
-        prefetch: bool = True,
     ):
         if not 1 <= stages <= 4:
             raise ValueError(f"stages must be 1-4, got {stages}")
@@ -116,7 +115,6 @@ class GluonFP8Config:
         self.magic_i2f = magic_i2f
         self.permuted_keys = permuted_keys
         self.tree_rows = tree_rows
-        self.prefetch = prefetch
 
     def kwargs(self) -> dict:
         return {
@@ -126,15 +124,13 @@ class GluonFP8Config:
             "MAGIC_I2F": self.magic_i2f,
             "PERMUTED_KEYS": self.permuted_keys,
             "TREE_ROWS": self.tree_rows,
-            "PREFETCH": self.prefetch,
         }
 
     def __repr__(self) -> str:
         return (
             f"GluonFP8Config(stages={self.stages}, pingpong={self.pingpong}, "
             f"two_level={self.two_level}, magic_i2f={self.magic_i2f}, "
-            f"permuted_keys={self.permuted_keys}, tree_rows={self.tree_rows}, "
-            f"prefetch={self.prefetch})"
+            f"permuted_keys={self.permuted_keys}, tree_rows={self.tree_rows})"
         )
 
 
@@ -277,12 +273,9 @@ def _to_e4m3_packed(x):
 
 @gluon.jit
 def _tile_scale(row, tile, q_scale):
-    """Tile ``tile``'s key block: ``[64]`` factor from int scores to log2 units, its length.
-
-    ``tile`` may be one past the row's last (a prefetch): block 0 stands in for it.
-    """
-    key_lengths_ptr, block_ids_ptr, k_scale_ptr, qk_scale, num_tiles = row
-    key_block = gl.load(block_ids_ptr + tile, mask=tile < num_tiles, other=0)
+    """Tile ``tile``'s key block: ``[64]`` factor from int scores to log2 units, its length."""
+    key_lengths_ptr, block_ids_ptr, k_scale_ptr, qk_scale = row
+    key_block = gl.load(block_ids_ptr + tile)
     row_scale = q_scale * (gl.load(k_scale_ptr + key_block) * qk_scale)
     return row_scale, gl.load(key_lengths_ptr + key_block)
 
@@ -318,15 +311,14 @@ def _key_tile(
     MAGIC_I2F: gl.constexpr,
     PERMUTED_KEYS: gl.constexpr,
     TREE_ROWS: gl.constexpr,
-    PREFETCH: gl.constexpr,
     MASKED: gl.constexpr,
 ):
     """Key tile j >= 1: issue S_j and P_{j-1} V_{j-1}, softmax j while the latter runs, merge.
 
-    ``state`` is (acc, P_{j-1} in the A operand's layout, row max, row sum, the scale and length
-    of tile j when ``PREFETCH`` loaded them a tile ahead); returns the same for j.
+    ``state`` is (acc, P_{j-1} in fp32 in the A operand's layout, row max, row sum); returns the
+    same for j.
     """
-    acc, p, row_max, row_sum, prefetched = state
+    acc, p, row_max, row_sum = state
     q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turns, zeros = operands
     zero_scores, zero_pv = zeros
     s_layout: gl.constexpr = zero_scores.type.layout
@@ -340,12 +332,7 @@ def _key_tile(
     )  # S_j
     pv_token = _issue_pv(p, v_bufs, v_ready, tile - 1, acc, zero_pv, STAGES, TWO_LEVEL)
     pass_turn(turns, WARPGROUP, PINGPONG)
-    if PREFETCH:
-        # This tile's scale came a tile early; the next one's loads run under this softmax.
-        row_scale, key_length = prefetched
-        prefetched = _tile_scale(row, tile + 1, q_scale)
-    else:
-        row_scale, key_length = _tile_scale(row, tile, q_scale)
+    row_scale, key_length = _tile_scale(row, tile, q_scale)
     # P is not a dependency of the waits: the wgmma reads the e4m3 registers _issue_pv made for
     # it alone, which nothing writes again.
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -372,7 +359,7 @@ def _key_tile(
         scale_rows = gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
         acc = (acc + pv) * scale_rows if TWO_LEVEL else pv * scale_rows
     p = _pv_operand(probs, p_layout, PERMUTED_KEYS)
-    return acc, p, row_max, row_sum, prefetched
+    return acc, p, row_max, row_sum
 
 
 @gluon.jit
@@ -386,7 +373,6 @@ def _consumer_partition(
     MAGIC_I2F: gl.constexpr,
     PERMUTED_KEYS: gl.constexpr,
     TREE_ROWS: gl.constexpr,
-    PREFETCH: gl.constexpr,
 ):
     """One warpgroup: 64 query rows, both matmuls, the softmax and the epilogue.
 
@@ -424,7 +410,7 @@ def _consumer_partition(
     o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
     q_smem = q_halves.index(WARPGROUP)  # [64, D] int8
     out_smem = out_halves.index(WARPGROUP)  # [64, D] output dtype
-    tile_row = (key_lengths_ptr, block_ids_ptr, k_scale_ptr, qk_scale, num_tiles)
+    tile_row = (key_lengths_ptr, block_ids_ptr, k_scale_ptr, qk_scale)
 
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)  # [64, D]
     # Also for an empty row: the CTA must not exit with the Q copy still landing.
@@ -482,8 +468,7 @@ def _consumer_partition(
                 TREE_ROWS,
             )
         p = _pv_operand(probs, p_layout, PERMUTED_KEYS)  # [64, 128] fp32, A operand layout
-        # Tile 1's scale (loaded only to be prefetched; without PREFETCH it is carried unused).
-        state = (acc, p, row_max, row_sum, _tile_scale(tile_row, 1, q_scale))
+        state = (acc, p, row_max, row_sum)
 
         for tile in range(1, full_tiles):
             state = _key_tile(
@@ -499,7 +484,6 @@ def _consumer_partition(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
-                PREFETCH,
                 False,
             )
         for tile in range(gl.maximum(full_tiles, 1), num_tiles):
@@ -516,10 +500,9 @@ def _consumer_partition(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
-                PREFETCH,
                 True,
             )
-        acc, p, row_max, row_sum, _ = state
+        acc, p, row_max, row_sum = state
 
         # Epilogue: the last tile's P V (turn num_tiles).
         last = num_tiles - 1
@@ -576,7 +559,6 @@ def _gluon_fp8_attention_kernel(
     MAGIC_I2F: gl.constexpr,
     PERMUTED_KEYS: gl.constexpr,
     TREE_ROWS: gl.constexpr,
-    PREFETCH: gl.constexpr,
 ):
     """Grid ``(nb, B * H)``; one CTA = one 128-row query block of one (batch, head).
 
@@ -665,7 +647,6 @@ def _gluon_fp8_attention_kernel(
                     MAGIC_I2F,
                     PERMUTED_KEYS,
                     TREE_ROWS,
-                    PREFETCH,
                 ),
             ),
             (
@@ -680,7 +661,6 @@ def _gluon_fp8_attention_kernel(
                     MAGIC_I2F,
                     PERMUTED_KEYS,
                     TREE_ROWS,
-                    PREFETCH,
                 ),
             ),
             (
