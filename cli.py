@@ -317,7 +317,9 @@ def evaluate(
             run_profile, list(config), out, torch.device(device), options, on_phase=on_phase
         )
     if output_format is OutputFormat.json:
-        console.print(json.dumps(run.to_json(), indent=1), markup=False, highlight=False)
+        # soft_wrap: rich would otherwise break long strings (prompts) at the console width.
+        text = json.dumps(run.to_json(), indent=1)
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
     else:
         title = "dense vs compact: " + ", ".join(str(c) for c in config)
         render_evaluation(run.reports, title=title, run=run)
@@ -487,9 +489,11 @@ def render_check(report, heads: bool = True) -> None:
             console.print(f"[yellow]note:[/] {where}{note}")
         for k in expert.kernel:
             state = "[green]ok[/]" if k.passed else "[red]FAIL[/]"
+            against = f"rel. error {k.relative_error:.2e}"
+            if k.reference != "fp32":
+                against += f" vs {k.reference} ({k.fp32_relative_error:.2e} vs fp32)"
             console.print(
-                f"{where}kernel bucket {k.bucket} layer {k.layer} ({k.precision}): rel. error "
-                f"{k.relative_error:.2e} {state}"
+                f"{where}kernel bucket {k.bucket} layer {k.layer} ({k.kernel}): {against} {state}"
             )
     for name, expert in {"": report, **report.experts}.items():
         for failure in expert.config_failures:

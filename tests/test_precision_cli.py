@@ -85,19 +85,24 @@ def test_the_kernel_check_runs_the_configs_precision_or_the_one_asked_for():
     config = block64_config(HeadPattern.local(0, 0, 1)).with_precision("fp8")
     with recorded_kernels() as ran:
         report = check_config(config, PlantedProfile(), kernel=True, kernel_layers=1)
-    assert ran == ["triton-portable-fp8"] * 2  # one layer in each of two buckets
-    assert [k.precision for k in report.kernel] == ["fp8", "fp8"]
-    assert all(k.passed and 0 < k.relative_error < 3e-2 for k in report.kernel)
-    assert report.to_json()["kernel"][0]["kernels"] == ["triton-portable-fp8"]
+    # One layer in each of two buckets: the 8-bit kernel, then its exact emulation.
+    assert ran == ["triton-portable-fp8", "reference-fp8"] * 2
+    assert [(k.precision, k.kernel, k.reference) for k in report.kernel] == [
+        ("fp8", "triton-portable-fp8", "reference-fp8")
+    ] * 2
+    assert all(k.passed and k.relative_error < 1e-3 for k in report.kernel)
+    assert report.to_json()["kernel"][0]["kernel"] == "triton-portable-fp8"
     assert 'classname="kernel"' in junit_xml(report)
     asked = check_config(
         config, PlantedProfile(), kernel=True, kernel_layers=1, kernel_precision="bf16"
     )
-    assert [k.precision for k in asked.kernel] == ["bf16", "bf16"]
-    assert [k.kernels for k in asked.kernel] == [("triton-portable",)] * 2
-    # The 8-bit path really quantizes: its error is well above the fp16 kernel's.
-    assert min(k.relative_error for k in report.kernel) > max(
-        k.relative_error for k in asked.kernel
+    assert [(k.precision, k.kernel, k.reference) for k in asked.kernel] == [
+        ("bf16", "triton-portable", "fp32")
+    ] * 2
+    assert all(k.passed and k.fp32_relative_error == k.relative_error for k in asked.kernel)
+    # The 8-bit path really quantizes: against fp32 it is well off the fp16 kernel.
+    assert min(k.fp32_relative_error for k in report.kernel) > 10 * max(
+        k.fp32_relative_error for k in asked.kernel
     )
 
 
