@@ -20,6 +20,7 @@ from compact_search.errors import UserInputError
 from compact_search.geometry import Grid, TileShape
 from compact_search.patterns import HeadPattern
 from compact_search.runtime.apply import CompactHandle, StepTracker, apply
+from compact_search.runtime.attention import recorded_kernels
 from compact_search.runtime.kernels.common import lut_tensors
 from compact_search.runtime.kernels.reference import masked_reference
 from compact_search.runtime.lut import build_block_lut
@@ -93,35 +94,53 @@ def eager_outputs(model, handle) -> dict:
 
 
 @pytest.mark.parametrize(
-    "backend, dtype, head_dim",
-    [("reference", torch.float32, 24), ("triton-portable", torch.float16, 64)],
-    ids=["reference-fp32", "portable-fp16"],
+    "backend, dtype, head_dim, precision, block_size",
+    [
+        ("reference", torch.float32, 24, "bf16", 16),
+        ("triton-portable", torch.float16, 64, "bf16", 16),
+        ("reference", torch.bfloat16, 64, "fp8", 64),
+        ("triton-portable", torch.float16, 64, "fp8", 64),
+    ],
+    ids=["reference-fp32", "portable-fp16", "reference-fp8", "portable-fp8"],
 )
-def test_the_operators_pass_opcheck_with_token_major_inputs(backend, dtype, head_dim):
+def test_the_operators_pass_opcheck_with_token_major_inputs(
+    backend, dtype, head_dim, precision, block_size
+):
     """`torch.library.opcheck`: schema, fake implementation (sizes, strides, dtype of the real
     output), and the operator under AOT dispatch, for q, k, v that are [B, H, N, D] views of
-    token-major [B, N, H, D] storage, as the runtime passes them; 40 tokens in 16-token blocks
-    (the last one ragged) with key padding and an empty row."""
+    token-major [B, N, H, D] storage, as the runtime passes them; 2.5 blocks of tokens (the last
+    one ragged) with key padding and an empty row."""
     gen = torch.Generator().manual_seed(0)
+    seq_len = 5 * block_size // 2
     q, k, v = (
-        torch.randn(1, 40, 2, head_dim, generator=gen).to(dtype).transpose(1, 2) for _ in range(3)
+        torch.randn(1, seq_len, 2, head_dim, generator=gen).to(dtype).transpose(1, 2)
+        for _ in range(3)
     )  # [B, H, N, D] views
     mask = torch.rand(2, 3, 3, generator=gen) < 0.6  # [H, nb, nb]
     mask[1, 0] = False  # an empty row: zeros
     mask[:, :, 0] = True
-    lengths = torch.tensor([16, 11, 8], dtype=torch.int32)  # block 1 padded; 40 = 16 + 16 + 8
-    lut = build_block_lut(mask, seq_len=40, block_size=16, key_block_lengths=lengths)
+    # block 1 padded; the last one ragged (half a block)
+    lengths = torch.tensor([block_size, block_size * 11 // 16, block_size // 2], dtype=torch.int32)
+    lut = build_block_lut(mask, seq_len=seq_len, block_size=block_size, key_block_lengths=lengths)
     ops = torch.ops.compact_search
-    table_args = (q, k, v, *lut_tensors(lut), 16, head_dim**-0.5, lut.density, backend)
+    scale = head_dim**-0.5
+    table_args = (q, k, v, *lut_tensors(lut), block_size, scale, lut.density, backend, precision)
     torch.library.opcheck(ops.sparse_attention_lut.default, table_args)
     torch.library.opcheck(
-        ops.sparse_attention.default, (q, k, v, mask, lengths, 16, head_dim**-0.5, backend)
+        ops.sparse_attention.default,
+        (q, k, v, mask, lengths, block_size, scale, backend, precision),
     )
-    out = ops.sparse_attention_lut.default(*table_args)
+    with recorded_kernels() as ran:
+        out = ops.sparse_attention_lut.default(*table_args)
+    assert ran == [backend if precision == "bf16" else f"{backend}-fp8"]
     assert out.stride() == q.stride()  # token-major, as the fake promises
     expected = masked_reference(
-        q.double(), k.double(), v.double(), mask, block_size=16, key_block_lengths=lengths
+        q.double(), k.double(), v.double(), mask, block_size=block_size, key_block_lengths=lengths
     )
+    if precision == "fp8":  # INT8 Q K^T, e4m3 P and V: ~4e-2 relative (docs/kernel.md)
+        error = (out.double() - expected).norm() / expected.norm()
+        assert error < 5e-2
+        return
     tolerance = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
 

@@ -1,8 +1,9 @@
 """The runtime's import rules, read from the source with `ast` (nothing is imported to check them).
 
-- Kernel modules (`runtime/kernels/*.py` but `common`) never import each other: what they share
-  lives in `kernels/common.py`, which imports no kernel either. Only the chooser
-  (`runtime/attention.py`) picks one.
+- Kernel modules (`runtime/kernels/*.py` but `common` and `gluon_common`) never import each
+  other: what they share lives in `kernels/common.py` (plain facts, no triton) and
+  `kernels/gluon_common.py` (what the two Gluon kernels share), which import no kernel either.
+  Only the chooser (`runtime/attention.py`) picks one.
 - Nothing under `runtime/` imports `compact_search.profiling` or `compact_search.search`
   (runtime sits below them), not even inside a function.
 """
@@ -50,19 +51,35 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def kernel_modules() -> list[Path]:
-    return sorted(p for p in KERNELS.glob("*.py") if p.name not in ("__init__.py", "common.py"))
+    shared = ("__init__.py", "common.py", "gluon_common.py")
+    return sorted(p for p in KERNELS.glob("*.py") if p.name not in shared)
 
 
-def test_the_four_kernels_are_where_the_docs_say():
+def test_the_kernels_are_where_the_docs_say():
     assert [p.stem for p in kernel_modules()] == [
         "flex",
         "gluon_hopper",
+        "gluon_hopper_fp8",
         "reference",
+        "reference_fp8",
         "triton_portable",
+        "triton_portable_fp8",
     ]
 
 
-@pytest.mark.parametrize("path", [*kernel_modules(), KERNELS / "common.py"], ids=lambda p: p.stem)
+def test_every_kernel_module_is_one_the_chooser_names():
+    from compact_search.runtime.attention import FP8_TWINS, KERNELS
+
+    named = {KERNELS[kernel][0] for kernel in KERNELS}
+    assert named == {module_name(p) for p in kernel_modules()}
+    assert all(KERNELS[twin][0].endswith("_fp8") for twin in FP8_TWINS.values())
+
+
+@pytest.mark.parametrize(
+    "path",
+    [*kernel_modules(), KERNELS / "common.py", KERNELS / "gluon_common.py"],
+    ids=lambda p: p.stem,
+)
 def test_kernel_modules_never_import_each_other(path: Path):
     kernels = {module_name(p) for p in kernel_modules()}
     own = module_name(path)

@@ -12,9 +12,19 @@ Backends (the `backend=` argument):
 - "flex": FlexAttention with the same block mask (`kernels/flex.py`), for comparison and interop;
 - "auto": "triton" on CUDA, "reference" elsewhere (on CPU the interpreter is far slower).
 
+Precisions (the `precision=` argument): "bf16" runs the kernels above; "fp8" runs each one's
+8-bit twin (INT8 Q K^T, FP8 e4m3 P V after the pre-pass of `runtime/quantize.py`):
+`kernels/reference_fp8.py` (the exact torch emulation, for "reference" and "auto" off CUDA),
+`kernels/triton_portable_fp8.py` (GPUs with FP8 tensor cores, the interpreter) and
+`kernels/gluon_hopper_fp8.py` (Hopper, block size 128, any input layout), chosen as their
+16-bit twins are; "flex" has none (ValueError).
+
 A Triton backend (or "auto" on CUDA) given a dtype or head dim the kernels do not take runs the
-reference instead and says so in one warning per distinct reason. The kernel modules never import
-each other; they are imported here on first use, so the reference path never loads triton.
+reference instead and says so in one warning per distinct reason; "fp8" where no 8-bit kernel
+runs (block sizes other than 64 and 128, GPUs without FP8 tensor cores) runs as "bf16", also
+after one warning. The kernel modules never import each other; they are imported here on first
+use, so the 16-bit reference path never loads triton (the 8-bit one does: its pre-pass module
+holds the Triton quantization kernels too).
 
 Two PyTorch operators carry the kernels into torch.compile (`torch.library.custom_op`, opaque to
 the compiler, with a fake implementation that allocates the output as the kernels do and reads no
@@ -46,9 +56,10 @@ from compact_search.runtime.kernels.common import lut_tensors, unsupported_reaso
 from compact_search.runtime.lut import BlockLUT
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# What each kernel backend runs: (module, function from a mask, function from lookup tables),
-# called as run(q, k, v, block_mask, *, block_size, scale, key_block_lengths) and
-# run_lut(q, k, v, lut, *, block_size, scale).
+# What each kernel runs: (module, function from a mask, function from lookup tables), called as
+# run(q, k, v, block_mask, *, block_size, scale, key_block_lengths) and
+# run_lut(q, k, v, lut, *, block_size, scale). A backend names a 16-bit kernel; precision "fp8"
+# runs its 8-bit twin (FP8_TWINS).
 KERNELS = {
     "reference": (
         "compact_search.runtime.kernels.reference",
@@ -66,8 +77,32 @@ KERNELS = {
         "gluon_lut_attention",
     ),
     "flex": ("compact_search.runtime.kernels.flex", "flex_sparse_attention", "flex_lut_attention"),
+    "reference-fp8": (
+        "compact_search.runtime.kernels.reference_fp8",
+        "reference_fp8_sparse_attention",
+        "reference_fp8_lut_attention",
+    ),
+    "triton-portable-fp8": (
+        "compact_search.runtime.kernels.triton_portable_fp8",
+        "portable_fp8_sparse_attention",
+        "portable_fp8_lut_attention",
+    ),
+    "triton-gluon-fp8": (
+        "compact_search.runtime.kernels.gluon_hopper_fp8",
+        "gluon_fp8_sparse_attention",
+        "gluon_fp8_lut_attention",
+    ),
 }
-BACKENDS = ("auto", "triton", *KERNELS)
+FP8_TWINS = {
+    "reference": "reference-fp8",
+    "triton-portable": "triton-portable-fp8",
+    "triton-gluon": "triton-gluon-fp8",
+}
+BACKENDS = ("auto", "triton", "reference", "triton-portable", "triton-gluon", "flex")
+# "bf16": the kernels compute in the inputs' 16-bit dtype with fp32 accumulation; "fp8": INT8
+# Q K^T and FP8 e4m3 P V after the pre-pass of runtime/quantize.py (docs/kernel.md).
+PRECISIONS = ("bf16", "fp8")
+FP8_BLOCK_SIZES = (64, 128)
 
 _warned_fallbacks: set[str] = set()
 # The lists `recorded_kernels` hands out: every operator call appends the kernel it ran.
@@ -88,8 +123,8 @@ def recorded_kernels() -> Iterator[list[str]]:
         _kernel_records.remove(record)
 
 
-def _choose_and_record(q, k, v, block_size: int, backend: str) -> str:
-    kernel, fallback = choose_kernel(q, k, v, block_size, backend)
+def _choose_and_record(q, k, v, block_size: int, backend: str, precision: str = "bf16") -> str:
+    kernel, fallback = choose_kernel(q, k, v, block_size, backend, precision)
     _warn_fallback(fallback)
     for record in _kernel_records:
         record.append(kernel)
@@ -168,23 +203,85 @@ def _gluon_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: i
     return gluon_supports(q, k, v, block_size)
 
 
-def choose_kernel(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, backend: str = "auto"
-) -> tuple[str, str | None]:
-    """The kernel `sparse_attention` runs for these inputs (a key of KERNELS), and why it fell
-    back to the reference (None when it did not)."""
+def _gluon_fp8_runs(q: torch.Tensor, block_size: int) -> bool:
+    if not q.is_cuda:
+        return False
+    try:
+        from compact_search.runtime.kernels.gluon_hopper_fp8 import gluon_fp8_supports
+    except ImportError:  # a Triton without the Gluon Hopper API
+        return False
+    return gluon_fp8_supports(q, block_size)
+
+
+def _check_backend(backend: str, precision: str = "bf16") -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp8" and backend == "flex":
+        raise ValueError("backend 'flex' has no 8-bit path: use precision 'bf16' with it")
+
+
+def _fp8_kernel(q: torch.Tensor, block_size: int, kernel: str, backend: str) -> tuple[str, str]:
+    """The 8-bit twin of the 16-bit ``kernel`` chosen for these inputs, or ``kernel`` itself
+    and why (a fallback message) where no 8-bit kernel runs them."""
+    if block_size not in FP8_BLOCK_SIZES:
+        return (
+            kernel,
+            f"block size {block_size} (8-bit kernels take 64 or 128); precision 'fp8' runs as "
+            "'bf16'",
+        )
+    if kernel == "reference":
+        return FP8_TWINS[kernel], None
+    from compact_search.runtime.kernels.triton_portable_fp8 import portable_fp8_supports
+
+    # The pre-pass lays the 8-bit operands out itself: Gluon's TMA needs nothing of q, k, v.
+    if backend in ("auto", "triton", "triton-gluon") and _gluon_fp8_runs(q, block_size):
+        return FP8_TWINS["triton-gluon"], None
+    if backend == "triton-gluon":
+        raise ValueError(
+            "the Gluon 8-bit kernel needs a compiled (not interpreted) Hopper GPU and "
+            "block_size 128"
+        )
+    if portable_fp8_supports(q):
+        return FP8_TWINS["triton-portable"], None
+    return kernel, (
+        "this GPU has no FP8 tensor cores (compute capability < 8.9); precision 'fp8' runs as "
+        "'bf16'"
+    )
+
+
+def choose_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_size: int,
+    backend: str = "auto",
+    precision: str = "bf16",
+) -> tuple[str, str | None]:
+    """The kernel `sparse_attention` runs for these inputs (a key of KERNELS), and what it fell
+    back from and to, as a warning's text (None when it did not)."""
+    _check_backend(backend, precision)
     if backend in ("reference", "flex"):
-        return backend, None
-    if backend == "auto" and not q.is_cuda:
-        return "reference", None
+        kernel, reason = backend, None
+    elif backend == "auto" and not q.is_cuda:
+        kernel, reason = "reference", None
+    else:
+        reason = unsupported_reason(q)
+        if reason is not None:
+            kernel = "reference"
+        elif backend in ("auto", "triton"):
+            kernel = "triton-gluon" if _gluon_runs(q, k, v, block_size) else "triton-portable"
+        else:
+            kernel = backend
+        if reason is not None:
+            return kernel, f"{reason}; using the reference"
+    if precision == "bf16":
+        return kernel, None
     reason = unsupported_reason(q)
     if reason is not None:
-        return "reference", reason
-    if backend in ("auto", "triton"):
-        return ("triton-gluon" if _gluon_runs(q, k, v, block_size) else "triton-portable"), None
-    return backend, None
+        return kernel, f"precision 'fp8' takes no {reason}; it runs as 'bf16'"
+    return _fp8_kernel(q, block_size, kernel, backend)
 
 
 def reads_lookup_tables(backend: str, device: torch.device | str) -> bool:
@@ -206,10 +303,11 @@ def selected_kernel(
     *,
     block_size: int = DEFAULT_BLOCK_SIZE,
     backend: str = "auto",
+    precision: str = "bf16",
 ) -> str:
     """What `sparse_attention` runs for these inputs, with the Triton kernel's launch config of
     its latest call (for benchmark logs), e.g. "triton-portable untuned (first config)"."""
-    kernel, _ = choose_kernel(q, k, v, block_size, backend)
+    kernel, _ = choose_kernel(q, k, v, block_size, backend, precision)
     launch_config = getattr(_kernel_module(kernel), "autotuned_config", None)
     return kernel if launch_config is None else f"{kernel} {launch_config()}"
 
@@ -217,7 +315,7 @@ def selected_kernel(
 def _warn_fallback(fallback: str | None) -> None:
     if fallback is not None and fallback not in _warned_fallbacks:
         _warned_fallbacks.add(fallback)
-        warnings.warn(f"sparse_attention: {fallback}; using the reference", stacklevel=4)
+        warnings.warn(f"sparse_attention: {fallback}", stacklevel=4)
 
 
 def _in_memory_order_of(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -237,8 +335,9 @@ def _sparse_attention_op(
     block_size: int,
     scale: float,
     backend: str,
+    precision: str,
 ) -> torch.Tensor:
-    kernel = _choose_and_record(q, k, v, block_size, backend)
+    kernel = _choose_and_record(q, k, v, block_size, backend, precision)
     out = kernel_function(kernel)(
         q,
         k,
@@ -265,8 +364,9 @@ def _sparse_attention_lut_op(
     scale: float,
     density: float,
     backend: str,
+    precision: str,
 ) -> torch.Tensor:
-    kernel = _choose_and_record(q, k, v, block_size, backend)
+    kernel = _choose_and_record(q, k, v, block_size, backend, precision)
     lut = BlockLUT(kv_block_ids, full_counts, total_counts, key_lengths, q_block_order, density)
     out = kernel_function(kernel, from_tables=True)(
         q, k, v, lut, block_size=block_size, scale=scale
@@ -290,6 +390,7 @@ def lut_sparse_attention(
     block_size: int,
     scale: float | None = None,
     backend: str = "auto",
+    precision: str = "bf16",
 ) -> torch.Tensor:
     """Block-sparse attention from lookup tables built beforehand (`runtime/lut.py`).
 
@@ -297,15 +398,14 @@ def lut_sparse_attention(
         q, k, v: [B, H, N, D] as for `sparse_attention`.
         lut: the tables on q's device, for Hm in (1, H) mask heads and nb = ceil(N / block_size)
             blocks; `lut.density` keys the kernels' autotuning.
-        block_size, scale, backend: as for `sparse_attention`.
+        block_size, scale, backend, precision: as for `sparse_attention`.
 
     Returns:
         [B, H, N, D] in q's dtype and memory order. Traceable by torch.compile without a graph
         break, and nothing in it allocates outside the output or synchronises with the GPU, so a
-        CUDA graph can capture it.
+        CUDA graph can capture it (the 8-bit pre-pass included).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    _check_backend(backend, precision)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _sparse_attention_lut_op(
         q,
@@ -316,6 +416,7 @@ def lut_sparse_attention(
         scale,
         float(lut.density),
         backend,
+        precision,
     )
 
 
@@ -329,12 +430,15 @@ def mask_sparse_attention(
     block_size: int,
     scale: float | None = None,
     backend: str = "auto",
+    precision: str = "bf16",
 ) -> torch.Tensor:
     """`sparse_attention` without its argument checks, for callers that built their inputs
     (`apply`'s runtime with the reference or FlexAttention): traceable by torch.compile without a
     graph break. key_block_lengths int32 [nb]."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _sparse_attention_op(q, k, v, block_mask, key_block_lengths, block_size, scale, backend)
+    return _sparse_attention_op(
+        q, k, v, block_mask, key_block_lengths, block_size, scale, backend, precision
+    )
 
 
 def sparse_attention(
@@ -347,6 +451,7 @@ def sparse_attention(
     scale: float | None = None,
     backend: str = "auto",
     key_block_lengths: torch.Tensor | None = None,
+    precision: str = "bf16",
 ) -> torch.Tensor:
     """Block-sparse attention.
 
@@ -361,16 +466,25 @@ def sparse_attention(
             inputs run the reference after one warning.
         key_block_lengths: optional int32 [nb]: only the first key_block_lengths[j] keys of block
             j are valid (padding of tiled layouts); default all, with the ragged last block.
+        precision: "bf16" (the kernels compute in q's 16-bit dtype, fp32 accumulation) or "fp8"
+            (INT8 Q K^T and FP8 e4m3 P V after a quantizing pre-pass, docs/kernel.md): the
+            Gluon 8-bit kernel on Hopper at block size 128, the portable 8-bit kernel on other
+            GPUs with FP8 tensor cores and under the interpreter, its exact torch emulation on
+            the reference backend (and on CPU under "auto"); elsewhere, or for inputs the 8-bit
+            kernels do not take, the "bf16" path after one warning. Not with backend "flex".
+            Under "fp8" a non-finite key or value anywhere in a head (kept block or not) makes
+            that head's output non-finite: the pre-pass takes statistics over all its keys.
 
     Returns:
         [B, H, N, D] in q's dtype; a query with no valid kept key outputs zeros.
     """
     _check_arguments(q, k, v, block_mask, block_size, key_block_lengths)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    _check_backend(backend, precision)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if q.shape[2] == 0:
         return torch.empty_like(q)
     if key_block_lengths is not None:
         key_block_lengths = key_block_lengths.to(torch.int32)
-    return _sparse_attention_op(q, k, v, block_mask, key_block_lengths, block_size, scale, backend)
+    return _sparse_attention_op(
+        q, k, v, block_mask, key_block_lengths, block_size, scale, backend, precision
+    )

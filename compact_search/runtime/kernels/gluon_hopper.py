@@ -52,6 +52,17 @@ from compact_search.runtime.kernels.common import (
     tma_layout_ok,
     unsupported_reason,
 )
+from compact_search.runtime.kernels.gluon_common import (
+    CONSUMER_REGISTERS,
+    CONSUMER_WARPS,
+    GLUON_BLOCK_SIZE,
+    LOADER_REGISTERS,
+    LOADER_WARPS,
+    MAX_REGISTERS,
+    loader_partition,
+    pass_turn,
+    take_turn,
+)
 from compact_search.runtime.lut import BlockLUT, cached_block_lut
 
 __all__ = [
@@ -61,16 +72,6 @@ __all__ = [
     "GLUON_BLOCK_SIZE",
     "GluonConfig",
 ]
-
-GLUON_BLOCK_SIZE = 128  # mask block = query block of one CTA
-CONSUMER_WARPS = gl.constexpr(4)  # one warpgroup: 64 query rows
-CONSUMER_REGISTERS = gl.constexpr(240)
-LOADER_WARPS = gl.constexpr(1)
-LOADER_REGISTERS = gl.constexpr(24)
-# Registers per thread the launch asks for: 12 warps (2 consumer warpgroups, the loaders' warps
-# rounded up to a warpgroup) x 168 = 64,512 of the SM's 65,536; the default partition gets what
-# the workers leave: (168 * 12 - 240 * 4 - 24 * 4) / 4 = 240.
-MAX_REGISTERS = 168
 
 
 class GluonConfig:
@@ -92,42 +93,6 @@ class GluonConfig:
     def __repr__(self) -> str:
         return (
             f"GluonConfig(block_n={self.block_n}, stages={self.stages}, pingpong={self.pingpong})"
-        )
-
-
-@gluon.jit
-def _loader_partition(
-    desc,
-    bufs,
-    ready,
-    empty,
-    block_ids_ptr,
-    num_tiles,
-    batch,
-    head,
-    BLOCK_SIZE: gl.constexpr,
-    BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr,
-):
-    """One warp: tile ``t`` of the row (K or V) into ring slot ``t % STAGES`` through TMA.
-
-    K and V have a loader warp each, so a K tile waits only for its own buffer to drain (its
-    Q K^T), never for the P V of an older V tile.
-    """
-    TILES_PER_BLOCK: gl.constexpr = BLOCK_SIZE // BLOCK_N
-    for tile in range(num_tiles):
-        slot = tile % STAGES
-        key_block = gl.load(block_ids_ptr + tile // TILES_PER_BLOCK)
-        k_start = key_block * BLOCK_SIZE + (tile % TILES_PER_BLOCK) * BLOCK_N
-        # Barriers start in phase 0; "empty" is awaited on the opposite parity, so the first
-        # pass through the ring does not wait.
-        mbarrier.wait(empty.index(slot), ((tile // STAGES) & 1) ^ 1)
-        mbarrier.expect(ready.index(slot), desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(
-            desc,
-            [batch, head, k_start, 0],
-            ready.index(slot),
-            bufs.index(slot)._reinterpret(desc.dtype, desc.block_type.shape, desc.layout),
         )
 
 
@@ -203,12 +168,12 @@ def _consumer_partition(
         zero_scores = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)  # [64, BN]
 
         # Prologue: S_0 (turn 0).
-        _take_turn(turns, 0, WARPGROUP, PINGPONG)
+        take_turn(turns, 0, WARPGROUP, PINGPONG)
         mbarrier.wait(k_ready.index(0), 0)
         scores_token = warpgroup_mma(
             q_smem, k_bufs.index(0).permute((1, 0)), zero_scores, use_acc=False, is_async=True
         )
-        _pass_turn(turns, WARPGROUP, PINGPONG)
+        pass_turn(turns, WARPGROUP, PINGPONG)
         scores = warpgroup_mma_wait(0, deps=(scores_token,))
         mbarrier.arrive(k_empty.index(0), count=1)
         key_length = gl.load(key_lengths_ptr + gl.load(block_ids_ptr))
@@ -229,7 +194,7 @@ def _consumer_partition(
         for tile in range(1, num_tiles):
             slot = tile % STAGES
             prev_slot = (tile - 1) % STAGES
-            _take_turn(turns, tile, WARPGROUP, PINGPONG)
+            take_turn(turns, tile, WARPGROUP, PINGPONG)
             mbarrier.wait(k_ready.index(slot), (tile // STAGES) & 1)
             scores_token = warpgroup_mma(
                 q_smem,
@@ -240,7 +205,7 @@ def _consumer_partition(
             )  # S_j
             mbarrier.wait(v_ready.index(prev_slot), ((tile - 1) // STAGES) & 1)
             acc_token = warpgroup_mma(p, v_bufs.index(prev_slot), acc, is_async=True)
-            _pass_turn(turns, WARPGROUP, PINGPONG)
+            pass_turn(turns, WARPGROUP, PINGPONG)
             scores = warpgroup_mma_wait(1, deps=(scores_token,))  # S_j; P V may still run
             mbarrier.arrive(k_empty.index(slot), count=1)
 
@@ -266,10 +231,10 @@ def _consumer_partition(
 
         # Epilogue: the last tile's P V (turn num_tiles).
         last = num_tiles - 1
-        _take_turn(turns, num_tiles, WARPGROUP, PINGPONG)
+        take_turn(turns, num_tiles, WARPGROUP, PINGPONG)
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
         acc_token = warpgroup_mma(p, v_bufs.index(last % STAGES), acc, is_async=True)
-        _pass_turn(turns, WARPGROUP, PINGPONG)
+        pass_turn(turns, WARPGROUP, PINGPONG)
         acc, p = warpgroup_mma_wait(0, deps=(acc_token, p))
         mbarrier.arrive(v_empty.index(last % STAGES), count=1)
         # Every row saw at least one valid key (blocks without one are not in the table).
@@ -284,27 +249,6 @@ def _consumer_partition(
         q_smem._reinterpret(dtype, o_desc.block_type.shape, o_desc.layout),
     )
     tma.store_wait(0)
-
-
-@gluon.jit
-def _take_turn(turns, turn, WARPGROUP: gl.constexpr, PINGPONG: gl.constexpr):
-    """Wait until the other warpgroup has issued its matmuls of the previous turn.
-
-    ``turns[w]`` completes a phase each time the other warpgroup passes the turn to w. Warpgroup
-    0 goes first: its turn t waits for phase t - 1 (parity (t & 1) ^ 1, already complete for
-    t = 0); warpgroup 1's turn t waits for warpgroup 0's turn t (parity t & 1).
-    """
-    if PINGPONG:
-        if WARPGROUP == 0:
-            mbarrier.wait(turns.index(0), (turn & 1) ^ 1)
-        else:
-            mbarrier.wait(turns.index(1), turn & 1)
-
-
-@gluon.jit
-def _pass_turn(turns, WARPGROUP: gl.constexpr, PINGPONG: gl.constexpr):
-    if PINGPONG:
-        mbarrier.arrive(turns.index(1 - WARPGROUP), count=1)
 
 
 @gluon.jit
@@ -391,7 +335,7 @@ def _gluon_block_sparse_attention_kernel(
             (_consumer_partition, (shared, 0, HEAD_DIM, BLOCK_N, BLOCK_SIZE, STAGES, PINGPONG)),
             (_consumer_partition, (shared, 1, HEAD_DIM, BLOCK_N, BLOCK_SIZE, STAGES, PINGPONG)),
             (
-                _loader_partition,
+                loader_partition,
                 (
                     k_desc,
                     k_bufs,
@@ -407,7 +351,7 @@ def _gluon_block_sparse_attention_kernel(
                 ),
             ),
             (
-                _loader_partition,
+                loader_partition,
                 (
                     v_desc,
                     v_bufs,

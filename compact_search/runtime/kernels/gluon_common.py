@@ -1,0 +1,92 @@
+"""What the Gluon Hopper kernels (bf16 ``gluon_hopper``, 8-bit ``gluon_hopper_fp8``) share.
+
+The CTA shape (two consumer warpgroups of 64 query rows, one loader warp per ring, the register
+split between them), the loader partition that moves K (or V) tiles of a lookup-table row
+through TMA into a ring of shared memory, and the ping-pong turns between the two consumer
+warpgroups. Imports no kernel module (``tests/test_runtime_layout.py``).
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+
+__all__ = [
+    "GLUON_BLOCK_SIZE",
+    "CONSUMER_WARPS",
+    "CONSUMER_REGISTERS",
+    "LOADER_WARPS",
+    "LOADER_REGISTERS",
+    "MAX_REGISTERS",
+    "loader_partition",
+    "take_turn",
+    "pass_turn",
+]
+
+GLUON_BLOCK_SIZE = 128  # mask block = query block of one CTA
+CONSUMER_WARPS = gl.constexpr(4)  # one warpgroup: 64 query rows
+CONSUMER_REGISTERS = gl.constexpr(240)
+LOADER_WARPS = gl.constexpr(1)
+LOADER_REGISTERS = gl.constexpr(24)
+# Registers per thread the launch asks for: 12 warps (2 consumer warpgroups, the loaders' warps
+# rounded up to a warpgroup) x 168 = 64,512 of the SM's 65,536; the default partition gets what
+# the workers leave: (168 * 12 - 240 * 4 - 24 * 4) / 4 = 240.
+MAX_REGISTERS = 168
+
+
+@gluon.jit
+def loader_partition(
+    desc,
+    bufs,
+    ready,
+    empty,
+    block_ids_ptr,
+    num_tiles,
+    batch,
+    head,
+    BLOCK_SIZE: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr,
+):
+    """One warp: tile ``t`` of the row (K or V) into ring slot ``t % STAGES`` through TMA.
+
+    K and V have a loader warp each, so a K tile waits only for its own buffer to drain (its
+    Q K^T), never for the P V of an older V tile.
+    """
+    TILES_PER_BLOCK: gl.constexpr = BLOCK_SIZE // BLOCK_N
+    for tile in range(num_tiles):
+        slot = tile % STAGES
+        key_block = gl.load(block_ids_ptr + tile // TILES_PER_BLOCK)
+        k_start = key_block * BLOCK_SIZE + (tile % TILES_PER_BLOCK) * BLOCK_N
+        # Barriers start in phase 0; "empty" is awaited on the opposite parity, so the first
+        # pass through the ring does not wait.
+        mbarrier.wait(empty.index(slot), ((tile // STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(slot), desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(
+            desc,
+            [batch, head, k_start, 0],
+            ready.index(slot),
+            bufs.index(slot)._reinterpret(desc.dtype, desc.block_type.shape, desc.layout),
+        )
+
+
+@gluon.jit
+def take_turn(turns, turn, WARPGROUP: gl.constexpr, PINGPONG: gl.constexpr):
+    """Wait until the other warpgroup has issued its matmuls of the previous turn.
+
+    ``turns[w]`` completes a phase each time the other warpgroup passes the turn to w. Warpgroup
+    0 goes first: its turn t waits for phase t - 1 (parity (t & 1) ^ 1, already complete for
+    t = 0); warpgroup 1's turn t waits for warpgroup 0's turn t (parity t & 1).
+    """
+    if PINGPONG:
+        if WARPGROUP == 0:
+            mbarrier.wait(turns.index(0), (turn & 1) ^ 1)
+        else:
+            mbarrier.wait(turns.index(1), turn & 1)
+
+
+@gluon.jit
+def pass_turn(turns, WARPGROUP: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turns.index(1 - WARPGROUP), count=1)

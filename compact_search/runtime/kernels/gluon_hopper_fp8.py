@@ -1,0 +1,709 @@
+"""Hopper 8-bit block-sparse attention in Gluon: INT8 Q K^T, FP8 e4m3 P V, warp-specialized.
+
+The schedule of the bf16 kernel (``gluon_hopper``; the pieces they share are in
+``gluon_common``): one CTA per 128-row query block, a K loader warp and a V loader warp moving
+tiles through TMA into rings of shared memory, two consumer warpgroups of 64 rows as separate
+partitions, each issuing tile j's ``S_j = Q8 K8_j^T`` and tile j-1's ``P_{j-1} V8_{j-1}`` as
+asynchronous wgmma and computing tile j's softmax while the latter runs (optional ping-pong
+turns between the warpgroups). What the 8-bit operands change:
+
+- Q and K are INT8 (``m64n128k32.s32.s8.s8``): the scores arrive as exact int32 and are turned
+  into fp32 with one integer add and one float subtract (``MAGIC_I2F``; exact for
+  ``|S| < 2^22``, which D <= 128 guarantees) rather than the slower ``cvt`` (the switch exists so
+  a GPU run can compare them);
+- each score is scaled by ``q_scale_i * k_scale_j * scale * log2(e) / D`` inside the fused
+  multiply-add of the online softmax; P is ``448 * exp2(s - m)`` converted to e4m3 in registers
+  and fed as the wgmma A operand (``m64nDk32.f32.e4m3.e4m3``), V^T (``[B, H, D, Np]``, laid out by
+  the pre-pass) as its K-major B operand;
+- ``TWO_LEVEL`` (default): each tile's P V starts from a zero accumulator in the tensor core and
+  is added to the fp32 output accumulator with the rescale, ``acc = (acc + pv) * correction``,
+  because the FP8 wgmma accumulates with reduced precision; off, it accumulates in place as the
+  bf16 kernel does;
+- the epilogue applies V's per-channel scale and mean, ``out = acc / l * v_scale + v_mean``, and
+  stores through a separate shared-memory tile in the output dtype.
+
+Needs a Hopper GPU (9.x) and block size 128; ``runtime/attention.py`` chooses it. Gluon does not
+run under the interpreter: CI compiles it for sm_90 (tests/test_fp8_gluon_compile.py) and
+tests/test_fp8_kernel_gpu.py checks its numbers on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from compact_search.runtime.kernels.common import (
+    LOG2_E,
+    autotune_enabled,
+    density_bucket,
+    interpreting,
+    tma_layout_ok,
+)
+from compact_search.runtime.kernels.gluon_common import (
+    CONSUMER_REGISTERS,
+    CONSUMER_WARPS,
+    GLUON_BLOCK_SIZE,
+    LOADER_REGISTERS,
+    LOADER_WARPS,
+    MAX_REGISTERS,
+    loader_partition,
+    pass_turn,
+    take_turn,
+)
+from compact_search.runtime.lut import BlockLUT, cached_block_lut
+from compact_search.runtime.quantize import (
+    LOG2_P_SCALE_C,
+    ROUNDING_MAGIC_C,
+    QuantizedQKV,
+    quantize_qkv,
+)
+
+__all__ = [
+    "gluon_fp8_attention",
+    "gluon_fp8_lut_attention",
+    "gluon_fp8_sparse_attention",
+    "gluon_fp8_supports",
+    "GluonFP8Config",
+    "AUTOTUNE_CONFIGS",
+]
+
+# The bits of 2^23 + 2^22 as an fp32: int32 x + these bits, read as fp32, is 12582912 + x.
+MAGIC_BITS = gl.constexpr(0x4B400000)
+
+
+class GluonFP8Config:
+    """Launch options: ring depth, ping-pong turns, two-level accumulation, int -> float path.
+
+    Shared memory per CTA at D = 128: Q 16 KB + 2 rings x stages x 16 KB + the output tile 32 KB
+    (bf16), so 2 stages take 112 KB and 4 stages 176 KB of the 227 KB a CTA may use.
+    """
+
+    def __init__(
+        self,
+        stages: int = 2,
+        pingpong: bool = False,
+        two_level: bool = True,
+        magic_i2f: bool = True,
+    ):
+        if not 1 <= stages <= 4:
+            raise ValueError(f"stages must be 1-4, got {stages}")
+        self.stages = stages
+        self.pingpong = pingpong
+        self.two_level = two_level
+        self.magic_i2f = magic_i2f
+
+    def kwargs(self) -> dict:
+        return {
+            "STAGES": self.stages,
+            "PINGPONG": self.pingpong,
+            "TWO_LEVEL": self.two_level,
+            "MAGIC_I2F": self.magic_i2f,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"GluonFP8Config(stages={self.stages}, pingpong={self.pingpong}, "
+            f"two_level={self.two_level}, magic_i2f={self.magic_i2f})"
+        )
+
+
+@gluon.jit
+def _valueloader_partition(
+    desc,
+    bufs,
+    ready,
+    empty,
+    block_ids_ptr,
+    num_tiles,
+    batch,
+    head,
+    BLOCK_SIZE: gl.constexpr,
+    STAGES: gl.constexpr,
+):
+    """One warp: the ``[D, 128]`` V^T tile of key block ``t`` into ring slot ``t % STAGES``."""
+    for tile in range(num_tiles):
+        slot = tile % STAGES
+        key_start = gl.load(block_ids_ptr + tile) * BLOCK_SIZE
+        mbarrier.wait(empty.index(slot), ((tile // STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(slot), desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(
+            desc,
+            [batch, head, 0, key_start],
+            ready.index(slot),
+            bufs.index(slot)._reinterpret(desc.dtype, desc.block_type.shape, desc.layout),
+        )
+
+
+@gluon.jit
+def _scores_to_float(scores, MAGIC_I2F: gl.constexpr):
+    """Exact int32 scores (``|S| < 2^22``) as fp32."""
+    if MAGIC_I2F:
+        return (scores + MAGIC_BITS).to(gl.float32, bitcast=True) - ROUNDING_MAGIC_C
+    return scores.to(gl.float32)
+
+
+@gluon.jit
+def _softmax_step(
+    scores,
+    row_max,
+    row_sum,
+    row_scale,
+    key_length,
+    s_layout: gl.constexpr,
+    MASKED: gl.constexpr,
+    MAGIC_I2F: gl.constexpr,
+):
+    """Online-softmax update for one ``[64, 128]`` int32 score tile (the wgmma layout).
+
+    ``row_scale`` ``[64]`` turns integer scores into log2 units. Returns P (``448 * exp2(s - m)``,
+    fp32), the new row max, the new row sum and the accumulator's rescale factor.
+    """
+    scores = _scores_to_float(scores, MAGIC_I2F)  # [64, 128]
+    if MASKED:
+        # A block with padded keys: only its first key_length keys are valid (a prefix).
+        cols = gl.arange(0, 128, layout=gl.SliceLayout(0, s_layout))  # [128]
+        scores = gl.where(gl.expand_dims(cols < key_length, 0), scores, float("-inf"))
+    # row_scale > 0, so the max of the scaled scores is the scaled max.
+    new_max = gl.maximum(row_max, gl.max(scores, axis=1) * row_scale)  # [64]
+    offset = new_max - LOG2_P_SCALE_C  # [64]
+    probs = gl.exp2(scores * gl.expand_dims(row_scale, 1) - gl.expand_dims(offset, 1))
+    correction = gl.exp2(row_max - new_max)  # [64]
+    row_sum = row_sum * correction + gl.sum(probs, axis=1)
+    return probs, new_max, row_sum, correction
+
+
+@gluon.jit
+def _tile_scale(row, tile, q_scale):
+    """Tile ``tile``'s key block: ``[64]`` factor from int scores to log2 units, its length."""
+    key_lengths_ptr, block_ids_ptr, k_scale_ptr, qk_scale = row
+    key_block = gl.load(block_ids_ptr + tile)
+    row_scale = q_scale * (gl.load(k_scale_ptr + key_block) * qk_scale)
+    return row_scale, gl.load(key_lengths_ptr + key_block)
+
+
+@gluon.jit
+def _issue_pv(
+    p, v_bufs, v_ready, tile, acc, zero_pv, STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr
+):
+    """Issue P_tile V_tile (asynchronous): into a zero accumulator, or into ``acc``."""
+    slot = tile % STAGES
+    mbarrier.wait(v_ready.index(slot), (tile // STAGES) & 1)
+    v_tile = v_bufs.index(slot).permute((1, 0))  # [128, D], keys contiguous: K-major
+    if TWO_LEVEL:
+        token = warpgroup_mma(p, v_tile, zero_pv, use_acc=False, is_async=True)
+    else:
+        token = warpgroup_mma(p, v_tile, acc, is_async=True)
+    return token
+
+
+@gluon.jit
+def _key_tile(
+    state,
+    tile,
+    operands,
+    row,
+    q_scale,
+    WARPGROUP: gl.constexpr,
+    STAGES: gl.constexpr,
+    PINGPONG: gl.constexpr,
+    TWO_LEVEL: gl.constexpr,
+    MAGIC_I2F: gl.constexpr,
+    MASKED: gl.constexpr,
+):
+    """Key tile j >= 1: issue S_j and P_{j-1} V_{j-1}, softmax j while the latter runs, merge.
+
+    ``state`` is (acc, P_{j-1} as the A operand, row max, row sum); returns the same for j.
+    """
+    acc, p, row_max, row_sum = state
+    q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turns, zeros = operands
+    zero_scores, zero_pv = zeros
+    s_layout: gl.constexpr = zero_scores.type.layout
+    o_layout: gl.constexpr = zero_pv.type.layout
+    p_layout: gl.constexpr = p.type.layout
+    slot = tile % STAGES
+    take_turn(turns, tile, WARPGROUP, PINGPONG)
+    mbarrier.wait(k_ready.index(slot), (tile // STAGES) & 1)
+    scores_token = warpgroup_mma(
+        q_smem, k_bufs.index(slot).permute((1, 0)), zero_scores, use_acc=False, is_async=True
+    )  # S_j
+    pv_token = _issue_pv(p, v_bufs, v_ready, tile - 1, acc, zero_pv, STAGES, TWO_LEVEL)
+    pass_turn(turns, WARPGROUP, PINGPONG)
+    row_scale, key_length = _tile_scale(row, tile, q_scale)
+    # P is not a dependency of the waits: 8-bit registers cannot be (Triton's lowering of the
+    # wait takes 16-, 32- and 64-bit values only). The wgmma reads P from copies made for it
+    # alone, which nothing writes again.
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    if MASKED:
+        # Tiles of padded blocks (a few per row at most) wait for P V before their softmax:
+        # the column mask's indices need the registers a P V sum in flight would hold.
+        scores, pv = warpgroup_mma_wait(0, deps=(scores_token, pv_token))
+        mbarrier.arrive(k_empty.index(slot), count=1)
+        mbarrier.arrive(v_empty.index((tile - 1) % STAGES), count=1)
+        acc = acc + pv if TWO_LEVEL else pv
+        probs, row_max, row_sum, correction = _softmax_step(
+            scores, row_max, row_sum, row_scale, key_length, s_layout, True, MAGIC_I2F
+        )
+        acc = acc * gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
+    else:
+        scores = warpgroup_mma_wait(1, deps=(scores_token,))  # S_j; P V may still run
+        mbarrier.arrive(k_empty.index(slot), count=1)
+        # Softmax of tile j while the tensor cores run P_{j-1} V_{j-1}.
+        probs, row_max, row_sum, correction = _softmax_step(
+            scores, row_max, row_sum, row_scale, key_length, s_layout, False, MAGIC_I2F
+        )
+        pv = warpgroup_mma_wait(0, deps=(pv_token,))
+        mbarrier.arrive(v_empty.index((tile - 1) % STAGES), count=1)
+        scale_rows = gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
+        acc = (acc + pv) * scale_rows if TWO_LEVEL else pv * scale_rows
+    p = gl.convert_layout(probs.to(gl.float8e4nv), p_layout)
+    return acc, p, row_max, row_sum
+
+
+@gluon.jit
+def _consumer_partition(
+    shared,
+    WARPGROUP: gl.constexpr,
+    HEAD_DIM: gl.constexpr,
+    STAGES: gl.constexpr,
+    PINGPONG: gl.constexpr,
+    TWO_LEVEL: gl.constexpr,
+    MAGIC_I2F: gl.constexpr,
+):
+    """One warpgroup: 64 query rows, both matmuls, the softmax and the epilogue.
+
+    Tiles of fully valid key blocks come first in a row's table (``full_tiles`` of them) and run
+    without the column mask; only the padded ones after them pay for it, in their own loop (the
+    mask's column indices would otherwise stay in registers across the whole loop).
+    """
+    q_halves, out_halves, o_desc, q_bar, turns, rings, row = shared
+    k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty = rings
+    (
+        key_lengths_ptr,
+        block_ids_ptr,
+        k_scale_ptr,
+        q_scale_ptr,
+        v_scale_ptr,
+        v_mean_ptr,
+        num_tiles,
+        full_tiles,
+        batch,
+        head,
+        q_start,
+        qk_scale,
+    ) = row
+    ROWS: gl.constexpr = 64
+    BLOCK_N: gl.constexpr = 128
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
+    )
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 32]
+    )
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+    s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
+    q_smem = q_halves.index(WARPGROUP)  # [64, D] int8
+    out_smem = out_halves.index(WARPGROUP)  # [64, D] output dtype
+    tile_row = (key_lengths_ptr, block_ids_ptr, k_scale_ptr, qk_scale)
+
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)  # [64, D]
+    # Also for an empty row: the CTA must not exit with the Q copy still landing.
+    mbarrier.wait(q_bar, 0)
+    if num_tiles > 0:
+        zero_scores = gl.zeros([ROWS, BLOCK_N], gl.int32, layout=s_layout)  # [64, 128]
+        zero_pv = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+        operands = (
+            q_smem,
+            k_bufs,
+            v_bufs,
+            k_ready,
+            v_ready,
+            k_empty,
+            v_empty,
+            turns,
+            (zero_scores, zero_pv),
+        )
+        q_scale = gl.load(q_scale_ptr + WARPGROUP * ROWS + gl.arange(0, ROWS, layout=s_rows))
+        row_max = gl.full([ROWS], float("-inf"), gl.float32, layout=s_rows)
+        row_sum = gl.zeros([ROWS], gl.float32, layout=s_rows)
+
+        # Prologue: S_0 (turn 0).
+        take_turn(turns, 0, WARPGROUP, PINGPONG)
+        mbarrier.wait(k_ready.index(0), 0)
+        scores_token = warpgroup_mma(
+            q_smem, k_bufs.index(0).permute((1, 0)), zero_scores, use_acc=False, is_async=True
+        )
+        pass_turn(turns, WARPGROUP, PINGPONG)
+        row_scale, key_length = _tile_scale(tile_row, 0, q_scale)
+        scores = warpgroup_mma_wait(0, deps=(scores_token,))
+        mbarrier.arrive(k_empty.index(0), count=1)
+        if full_tiles > 0:
+            probs, row_max, row_sum, correction = _softmax_step(
+                scores, row_max, row_sum, row_scale, key_length, s_layout, False, MAGIC_I2F
+            )
+        else:
+            probs, row_max, row_sum, correction = _softmax_step(
+                scores, row_max, row_sum, row_scale, key_length, s_layout, True, MAGIC_I2F
+            )
+        p = gl.convert_layout(probs.to(gl.float8e4nv), p_layout)  # [64, 128] A operand
+        state = (acc, p, row_max, row_sum)
+
+        for tile in range(1, full_tiles):
+            state = _key_tile(
+                state,
+                tile,
+                operands,
+                tile_row,
+                q_scale,
+                WARPGROUP,
+                STAGES,
+                PINGPONG,
+                TWO_LEVEL,
+                MAGIC_I2F,
+                False,
+            )
+        for tile in range(gl.maximum(full_tiles, 1), num_tiles):
+            state = _key_tile(
+                state,
+                tile,
+                operands,
+                tile_row,
+                q_scale,
+                WARPGROUP,
+                STAGES,
+                PINGPONG,
+                TWO_LEVEL,
+                MAGIC_I2F,
+                True,
+            )
+        acc, p, row_max, row_sum = state
+
+        # Epilogue: the last tile's P V (turn num_tiles).
+        last = num_tiles - 1
+        take_turn(turns, num_tiles, WARPGROUP, PINGPONG)
+        pv_token = _issue_pv(p, v_bufs, v_ready, last, acc, zero_pv, STAGES, TWO_LEVEL)
+        pass_turn(turns, WARPGROUP, PINGPONG)
+        pv = warpgroup_mma_wait(0, deps=(pv_token,))
+        mbarrier.arrive(v_empty.index(last % STAGES), count=1)
+        acc = acc + pv if TWO_LEVEL else pv
+        # Every row saw at least one valid key (blocks without one are not in the table).
+        acc = acc / gl.expand_dims(gl.convert_layout(row_sum, o_rows), 1)
+        channels = gl.arange(0, HEAD_DIM, layout=o_cols)  # [D]
+        acc = acc * gl.expand_dims(gl.load(v_scale_ptr + channels), 0)
+        acc = acc + gl.expand_dims(gl.load(v_mean_ptr + channels), 0)
+
+    # Rows past N are clipped by the TMA store; an empty row stores zeros.
+    out_smem.store(acc.to(o_desc.dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(
+        o_desc,
+        [batch, head, q_start + WARPGROUP * ROWS, 0],
+        out_smem._reinterpret(o_desc.dtype, o_desc.block_type.shape, o_desc.layout),
+    )
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _gluon_fp8_attention_kernel(
+    q_desc,
+    k_desc,
+    v_desc,
+    o_desc,
+    q_scale_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    v_mean_ptr,
+    kv_block_ids_ptr,
+    full_counts_ptr,
+    total_counts_ptr,
+    key_lengths_ptr,
+    q_block_order_ptr,
+    num_heads,
+    mask_heads,
+    num_blocks,
+    lut_width,
+    padded_len,
+    qk_scale,
+    seq_len,  # autotuning key only
+    density_bucket,  # autotuning key only
+    HEAD_DIM: gl.constexpr,
+    STAGES: gl.constexpr,
+    PINGPONG: gl.constexpr,
+    TWO_LEVEL: gl.constexpr,
+    MAGIC_I2F: gl.constexpr,
+):
+    """Grid ``(nb, B * H)``; one CTA = one 128-row query block of one (batch, head).
+
+    q/k descriptors over int8 ``[B, H, Np, D]``, v over fp8 V^T ``[B, H, D, Np]``, o over the
+    output ``[B, H, N, D]``; scales and means as ``QuantizedQKV`` holds them.
+    """
+    ROWS: gl.constexpr = 64
+    BLOCK_SIZE: gl.constexpr = 128
+    batch_head = gl.program_id(1)
+    batch = batch_head // num_heads
+    head = batch_head % num_heads
+    row_index = (head % mask_heads) * num_blocks
+    q_block = gl.load(q_block_order_ptr + row_index + gl.program_id(0))
+    row_index += q_block
+    num_tiles = gl.load(total_counts_ptr + row_index)
+    full_tiles = gl.load(full_counts_ptr + row_index)
+    block_ids_ptr = kv_block_ids_ptr + row_index.to(gl.int64) * lut_width
+    q_start = q_block * BLOCK_SIZE
+
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], gl.int8)
+    k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_SIZE, HEAD_DIM], gl.int8)
+    v_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(
+        [HEAD_DIM, BLOCK_SIZE], gl.float8e4nv
+    )
+    out_dtype: gl.constexpr = o_desc.dtype
+    out_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], out_dtype)
+    q_halves = gl.allocate_shared_memory(gl.int8, [2, ROWS, HEAD_DIM], q_layout)
+    out_halves = gl.allocate_shared_memory(out_dtype, [2, ROWS, HEAD_DIM], out_layout)
+    k_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_SIZE, HEAD_DIM], k_layout)
+    v_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, HEAD_DIM, BLOCK_SIZE], v_layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        # Both consumer warpgroups release a buffer.
+        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(v_empty.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(turns.index(i), count=1)
+    fence_async_shared()
+
+    # Q once, as two 64-row halves, before the partitions split.
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+    for half in gl.static_range(2):
+        tma.async_copy_global_to_shared(
+            q_desc,
+            [batch, head, q_start + half * ROWS, 0],
+            q_bar,
+            q_halves.index(half)._reinterpret(gl.int8, q_desc.block_type.shape, q_desc.layout),
+        )
+
+    rings = (k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty)
+    head_offset = batch_head.to(gl.int64)
+    row = (
+        key_lengths_ptr,
+        block_ids_ptr,
+        k_scale_ptr + head_offset * num_blocks,
+        q_scale_ptr + head_offset * padded_len + q_start,
+        v_scale_ptr + head_offset * HEAD_DIM,
+        v_mean_ptr + head_offset * HEAD_DIM,
+        num_tiles,
+        full_tiles,
+        batch,
+        head,
+        q_start,
+        qk_scale,
+    )
+    shared = (q_halves, out_halves, o_desc, q_bar, turns, rings, row)
+    gl.warp_specialize(
+        [
+            (
+                _consumer_partition,
+                (shared, 0, HEAD_DIM, STAGES, PINGPONG, TWO_LEVEL, MAGIC_I2F),
+            ),
+            (
+                _consumer_partition,
+                (shared, 1, HEAD_DIM, STAGES, PINGPONG, TWO_LEVEL, MAGIC_I2F),
+            ),
+            (
+                loader_partition,
+                (
+                    k_desc,
+                    k_bufs,
+                    k_ready,
+                    k_empty,
+                    block_ids_ptr,
+                    num_tiles,
+                    batch,
+                    head,
+                    BLOCK_SIZE,
+                    BLOCK_SIZE,
+                    STAGES,
+                ),
+            ),
+            (
+                _valueloader_partition,
+                (
+                    v_desc,
+                    v_bufs,
+                    v_ready,
+                    v_empty,
+                    block_ids_ptr,
+                    num_tiles,
+                    batch,
+                    head,
+                    BLOCK_SIZE,
+                    STAGES,
+                ),
+            ),
+        ],
+        [CONSUMER_WARPS, LOADER_WARPS, LOADER_WARPS],
+        [CONSUMER_REGISTERS, LOADER_REGISTERS, LOADER_REGISTERS],
+    )
+
+
+_GL_DTYPES = {
+    torch.int8: gl.int8,
+    torch.float8_e4m3fn: gl.float8e4nv,
+    torch.float16: gl.float16,
+    torch.bfloat16: gl.bfloat16,
+}
+
+
+def descriptor(t: torch.Tensor, box: list[int]) -> TensorDescriptor:
+    """Descriptor over a 4-D tensor moving ``box``-shaped tiles (zeros read, writes clipped
+    past its bounds)."""
+    layout = gl.NVMMASharedLayout.get_default_for(box, _GL_DTYPES[t.dtype])
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), box, layout)
+
+
+def descriptors(quantized: QuantizedQKV, out: torch.Tensor) -> tuple[TensorDescriptor, ...]:
+    """q, k, v^T and output descriptors with the boxes the kernel moves."""
+    head_dim = quantized.q.shape[-1]
+    rows = GLUON_BLOCK_SIZE // 2
+    return (
+        descriptor(quantized.q, [1, 1, rows, head_dim]),
+        descriptor(quantized.k, [1, 1, GLUON_BLOCK_SIZE, head_dim]),
+        descriptor(quantized.v_t, [1, 1, head_dim, GLUON_BLOCK_SIZE]),
+        descriptor(out, [1, 1, rows, head_dim]),
+    )
+
+
+# What the autotuner times per (N, head dim, density bucket): ping-pong off and on (each ahead
+# at some shape for the bf16 kernel), 2 stages, two-level accumulation, the integer-add
+# conversion. bench_fp8 --probe times the other switches.
+AUTOTUNE_CONFIGS = [
+    triton.Config(
+        GluonFP8Config(pingpong=pingpong).kwargs(),
+        num_warps=CONSUMER_WARPS.value,
+        maxnreg=MAX_REGISTERS,
+    )
+    for pingpong in (False, True)
+]
+_autotuned_kernel = triton.autotune(
+    configs=AUTOTUNE_CONFIGS, key=["seq_len", "HEAD_DIM", "density_bucket"]
+)(_gluon_fp8_attention_kernel)
+
+
+def autotuned_config() -> str:
+    """The config the latest launch used without a ``config`` argument (for benchmark logs)."""
+    if not autotune_enabled():
+        return repr(GluonFP8Config())
+    config = getattr(_autotuned_kernel, "best_config", None)
+    return "not tuned yet" if config is None else str(config)
+
+
+def gluon_fp8_attention(
+    quantized: QuantizedQKV,
+    lut: BlockLUT,
+    out: torch.Tensor,
+    *,
+    scale: float,
+    config: GluonFP8Config | None = None,
+) -> torch.Tensor:
+    """Run the kernel into ``out`` ``[B, H, N, D]`` (fp16/bf16); ``config`` skips autotuning.
+
+    ``out`` must suit a TMA descriptor (16-byte aligned strides, unit stride along D); other
+    layouts go through a contiguous buffer and a copy.
+    """
+    target = (
+        out if tma_layout_ok(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
+    )
+    batch, heads, padded_len, head_dim = quantized.q.shape
+    grid = (lut.num_blocks, batch * heads)
+    args = (
+        *descriptors(quantized, target),
+        quantized.q_scale,
+        quantized.k_scale,
+        quantized.v_scale,
+        quantized.v_mean,
+        lut.kv_block_ids,
+        lut.full_counts,
+        lut.total_counts,
+        lut.key_lengths,
+        lut.q_block_order,
+        heads,
+        lut.mask_heads,
+        lut.num_blocks,
+        lut.kv_block_ids.shape[-1],
+        padded_len,
+        scale * LOG2_E * quantized.score_scale,
+        quantized.seq_len,
+        density_bucket(lut),
+    )
+    if config is None and autotune_enabled():
+        _autotuned_kernel[grid](*args, HEAD_DIM=head_dim)
+    else:
+        config = config or GluonFP8Config()
+        _gluon_fp8_attention_kernel[grid](
+            *args,
+            HEAD_DIM=head_dim,
+            **config.kwargs(),
+            num_warps=CONSUMER_WARPS.value,
+            maxnreg=MAX_REGISTERS,
+        )
+    if target is not out:
+        out.copy_(target)
+    return out
+
+
+def gluon_fp8_supports(q: torch.Tensor, block_size: int) -> bool:
+    """A compiled (not interpreted) Hopper GPU and block size 128; the pre-pass lays the
+    operands out for TMA, so q, k and v may have any layout with unit stride along D."""
+    if interpreting() or not q.is_cuda or block_size != GLUON_BLOCK_SIZE:
+        return False
+    return torch.cuda.get_device_capability(q.device)[0] == 9
+
+
+def gluon_fp8_lut_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: BlockLUT, *, block_size: int, scale
+) -> torch.Tensor:
+    """The pre-pass, then the kernel: ``[B, H, N, D]`` in q's dtype and memory order."""
+    if not gluon_fp8_supports(q, block_size):
+        raise ValueError(
+            "the Gluon 8-bit kernel needs a compiled (not interpreted) Hopper GPU and "
+            "block_size 128"
+        )
+    quantized = quantize_qkv(q, k, v, block_size=block_size, key_lengths=lut.key_lengths)
+    return gluon_fp8_attention(quantized, lut, torch.empty_like(q), scale=scale)
+
+
+def gluon_fp8_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    block_size: int,
+    scale: float,
+    key_block_lengths: torch.Tensor | None,
+) -> torch.Tensor:
+    lut = cached_block_lut(
+        block_mask,
+        seq_len=q.shape[2],
+        block_size=block_size,
+        key_block_lengths=key_block_lengths,
+        device=q.device,
+    )
+    return gluon_fp8_lut_attention(q, k, v, lut, block_size=block_size, scale=scale)

@@ -1,0 +1,119 @@
+"""8-bit attention in PyTorch: an exact emulation of what the 8-bit Triton kernels compute.
+
+``precision="fp8"`` on the reference backend (and on CPU under "auto"): the pre-pass in torch
+(``runtime/quantize.emulate_quantize_qkv``: INT8 Q per token and K per block after a Hadamard
+rotation and K smoothing, FP8 e4m3 V per channel after V smoothing), then
+``emulate_fp8_attention``: the same tile order (the lookup table's), the same running max at
+which each P tile is rounded to e4m3, fp32 per-tile P V sums added to an fp32 accumulator. The
+kernels (``triton_portable_fp8``, ``gluon_hopper_fp8``) differ from it only where fp32 rounding
+order differs (a fused multiply-add in the scores, exp2, sum order), which moves a P value by one
+e4m3 step on rare near-ties. Unlike the bf16 kernels, the pre-pass reads every valid key of a
+head (its means and V's scale), so a non-finite key or value anywhere in a head makes that
+head's output non-finite, kept block or not.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from compact_search.runtime.kernels.common import LOG2_E
+from compact_search.runtime.lut import BlockLUT, cached_block_lut
+from compact_search.runtime.quantize import (
+    LOG2_P_SCALE,
+    QuantizedQKV,
+    emulate_quantize_qkv,
+    to_e4m3,
+)
+
+__all__ = ["emulate_fp8_attention", "reference_fp8_sparse_attention", "reference_fp8_lut_attention"]
+
+
+def emulate_fp8_attention(
+    quantized: QuantizedQKV,
+    lut: BlockLUT,
+    *,
+    scale: float,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """What the 8-bit kernels compute, in torch, from the same quantized inputs: ``[B, H, N, D]``.
+
+    Every query block steps through its lookup-table row in order, all blocks at once: step t
+    takes each row's t-th kept key block (rows shorter than t + 1 leave their state alone).
+    """
+    batch, heads, padded_len, head_dim = quantized.q.shape
+    block_size = quantized.block_size
+    num_blocks = padded_len // block_size
+    qk_scale = torch.tensor(scale * LOG2_E * quantized.score_scale, dtype=torch.float32)
+    blocked = (batch, heads, num_blocks, block_size, head_dim)
+    q8 = quantized.q.float().reshape(blocked)  # exact integers
+    k8 = quantized.k.float().reshape(blocked)
+    v8 = quantized.v_t.float().transpose(-1, -2).reshape(blocked)  # e4m3 values
+    q_scale = quantized.q_scale.reshape(batch, heads, num_blocks, block_size, 1)
+    head_rows = torch.arange(heads, device=q8.device) % lut.mask_heads
+    block_ids = lut.kv_block_ids.to(q8.device).long()[head_rows]  # [H, nb, width]
+    counts = lut.total_counts.to(q8.device)[head_rows]  # [H, nb]
+    lengths = lut.key_lengths.to(q8.device).long()
+    offsets = torch.arange(block_size, device=q8.device)
+
+    row_max = torch.full((batch, heads, num_blocks, block_size, 1), -math.inf, device=q8.device)
+    row_sum = torch.zeros_like(row_max)
+    acc = torch.zeros(blocked, device=q8.device)
+    for step in range(block_ids.shape[-1]):
+        key_blocks = block_ids[..., step]  # [H, nb]
+        active = (step < counts)[None, :, :, None, None]  # [1, H, nb, 1, 1]
+        gather = key_blocks[None, :, :, None, None].expand(blocked)
+        scores = q8 @ torch.gather(k8, 2, gather).transpose(-1, -2)  # [B, H, nb, BS, BS]
+        tile_scale = torch.gather(quantized.k_scale, 2, key_blocks[None].expand(batch, -1, -1))
+        scores = scores * (q_scale * (tile_scale * qk_scale)[..., None, None])
+        valid = offsets < lengths[key_blocks][..., None, None]  # [H, nb, 1, BS]
+        scores = torch.where(valid, scores, -math.inf)
+        new_max = torch.maximum(row_max, scores.amax(-1, keepdim=True))
+        probs = torch.exp2(scores - (new_max - LOG2_P_SCALE))
+        correction = torch.exp2(row_max - new_max)
+        new_sum = row_sum * correction + probs.sum(-1, keepdim=True)
+        new_acc = acc * correction + to_e4m3(probs).float() @ torch.gather(v8, 2, gather)
+        row_max = torch.where(active, new_max, row_max)
+        row_sum = torch.where(active, new_sum, row_sum)
+        acc = torch.where(active, new_acc, acc)
+
+    has_keys = row_sum > 0
+    out = acc / torch.where(has_keys, row_sum, 1.0) * quantized.v_scale[:, :, None, None]
+    out = torch.where(has_keys, out + quantized.v_mean[:, :, None, None], 0.0)
+    out = out.view(batch, heads, padded_len, head_dim)[:, :, : quantized.seq_len]
+    return out.to(out_dtype)
+
+
+def reference_fp8_lut_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lut: BlockLUT,
+    *,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """``[B, H, N, D]`` in q's dtype: the emulated pre-pass and kernel."""
+    quantized = emulate_quantize_qkv(q, k, v, block_size=block_size, key_lengths=lut.key_lengths)
+    return emulate_fp8_attention(quantized, lut, scale=scale, out_dtype=q.dtype)
+
+
+def reference_fp8_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    block_size: int,
+    scale: float,
+    key_block_lengths: torch.Tensor | None,
+) -> torch.Tensor:
+    lut = cached_block_lut(
+        block_mask,
+        seq_len=q.shape[2],
+        block_size=block_size,
+        key_block_lengths=key_block_lengths,
+        device=q.device,
+    )
+    return reference_fp8_lut_attention(q, k, v, lut, block_size=block_size, scale=scale)

@@ -1,0 +1,195 @@
+"""Portable 8-bit block-sparse attention in ``tl``: the CI path (Triton interpreter), GPUs with
+FP8 tensor cores but no Gluon kernel (compute capability 8.9, 10.x, 12.x) and the cross-check for
+the Hopper kernel.
+
+Reads what ``runtime/quantize.quantize_qkv`` wrote and the same lookup tables as the bf16
+kernels. One program computes one query block (BLOCK_SIZE rows, one mask block) of one (batch,
+head) and walks its kept key blocks in lookup-table order, one key block per tile:
+
+    S = Q8 K8^T                                   (INT8 x INT8 -> int32, exact)
+    t = S * (q_scale_i * (k_scale_j * qk_scale))   (fp32; -inf for padded keys)
+    m_new = max(m, max_j t);  p = exp2(t - (m_new - log2 448))     (p in (0, 448])
+    l = l * exp2(m - m_new) + sum_j p
+    acc = acc * exp2(m - m_new) + e4m3(p) V8       (FP8 x FP8, a fresh fp32 sum per tile)
+    out = acc / l * v_scale + v_mean
+
+The fresh per-tile sum added to the running accumulator in fp32 is the "two-level" accumulation
+the Hopper kernel also does by default. Under the interpreter ``EMULATE_ROUNDING`` rounds P with
+``round_to_e4m3`` (the interpreter's own fp32 -> fp8 cast is wrong for inexact values); on a GPU
+the hardware conversion does the same rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from compact_search.runtime.kernels.common import LOG2_E, interpreting
+from compact_search.runtime.lut import BlockLUT, cached_block_lut
+from compact_search.runtime.quantize import (
+    LOG2_P_SCALE_C,
+    QuantizedQKV,
+    quantize_qkv,
+    round_to_e4m3,
+)
+
+__all__ = [
+    "portable_fp8_attention",
+    "portable_fp8_lut_attention",
+    "portable_fp8_sparse_attention",
+    "portable_fp8_supports",
+]
+
+
+@triton.jit
+def _fp8_block_sparse_attention_kernel(
+    q8_ptr,
+    q_scale_ptr,
+    k8_ptr,
+    k_scale_ptr,
+    v8_ptr,
+    v_scale_ptr,
+    v_mean_ptr,
+    o_ptr,
+    kv_block_ids_ptr,
+    total_counts_ptr,
+    key_lengths_ptr,
+    q_block_order_ptr,
+    stride_ob,
+    stride_oh,
+    stride_on,
+    num_heads,
+    mask_heads,
+    num_blocks,
+    lut_width,
+    seq_len,
+    padded_len,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    EMULATE_ROUNDING: tl.constexpr,
+):
+    """Grid ``(nb, B * H)``; q8/k8 ``[B*H, Np, D]``, v8 ``[B*H, D, Np]``, o ``[B, H, N, D]``."""
+    batch_head = tl.program_id(1)
+    batch = batch_head // num_heads
+    head = batch_head % num_heads
+    row_index = (head % mask_heads) * num_blocks
+    q_block = tl.load(q_block_order_ptr + row_index + tl.program_id(0))
+    row_index += q_block
+    total_count = tl.load(total_counts_ptr + row_index)
+    block_ids_ptr = kv_block_ids_ptr + row_index.to(tl.int64) * lut_width
+
+    offsets = tl.arange(0, BLOCK_SIZE)  # [BS]
+    cols = tl.arange(0, HEAD_DIM)  # [D]
+    token_base = batch_head.to(tl.int64) * padded_len
+    q_rows = token_base + q_block * BLOCK_SIZE + offsets  # [BS]
+    q8 = tl.load(q8_ptr + q_rows[:, None] * HEAD_DIM + cols[None, :])  # [BS, D] int8
+    q_scale = tl.load(q_scale_ptr + q_rows)  # [BS]
+    channels = batch_head.to(tl.int64) * HEAD_DIM + cols  # [D]
+
+    row_max = tl.full([BLOCK_SIZE], float("-inf"), dtype=tl.float32)  # [BS]
+    row_sum = tl.zeros([BLOCK_SIZE], dtype=tl.float32)  # [BS]
+    acc = tl.zeros([BLOCK_SIZE, HEAD_DIM], dtype=tl.float32)  # [BS, D]
+    for tile in range(total_count):
+        key_block = tl.load(block_ids_ptr + tile)
+        key_start = key_block * BLOCK_SIZE
+        k_rows = token_base + key_start + offsets  # [BS]
+        k8 = tl.load(k8_ptr + k_rows[:, None] * HEAD_DIM + cols[None, :])  # [BS, D] int8
+        # The scores are exact integers (|S| < 2^22), so the fp32 cast is exact.
+        scores = tl.dot(q8, tl.trans(k8)).to(tl.float32)  # [BS, BS]
+        tile_scale = tl.load(k_scale_ptr + batch_head * num_blocks + key_block) * qk_scale
+        key_length = tl.load(key_lengths_ptr + key_block)
+        scores = scores * (q_scale * tile_scale)[:, None]
+        scores = tl.where(offsets[None, :] < key_length, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))  # [BS]
+        probs = tl.math.exp2(scores - (new_max - LOG2_P_SCALE_C)[:, None])  # [BS, BS] in [0, 448]
+        correction = tl.math.exp2(row_max - new_max)  # [BS]
+        row_sum = row_sum * correction + tl.sum(probs, 1)
+        # Emulated, the values are exact in e4m3 and the cast below only re-encodes them.
+        p8 = (round_to_e4m3(probs) if EMULATE_ROUNDING else probs).to(tl.float8e4nv)
+        v8 = tl.load(v8_ptr + channels[:, None] * padded_len + key_start + offsets[None, :])
+        acc = acc * correction[:, None] + tl.dot(p8, tl.trans(v8))  # [BS, D]
+        row_max = new_max
+
+    # A row with no kept key block has row_sum 0: it outputs zeros.
+    has_keys = row_sum > 0.0  # [BS]
+    out = acc / tl.where(has_keys, row_sum, 1.0)[:, None] * tl.load(v_scale_ptr + channels)[None, :]
+    out = tl.where(has_keys[:, None], out + tl.load(v_mean_ptr + channels)[None, :], 0.0)
+    rows = q_block * BLOCK_SIZE + offsets  # [BS]
+    o_base = o_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+    tl.store(
+        o_base + rows[:, None] * stride_on + cols[None, :],
+        out.to(o_ptr.dtype.element_ty),
+        mask=rows[:, None] < seq_len,
+    )
+
+
+def portable_fp8_attention(
+    quantized: QuantizedQKV, lut: BlockLUT, out: torch.Tensor, *, scale: float
+) -> torch.Tensor:
+    """Run the portable kernel into ``out`` (``[B, H, N, D]``, unit stride along D)."""
+    batch, heads, padded_len, head_dim = quantized.q.shape
+    block_size = quantized.block_size
+    _fp8_block_sparse_attention_kernel[(lut.num_blocks, batch * heads)](
+        quantized.q,
+        quantized.q_scale,
+        quantized.k,
+        quantized.k_scale,
+        quantized.v_t,
+        quantized.v_scale,
+        quantized.v_mean,
+        out,
+        lut.kv_block_ids,
+        lut.total_counts,
+        lut.key_lengths,
+        lut.q_block_order,
+        *out.stride()[:3],
+        heads,
+        lut.mask_heads,
+        lut.num_blocks,
+        lut.kv_block_ids.shape[-1],
+        quantized.seq_len,
+        padded_len,
+        scale * LOG2_E * quantized.score_scale,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        EMULATE_ROUNDING=interpreting(),
+        num_warps=4 if block_size == 64 else 8,
+    )
+    return out
+
+
+def portable_fp8_supports(q: torch.Tensor) -> bool:
+    """The interpreter, or a GPU whose tensor cores take FP8 (compute capability >= 8.9)."""
+    if interpreting():
+        return True
+    return q.is_cuda and torch.cuda.get_device_capability(q.device) >= (8, 9)
+
+
+def portable_fp8_lut_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: BlockLUT, *, block_size: int, scale
+) -> torch.Tensor:
+    """The pre-pass, then the kernel: ``[B, H, N, D]`` in q's dtype and memory order."""
+    quantized = quantize_qkv(q, k, v, block_size=block_size, key_lengths=lut.key_lengths)
+    return portable_fp8_attention(quantized, lut, torch.empty_like(q), scale=scale)
+
+
+def portable_fp8_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    block_size: int,
+    scale: float,
+    key_block_lengths: torch.Tensor | None,
+) -> torch.Tensor:
+    lut = cached_block_lut(
+        block_mask,
+        seq_len=q.shape[2],
+        block_size=block_size,
+        key_block_lengths=key_block_lengths,
+        device=q.device,
+    )
+    return portable_fp8_lut_attention(q, k, v, lut, block_size=block_size, scale=scale)

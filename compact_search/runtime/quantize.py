@@ -1,0 +1,529 @@
+"""The 8-bit pre-pass: q, k, v -> INT8 Q/K with scales and FP8 e4m3 V^T, and its torch emulation.
+
+Once per attention call, before the 8-bit kernels (``kernels/triton_portable_fp8.py``,
+``kernels/gluon_hopper_fp8.py``; ``runtime/attention.py`` picks one) run:
+
+1. **statistics** (``_key_value_stats_kernel``): per (batch, head) and channel, over the valid
+   keys (``key_lengths``), partial sums of K (after the rotation) and of V and V's max and min,
+   one row of partials per chunk of key blocks; ``_finalize_stats`` adds them up in torch (a few
+   ``[B*H, chunks, D]`` tensors) into K's mean, V's mean and V's per-channel scale.
+2. **quantization** (``_quantize_kernel``), one program per 128 (or 64) tokens of a head:
+   - Q and K are rotated by the ``D x D`` Sylvester-Hadamard matrix (entries +-1, so
+     ``(q H)(k H)^T = D q k^T``: the kernels fold ``1 / D`` into the softmax scale), which
+     spreads a few outlier channels over all of them;
+   - K loses its mean over the head's valid keys (``q . (k - mu)`` shifts a query row's scores by
+     one constant, which the softmax ignores) and padded keys become zeros;
+   - Q is quantized to INT8 per token, K per mask block: ``x8 = rne(x * 127 / amax)``,
+     ``scale = amax / 127``;
+   - V loses its per-channel mean (added back to the output: a softmax row sums to 1), is divided
+     by its per-channel scale ``amax |v - mean| / 448`` and rounded to FP8 e4m3 (nearest even,
+     saturating at +-448), and is stored transposed, ``[B, H, D, Np]``, the K-major B operand the
+     FP8 wgmma of P V needs; padded keys and tokens past N are zeros.
+
+Everything is padded to ``Np = nb * block_size`` tokens, so the kernels read whole blocks.
+
+The rounding is written out in float arithmetic (``round_half_even``, ``round_to_e4m3``), so the
+Triton interpreter (whose own fp32 -> fp8 and fp32 -> bf16 casts round inexact values wrongly)
+computes exactly what a GPU does. ``emulate_quantize_qkv`` is the same computation in torch; given
+the kernel's statistics it gives the same bits, except that it rotates exactly where a kernel sums
+D products in fp32: a rotated entry can then differ by an ulp, which on rare rows moves a scale
+by an ulp or a value at a rounding boundary by one integer step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from compact_search.runtime.kernels.common import LOG2_E, interpreting
+
+__all__ = [
+    "QuantizedQKV",
+    "quantize_qkv",
+    "emulate_quantize_qkv",
+    "key_value_stats",
+    "hadamard_matrix",
+    "INT8_MAX",
+    "E4M3_MAX",
+    "LOG2_P_SCALE",
+]
+
+INT8_MAX = 127.0
+E4M3_MAX = 448.0
+# Floor under every amax, so an all-zero row or block quantizes to zeros instead of NaN.
+TINY_AMAX = 1e-30
+# 1.5 * 2^23: adding and subtracting it rounds an fp32 |x| < 2^22 to the nearest integer, ties
+# to even (IEEE addition does the rounding).
+ROUNDING_MAGIC = 12582912.0
+# The same numbers as the kernels see them (a jit function reads only constexpr globals).
+INT8_MAX_C = tl.constexpr(INT8_MAX)
+E4M3_MAX_C = tl.constexpr(E4M3_MAX)
+TINY_AMAX_C = tl.constexpr(TINY_AMAX)
+ROUNDING_MAGIC_C = tl.constexpr(ROUNDING_MAGIC)
+# P is quantized as 448 * exp2(t - m): the largest probability of a row maps to e4m3's largest
+# value, so small probabilities stay clear of the subnormal range (e4m3 normals reach 2^-6).
+LOG2_P_SCALE = math.log2(E4M3_MAX)
+LOG2_P_SCALE_C = tl.constexpr(LOG2_P_SCALE)
+LOG2_E_C = tl.constexpr(LOG2_E)
+# Key blocks per program of the statistics kernel (one row of partials each).
+STATS_BLOCKS_PER_PROGRAM = 8
+
+
+def _kernel_hadamard(x: torch.Tensor) -> torch.Tensor:
+    """H as the kernels read it: x's dtype on a GPU, fp32 under the interpreter."""
+    dtype = torch.float32 if interpreting() or x.dtype == torch.float32 else x.dtype
+    return hadamard_matrix(x.shape[-1], x.device, dtype)
+
+
+@dataclass(frozen=True)
+class QuantizedQKV:
+    """What the 8-bit kernels read. ``Np = nb * block_size``; rows >= N and padded keys are zero.
+
+    Attributes:
+        q: int8 ``[B, H, Np, D]``, rotated Q (``q_scale`` per token).
+        q_scale: fp32 ``[B, H, Np]``: ``q ~ q8 * q_scale`` (rotated).
+        k: int8 ``[B, H, Np, D]``, rotated K minus its mean (``k_scale`` per block).
+        k_scale: fp32 ``[B, H, nb]``.
+        v_t: float8_e4m3fn ``[B, H, D, Np]``: ``(v - v_mean) / v_scale``, transposed.
+        v_scale: fp32 ``[B, H, D]``; v_mean: fp32 ``[B, H, D]``.
+        k_mean: fp32 ``[B, H, D]``, in the rotated basis (the kernels do not need it).
+        block_size: tokens per mask block (the K scale group); seq_len: N.
+        rotated: whether Q and K carry the Hadamard rotation (scores are then ``D`` times larger).
+    """
+
+    q: torch.Tensor
+    q_scale: torch.Tensor
+    k: torch.Tensor
+    k_scale: torch.Tensor
+    v_t: torch.Tensor
+    v_scale: torch.Tensor
+    v_mean: torch.Tensor
+    k_mean: torch.Tensor
+    block_size: int
+    seq_len: int
+    rotated: bool
+
+    @property
+    def score_scale(self) -> float:
+        """What ``q8 k8^T * q_scale * k_scale`` must be multiplied by to give ``q k^T``."""
+        return 1.0 / self.q.shape[-1] if self.rotated else 1.0
+
+
+def hadamard_matrix(dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``[dim, dim]`` Sylvester-Hadamard matrix with entries +-1 (``H H^T = dim * I``)."""
+    if dim < 1 or dim & (dim - 1):
+        raise ValueError(f"the Hadamard rotation needs a power-of-two head dim, got {dim}")
+    matrix = torch.ones(1, 1, dtype=dtype, device=device)
+    while matrix.shape[0] < dim:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
+    return matrix
+
+
+@triton.jit
+def round_half_even(x):
+    """fp32 ``x`` (``|x| < 2^22``) to the nearest integer, ties to even, as an fp32 value."""
+    return (x + ROUNDING_MAGIC_C) - ROUNDING_MAGIC_C
+
+
+@triton.jit
+def round_to_e4m3(x):
+    """fp32 ``x`` to the nearest FP8 e4m3 value (ties to even, saturating at +-448), in fp32.
+
+    e4m3 has 3 mantissa bits and no exponent below -6 (below it, subnormals share the spacing
+    2^-9), so the spacing at ``x`` is ``2^(max(e, -6) - 3)`` with ``e`` x's binary exponent; both
+    scalings by that power of two are exact, only the rounding to an integer rounds.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
+    to_grid = ((130 - exponent) << 23).to(tl.float32, bitcast=True)  # 2^(3 - e)
+    from_grid = ((124 + exponent) << 23).to(tl.float32, bitcast=True)  # 2^(e - 3)
+    # On |x|, then the sign back by a multiply (0 - rounded would turn -0 into +0), so a value
+    # that rounds to zero keeps its sign, as the hardware conversion does.
+    rounded = tl.minimum(round_half_even(tl.abs(x) * to_grid) * from_grid, E4M3_MAX_C)
+    return tl.where(bits < 0, rounded * -1.0, rounded)  # the sign bit: -0 stays -0
+
+
+@triton.jit
+def _load_rows(base_ptr, rows, stride_n, valid, HEAD_DIM: tl.constexpr):
+    """``[R, D]`` rows of one head in their dtype; rows where ``valid`` is false read as zeros."""
+    cols = tl.arange(0, HEAD_DIM)
+    pointers = base_ptr + rows[:, None] * stride_n + cols[None, :]
+    return tl.load(pointers, mask=valid[:, None], other=0)
+
+
+@triton.jit
+def _to_fp32(x, hadamard_ptr, HEAD_DIM: tl.constexpr, ROTATE: tl.constexpr):
+    """An ``[R, D]`` tile in fp32, times H when ``ROTATE``.
+
+    H is stored in the inputs' dtype on a GPU (tensor cores, fp32 accumulation) and in fp32 under
+    the interpreter (whose bf16 products are wrong); its entries are +-1, so every product is
+    exact and only the fp32 sums round.
+    """
+    if ROTATE:
+        cols = tl.arange(0, HEAD_DIM)
+        hadamard = tl.load(hadamard_ptr + cols[:, None] * HEAD_DIM + cols[None, :])  # [D, D]
+        return tl.dot(x.to(hadamard.dtype), hadamard)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _key_value_stats_kernel(
+    k_ptr,
+    v_ptr,
+    hadamard_ptr,
+    key_lengths_ptr,
+    k_sum_ptr,
+    v_sum_ptr,
+    v_max_ptr,
+    v_min_ptr,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    num_heads,
+    num_blocks,
+    num_chunks,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCKS_PER_PROGRAM: tl.constexpr,
+    ROTATE: tl.constexpr,
+):
+    """Grid ``(chunks, B * H)``: partial per-channel statistics of one chunk of key blocks.
+
+    Writes ``[B*H, chunks, D]`` partials: sum of (rotated) valid keys, sum, max and min of valid
+    values; padded keys (past ``key_lengths``) take no part.
+    """
+    chunk = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // num_heads
+    head = batch_head % num_heads
+    k_base = k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
+    v_base = v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
+    offsets = tl.arange(0, BLOCK_SIZE)  # [BS]
+    k_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    v_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    v_max = tl.full([HEAD_DIM], float("-inf"), dtype=tl.float32)
+    v_min = tl.full([HEAD_DIM], float("inf"), dtype=tl.float32)
+    for i in range(BLOCKS_PER_PROGRAM):
+        block = chunk * BLOCKS_PER_PROGRAM + i
+        key_length = tl.load(key_lengths_ptr + block, mask=block < num_blocks, other=0)
+        valid = offsets < key_length  # [BS]
+        rows = block * BLOCK_SIZE + offsets
+        keys = _to_fp32(
+            _load_rows(k_base, rows, stride_kn, valid, HEAD_DIM), hadamard_ptr, HEAD_DIM, ROTATE
+        )  # [BS, D]
+        values = _load_rows(v_base, rows, stride_vn, valid, HEAD_DIM).to(tl.float32)  # [BS, D]
+        k_sum += tl.sum(keys, 0)
+        v_sum += tl.sum(values, 0)
+        v_max = tl.maximum(v_max, tl.max(tl.where(valid[:, None], values, float("-inf")), 0))
+        v_min = tl.minimum(v_min, tl.min(tl.where(valid[:, None], values, float("inf")), 0))
+    out = (batch_head.to(tl.int64) * num_chunks + chunk) * HEAD_DIM + tl.arange(0, HEAD_DIM)
+    tl.store(k_sum_ptr + out, k_sum)
+    tl.store(v_sum_ptr + out, v_sum)
+    tl.store(v_max_ptr + out, v_max)
+    tl.store(v_min_ptr + out, v_min)
+
+
+@triton.jit
+def _quantize_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    hadamard_ptr,
+    key_lengths_ptr,
+    k_mean_ptr,
+    v_mean_ptr,
+    v_inverse_scale_ptr,
+    q8_ptr,
+    q_scale_ptr,
+    k8_ptr,
+    k_scale_ptr,
+    v8_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    num_heads,
+    seq_len,
+    padded_len,
+    num_blocks,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    ROTATE: tl.constexpr,
+):
+    """Grid ``(nb, B * H)``: one block of Q, K and V of one head into the 8-bit layouts."""
+    block = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // num_heads
+    head = batch_head % num_heads
+    offsets = tl.arange(0, BLOCK_SIZE)  # [BS]
+    cols = tl.arange(0, HEAD_DIM)  # [D]
+    rows = block * BLOCK_SIZE + offsets  # [BS]
+    stats = batch_head.to(tl.int64) * HEAD_DIM + cols  # [D]
+    padded_rows = batch_head.to(tl.int64) * padded_len + rows  # [BS], into [B*H, Np]
+    row_major = padded_rows[:, None] * HEAD_DIM + cols[None, :]  # [BS, D], into [B*H, Np, D]
+
+    queries = _load_rows(
+        q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh,
+        rows,
+        stride_qn,
+        rows < seq_len,
+        HEAD_DIM,
+    )
+    queries = _to_fp32(queries, hadamard_ptr, HEAD_DIM, ROTATE)  # [BS, D]
+    q_amax = tl.maximum(tl.max(tl.abs(queries), 1), TINY_AMAX_C)  # [BS]
+    # A tensor numerator: under the interpreter constexpr / tensor would stay a constexpr.
+    q8 = round_half_even(queries * ((tl.zeros_like(q_amax) + INT8_MAX_C) / q_amax)[:, None])
+    tl.store(q8_ptr + row_major, tl.minimum(tl.maximum(q8, -INT8_MAX_C), INT8_MAX_C).to(tl.int8))
+    tl.store(q_scale_ptr + padded_rows, q_amax / INT8_MAX_C)
+
+    valid = offsets < tl.load(key_lengths_ptr + block)  # [BS]; lengths are clipped to N
+    keys = _load_rows(
+        k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh,
+        rows,
+        stride_kn,
+        valid,
+        HEAD_DIM,
+    )
+    keys = _to_fp32(keys, hadamard_ptr, HEAD_DIM, ROTATE)  # [BS, D]
+    keys = tl.where(valid[:, None], keys - tl.load(k_mean_ptr + stats)[None, :], 0.0)
+    k_amax = tl.maximum(tl.max(tl.max(tl.abs(keys), 1), 0), TINY_AMAX_C)
+    k8 = round_half_even(keys * ((tl.zeros_like(k_amax) + INT8_MAX_C) / k_amax))
+    tl.store(k8_ptr + row_major, tl.minimum(tl.maximum(k8, -INT8_MAX_C), INT8_MAX_C).to(tl.int8))
+    tl.store(k_scale_ptr + batch_head * num_blocks + block, k_amax / INT8_MAX_C)
+
+    values = _load_rows(
+        v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh,
+        rows,
+        stride_vn,
+        valid,
+        HEAD_DIM,
+    ).to(tl.float32)  # [BS, D]
+    centred = (values - tl.load(v_mean_ptr + stats)[None, :]) * tl.load(
+        v_inverse_scale_ptr + stats
+    )[None, :]
+    v8 = tl.where(valid[:, None], round_to_e4m3(centred), 0.0)
+    # Transposed: [B*H, D, Np], each program writing BLOCK_SIZE consecutive bytes per channel.
+    column_major = (batch_head.to(tl.int64) * HEAD_DIM + cols[None, :]) * padded_len + rows[:, None]
+    tl.store(v8_ptr + column_major, v8.to(v8_ptr.dtype.element_ty))
+
+
+def _finalize_stats(
+    k_sum: torch.Tensor,
+    v_sum: torch.Tensor,
+    v_max: torch.Tensor,
+    v_min: torch.Tensor,
+    valid_keys: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sums/extremes ``[..., D]`` -> K mean, V mean, V scale and its inverse (all fp32)."""
+    count = valid_keys.clamp(min=1).to(torch.float32).expand_as(k_sum)
+    k_mean = torch.div(k_sum, count)
+    v_mean = torch.div(v_sum, count)
+    v_amax = torch.maximum(v_max - v_mean, v_mean - v_min).clamp(min=TINY_AMAX)
+    # No valid key at all: every extreme is infinite; any finite scale will do.
+    v_amax = torch.where(torch.isfinite(v_amax), v_amax, torch.ones_like(v_amax))
+    return k_mean, v_mean, _divided(v_amax, E4M3_MAX), _reciprocal_times(E4M3_MAX, v_amax)
+
+
+def key_value_stats(
+    k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor, *, block_size: int, rotate: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pass 1 on the device: ``(k_mean, v_mean, v_scale, v_inverse_scale)``, each fp32 [B, H, D]."""
+    batch, heads, _, head_dim = k.shape
+    num_blocks = key_lengths.numel()
+    chunks = -(-num_blocks // STATS_BLOCKS_PER_PROGRAM)
+    partials = [
+        torch.empty(batch * heads, chunks, head_dim, device=k.device, dtype=torch.float32)
+        for _ in range(4)
+    ]
+    _key_value_stats_kernel[(chunks, batch * heads)](
+        k,
+        v,
+        _kernel_hadamard(k),
+        key_lengths,
+        *partials,
+        *k.stride()[:3],
+        *v.stride()[:3],
+        heads,
+        num_blocks,
+        chunks,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCKS_PER_PROGRAM=STATS_BLOCKS_PER_PROGRAM,
+        ROTATE=rotate,
+    )
+    k_sum, v_sum = partials[0].sum(1), partials[1].sum(1)
+    v_max, v_min = partials[2].amax(1), partials[3].amin(1)
+    stats = _finalize_stats(k_sum, v_sum, v_max, v_min, key_lengths.sum())
+    return tuple(s.view(batch, heads, head_dim) for s in stats)
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share one shape [B, H, N, D], got {tuple(q.shape)}")
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        raise ValueError("q, k, v need unit stride along D")
+    if block_size not in (64, 128):
+        raise ValueError(f"8-bit attention needs block_size 64 or 128, got {block_size}")
+
+
+def quantize_qkv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int,
+    key_lengths: torch.Tensor,
+    rotate: bool = True,
+) -> QuantizedQKV:
+    """The pre-pass (two Triton kernels and a few small torch reductions).
+
+    Args:
+        q, k, v: ``[B, H, N, D]`` fp16/bf16 (fp32 works too), unit stride along D.
+        block_size: tokens per mask block (64 or 128): K's scale group.
+        key_lengths: int32 ``[nb]`` valid keys per block, clipped to N (``BlockLUT.key_lengths``).
+        rotate: apply the Hadamard rotation to Q and K.
+    """
+    _check_inputs(q, k, v, block_size)
+    batch, heads, seq_len, head_dim = q.shape
+    num_blocks = key_lengths.numel()
+    padded_len = num_blocks * block_size
+    k_mean, v_mean, v_scale, v_inverse_scale = key_value_stats(
+        k, v, key_lengths, block_size=block_size, rotate=rotate
+    )
+    device = q.device
+    q8 = torch.empty(batch, heads, padded_len, head_dim, device=device, dtype=torch.int8)
+    k8 = torch.empty_like(q8)
+    v8 = torch.empty(batch, heads, head_dim, padded_len, device=device, dtype=torch.float8_e4m3fn)
+    q_scale = torch.empty(batch, heads, padded_len, device=device, dtype=torch.float32)
+    k_scale = torch.empty(batch, heads, num_blocks, device=device, dtype=torch.float32)
+    _quantize_kernel[(num_blocks, batch * heads)](
+        q,
+        k,
+        v,
+        _kernel_hadamard(q),
+        key_lengths,
+        k_mean,
+        v_mean,
+        v_inverse_scale,
+        q8,
+        q_scale,
+        k8,
+        k_scale,
+        v8,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        heads,
+        seq_len,
+        padded_len,
+        num_blocks,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        ROTATE=rotate,
+    )
+    return QuantizedQKV(
+        q8, q_scale, k8, k_scale, v8, v_scale, v_mean, k_mean, block_size, seq_len, rotate
+    )
+
+
+def _round_half_even(x: torch.Tensor) -> torch.Tensor:
+    return (x + ROUNDING_MAGIC) - ROUNDING_MAGIC
+
+
+def _reciprocal_times(numerator: float, x: torch.Tensor) -> torch.Tensor:
+    """``numerator / x`` as one IEEE division (``numerator / x`` in torch multiplies by 1/x)."""
+    return torch.div(torch.full_like(x, numerator), x)
+
+
+def _divided(x: torch.Tensor, denominator: float) -> torch.Tensor:
+    """``x / denominator`` as one IEEE division (torch divides by a Python number through its
+    reciprocal), as the kernels divide."""
+    return torch.div(x, torch.full_like(x, denominator))
+
+
+def _int8(x: torch.Tensor) -> torch.Tensor:
+    return _round_half_even(x).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+def to_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> float8_e4m3fn, nearest even, saturating: what the kernels' rounding gives."""
+    return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def emulate_quantize_qkv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int,
+    key_lengths: torch.Tensor,
+    rotate: bool = True,
+    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> QuantizedQKV:
+    """:func:`quantize_qkv` in torch, op for op in fp32 (the rotation exact, then rounded).
+
+    ``stats`` (``key_value_stats``' result) replaces the torch statistics, whose sums run in
+    another order than the kernel's; with it the output bits match the kernel's (see the module
+    docstring for the rotation's rare ulp).
+    """
+    _check_inputs(q, k, v, block_size)
+    batch, heads, seq_len, head_dim = q.shape
+    num_blocks = key_lengths.numel()
+    padded_len = num_blocks * block_size
+    pad = (0, 0, 0, padded_len - seq_len)
+    offsets = torch.arange(padded_len, device=q.device)
+    lengths = key_lengths.to(q.device).long()
+    valid = (offsets % block_size) < lengths[offsets // block_size]  # [Np]
+    hadamard = hadamard_matrix(head_dim, q.device, torch.float64)
+
+    def rotated(x: torch.Tensor) -> torch.Tensor:  # [B, H, Np, D] fp32
+        x = torch.nn.functional.pad(x.float(), pad)
+        return (x.double() @ hadamard).float() if rotate else x
+
+    queries = rotated(q)
+    keys = torch.where(valid[:, None], rotated(k), 0.0)
+    values = torch.where(valid[:, None], torch.nn.functional.pad(v.float(), pad), 0.0)
+    if stats is None:
+        count = valid.sum()
+        stats = _finalize_stats(
+            keys.sum(2),
+            values.sum(2),
+            torch.where(valid[:, None], values, -math.inf).amax(2),
+            torch.where(valid[:, None], values, math.inf).amin(2),
+            count,
+        )
+    k_mean, v_mean, v_scale, v_inverse_scale = stats
+
+    q_amax = queries.abs().amax(-1).clamp(min=TINY_AMAX)  # [B, H, Np]
+    q8 = _int8(queries * _reciprocal_times(INT8_MAX, q_amax)[..., None])
+    keys = torch.where(valid[:, None], keys - k_mean[:, :, None], 0.0)
+    blocks = keys.reshape(batch, heads, num_blocks, block_size * head_dim)
+    k_amax = blocks.abs().amax(-1).clamp(min=TINY_AMAX)  # [B, H, nb]
+    k8 = _int8(blocks * _reciprocal_times(INT8_MAX, k_amax)[..., None]).reshape(keys.shape)
+    centred = (values - v_mean[:, :, None]) * v_inverse_scale[:, :, None]
+    v8 = to_e4m3(torch.where(valid[:, None], centred, 0.0)).transpose(-1, -2).contiguous()
+    return QuantizedQKV(
+        q8.contiguous(),
+        _divided(q_amax, INT8_MAX),
+        k8.contiguous(),
+        _divided(k_amax, INT8_MAX),
+        v8,
+        v_scale,
+        v_mean,
+        k_mean,
+        block_size,
+        seq_len,
+        rotate,
+    )

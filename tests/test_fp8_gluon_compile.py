@@ -1,0 +1,238 @@
+"""The Gluon 8-bit Hopper kernel compiled for sm_90 on this GPU-less machine.
+
+As tests/test_gluon_compile.py does for the bf16 kernel: Gluon does not run under the
+interpreter, so CI compiles the kernel and checks the facts its speed rests on: INT8 and FP8
+wgmma in the PTX (not a conversion to 16-bit math), registers handed from the loaders to the
+consumers, no local-memory spills and shared memory within one CTA's limit. Numbers are checked
+on a GPU by tests/test_fp8_kernel_gpu.py.
+
+The compile runs in a child process without TRITON_INTERPRET; ``python
+tests/test_fp8_gluon_compile.py HEAD_DIM DTYPE STAGES PINGPONG TWO_LEVEL MAGIC_I2F`` prints the
+facts as JSON.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+gluon_fp8 = pytest.importorskip(
+    "compact_search.runtime.kernels.gluon_hopper_fp8", reason="this Triton has no Gluon Hopper API"
+)
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from compact_search.runtime.quantize import QuantizedQKV  # noqa: E402
+
+H100_SHARED_MEMORY = 227 * 1024  # bytes one CTA may use on sm_90
+FP32_POINTERS = ("q_scale_ptr", "k_scale_ptr", "v_scale_ptr", "v_mean_ptr")
+
+
+def _stand_in(head_dim: int) -> QuantizedQKV:
+    """Tensors with the dtypes, shapes and strides of a real call (nothing is launched)."""
+    batch, heads, padded_len = 1, 2, 256
+    int8 = torch.empty(batch, heads, padded_len, head_dim, dtype=torch.int8)
+    fp32 = torch.empty(1)
+    v_t = torch.empty(batch, heads, head_dim, padded_len, dtype=torch.float8_e4m3fn)
+    return QuantizedQKV(int8, fp32, int8, fp32, v_t, fp32, fp32, fp32, 128, 250, True)
+
+
+def compile_for_hopper(head_dim: int, dtype: torch.dtype, config):
+    import triton
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    kernel = gluon_fp8._gluon_fp8_attention_kernel
+    out = torch.empty(1, 2, 250, head_dim, dtype=dtype)
+    names = ("q_desc", "k_desc", "v_desc", "o_desc")
+    descriptors = dict(zip(names, gluon_fp8.descriptors(_stand_in(head_dim), out), strict=True))
+    constants = {"HEAD_DIM": head_dim, **config.kwargs()}
+    signature, constexprs = {}, {}
+    for index, name in enumerate(inspect.signature(kernel.fn).parameters):
+        if name in descriptors:
+            signature[name] = mangle_type(descriptors[name])
+        elif name in constants:
+            signature[name] = "constexpr"
+            constexprs[(index,)] = constants[name]
+        elif name in FP32_POINTERS:
+            signature[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            signature[name] = "*i32"
+        else:
+            signature[name] = "fp32" if name == "qk_scale" else "i32"
+    source = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    options = {"num_warps": gluon_fp8.CONSUMER_WARPS.value, "maxnreg": gluon_fp8.MAX_REGISTERS}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def _sass(cubin: bytes) -> tuple[str, str]:
+    """(resource usage, disassembly) of a cubin, from the cuobjdump Triton ships."""
+    import tempfile
+    from pathlib import Path
+
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        outputs = [
+            subprocess.run(
+                [str(cuobjdump), flag, str(path)], capture_output=True, text=True, check=True
+            ).stdout
+            for flag in ("-res-usage", "-sass")
+        ]
+        return outputs[0], outputs[1]
+
+
+def compiled_facts(head_dim: int, dtype: torch.dtype, config) -> dict:
+    compiled = compile_for_hopper(head_dim, dtype, config)
+    ptx = compiled.asm["ptx"]
+    usage, sass = _sass(compiled.asm["cubin"])
+    return {
+        "wgmma": sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.[\w.]+", ptx))),
+        "sass_mma": sorted(set(re.findall(r"\b[A-Z]GMMA\.\w+\.\w+\.\w+", sass))),
+        "setmaxnreg": "setmaxnreg" in ptx,
+        "ptx_local_memory": "ld.local" in ptx or "st.local" in ptx,
+        "stack_bytes": int(re.search(r"STACK:(\d+)", usage).group(1)),
+        "spill_instructions": len(re.findall(r"\b(?:STL|LDL)\b", sass)),
+        "shared": compiled.metadata.shared,
+        "cvt_s32_f32": ptx.count("cvt.rn.f32.s32"),
+    }
+
+
+CONFIGS = [
+    (128, torch.bfloat16, gluon_fp8.GluonFP8Config()),
+    (64, torch.float16, gluon_fp8.GluonFP8Config()),
+    (128, torch.bfloat16, gluon_fp8.GluonFP8Config(stages=3, pingpong=True)),
+    (128, torch.bfloat16, gluon_fp8.GluonFP8Config(two_level=False, magic_i2f=False)),
+]
+
+
+def _config_id(case) -> str:
+    head_dim, dtype, config = case
+    return f"d{head_dim}-{str(dtype)[6:]}-s{config.stages}" + "".join(
+        f"-{name}" for name in ("pingpong", "two_level", "magic_i2f") if getattr(config, name)
+    )
+
+
+@pytest.mark.parametrize("case", CONFIGS, ids=_config_id)
+def test_fp8_kernel_compiles_for_hopper_without_spills(case) -> None:
+    head_dim, dtype, config = case
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [str(head_dim), str(dtype).removeprefix("torch."), str(config.stages)]
+    args += [str(int(getattr(config, n))) for n in ("pingpong", "two_level", "magic_i2f")]
+    done = subprocess.run(
+        [sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(facts["wgmma"]) == {
+        f"wgmma.mma_async.sync.aligned.m64n{head_dim}k32.f32.e4m3.e4m3",  # P V
+        "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8",  # Q K^T; no 16-bit matmul left
+    }
+    assert set(facts["sass_mma"]) == {"IGMMA.64x128x32.S8.S8", f"QGMMA.64x{head_dim}x32.F32.E4M3"}
+    assert facts["setmaxnreg"]
+    assert not facts["ptx_local_memory"]
+    # ptxas spills nothing, except with two-level accumulation two registers (8 bytes) in the
+    # loop over padded blocks (docs/kernel.md): the main loop never touches local memory.
+    if config.two_level and head_dim == 128:
+        assert facts["stack_bytes"] <= 16 and facts["spill_instructions"] <= 12
+    else:
+        assert facts["stack_bytes"] == 0 and facts["spill_instructions"] == 0
+    assert facts["shared"] <= H100_SHARED_MEMORY
+    # The integer-add conversion leaves no cvt for the 32 scores a thread holds per tile.
+    assert (facts["cvt_s32_f32"] == 0) == config.magic_i2f
+
+
+# The pre-pass and portable kernels run under the interpreter in CI; compiling them for sm_90 as
+# well catches what only the compiler rejects (a global that is not constexpr, a dot it cannot
+# lower). Pointer and scalar types by argument name; the rest are int32.
+PORTABLE_TYPES = {
+    "_key_value_stats_kernel": {
+        ("k_ptr", "v_ptr", "hadamard_ptr"): "*bf16",
+        ("key_lengths_ptr",): "*i32",
+        ("k_sum_ptr", "v_sum_ptr", "v_max_ptr", "v_min_ptr"): "*fp32",
+    },
+    "_quantize_kernel": {
+        ("q_ptr", "k_ptr", "v_ptr", "hadamard_ptr"): "*bf16",
+        ("key_lengths_ptr",): "*i32",
+        ("k_mean_ptr", "v_mean_ptr", "v_inverse_scale_ptr", "q_scale_ptr", "k_scale_ptr"): "*fp32",
+        ("q8_ptr", "k8_ptr"): "*i8",
+        ("v8_ptr",): "*fp8e4nv",
+    },
+    "_fp8_block_sparse_attention_kernel": {
+        ("q8_ptr", "k8_ptr"): "*i8",
+        ("v8_ptr",): "*fp8e4nv",
+        ("q_scale_ptr", "k_scale_ptr", "v_scale_ptr", "v_mean_ptr"): "*fp32",
+        ("o_ptr",): "*bf16",
+        ("qk_scale",): "fp32",
+    },
+}
+
+
+def compile_portable_for_hopper(name: str) -> str:
+    """PTX of one ``tl`` kernel of the 8-bit path for sm_90 (head dim 128, block 128)."""
+    import triton
+    from triton.compiler import ASTSource
+
+    from compact_search.runtime import quantize
+    from compact_search.runtime.kernels import triton_portable_fp8 as triton_fp8
+
+    kernel = getattr(quantize, name, None) or getattr(triton_fp8, name)
+    types = {arg: kind for args, kind in PORTABLE_TYPES[name].items() for arg in args}
+    constants = {"HEAD_DIM": 128, "BLOCK_SIZE": 128, "ROTATE": True, "EMULATE_ROUNDING": False}
+    constants["BLOCKS_PER_PROGRAM"] = quantize.STATS_BLOCKS_PER_PROGRAM
+    signature, constexprs = {}, {}
+    for index, arg in enumerate(inspect.signature(kernel.fn).parameters):
+        if arg in constants:
+            signature[arg] = "constexpr"
+            constexprs[(index,)] = constants[arg]
+        else:
+            signature[arg] = types.get(arg, "*i32" if arg.endswith("_ptr") else "i32")
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    return compiled.asm["ptx"]
+
+
+@pytest.mark.parametrize("name", list(PORTABLE_TYPES))
+def test_portable_8bit_kernels_compile_for_hopper(name: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, __file__, "portable", name],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    mma = set(json.loads(done.stdout.strip().splitlines()[-1]))
+    if name == "_fp8_block_sparse_attention_kernel":
+        assert any(".s32.s8.s8" in m for m in mma) and any(".e4m3.e4m3" in m for m in mma)
+    else:  # the Hadamard rotation runs on the tensor cores
+        assert any(".bf16.bf16" in m for m in mma)
+
+
+def test_fp8_config_rejects_ring_depths_it_does_not_fit() -> None:
+    with pytest.raises(ValueError, match="stages"):
+        gluon_fp8.GluonFP8Config(stages=5)
+
+
+if __name__ == "__main__" and sys.argv[1] == "portable":
+    found = re.findall(
+        r"wgmma\.mma_async\.sync\.aligned\.[\w.]+", compile_portable_for_hopper(sys.argv[2])
+    )
+    print(json.dumps(sorted(set(found))))
+elif __name__ == "__main__":
+    head_dim, dtype_name, stages, pingpong, two_level, magic_i2f = sys.argv[1:7]
+    config = gluon_fp8.GluonFP8Config(
+        int(stages), bool(int(pingpong)), bool(int(two_level)), bool(int(magic_i2f))
+    )
+    print(json.dumps(compiled_facts(int(head_dim), getattr(torch, dtype_name), config)))

@@ -1,0 +1,205 @@
+"""The 8-bit pre-pass (compact_search/runtime/kernels/quantize.py) under the Triton interpreter.
+
+The kernels' rounding (INT8 nearest-even, FP8 e4m3 nearest-even saturating) is written in float
+arithmetic so the interpreter computes what a GPU does; these tests hold it to torch's rounding
+bit for bit, and the whole pre-pass to its torch emulation.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from fp8_cases import attention_inputs, padded_key_lengths
+
+from compact_search.geometry import valid_block_lengths
+from compact_search.runtime.quantize import (
+    E4M3_MAX,
+    emulate_quantize_qkv,
+    hadamard_matrix,
+    key_value_stats,
+    quantize_qkv,
+    round_half_even,
+    round_to_e4m3,
+    to_e4m3,
+)
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="runs under TRITON_INTERPRET=1 (make test)"
+)
+
+
+@triton.jit
+def _rounding_kernel(x_ptr, fp8_ptr, int_ptr, SIZE: tl.constexpr):
+    offsets = tl.arange(0, SIZE)
+    x = tl.load(x_ptr + offsets)
+    tl.store(fp8_ptr + offsets, round_to_e4m3(x).to(tl.float8e4nv))
+    tl.store(int_ptr + offsets, round_half_even(x))
+
+
+def _hard_values() -> torch.Tensor:
+    """Every finite e4m3 value, every midpoint between neighbours (ties), the fp32 values just
+    beside each midpoint, saturation and the subnormal range, random magnitudes, both signs."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = torch.unique(codes[torch.isfinite(codes)])  # ascending
+    midpoints = (grid[1:] + grid[:-1]) / 2
+    above, below = torch.nextafter(midpoints, grid[1:]), torch.nextafter(midpoints, grid[:-1])
+    beside = torch.cat([above, below])
+    generator = torch.Generator().manual_seed(0)
+    magnitudes = torch.exp2(torch.empty(4000).uniform_(-14, 9.5, generator=generator))
+    extremes = torch.tensor([0.0, 447.9, 448.0, 449.0, 463.9, 464.0, 479.0, 2.0**-10, 2.0**-9])
+    values = torch.cat([grid, midpoints, beside, magnitudes, extremes])
+    values = torch.cat([values, -values])
+    size = triton.next_power_of_2(values.numel())
+    return torch.nn.functional.pad(values, (0, size - values.numel()))
+
+
+def test_fp8_rounding_matches_torch_bit_for_bit() -> None:
+    x = _hard_values()
+    fp8 = torch.empty(x.shape, dtype=torch.float8_e4m3fn)
+    integers = torch.empty_like(x)
+    _rounding_kernel[(1,)](x, fp8, integers, SIZE=x.numel())
+    expected = to_e4m3(x)
+    assert torch.equal(fp8.view(torch.uint8), expected.view(torch.uint8))
+    assert fp8.float().abs().max() == E4M3_MAX  # saturated, never NaN
+
+
+def test_integer_rounding_is_nearest_even() -> None:
+    halves = torch.arange(-260, 260, dtype=torch.float32) / 2  # every tie from -130 to 129.5
+    generator = torch.Generator().manual_seed(1)
+    x = torch.cat([halves, torch.empty(1528).uniform_(-128, 128, generator=generator)])
+    fp8 = torch.empty(x.shape, dtype=torch.float8_e4m3fn)
+    integers = torch.empty_like(x)
+    _rounding_kernel[(1,)](x, fp8, integers, SIZE=x.numel())
+    assert torch.equal(integers, torch.round(x))  # torch.round is nearest-even
+
+
+def test_hadamard_matrix_is_orthogonal_up_to_its_dimension() -> None:
+    for dim in (64, 128):
+        matrix = hadamard_matrix(dim)
+        assert torch.equal(matrix @ matrix.T, dim * torch.eye(dim))
+        assert set(matrix.unique().tolist()) == {-1.0, 1.0}
+    with pytest.raises(ValueError, match="power-of-two"):
+        hadamard_matrix(96)
+
+
+CASES = [
+    # (batch, heads, seq_len, head_dim, block_size, padded keys, rotate)
+    (2, 3, 300, 64, 128, False, True),
+    (1, 2, 1000, 128, 64, True, True),
+    (1, 1, 63, 64, 64, False, False),
+]
+
+
+def _case_id(case) -> str:
+    batch, heads, seq_len, head_dim, block_size, padded, rotate = case
+    name = f"B{batch}-H{heads}-N{seq_len}-d{head_dim}-bs{block_size}"
+    return name + ("-padded-keys" if padded else "") + ("" if rotate else "-no-rotation")
+
+
+def _inputs(case):
+    batch, heads, seq_len, head_dim, block_size, padded, rotate = case
+    q, k, v = attention_inputs("gaussian", (batch, heads, seq_len, head_dim), seed=seq_len)
+    num_blocks = -(-seq_len // block_size)
+    lengths = (
+        padded_key_lengths(num_blocks, block_size, seed=seq_len)
+        if padded
+        else valid_block_lengths(seq_len, block_size)
+    )
+    lengths = torch.minimum(lengths, valid_block_lengths(seq_len, block_size))
+    return q, k, v, lengths, block_size, rotate
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_prepass_matches_its_torch_emulation(case) -> None:
+    q, k, v, lengths, block_size, rotate = _inputs(case)
+    got = quantize_qkv(q, k, v, block_size=block_size, key_lengths=lengths, rotate=rotate)
+    stats = key_value_stats(k, v, lengths, block_size=block_size, rotate=rotate)
+    want = emulate_quantize_qkv(
+        q, k, v, block_size=block_size, key_lengths=lengths, rotate=rotate, stats=stats
+    )
+    assert torch.equal(got.v_t.view(torch.uint8), want.v_t.view(torch.uint8))
+    if rotate:
+        # The emulation rotates exactly; the kernel sums D products in fp32, which can land one
+        # ulp away when a row's entries span many binades: then an amax (so a scale) moves by an
+        # ulp, or a value at a rounding boundary by one integer step. Rarely.
+        for name in ("q", "k"):
+            off = (getattr(got, name).int() - getattr(want, name).int()).abs()
+            assert off.max() <= 1 and off.float().mean() < 1e-4, name
+        for name in ("q_scale", "k_scale"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=0, rtol=3e-7)
+    else:
+        assert torch.equal(got.q, want.q) and torch.equal(got.k, want.k)
+        assert torch.equal(got.q_scale, want.q_scale) and torch.equal(got.k_scale, want.k_scale)
+
+    # The kernel's statistics (chunked sums) agree with plain torch sums to fp32 rounding.
+    plain = emulate_quantize_qkv(q, k, v, block_size=block_size, key_lengths=lengths, rotate=rotate)
+    torch.testing.assert_close(got.k_mean, plain.k_mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.v_mean, plain.v_mean, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got.v_scale, plain.v_scale, atol=0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES[1:2], ids=_case_id)
+def test_prepass_layout_and_dequantization(case) -> None:
+    q, k, v, lengths, block_size, rotate = _inputs(case)
+    seq_len, head_dim = q.shape[2], q.shape[3]
+    got = quantize_qkv(q, k, v, block_size=block_size, key_lengths=lengths, rotate=rotate)
+    padded_len = got.q.shape[2]
+    assert padded_len == lengths.numel() * block_size
+    assert got.v_t.shape == (*q.shape[:2], head_dim, padded_len)
+    offsets = torch.arange(padded_len)
+    valid = (offsets % block_size) < lengths.long()[offsets // block_size]
+    assert not got.k[:, :, ~valid].any() and not got.v_t.float()[..., ~valid].any()
+    assert not got.q[:, :, seq_len:].any()
+
+    hadamard = hadamard_matrix(head_dim)
+    q_back = (got.q.float() * got.q_scale[..., None]) @ hadamard.T / head_dim
+    # Each rotated entry is off by at most half a step; H^T / D averages D of them with signs.
+    half_step = got.q_scale[:, :, :seq_len, None] / 2
+    assert ((q_back[:, :, :seq_len] - q.float()).abs() <= half_step * 1.0001).all()
+    v_back = got.v_t.float().transpose(-1, -2) * got.v_scale[:, :, None] + got.v_mean[:, :, None]
+    error = (v_back - torch.nn.functional.pad(v.float(), (0, 0, 0, padded_len - seq_len)))[
+        :, :, valid
+    ]
+    # e4m3 keeps 3 mantissa bits: at most half a step, 1/16 of the centred value's magnitude,
+    # or half the subnormal step 2^-9 (times the channel scale) near zero.
+    centred = (v.float() - got.v_mean[:, :, None]).abs()
+    bound = torch.maximum(centred / 16, 2.0**-10 * got.v_scale[:, :, None])
+    bound = torch.nn.functional.pad(bound, (0, 0, 0, padded_len - seq_len))[:, :, valid]
+    assert (error.abs() <= bound * 1.0001).all()
+
+
+def test_padded_keys_never_reach_the_statistics() -> None:
+    q, k, v, lengths, block_size, rotate = _inputs(CASES[1])
+    offsets = torch.arange(q.shape[2])
+    padding = (offsets % block_size) >= lengths.long()[offsets // block_size]
+    k_poisoned, v_poisoned = k.clone(), v.clone()
+    k_poisoned[:, :, padding] = float("nan")
+    v_poisoned[:, :, padding] = 1e4
+    clean = quantize_qkv(q, k, v, block_size=block_size, key_lengths=lengths)
+    poisoned = quantize_qkv(q, k_poisoned, v_poisoned, block_size=block_size, key_lengths=lengths)
+    assert torch.equal(clean.k, poisoned.k) and torch.equal(clean.k_scale, poisoned.k_scale)
+    assert torch.equal(clean.v_t.view(torch.uint8), poisoned.v_t.view(torch.uint8))
+    assert torch.equal(clean.v_scale, poisoned.v_scale)
+
+
+def test_prepass_reads_token_major_inputs() -> None:
+    """[B, N, H, D] storage seen as [B, H, N, D] (what the model adapters hand over)."""
+    q, k, v, lengths, block_size, rotate = _inputs(CASES[0])
+    token_major = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+    for quantize in (quantize_qkv, emulate_quantize_qkv):
+        plain = quantize(q, k, v, block_size=block_size, key_lengths=lengths)
+        strided = quantize(*token_major, block_size=block_size, key_lengths=lengths)
+        assert strided.q.is_contiguous() and strided.k.is_contiguous()
+        for name in ("q", "k", "q_scale", "k_scale", "v_scale", "v_mean"):
+            assert torch.equal(getattr(plain, name), getattr(strided, name)), name
+        assert torch.equal(plain.v_t.view(torch.uint8), strided.v_t.view(torch.uint8))
+
+
+def test_prepass_rejects_block_sizes_it_does_not_serve() -> None:
+    q = torch.zeros(1, 1, 64, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="block_size 64 or 128"):
+        quantize_qkv(q, q, q, block_size=32, key_lengths=valid_block_lengths(64, 32))
