@@ -46,8 +46,9 @@ DENSE_PROVIDERS = ("cudnn", "fa2")
 # Providers that run only bf16 (the dense baselines and FlexAttention run bf16 by design; the
 # pointer-load variant has no 8-bit path).
 BF16_ONLY_PROVIDERS = ("triton-pointers",)
-# Relative error (vs the fp32 reference, FlexAttention, cuDNN) above which a run raises.
-MAX_REL_ERR = {"bf16": 2e-2, "fp8": 3e-2}
+# Relative error above which a run raises: the kernel against what it must compute (bf16: the
+# fp32 reference, FlexAttention, cuDNN; fp8: the 8-bit emulation, the other 8-bit kernel).
+MAX_REL_ERR = 2e-2
 
 
 def triton_runs(precision: str) -> dict[str, Callable[..., torch.Tensor]]:
@@ -262,6 +263,48 @@ def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
     return diff.item()
 
 
+def reference_errors(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    out: torch.Tensor,
+    block_size: int,
+    precision: str,
+    heads: int,
+) -> dict[str, float]:
+    """The kernel output ``out`` [B, H, N, D] on its first ``heads`` heads against the fp32
+    reference ("reference") and, at fp8, the 8-bit path's exact emulation on the same inputs
+    ("reference-fp8")."""
+    first = slice(0, heads)
+    q, k, v, block_mask, out = (
+        q[:, first],
+        k[:, first],
+        v[:, first],
+        block_mask[first],
+        out[:, first],
+    )
+    fp32 = sparse_attention(
+        q.float(), k.float(), v.float(), block_mask, block_size=block_size, backend="reference"
+    )
+    errors = {"reference": relative_error(out, fp32)}
+    if precision != "bf16":
+        emulated = sparse_attention(
+            q, k, v, block_mask, block_size=block_size, backend="reference", precision=precision
+        )
+        errors["reference-fp8"] = relative_error(out, emulated)
+    return errors
+
+
+def gated_errors(errors: dict[str, float], precision: str) -> dict[str, float]:
+    """The errors a run is held to (MAX_REL_ERR): all of them in bf16; at fp8 those against
+    8-bit results (the emulation, the portable 8-bit kernel). The 8-bit path's distance to fp32,
+    FlexAttention and cuDNN is the method's, logged but not gated."""
+    if precision == "bf16":
+        return errors
+    return {name: err for name, err in errors.items() if name in ("reference-fp8", "portable")}
+
+
 def run_kernel_benchmark(
     shapes: Iterable[BenchShape],
     densities: Iterable[float] = DEFAULT_DENSITIES,
@@ -277,8 +320,9 @@ def run_kernel_benchmark(
 
     For each shape the kernel is first checked against the reference backend (fp32) on its first
     ``reference_heads`` heads at the first density, and at every density against FlexAttention
-    (when timed) and, at density 1.0, cuDNN. A relative error above ``MAX_REL_ERR[precision]``
-    (2e-2 bf16, 3e-2 fp8) raises. ``precision`` is the Triton providers' arithmetic.
+    (when timed) and, at density 1.0, cuDNN. A relative error above ``MAX_REL_ERR`` (2e-2)
+    raises. ``precision`` is the Triton providers' arithmetic; at fp8 the kernel is held to the
+    8-bit emulation instead (``gated_errors``), and ``max_rel_err`` is against that.
 
     Returns:
         Rows with the keys of ``CSV_FIELDS``.
@@ -392,16 +436,9 @@ def _bench_shape(
         log(f"{shape.name} density {density:.3f} triton ran {', '.join(ran)}")
         checks = {}
         if index == 0 and reference_heads:
-            heads = slice(0, reference_heads)
-            expected = sparse_attention(
-                q[:, heads].float(),
-                k[:, heads].float(),
-                v[:, heads].float(),
-                block_mask[heads],
-                block_size=block_size,
-                backend="reference",
+            checks |= reference_errors(
+                q, k, v, block_mask, out, block_size, precision, reference_heads
             )
-            checks["reference"] = relative_error(out[:, heads], expected)
         flex_mask = None
         if flex is not None:
             flex_mask = flex_block_mask(block_mask, shape.tokens, block_size)
@@ -417,10 +454,11 @@ def _bench_shape(
             f"{shape.name} density {density:.3f}: "
             + ", ".join(f"rel err vs {name} {err:.1e}" for name, err in checks.items())
         )
-        bad = {name: err for name, err in checks.items() if err > MAX_REL_ERR[precision]}
+        gated = gated_errors(checks, precision)
+        bad = {name: err for name, err in gated.items() if err > MAX_REL_ERR}
         if bad:
             raise RuntimeError(f"{shape.name} density {target}: kernel disagrees: {bad}")
-        max_rel_err = max(checks.values(), default=float("nan"))
+        max_rel_err = max(gated.values(), default=float("nan"))
 
         timings = {}
         for provider in (p for p in runs if p in providers):

@@ -9,7 +9,7 @@ import torch
 from cli_runner import run
 from test_check import GRID, TILE, PlantedProfile
 
-from compact_search.bench import CSV_FIELDS, triton_runs
+from compact_search.bench import CSV_FIELDS, gated_errors, reference_errors, triton_runs
 from compact_search.check import check_config, junit_xml
 from compact_search.config import (
     GeometrySpec,
@@ -69,6 +69,26 @@ def test_bench_rows_carry_the_precision_and_its_triton_runs_take_it():
             out = run_kernel(q, k, v, mask, block_size=64)
             assert out.shape == q.shape and torch.isfinite(out).all()
     assert ran == ["triton-portable-fp8"] * 2
+
+
+def test_bench_holds_an_8_bit_kernel_to_the_8_bit_emulation():
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 3, 200, 64, generator=gen).half() for _ in range(3))
+    mask = torch.rand(3, 4, 4, generator=gen) < 0.5
+    mask[:, 2] = False  # a query block with no kept key block
+    out = triton_runs("fp8")["triton"](q, k, v, mask, block_size=64)
+    errors = reference_errors(q, k, v, mask, out, 64, "fp8", heads=2)
+    assert errors["reference-fp8"] < 1e-3 < 1e-2 < errors["reference"]
+    assert gated_errors({**errors, "flex": 0.04, "portable": 1e-4}, "fp8") == {
+        "reference-fp8": errors["reference-fp8"],
+        "portable": 1e-4,
+    }
+    bf16 = triton_runs("bf16")["triton"](q, k, v, mask, block_size=64)
+    assert set(reference_errors(q, k, v, mask, bf16, 64, "bf16", heads=2)) == {"reference"}
+    assert gated_errors({"reference": 1e-3, "flex": 2e-3}, "bf16") == {
+        "reference": 1e-3,
+        "flex": 2e-3,
+    }
 
 
 def block64_config(pattern):
