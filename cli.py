@@ -90,6 +90,17 @@ def profile(
     console.print(f"profile written to [bold]{result.path}[/]")
 
 
+PRECISION_HELP = "Attention arithmetic of the sparse steps: bf16, or fp8 (INT8 Q.K, FP8 P.V)."
+
+
+def _precision_option(value: str | None) -> str | None:
+    """--precision checked here (one line, exit 2) rather than as a typer choice, whose usage
+    error spans several lines."""
+    from compact_search.config import check_precision
+
+    return None if value is None else check_precision(value, "--precision")
+
+
 COMPILE_HELP = (
     "Evaluate with the transformer compiled (torch.compile, fullgraph; both runs warmed up "
     "first, self-attention not timed)."
@@ -187,6 +198,8 @@ def render_evaluation(report, title: str, run=None) -> None:
         )
     row("speed-up (end to end)", "1", lambda r: fmt(r.extra.get("speedup"), ".2f"))
     row("mean density", "1", lambda r: f"{r.mean_density:.3f}")
+    row("precision", "-", lambda r: r.precision)
+    row("sparse kernels", "sdpa", lambda r: ", ".join(r.kernels) or "-")
     console.print(table)
     console.print(
         f"{len(first.prompts)} prompts, {first.num_steps} steps "
@@ -251,6 +264,10 @@ def evaluate(
         typer.Option("--rescale", help="Adapt a config made for another token grid to the model."),
     ] = False,
     compile_model: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
+    precision: Annotated[
+        str | None,
+        typer.Option(help=PRECISION_HELP + " Default: each config's own (docs/config.md)."),
+    ] = None,
     output_format: Annotated[OutputFormat, typer.Option("--format")] = OutputFormat.table,
 ) -> None:
     """Dense vs compact from the same prompts and seeds: PSNR, SSIM, time, previews, JSON."""
@@ -263,6 +280,7 @@ def evaluate(
     from compact_search.profiling import load_run_profile
     from compact_search.profiling.settings import resolve_run_profile
 
+    precision = _precision_option(precision)
     count, prompts_file = (int(prompts), None) if prompts.isdigit() else (8, Path(prompts))
     seed_list = None
     if seeds is not None:
@@ -285,6 +303,7 @@ def evaluate(
         rescale=rescale,
         compile_backend="inductor" if compile_model else None,
         cache_dir=cache,
+        precision=precision,
     )
     run_profile = load_run_profile(resolve_run_profile(profile))
     columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn())
@@ -298,7 +317,9 @@ def evaluate(
             run_profile, list(config), out, torch.device(device), options, on_phase=on_phase
         )
     if output_format is OutputFormat.json:
-        console.print(json.dumps(run.to_json(), indent=1), markup=False, highlight=False)
+        # soft_wrap: rich would otherwise break long strings (prompts) at the console width.
+        text = json.dumps(run.to_json(), indent=1)
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
     else:
         title = "dense vs compact: " + ", ".join(str(c) for c in config)
         render_evaluation(run.reports, title=title, run=run)
@@ -367,6 +388,12 @@ def check(
     kernel: Annotated[
         bool, typer.Option("--kernel", help="Also check the kernel against the reference.")
     ] = False,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help=PRECISION_HELP + " With --kernel; default: the config's own (docs/config.md)."
+        ),
+    ] = None,
     output_format: Annotated[OutputFormat, typer.Option("--format")] = OutputFormat.table,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write the report here (json, junit).")
@@ -376,6 +403,10 @@ def check(
     import os
 
     import torch
+
+    precision = _precision_option(precision)
+    if precision is not None and not kernel:
+        raise UserInputError("--precision sets the kernel check's arithmetic: add --kernel")
 
     if kernel and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernel's import
@@ -395,6 +426,7 @@ def check(
         statistic=statistic,
         tolerance=tolerance,
         kernel=kernel,
+        kernel_precision=precision,
     )
     if output_format is OutputFormat.table:
         render_check(report)
@@ -457,9 +489,11 @@ def render_check(report, heads: bool = True) -> None:
             console.print(f"[yellow]note:[/] {where}{note}")
         for k in expert.kernel:
             state = "[green]ok[/]" if k.passed else "[red]FAIL[/]"
+            against = f"rel. error {k.relative_error:.2e}"
+            if k.reference != "fp32":
+                against += f" vs {k.reference} ({k.fp32_relative_error:.2e} vs fp32)"
             console.print(
-                f"{where}kernel bucket {k.bucket} layer {k.layer}: rel. error "
-                f"{k.relative_error:.2e} {state}"
+                f"{where}kernel bucket {k.bucket} layer {k.layer} ({k.kernel}): {against} {state}"
             )
     for name, expert in {"": report, **report.experts}.items():
         for failure in expert.config_failures:
@@ -499,6 +533,9 @@ def bench(
     out_dir: Annotated[
         Path, typer.Option(help="Folder for kernel.csv (appended) and kernel_speedup.png.")
     ] = Path("benchmarks/results"),
+    precision: Annotated[
+        str, typer.Option(help=PRECISION_HELP + " Of the triton providers; the others run bf16.")
+    ] = "bf16",
 ) -> None:
     """Time the Triton kernel against cuDNN, FA2 and FlexAttention on a GPU (needs CUDA)."""
     from compact_search.bench import (
@@ -511,10 +548,12 @@ def bench(
     )
     from compact_search.environment import append_rows
 
+    precision = _precision_option(precision)
     rows = run_kernel_benchmark(
         [shape_by_name(name.strip()) for name in shapes.split(",")],
         parse_float_list(densities, "densities"),
         providers=[p.strip() for p in providers.split(",")],
+        precision=precision,
         log=lambda line: console.print(line, highlight=False),
     )
     append_rows(out_dir / "kernel.csv", csv_rows(rows))

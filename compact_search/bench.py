@@ -5,6 +5,10 @@ FlexAttention with the identical block mask (built at block level) and this proj
 for model-sized shapes and per-head masks of several pattern kinds at target densities. Every
 sparse configuration is checked for correctness before it is timed. ``python -m
 benchmarks.bench_kernel`` adds a launch-config sweep and redrawing the plot from a CSV.
+
+``precision="fp8"`` runs the Triton providers on the 8-bit path (INT8 Q K^T, FP8 P V); the dense
+baselines and FlexAttention stay bf16, and every row names the precision it ran in its
+``precision`` column.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from pathlib import Path
 
 import torch
 
+from compact_search.config import check_precision
 from compact_search.environment import environment
 from compact_search.errors import UserInputError
 from compact_search.geometry import DEFAULT_BLOCK_SIZE, Grid
 from compact_search.patterns import FrameGroup, HeadPattern, Rect
-from compact_search.runtime.attention import selected_kernel, sparse_attention
+from compact_search.runtime.attention import recorded_kernels, selected_kernel, sparse_attention
 from compact_search.runtime.kernels.flex import flex_block_mask
 from compact_search.runtime.kernels.triton_portable import portable_sparse_attention
 
@@ -30,18 +35,40 @@ from compact_search.runtime.kernels.triton_portable import portable_sparse_atten
 PROVIDERS = ("cudnn", "fa2", "flex", "triton", "triton-portable")
 # Not run by default: the portable kernel with plain pointer loads instead of tensor descriptors.
 EXTRA_PROVIDERS = ("triton-pointers",)
-# What each Triton provider runs, called as run(q, k, v, block_mask, block_size=...).
+# What each Triton provider runs, called as run(q, k, v, block_mask, block_size=...) in bf16
+# (`triton_runs` gives them at another precision).
 TRITON_RUNS: dict[str, Callable[..., torch.Tensor]] = {
     "triton": functools.partial(sparse_attention, backend="triton"),
     "triton-portable": functools.partial(sparse_attention, backend="triton-portable"),
     "triton-pointers": functools.partial(portable_sparse_attention, use_tma=False),
 }
 DENSE_PROVIDERS = ("cudnn", "fa2")
+# Providers that run only bf16 (the dense baselines and FlexAttention run bf16 by design; the
+# pointer-load variant has no 8-bit path).
+BF16_ONLY_PROVIDERS = ("triton-pointers",)
+# Relative error above which a run raises: the kernel against what it must compute (bf16: the
+# fp32 reference, FlexAttention, cuDNN; fp8: the 8-bit emulation, the other 8-bit kernel).
+MAX_REL_ERR = 2e-2
+
+
+def triton_runs(precision: str) -> dict[str, Callable[..., torch.Tensor]]:
+    """TRITON_RUNS at `precision` ("bf16": TRITON_RUNS itself; else without the bf16-only ones)."""
+    if precision == "bf16":
+        return TRITON_RUNS
+    return {
+        "triton": functools.partial(sparse_attention, backend="triton", precision=precision),
+        "triton-portable": functools.partial(
+            sparse_attention, backend="triton-portable", precision=precision
+        ),
+    }
+
+
 DEFAULT_DENSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.0)
 HEAD_KINDS = ("local", "cross", "temporal", "skip-near")
 CSV_FIELDS = (
     "kernel",
     "provider",
+    "precision",
     "shape",
     "tokens",
     "heads",
@@ -236,6 +263,48 @@ def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
     return diff.item()
 
 
+def reference_errors(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    out: torch.Tensor,
+    block_size: int,
+    precision: str,
+    heads: int,
+) -> dict[str, float]:
+    """The kernel output ``out`` [B, H, N, D] on its first ``heads`` heads against the fp32
+    reference ("reference") and, at fp8, the 8-bit path's exact emulation on the same inputs
+    ("reference-fp8")."""
+    first = slice(0, heads)
+    q, k, v, block_mask, out = (
+        q[:, first],
+        k[:, first],
+        v[:, first],
+        block_mask[first],
+        out[:, first],
+    )
+    fp32 = sparse_attention(
+        q.float(), k.float(), v.float(), block_mask, block_size=block_size, backend="reference"
+    )
+    errors = {"reference": relative_error(out, fp32)}
+    if precision != "bf16":
+        emulated = sparse_attention(
+            q, k, v, block_mask, block_size=block_size, backend="reference", precision=precision
+        )
+        errors["reference-fp8"] = relative_error(out, emulated)
+    return errors
+
+
+def gated_errors(errors: dict[str, float], precision: str) -> dict[str, float]:
+    """The errors a run is held to (MAX_REL_ERR): all of them in bf16; at fp8 those against
+    8-bit results (the emulation, the portable 8-bit kernel). The 8-bit path's distance to fp32,
+    FlexAttention and cuDNN is the method's, logged but not gated."""
+    if precision == "bf16":
+        return errors
+    return {name: err for name, err in errors.items() if name in ("reference-fp8", "portable")}
+
+
 def run_kernel_benchmark(
     shapes: Iterable[BenchShape],
     densities: Iterable[float] = DEFAULT_DENSITIES,
@@ -244,25 +313,32 @@ def run_kernel_benchmark(
     block_size: int = DEFAULT_BLOCK_SIZE,
     seed: int = 0,
     reference_heads: int = 2,
+    precision: str = "bf16",
     log: Callable[[str], None] = print,
 ) -> list[dict[str, object]]:
     """Check, then time every provider on every shape and density; one CSV row per timing.
 
     For each shape the kernel is first checked against the reference backend (fp32) on its first
     ``reference_heads`` heads at the first density, and at every density against FlexAttention
-    (when timed) and, at density 1.0, cuDNN. A relative error above 2e-2 raises.
+    (when timed) and, at density 1.0, cuDNN. A relative error above ``MAX_REL_ERR`` (2e-2)
+    raises. ``precision`` is the Triton providers' arithmetic; at fp8 the kernel is held to the
+    8-bit emulation instead (``gated_errors``), and ``max_rel_err`` is against that.
 
     Returns:
         Rows with the keys of ``CSV_FIELDS``.
     """
-    if not torch.cuda.is_available():
-        raise UserInputError("the kernel benchmark needs a CUDA GPU")
+    check_precision(precision, "--precision")
     providers = tuple(providers)
     unknown = set(providers) - set(PROVIDERS + EXTRA_PROVIDERS)
     if unknown:
         raise UserInputError(
             f"unknown providers {sorted(unknown)}; choose from {PROVIDERS + EXTRA_PROVIDERS}"
         )
+    bf16_only = sorted(set(providers) & set(BF16_ONLY_PROVIDERS))
+    if precision != "bf16" and bf16_only:
+        raise UserInputError(f"--precision {precision}: {', '.join(bf16_only)} runs bf16 only")
+    if not torch.cuda.is_available():
+        raise UserInputError("the kernel benchmark needs a CUDA GPU")
     densities = tuple(densities)
     env = _environment()
     rows: list[dict[str, object]] = []
@@ -274,7 +350,16 @@ def run_kernel_benchmark(
 
     for shape in shapes:
         rows += _bench_shape(
-            shape, densities, providers, flex, block_size, seed, reference_heads, env, log
+            shape,
+            densities,
+            providers,
+            flex,
+            block_size,
+            seed,
+            reference_heads,
+            env,
+            log,
+            precision,
         )
         torch.cuda.empty_cache()
     return add_speedups(rows)
@@ -290,8 +375,10 @@ def _bench_shape(
     reference_heads: int,
     env: dict[str, str],
     log: Callable[[str], None],
+    precision: str = "bf16",
 ) -> list[dict[str, object]]:
     """Rows of one shape: dense baselines, then check and time every density."""
+    runs = triton_runs(precision)
     rows: list[dict[str, object]] = []
     generator = torch.Generator(device="cuda").manual_seed(seed)
     size = (1, shape.heads, shape.tokens, shape.head_dim)
@@ -301,6 +388,7 @@ def _bench_shape(
     )
     base = {
         "kernel": "block_sparse_attention",
+        "precision": "bf16",
         "shape": shape.name,
         "tokens": shape.tokens,
         "heads": shape.heads,
@@ -343,19 +431,14 @@ def _bench_shape(
             "density": round(density, 4),
             "head_kinds": "/".join(sorted(set(kinds))),
         }
-        out = TRITON_RUNS["triton"](q, k, v, block_mask, block_size=block_size)
+        with recorded_kernels() as ran:
+            out = runs["triton"](q, k, v, block_mask, block_size=block_size)
+        log(f"{shape.name} density {density:.3f} triton ran {', '.join(ran)}")
         checks = {}
         if index == 0 and reference_heads:
-            heads = slice(0, reference_heads)
-            expected = sparse_attention(
-                q[:, heads].float(),
-                k[:, heads].float(),
-                v[:, heads].float(),
-                block_mask[heads],
-                block_size=block_size,
-                backend="reference",
+            checks |= reference_errors(
+                q, k, v, block_mask, out, block_size, precision, reference_heads
             )
-            checks["reference"] = relative_error(out[:, heads], expected)
         flex_mask = None
         if flex is not None:
             flex_mask = flex_block_mask(block_mask, shape.tokens, block_size)
@@ -363,7 +446,7 @@ def _bench_shape(
         if target >= 1.0 and "cudnn" in dense_out:
             checks["cudnn"] = relative_error(out, dense_out["cudnn"])
         if "triton-portable" in providers:
-            portable = TRITON_RUNS["triton-portable"](q, k, v, block_mask, block_size=block_size)
+            portable = runs["triton-portable"](q, k, v, block_mask, block_size=block_size)
             checks["portable"] = relative_error(out, portable)
         if out.isnan().any():
             raise RuntimeError(f"{shape.name} density {target}: NaN in the kernel output")
@@ -371,29 +454,32 @@ def _bench_shape(
             f"{shape.name} density {density:.3f}: "
             + ", ".join(f"rel err vs {name} {err:.1e}" for name, err in checks.items())
         )
-        bad = {name: err for name, err in checks.items() if err > 2e-2}
+        gated = gated_errors(checks, precision)
+        bad = {name: err for name, err in gated.items() if err > MAX_REL_ERR}
         if bad:
             raise RuntimeError(f"{shape.name} density {target}: kernel disagrees: {bad}")
-        max_rel_err = max(checks.values(), default=float("nan"))
+        max_rel_err = max(gated.values(), default=float("nan"))
 
         timings = {}
-        for provider in (p for p in TRITON_RUNS if p in providers):
-            run = TRITON_RUNS[provider]
+        for provider in (p for p in runs if p in providers):
+            run = runs[provider]
             timings[provider] = time_call(
                 lambda run=run, m=block_mask: run(q, k, v, m, block_size=block_size)
             )
-            if provider == "triton":  # the launch config read back is the latest call's
+            if provider == "triton" and precision == "bf16":  # the latest call's launch config
                 kernel = selected_kernel(q, k, v, block_size=block_size, backend="triton")
                 log(f"{shape.name} density {density:.3f} kernel: {kernel}")
         if flex is not None:
             timings["flex"] = time_call(lambda m=flex_mask: flex(q, k, v, block_mask=m))
         for provider, timing in timings.items():
+            triton = provider.startswith("triton")
             rows.append(
                 {
                     **sparse,
                     "provider": provider,
+                    "precision": precision if triton else "bf16",
                     **vars(timing),
-                    "max_rel_err": max_rel_err if provider.startswith("triton") else "",
+                    "max_rel_err": max_rel_err if triton else "",
                 }
             )
             log(f"{shape.name} density {density:.3f} {provider}: {timing.p50_ms:.2f} ms")
@@ -463,7 +549,8 @@ def plot_speedups(rows: list[dict[str, object]], path: Path) -> None:
     ax.set_xlabel("density (kept share of block pairs)")
     ax.set_ylabel("speed-up over cuDNN SDPA dense")
     ax.set_yscale("log")
-    ax.set_title("Block-sparse attention, bf16, d 128")
+    kernel_precisions = sorted({str(r.get("precision") or "bf16") for r in sparse}) or ["bf16"]
+    ax.set_title(f"Block-sparse attention, {'/'.join(kernel_precisions)}, d 128")
     ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
     gpu = rows[0]["gpu"] if rows else ""
@@ -481,6 +568,7 @@ def rows_table(rows: list[dict[str, object]]):
     for column in (
         "shape",
         "provider",
+        "precision",
         "density",
         "p50 ms",
         "p20-p80",
@@ -489,7 +577,8 @@ def rows_table(rows: list[dict[str, object]]):
         "x Flex",
         "share of ideal",
     ):
-        table.add_column(column, justify="left" if column in ("shape", "provider") else "right")
+        left = column in ("shape", "provider", "precision")
+        table.add_column(column, justify="left" if left else "right")
 
     def show(value: object, fmt: str) -> str:
         return format(value, fmt) if isinstance(value, float | int) and value != "" else "-"
@@ -498,6 +587,7 @@ def rows_table(rows: list[dict[str, object]]):
         table.add_row(
             str(r["shape"]),
             str(r["provider"]),
+            str(r.get("precision") or "bf16"),
             show(r["density"], ".3f"),
             show(r["p50_ms"], ".2f"),
             f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}",

@@ -11,7 +11,9 @@ the bucket's steps and fails a head when
 
 and fails the config when its mean density is above `max_density`, or above the baseline's mean
 density plus `density_tolerance`. With `kernel=True` the Triton kernel is compared with the
-reference on the config's own block masks.
+reference on the config's own block masks, at `kernel_precision` (default: the config's
+`precision`). An 8-bit kernel is gated against the 8-bit path's exact emulation (what it must
+compute); its error against the fp32 reference, the method's own, is reported beside it.
 
 A config of several experts (Wan2.2) is gated expert by expert on the profile's steps each one
 runs (`Capture.expert_view`): the report is the first expert's, with the others' in `experts`;
@@ -26,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from compact_search.config import CompactConfig
+from compact_search.config import CompactConfig, check_precision
 from compact_search.errors import UserInputError
 from compact_search.patterns import density as mask_density
 
@@ -54,6 +56,10 @@ class KernelCheck:
     max_abs_error: float
     relative_error: float
     passed: bool
+    precision: str = "bf16"
+    kernel: str = ""  # what ran: a key of runtime.attention.KERNELS, e.g. "triton-portable-fp8"
+    reference: str = "fp32"  # what relative_error is against: "fp32" or "reference-fp8"
+    fp32_relative_error: float | None = None  # against the fp32 reference, at any precision
 
 
 @dataclass
@@ -216,6 +222,7 @@ def check_one_config(
     density_tolerance: float = 0.005,
     kernel: bool = False,
     kernel_layers: int | None = None,
+    kernel_precision: str | None = None,
     progress=None,
     expert: str = "transformer",
 ) -> CheckReport:
@@ -316,26 +323,37 @@ def check_one_config(
         bucket_recall={b: bucket_min_recall(b) for b in range(config.schedule.num_buckets)},
     )
     if kernel:
-        report.kernel = check_kernel(config, layers=kernel_layers)
+        report.kernel = check_kernel(config, layers=kernel_layers, precision=kernel_precision)
     return report
 
 
-# Relative error allowed between the kernel and the fp32 reference, by input dtype.
+# Relative error allowed between the kernel and its reference (the fp32 one, or the 8-bit
+# path's exact emulation for an 8-bit kernel), by input dtype.
 KERNEL_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
 def check_kernel(
-    config: CompactConfig, *, layers: int | None = None, dtype: torch.dtype = torch.float16
+    config: CompactConfig,
+    *,
+    layers: int | None = None,
+    dtype: torch.dtype = torch.float16,
+    precision: str | None = None,
 ) -> list[KernelCheck]:
     """Compare the Triton kernel with the reference on the config's block masks.
 
     On CUDA every (bucket, layer) runs; on CPU the Triton interpreter runs the first `layers`
     layers of each bucket (default 1: the interpreter costs milliseconds per block pair).
+    `precision` is the kernel's arithmetic (None: the config's). A bf16 kernel is gated against
+    the fp32 reference; an 8-bit one against the 8-bit emulation on the same inputs (backend
+    "reference", precision "fp8": the kernel's own quantization, exactly), since its distance
+    to fp32 is the method's (`fp32_relative_error`, reported, not gated).
     """
     import os
 
-    from compact_search.runtime.attention import sparse_attention
+    from compact_search.runtime.attention import choose_kernel, sparse_attention
     from compact_search.runtime.kernels.reference import masked_reference
+
+    precision = check_precision(config.precision if precision is None else precision, "--precision")
 
     cuda = torch.cuda.is_available()
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -366,8 +384,11 @@ def check_kernel(
                 scale=d**-0.5,
                 backend="triton",
                 key_block_lengths=lengths,
+                precision=precision,
             )
-            ref = masked_reference(
+            # What that call ran (the choice sparse_attention makes, fallbacks included).
+            kernel, _fallback = choose_kernel(q, k, v, layout.block_size, "triton", precision)
+            fp32 = masked_reference(
                 q.float(),
                 k.float(),
                 v.float(),
@@ -375,14 +396,36 @@ def check_kernel(
                 block_size=layout.block_size,
                 key_block_lengths=lengths,
             )
+            reference, expected = "fp32", fp32
+            if kernel.endswith("-fp8"):
+                reference = "reference-fp8"
+                expected = sparse_attention(
+                    q,
+                    k,
+                    v,
+                    masks,
+                    block_size=layout.block_size,
+                    scale=d**-0.5,
+                    backend="reference",
+                    key_block_lengths=lengths,
+                    precision="fp8",
+                ).float()
             # padded query slots are never read back: compare real tokens only
             real = (layout.slot_to_token >= 0).to(device)
-            diff = (got.float() - ref)[:, :, real]
+            diff = (got.float() - expected)[:, :, real]
             max_abs = float(diff.abs().max()) if diff.numel() else 0.0
-            rel = float(diff.norm() / ref[:, :, real].norm().clamp_min(1e-12))
+            rel = _relative(got.float()[:, :, real], expected[:, :, real])
             ok = math.isfinite(rel) and rel <= KERNEL_TOLERANCE[dtype]
-            results.append(KernelCheck(bucket, layer, max_abs, rel, ok))
+            fp32_rel = _relative(got.float()[:, :, real], fp32[:, :, real])
+            results.append(
+                KernelCheck(bucket, layer, max_abs, rel, ok, precision, kernel, reference, fp32_rel)
+            )
     return results
+
+
+def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """||got - expected|| / ||expected||."""
+    return float((got - expected).norm() / expected.norm().clamp_min(1e-12))
 
 
 def junit_xml(report: CheckReport, name: str = "compact-search check") -> str:
@@ -415,7 +458,7 @@ def junit_xml(report: CheckReport, name: str = "compact-search check") -> str:
             case(
                 f"{where}bucket{k.bucket}.layer{k.layer}",
                 "kernel",
-                None if k.passed else f"relative error {k.relative_error:.3g}",
+                None if k.passed else f"{k.precision} relative error {k.relative_error:.3g}",
             )
     suite.set("tests", str(cases))
     suite.set("failures", str(failures))

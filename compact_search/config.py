@@ -10,10 +10,16 @@ A pipeline with several transformers (Wan2.2's two experts: `transformer` for th
 steps, `transformer_2` for the low-noise ones) gets one config: the top level is the patterns of
 `pipeline.transformer`, and `experts` (version 3) holds a whole config per other transformer,
 named by the pipeline's attribute, each with its own geometry, step schedule and buckets.
+
+`precision` (top level, every version) is the attention arithmetic the runtime runs the config
+with: "bf16" (the model's own fp16/bf16, the default and what a config without the field means)
+or "fp8" (INT8 Q K^T, FP8 e4m3 P V; `runtime.attention`). One value for the whole config, experts
+included. Ignoring it runs bf16, which is never less accurate, so it needs no new version.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
 from collections.abc import Sequence
@@ -35,6 +41,17 @@ SUPPORTED_VERSIONS = (1, 2, CONFIG_VERSION)
 # The pipeline attribute the top level of a config serves; `experts` names the others.
 MAIN_TRANSFORMER = "transformer"
 STAT_FIELDS = ("recall_mean", "recall_min", "recall_worst_tile", "density", "cost")
+# The attention precisions a config can ask for: `runtime.attention.PRECISIONS` (the runtime
+# imports this module, so the names are spelled here too; a test keeps the two equal).
+PRECISIONS = ("bf16", "fp8")
+DEFAULT_PRECISION = "bf16"
+
+
+def check_precision(value: Any, name: str = "precision") -> str:
+    """`value` if it names a precision, else UserInputError naming `name` (a field or option)."""
+    if not isinstance(value, str) or value not in PRECISIONS:
+        raise UserInputError(f"{name} must be one of {', '.join(PRECISIONS)}, got {value!r}")
+    return value
 
 
 def _check_integer(field_name: str, value: Any, minimum: int) -> None:
@@ -177,8 +194,11 @@ class CompactConfig:
     provenance: dict[str, Any] = field(default_factory=dict)
     # Pipeline attribute (e.g. "transformer_2") -> the config of that transformer (version 3).
     experts: dict[str, CompactConfig] = field(default_factory=dict)
+    # The attention arithmetic the runtime runs: one of PRECISIONS, for every expert too.
+    precision: str = DEFAULT_PRECISION
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         for name, expert in self.experts.items():
             if name == MAIN_TRANSFORMER or not name.isidentifier():
                 raise UserInputError(
@@ -187,6 +207,11 @@ class CompactConfig:
                 )
             if expert.experts:
                 raise UserInputError(f"expert {name!r} holds experts of its own")
+            if expert.precision != self.precision:
+                raise UserInputError(
+                    f"expert {name!r} has precision {expert.precision!r}, the config "
+                    f"{self.precision!r}: a config has one precision, for all its experts"
+                )
         heads = tuple(tuple(tuple(layer) for layer in bucket) for bucket in self.heads)
         object.__setattr__(self, "heads", heads)
         if len(heads) != self.schedule.num_buckets:
@@ -214,14 +239,36 @@ class CompactConfig:
 
     def expert_configs(self) -> dict[str, CompactConfig]:
         """Pipeline attribute -> the config of that transformer, this config's own first."""
-        own = CompactConfig(self.model, self.geometry, self.schedule, self.heads, self.provenance)
+        own = CompactConfig(
+            self.model,
+            self.geometry,
+            self.schedule,
+            self.heads,
+            self.provenance,
+            precision=self.precision,
+        )
         return {MAIN_TRANSFORMER: own, **self.experts}
 
     def with_experts(self, experts: dict[str, CompactConfig]) -> CompactConfig:
         """This config serving `pipeline.transformer`, with `experts` serving the others."""
         return CompactConfig(
-            self.model, self.geometry, self.schedule, self.heads, self.provenance, dict(experts)
+            self.model,
+            self.geometry,
+            self.schedule,
+            self.heads,
+            self.provenance,
+            dict(experts),
+            self.precision,
         )
+
+    def with_precision(self, precision: str) -> CompactConfig:
+        """This config, its experts too, run at `precision` (one of PRECISIONS)."""
+        check_precision(precision)
+        experts = {
+            name: dataclasses.replace(expert, precision=precision)
+            for name, expert in self.experts.items()
+        }
+        return dataclasses.replace(self, experts=experts, precision=precision)
 
     def layout(self) -> TileLayout:
         return self.geometry.layout()
@@ -264,13 +311,18 @@ class CompactConfig:
         return 2 if far or self.schedule.bucket_recall else 1
 
     def to_json(self) -> dict[str, Any]:
-        out = self._body_json()
+        out: dict[str, Any] = {"format": CONFIG_FORMAT, "version": self.version}
+        # Written only when it is not the default, so a bf16 config stays byte for byte what
+        # readers without the field know (and what `evaluate`'s cache keys were made of).
+        if self.precision != DEFAULT_PRECISION:
+            out["precision"] = self.precision
+        out |= self._body_json()
         if self.experts:
             out["experts"] = [
                 {"transformer": name, **expert._body_json()}
                 for name, expert in self.experts.items()
             ]
-        return {"format": CONFIG_FORMAT, "version": self.version, **out}
+        return out
 
     def _body_json(self) -> dict[str, Any]:
         schedule: dict[str, Any] = {
@@ -384,6 +436,9 @@ def _parse_config(obj: Any, source: str) -> CompactConfig:
             f"expected 1, 2 or 3, got {version!r} (unsupported version; a newer compact-search "
             "writes it)",
         )
+    precision = root.get("precision", DEFAULT_PRECISION)
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise r.fail("precision", f"expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     experts_json = root.get("experts", [])
     if experts_json and version < 3:
         raise r.fail("experts", "needs config version 3")
@@ -402,9 +457,14 @@ def _parse_config(obj: Any, source: str) -> CompactConfig:
             )
         if "experts" in expert_obj:
             raise r.fail(f"{path}.experts", "an expert holds no experts of its own")
+        if "precision" in expert_obj:
+            raise r.fail(
+                f"{path}.precision", "set once, at the top level: it holds for every expert"
+            )
         body = {k: v for k, v in expert_obj.items() if k != "transformer"}
         experts[name] = _parse_config(
-            {"format": CONFIG_FORMAT, "version": version, **body}, f"{source}: {path}"
+            {"format": CONFIG_FORMAT, "version": version, **body, "precision": precision},
+            f"{source}: {path}",
         )
 
     m = r.obj(r.get(root, "model", ""), "model")
@@ -481,7 +541,16 @@ def _parse_config(obj: Any, source: str) -> CompactConfig:
     provenance = root.get("provenance", {})
     r.obj(provenance, "provenance")
     return _build(
-        r, "buckets", CompactConfig, model, geometry, schedule, tuple(heads), provenance, experts
+        r,
+        "buckets",
+        CompactConfig,
+        model,
+        geometry,
+        schedule,
+        tuple(heads),
+        provenance,
+        experts,
+        precision,
     )
 
 

@@ -10,8 +10,12 @@ and self-attention time, peak GPU memory on CUDA. Previews: one labelled side-by
 prompt (dense left, compact right) as GIF and MP4.
 
 With a `SampleCache`, every finished sample is kept on disk under a key of what decides its
-numbers (prompts, seed, steps, guidance, the model's fingerprint; for compact ones the config and
-backend too): a second config samples only its compact half, a killed run resumes.
+numbers (prompts, seed, steps, guidance, the model's fingerprint; for compact ones the config,
+backend and precision too): a second config samples only its compact half, a killed run resumes.
+
+Each config runs at its own `precision` (the config field, "bf16" or "fp8") unless `precision`
+overrides it for all of them; every report names the precision it ran and the kernels that ran
+(`runtime.attention.recorded_kernels`: "reference-fp8" is the 8-bit path's CPU emulation).
 
 With a compile backend (`compact-search evaluate --compile`) the transformers are compiled in
 place (`compile_repeated_blocks(fullgraph=True)` where the model names its repeated blocks, else
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from compact_search.config import CompactConfig
+from compact_search.config import CompactConfig, check_precision
 from compact_search.errors import UserInputError
 from compact_search.models.plugin import LoadedModel
 from compact_search.models.wan import AttentionFn, dense_attention
@@ -45,6 +49,7 @@ from compact_search.quality import (
     ssim_per_frame,
 )
 from compact_search.runtime.apply import apply
+from compact_search.runtime.attention import recorded_kernels
 from compact_search.samples import SampleCache, sample_key, to_videos
 
 __all__ = ["psnr", "ssim", "evaluate_config", "evaluate_configs", "evaluation_prompts"]
@@ -191,6 +196,9 @@ class EvaluationReport:
     mean_lpips: float | None = None
     dense_timing: dict[str, object] = field(default_factory=dict)
     compact_timing: dict[str, object] = field(default_factory=dict)
+    precision: str = "bf16"  # the compact run's attention arithmetic
+    # The kernels the compact run's sparse steps ran (empty: every sample read from the cache).
+    kernels: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -394,6 +402,7 @@ def evaluate_configs(
     cache_fields: dict | None = None,
     on_phase: Callable[[str, int], Callable[[], None]] | None = None,
     dense_attention_fn: AttentionFn = dense_attention,
+    precision: str | None = None,
 ) -> tuple[list[EvaluationReport], dict[str, object]]:
     """Sample every sample dense and with each (label, config) applied, with the same seeds.
 
@@ -403,15 +412,19 @@ def evaluate_configs(
     own settings. `on_phase(name, steps)` is called before each phase ("dense", then each
     label) with the number of denoising steps it will run and returns a callback run after
     every step (progress bars). `dense_attention_fn` is the reference's self-attention (plain
-    SDPA; a benchmark pins cuDNN's). Returns one report per config and the run's notes (lpips,
-    previews, cache counts).
+    SDPA; a benchmark pins cuDNN's). `precision` ("bf16" or "fp8") runs every config at it;
+    None: each at its own. Returns one report per config and the run's notes (lpips, previews,
+    cache counts).
     """
     if not configs:
         raise UserInputError("evaluate needs at least one config")
+    if precision is not None:
+        check_precision(precision, "--precision")
     device = _model_device(model)
+    apply_options = dict(backend=backend, rescale=rescale, grid=model.grid, precision=precision)
     # Every config is applied once first, so one that does not fit fails before any sampling.
     for _label, config in configs:
-        apply(model.pipeline, config, backend=backend, rescale=rescale, grid=model.grid).revert()
+        apply(model.pipeline, config, **apply_options).revert()
     if compile_backend is not None:
         _compile_transformers(model, compile_backend)
     fields = {
@@ -460,7 +473,7 @@ def evaluate_configs(
     dense_out, dense_timings = sample_all("dense", {**fields, "kind": "dense"}, install_dense, None)
     compact_runs = []
     for label, config in configs:
-        runtime = apply(model.pipeline, config, backend=backend, rescale=rescale, grid=model.grid)
+        runtime = apply(model.pipeline, config, **apply_options)
 
         def install_compact(timer, runtime=runtime):
             if timer is not None:
@@ -479,17 +492,20 @@ def evaluate_configs(
             "config": _config_fingerprint(config),
             "backend": backend,
             "rescale": rescale,
+            "precision": runtime.precision,
         }
         try:
-            outputs, timings = sample_all(
-                label,
-                key_fields,
-                install_compact,
-                lambda step, runtime=runtime: runtime.set_step(step, num_steps),
-            )
+            with recorded_kernels() as kernels:
+                outputs, timings = sample_all(
+                    label,
+                    key_fields,
+                    install_compact,
+                    lambda step, runtime=runtime: runtime.set_step(step, num_steps),
+                )
         finally:
             runtime.revert()
-        compact_runs.append((outputs, timings, list(runtime.notes)))
+        ran = (runtime.precision, tuple(sorted(set(kernels))))
+        compact_runs.append((outputs, timings, list(runtime.notes), ran))
 
     lpips_note = lpips_status()
     preview_note = mp4_status()
@@ -511,7 +527,7 @@ def evaluate_configs(
         dense = to_videos(model, dense_out[s], frames or 0)  # [b, 3, F, H, W]
         dense_timings[s].setdefault("decode_s", decode_time(start))
         dense_videos.append(dense)
-        for c, (outputs, timings, _notes) in enumerate(compact_runs):
+        for c, (outputs, timings, _notes, _ran) in enumerate(compact_runs):
             start = time.perf_counter()
             compact = to_videos(model, outputs[s], frames or 0)
             timings[s].setdefault("decode_s", decode_time(start))
@@ -546,7 +562,10 @@ def evaluate_configs(
     dense_summary = timing_summary(dense_timings, len(all_prompts))
     reports = []
     for c, (label, config) in enumerate(configs):
-        result, (_outputs, timings, notes) = per_config[c], compact_runs[c]
+        result, (_outputs, timings, notes, (run_precision, kernels)) = (
+            per_config[c],
+            compact_runs[c],
+        )
         psnrs, ssims = torch.cat(result["psnr"]), torch.cat(result["ssim"])
         psnr_f, ssim_f = torch.cat(result["psnr_f"]), torch.cat(result["ssim_f"])
         lpips_values = torch.cat(result["lpips"]) if result["lpips"] else None
@@ -604,6 +623,8 @@ def evaluate_configs(
                 mean_lpips=None if lpips_values is None else float(lpips_values.mean()),
                 dense_timing=dense_summary,
                 compact_timing=compact_summary,
+                precision=run_precision,
+                kernels=kernels,
             )
         )
     run_notes = {
@@ -632,6 +653,7 @@ def evaluate_config(
     backend: str = "auto",
     rescale: bool = False,
     compile_backend=None,
+    precision: str | None = None,
 ) -> EvaluationReport:
     """Sample `prompts` in one batch dense, then with `config` applied, from `seed`; compare.
 
@@ -640,6 +662,7 @@ def evaluate_config(
     `evaluate_configs`). `rescale` adapts a config made for another token grid.
     `compile_backend` (a torch.compile backend: a name such as "inductor", or a callable)
     compiles the transformers in place and warms both runs up first; None samples eagerly.
+    `precision` overrides the config's (None: the config's own).
     """
     if model.output != "video":
         raise UserInputError(
@@ -656,6 +679,7 @@ def evaluate_config(
         backend=backend,
         rescale=rescale,
         compile_backend=compile_backend,
+        precision=precision,
     )
     return reports[0]
 
@@ -715,6 +739,7 @@ class EvaluateOptions:
     rescale: bool = False
     compile_backend: str | None = None
     cache_dir: Path | None = None  # default: OUT/cache
+    precision: str | None = None  # None: each config's own
 
 
 def _labels(paths: list[Path]) -> list[str]:
@@ -746,6 +771,8 @@ def run_evaluation(
         raise UserInputError(
             f"--backend must be one of {', '.join(BACKENDS)}, got {options.backend!r}"
         )
+    if options.precision is not None:
+        check_precision(options.precision, "--precision")
     configs = [load_config(path) for path in config_paths]
     if run_profile.source not in builtin_sources() and not Path(run_profile.source).is_dir():
         raise UserInputError(
@@ -791,6 +818,7 @@ def run_evaluation(
         cache=cache,
         cache_fields=cache_fields,
         on_phase=on_phase,
+        precision=options.precision,
     )
     for report, path in zip(reports, config_paths, strict=True):
         report.extra["config"] = str(path)

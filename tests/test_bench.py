@@ -142,7 +142,9 @@ def test_plot_and_table_render(tmp_path):
     plot_speedups(rows, tmp_path / "plot" / "kernel_speedup.png")
     assert (tmp_path / "plot" / "kernel_speedup.png").stat().st_size > 1000
     table = rows_table(rows)
-    assert table.row_count == 4 and len(table.columns) == 9
+    assert table.row_count == 4 and len(table.columns) == 10
+    assert table.columns[2].header == "precision"
+    assert list(table.columns[2].cells) == ["bf16"] * 4  # rows from before the column: bf16
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer of `bench`")

@@ -38,7 +38,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from compact_search.config import CompactConfig, HeadEntry
+from compact_search.config import CompactConfig, HeadEntry, check_precision
 from compact_search.errors import UserInputError
 from compact_search.geometry import Grid, TileLayout, scatter_to_slots, valid_block_lengths
 from compact_search.runtime.attention import (
@@ -210,7 +210,9 @@ def rescale_config(config: CompactConfig, grid: Grid) -> tuple[CompactConfig, st
         for bucket in config.heads
     )
     provenance = {**config.provenance, "rescaled_from_grid": list(config.geometry.grid.as_tuple())}
-    rescaled = CompactConfig(config.model, geometry, config.schedule, heads, provenance)
+    rescaled = CompactConfig(
+        config.model, geometry, config.schedule, heads, provenance, precision=config.precision
+    )
     note = (
         f"config rescaled from grid {config.geometry.grid} to {grid}: windows scaled by the tile "
         f"grid ratio {old_tg} -> {new_tg}; the recall threshold "
@@ -226,7 +228,9 @@ class CompactHandle:
 
     `bucket` is the step bucket the next transformer calls run (None: dense), the one value of
     the handle that compiled code reads. `calls` counts attention calls that ran eagerly, dense
-    and sparse (a compiled graph does not count).
+    and sparse (a compiled graph does not count). `precision` is the sparse steps' attention
+    arithmetic ("bf16" or "fp8", `runtime.attention.PRECISIONS`), a constant of the handle;
+    dense warm-up steps run plain SDPA whatever it is.
     """
 
     config: CompactConfig
@@ -234,6 +238,7 @@ class CompactHandle:
     tracker: StepTracker
     backend: str
     notes: list[str] = field(default_factory=list)
+    precision: str = "bf16"
     calls: dict[str, int] = field(default_factory=lambda: {"dense": 0, "sparse": 0})
     bucket: int | None = None
     _attention_handle: object | None = None
@@ -375,6 +380,7 @@ class CompactHandle:
                 key_block_lengths=key_lengths,
                 block_size=layout.block_size,
                 backend=self.backend,
+                precision=self.precision,
             )
         else:
             lut = entry.lut(self._densities[bucket])
@@ -385,7 +391,13 @@ class CompactHandle:
                     lut, self.key_block_lengths(q.device, layout.prefix_tokens - missing), layout
                 )
             out = lut_sparse_attention(
-                q, k, v, lut, block_size=layout.block_size, backend=self.backend
+                q,
+                k,
+                v,
+                lut,
+                block_size=layout.block_size,
+                backend=self.backend,
+                precision=self.precision,
             )  # [B, H, padded_len, D], in the slots' memory order
         # Gather back through a [B, P, H, D] view: the result is contiguous as [B, N, H, D], which
         # is the layout the processor flattens next, so that step copies nothing. With token-major
@@ -444,6 +456,13 @@ class CompactHandle:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+    def __repr__(self) -> str:
+        return (
+            f"CompactHandle(model={self.config.model.name!r}, "
+            f"layers={self.config.model.num_layers}, backend={self.backend!r}, "
+            f"precision={self.precision!r}, bucket={self.bucket!r})"
+        )
 
     def __enter__(self) -> CompactHandle:
         return self
@@ -527,11 +546,19 @@ def _watch_processor_api(transformer, handle: CompactHandle) -> Callable[[], Non
 @dataclass
 class ExpertsHandle:
     """What `apply` returns for a pipeline of several experts: one CompactHandle per expert with
-    patterns (`handles`, by pipeline attribute), reverted together by `revert()`."""
+    patterns (`handles`, by pipeline attribute), reverted together by `revert()`; all of them
+    run one `precision`."""
 
     config: CompactConfig
     handles: dict[str, CompactHandle]
     notes: list[str] = field(default_factory=list)
+    precision: str = "bf16"  # what every expert's handle runs
+
+    def __repr__(self) -> str:
+        return (
+            f"ExpertsHandle(experts={list(self.handles)!r}, precision={self.precision!r}, "
+            f"notes={len(self.notes)})"
+        )
 
     @property
     def calls(self) -> dict[str, int]:
@@ -565,6 +592,7 @@ def apply(
     rescale: bool = False,
     grid: Grid | tuple[int, int, int] | None = None,
     dense_experts: bool = False,
+    precision: str | None = None,
 ) -> CompactHandle | ExpertsHandle:
     """Make a pipeline (or a bare transformer) run self-attention with `config`'s patterns.
 
@@ -578,6 +606,8 @@ def apply(
             otherwise a mismatch surfaces at the first call as one clear error.
         dense_experts: on a pipeline of several experts, leave the experts the config has no
             patterns for dense (noted in the handle's `notes` and warned) instead of refusing.
+        precision: the sparse attention's arithmetic, "bf16" or "fp8" (passed to the kernels,
+            `runtime.attention.PRECISIONS`); None: the config's `precision` (every expert's).
 
     Returns:
         A CompactHandle (an ExpertsHandle for a pipeline of several experts, or a config with
@@ -594,10 +624,17 @@ def apply(
     """
     from compact_search.models.plugin import pipeline_experts
 
+    if precision is not None:
+        check_precision(precision, "apply: precision")
     experts = pipeline_experts(pipeline_or_transformer)
     if len(experts) < 2 and not config.experts:
         return apply_transformer(
-            pipeline_or_transformer, config, backend=backend, rescale=rescale, grid=grid
+            pipeline_or_transformer,
+            config,
+            backend=backend,
+            rescale=rescale,
+            grid=grid,
+            precision=precision,
         )
     configs = config.expert_configs()
     missing = [name for name in configs if name not in experts]
@@ -632,12 +669,14 @@ def apply(
                 rescale=rescale,
                 grid=grid,
                 transformer_name=name,
+                precision=precision,
             )
     except Exception:
         ExpertsHandle(config, handles).revert()
         raise
     notes += [note for handle in handles.values() for note in handle.notes]
-    return ExpertsHandle(config, handles, notes)
+    resolved = precision if precision is not None else config.precision
+    return ExpertsHandle(config, handles, notes, resolved)
 
 
 def apply_transformer(
@@ -648,9 +687,14 @@ def apply_transformer(
     rescale: bool = False,
     grid: Grid | tuple[int, int, int] | None = None,
     transformer_name: str = "transformer",
+    precision: str | None = None,
 ) -> CompactHandle:
     """`apply` for one transformer: the pipeline's `transformer_name` (or the bare
-    transformer given), with `config`'s patterns and no experts."""
+    transformer given), with `config`'s patterns and no experts, at `precision` (None: the
+    config's)."""
+    precision = check_precision(
+        config.precision if precision is None else precision, "apply: precision"
+    )
     transformer = find_transformer(pipeline_or_transformer, transformer_name)
     model = config.model
     install = installer_for(model.adapter)
@@ -683,7 +727,9 @@ def apply_transformer(
             "apply: this model already runs a compact-search config (an earlier apply's handle "
             "is active); call revert() on that handle first"
         )
-    handle = CompactHandle(config, transformer, StepTracker(pipeline), backend, notes)
+    handle = CompactHandle(
+        config, transformer, StepTracker(pipeline), backend, notes, precision=precision
+    )
     tables = handle.layer_tables(_device_of(transformer))
     for module, layer_tables in zip(modules, tables, strict=True):
         module.add_module(TABLES_ATTRIBUTE, layer_tables)  # buffers follow transformer.to()
