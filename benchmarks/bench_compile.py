@@ -14,6 +14,7 @@ empty inductor cache (a fresh TORCHINDUCTOR_CACHE_DIR unless one is set), so its
 cold compile plus the kernel's autotuning; the eager compact row after it finds the kernel tuned.
 
 Usage: python -m benchmarks.bench_compile [--shapes wan1.3b-480p,wan14b-720p] [--reps N]
+       [--precisions bf16,fp8]   (compact rows for each: the 8-bit kernels with fp8)
 Appends to benchmarks/results/compile.csv (or DIR/compile.csv with --out DIR); prints a table.
 Expected wall time on an H200: about 1.5 min for the 1.3B, about 5 min for the 14B.
 """
@@ -68,13 +69,19 @@ def time_calls(fn, reps: int) -> tuple[float, list[float]]:
     return first, sorted(times)
 
 
+def relative_l2(out: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((out - expected).norm() / expected.norm()).item()
+
+
 def graph_breaks() -> int:
     from torch._dynamo.utils import counters
 
     return sum(counters["graph_break"].values())
 
 
-def run_shape(name: str, reps: int, env: dict, log) -> list[dict]:
+def run_shape(
+    name: str, reps: int, env: dict, log, precisions: tuple[str, ...] = ("bf16",)
+) -> list[dict]:
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -101,7 +108,7 @@ def run_shape(name: str, reps: int, env: dict, log) -> list[dict]:
 
     def record(provider: str, compiled: bool, first: float, times: list[float], extra: dict):
         p20, median, p80 = p20_p50_p80(times)
-        p50[(provider, compiled)] = median
+        p50[(provider, compiled, extra.get("precision", ""))] = median
         rows.append(
             {
                 "shape": name,
@@ -122,18 +129,19 @@ def run_shape(name: str, reps: int, env: dict, log) -> list[dict]:
             }
         )
         log(
-            f"{name} {provider:>11} {'compiled' if compiled else 'eager':>8}: p50 "
-            f"{median:9.1f} ms, first call {first:6.1f} s"
+            f"{name} {provider:>11} {extra.get('precision', ''):>4} "
+            f"{'compiled' if compiled else 'eager':>8}: p50 {median:9.1f} ms, first call "
+            f"{first:6.1f} s"
         )
 
-    def install_compact() -> dict:
+    def install_compact(precision: str) -> dict:
         nonlocal handle
         torch.cuda.synchronize()
         begin = time.perf_counter()
-        handle = apply(model, config, grid=grid, backend="triton")
+        handle = apply(model, config, grid=grid, backend="triton", precision=precision)
         handle.set_step(config.schedule.num_steps - 1)  # a sparse step
         torch.cuda.synchronize()
-        return {"apply_s": round(time.perf_counter() - begin, 2)}
+        return {"apply_s": round(time.perf_counter() - begin, 2), "precision": precision}
 
     counter = CompileCounterWithBackend("inductor")
     model.compile_repeated_blocks(fullgraph=True, backend=counter)
@@ -147,19 +155,36 @@ def run_shape(name: str, reps: int, env: dict, log) -> list[dict]:
     # cuDNN only: the dense baseline, and every SDPA call of the compact runs too. Eager rows run
     # the compiled blocks' Python (force_eager); the compact compiled row comes first, so its
     # first call pays compilation and autotuning, as in a fresh process.
+    # Each precision's compact rows in turn (a new apply: the blocks recompile, and the first
+    # call pays it again).
+    outputs = {}
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         with torch.compiler.set_stance("force_eager"):
             record("dense-cudnn", False, *time_calls(forward, reps), {})
-        compiled_run("compact", install_compact())
-        with torch.compiler.set_stance("force_eager"):
-            record("compact", False, *time_calls(forward, reps), {})
-        handle.revert()  # the stock processors again: their own graph
+            outputs["dense"] = forward().float()
+        for precision in precisions:
+            installed = install_compact(precision)
+            compiled_run("compact", installed)
+            with torch.compiler.set_stance("force_eager"):
+                record("compact", False, *time_calls(forward, reps), {"precision": precision})
+                outputs[precision] = forward().float()
+            handle.revert()  # the stock processors again: their own graph
         compiled_run("dense-cudnn", {})
     for row in rows:
-        dense = p50[("dense-cudnn", row["compiled"])]
+        dense = p50[("dense-cudnn", row["compiled"], "")]
         row["speedup_vs_dense"] = round(dense / row["p50_ms"], 3)
-    compiled_speedup = p50[("dense-cudnn", True)] / p50[("compact", True)]
-    log(f"{name}: compiled compact {compiled_speedup:.2f}x compiled dense cuDNN")
+    # How far each precision's forward output lands from dense (and 8-bit from 16-bit compact).
+    for row in rows:
+        if row["provider"] == "compact":
+            out = outputs[row["precision"]]
+            row["rel_l2_vs_dense"] = round(relative_l2(out, outputs["dense"]), 5)
+    if "fp8" in outputs and "bf16" in outputs:
+        log(
+            f"{name}: fp8 vs bf16 compact output rel L2 {relative_l2(outputs['fp8'], outputs['bf16']):.3e}"
+        )
+    for precision in precisions:
+        compiled_speedup = p50[("dense-cudnn", True, "")] / p50[("compact", True, precision)]
+        log(f"{name}: compiled compact {precision} {compiled_speedup:.2f}x compiled dense cuDNN")
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     return rows
@@ -170,7 +195,13 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(DEFAULT_REPS), help="comma-separated")
     parser.add_argument("--reps", type=int, default=None, help="timed calls after the first")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--precisions", default="bf16", help="comma-separated compact precisions (bf16,fp8)"
+    )
     args = parser.parse_args()
+    precisions = tuple(args.precisions.split(","))
+    if not set(precisions) <= {"bf16", "fp8"}:
+        parser.error(f"--precisions takes bf16 and fp8, got {args.precisions}")
     names = args.shapes.split(",")
     unknown = [n for n in names if n not in SHAPES]
     if unknown:
@@ -187,18 +218,19 @@ def main() -> None:
 
     all_rows = []
     for name in names:
-        rows = run_shape(name, args.reps or DEFAULT_REPS[name], env, log)
+        rows = run_shape(name, args.reps or DEFAULT_REPS[name], env, log, precisions)
         append_rows(args.out / "compile.csv", rows)
         all_rows += rows
     header = (
-        f"\n{'shape':14} {'provider':>11} {'mode':>8} {'density':>7} {'p50 ms':>9} "
+        f"\n{'shape':14} {'provider':>11} {'prec':>4} {'mode':>8} {'density':>7} {'p50 ms':>9} "
         f"{'x dense':>7} {'first s':>7} {'graphs':>6} {'breaks':>6}"
     )
     print(header)
     for r in all_rows:
         mode = "compiled" if r["compiled"] else "eager"
         print(
-            f"{r['shape']:14} {r['provider']:>11} {mode:>8} {r['density']:>7} "
+            f"{r['shape']:14} {r['provider']:>11} {r.get('precision', ''):>4} {mode:>8} "
+            f"{r['density']:>7} "
             f"{r['p50_ms']:>9} {r['speedup_vs_dense']:>7} {r['first_call_s']:>7} "
             f"{r.get('graphs', ''):>6} {r.get('graph_breaks', ''):>6}"
         )
