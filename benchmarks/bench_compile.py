@@ -179,9 +179,8 @@ def run_shape(
             out = outputs[row["precision"]]
             row["rel_l2_vs_dense"] = round(relative_l2(out, outputs["dense"]), 5)
     if "fp8" in outputs and "bf16" in outputs:
-        log(
-            f"{name}: fp8 vs bf16 compact output rel L2 {relative_l2(outputs['fp8'], outputs['bf16']):.3e}"
-        )
+        gap = relative_l2(outputs["fp8"], outputs["bf16"])
+        log(f"{name}: fp8 vs bf16 compact output rel L2 {gap:.3e}")
     for precision in precisions:
         compiled_speedup = p50[("dense-cudnn", True, "")] / p50[("compact", True, precision)]
         log(f"{name}: compiled compact {precision} {compiled_speedup:.2f}x compiled dense cuDNN")
