@@ -255,3 +255,15 @@ def test_portable_kernel_on_built_in_model_queries(tiny_model_qkv) -> None:
     mask = block_mask_with_edge_rows(2, 4, 0.6, seed=3)
     out = sparse_attention(q, k, v, mask, backend="triton-portable", precision="fp8")
     _assert_accurate(out, _reference(q, k, v, mask, None, 128), 3e-2)
+
+
+def test_recorded_kernels_nest_when_inner_and_outer_records_are_equal() -> None:
+    q = torch.zeros(1, 1, 128, 64, dtype=torch.bfloat16)
+    mask = torch.ones(1, 1, 1, dtype=torch.bool)
+    with recorded_kernels() as outer:
+        sparse_attention(q, q, q, mask, precision="fp8")
+        with recorded_kernels() as inner:
+            sparse_attention(q, q, q, mask, precision="fp8")
+        assert inner == ["reference-fp8"]
+        sparse_attention(q, q, q, mask)
+    assert outer == ["reference-fp8", "reference-fp8", "reference"]

@@ -120,7 +120,8 @@ def recorded_kernels() -> Iterator[list[str]]:
     try:
         yield record
     finally:
-        _kernel_records.remove(record)
+        # By identity: an inner record equal to an outer one must not take the outer's place.
+        _kernel_records[:] = [other for other in _kernel_records if other is not record]
 
 
 def _choose_and_record(q, k, v, block_size: int, backend: str, precision: str = "bf16") -> str:
