@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from compact_search.runtime.lut import BlockLUT
+from compact_search.runtime.lut import BlockLUT, cached_block_lut
 
 # Inputs the attention kernels (portable and Gluon) take; other ones run the reference.
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -92,3 +92,21 @@ def masked_value_terms(
     """
     terms = probs.unsqueeze(-1) * values.unsqueeze(2)  # [B, H, N, J, D]
     return torch.where(allowed.unsqueeze(-1), terms, torch.zeros((), dtype=terms.dtype)).sum(-2)
+
+
+def mask_lut(
+    q: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    block_size: int,
+    key_block_lengths: torch.Tensor | None,
+) -> BlockLUT:
+    """The lookup tables of ``block_mask`` for q's length, on q's device (cached per mask): what
+    each Triton kernel's mask entry point hands its tables entry point."""
+    return cached_block_lut(
+        block_mask,
+        seq_len=q.shape[2],
+        block_size=block_size,
+        key_block_lengths=key_block_lengths,
+        device=q.device,
+    )

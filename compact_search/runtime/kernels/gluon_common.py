@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
 __all__ = [
     "GLUON_BLOCK_SIZE",
@@ -22,6 +22,8 @@ __all__ = [
     "loader_partition",
     "take_turn",
     "pass_turn",
+    "cta_barriers",
+    "load_query_halves",
 ]
 
 GLUON_BLOCK_SIZE = 128  # mask block = query block of one CTA
@@ -90,3 +92,40 @@ def take_turn(turns, turn, WARPGROUP: gl.constexpr, PINGPONG: gl.constexpr):
 def pass_turn(turns, WARPGROUP: gl.constexpr, PINGPONG: gl.constexpr):
     if PINGPONG:
         mbarrier.arrive(turns.index(1 - WARPGROUP), count=1)
+
+
+@gluon.jit
+def cta_barriers(STAGES: gl.constexpr):
+    """The CTA's barriers, initialized: Q's, each ring slot's ready and empty for K and V, and the
+    two ping-pong turns. Returns (q_bar, k_ready, v_ready, k_empty, v_empty, turns)."""
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        # Both consumer warpgroups release a buffer.
+        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(v_empty.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(turns.index(i), count=1)
+    fence_async_shared()
+    return q_bar, k_ready, v_ready, k_empty, v_empty, turns
+
+
+@gluon.jit
+def load_query_halves(q_desc, q_halves, q_bar, batch, head, q_start):
+    """Q once, as two 64-row halves (one a consumer warpgroup), before the partitions split."""
+    ROWS: gl.constexpr = q_desc.block_type.shape[2]  # the descriptor's box: [1, 1, 64, D]
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+    for half in gl.static_range(2):
+        tma.async_copy_global_to_shared(
+            q_desc,
+            [batch, head, q_start + half * ROWS, 0],
+            q_bar,
+            q_halves.index(half)._reinterpret(q_desc.dtype, q_desc.block_type.shape, q_desc.layout),
+        )

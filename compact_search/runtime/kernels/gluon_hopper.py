@@ -49,6 +49,7 @@ from compact_search.runtime.kernels.common import (
     interpreting,
     lut_sizes,
     lut_tensors,
+    mask_lut,
     tma_layout_ok,
     unsupported_reason,
 )
@@ -59,11 +60,13 @@ from compact_search.runtime.kernels.gluon_common import (
     LOADER_REGISTERS,
     LOADER_WARPS,
     MAX_REGISTERS,
+    cta_barriers,
+    load_query_halves,
     loader_partition,
     pass_turn,
     take_turn,
 )
-from compact_search.runtime.lut import BlockLUT, cached_block_lut
+from compact_search.runtime.lut import BlockLUT
 
 __all__ = [
     "gluon_sparse_attention",
@@ -299,32 +302,8 @@ def _gluon_block_sparse_attention_kernel(
     q_halves = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], q_layout)
     k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        # Both consumer warpgroups release a buffer.
-        mbarrier.init(k_empty.index(i), count=2)
-        mbarrier.init(v_empty.index(i), count=2)
-    for i in gl.static_range(2):
-        mbarrier.init(turns.index(i), count=1)
-    fence_async_shared()
-
-    # Q once, as two 64-row halves, before the partitions split.
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-    for half in gl.static_range(2):
-        tma.async_copy_global_to_shared(
-            q_desc,
-            [batch, head, q_start + half * ROWS, 0],
-            q_bar,
-            q_halves.index(half)._reinterpret(dtype, q_desc.block_type.shape, q_desc.layout),
-        )
+    q_bar, k_ready, v_ready, k_empty, v_empty, turns = cta_barriers(STAGES)
+    load_query_halves(q_desc, q_halves, q_bar, batch, head, q_start)
 
     # What both consumers share: buffers, barriers and the query block's lookup-table row.
     rings = (k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty)
@@ -487,13 +466,7 @@ def gluon_sparse_attention(
     int32 ``[nb]`` key lengths; an optional output buffer), where :func:`gluon_supports` holds
     (ValueError otherwise). ``config`` launches that :class:`GluonConfig` instead of autotuning.
     """
-    lut = cached_block_lut(
-        block_mask,
-        seq_len=q.shape[2],
-        block_size=block_size,
-        key_block_lengths=key_block_lengths,
-        device=q.device,
-    )
+    lut = mask_lut(q, block_mask, block_size=block_size, key_block_lengths=key_block_lengths)
     return gluon_lut_attention(
         q, k, v, lut, block_size=block_size, scale=scale, out=out, config=config
     )

@@ -27,10 +27,11 @@ from compact_search.runtime.kernels.common import (
     interpreting,
     lut_sizes,
     lut_tensors,
+    mask_lut,
     tma_layout_ok,
     unsupported_reason,
 )
-from compact_search.runtime.lut import BlockLUT, cached_block_lut
+from compact_search.runtime.lut import BlockLUT
 
 __all__ = [
     "portable_sparse_attention",
@@ -400,13 +401,7 @@ def portable_sparse_attention(
     Returns:
         ``[B, H, N, D]`` in q's dtype (``out`` when given); rows with no valid kept key are zeros.
     """
-    lut = cached_block_lut(
-        block_mask,
-        seq_len=q.shape[2],
-        block_size=block_size,
-        key_block_lengths=key_block_lengths,
-        device=q.device,
-    )
+    lut = mask_lut(q, block_mask, block_size=block_size, key_block_lengths=key_block_lengths)
     return portable_lut_attention(
         q, k, v, lut, block_size=block_size, scale=scale, out=out, use_tma=use_tma, config=config
     )

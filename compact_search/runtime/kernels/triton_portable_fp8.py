@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from compact_search.runtime.kernels.common import LOG2_E, interpreting
-from compact_search.runtime.lut import BlockLUT, cached_block_lut
+from compact_search.runtime.kernels.common import LOG2_E, interpreting, mask_lut
+from compact_search.runtime.lut import BlockLUT
 from compact_search.runtime.quantize import (
     LOG2_P_SCALE_C,
     QuantizedQKV,
@@ -187,11 +187,5 @@ def portable_fp8_sparse_attention(
     scale: float,
     key_block_lengths: torch.Tensor | None,
 ) -> torch.Tensor:
-    lut = cached_block_lut(
-        block_mask,
-        seq_len=q.shape[2],
-        block_size=block_size,
-        key_block_lengths=key_block_lengths,
-        device=q.device,
-    )
+    lut = mask_lut(q, block_mask, block_size=block_size, key_block_lengths=key_block_lengths)
     return portable_fp8_lut_attention(q, k, v, lut, block_size=block_size, scale=scale)
