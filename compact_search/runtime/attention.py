@@ -52,14 +52,15 @@ from collections.abc import Callable, Iterator
 import torch
 
 from compact_search.geometry import DEFAULT_BLOCK_SIZE
-from compact_search.runtime.kernels.common import lut_tensors, unsupported_reason
+from compact_search.runtime.kernels.common import lut_tensors, mask_lut, unsupported_reason
 from compact_search.runtime.lut import BlockLUT
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # What each kernel runs: (module, function from a mask, function from lookup tables), called as
 # run(q, k, v, block_mask, *, block_size, scale, key_block_lengths) and
-# run_lut(q, k, v, lut, *, block_size, scale). A backend names a 16-bit kernel; precision "fp8"
-# runs its 8-bit twin (FP8_TWINS).
+# run_lut(q, k, v, lut, *, block_size, scale); a kernel without a mask function (None) gets its
+# tables from the mask here (`kernels.common.mask_lut`). A backend names a 16-bit kernel;
+# precision "fp8" runs its 8-bit twin (FP8_TWINS).
 KERNELS = {
     "reference": (
         "compact_search.runtime.kernels.reference",
@@ -79,17 +80,17 @@ KERNELS = {
     "flex": ("compact_search.runtime.kernels.flex", "flex_sparse_attention", "flex_lut_attention"),
     "reference-fp8": (
         "compact_search.runtime.kernels.reference_fp8",
-        "reference_fp8_sparse_attention",
+        None,
         "reference_fp8_lut_attention",
     ),
     "triton-portable-fp8": (
         "compact_search.runtime.kernels.triton_portable_fp8",
-        "portable_fp8_sparse_attention",
+        None,
         "portable_fp8_lut_attention",
     ),
     "triton-gluon-fp8": (
         "compact_search.runtime.kernels.gluon_hopper_fp8",
-        "gluon_fp8_sparse_attention",
+        None,
         "gluon_fp8_lut_attention",
     ),
 }
@@ -190,7 +191,19 @@ def _kernel_module(kernel: str):
 def kernel_function(kernel: str, *, from_tables: bool = False) -> Callable[..., torch.Tensor]:
     """The function a kernel backend (a key of KERNELS) runs from a block mask, or with
     ``from_tables`` from lookup tables."""
-    return getattr(_kernel_module(kernel), KERNELS[kernel][2 if from_tables else 1])
+    module = _kernel_module(kernel)
+    _, from_mask, from_luts = KERNELS[kernel]
+    if from_tables:
+        return getattr(module, from_luts)
+    if from_mask is not None:
+        return getattr(module, from_mask)
+    run_lut = getattr(module, from_luts)
+
+    def run(q, k, v, block_mask, *, block_size, scale, key_block_lengths):
+        lut = mask_lut(q, block_mask, block_size=block_size, key_block_lengths=key_block_lengths)
+        return run_lut(q, k, v, lut, block_size=block_size, scale=scale)
+
+    return run
 
 
 def _gluon_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> bool:

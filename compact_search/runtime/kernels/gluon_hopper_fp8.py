@@ -55,7 +55,6 @@ from compact_search.runtime.kernels.common import (
     autotune_enabled,
     density_bucket,
     interpreting,
-    mask_lut,
     tma_layout_ok,
 )
 from compact_search.runtime.kernels.gluon_common import (
@@ -82,7 +81,6 @@ from compact_search.runtime.quantize import (
 __all__ = [
     "gluon_fp8_attention",
     "gluon_fp8_lut_attention",
-    "gluon_fp8_sparse_attention",
     "gluon_fp8_supports",
     "GluonFP8Config",
     "AUTOTUNE_CONFIGS",
@@ -812,17 +810,3 @@ def gluon_fp8_lut_attention(
         q, k, v, block_size=block_size, key_lengths=lut.key_lengths, key_order="wgmma"
     )
     return gluon_fp8_attention(quantized, lut, torch.empty_like(q), scale=scale)
-
-
-def gluon_fp8_sparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    block_mask: torch.Tensor,
-    *,
-    block_size: int,
-    scale: float,
-    key_block_lengths: torch.Tensor | None,
-) -> torch.Tensor:
-    lut = mask_lut(q, block_mask, block_size=block_size, key_block_lengths=key_block_lengths)
-    return gluon_fp8_lut_attention(q, k, v, lut, block_size=block_size, scale=scale)

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from compact_search.runtime.kernels.common import LOG2_E, mask_lut
+from compact_search.runtime.kernels.common import LOG2_E
 from compact_search.runtime.lut import BlockLUT
 from compact_search.runtime.quantize import (
     LOG2_P_SCALE,
@@ -28,7 +28,7 @@ from compact_search.runtime.quantize import (
     to_e4m3,
 )
 
-__all__ = ["emulate_fp8_attention", "reference_fp8_sparse_attention", "reference_fp8_lut_attention"]
+__all__ = ["emulate_fp8_attention", "reference_fp8_lut_attention"]
 
 
 def emulate_fp8_attention(
@@ -99,17 +99,3 @@ def reference_fp8_lut_attention(
     """``[B, H, N, D]`` in q's dtype: the emulated pre-pass and kernel."""
     quantized = emulate_quantize_qkv(q, k, v, block_size=block_size, key_lengths=lut.key_lengths)
     return emulate_fp8_attention(quantized, lut, scale=scale, out_dtype=q.dtype)
-
-
-def reference_fp8_sparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    block_mask: torch.Tensor,
-    *,
-    block_size: int,
-    scale: float,
-    key_block_lengths: torch.Tensor | None,
-) -> torch.Tensor:
-    lut = mask_lut(q, block_mask, block_size=block_size, key_block_lengths=key_block_lengths)
-    return reference_fp8_lut_attention(q, k, v, lut, block_size=block_size, scale=scale)

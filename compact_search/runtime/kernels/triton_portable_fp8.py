@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from compact_search.runtime.kernels.common import LOG2_E, interpreting, mask_lut
+from compact_search.runtime.kernels.common import LOG2_E, interpreting
 from compact_search.runtime.lut import BlockLUT
 from compact_search.runtime.quantize import (
     LOG2_P_SCALE_C,
@@ -37,7 +37,6 @@ from compact_search.runtime.quantize import (
 __all__ = [
     "portable_fp8_attention",
     "portable_fp8_lut_attention",
-    "portable_fp8_sparse_attention",
     "portable_fp8_supports",
 ]
 
@@ -175,17 +174,3 @@ def portable_fp8_lut_attention(
     """The pre-pass, then the kernel: ``[B, H, N, D]`` in q's dtype and memory order."""
     quantized = quantize_qkv(q, k, v, block_size=block_size, key_lengths=lut.key_lengths)
     return portable_fp8_attention(quantized, lut, torch.empty_like(q), scale=scale)
-
-
-def portable_fp8_sparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    block_mask: torch.Tensor,
-    *,
-    block_size: int,
-    scale: float,
-    key_block_lengths: torch.Tensor | None,
-) -> torch.Tensor:
-    lut = mask_lut(q, block_mask, block_size=block_size, key_block_lengths=key_block_lengths)
-    return portable_fp8_lut_attention(q, k, v, lut, block_size=block_size, scale=scale)
