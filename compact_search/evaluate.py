@@ -480,10 +480,7 @@ def evaluate_configs(
                 # Each expert's compact attention (a pipeline of two has two handles) through
                 # the timer, in the transformer it serves; runtime.revert() undoes all of it.
                 for handle in getattr(runtime, "handles", {"": runtime}).values():
-                    handle._attention_handle.revert()
-                    handle._attention_handle = model.adapter.install(
-                        handle.transformer, timer.wrap(handle.attention)
-                    )
+                    handle.install_attention(wrap=timer.wrap)
             return runtime.revert
 
         key_fields = {

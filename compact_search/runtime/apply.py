@@ -405,14 +405,16 @@ class CompactHandle:
         out = out.transpose(1, 2).index_select(1, tables.token_to_slot).transpose(1, 2)
         return out[:, :, :num_tokens] if missing else out  # the padded rows dropped
 
-    def install_attention(self) -> None:
+    def install_attention(self, wrap: Callable[[Callable], Callable] | None = None) -> None:
         """Route the transformer's self-attention through this runtime again, with the per-layer
-        tables (after other processors were installed in between, e.g. by `evaluate`, or by the
-        model's own `set_attn_processor`)."""
+        tables (after other processors were installed in between, e.g. by the model's own
+        `set_attn_processor`). `wrap` takes the runtime's attention function and returns the one
+        to install (`evaluate` times it so); `revert` undoes either."""
         self._release_attention()
         install = installer_for(self.config.model.adapter)
+        attention = self.attention if wrap is None else wrap(self.attention)
         self._attention_handle = _installed(
-            install(self.transformer, self.attention, layers=self._tables)
+            install(self.transformer, attention, layers=self._tables)
         )
 
     def bypassed_layers(self) -> list[int]:
