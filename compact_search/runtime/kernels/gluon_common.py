@@ -50,11 +50,13 @@ def loader_partition(
     BLOCK_SIZE: gl.constexpr,
     BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr,
+    KEYS_LAST: gl.constexpr = False,
 ):
     """One warp: tile ``t`` of the row (K or V) into ring slot ``t % STAGES`` through TMA.
 
     K and V have a loader warp each, so a K tile waits only for its own buffer to drain (its
-    Q K^T), never for the P V of an older V tile.
+    Q K^T), never for the P V of an older V tile. ``KEYS_LAST``: the tensor is ``[B, H, D, Np]``
+    (the 8-bit kernel's V^T), so a tile starts at column ``k_start`` rather than row.
     """
     TILES_PER_BLOCK: gl.constexpr = BLOCK_SIZE // BLOCK_N
     for tile in range(num_tiles):
@@ -65,9 +67,11 @@ def loader_partition(
         # pass through the ring does not wait.
         mbarrier.wait(empty.index(slot), ((tile // STAGES) & 1) ^ 1)
         mbarrier.expect(ready.index(slot), desc.block_type.nbytes)
+        row = 0 if KEYS_LAST else k_start
+        column = k_start if KEYS_LAST else 0
         tma.async_copy_global_to_shared(
             desc,
-            [batch, head, k_start, 0],
+            [batch, head, row, column],
             ready.index(slot),
             bufs.index(slot)._reinterpret(desc.dtype, desc.block_type.shape, desc.layout),
         )

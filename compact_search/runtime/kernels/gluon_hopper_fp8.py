@@ -136,33 +136,6 @@ class GluonFP8Config:
 
 
 @gluon.jit
-def _value_loader_partition(
-    desc,
-    bufs,
-    ready,
-    empty,
-    block_ids_ptr,
-    num_tiles,
-    batch,
-    head,
-    BLOCK_SIZE: gl.constexpr,
-    STAGES: gl.constexpr,
-):
-    """One warp: the ``[D, 128]`` V^T tile of key block ``t`` into ring slot ``t % STAGES``."""
-    for tile in range(num_tiles):
-        slot = tile % STAGES
-        key_start = gl.load(block_ids_ptr + tile) * BLOCK_SIZE
-        mbarrier.wait(empty.index(slot), ((tile // STAGES) & 1) ^ 1)
-        mbarrier.expect(ready.index(slot), desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(
-            desc,
-            [batch, head, 0, key_start],
-            ready.index(slot),
-            bufs.index(slot)._reinterpret(desc.dtype, desc.block_type.shape, desc.layout),
-        )
-
-
-@gluon.jit
 def _softmax_step(
     scores,
     row_max,
@@ -657,7 +630,7 @@ def _gluon_fp8_attention_kernel(
                 ),
             ),
             (
-                _value_loader_partition,
+                loader_partition,
                 (
                     v_desc,
                     v_bufs,
@@ -668,7 +641,9 @@ def _gluon_fp8_attention_kernel(
                     batch,
                     head,
                     BLOCK_SIZE,
+                    BLOCK_SIZE,
                     STAGES,
+                    True,  # V^T: [B, H, D, Np], a tile starts at its keys' column
                 ),
             ),
         ],
