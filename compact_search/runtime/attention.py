@@ -276,23 +276,20 @@ def choose_kernel(
     """The kernel `sparse_attention` runs for these inputs (a key of KERNELS), and what it fell
     back from and to, as a warning's text (None when it did not)."""
     _check_backend(backend, precision)
+    # The Triton kernels, 16- and 8-bit alike, take these dtypes and head dims only.
+    reason = unsupported_reason(q)
     if backend in ("reference", "flex"):
-        kernel, reason = backend, None
+        kernel = backend
     elif backend == "auto" and not q.is_cuda:
-        kernel, reason = "reference", None
+        kernel = "reference"
+    elif reason is not None:
+        return "reference", f"{reason}; using the reference"
+    elif backend in ("auto", "triton"):
+        kernel = "triton-gluon" if _gluon_runs(q, k, v, block_size) else "triton-portable"
     else:
-        reason = unsupported_reason(q)
-        if reason is not None:
-            kernel = "reference"
-        elif backend in ("auto", "triton"):
-            kernel = "triton-gluon" if _gluon_runs(q, k, v, block_size) else "triton-portable"
-        else:
-            kernel = backend
-        if reason is not None:
-            return kernel, f"{reason}; using the reference"
+        kernel = backend
     if precision == "bf16":
         return kernel, None
-    reason = unsupported_reason(q)
     if reason is not None:
         return kernel, f"precision 'fp8' takes no {reason}; it runs as 'bf16'"
     return _fp8_kernel(q, block_size, kernel, backend)
@@ -417,7 +414,8 @@ def lut_sparse_attention(
     Returns:
         [B, H, N, D] in q's dtype and memory order. Traceable by torch.compile without a graph
         break, and nothing in it allocates outside the output or synchronises with the GPU, so a
-        CUDA graph can capture it (the 8-bit pre-pass included).
+        CUDA graph can capture it. Under precision "fp8" the pre-pass also allocates the quantized
+        operands on every call (a capture of that is not tested).
     """
     _check_backend(backend, precision)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
