@@ -124,7 +124,10 @@ def compiled_facts(head_dim: int, dtype: torch.dtype, config) -> dict:
     # The first loop with both matmuls is warpgroup 0's loop over fully valid key blocks.
     main_loop = next(ops for ops in innermost_loops(sass) if "QGMMA" in ops and "IGMMA" in ops)
     return {
-        "main_loop": {op: main_loop.count(op) for op in ("PRMT", "SHFL", "STS", "LDS", "MUFU")},
+        "main_loop": {
+            op: main_loop.count(op)
+            for op in ("PRMT", "SHFL", "STS", "LDS", "MUFU", "WARPGROUP", "STL", "LDL")
+        },
         "main_loop_length": len(main_loop),
         "wgmma": sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.[\w.]+", ptx))),
         "sass_mma": sorted(set(re.findall(r"\b[A-Z]GMMA\.\w+\.\w+\.\w+", sass))),
@@ -173,14 +176,19 @@ def test_fp8_kernel_compiles_for_hopper_without_spills(case) -> None:
     assert set(facts["sass_mma"]) == {"IGMMA.64x128x32.S8.S8", f"QGMMA.64x{head_dim}x32.F32.E4M3"}
     assert facts["setmaxnreg"]
     assert not facts["ptx_local_memory"]
+    loop = facts["main_loop"]
     # ptxas spills nothing but with two-level accumulation, whose second accumulator does not
     # fit at head dim 128 (why it is off by default).
     if not (config.two_level and head_dim == 128):
         assert facts["stack_bytes"] == 0 and facts["spill_instructions"] == 0
+        assert loop["STL"] == loop["LDL"] == 0
+    # Both matmuls asynchronous: one arrive and one wait a matmul. Where ptxas cannot prove an
+    # accumulator retired before a non-wgmma read, or runs short of registers, it serializes
+    # every wgmma of the kernel (warning C7514/C7512), and a wait follows each of them.
+    assert loop["WARPGROUP"] == 4
     assert facts["shared"] <= H100_SHARED_MEMORY
     # The integer-add conversion leaves no cvt for the 64 scores a thread holds per tile.
     assert (facts["cvt_s32_f32"] == 0) == config.magic_i2f
-    loop = facts["main_loop"]
     # One exp2 a score a thread holds (64 per 128-key tile), plus the row rescales.
     assert 64 <= loop["MUFU"] <= 68
     # P reaches the tensor cores in its own registers: no trip through shared memory, and with
