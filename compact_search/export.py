@@ -15,7 +15,8 @@ and re-measured on that expert's own steps of the profile.
 `precision=` ("bf16" or "fp8", docs/config.md "Precision") sets the config's attention arithmetic,
 for every expert; None and "bf16" write the same bytes (a bf16 config has no `precision` field).
 The FlexAttention masks do not depend on it: with "fp8" they are written as for "bf16", with a
-warning that FlexAttention runs them at its own 16-bit precision.
+warning that FlexAttention runs them at its own 16-bit precision; "fp8" at a block size the 8-bit
+kernels do not take warns that the runtime runs the config as bf16.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class ExportResult:
     below_threshold: list[tuple[int, int, int, float]]  # (bucket, layer, head, recall)
     mean_density: float
     mean_cost: float
-    warnings: tuple[str, ...] = ()  # a wasteful block size, a cost above dense
+    # a wasteful block size, a cost above dense, fp8 at a block size or format that runs 16-bit
+    warnings: tuple[str, ...] = ()
 
 
 def _pattern_for(head_result, recall: float | None) -> HeadPattern:
@@ -288,10 +290,10 @@ def export_run(
 
         block_size = config.geometry.block_size
         if block_size not in FP8_BLOCK_SIZES:
+            sizes = " or ".join(map(str, FP8_BLOCK_SIZES))
             warnings.append(
-                f"precision fp8 at block size {block_size}: the 8-bit kernels take "
-                f"{' or '.join(map(str, FP8_BLOCK_SIZES))}, so the runtime runs this config as "
-                "bf16 (optimize --block-size 64 or 128 for an 8-bit config)"
+                f"precision fp8 at block size {block_size}: the 8-bit kernels take {sizes}, so "
+                f"the runtime runs this config as bf16 (optimize --block-size {sizes} for 8 bits)"
             )
     if sidecar is not None and config.precision == "fp8":
         # The masks are the same at any precision; only their reader's arithmetic differs.

@@ -1,5 +1,5 @@
-"""--precision on `evaluate`, `bench`, `check --kernel` and `export`: parsed, checked in one line (exit 2),
-passed on, and reported (CPU, the Triton interpreter for the kernel check)."""
+"""--precision on `evaluate`, `bench`, `check --kernel` and `export`: parsed, checked in one line
+(exit 2), passed on, and reported (CPU, the Triton interpreter for the kernel check)."""
 
 import json
 from pathlib import Path
