@@ -345,10 +345,15 @@ def export(
     allow_below: Annotated[
         bool, typer.Option("--allow-below", help="Write even if heads miss the threshold.")
     ] = False,
+    precision: Annotated[
+        str | None,
+        typer.Option(help=PRECISION_HELP + " Written into the config, for every expert."),
+    ] = None,
 ) -> None:
     """Write the versioned config for a search run, re-checking recall on the profile."""
     from compact_search.export import export_run
 
+    precision = _precision_option(precision)
     result = export_run(
         run,
         out,
@@ -356,12 +361,15 @@ def export(
         recall=recall,
         output_format=output_format,
         allow_below=allow_below,
+        precision=precision,
     )
     written = [result.path] if result.sidecar is None else [result.path, result.sidecar]
     console.print("wrote " + " and ".join(f"[bold]{path}[/]" for path in written))
+    # A bf16 config says nothing of its precision, as its file does not (docs/config.md).
+    at = "" if result.config.precision == "bf16" else f"; precision {result.config.precision}"
     console.print(
         f"recall threshold {result.recall}: {len(result.below_threshold)} heads below it; "
-        f"mean density {result.mean_density:.4f}, mean cost {result.mean_cost:.4f}"
+        f"mean density {result.mean_density:.4f}, mean cost {result.mean_cost:.4f}{at}"
     )
     for line in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)

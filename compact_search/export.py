@@ -11,6 +11,12 @@ precomputed-table file); `--format flex` also writes FlexAttention block masks f
 A run of several experts (`optimize` on a Wan2.2 profile) exports one config: the first expert's
 patterns at the top level and every other expert's under `experts` (docs/config.md), each built
 and re-measured on that expert's own steps of the profile.
+
+`precision=` ("bf16" or "fp8", docs/config.md "Precision") sets the config's attention arithmetic,
+for every expert; None and "bf16" write the same bytes (a bf16 config has no `precision` field).
+The FlexAttention masks do not depend on it: with "fp8" they are written as for "bf16", with a
+warning that FlexAttention runs them at its own 16-bit precision; "fp8" at a block size the 8-bit
+kernels do not take warns that the runtime runs the config as bf16.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from compact_search.config import (
     HeadEntry,
     ModelSpec,
     StepSchedule,
+    check_precision,
     default_provenance,
     save_config,
 )
@@ -46,7 +53,8 @@ class ExportResult:
     below_threshold: list[tuple[int, int, int, float]]  # (bucket, layer, head, recall)
     mean_density: float
     mean_cost: float
-    warnings: tuple[str, ...] = ()  # a wasteful block size, a cost above dense
+    # a wasteful block size, a cost above dense, fp8 at a block size or format that runs 16-bit
+    warnings: tuple[str, ...] = ()
 
 
 def _pattern_for(head_result, recall: float | None) -> HeadPattern:
@@ -200,11 +208,14 @@ def export_run(
     recall: float | None = None,
     output_format: str = "json",
     allow_below: bool = False,
+    precision: str | None = None,
 ) -> ExportResult:
     """Export a search run to `out` (see the module doc)."""
     from compact_search.profiling import load_profile
     from compact_search.search.result import load_search_result
 
+    if precision is not None:
+        check_precision(precision, "--precision")
     if recall is not None and not 0.0 < recall <= 1.0:
         raise UserInputError(f"--recall must be in (0, 1], got {recall}")
     if output_format not in ("json", "flex"):
@@ -244,6 +255,8 @@ def export_run(
         below += [(name, *entry) for entry in expert_below]
     config, *others = measured.values()
     config = config.with_experts(dict(zip(list(measured)[1:], others, strict=True)))
+    if precision is not None:
+        config = config.with_precision(precision)
     if output_format == "flex" and config.experts:
         raise UserInputError(
             "--format flex writes the masks of one transformer; export a run of several "
@@ -272,6 +285,22 @@ def export_run(
         flex_path.unlink(missing_ok=True)  # an older export's masks would disagree with it
     summary = config.summary()
     warnings = waste_warnings(result, cost=summary["mean_cost"])
+    if config.precision == "fp8":
+        from compact_search.runtime.attention import FP8_BLOCK_SIZES
+
+        block_size = config.geometry.block_size
+        if block_size not in FP8_BLOCK_SIZES:
+            sizes = " or ".join(map(str, FP8_BLOCK_SIZES))
+            warnings.append(
+                f"precision fp8 at block size {block_size}: the 8-bit kernels take {sizes}, so "
+                f"the runtime runs this config as bf16 (optimize --block-size {sizes} for 8 bits)"
+            )
+    if sidecar is not None and config.precision == "fp8":
+        # The masks are the same at any precision; only their reader's arithmetic differs.
+        warnings.append(
+            f"{sidecar.name}: FlexAttention has no 8-bit path and runs these masks at its own "
+            "16-bit precision; precision fp8 is the compact-search runtime's (apply, evaluate)"
+        )
     return ExportResult(
         config,
         out,

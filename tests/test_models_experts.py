@@ -201,6 +201,23 @@ def test_export_writes_both_experts_and_check_gates_both(workspace):
         )
 
 
+def test_export_precision_fp8_holds_for_every_expert(workspace, capsys):
+    path = workspace / "fp8.json"
+    capsys.readouterr()
+    assert run("export", workspace / "runs/model/run", "--out", path, "--precision", "fp8") == 0
+    captured = capsys.readouterr()
+    assert "precision fp8" in captured.out
+    # The search's block size 16 is not an 8-bit kernel's: the export says the runtime runs bf16.
+    assert "precision fp8 at block size 16" in captured.err and "as bf16" in captured.err
+    written = json.loads(path.read_text())
+    assert written["precision"] == "fp8"
+    assert [e.get("precision") for e in written["experts"]] == [None]  # set once, at the top
+    config = load_config(path)
+    assert list(config.expert_configs()) == list(EXPERTS)
+    assert {c.precision for c in config.expert_configs().values()} == {"fp8"}
+    assert load_config(workspace / "config.json").precision == "bf16"
+
+
 def test_check_fails_a_second_expert_that_misses_its_recall(workspace, capsys):
     """Gating the second expert is not a formality: with its patterns replaced by a skipping
     pattern it fails, while the first expert's heads still pass."""

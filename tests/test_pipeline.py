@@ -5,12 +5,15 @@ the plumbing: every stage reads what the previous one wrote, the gate passes the
 and fails a degraded one, and the runtime runs the exported config inside the sampler.
 """
 
+import datetime
 import json
 
 import pytest
 import torch
 from cli_runner import run
+from safetensors.torch import load_file
 
+from compact_search import config as config_module
 from compact_search.config import load_config
 from compact_search.runtime.kernels.flex import load_flex_masks
 
@@ -234,3 +237,75 @@ def test_far_windows_through_check_flex_and_the_sampler(workspace):
         )
     handle.revert()
     assert handle.calls["sparse"] > 0
+
+
+class FrozenClock(datetime.datetime):
+    """`created` in the provenance, the same second for every export of a test."""
+
+    @classmethod
+    def now(cls, tz=None):
+        return datetime.datetime(2026, 12, 1, 12, 0, 0, tzinfo=tz)
+
+
+def export_at(workspace, out, *extra) -> int:
+    return run(
+        "export", workspace / "run", "--out", out, "--profile", workspace / "profile", *extra
+    )
+
+
+def test_export_precision_fp8_is_the_one_field_a_bf16_export_lacks(workspace, monkeypatch, capsys):
+    monkeypatch.setattr(config_module._dt, "datetime", FrozenClock)
+    out = workspace / "exports"
+    out.mkdir()
+    capsys.readouterr()
+    assert export_at(workspace, out / "default.json") == 0
+    assert "precision" not in capsys.readouterr().out
+    assert export_at(workspace, out / "bf16.json", "--precision", "bf16") == 0
+    assert "precision" not in capsys.readouterr().out
+    assert export_at(workspace, out / "fp8.json", "--precision", "fp8") == 0
+    summary = capsys.readouterr().out
+    assert "mean cost" in summary and "precision fp8" in summary, summary
+    default = (out / "default.json").read_bytes()
+    assert (out / "bf16.json").read_bytes() == default
+    assert "precision" not in json.loads(default)
+    fp8 = json.loads((out / "fp8.json").read_text())
+    assert fp8.pop("precision") == "fp8"
+    assert fp8 == json.loads(default)
+    assert load_config(out / "fp8.json").precision == "fp8"
+    assert load_config(out / "default.json").precision == "bf16"
+
+
+def test_an_fp8_flex_export_writes_the_bf16_masks_and_says_flex_runs_them_in_16_bits(
+    workspace, capsys
+):
+    out = workspace / "flex-exports"
+    out.mkdir()
+    assert export_at(workspace, out / "bf16.json", "--format", "flex") == 0
+    capsys.readouterr()
+    assert export_at(workspace, out / "fp8.json", "--format", "flex", "--precision", "fp8") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "FlexAttention" in line]
+    assert len(warnings) == 1 and "no 8-bit path" in warnings[0], warnings
+    masks, bf16 = (load_file(out / f"{name}.flex.safetensors") for name in ("fp8", "bf16"))
+    assert masks.keys() == bf16.keys() and all(torch.equal(masks[k], bf16[k]) for k in masks)
+    assert load_config(out / "fp8.json").precision == "fp8"
+
+
+def test_check_kernel_and_evaluate_run_an_fp8_export_at_fp8(workspace, capsys):
+    config = workspace / "fp8-run.json"
+    assert export_at(workspace, config, "--precision", "fp8") == 0
+    report_path = workspace / "fp8-check.json"
+    args = ("check", "-c", config, "-p", workspace / "profile", "--kernel", "--format", "json")
+    assert run(*args, "--output", report_path) == 0
+    kernel = json.loads(report_path.read_text())["kernel"]
+    assert kernel and {(k["precision"], k["kernel"]) for k in kernel} == {
+        ("fp8", "triton-portable-fp8")
+    }
+    # The 8-bit path takes 16-bit inputs: the same model in bf16.
+    bf16 = workspace / "small-bf16.toml"
+    bf16.write_text(SMALL.replace('dtype = "float32"', 'dtype = "bfloat16"'))
+    capsys.readouterr()
+    options = ("--prompts", "1", "--device", "cpu", "--out", workspace / "fp8-eval")
+    assert run("evaluate", bf16, "-c", config, *options, "--format", "json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["precision"] == "fp8"
+    assert report["configs"][0]["kernels"] == ["reference-fp8"]

@@ -1,5 +1,5 @@
-"""--precision on `evaluate`, `bench` and `check --kernel`: parsed, checked in one line (exit 2),
-passed on, and reported (CPU, the Triton interpreter for the kernel check)."""
+"""--precision on `evaluate`, `bench`, `check --kernel` and `export`: parsed, checked in one line
+(exit 2), passed on, and reported (CPU, the Triton interpreter for the kernel check)."""
 
 import json
 from pathlib import Path
@@ -47,6 +47,9 @@ def test_bad_precisions_are_one_line_and_exit_2(capsys, tmp_path):
     assert BAD in failure(capsys, "bench", "--precision", "int8")
     check = ("check", "-c", config, "-p", tmp_path, "--kernel", "--precision", "int8")
     assert BAD in failure(capsys, *check)
+    # Checked before the run folder is read: this one does not exist.
+    assert BAD in failure(capsys, "export", tmp_path / "run", "-o", config, "--precision", "int8")
+    assert not config.exists()
     line = failure(capsys, "check", "-c", config, "-p", tmp_path, "--precision", "fp8")
     assert "--precision sets the kernel check's arithmetic: add --kernel" in line
     line = failure(capsys, "bench", "--precision", "fp8", "--providers", "triton,triton-pointers")
