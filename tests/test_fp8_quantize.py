@@ -13,7 +13,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from fp8_cases import attention_inputs, padded_key_lengths
+from fp8_cases import attention_inputs, padded_key_lengths, relative_l2
 
 from compact_search.geometry import valid_block_lengths
 from compact_search.runtime.quantize import (
@@ -124,6 +124,11 @@ def test_prepass_matches_its_torch_emulation(case) -> None:
         q, k, v, block_size=block_size, key_lengths=lengths, rotate=rotate, stats=stats
     )
     assert torch.equal(got.v_t.view(torch.uint8), want.v_t.view(torch.uint8))
+    # The same rounding errors summed in another order: the mean error (in units of the scale)
+    # agrees to fp32 rounding, and the corrected mean to that times the scale plus an ulp.
+    assert not torch.equal(want.v_mean, stats[1]), "no rounding-error correction"
+    mean_gap = (got.v_mean - want.v_mean).abs()
+    assert (mean_gap <= 1e-5 * got.v_scale + 2.0**-23 * want.v_mean.abs()).all()
     if rotate:
         # The emulation rotates exactly; the kernel sums D products in fp32, which can land one
         # ulp away when a row's entries span many binades: then an amax (so a scale) moves by an
@@ -162,13 +167,15 @@ def test_prepass_layout_and_dequantization(case) -> None:
     # Each rotated entry is off by at most half a step; H^T / D averages D of them with signs.
     half_step = got.q_scale[:, :, :seq_len, None] / 2
     assert ((q_back[:, :, :seq_len] - q.float()).abs() <= half_step * 1.0001).all()
-    v_back = got.v_t.float().transpose(-1, -2) * got.v_scale[:, :, None] + got.v_mean[:, :, None]
+    # Each value is rounded around the plain mean, the one it was centred on.
+    v_mean = key_value_stats(k, v, lengths, block_size=block_size, rotate=rotate)[1]
+    v_back = got.v_t.float().transpose(-1, -2) * got.v_scale[:, :, None] + v_mean[:, :, None]
     error = (v_back - torch.nn.functional.pad(v.float(), (0, 0, 0, padded_len - seq_len)))[
         :, :, valid
     ]
     # e4m3 keeps 3 mantissa bits: at most half a step, 1/16 of the centred value's magnitude,
     # or half the subnormal step 2^-9 (times the channel scale) near zero.
-    centred = (v.float() - got.v_mean[:, :, None]).abs()
+    centred = (v.float() - v_mean[:, :, None]).abs()
     bound = torch.maximum(centred / 16, 2.0**-10 * got.v_scale[:, :, None])
     bound = torch.nn.functional.pad(bound, (0, 0, 0, padded_len - seq_len))[:, :, valid]
     assert (error.abs() <= bound * 1.0001).all()
@@ -186,6 +193,49 @@ def test_padded_keys_never_reach_the_statistics() -> None:
     assert torch.equal(clean.k, poisoned.k) and torch.equal(clean.k_scale, poisoned.k_scale)
     assert torch.equal(clean.v_t.view(torch.uint8), poisoned.v_t.view(torch.uint8))
     assert torch.equal(clean.v_scale, poisoned.v_scale)
+    assert torch.equal(clean.v_mean, poisoned.v_mean)
+
+
+@pytest.mark.parametrize("quantize", [quantize_qkv, emulate_quantize_qkv], ids=["kernel", "torch"])
+def test_v_mean_cancels_the_mean_rounding_error_over_valid_keys(quantize) -> None:
+    # Odd N (the last block is short) and padded blocks (block 1 has no valid key), whose
+    # values would pull the mean if they took part.
+    q, k, v = attention_inputs("gaussian", (1, 2, 777, 64), seed=11)
+    lengths = torch.minimum(padded_key_lengths(7, 128, seed=11), valid_block_lengths(777, 128))
+    got = quantize(q, k, v, block_size=128, key_lengths=lengths)
+    offsets = torch.arange(777)
+    valid = (offsets % 128) < lengths.long()[offsets // 128]
+    assert not valid.all()
+    v_back = got.v_t.float()[..., :777].transpose(-1, -2) * got.v_scale[:, :, None]
+    v_back = v_back + got.v_mean[:, :, None]  # [B, H, N, D], what P V reads back
+    mean_error = (v_back - v.float())[:, :, valid].mean(2)  # [B, H, D]
+    # Without the correction it is a sizeable share of a scale step (up to ~1 on 700 keys).
+    plain_mean = v.float()[:, :, valid].mean(2)
+    assert ((got.v_mean - plain_mean).abs() > 0.05 * got.v_scale).any()
+    assert (mean_error.abs() <= 1e-5 * got.v_scale + 1e-6 * plain_mean.abs()).all()
+
+
+def test_the_corrected_v_mean_keeps_diffuse_attention_accurate_at_large_n() -> None:
+    """Gaussian q/k/v over 8,191 keys: the mean rounding error would enter every output row."""
+    from compact_search.runtime.kernels.reference_fp8 import emulate_fp8_attention
+    from compact_search.runtime.lut import build_block_lut
+
+    seq_len, head_dim, rows = 8191, 64, 384
+    q, k, v = attention_inputs("gaussian", (1, 2, seq_len, head_dim), seed=3)
+    num_blocks = -(-seq_len // 128)
+    mask = torch.ones(1, num_blocks, num_blocks, dtype=torch.bool)
+    lut = build_block_lut(mask, seq_len=seq_len, block_size=128)
+    stats = key_value_stats(k, v, lut.key_lengths, block_size=128, rotate=True)
+    quantized = emulate_quantize_qkv(
+        q, k, v, block_size=128, key_lengths=lut.key_lengths, stats=stats
+    )
+    out = emulate_fp8_attention(quantized, lut, scale=head_dim**-0.5)[:, :, :rows]
+    # The same output with the plain mean: every row has keys, so it only moves by the gap.
+    uncorrected = out + (stats[1] - quantized.v_mean)[:, :, None]
+    scores = q[:, :, :rows].double() @ k.double().transpose(-1, -2) * head_dim**-0.5
+    expected = torch.softmax(scores, -1) @ v.double()  # [B, H, rows, D]
+    error, uncorrected_error = relative_l2(out, expected), relative_l2(uncorrected, expected)
+    assert error < 0.93 * uncorrected_error, (error, uncorrected_error)
 
 
 def test_prepass_reads_token_major_inputs() -> None:

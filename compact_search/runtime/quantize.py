@@ -18,7 +18,13 @@ Once per attention call, before the 8-bit kernels (``kernels/triton_portable_fp8
    - V loses its per-channel mean (added back to the output: a softmax row sums to 1), is divided
      by its per-channel scale ``amax |v - mean| / 448`` and rounded to FP8 e4m3 (nearest even,
      saturating at +-448), and is stored transposed, ``[B, H, D, Np]``, the K-major B operand the
-     FP8 wgmma of P V needs; padded keys and tokens past N are zeros.
+     FP8 wgmma of P V needs; padded keys and tokens past N are zeros;
+   - each program also writes, per channel, its block's sum of V's rounding error
+     ``v8 - (v - mean) / scale`` over the valid keys (``[B*H, nb, D]`` partials, no atomics, so
+     the result is deterministic); ``quantize_qkv`` adds them up and subtracts ``scale`` times
+     the mean error from V's mean. The kernels add that mean to every output row; the mean
+     rounding error is systematic, and where attention is diffuse (the output shrinks like
+     ``1 / sqrt(N)``) it would otherwise be an error that grows with N.
 
 Everything is padded to ``Np = nb * block_size`` tokens, so the kernels read whole blocks.
 
@@ -89,7 +95,11 @@ class QuantizedQKV:
         k: int8 ``[B, H, Np, D]``, rotated K minus its mean (``k_scale`` per block).
         k_scale: fp32 ``[B, H, nb]``.
         v_t: float8_e4m3fn ``[B, H, D, Np]``: ``(v - v_mean) / v_scale``, transposed.
-        v_scale: fp32 ``[B, H, D]``; v_mean: fp32 ``[B, H, D]``.
+        v_scale: fp32 ``[B, H, D]``.
+        v_mean: fp32 ``[B, H, D]``, what the kernels add to the output: V's mean over the valid
+            keys (the one ``v_t`` is centred on, ``key_value_stats``' ``v_mean``) minus
+            ``v_scale`` times the mean rounding error of ``v_t`` over the valid keys, so
+            ``v_t * v_scale + v_mean`` averages to V's mean exactly.
         k_mean: fp32 ``[B, H, D]``, in the rotated basis (the kernels do not need it).
         block_size: tokens per mask block (the K scale group); seq_len: N.
         rotated: whether Q and K carry the Hadamard rotation (scores are then ``D`` times larger).
@@ -270,6 +280,7 @@ def _quantize_kernel(
     k8_ptr,
     k_scale_ptr,
     v8_ptr,
+    v_error_sum_ptr,
     stride_qb,
     stride_qh,
     stride_qn,
@@ -340,6 +351,11 @@ def _quantize_kernel(
         v_inverse_scale_ptr + stats
     )[None, :]
     v8 = tl.where(valid[:, None], round_to_e4m3(centred), 0.0)
+    # This block's sum of V's rounding error over its valid keys (a padded key's v8 is 0 but its
+    # centred value is not): quantize_qkv folds the mean error into v_mean.
+    error_sum = tl.sum(tl.where(valid[:, None], v8 - centred, 0.0), 0)  # [D]
+    error_row = (batch_head.to(tl.int64) * num_blocks + block) * HEAD_DIM + cols  # [B*H, nb, D]
+    tl.store(v_error_sum_ptr + error_row, error_sum)
     # Transposed: [B*H, D, Np], each program writing BLOCK_SIZE consecutive bytes per channel.
     positions = block * BLOCK_SIZE + _wgmma_position(offsets) if WGMMA_KEY_ORDER else rows
     column_major = (batch_head.to(tl.int64) * HEAD_DIM + cols[None, :]) * padded_len + positions[
@@ -363,6 +379,20 @@ def _finalize_stats(
     # No valid key at all: every extreme is infinite; any finite scale will do.
     v_amax = torch.where(torch.isfinite(v_amax), v_amax, torch.ones_like(v_amax))
     return k_mean, v_mean, _divided(v_amax, E4M3_MAX), _reciprocal_times(E4M3_MAX, v_amax)
+
+
+def _debiased_v_mean(
+    v_mean: torch.Tensor, v_scale: torch.Tensor, error_sum: torch.Tensor, valid_keys: torch.Tensor
+) -> torch.Tensor:
+    """V's mean minus its mean rounding error, all ``[..., D]`` fp32.
+
+    ``error_sum`` is ``sum_j (v8_j - (v_j - v_mean) / v_scale)`` over the valid keys. The
+    kernels' epilogue adds ``v_mean`` to ``sum_j p_j v8_j v_scale``; over many keys that sum
+    carries the mean rounding error, which is systematic (its share of the output does not
+    shrink with N while diffuse attention's output does), so it is taken out of the mean.
+    """
+    count = valid_keys.clamp(min=1).to(torch.float32)
+    return v_mean - v_scale * torch.div(error_sum, count)
 
 
 def key_value_stats(
@@ -442,6 +472,9 @@ def quantize_qkv(
     v8 = torch.empty(batch, heads, head_dim, padded_len, device=device, dtype=torch.float8_e4m3fn)
     q_scale = torch.empty(batch, heads, padded_len, device=device, dtype=torch.float32)
     k_scale = torch.empty(batch, heads, num_blocks, device=device, dtype=torch.float32)
+    v_error_sums = torch.empty(
+        batch * heads, num_blocks, head_dim, device=device, dtype=torch.float32
+    )
     _quantize_kernel[(num_blocks, batch * heads)](
         q,
         k,
@@ -456,6 +489,7 @@ def quantize_qkv(
         k8,
         k_scale,
         v8,
+        v_error_sums,
         *q.stride()[:3],
         *k.stride()[:3],
         *v.stride()[:3],
@@ -468,6 +502,7 @@ def quantize_qkv(
         ROTATE=rotate,
         WGMMA_KEY_ORDER=key_order == "wgmma",
     )
+    error_sum = v_error_sums.sum(1).view(batch, heads, head_dim)
     return QuantizedQKV(
         q8,
         q_scale,
@@ -475,7 +510,7 @@ def quantize_qkv(
         k_scale,
         v8,
         v_scale,
-        v_mean,
+        _debiased_v_mean(v_mean, v_scale, error_sum, key_lengths.sum()),
         k_mean,
         block_size,
         seq_len,
@@ -522,7 +557,8 @@ def emulate_quantize_qkv(
 
     ``stats`` (``key_value_stats``' result) replaces the torch statistics, whose sums run in
     another order than the kernel's; with it the output bits match the kernel's (see the module
-    docstring for the rotation's rare ulp).
+    docstring for the rotation's rare ulp), except ``v_mean``: its rounding-error correction is
+    summed in another order, so it agrees to fp32 rounding, not bit for bit.
     """
     _check_inputs(q, k, v, block_size)
     batch, heads, seq_len, head_dim = q.shape
@@ -559,7 +595,12 @@ def emulate_quantize_qkv(
     k_amax = blocks.abs().amax(-1).clamp(min=TINY_AMAX)  # [B, H, nb]
     k8 = _int8(blocks * _reciprocal_times(INT8_MAX, k_amax)[..., None]).reshape(keys.shape)
     centred = (values - v_mean[:, :, None]) * v_inverse_scale[:, :, None]
-    v8 = to_e4m3(torch.where(valid[:, None], centred, 0.0)).transpose(-1, -2).contiguous()
+    v8 = to_e4m3(torch.where(valid[:, None], centred, 0.0))  # [B, H, Np, D]
+    error = torch.where(valid[:, None], v8.float() - centred, 0.0)
+    # Per block, then over blocks, as the kernel adds them up (within a block the order differs).
+    error_sum = error.view(batch, heads, num_blocks, block_size, head_dim).sum(3).sum(2)
+    v_mean = _debiased_v_mean(v_mean, v_scale, error_sum, valid.sum())
+    v8 = v8.transpose(-1, -2).contiguous()
     return QuantizedQKV(
         q8.contiguous(),
         _divided(q_amax, INT8_MAX),
