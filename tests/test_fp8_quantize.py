@@ -216,11 +216,11 @@ def test_v_mean_cancels_the_mean_rounding_error_over_valid_keys(quantize) -> Non
 
 
 def test_the_corrected_v_mean_keeps_diffuse_attention_accurate_at_large_n() -> None:
-    """Gaussian q/k/v over 8,191 keys: the mean rounding error would enter every output row."""
+    """Gaussian q/k/v over 16,383 keys: the mean rounding error would enter every output row."""
     from compact_search.runtime.kernels.reference_fp8 import emulate_fp8_attention
     from compact_search.runtime.lut import build_block_lut
 
-    seq_len, head_dim, rows = 8191, 64, 384
+    seq_len, head_dim, rows = 16383, 64, 384
     q, k, v = attention_inputs("gaussian", (1, 2, seq_len, head_dim), seed=3)
     num_blocks = -(-seq_len // 128)
     mask = torch.ones(1, num_blocks, num_blocks, dtype=torch.bool)
@@ -229,7 +229,7 @@ def test_the_corrected_v_mean_keeps_diffuse_attention_accurate_at_large_n() -> N
     quantized = emulate_quantize_qkv(
         q, k, v, block_size=128, key_lengths=lut.key_lengths, stats=stats
     )
-    out = emulate_fp8_attention(quantized, lut, scale=head_dim**-0.5)[:, :, :rows]
+    out = emulate_fp8_attention(quantized, lut, scale=head_dim**-0.5, query_blocks=rows // 128)
     # The same output with the plain mean: every row has keys, so it only moves by the gap.
     uncorrected = out + (stats[1] - quantized.v_mean)[:, :, None]
     scores = q[:, :, :rows].double() @ k.double().transpose(-1, -2) * head_dim**-0.5
@@ -249,6 +249,23 @@ def test_prepass_reads_token_major_inputs() -> None:
         for name in ("q", "k", "q_scale", "k_scale", "v_scale", "v_mean"):
             assert torch.equal(getattr(plain, name), getattr(strided, name)), name
         assert torch.equal(plain.v_t.view(torch.uint8), strided.v_t.view(torch.uint8))
+
+
+def test_the_emulation_computes_a_prefix_of_query_blocks_on_request() -> None:
+    from compact_search.runtime.kernels.reference_fp8 import emulate_fp8_attention
+    from compact_search.runtime.lut import build_block_lut
+
+    q, k, v = attention_inputs("gaussian", (1, 2, 700, 64), seed=5)
+    mask = torch.rand(2, 6, 6, generator=torch.Generator().manual_seed(5)) < 0.5
+    mask[0, 0] = False  # an empty row inside the prefix
+    lengths = torch.minimum(padded_key_lengths(6, 128, seed=5), valid_block_lengths(700, 128))
+    lut = build_block_lut(mask, seq_len=700, block_size=128, key_block_lengths=lengths)
+    quantized = emulate_quantize_qkv(q, k, v, block_size=128, key_lengths=lut.key_lengths)
+    full = emulate_fp8_attention(quantized, lut, scale=0.125)
+    assert torch.equal(
+        emulate_fp8_attention(quantized, lut, scale=0.125, query_blocks=2), full[:, :, :256]
+    )
+    assert torch.equal(emulate_fp8_attention(quantized, lut, scale=0.125, query_blocks=9), full)
 
 
 def test_prepass_rejects_block_sizes_it_does_not_serve() -> None:
