@@ -18,6 +18,8 @@ from fp8_cases import attention_inputs, padded_key_lengths, relative_l2
 from compact_search.geometry import valid_block_lengths
 from compact_search.runtime.quantize import (
     E4M3_MAX,
+    STATS_BLOCKS_PER_PROGRAM,
+    _launch_prepass,
     emulate_quantize_qkv,
     hadamard_matrix,
     key_value_stats,
@@ -147,6 +149,46 @@ def test_prepass_matches_its_torch_emulation(case) -> None:
     torch.testing.assert_close(got.k_mean, plain.k_mean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.v_mean, plain.v_mean, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got.v_scale, plain.v_scale, atol=0, rtol=1e-6)
+
+
+LAUNCH_VARIANTS = [
+    (CASES[0], {"permute_in_registers": True}),
+    (CASES[1], {"permute_in_registers": True, "quantize_num_warps": 4}),
+    (CASES[1], {"stats_blocks_per_program": 3, "stats_num_warps": 8}),  # 16 blocks: a short chunk
+    (CASES[1], {"stats_blocks_per_program": 1}),
+]
+
+
+@pytest.mark.parametrize(
+    "case, variant",
+    LAUNCH_VARIANTS,
+    ids=[
+        _case_id(c) + "-" + "-".join(f"{k}={v}" for k, v in o.items()) for c, o in LAUNCH_VARIANTS
+    ],
+)
+def test_prepass_launch_variants_compute_the_same(case, variant) -> None:
+    q, k, v, lengths, block_size, rotate = _inputs(case)
+    arguments = dict(block_size=block_size, key_lengths=lengths, rotate=rotate, key_order="wgmma")
+    default = quantize_qkv(q, k, v, **arguments)
+    got = _launch_prepass(q, k, v, **arguments, **variant)
+    bits = lambda t: t.view(torch.uint8)  # noqa: E731
+    blocks_per_program = variant.get("stats_blocks_per_program", STATS_BLOCKS_PER_PROGRAM)
+    stats = key_value_stats(
+        k, v, lengths, block_size=block_size, rotate=rotate, blocks_per_program=blocks_per_program
+    )
+    want = emulate_quantize_qkv(
+        q, k, v, block_size=block_size, key_lengths=lengths, rotate=rotate, stats=stats
+    )
+    assert got.wgmma_key_order
+    assert torch.equal(bits(natural_key_order(got.v_t)), bits(want.v_t))
+    if blocks_per_program == STATS_BLOCKS_PER_PROGRAM:
+        for name in ("q", "q_scale", "k", "k_scale", "v_scale", "v_mean", "k_mean"):
+            assert torch.equal(getattr(got, name), getattr(default, name)), name
+        assert torch.equal(bits(got.v_t), bits(default.v_t))
+    else:  # the statistics are summed in other chunks: the same to fp32 rounding
+        torch.testing.assert_close(got.k_mean, default.k_mean, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.v_mean, default.v_mean, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got.v_scale, default.v_scale, atol=0, rtol=1e-6)
 
 
 @pytest.mark.parametrize("case", CASES[1:2], ids=_case_id)

@@ -77,6 +77,10 @@ LOG2_P_SCALE_C = tl.constexpr(LOG2_P_SCALE)
 LOG2_E_C = tl.constexpr(LOG2_E)
 # Key blocks per program of the statistics kernel (one row of partials each).
 STATS_BLOCKS_PER_PROGRAM = 8
+STATS_NUM_WARPS = 4
+# 8 warps: at 4, the quantization kernel's three [128, 128] fp32 tiles and the Hadamard dots
+# spill at head dim 128 (sm_90: 255 registers and ~115 local loads/stores; 172 and none at 8).
+QUANTIZE_NUM_WARPS = 8
 
 
 def _kernel_hadamard(x: torch.Tensor) -> torch.Tensor:
@@ -156,6 +160,15 @@ def hadamard_matrix(dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
     while matrix.shape[0] < dim:
         matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
     return matrix
+
+
+@triton.jit
+def _rows_in_wgmma_order(x, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """``[ROWS, COLS]`` with row ``r`` moved to ``_wgmma_position(r)`` (``ROWS % 32 == 0``)."""
+    # Row 32 h + 16 j4 + 8 j3 + 4 j2 + 2 j1 + j0, split into its bits, goes to
+    # 32 h + 16 j4 + 8 j2 + 4 j1 + 2 j3 + j0: a permutation of the bit axes.
+    bits = tl.reshape(x, [ROWS // 32, 2, 2, 2, 2, 2, COLS])  # (h, j4, j3, j2, j1, j0, col)
+    return tl.reshape(tl.permute(bits, (0, 1, 3, 4, 2, 5, 6)), [ROWS, COLS])
 
 
 @triton.jit
@@ -298,8 +311,13 @@ def _quantize_kernel(
     BLOCK_SIZE: tl.constexpr,
     ROTATE: tl.constexpr,
     WGMMA_KEY_ORDER: tl.constexpr,
+    PERMUTE_IN_REGISTERS: tl.constexpr = False,
 ):
-    """Grid ``(nb, B * H)``: one block of Q, K and V of one head into the 8-bit layouts."""
+    """Grid ``(nb, B * H)``: one block of Q, K and V of one head into the 8-bit layouts.
+
+    ``PERMUTE_IN_REGISTERS`` (set only with ``WGMMA_KEY_ORDER``): permute V's rows in registers
+    and store them at token-order addresses, instead of storing each row at its permuted one.
+    """
     block = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = batch_head // num_heads
@@ -357,7 +375,11 @@ def _quantize_kernel(
     error_row = (batch_head.to(tl.int64) * num_blocks + block) * HEAD_DIM + cols  # [B*H, nb, D]
     tl.store(v_error_sum_ptr + error_row, error_sum)
     # Transposed: [B*H, D, Np], each program writing BLOCK_SIZE consecutive bytes per channel.
-    positions = block * BLOCK_SIZE + _wgmma_position(offsets) if WGMMA_KEY_ORDER else rows
+    # PERMUTE_IN_REGISTERS (wgmma order only): rows moved to their wgmma positions before the
+    # store, whose addresses are then contiguous along keys (whole vectors per channel).
+    v8 = _rows_in_wgmma_order(v8, BLOCK_SIZE, HEAD_DIM) if PERMUTE_IN_REGISTERS else v8
+    scattered = block * BLOCK_SIZE + _wgmma_position(offsets)
+    positions = rows if PERMUTE_IN_REGISTERS else (scattered if WGMMA_KEY_ORDER else rows)
     column_major = (batch_head.to(tl.int64) * HEAD_DIM + cols[None, :]) * padded_len + positions[
         :, None
     ]
@@ -395,13 +417,20 @@ def _debiased_v_mean(
     return v_mean - v_scale * torch.div(error_sum, count)
 
 
-def key_value_stats(
-    k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor, *, block_size: int, rotate: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pass 1 on the device: ``(k_mean, v_mean, v_scale, v_inverse_scale)``, each fp32 [B, H, D]."""
+def _stats_partials(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_lengths: torch.Tensor,
+    *,
+    block_size: int,
+    rotate: bool,
+    blocks_per_program: int = STATS_BLOCKS_PER_PROGRAM,
+    num_warps: int = STATS_NUM_WARPS,
+) -> list[torch.Tensor]:
+    """The statistics kernel alone: 4 fp32 ``[B*H, chunks, D]`` partials (see its docstring)."""
     batch, heads, _, head_dim = k.shape
     num_blocks = key_lengths.numel()
-    chunks = -(-num_blocks // STATS_BLOCKS_PER_PROGRAM)
+    chunks = -(-num_blocks // blocks_per_program)
     partials = [
         torch.empty(batch * heads, chunks, head_dim, device=k.device, dtype=torch.float32)
         for _ in range(4)
@@ -419,13 +448,50 @@ def key_value_stats(
         chunks,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
-        BLOCKS_PER_PROGRAM=STATS_BLOCKS_PER_PROGRAM,
+        BLOCKS_PER_PROGRAM=blocks_per_program,
         ROTATE=rotate,
+        num_warps=num_warps,
     )
+    return partials
+
+
+def _stats_from_partials(
+    partials: list[torch.Tensor], key_lengths: torch.Tensor, shape: torch.Size
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The statistics kernel's partials -> ``key_value_stats``' result (torch, on the device)."""
+    batch, heads, _, head_dim = shape
     k_sum, v_sum = partials[0].sum(1), partials[1].sum(1)
     v_max, v_min = partials[2].amax(1), partials[3].amin(1)
     stats = _finalize_stats(k_sum, v_sum, v_max, v_min, key_lengths.sum())
     return tuple(s.view(batch, heads, head_dim) for s in stats)
+
+
+def key_value_stats(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_lengths: torch.Tensor,
+    *,
+    block_size: int,
+    rotate: bool,
+    blocks_per_program: int = STATS_BLOCKS_PER_PROGRAM,
+    num_warps: int = STATS_NUM_WARPS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pass 1 on the device: ``(k_mean, v_mean, v_scale, v_inverse_scale)``, each fp32 [B, H, D].
+
+    ``v_mean`` is V's plain mean over the valid keys (what V is centred on), before the
+    rounding-error correction ``QuantizedQKV.v_mean`` carries. ``blocks_per_program`` changes
+    the order of the sums (so the last bits of the means), ``num_warps`` nothing but speed.
+    """
+    partials = _stats_partials(
+        k,
+        v,
+        key_lengths,
+        block_size=block_size,
+        rotate=rotate,
+        blocks_per_program=blocks_per_program,
+        num_warps=num_warps,
+    )
+    return _stats_from_partials(partials, key_lengths, k.shape)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
@@ -457,15 +523,74 @@ def quantize_qkv(
         key_order: "natural" (token order) or "wgmma" (V^T's keys in ``wgmma_key_order``, what
             the Gluon kernel reads).
     """
+    return _launch_prepass(
+        q, k, v, block_size=block_size, key_lengths=key_lengths, rotate=rotate, key_order=key_order
+    )
+
+
+def _launch_prepass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int,
+    key_lengths: torch.Tensor,
+    rotate: bool = True,
+    key_order: str = "natural",
+    stats_blocks_per_program: int = STATS_BLOCKS_PER_PROGRAM,
+    stats_num_warps: int = STATS_NUM_WARPS,
+    quantize_num_warps: int = QUANTIZE_NUM_WARPS,
+    permute_in_registers: bool = False,
+) -> QuantizedQKV:
+    """:func:`quantize_qkv` with its launch parameters (``benchmarks/bench_prepass.py`` times
+    them): the statistics kernel's key blocks per program and warps, the quantization kernel's
+    warps, and with ``key_order="wgmma"`` whether V's rows are permuted in registers before a
+    token-order store (``_quantize_kernel``'s ``PERMUTE_IN_REGISTERS``)."""
     if key_order not in ("natural", "wgmma"):
         raise ValueError(f"key_order must be 'natural' or 'wgmma', got {key_order!r}")
     _check_inputs(q, k, v, block_size)
+    stats = key_value_stats(
+        k,
+        v,
+        key_lengths,
+        block_size=block_size,
+        rotate=rotate,
+        blocks_per_program=stats_blocks_per_program,
+        num_warps=stats_num_warps,
+    )
+    outputs = _quantize_blocks(
+        q,
+        k,
+        v,
+        key_lengths,
+        stats,
+        block_size=block_size,
+        rotate=rotate,
+        key_order=key_order,
+        num_warps=quantize_num_warps,
+        permute_in_registers=permute_in_registers,
+    )
+    return _assemble(outputs, stats, key_lengths, block_size, q.shape[2], rotate, key_order)
+
+
+def _quantize_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_lengths: torch.Tensor,
+    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    *,
+    block_size: int,
+    rotate: bool,
+    key_order: str,
+    num_warps: int = QUANTIZE_NUM_WARPS,
+    permute_in_registers: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """The quantization kernel alone: ``(q8, q_scale, k8, k_scale, v8, v_error_sums)``."""
     batch, heads, seq_len, head_dim = q.shape
     num_blocks = key_lengths.numel()
     padded_len = num_blocks * block_size
-    k_mean, v_mean, v_scale, v_inverse_scale = key_value_stats(
-        k, v, key_lengths, block_size=block_size, rotate=rotate
-    )
+    k_mean, v_mean, _, v_inverse_scale = stats
     device = q.device
     q8 = torch.empty(batch, heads, padded_len, head_dim, device=device, dtype=torch.int8)
     k8 = torch.empty_like(q8)
@@ -501,8 +626,25 @@ def quantize_qkv(
         BLOCK_SIZE=block_size,
         ROTATE=rotate,
         WGMMA_KEY_ORDER=key_order == "wgmma",
+        PERMUTE_IN_REGISTERS=permute_in_registers and key_order == "wgmma",
+        num_warps=num_warps,
     )
-    error_sum = v_error_sums.sum(1).view(batch, heads, head_dim)
+    return q8, q_scale, k8, k_scale, v8, v_error_sums
+
+
+def _assemble(
+    outputs: tuple[torch.Tensor, ...],
+    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    key_lengths: torch.Tensor,
+    block_size: int,
+    seq_len: int,
+    rotate: bool,
+    key_order: str,
+) -> QuantizedQKV:
+    """The kernels' outputs -> :class:`QuantizedQKV`, V's mean corrected (torch, on the device)."""
+    q8, q_scale, k8, k_scale, v8, v_error_sums = outputs
+    k_mean, v_mean, v_scale, _ = stats
+    error_sum = v_error_sums.sum(1).view(v_mean.shape)
     return QuantizedQKV(
         q8,
         q_scale,
