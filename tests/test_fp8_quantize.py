@@ -19,6 +19,7 @@ from compact_search.geometry import valid_block_lengths
 from compact_search.runtime.quantize import (
     E4M3_MAX,
     STATS_BLOCKS_PER_PROGRAM,
+    _kernel_hadamard,
     _launch_prepass,
     emulate_quantize_qkv,
     hadamard_matrix,
@@ -88,6 +89,14 @@ def test_hadamard_matrix_is_orthogonal_up_to_its_dimension() -> None:
         assert set(matrix.unique().tolist()) == {-1.0, 1.0}
     with pytest.raises(ValueError, match="power-of-two"):
         hadamard_matrix(96)
+
+
+def test_the_kernels_hadamard_matrix_is_built_once_per_dim_device_and_dtype() -> None:
+    x = torch.zeros(1, 1, 4, 64, dtype=torch.bfloat16)
+    first = _kernel_hadamard(x)
+    assert _kernel_hadamard(x.clone()) is first  # no ~20 concatenations a call
+    assert torch.equal(first, hadamard_matrix(64, dtype=first.dtype))
+    assert _kernel_hadamard(torch.zeros(1, 1, 4, 128)).shape == (128, 128)
 
 
 CASES = [

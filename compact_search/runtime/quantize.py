@@ -83,10 +83,24 @@ STATS_NUM_WARPS = 4
 QUANTIZE_NUM_WARPS = 8
 
 
+_HADAMARD_CACHE: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+
 def _kernel_hadamard(x: torch.Tensor) -> torch.Tensor:
-    """H as the kernels read it: x's dtype on a GPU, fp32 under the interpreter."""
+    """H as the kernels read it: x's dtype on a GPU, fp32 under the interpreter.
+
+    Cached per head dim, device and dtype: building it takes ~20 small kernels (concatenations),
+    twice a call, which at small shapes cost more than the pre-pass's memory traffic. Not
+    cached while a CUDA graph is captured (its memory would be the graph's).
+    """
     dtype = torch.float32 if interpreting() or x.dtype == torch.float32 else x.dtype
-    return hadamard_matrix(x.shape[-1], x.device, dtype)
+    key = (x.shape[-1], x.device, dtype)
+    matrix = _HADAMARD_CACHE.get(key)
+    if matrix is None:
+        matrix = hadamard_matrix(x.shape[-1], x.device, dtype)
+        if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _HADAMARD_CACHE[key] = matrix
+    return matrix
 
 
 @dataclass(frozen=True)
