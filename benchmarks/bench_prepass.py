@@ -120,18 +120,17 @@ def _kernel_resources() -> list[str]:
     for name in ("_key_value_stats_kernel", "_quantize_kernel"):
         kernel = getattr(quantize, name)
         try:
-            cache = kernel.device_caches[torch.cuda.current_device()][0]
-        except (AttributeError, KeyError, IndexError):
-            return ["kernel resources: not readable from this Triton"]
-        for compiled in cache.values():
-            compiled._init_handles()
-            constants = getattr(getattr(compiled, "src", None), "constants", {})
-            constants = {kernel.arg_names[i[0]]: c for i, c in constants.items()}
-            lines.append(
-                f"{name}: num_warps {compiled.metadata.num_warps}, {compiled.n_regs} registers, "
-                f"{compiled.n_spills} spilled, shared {compiled.metadata.shared} B, "
-                f"constexprs {constants}"
-            )
+            for compiled in kernel.device_caches[torch.cuda.current_device()][0].values():
+                compiled._init_handles()
+                constants = getattr(getattr(compiled, "src", None), "constants", {})
+                constants = {kernel.arg_names[i[0]]: c for i, c in constants.items()}
+                lines.append(
+                    f"{name}: num_warps {compiled.metadata.num_warps}, {compiled.n_regs} "
+                    f"registers, {compiled.n_spills} spilled, shared {compiled.metadata.shared}"
+                    f" B, constexprs {constants}"
+                )
+        except (AttributeError, KeyError, IndexError, TypeError) as error:
+            lines.append(f"{name}: resources not readable from this Triton ({error!r})")
     return lines
 
 
@@ -271,14 +270,12 @@ def bench_shape(shape, env: dict, log) -> list[dict]:
     qkv = _inputs(shape)
     whole = bench_whole(record, qkv, arguments, "head-major")
     bench_parts(record, qkv, lengths)
-    _profile(whole, log)
     bench_variants(record, qkv, lengths, arguments)
+    _profile(whole, log)
     del qkv, whole
     torch.cuda.empty_cache()
     bench_whole(record, _inputs(shape, token_major=True), arguments, "token-major")
     torch.cuda.empty_cache()
-    for line in _kernel_resources():
-        log(line)
     return record.rows
 
 
@@ -297,11 +294,12 @@ def main() -> None:
         flush=True,
     )
     log = lambda line: print(line, flush=True)  # noqa: E731
-    rows = []
     for name in args.shapes.split(",") if args.shapes else DEFAULT_SHAPES:
-        rows += bench_shape(shape_by_name(name), env, log)
-    append_rows(args.csv, rows)
-    print(f"appended {len(rows)} rows to {args.csv}", flush=True)
+        rows = bench_shape(shape_by_name(name), env, log)
+        append_rows(args.csv, rows)
+        print(f"appended {len(rows)} rows to {args.csv}", flush=True)
+    for line in _kernel_resources():
+        log(line)
 
 
 if __name__ == "__main__":
