@@ -15,9 +15,10 @@ On random bf16 inputs (B 1, head dim 128, block 128, every key valid), per shape
 - the per-kernel CUDA time table of torch.profiler over 10 whole calls, and the registers and
   spills of each compiled pre-pass kernel as the driver loaded it;
 - every launch variant of ``quantize._launch_prepass`` (warps, key blocks per statistics
-  program, V's rows permuted in registers before a contiguous store), whole and the part it
+  program, the statistics kernel rotating every key as it did before instead of its sum
+  afterwards, V's rows permuted in registers before a contiguous store), whole and the part it
   changes, each checked against the default's outputs: "bits" (equal, V's corrected mean within
-  1e-5 of a scale step), "rounding" (the statistics summed in other chunks: Q/K entries off by
+  1e-5 of a scale step), "rounding" (the statistics summed in another order: Q/K entries off by
   one step and V bytes changed on < 1e-3 of entries) or "DIFFERS".
 
 Timings: CUDA events, median (and p20/p80) of >= 20 runs after a warm-up
@@ -59,6 +60,7 @@ VARIANTS = {
     "permuted V store": {"permute_in_registers": True},
     "permuted V store, 4 warps": {"permute_in_registers": True, "quantize_num_warps": 4},
     "stats 8 warps": {"stats_num_warps": 8},
+    "stats kernel rotates every key": {"stats_rotate_in_kernel": True},
     "stats 2 blocks/program": {"stats_blocks_per_program": 2},
     "stats 4 blocks/program": {"stats_blocks_per_program": 4},
     "stats 16 blocks/program": {"stats_blocks_per_program": 16},
@@ -67,7 +69,12 @@ VARIANTS = {
         "stats_blocks_per_program": 4,
     },
 }
-STATS_OPTIONS = {"stats_blocks_per_program": "blocks_per_program", "stats_num_warps": "num_warps"}
+STATS_OPTIONS = {
+    "stats_blocks_per_program": "blocks_per_program",
+    "stats_num_warps": "num_warps",
+    "stats_rotate_in_kernel": "rotate_in_kernel",
+}
+QUANTIZE_ARGUMENTS = dict(block_size=BLOCK, rotate=True, key_order="wgmma")
 QUANTIZE_OPTIONS = {
     "quantize_num_warps": "num_warps",
     "permute_in_registers": "permute_in_registers",
@@ -212,16 +219,15 @@ def bench_whole(record: Recorder, qkv, arguments: dict, layout: str):
 
 def bench_parts(record: Recorder, qkv, lengths: torch.Tensor) -> None:
     q, k, v = qkv
-    common = dict(block_size=BLOCK, rotate=True)
-    partials = _stats_partials(k, v, lengths, **common)
-    stats = _stats_from_partials(partials, lengths, k.shape)
-    outputs = _quantize_blocks(q, k, v, lengths, stats, **common, key_order="wgmma")
+    partials = _stats_partials(k, v, lengths, block_size=BLOCK)
+    stats = _stats_from_partials(partials, lengths, k.shape, rotate_sum=True)
+    outputs = _quantize_blocks(q, k, v, lengths, stats, **QUANTIZE_ARGUMENTS)
     parts = {
-        "stats kernel": lambda: _stats_partials(k, v, lengths, **common),
-        "stats torch reduction": lambda: _stats_from_partials(partials, lengths, k.shape),
-        "quantize kernel": lambda: _quantize_blocks(
-            q, k, v, lengths, stats, **common, key_order="wgmma"
+        "stats kernel": lambda: _stats_partials(k, v, lengths, block_size=BLOCK),
+        "stats torch reduction": lambda: _stats_from_partials(
+            partials, lengths, k.shape, rotate_sum=True
         ),
+        "quantize kernel": lambda: _quantize_blocks(q, k, v, lengths, stats, **QUANTIZE_ARGUMENTS),
         "torch assembly": lambda: _assemble(
             outputs, stats, lengths, BLOCK, q.shape[2], True, "wgmma"
         ),
@@ -232,8 +238,8 @@ def bench_parts(record: Recorder, qkv, lengths: torch.Tensor) -> None:
 
 def bench_variants(record: Recorder, qkv, lengths: torch.Tensor, arguments: dict) -> None:
     q, k, v = qkv
-    common = dict(block_size=BLOCK, rotate=True)
-    stats = _stats_from_partials(_stats_partials(k, v, lengths, **common), lengths, k.shape)
+    partials = _stats_partials(k, v, lengths, block_size=BLOCK)
+    stats = _stats_from_partials(partials, lengths, k.shape, rotate_sum=True)
     default = quantize_qkv(q, k, v, **arguments)
     for variant, options in VARIANTS.items():
         if not options:
@@ -247,7 +253,7 @@ def bench_variants(record: Recorder, qkv, lengths: torch.Tensor, arguments: dict
         if stats_options:
 
             def stats_kernel(options=stats_options):
-                return _stats_partials(k, v, lengths, **common, **options)
+                return _stats_partials(k, v, lengths, block_size=BLOCK, **options)
 
             record("head-major", variant, "stats kernel", stats_kernel)
         quantize_options = {
@@ -256,9 +262,7 @@ def bench_variants(record: Recorder, qkv, lengths: torch.Tensor, arguments: dict
         if quantize_options:
 
             def quantize_kernel(options=quantize_options):
-                return _quantize_blocks(
-                    q, k, v, lengths, stats, **common, key_order="wgmma", **options
-                )
+                return _quantize_blocks(q, k, v, lengths, stats, **QUANTIZE_ARGUMENTS, **options)
 
             record("head-major", variant, "quantize kernel", quantize_kernel)
 

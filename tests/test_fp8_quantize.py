@@ -165,6 +165,7 @@ LAUNCH_VARIANTS = [
     (CASES[1], {"permute_in_registers": True, "quantize_num_warps": 4}),
     (CASES[1], {"stats_blocks_per_program": 3, "stats_num_warps": 8}),  # 16 blocks: a short chunk
     (CASES[1], {"stats_blocks_per_program": 1}),
+    (CASES[0], {"stats_rotate_in_kernel": True}),
 ]
 
 
@@ -182,19 +183,26 @@ def test_prepass_launch_variants_compute_the_same(case, variant) -> None:
     got = _launch_prepass(q, k, v, **arguments, **variant)
     bits = lambda t: t.view(torch.uint8)  # noqa: E731
     blocks_per_program = variant.get("stats_blocks_per_program", STATS_BLOCKS_PER_PROGRAM)
+    rotate_in_kernel = variant.get("stats_rotate_in_kernel", False)
     stats = key_value_stats(
-        k, v, lengths, block_size=block_size, rotate=rotate, blocks_per_program=blocks_per_program
+        k,
+        v,
+        lengths,
+        block_size=block_size,
+        rotate=rotate,
+        blocks_per_program=blocks_per_program,
+        rotate_in_kernel=rotate_in_kernel,
     )
     want = emulate_quantize_qkv(
         q, k, v, block_size=block_size, key_lengths=lengths, rotate=rotate, stats=stats
     )
     assert got.wgmma_key_order
     assert torch.equal(bits(natural_key_order(got.v_t)), bits(want.v_t))
-    if blocks_per_program == STATS_BLOCKS_PER_PROGRAM:
+    if blocks_per_program == STATS_BLOCKS_PER_PROGRAM and not rotate_in_kernel:
         for name in ("q", "q_scale", "k", "k_scale", "v_scale", "v_mean", "k_mean"):
             assert torch.equal(getattr(got, name), getattr(default, name)), name
         assert torch.equal(bits(got.v_t), bits(default.v_t))
-    else:  # the statistics are summed in other chunks: the same to fp32 rounding
+    else:  # the statistics are summed in another order: the same to fp32 rounding
         torch.testing.assert_close(got.k_mean, default.k_mean, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got.v_mean, default.v_mean, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(got.v_scale, default.v_scale, atol=0, rtol=1e-6)

@@ -4,9 +4,10 @@ Once per attention call, before the 8-bit kernels (``kernels/triton_portable_fp8
 ``kernels/gluon_hopper_fp8.py``; ``runtime/attention.py`` picks one) run:
 
 1. **statistics** (``_key_value_stats_kernel``): per (batch, head) and channel, over the valid
-   keys (``key_lengths``), partial sums of K (after the rotation) and of V and V's max and min,
-   one row of partials per chunk of key blocks; ``_finalize_stats`` adds them up in torch (a few
-   ``[B*H, chunks, D]`` tensors) into K's mean, V's mean and V's per-channel scale.
+   keys (``key_lengths``), partial sums of K and of V and V's max and min, one row of partials
+   per chunk of key blocks; ``_finalize_stats`` adds them up in torch (a few ``[B*H, chunks,
+   D]`` tensors) into K's mean (its sum rotated, in fp64: the rotation is linear, so the kernel
+   need not rotate every key), V's mean and V's per-channel scale.
 2. **quantization** (``_quantize_kernel``), one program per 128 (or 64) tokens of a head:
    - Q and K are rotated by the ``D x D`` Sylvester-Hadamard matrix (entries +-1, so
      ``(q H)(k H)^T = D q k^T``: the kernels fold ``1 / D`` into the softmax scale), which
@@ -94,11 +95,15 @@ def _kernel_hadamard(x: torch.Tensor) -> torch.Tensor:
     cached while a CUDA graph is captured (its memory would be the graph's).
     """
     dtype = torch.float32 if interpreting() or x.dtype == torch.float32 else x.dtype
-    key = (x.shape[-1], x.device, dtype)
+    return _cached_hadamard(x.shape[-1], x.device, dtype)
+
+
+def _cached_hadamard(dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    key = (dim, device, dtype)
     matrix = _HADAMARD_CACHE.get(key)
     if matrix is None:
-        matrix = hadamard_matrix(x.shape[-1], x.device, dtype)
-        if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        matrix = hadamard_matrix(dim, device, dtype)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             _HADAMARD_CACHE[key] = matrix
     return matrix
 
@@ -258,8 +263,10 @@ def _key_value_stats_kernel(
 ):
     """Grid ``(chunks, B * H)``: partial per-channel statistics of one chunk of key blocks.
 
-    Writes ``[B*H, chunks, D]`` partials: sum of (rotated) valid keys, sum, max and min of valid
-    values; padded keys (past ``key_lengths``) take no part.
+    Writes ``[B*H, chunks, D]`` partials: sum of valid keys (rotated when ``ROTATE``: the
+    ``stats_rotate_in_kernel`` variant; by default the sum is rotated afterwards, the rotation
+    being linear), sum, max and min of valid values; padded keys (past ``key_lengths``) take no
+    part.
     """
     chunk = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -437,7 +444,7 @@ def _stats_partials(
     key_lengths: torch.Tensor,
     *,
     block_size: int,
-    rotate: bool,
+    rotate_in_kernel: bool = False,
     blocks_per_program: int = STATS_BLOCKS_PER_PROGRAM,
     num_warps: int = STATS_NUM_WARPS,
 ) -> list[torch.Tensor]:
@@ -463,18 +470,28 @@ def _stats_partials(
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         BLOCKS_PER_PROGRAM=blocks_per_program,
-        ROTATE=rotate,
+        ROTATE=rotate_in_kernel,
         num_warps=num_warps,
     )
     return partials
 
 
 def _stats_from_partials(
-    partials: list[torch.Tensor], key_lengths: torch.Tensor, shape: torch.Size
+    partials: list[torch.Tensor],
+    key_lengths: torch.Tensor,
+    shape: torch.Size,
+    *,
+    rotate_sum: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The statistics kernel's partials -> ``key_value_stats``' result (torch, on the device)."""
+    """The statistics kernel's partials -> ``key_value_stats``' result (torch, on the device).
+
+    ``rotate_sum``: the kernel summed unrotated keys; K's sum is rotated here, in fp64 (a
+    ``[B*H, D] x [D, D]`` product, whatever TF32 setting the caller has).
+    """
     batch, heads, _, head_dim = shape
     k_sum, v_sum = partials[0].sum(1), partials[1].sum(1)
+    if rotate_sum:
+        k_sum = (k_sum.double() @ _cached_hadamard(head_dim, k_sum.device, torch.float64)).float()
     v_max, v_min = partials[2].amax(1), partials[3].amin(1)
     stats = _finalize_stats(k_sum, v_sum, v_max, v_min, key_lengths.sum())
     return tuple(s.view(batch, heads, head_dim) for s in stats)
@@ -489,23 +506,29 @@ def key_value_stats(
     rotate: bool,
     blocks_per_program: int = STATS_BLOCKS_PER_PROGRAM,
     num_warps: int = STATS_NUM_WARPS,
+    rotate_in_kernel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pass 1 on the device: ``(k_mean, v_mean, v_scale, v_inverse_scale)``, each fp32 [B, H, D].
 
-    ``v_mean`` is V's plain mean over the valid keys (what V is centred on), before the
-    rounding-error correction ``QuantizedQKV.v_mean`` carries. ``blocks_per_program`` changes
-    the order of the sums (so the last bits of the means), ``num_warps`` nothing but speed.
+    ``k_mean`` is in the rotated basis when ``rotate``: the kernel sums the keys and the sum is
+    rotated afterwards, or (``rotate_in_kernel``) the kernel rotates every key on the tensor
+    cores first; the two agree to fp32 rounding. ``v_mean`` is V's plain mean over the valid
+    keys (what V is centred on), before the rounding-error correction ``QuantizedQKV.v_mean``
+    carries. ``blocks_per_program`` changes the order of the sums (so the last bits of the
+    means), ``num_warps`` nothing but speed.
     """
     partials = _stats_partials(
         k,
         v,
         key_lengths,
         block_size=block_size,
-        rotate=rotate,
+        rotate_in_kernel=rotate and rotate_in_kernel,
         blocks_per_program=blocks_per_program,
         num_warps=num_warps,
     )
-    return _stats_from_partials(partials, key_lengths, k.shape)
+    return _stats_from_partials(
+        partials, key_lengths, k.shape, rotate_sum=rotate and not rotate_in_kernel
+    )
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
@@ -553,13 +576,15 @@ def _launch_prepass(
     key_order: str = "natural",
     stats_blocks_per_program: int = STATS_BLOCKS_PER_PROGRAM,
     stats_num_warps: int = STATS_NUM_WARPS,
+    stats_rotate_in_kernel: bool = False,
     quantize_num_warps: int = QUANTIZE_NUM_WARPS,
     permute_in_registers: bool = False,
 ) -> QuantizedQKV:
     """:func:`quantize_qkv` with its launch parameters (``benchmarks/bench_prepass.py`` times
-    them): the statistics kernel's key blocks per program and warps, the quantization kernel's
-    warps, and with ``key_order="wgmma"`` whether V's rows are permuted in registers before a
-    token-order store (``_quantize_kernel``'s ``PERMUTE_IN_REGISTERS``)."""
+    them): the statistics kernel's key blocks per program and warps and whether it rotates
+    every key (``key_value_stats``' ``rotate_in_kernel``), the quantization kernel's warps, and
+    with ``key_order="wgmma"`` whether V's rows are permuted in registers before a token-order
+    store (``_quantize_kernel``'s ``PERMUTE_IN_REGISTERS``)."""
     if key_order not in ("natural", "wgmma"):
         raise ValueError(f"key_order must be 'natural' or 'wgmma', got {key_order!r}")
     _check_inputs(q, k, v, block_size)
@@ -571,6 +596,7 @@ def _launch_prepass(
         rotate=rotate,
         blocks_per_program=stats_blocks_per_program,
         num_warps=stats_num_warps,
+        rotate_in_kernel=stats_rotate_in_kernel,
     )
     outputs = _quantize_blocks(
         q,
