@@ -34,7 +34,8 @@ Triton interpreter (whose own fp32 -> fp8 and fp32 -> bf16 casts round inexact v
 computes exactly what a GPU does. ``emulate_quantize_qkv`` is the same computation in torch; given
 the kernel's statistics it gives the same bits, except that it rotates exactly where a kernel sums
 D products in fp32: a rotated entry can then differ by an ulp, which on rare rows moves a scale
-by an ulp or a value at a rounding boundary by one integer step.
+by an ulp or a value at a rounding boundary by one integer step; and V's corrected mean, whose
+rounding errors it sums in another order, agrees to fp32 rounding.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ class QuantizedQKV:
         v_mean: fp32 ``[B, H, D]``, what the kernels add to the output: V's mean over the valid
             keys (the one ``v_t`` is centred on, ``key_value_stats``' ``v_mean``) minus
             ``v_scale`` times the mean rounding error of ``v_t`` over the valid keys, so
-            ``v_t * v_scale + v_mean`` averages to V's mean exactly.
+            ``v_t * v_scale + v_mean`` averages over the valid keys to V's mean (to fp32
+            rounding).
         k_mean: fp32 ``[B, H, D]``, in the rotated basis (the kernels do not need it).
         block_size: tokens per mask block (the K scale group); seq_len: N.
         rotated: whether Q and K carry the Hadamard rotation (scores are then ``D`` times larger).
