@@ -10,9 +10,15 @@ reference: cosine similarity and relative L2 error of
 - the method without the Hadamard rotation,
 - its INT8 scores alone (dequantized Q K^T, exact softmax and fp32 P V),
 - the same scores with Q and K in FP8 e4m3 instead (same rotation, smoothing and scale groups),
-- its FP8 P V alone (exact scores; P and V rounded to e4m3 as the method rounds them).
+- its FP8 P V alone (exact scores; P and V rounded to e4m3 as the method rounds them, V's mean
+  corrected as the method corrects it).
 
-Prints a markdown table and appends the rows to benchmarks/results/fp8_accuracy.csv.
+Then an N sweep (Gaussian q/k/v, d 128, 2 heads, N 2,048 / 16,384 / 65,536 keys, the first 256
+query rows against all of them): the method as it is (V's mean corrected by its mean rounding
+error), the method with V's plain mean, and FP8 V alone (exact P) with and without the
+correction.
+
+Prints markdown tables and appends the rows to benchmarks/results/fp8_accuracy.csv.
 """
 
 from __future__ import annotations
@@ -88,7 +94,12 @@ def split_errors(q, k, v) -> dict[str, tuple[float, float]]:
 
     centred = v.float() - v.float().mean(-2, keepdim=True)
     v_scale = centred.abs().amax(-2, keepdim=True) / E4M3_MAX
-    v8 = to_e4m3(centred / v_scale).float() * v_scale + v.float().mean(-2, keepdim=True)
+    rounded = to_e4m3(centred / v_scale).float()
+    # V's mean less its mean rounding error, as the method adds it back.
+    v_mean = (
+        v.float().mean(-2, keepdim=True) - (rounded - centred / v_scale).mean(-2, True) * v_scale
+    )
+    v8 = rounded * v_scale + v_mean
 
     def fp8_pv(probs):
         p8 = to_e4m3(probs / probs.amax(-1, keepdim=True) * E4M3_MAX).float()
@@ -124,6 +135,37 @@ def built_in_model_layers():
     return captured
 
 
+SWEEP_KEYS = (2048, 16384, 65536)
+SWEEP_QUERY_ROWS = 256  # two query blocks: dense fp64 scores of every row would not fit at 64k
+
+
+def n_sweep_errors(seq_len: int, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """The first ``SWEEP_QUERY_ROWS`` rows of dense attention over ``seq_len`` Gaussian keys."""
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, 2, seq_len, 128, generator=generator).bfloat16() for _ in range(3))
+    num_blocks = -(-seq_len // BLOCK)
+    lut = build_block_lut(
+        torch.ones(1, num_blocks, num_blocks, dtype=torch.bool), seq_len=seq_len, block_size=BLOCK
+    )
+    rows = SWEEP_QUERY_ROWS
+    probs = torch.softmax(q[:, :, :rows].double() @ k.double().transpose(-1, -2) / 128**0.5, -1)
+    expected = probs @ v.double()  # [1, 2, rows, D]
+    quantized = emulate_quantize_qkv(q, k, v, block_size=BLOCK, key_lengths=lut.key_lengths)
+    out = emulate_fp8_attention(quantized, lut, scale=128**-0.5, query_blocks=rows // BLOCK)
+    # Every row has keys, so V's plain mean (the one V was centred on) only shifts the output.
+    plain_mean = v.float().mean(2)
+    v8 = quantized.v_t.float()[..., :seq_len].transpose(-1, -2) * quantized.v_scale[:, :, None]
+    v_only = (probs @ v8.double()).float()
+    return {
+        "method": _measures(out, expected),
+        "method, plain V mean": _measures(
+            out + (plain_mean - quantized.v_mean)[:, :, None], expected
+        ),
+        "FP8 V only": _measures(v_only + quantized.v_mean[:, :, None], expected),
+        "FP8 V only, plain V mean": _measures(v_only + plain_mean[:, :, None], expected),
+    }
+
+
 def main() -> None:
     torch.set_grad_enabled(False)
     env = environment()
@@ -143,6 +185,23 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
         for column in columns:
             cosine, rel_l2 = results[column]
+            rows.append(
+                {**env, "inputs": name, "variant": column, "cosine": cosine, "rel_l2": rel_l2}
+            )
+    columns = ("method", "method, plain V mean", "FP8 V only", "FP8 V only, plain V mean")
+    print(
+        f"\n| Gaussian d128, {SWEEP_QUERY_ROWS} query rows | "
+        + " | ".join(f"{c} cos / rel L2" for c in columns)
+        + " |"
+    )
+    print("| --- |" + " ---: |" * len(columns))
+    for seq_len in SWEEP_KEYS:
+        results = n_sweep_errors(seq_len)
+        cells = [f"{results[c][0]:.5f} / {results[c][1]:.2e}" for c in columns]
+        print(f"| N {seq_len} | " + " | ".join(cells) + " |", flush=True)
+        for column in columns:
+            cosine, rel_l2 = results[column]
+            name = f"gaussian d128 N{seq_len} first {SWEEP_QUERY_ROWS} rows"
             rows.append(
                 {**env, "inputs": name, "variant": column, "cosine": cosine, "rel_l2": rel_l2}
             )

@@ -13,11 +13,14 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from fp8_cases import attention_inputs, padded_key_lengths
+from fp8_cases import attention_inputs, padded_key_lengths, relative_l2
 
 from compact_search.geometry import valid_block_lengths
 from compact_search.runtime.quantize import (
     E4M3_MAX,
+    STATS_BLOCKS_PER_PROGRAM,
+    _kernel_hadamard,
+    _launch_prepass,
     emulate_quantize_qkv,
     hadamard_matrix,
     key_value_stats,
@@ -88,6 +91,14 @@ def test_hadamard_matrix_is_orthogonal_up_to_its_dimension() -> None:
         hadamard_matrix(96)
 
 
+def test_the_kernels_hadamard_matrix_is_built_once_per_dim_device_and_dtype() -> None:
+    x = torch.zeros(1, 1, 4, 64, dtype=torch.bfloat16)
+    first = _kernel_hadamard(x)
+    assert _kernel_hadamard(x.clone()) is first  # no ~20 concatenations a call
+    assert torch.equal(first, hadamard_matrix(64, dtype=first.dtype))
+    assert _kernel_hadamard(torch.zeros(1, 1, 4, 128)).shape == (128, 128)
+
+
 CASES = [
     # (batch, heads, seq_len, head_dim, block_size, padded keys, rotate)
     (2, 3, 300, 64, 128, False, True),
@@ -124,6 +135,11 @@ def test_prepass_matches_its_torch_emulation(case) -> None:
         q, k, v, block_size=block_size, key_lengths=lengths, rotate=rotate, stats=stats
     )
     assert torch.equal(got.v_t.view(torch.uint8), want.v_t.view(torch.uint8))
+    # The same rounding errors summed in another order: the mean error (in units of the scale)
+    # agrees to fp32 rounding, and the corrected mean to that times the scale plus an ulp.
+    assert not torch.equal(want.v_mean, stats[1]), "no rounding-error correction"
+    mean_gap = (got.v_mean - want.v_mean).abs()
+    assert (mean_gap <= 1e-5 * got.v_scale + 2.0**-23 * want.v_mean.abs()).all()
     if rotate:
         # The emulation rotates exactly; the kernel sums D products in fp32, which can land one
         # ulp away when a row's entries span many binades: then an amax (so a scale) moves by an
@@ -144,6 +160,54 @@ def test_prepass_matches_its_torch_emulation(case) -> None:
     torch.testing.assert_close(got.v_scale, plain.v_scale, atol=0, rtol=1e-6)
 
 
+LAUNCH_VARIANTS = [
+    (CASES[0], {"permute_in_registers": True}),
+    (CASES[1], {"permute_in_registers": True, "quantize_num_warps": 4}),
+    (CASES[1], {"stats_blocks_per_program": 3, "stats_num_warps": 8}),  # 16 blocks: a short chunk
+    (CASES[1], {"stats_blocks_per_program": 1}),
+    (CASES[0], {"stats_rotate_in_kernel": True}),
+]
+
+
+@pytest.mark.parametrize(
+    "case, variant",
+    LAUNCH_VARIANTS,
+    ids=[
+        _case_id(c) + "-" + "-".join(f"{k}={v}" for k, v in o.items()) for c, o in LAUNCH_VARIANTS
+    ],
+)
+def test_prepass_launch_variants_compute_the_same(case, variant) -> None:
+    q, k, v, lengths, block_size, rotate = _inputs(case)
+    arguments = dict(block_size=block_size, key_lengths=lengths, rotate=rotate, key_order="wgmma")
+    default = quantize_qkv(q, k, v, **arguments)
+    got = _launch_prepass(q, k, v, **arguments, **variant)
+    bits = lambda t: t.view(torch.uint8)  # noqa: E731
+    blocks_per_program = variant.get("stats_blocks_per_program", STATS_BLOCKS_PER_PROGRAM)
+    rotate_in_kernel = variant.get("stats_rotate_in_kernel", False)
+    stats = key_value_stats(
+        k,
+        v,
+        lengths,
+        block_size=block_size,
+        rotate=rotate,
+        blocks_per_program=blocks_per_program,
+        rotate_in_kernel=rotate_in_kernel,
+    )
+    want = emulate_quantize_qkv(
+        q, k, v, block_size=block_size, key_lengths=lengths, rotate=rotate, stats=stats
+    )
+    assert got.wgmma_key_order
+    assert torch.equal(bits(natural_key_order(got.v_t)), bits(want.v_t))
+    if blocks_per_program == STATS_BLOCKS_PER_PROGRAM and not rotate_in_kernel:
+        for name in ("q", "q_scale", "k", "k_scale", "v_scale", "v_mean", "k_mean"):
+            assert torch.equal(getattr(got, name), getattr(default, name)), name
+        assert torch.equal(bits(got.v_t), bits(default.v_t))
+    else:  # the statistics are summed in another order: the same to fp32 rounding
+        torch.testing.assert_close(got.k_mean, default.k_mean, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.v_mean, default.v_mean, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got.v_scale, default.v_scale, atol=0, rtol=1e-6)
+
+
 @pytest.mark.parametrize("case", CASES[1:2], ids=_case_id)
 def test_prepass_layout_and_dequantization(case) -> None:
     q, k, v, lengths, block_size, rotate = _inputs(case)
@@ -162,13 +226,15 @@ def test_prepass_layout_and_dequantization(case) -> None:
     # Each rotated entry is off by at most half a step; H^T / D averages D of them with signs.
     half_step = got.q_scale[:, :, :seq_len, None] / 2
     assert ((q_back[:, :, :seq_len] - q.float()).abs() <= half_step * 1.0001).all()
-    v_back = got.v_t.float().transpose(-1, -2) * got.v_scale[:, :, None] + got.v_mean[:, :, None]
+    # Each value is rounded around the plain mean, the one it was centred on.
+    v_mean = key_value_stats(k, v, lengths, block_size=block_size, rotate=rotate)[1]
+    v_back = got.v_t.float().transpose(-1, -2) * got.v_scale[:, :, None] + v_mean[:, :, None]
     error = (v_back - torch.nn.functional.pad(v.float(), (0, 0, 0, padded_len - seq_len)))[
         :, :, valid
     ]
     # e4m3 keeps 3 mantissa bits: at most half a step, 1/16 of the centred value's magnitude,
     # or half the subnormal step 2^-9 (times the channel scale) near zero.
-    centred = (v.float() - got.v_mean[:, :, None]).abs()
+    centred = (v.float() - v_mean[:, :, None]).abs()
     bound = torch.maximum(centred / 16, 2.0**-10 * got.v_scale[:, :, None])
     bound = torch.nn.functional.pad(bound, (0, 0, 0, padded_len - seq_len))[:, :, valid]
     assert (error.abs() <= bound * 1.0001).all()
@@ -186,6 +252,49 @@ def test_padded_keys_never_reach_the_statistics() -> None:
     assert torch.equal(clean.k, poisoned.k) and torch.equal(clean.k_scale, poisoned.k_scale)
     assert torch.equal(clean.v_t.view(torch.uint8), poisoned.v_t.view(torch.uint8))
     assert torch.equal(clean.v_scale, poisoned.v_scale)
+    assert torch.equal(clean.v_mean, poisoned.v_mean)
+
+
+@pytest.mark.parametrize("quantize", [quantize_qkv, emulate_quantize_qkv], ids=["kernel", "torch"])
+def test_v_mean_cancels_the_mean_rounding_error_over_valid_keys(quantize) -> None:
+    # Odd N (the last block is short) and padded blocks (block 1 has no valid key), whose
+    # values would pull the mean if they took part.
+    q, k, v = attention_inputs("gaussian", (1, 2, 777, 64), seed=11)
+    lengths = torch.minimum(padded_key_lengths(7, 128, seed=11), valid_block_lengths(777, 128))
+    got = quantize(q, k, v, block_size=128, key_lengths=lengths)
+    offsets = torch.arange(777)
+    valid = (offsets % 128) < lengths.long()[offsets // 128]
+    assert not valid.all()
+    v_back = got.v_t.float()[..., :777].transpose(-1, -2) * got.v_scale[:, :, None]
+    v_back = v_back + got.v_mean[:, :, None]  # [B, H, N, D], what P V reads back
+    mean_error = (v_back - v.float())[:, :, valid].mean(2)  # [B, H, D]
+    # Without the correction it is a sizeable share of a scale step (up to ~1 on 700 keys).
+    plain_mean = v.float()[:, :, valid].mean(2)
+    assert ((got.v_mean - plain_mean).abs() > 0.05 * got.v_scale).any()
+    assert (mean_error.abs() <= 1e-5 * got.v_scale + 1e-6 * plain_mean.abs()).all()
+
+
+def test_the_corrected_v_mean_keeps_diffuse_attention_accurate_at_large_n() -> None:
+    """Gaussian q/k/v over 16,383 keys: the mean rounding error would enter every output row."""
+    from compact_search.runtime.kernels.reference_fp8 import emulate_fp8_attention
+    from compact_search.runtime.lut import build_block_lut
+
+    seq_len, head_dim, rows = 16383, 64, 384
+    q, k, v = attention_inputs("gaussian", (1, 2, seq_len, head_dim), seed=3)
+    num_blocks = -(-seq_len // 128)
+    mask = torch.ones(1, num_blocks, num_blocks, dtype=torch.bool)
+    lut = build_block_lut(mask, seq_len=seq_len, block_size=128)
+    stats = key_value_stats(k, v, lut.key_lengths, block_size=128, rotate=True)
+    quantized = emulate_quantize_qkv(
+        q, k, v, block_size=128, key_lengths=lut.key_lengths, stats=stats
+    )
+    out = emulate_fp8_attention(quantized, lut, scale=head_dim**-0.5, query_blocks=rows // 128)
+    # The same output with the plain mean: every row has keys, so it only moves by the gap.
+    uncorrected = out + (stats[1] - quantized.v_mean)[:, :, None]
+    scores = q[:, :, :rows].double() @ k.double().transpose(-1, -2) * head_dim**-0.5
+    expected = torch.softmax(scores, -1) @ v.double()  # [B, H, rows, D]
+    error, uncorrected_error = relative_l2(out, expected), relative_l2(uncorrected, expected)
+    assert error < 0.93 * uncorrected_error, (error, uncorrected_error)
 
 
 def test_prepass_reads_token_major_inputs() -> None:
@@ -199,6 +308,23 @@ def test_prepass_reads_token_major_inputs() -> None:
         for name in ("q", "k", "q_scale", "k_scale", "v_scale", "v_mean"):
             assert torch.equal(getattr(plain, name), getattr(strided, name)), name
         assert torch.equal(plain.v_t.view(torch.uint8), strided.v_t.view(torch.uint8))
+
+
+def test_the_emulation_computes_a_prefix_of_query_blocks_on_request() -> None:
+    from compact_search.runtime.kernels.reference_fp8 import emulate_fp8_attention
+    from compact_search.runtime.lut import build_block_lut
+
+    q, k, v = attention_inputs("gaussian", (1, 2, 700, 64), seed=5)
+    mask = torch.rand(2, 6, 6, generator=torch.Generator().manual_seed(5)) < 0.5
+    mask[0, 0] = False  # an empty row inside the prefix
+    lengths = torch.minimum(padded_key_lengths(6, 128, seed=5), valid_block_lengths(700, 128))
+    lut = build_block_lut(mask, seq_len=700, block_size=128, key_block_lengths=lengths)
+    quantized = emulate_quantize_qkv(q, k, v, block_size=128, key_lengths=lut.key_lengths)
+    full = emulate_fp8_attention(quantized, lut, scale=0.125)
+    assert torch.equal(
+        emulate_fp8_attention(quantized, lut, scale=0.125, query_blocks=2), full[:, :, :256]
+    )
+    assert torch.equal(emulate_fp8_attention(quantized, lut, scale=0.125, query_blocks=9), full)
 
 
 def test_prepass_rejects_block_sizes_it_does_not_serve() -> None:

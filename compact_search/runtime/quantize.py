@@ -4,9 +4,10 @@ Once per attention call, before the 8-bit kernels (``kernels/triton_portable_fp8
 ``kernels/gluon_hopper_fp8.py``; ``runtime/attention.py`` picks one) run:
 
 1. **statistics** (``_key_value_stats_kernel``): per (batch, head) and channel, over the valid
-   keys (``key_lengths``), partial sums of K (after the rotation) and of V and V's max and min,
-   one row of partials per chunk of key blocks; ``_finalize_stats`` adds them up in torch (a few
-   ``[B*H, chunks, D]`` tensors) into K's mean, V's mean and V's per-channel scale.
+   keys (``key_lengths``), partial sums of K and of V and V's max and min, one row of partials
+   per chunk of key blocks; ``_finalize_stats`` adds them up in torch (a few ``[B*H, chunks,
+   D]`` tensors) into K's mean (its sum rotated, in fp64: the rotation is linear, so the kernel
+   need not rotate every key), V's mean and V's per-channel scale.
 2. **quantization** (``_quantize_kernel``), one program per 128 (or 64) tokens of a head:
    - Q and K are rotated by the ``D x D`` Sylvester-Hadamard matrix (entries +-1, so
      ``(q H)(k H)^T = D q k^T``: the kernels fold ``1 / D`` into the softmax scale), which
@@ -18,7 +19,13 @@ Once per attention call, before the 8-bit kernels (``kernels/triton_portable_fp8
    - V loses its per-channel mean (added back to the output: a softmax row sums to 1), is divided
      by its per-channel scale ``amax |v - mean| / 448`` and rounded to FP8 e4m3 (nearest even,
      saturating at +-448), and is stored transposed, ``[B, H, D, Np]``, the K-major B operand the
-     FP8 wgmma of P V needs; padded keys and tokens past N are zeros.
+     FP8 wgmma of P V needs; padded keys and tokens past N are zeros;
+   - each program also writes, per channel, its block's sum of V's rounding error
+     ``v8 - (v - mean) / scale`` over the valid keys (``[B*H, nb, D]`` partials, no atomics, so
+     the result is deterministic); ``quantize_qkv`` adds them up and subtracts ``scale`` times
+     the mean error from V's mean. The kernels add that mean to every output row; the mean
+     rounding error is systematic, and where attention is diffuse (the output shrinks like
+     ``1 / sqrt(N)``) it would otherwise be an error that grows with N.
 
 Everything is padded to ``Np = nb * block_size`` tokens, so the kernels read whole blocks.
 
@@ -27,7 +34,8 @@ Triton interpreter (whose own fp32 -> fp8 and fp32 -> bf16 casts round inexact v
 computes exactly what a GPU does. ``emulate_quantize_qkv`` is the same computation in torch; given
 the kernel's statistics it gives the same bits, except that it rotates exactly where a kernel sums
 D products in fp32: a rotated entry can then differ by an ulp, which on rare rows moves a scale
-by an ulp or a value at a rounding boundary by one integer step.
+by an ulp or a value at a rounding boundary by one integer step; and V's corrected mean, whose
+rounding errors it sums in another order, agrees to fp32 rounding.
 """
 
 from __future__ import annotations
@@ -71,12 +79,34 @@ LOG2_P_SCALE_C = tl.constexpr(LOG2_P_SCALE)
 LOG2_E_C = tl.constexpr(LOG2_E)
 # Key blocks per program of the statistics kernel (one row of partials each).
 STATS_BLOCKS_PER_PROGRAM = 8
+STATS_NUM_WARPS = 4
+# 8 warps: at 4, the quantization kernel's three [128, 128] fp32 tiles and the Hadamard dots
+# spill at head dim 128 (sm_90: 255 registers and ~115 local loads/stores; 172 and none at 8).
+QUANTIZE_NUM_WARPS = 8
+
+
+_HADAMARD_CACHE: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def _kernel_hadamard(x: torch.Tensor) -> torch.Tensor:
-    """H as the kernels read it: x's dtype on a GPU, fp32 under the interpreter."""
+    """H as the kernels read it: x's dtype on a GPU, fp32 under the interpreter.
+
+    Cached per head dim, device and dtype: building it takes ~20 small kernels (concatenations),
+    twice a call, which at small shapes cost more than the pre-pass's memory traffic. Not
+    cached while a CUDA graph is captured (its memory would be the graph's).
+    """
     dtype = torch.float32 if interpreting() or x.dtype == torch.float32 else x.dtype
-    return hadamard_matrix(x.shape[-1], x.device, dtype)
+    return _cached_hadamard(x.shape[-1], x.device, dtype)
+
+
+def _cached_hadamard(dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    key = (dim, device, dtype)
+    matrix = _HADAMARD_CACHE.get(key)
+    if matrix is None:
+        matrix = hadamard_matrix(dim, device, dtype)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _HADAMARD_CACHE[key] = matrix
+    return matrix
 
 
 @dataclass(frozen=True)
@@ -89,7 +119,12 @@ class QuantizedQKV:
         k: int8 ``[B, H, Np, D]``, rotated K minus its mean (``k_scale`` per block).
         k_scale: fp32 ``[B, H, nb]``.
         v_t: float8_e4m3fn ``[B, H, D, Np]``: ``(v - v_mean) / v_scale``, transposed.
-        v_scale: fp32 ``[B, H, D]``; v_mean: fp32 ``[B, H, D]``.
+        v_scale: fp32 ``[B, H, D]``.
+        v_mean: fp32 ``[B, H, D]``, what the kernels add to the output: V's mean over the valid
+            keys (the one ``v_t`` is centred on, ``key_value_stats``' ``v_mean``) minus
+            ``v_scale`` times the mean rounding error of ``v_t`` over the valid keys, so
+            ``v_t * v_scale + v_mean`` averages over the valid keys to V's mean (to fp32
+            rounding).
         k_mean: fp32 ``[B, H, D]``, in the rotated basis (the kernels do not need it).
         block_size: tokens per mask block (the K scale group); seq_len: N.
         rotated: whether Q and K carry the Hadamard rotation (scores are then ``D`` times larger).
@@ -146,6 +181,15 @@ def hadamard_matrix(dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
     while matrix.shape[0] < dim:
         matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
     return matrix
+
+
+@triton.jit
+def _rows_in_wgmma_order(x, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """``[ROWS, COLS]`` with row ``r`` moved to ``_wgmma_position(r)`` (``ROWS % 32 == 0``)."""
+    # Row 32 h + 16 j4 + 8 j3 + 4 j2 + 2 j1 + j0, split into its bits, goes to
+    # 32 h + 16 j4 + 8 j2 + 4 j1 + 2 j3 + j0: a permutation of the bit axes.
+    bits = tl.reshape(x, [ROWS // 32, 2, 2, 2, 2, 2, COLS])  # (h, j4, j3, j2, j1, j0, col)
+    return tl.reshape(tl.permute(bits, (0, 1, 3, 4, 2, 5, 6)), [ROWS, COLS])
 
 
 @triton.jit
@@ -221,8 +265,10 @@ def _key_value_stats_kernel(
 ):
     """Grid ``(chunks, B * H)``: partial per-channel statistics of one chunk of key blocks.
 
-    Writes ``[B*H, chunks, D]`` partials: sum of (rotated) valid keys, sum, max and min of valid
-    values; padded keys (past ``key_lengths``) take no part.
+    Writes ``[B*H, chunks, D]`` partials: sum of valid keys (rotated when ``ROTATE``: the
+    ``stats_rotate_in_kernel`` variant; by default the sum is rotated afterwards, the rotation
+    being linear), sum, max and min of valid values; padded keys (past ``key_lengths``) take no
+    part.
     """
     chunk = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -270,6 +316,7 @@ def _quantize_kernel(
     k8_ptr,
     k_scale_ptr,
     v8_ptr,
+    v_error_sum_ptr,
     stride_qb,
     stride_qh,
     stride_qn,
@@ -287,8 +334,13 @@ def _quantize_kernel(
     BLOCK_SIZE: tl.constexpr,
     ROTATE: tl.constexpr,
     WGMMA_KEY_ORDER: tl.constexpr,
+    PERMUTE_IN_REGISTERS: tl.constexpr = False,
 ):
-    """Grid ``(nb, B * H)``: one block of Q, K and V of one head into the 8-bit layouts."""
+    """Grid ``(nb, B * H)``: one block of Q, K and V of one head into the 8-bit layouts.
+
+    ``PERMUTE_IN_REGISTERS`` (set only with ``WGMMA_KEY_ORDER``): permute V's rows in registers
+    and store them at token-order addresses, instead of storing each row at its permuted one.
+    """
     block = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = batch_head // num_heads
@@ -340,8 +392,17 @@ def _quantize_kernel(
         v_inverse_scale_ptr + stats
     )[None, :]
     v8 = tl.where(valid[:, None], round_to_e4m3(centred), 0.0)
+    # This block's sum of V's rounding error over its valid keys (a padded key's v8 is 0 but its
+    # centred value is not): quantize_qkv folds the mean error into v_mean.
+    error_sum = tl.sum(tl.where(valid[:, None], v8 - centred, 0.0), 0)  # [D]
+    error_row = (batch_head.to(tl.int64) * num_blocks + block) * HEAD_DIM + cols  # [B*H, nb, D]
+    tl.store(v_error_sum_ptr + error_row, error_sum)
     # Transposed: [B*H, D, Np], each program writing BLOCK_SIZE consecutive bytes per channel.
-    positions = block * BLOCK_SIZE + _wgmma_position(offsets) if WGMMA_KEY_ORDER else rows
+    # PERMUTE_IN_REGISTERS (wgmma order only): rows moved to their wgmma positions before the
+    # store, whose addresses are then contiguous along keys (whole vectors per channel).
+    v8 = _rows_in_wgmma_order(v8, BLOCK_SIZE, HEAD_DIM) if PERMUTE_IN_REGISTERS else v8
+    scattered = block * BLOCK_SIZE + _wgmma_position(offsets)
+    positions = rows if PERMUTE_IN_REGISTERS else (scattered if WGMMA_KEY_ORDER else rows)
     column_major = (batch_head.to(tl.int64) * HEAD_DIM + cols[None, :]) * padded_len + positions[
         :, None
     ]
@@ -365,13 +426,34 @@ def _finalize_stats(
     return k_mean, v_mean, _divided(v_amax, E4M3_MAX), _reciprocal_times(E4M3_MAX, v_amax)
 
 
-def key_value_stats(
-    k: torch.Tensor, v: torch.Tensor, key_lengths: torch.Tensor, *, block_size: int, rotate: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pass 1 on the device: ``(k_mean, v_mean, v_scale, v_inverse_scale)``, each fp32 [B, H, D]."""
+def _debiased_v_mean(
+    v_mean: torch.Tensor, v_scale: torch.Tensor, error_sum: torch.Tensor, valid_keys: torch.Tensor
+) -> torch.Tensor:
+    """V's mean minus its mean rounding error, all ``[..., D]`` fp32.
+
+    ``error_sum`` is ``sum_j (v8_j - (v_j - v_mean) / v_scale)`` over the valid keys. The
+    kernels' epilogue adds ``v_mean`` to ``sum_j p_j v8_j v_scale``; over many keys that sum
+    carries the mean rounding error, which is systematic (its share of the output does not
+    shrink with N while diffuse attention's output does), so it is taken out of the mean.
+    """
+    count = valid_keys.clamp(min=1).to(torch.float32)
+    return v_mean - v_scale * torch.div(error_sum, count)
+
+
+def _stats_partials(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_lengths: torch.Tensor,
+    *,
+    block_size: int,
+    rotate_in_kernel: bool = False,
+    blocks_per_program: int = STATS_BLOCKS_PER_PROGRAM,
+    num_warps: int = STATS_NUM_WARPS,
+) -> list[torch.Tensor]:
+    """The statistics kernel alone: 4 fp32 ``[B*H, chunks, D]`` partials (see its docstring)."""
     batch, heads, _, head_dim = k.shape
     num_blocks = key_lengths.numel()
-    chunks = -(-num_blocks // STATS_BLOCKS_PER_PROGRAM)
+    chunks = -(-num_blocks // blocks_per_program)
     partials = [
         torch.empty(batch * heads, chunks, head_dim, device=k.device, dtype=torch.float32)
         for _ in range(4)
@@ -389,13 +471,66 @@ def key_value_stats(
         chunks,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
-        BLOCKS_PER_PROGRAM=STATS_BLOCKS_PER_PROGRAM,
-        ROTATE=rotate,
+        BLOCKS_PER_PROGRAM=blocks_per_program,
+        ROTATE=rotate_in_kernel,
+        num_warps=num_warps,
     )
+    return partials
+
+
+def _stats_from_partials(
+    partials: list[torch.Tensor],
+    key_lengths: torch.Tensor,
+    shape: torch.Size,
+    *,
+    rotate_sum: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The statistics kernel's partials -> ``key_value_stats``' result (torch, on the device).
+
+    ``rotate_sum``: the kernel summed unrotated keys; K's sum is rotated here, in fp64 (a
+    ``[B*H, D] x [D, D]`` product, whatever TF32 setting the caller has).
+    """
+    batch, heads, _, head_dim = shape
     k_sum, v_sum = partials[0].sum(1), partials[1].sum(1)
+    if rotate_sum:
+        k_sum = (k_sum.double() @ _cached_hadamard(head_dim, k_sum.device, torch.float64)).float()
     v_max, v_min = partials[2].amax(1), partials[3].amin(1)
     stats = _finalize_stats(k_sum, v_sum, v_max, v_min, key_lengths.sum())
     return tuple(s.view(batch, heads, head_dim) for s in stats)
+
+
+def key_value_stats(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_lengths: torch.Tensor,
+    *,
+    block_size: int,
+    rotate: bool,
+    blocks_per_program: int = STATS_BLOCKS_PER_PROGRAM,
+    num_warps: int = STATS_NUM_WARPS,
+    rotate_in_kernel: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pass 1 on the device: ``(k_mean, v_mean, v_scale, v_inverse_scale)``, each fp32 [B, H, D].
+
+    ``k_mean`` is in the rotated basis when ``rotate``: the kernel sums the keys and the sum is
+    rotated afterwards, or (``rotate_in_kernel``) the kernel rotates every key on the tensor
+    cores first; the two agree to fp32 rounding. ``v_mean`` is V's plain mean over the valid
+    keys (what V is centred on), before the rounding-error correction ``QuantizedQKV.v_mean``
+    carries. ``blocks_per_program`` changes the order of the sums (so the last bits of the
+    means), ``num_warps`` nothing but speed.
+    """
+    partials = _stats_partials(
+        k,
+        v,
+        key_lengths,
+        block_size=block_size,
+        rotate_in_kernel=rotate and rotate_in_kernel,
+        blocks_per_program=blocks_per_program,
+        num_warps=num_warps,
+    )
+    return _stats_from_partials(
+        partials, key_lengths, k.shape, rotate_sum=rotate and not rotate_in_kernel
+    )
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
@@ -427,21 +562,86 @@ def quantize_qkv(
         key_order: "natural" (token order) or "wgmma" (V^T's keys in ``wgmma_key_order``, what
             the Gluon kernel reads).
     """
+    return _launch_prepass(
+        q, k, v, block_size=block_size, key_lengths=key_lengths, rotate=rotate, key_order=key_order
+    )
+
+
+def _launch_prepass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int,
+    key_lengths: torch.Tensor,
+    rotate: bool = True,
+    key_order: str = "natural",
+    stats_blocks_per_program: int = STATS_BLOCKS_PER_PROGRAM,
+    stats_num_warps: int = STATS_NUM_WARPS,
+    stats_rotate_in_kernel: bool = False,
+    quantize_num_warps: int = QUANTIZE_NUM_WARPS,
+    permute_in_registers: bool = False,
+) -> QuantizedQKV:
+    """:func:`quantize_qkv` with its launch parameters (``benchmarks/bench_prepass.py`` times
+    them): the statistics kernel's key blocks per program and warps and whether it rotates
+    every key (``key_value_stats``' ``rotate_in_kernel``), the quantization kernel's warps, and
+    with ``key_order="wgmma"`` whether V's rows are permuted in registers before a token-order
+    store (``_quantize_kernel``'s ``PERMUTE_IN_REGISTERS``)."""
     if key_order not in ("natural", "wgmma"):
         raise ValueError(f"key_order must be 'natural' or 'wgmma', got {key_order!r}")
     _check_inputs(q, k, v, block_size)
+    stats = key_value_stats(
+        k,
+        v,
+        key_lengths,
+        block_size=block_size,
+        rotate=rotate,
+        blocks_per_program=stats_blocks_per_program,
+        num_warps=stats_num_warps,
+        rotate_in_kernel=stats_rotate_in_kernel,
+    )
+    outputs = _quantize_blocks(
+        q,
+        k,
+        v,
+        key_lengths,
+        stats,
+        block_size=block_size,
+        rotate=rotate,
+        key_order=key_order,
+        num_warps=quantize_num_warps,
+        permute_in_registers=permute_in_registers,
+    )
+    return _assemble(outputs, stats, key_lengths, block_size, q.shape[2], rotate, key_order)
+
+
+def _quantize_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_lengths: torch.Tensor,
+    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    *,
+    block_size: int,
+    rotate: bool,
+    key_order: str,
+    num_warps: int = QUANTIZE_NUM_WARPS,
+    permute_in_registers: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """The quantization kernel alone: ``(q8, q_scale, k8, k_scale, v8, v_error_sums)``."""
     batch, heads, seq_len, head_dim = q.shape
     num_blocks = key_lengths.numel()
     padded_len = num_blocks * block_size
-    k_mean, v_mean, v_scale, v_inverse_scale = key_value_stats(
-        k, v, key_lengths, block_size=block_size, rotate=rotate
-    )
+    k_mean, v_mean, _, v_inverse_scale = stats
     device = q.device
     q8 = torch.empty(batch, heads, padded_len, head_dim, device=device, dtype=torch.int8)
     k8 = torch.empty_like(q8)
     v8 = torch.empty(batch, heads, head_dim, padded_len, device=device, dtype=torch.float8_e4m3fn)
     q_scale = torch.empty(batch, heads, padded_len, device=device, dtype=torch.float32)
     k_scale = torch.empty(batch, heads, num_blocks, device=device, dtype=torch.float32)
+    v_error_sums = torch.empty(
+        batch * heads, num_blocks, head_dim, device=device, dtype=torch.float32
+    )
     _quantize_kernel[(num_blocks, batch * heads)](
         q,
         k,
@@ -456,6 +656,7 @@ def quantize_qkv(
         k8,
         k_scale,
         v8,
+        v_error_sums,
         *q.stride()[:3],
         *k.stride()[:3],
         *v.stride()[:3],
@@ -467,7 +668,25 @@ def quantize_qkv(
         BLOCK_SIZE=block_size,
         ROTATE=rotate,
         WGMMA_KEY_ORDER=key_order == "wgmma",
+        PERMUTE_IN_REGISTERS=permute_in_registers and key_order == "wgmma",
+        num_warps=num_warps,
     )
+    return q8, q_scale, k8, k_scale, v8, v_error_sums
+
+
+def _assemble(
+    outputs: tuple[torch.Tensor, ...],
+    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    key_lengths: torch.Tensor,
+    block_size: int,
+    seq_len: int,
+    rotate: bool,
+    key_order: str,
+) -> QuantizedQKV:
+    """The kernels' outputs -> :class:`QuantizedQKV`, V's mean corrected (torch, on the device)."""
+    q8, q_scale, k8, k_scale, v8, v_error_sums = outputs
+    k_mean, v_mean, v_scale, _ = stats
+    error_sum = v_error_sums.sum(1).view(v_mean.shape)
     return QuantizedQKV(
         q8,
         q_scale,
@@ -475,7 +694,7 @@ def quantize_qkv(
         k_scale,
         v8,
         v_scale,
-        v_mean,
+        _debiased_v_mean(v_mean, v_scale, error_sum, key_lengths.sum()),
         k_mean,
         block_size,
         seq_len,
@@ -522,7 +741,8 @@ def emulate_quantize_qkv(
 
     ``stats`` (``key_value_stats``' result) replaces the torch statistics, whose sums run in
     another order than the kernel's; with it the output bits match the kernel's (see the module
-    docstring for the rotation's rare ulp).
+    docstring for the rotation's rare ulp), except ``v_mean``: its rounding-error correction is
+    summed in another order, so it agrees to fp32 rounding, not bit for bit.
     """
     _check_inputs(q, k, v, block_size)
     batch, heads, seq_len, head_dim = q.shape
@@ -559,7 +779,12 @@ def emulate_quantize_qkv(
     k_amax = blocks.abs().amax(-1).clamp(min=TINY_AMAX)  # [B, H, nb]
     k8 = _int8(blocks * _reciprocal_times(INT8_MAX, k_amax)[..., None]).reshape(keys.shape)
     centred = (values - v_mean[:, :, None]) * v_inverse_scale[:, :, None]
-    v8 = to_e4m3(torch.where(valid[:, None], centred, 0.0)).transpose(-1, -2).contiguous()
+    v8 = to_e4m3(torch.where(valid[:, None], centred, 0.0))  # [B, H, Np, D]
+    error = torch.where(valid[:, None], v8.float() - centred, 0.0)
+    # Per block, then over blocks, as the kernel adds them up (within a block the order differs).
+    error_sum = error.view(batch, heads, num_blocks, block_size, head_dim).sum(3).sum(2)
+    v_mean = _debiased_v_mean(v_mean, v_scale, error_sum, valid.sum())
+    v8 = v8.transpose(-1, -2).contiguous()
     return QuantizedQKV(
         q8.contiguous(),
         _divided(q_amax, INT8_MAX),

@@ -37,39 +37,44 @@ def emulate_fp8_attention(
     *,
     scale: float,
     out_dtype: torch.dtype = torch.float32,
+    query_blocks: int | None = None,
 ) -> torch.Tensor:
     """What the 8-bit kernels compute, in torch, from the same quantized inputs: ``[B, H, N, D]``.
 
     Every query block steps through its lookup-table row in order, all blocks at once: step t
     takes each row's t-th kept key block (rows shorter than t + 1 leave their state alone).
+    ``query_blocks``: only the first that many query blocks (the output has that many blocks'
+    rows, clipped to N), for long-N accuracy measurements whose every query row would not fit.
     """
     batch, heads, padded_len, head_dim = quantized.q.shape
     block_size = quantized.block_size
     num_blocks = padded_len // block_size
+    rows_kept = num_blocks if query_blocks is None else min(query_blocks, num_blocks)
     qk_scale = torch.tensor(scale * LOG2_E * quantized.score_scale, dtype=torch.float32)
     blocked = (batch, heads, num_blocks, block_size, head_dim)
-    q8 = quantized.q.float().reshape(blocked)  # exact integers
+    query_blocked = (batch, heads, rows_kept, block_size, head_dim)
+    q8 = quantized.q.float().reshape(blocked)[:, :, :rows_kept]  # exact integers
     k8 = quantized.k.float().reshape(blocked)
     v_t = natural_key_order(quantized.v_t) if quantized.wgmma_key_order else quantized.v_t
     v8 = v_t.float().transpose(-1, -2).reshape(blocked)  # e4m3 values
-    q_scale = quantized.q_scale.reshape(batch, heads, num_blocks, block_size, 1)
+    q_scale = quantized.q_scale.reshape(batch, heads, num_blocks, block_size, 1)[:, :, :rows_kept]
     head_rows = torch.arange(heads, device=q8.device) % lut.mask_heads
-    block_ids = lut.kv_block_ids.to(q8.device).long()[head_rows]  # [H, nb, width]
-    counts = lut.total_counts.to(q8.device)[head_rows]  # [H, nb]
+    block_ids = lut.kv_block_ids.to(q8.device).long()[head_rows][:, :rows_kept]  # [H, nq, width]
+    counts = lut.total_counts.to(q8.device)[head_rows][:, :rows_kept]  # [H, nq]
     lengths = lut.key_lengths.to(q8.device).long()
     offsets = torch.arange(block_size, device=q8.device)
 
-    row_max = torch.full((batch, heads, num_blocks, block_size, 1), -math.inf, device=q8.device)
+    row_max = torch.full((batch, heads, rows_kept, block_size, 1), -math.inf, device=q8.device)
     row_sum = torch.zeros_like(row_max)
-    acc = torch.zeros(blocked, device=q8.device)
+    acc = torch.zeros(query_blocked, device=q8.device)
     for step in range(block_ids.shape[-1]):
-        key_blocks = block_ids[..., step]  # [H, nb]
-        active = (step < counts)[None, :, :, None, None]  # [1, H, nb, 1, 1]
-        gather = key_blocks[None, :, :, None, None].expand(blocked)
-        scores = q8 @ torch.gather(k8, 2, gather).transpose(-1, -2)  # [B, H, nb, BS, BS]
+        key_blocks = block_ids[..., step]  # [H, nq]
+        active = (step < counts)[None, :, :, None, None]  # [1, H, nq, 1, 1]
+        gather = key_blocks[None, :, :, None, None].expand(query_blocked)
+        scores = q8 @ torch.gather(k8, 2, gather).transpose(-1, -2)  # [B, H, nq, BS, BS]
         tile_scale = torch.gather(quantized.k_scale, 2, key_blocks[None].expand(batch, -1, -1))
         scores = scores * (q_scale * (tile_scale * qk_scale)[..., None, None])
-        valid = offsets < lengths[key_blocks][..., None, None]  # [H, nb, 1, BS]
+        valid = offsets < lengths[key_blocks][..., None, None]  # [H, nq, 1, BS]
         scores = torch.where(valid, scores, -math.inf)
         new_max = torch.maximum(row_max, scores.amax(-1, keepdim=True))
         probs = torch.exp2(scores - (new_max - LOG2_P_SCALE))
@@ -83,7 +88,7 @@ def emulate_fp8_attention(
     has_keys = row_sum > 0
     out = acc / torch.where(has_keys, row_sum, 1.0) * quantized.v_scale[:, :, None, None]
     out = torch.where(has_keys, out + quantized.v_mean[:, :, None, None], 0.0)
-    out = out.view(batch, heads, padded_len, head_dim)[:, :, : quantized.seq_len]
+    out = out.view(batch, heads, rows_kept * block_size, head_dim)[:, :, : quantized.seq_len]
     return out.to(out_dtype)
 
 
