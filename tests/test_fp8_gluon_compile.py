@@ -202,7 +202,8 @@ def test_fp8_kernel_compiles_for_hopper_without_spills(case) -> None:
 
 # The pre-pass and portable kernels run under the interpreter in CI; compiling them for sm_90 as
 # well catches what only the compiler rejects (a global that is not constexpr, a dot it cannot
-# lower). Pointer and scalar types by argument name; the rest are int32.
+# lower) and what only ptxas shows (spills). Pointer and scalar types by argument name; the rest
+# are int32.
 PORTABLE_TYPES = {
     "_key_value_stats_kernel": {
         ("k_ptr", "v_ptr", "hadamard_ptr"): "*bf16",
@@ -213,6 +214,7 @@ PORTABLE_TYPES = {
         ("q_ptr", "k_ptr", "v_ptr", "hadamard_ptr"): "*bf16",
         ("key_lengths_ptr",): "*i32",
         ("k_mean_ptr", "v_mean_ptr", "v_inverse_scale_ptr", "q_scale_ptr", "k_scale_ptr"): "*fp32",
+        ("v_error_sum_ptr",): "*fp32",
         ("q8_ptr", "k8_ptr"): "*i8",
         ("v8_ptr",): "*fp8e4nv",
     },
@@ -224,48 +226,80 @@ PORTABLE_TYPES = {
         ("qk_scale",): "fp32",
     },
 }
+# (kernel, constexprs other than the defaults below, what it launches with): the statistics
+# kernel as it runs (keys summed unrotated) and with the rotation on the tensor cores (a bench
+# variant), the quantization kernel in both V^T store paths at its launch's warp count.
+PORTABLE_CASES = {
+    "stats": ("_key_value_stats_kernel", {"ROTATE": False}),
+    "stats-rotated": ("_key_value_stats_kernel", {"ROTATE": True}),
+    "quantize": ("_quantize_kernel", {"PERMUTE_IN_REGISTERS": False}),
+    "quantize-permuted": ("_quantize_kernel", {"PERMUTE_IN_REGISTERS": True}),
+    "attention": ("_fp8_block_sparse_attention_kernel", {}),
+}
 
 
-def compile_portable_for_hopper(name: str) -> str:
-    """PTX of one ``tl`` kernel of the 8-bit path for sm_90 (head dim 128, block 128)."""
+def compile_portable_for_hopper(case: str) -> tuple[str, int]:
+    """(PTX, stack bytes) of one ``tl`` kernel of the 8-bit path for sm_90 (head dim 128, block
+    128), at the warp count its launcher uses."""
     import triton
     from triton.compiler import ASTSource
 
     from compact_search.runtime import quantize
     from compact_search.runtime.kernels import triton_portable_fp8 as triton_fp8
 
+    name, overrides = PORTABLE_CASES[case]
     kernel = getattr(quantize, name, None) or getattr(triton_fp8, name)
     types = {arg: kind for args, kind in PORTABLE_TYPES[name].items() for arg in args}
     constants = {"HEAD_DIM": 128, "BLOCK_SIZE": 128, "ROTATE": True, "EMULATE_ROUNDING": False}
+    constants |= {"WGMMA_KEY_ORDER": True, **overrides}
     constants["BLOCKS_PER_PROGRAM"] = quantize.STATS_BLOCKS_PER_PROGRAM
-    signature, constexprs = {}, {}
+    signature, constexprs, attrs = {}, {}, {}
     for index, arg in enumerate(inspect.signature(kernel.fn).parameters):
         if arg in constants:
             signature[arg] = "constexpr"
             constexprs[(index,)] = constants[arg]
         else:
             signature[arg] = types.get(arg, "*i32" if arg.endswith("_ptr") else "i32")
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-    return compiled.asm["ptx"]
+        # What a launch with contiguous [B, H, N, 128] tensors specializes on: 16-byte aligned
+        # pointers and strides (without it the loads are scalar and the register count is not
+        # the one a GPU runs).
+        if arg.endswith("_ptr") or arg.startswith("stride_") or arg == "padded_len":
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    warps = {
+        "_key_value_stats_kernel": quantize.STATS_NUM_WARPS,
+        "_quantize_kernel": quantize.QUANTIZE_NUM_WARPS,
+    }.get(name, 8)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
+    )
+    usage, _ = _sass(compiled.asm["cubin"])
+    return compiled.asm["ptx"], int(re.search(r"STACK:(\d+)", usage).group(1))
 
 
-@pytest.mark.parametrize("name", list(PORTABLE_TYPES))
-def test_portable_8bit_kernels_compile_for_hopper(name: str) -> None:
+@pytest.mark.parametrize("case", list(PORTABLE_CASES))
+def test_portable_8bit_kernels_compile_for_hopper(case: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
-        [sys.executable, __file__, "portable", name],
+        [sys.executable, __file__, "portable", case],
         env=env,
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    mma = set(json.loads(done.stdout.strip().splitlines()[-1]))
-    if name == "_fp8_block_sparse_attention_kernel":
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    mma = set(facts["wgmma"])
+    if case == "attention":
         assert any(".s32.s8.s8" in m for m in mma) and any(".e4m3.e4m3" in m for m in mma)
+    elif case == "stats":  # unrotated sums: no matmul at all
+        assert not mma
     else:  # the Hadamard rotation runs on the tensor cores
         assert any(".bf16.bf16" in m for m in mma)
+    if case.startswith("quantize"):
+        # Three [128, 128] fp32 tiles and two Hadamard dots: at 4 warps they spill
+        # (QUANTIZE_NUM_WARPS says so), at the launch's 8 they fit.
+        assert facts["stack_bytes"] == 0
 
 
 def test_fp8_config_rejects_ring_depths_it_does_not_fit() -> None:
@@ -274,10 +308,9 @@ def test_fp8_config_rejects_ring_depths_it_does_not_fit() -> None:
 
 
 if __name__ == "__main__" and sys.argv[1] == "portable":
-    found = re.findall(
-        r"wgmma\.mma_async\.sync\.aligned\.[\w.]+", compile_portable_for_hopper(sys.argv[2])
-    )
-    print(json.dumps(sorted(set(found))))
+    ptx, stack_bytes = compile_portable_for_hopper(sys.argv[2])
+    found = re.findall(r"wgmma\.mma_async\.sync\.aligned\.[\w.]+", ptx)
+    print(json.dumps({"wgmma": sorted(set(found)), "stack_bytes": stack_bytes}))
 elif __name__ == "__main__":
     head_dim, dtype_name, stages, *switches = sys.argv[1:]
     config = gluon_fp8.GluonFP8Config(
