@@ -366,6 +366,25 @@ def test_image_errors_are_one_line(workspace, tmp_path, capsys):
     assert "remove sampling.image" in line
 
 
+def test_a_built_in_model_refuses_an_image(workspace, capsys):
+    text = f"""name = "tiny-i2v"
+[model]
+source = "builtin:tiny-random"
+[sampling]
+height = 32
+width = 32
+frames = 8
+steps = 2
+prompts = ["a red circle"]
+image = {json.dumps(str(workspace / "first-frame.png"))}
+[capture]
+steps = [0]
+tiles = [[1, 4, 4]]
+"""
+    line = profile_error(workspace, text, capsys)
+    assert "sampling.image: builtin:tiny-random generates video from text only" in line
+
+
 def test_a_resume_with_another_image_is_refused(profiled, capsys):
     """The fingerprint holds the picture's bytes: the same path with another picture is other
     settings; the same picture again resumes (here: is complete)."""
