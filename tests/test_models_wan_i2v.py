@@ -1,9 +1,9 @@
 """Wan2.2-I2V-A14B's layout through the Wan adapter: a saved random-weight
 `WanImageToVideoPipeline` with two experts (`transformer`, `transformer_2`, switched at
 `boundary_ratio`), no image encoder (Wan2.2 conditions on the image through the VAE only), and
-transformers that read 2 x 4 latent channels + 4 mask channels: the noisy latents, the VAE
-latents of the image followed by zero frames, and the first-frame mask the pipeline folds into
-`vae_scale_factor_temporal` channels.
+transformers that read 2 x 4 latent channels + 4 mask channels: the noisy latents, the
+first-frame mask the pipeline folds into `vae_scale_factor_temporal` channels, and the VAE
+latents of the image followed by zero frames.
 
 At 128x128, 9 frames the grid is 3x8x8 (build_wan's VAE and patch). UniPC (flow shift 3) over
 6 steps at boundary_ratio 0.8 runs steps 0-2 on `transformer` and 3-5 on `transformer_2`.
