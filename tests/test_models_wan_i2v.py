@@ -44,6 +44,7 @@ from compact_search.config import (
     load_config,
     uniform_config,
 )
+from compact_search.errors import UserInputError
 from compact_search.geometry import Grid, TileShape
 from compact_search.models.adapters import get_adapter, load_model
 from compact_search.patterns import HeadPattern
@@ -356,6 +357,11 @@ def test_image_errors_are_one_line(workspace, tmp_path, capsys):
     line = profile_error(workspace, i2v_toml(folder, "i2v", "p.txt", 0, "."), capsys)
     assert "sampling.image: cannot read" in line
     assert not (workspace / "runs/bad").exists()  # refused before anything is written
+    for bad in ('""', "3"):
+        text = i2v_toml(folder, "i2v", "p.txt", 0, None).replace("seeds = [0]", f"image = {bad}")
+        (workspace / "typed.toml").write_text(text)
+        with pytest.raises(UserInputError, match="sampling.image: must be a file path, got"):
+            load_run_profile(workspace / "typed.toml")
 
     build_wan(tmp_path / "t2v")
     text = i2v_toml(tmp_path / "t2v", "t2v", "p.txt", 0, str(workspace / "first-frame.png"))
