@@ -5,7 +5,10 @@
 that its transformer is the adapter's class and that the run profile's size is one the pipeline
 samples unchanged, and returns a `LoadedModel` whose `run` returns the denoised latents. A
 pipeline of several experts (Wan2.2's `transformer` and `transformer_2`, switched at the
-pipeline's `boundary_ratio`) hands over every transformer and which one runs each step.
+pipeline's `boundary_ratio`) hands over every transformer and which one runs each step. A
+pipeline whose call takes an `image` (Wan2.2-I2V-A14B's `WanImageToVideoPipeline`) samples every
+prompt from the run profile's `sampling.image`, read here with PIL; the loader refuses such a
+pipeline without one, and a text-to-video pipeline with one, in one line.
 `folder_identity(folder)` names the weights of a folder cheaply, for resume checks.
 """
 
@@ -15,6 +18,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import json
 from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
@@ -79,11 +83,21 @@ def load_diffusers_folder(
     adapter: Adapter, settings: ModelSettings, device: torch.device
 ) -> LoadedModel:
     """The diffusers pipeline in folder `settings.source`, on `device`."""
-    from diffusers import DiffusionPipeline
+    import diffusers
 
     path = Path(settings.source)
-    if not (path / "model_index.json").is_file():
+    index_path = path / "model_index.json"
+    if not index_path.is_file():
         raise UserInputError(f"{path} is not a local diffusers pipeline (no model_index.json)")
+    try:
+        class_name = json.loads(index_path.read_text(encoding="utf-8")).get("_class_name")
+    except (ValueError, AttributeError):
+        raise UserInputError(f"{index_path} is not a diffusers model index (JSON)") from None
+    # The image check runs before the weights load (minutes for a 14B checkpoint) when the
+    # folder names a diffusers pipeline class, and on the loaded pipeline otherwise.
+    named_class = getattr(diffusers, str(class_name), None)
+    if isinstance(named_class, type):
+        conditioning = _conditioning_image(named_class, settings)
     # transformers holds the text encoders and tokenizers; without accelerate diffusers refuses
     # to load a Wan transformer (its fp32 modules) and randomly initialises any other model in
     # full before reading its weights.
@@ -93,7 +107,7 @@ def load_diffusers_folder(
             f"loading the diffusers pipeline {path} needs {' and '.join(missing)}: "
             f"pip install {' '.join(missing)}"
         )
-    pipe = DiffusionPipeline.from_pretrained(
+    pipe = diffusers.DiffusionPipeline.from_pretrained(
         str(path), torch_dtype=TORCH_DTYPES[settings.dtype], local_files_only=True
     ).to(device)
     _use_profile_scheduler(pipe, settings)
@@ -106,6 +120,9 @@ def load_diffusers_folder(
                 f"adapter {settings.adapter!r}"
             )
     grid = pipeline_grid(pipe, settings)
+    if type(pipe) is not named_class:
+        conditioning = _conditioning_image(type(pipe), settings)
+    takes = call_parameters(pipe)
 
     def run(
         prompts: list[str],
@@ -120,8 +137,7 @@ def load_diffusers_folder(
                 on_step(step + 1)
             return callback_kwargs
 
-        takes = call_parameters(pipe)
-        options = {}
+        options = {} if conditioning is None else {"image": conditioning}
         if "callback_on_step_end" in takes:
             options["callback_on_step_end"] = after_step
         if "guidance_scale" in takes:
@@ -156,6 +172,37 @@ def load_diffusers_folder(
         experts=experts,
         step_experts=step_experts,
     )
+
+
+def _conditioning_image(pipeline_class: type, settings: ModelSettings):
+    """The PIL image a pipeline of `pipeline_class` starts every prompt from when its call takes
+    an `image` (image-to-video), None when it does not; the pipeline resizes it."""
+    from PIL import Image, UnidentifiedImageError
+
+    takes_image = "image" in inspect.signature(pipeline_class.__call__).parameters
+    path, name = getattr(settings, "image", None), pipeline_class.__name__
+    where = f"profile {settings.name!r}: sampling.image"
+    if takes_image and path is None:
+        raise UserInputError(
+            f"{where}: {name} generates video from an image; set sampling.image to a picture "
+            'file (the first frame, e.g. "first-frame.png", relative to the run profile)'
+        )
+    if not takes_image:
+        if path is not None:
+            raise UserInputError(
+                f"{where}: {name} generates video from text only and takes no image; "
+                "remove sampling.image"
+            )
+        return None
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise UserInputError(f"{where}: no such file: {path}") from None
+    except UnidentifiedImageError:
+        raise UserInputError(f"{where}: {path} is not an image file PIL can read") from None
+    except OSError as exc:
+        raise UserInputError(f"{where}: cannot read {path} ({exc.strerror or exc})") from None
 
 
 def call_parameters(pipe) -> set[str]:

@@ -11,7 +11,8 @@ model family:
 - `load(run_profile, device) -> LoadedModel` loads the model that `model.source` names. A
   built-in source (`builtin:NAME`) is one of the adapter's `builtins`, which the registry maps
   back to their adapter; any other source is a folder, read by `load_folder` (the diffusers
-  families share `diffusers_folder.load_diffusers_folder`).
+  families share `diffusers_folder.load_diffusers_folder`, which also serves image-to-video
+  pipelines the run profile's `sampling.image`). The built-in models take no image.
 
 A `LoadedModel` runs its pipeline: `run(prompts, seed=, num_steps=, guidance_scale=, on_step=)`
 samples one output per prompt, all from one seed, and returns what the pipeline produces
@@ -35,6 +36,7 @@ from typing import Protocol
 
 import torch
 
+from compact_search.errors import UserInputError
 from compact_search.geometry import Grid
 from compact_search.models.wan import AttentionFn, AttentionHandle
 
@@ -117,6 +119,11 @@ class Adapter:
     def load(self, settings: ModelSettings, device: torch.device) -> LoadedModel:
         """The model `settings.source` names, on `device`."""
         builtin = self.builtin(settings.source)
+        if builtin is not None and getattr(settings, "image", None) is not None:
+            raise UserInputError(
+                f"profile {settings.name!r}: sampling.image: {settings.source} generates video "
+                "from text only and takes no image; remove sampling.image"
+            )
         loader = builtin.load if builtin is not None else self.load_folder
         return loader(self, settings, device)
 

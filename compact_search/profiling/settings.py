@@ -18,6 +18,8 @@ A run profile names the model, how to sample from it and what to capture::
     prompts = ["a red fox runs through fresh snow"]
     # prompts_file = "prompts.txt" (one prompt a line, relative to this file) instead of prompts
     seeds = [0]                  # one per prompt, or one for all (prompt i then uses seed + i)
+    # image = "first-frame.png"  (image-to-video pipelines: the conditioning picture, relative
+    #                             to this file; every prompt starts from it)
 
     [capture]
     steps = [0, 10, 20]          # denoising step indices, or "all"
@@ -54,13 +56,13 @@ STORE_MODES = ("per-prompt", "prompt-mean")
 # Every key a run profile may hold, per section ("" is the top level). A key outside it is an
 # error: a misspelled optional key would otherwise run with its default without a word.
 # RunProfile fields a profile may leave unset (absent from its JSON form when unset).
-OPTIONAL_SAMPLING = ("scheduler", "flow_shift")
+OPTIONAL_SAMPLING = ("scheduler", "flow_shift", "image")
 
 SCHEMA: dict[str, tuple[str, ...]] = {
     "": ("name", "model", "sampling", "capture"),
     "model": ("source", "adapter", "dtype"),
     "sampling": ("height", "width", "frames", "steps", "guidance", "prompts", "prompts_file",
-                 "seeds", "scheduler", "flow_shift"),
+                 "seeds", "scheduler", "flow_shift", "image"),
     "capture": ("steps", "layers", "tiles", "store"),
 }  # fmt: skip
 
@@ -91,6 +93,9 @@ class RunProfile:
     # None keeps the folder's scheduler and its configuration.
     scheduler: str | None = None
     flow_shift: float | None = None
+    # An image-to-video pipeline's conditioning picture (a file path), the same for every prompt.
+    # Read when sampling, not here: a shipped profile names a picture the user puts there.
+    image: str | None = None
 
     def __post_init__(self) -> None:
         where = f"profile {self.name!r}"
@@ -150,6 +155,8 @@ class RunProfile:
             raise ConfigError(
                 where, "sampling.flow_shift", f"must be a positive number, got {self.flow_shift!r}"
             )
+        if self.image is not None and (not isinstance(self.image, str) or not self.image):
+            raise ConfigError(where, "sampling.image", f"must be a file path, got {self.image!r}")
 
     def to_json(self) -> dict:
         values = asdict(self)
@@ -177,9 +184,27 @@ class RunProfile:
         return cls(**values)
 
     def fingerprint(self) -> str:
-        """sha256 of the settings (what decides the numbers), for resume checks."""
-        canonical = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        """sha256 of the settings (what decides the numbers), for resume checks; with an image,
+        of its bytes too (another picture under the same name is other settings)."""
+        values = self.to_json()
+        if self.image is not None:
+            values["image_sha256"] = image_sha256(self.image, f"profile {self.name!r}")
+        canonical = json.dumps(values, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def image_sha256(path: str, where: str) -> str:
+    """sha256 of the file `sampling.image` names; a missing or unreadable one is one line."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as exc:
+        problem = "no such file" if not Path(path).exists() else f"cannot read ({exc.strerror})"
+        raise ConfigError(
+            where,
+            "sampling.image",
+            f"{problem}: {path} (the conditioning image; relative paths "
+            "start at the run profile's folder)",
+        ) from None
 
 
 def check_schema(data: dict, source: str) -> None:
@@ -302,6 +327,12 @@ def load_run_profile(path: str | Path) -> RunProfile:
             model_path = (path.parent / model_path).resolve()
         model_source = str(model_path)
     adapter = model.get("adapter", "wan")
+    image = sampling.get("image")
+    if isinstance(image, str) and image:
+        image_path = Path(image).expanduser()
+        image = str(
+            image_path if image_path.is_absolute() else (path.parent / image_path).resolve()
+        )
 
     num_steps = _int(sampling, "steps", source, "sampling.steps")
     guidance = sampling.get("guidance", 1.0)
@@ -342,6 +373,7 @@ def load_run_profile(path: str | Path) -> RunProfile:
             store=capture.get("store", "per-prompt"),
             scheduler=sampling.get("scheduler"),
             flow_shift=sampling.get("flow_shift"),
+            image=image,
         )
     except ConfigError as exc:
         raise ConfigError(source, exc.field, exc.problem) from None
