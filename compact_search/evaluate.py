@@ -40,6 +40,7 @@ from compact_search.errors import UserInputError
 from compact_search.models.plugin import LoadedModel
 from compact_search.models.wan import AttentionFn, dense_attention
 from compact_search.previews import mp4_status, save_gif, save_mp4, side_by_side
+from compact_search.profiling.settings import image_sha256
 from compact_search.quality import (
     lpips_per_video,
     lpips_status,
@@ -800,6 +801,8 @@ def run_evaluation(
         "size": [run_profile.frames, run_profile.height, run_profile.width],
         "torch": torch.__version__,
     }
+    if run_profile.image is not None:  # an image-to-video sample is its picture's too
+        cache_fields["image"] = image_sha256(run_profile.image, f"profile {run_profile.name!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
     reports, notes = evaluate_configs(
         model,

@@ -406,3 +406,30 @@ def test_a_resume_with_another_image_is_refused(profiled, capsys):
     settings = load_run_profile(profiled / "model.toml")
     assert settings.fingerprint() != dataclasses.replace(settings, image=None).fingerprint()
     assert "image" not in dataclasses.replace(settings, image=None).to_json()
+
+
+def test_evaluate_samples_again_for_another_picture(profiled):
+    """`evaluate` on the I2V folder: the cache serves a rerun with the same picture and not one
+    with another picture under the same profile."""
+    from compact_search.evaluate import EvaluateOptions, run_evaluation
+
+    root = profiled
+    (root / "one.txt").write_text(PROMPTS[0] + "\n")
+    options = EvaluateOptions(prompts_file=root / "one.txt", seeds=(3,))
+    out = root / "eval"
+    config = [root / "config.json"]
+    settings = load_run_profile(root / "model.toml")
+    first = run_evaluation(settings, config, out, torch.device("cpu"), options)
+    assert first.cache["hits"] == 0 and first.cache["misses"] == 2  # dense, compact
+    assert np.isfinite(first.reports[0].mean_psnr_db)
+    again = run_evaluation(settings, config, out, torch.device("cpu"), options)
+    assert again.cache["hits"] == 2 and again.cache["misses"] == 0
+    conditioning_image(root / "second-frame.png", seed=5)
+    other = write_toml(
+        root,
+        "other.toml",
+        i2v_toml(root / "pipe", "wan22-i2v", "prompts.txt", 0, "second-frame.png"),
+    )
+    moved = run_evaluation(load_run_profile(other), config, out, torch.device("cpu"), options)
+    assert moved.cache["hits"] == 0 and moved.cache["misses"] == 2
+    assert moved.reports[0].mean_psnr_db != first.reports[0].mean_psnr_db
