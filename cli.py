@@ -148,6 +148,12 @@ def demo(
     console.print(f"previews (dense | compact): [bold]{summary.out_dir / 'previews'}[/]")
 
 
+def _precision_cell(report) -> str:
+    """The precision a config asked for, and the one it ran where they differ."""
+    ran = report.ran_precision
+    return report.precision if ran == report.precision else f"{report.precision} (ran {ran})"
+
+
 def render_evaluation(report, title: str, run=None) -> None:
     """One column per config (`report`: one EvaluationReport, or a list), dense first."""
     from rich.table import Table
@@ -198,7 +204,7 @@ def render_evaluation(report, title: str, run=None) -> None:
         )
     row("speed-up (end to end)", "1", lambda r: fmt(r.extra.get("speedup"), ".2f"))
     row("mean density", "1", lambda r: f"{r.mean_density:.3f}")
-    row("precision", "-", lambda r: r.precision)
+    row("precision", "-", _precision_cell)
     row("sparse kernels", "sdpa", lambda r: ", ".join(r.kernels) or "-")
     console.print(table)
     console.print(

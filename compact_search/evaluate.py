@@ -201,6 +201,16 @@ class EvaluationReport:
     # The kernels the compact run's sparse steps ran (empty: every sample read from the cache).
     kernels: tuple[str, ...] = ()
 
+    @property
+    def ran_precision(self) -> str:
+        """The arithmetic the sparse steps ran, from `kernels`: "fp8" asked of inputs outside
+        the 8-bit path (a float32 model, block 32, ...) runs the 16-bit kernels after a warning.
+        The asked one when every sample came from the cache."""
+        if not self.kernels:
+            return self.precision
+        eight_bit = [kernel.endswith("-fp8") for kernel in self.kernels]
+        return "fp8" if all(eight_bit) else "bf16" if not any(eight_bit) else "fp8 and bf16"
+
     def to_json(self) -> dict:
         out = asdict(self)
         out["prompts"] = [asdict(p) for p in self.prompts]

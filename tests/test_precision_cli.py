@@ -192,3 +192,19 @@ def test_evaluate_table_names_the_precision(tiny_bf16, capsys):
     assert "fp8" in precision_row
     kernels_row = next(line for line in table.splitlines() if "sparse kernels" in line)
     assert "reference-fp8" in kernels_row
+
+
+def test_evaluate_table_says_when_fp8_ran_as_bf16(tiny_bf16, capsys):
+    """The same configs on the float32 built-in model: fp8 is asked, the 16-bit kernels run."""
+    profile = tiny_bf16 / "tiny-fp32.toml"
+    text = (tiny_bf16 / "tiny.toml").read_text().replace('"bfloat16"', '"float32"')
+    profile.write_text(text)
+    args = ("evaluate", profile, "-c", tiny_bf16 / "fp8.json", "--prompts", "1", "--steps", "2")
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="runs as 'bf16'"):
+        assert run(*args, "--device", "cpu", "--out", tiny_bf16 / "fp32") == 0
+    table = capsys.readouterr().out
+    precision_row = next(line for line in table.splitlines() if "precision" in line)
+    assert "fp8 (ran bf16)" in precision_row
+    kernels_row = next(line for line in table.splitlines() if "sparse kernels" in line)
+    assert "reference" in kernels_row and "reference-fp8" not in kernels_row
