@@ -191,3 +191,23 @@ def test_previews_are_labelled_dense_left_compact_right(tmp_path):
     assert (pixels[40:, :] != 0).all()  # the rest of the frame is untouched
     path = save_gif(frames, tmp_path / "pair.gif")
     assert Image.open(path).n_frames == 2
+
+
+@pytest.mark.parametrize(
+    ("asked", "kernels", "ran"),
+    [
+        ("fp8", ("reference-fp8",), "fp8"),
+        ("fp8", ("reference",), "bf16"),  # a float32 model: the 16-bit kernels after a warning
+        ("fp8", ("triton-gluon-fp8", "triton-portable"), "fp8 and bf16"),
+        ("bf16", ("triton-gluon",), "bf16"),
+        ("fp8", (), "fp8"),  # every sample from the cache: nothing ran, the asked one stands
+    ],
+)
+def test_a_report_names_the_precision_its_kernels_ran(asked, kernels, ran):
+    from compact_search.evaluate import EvaluationReport
+
+    report = EvaluationReport(
+        [], math.nan, math.nan, None, None, None, None, 0.0, 0.0, 1.0, "cpu", 2, 0,
+        precision=asked, kernels=kernels,
+    )  # fmt: skip
+    assert report.ran_precision == ran
