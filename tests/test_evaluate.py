@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compact_search.config import GeometrySpec, ModelSpec, StepSchedule, uniform_config
-from compact_search.evaluate import evaluate_config, psnr, ssim
+from compact_search.evaluate import EvaluationReport, evaluate_config, psnr, ssim
 from compact_search.geometry import TileShape
 from compact_search.patterns import HeadPattern
 
@@ -204,8 +204,6 @@ def test_previews_are_labelled_dense_left_compact_right(tmp_path):
     ],
 )
 def test_a_report_names_the_precision_its_kernels_ran(asked, kernels, ran):
-    from compact_search.evaluate import EvaluationReport
-
     report = EvaluationReport(
         [], math.nan, math.nan, None, None, None, None, 0.0, 0.0, 1.0, "cpu", 2, 0,
         precision=asked, kernels=kernels,
