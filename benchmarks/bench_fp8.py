@@ -28,6 +28,7 @@ import torch
 from benchmarks.common import RESULTS, append_rows
 from compact_search.bench import (
     SHAPES,
+    dense_sdpa,
     head_block_masks,
     parse_float_list,
     shape_by_name,
@@ -66,18 +67,6 @@ class Log:
         if self.path:
             with self.path.open("a") as handle:
                 handle.write(line + "\n")
-
-
-def _sdpa(backend_name: str) -> Callable:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backend = getattr(SDPBackend, backend_name)
-
-    def dense(q, k, v):
-        with sdpa_kernel(backend):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-    return dense
 
 
 def _sage() -> Callable | None:
@@ -155,7 +144,11 @@ def bench_shape(shape, densities, budget_ms: float, env: dict, log: Log) -> list
     num_blocks = math.ceil(shape.tokens / BLOCK)
     dense_mask = torch.ones(1, num_blocks, num_blocks, dtype=torch.bool, device=q.device)
     dense_reference = SampledReference(q, k, v, dense_mask)
-    dense = {"cudnn": _sdpa("CUDNN_ATTENTION"), "fa2": _sdpa("FLASH_ATTENTION"), "sage": _sage()}
+    dense = {
+        "cudnn": dense_sdpa("CUDNN_ATTENTION"),
+        "fa2": dense_sdpa("FLASH_ATTENTION"),
+        "sage": _sage(),
+    }
     for provider, run in dense.items():
         if run is None:
             log(f"{shape.name} {provider}: not importable, skipped")
@@ -242,7 +235,7 @@ def probe_shape(shape, densities, budget_ms: float, env: dict, log: Log) -> list
     q, k, v = _inputs(shape)
     base = {**env, "shape": shape.name, "tokens": shape.tokens, "heads": shape.heads}
     base["head_dim"] = shape.head_dim
-    cudnn = _sdpa("CUDNN_ATTENTION")
+    cudnn = dense_sdpa("CUDNN_ATTENTION")
     cudnn_ms = time_call(lambda: cudnn(q, k, v), min_runs=5, budget_ms=budget_ms).p50_ms
     log(f"{shape.name} cudnn dense: {cudnn_ms:.2f} ms")
     rows = []
