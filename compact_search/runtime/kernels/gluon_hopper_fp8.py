@@ -362,6 +362,115 @@ def _issue_scores(q_smem, k_bufs, k_ready, tile, zero_scores, STAGES: gl.constex
 
 
 @gluon.jit
+def _paired_tiles(
+    acc,
+    row_max,
+    row_sum,
+    operands,
+    tile_row,
+    q_scale,
+    num_tiles,
+    full_tiles,
+    WARPGROUP: gl.constexpr,
+    STAGES: gl.constexpr,
+    PINGPONG: gl.constexpr,
+    TWO_LEVEL: gl.constexpr,
+    MAGIC_I2F: gl.constexpr,
+    PERMUTED_KEYS: gl.constexpr,
+    TREE_ROWS: gl.constexpr,
+):
+    """Every key tile of a row (``num_tiles >= 1``) in the default schedule (``_key_tile``: S_j
+    issued with P_{j-1} V_{j-1}), then the last P V; returns the unnormalized output
+    accumulator, the row max and the row sum."""
+    q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turns, zeros = operands
+    zero_scores, zero_pv = zeros
+    s_layout: gl.constexpr = zero_scores.type.layout
+    p_layout: gl.constexpr = gl.DotOperandLayout(
+        operand_index=0, parent=zero_pv.type.layout, k_width=4
+    )
+    # Prologue: S_0 (turn 0).
+    take_turn(turns, 0, WARPGROUP, PINGPONG)
+    mbarrier.wait(k_ready.index(0), 0)
+    scores_token = warpgroup_mma(
+        q_smem, k_bufs.index(0).permute((1, 0)), zero_scores, use_acc=False, is_async=True
+    )
+    pass_turn(turns, WARPGROUP, PINGPONG)
+    row_scale, key_length = _tile_scale(tile_row, 0, q_scale)
+    scores = warpgroup_mma_wait(0, deps=(scores_token,))
+    mbarrier.arrive(k_empty.index(0), count=1)
+    if full_tiles > 0:
+        probs, row_max, row_sum, correction = _softmax_step(
+            scores,
+            row_max,
+            row_sum,
+            row_scale,
+            key_length,
+            s_layout,
+            False,
+            MAGIC_I2F,
+            TREE_ROWS,
+        )
+    else:
+        probs, row_max, row_sum, correction = _softmax_step(
+            scores,
+            row_max,
+            row_sum,
+            row_scale,
+            key_length,
+            s_layout,
+            True,
+            MAGIC_I2F,
+            TREE_ROWS,
+        )
+    p = _pv_operand(probs, p_layout, PERMUTED_KEYS)  # [64, 128] fp32, A operand layout
+    state = (acc, p, row_max, row_sum)
+
+    for tile in range(1, full_tiles):
+        state = _key_tile(
+            state,
+            tile,
+            operands,
+            tile_row,
+            q_scale,
+            WARPGROUP,
+            STAGES,
+            PINGPONG,
+            TWO_LEVEL,
+            MAGIC_I2F,
+            PERMUTED_KEYS,
+            TREE_ROWS,
+            False,
+        )
+    for tile in range(gl.maximum(full_tiles, 1), num_tiles):
+        state = _key_tile(
+            state,
+            tile,
+            operands,
+            tile_row,
+            q_scale,
+            WARPGROUP,
+            STAGES,
+            PINGPONG,
+            TWO_LEVEL,
+            MAGIC_I2F,
+            PERMUTED_KEYS,
+            TREE_ROWS,
+            True,
+        )
+    acc, p, row_max, row_sum = state
+
+    # Epilogue: the last tile's P V (turn num_tiles).
+    last = num_tiles - 1
+    take_turn(turns, num_tiles, WARPGROUP, PINGPONG)
+    pv_token = _issue_pv(p, v_bufs, v_ready, last, acc, zero_pv, STAGES, TWO_LEVEL)
+    pass_turn(turns, WARPGROUP, PINGPONG)
+    pv = warpgroup_mma_wait(0, deps=(pv_token,))
+    mbarrier.arrive(v_empty.index(last % STAGES), count=1)
+    acc = acc + pv if TWO_LEVEL else pv
+    return acc, row_max, row_sum
+
+
+@gluon.jit
 def _ahead_tile(
     state,
     tile,
@@ -390,7 +499,7 @@ def _ahead_tile(
     matmul in flight would hold.
     """
     acc, scores, p, row_max, row_sum = state
-    q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, zeros = operands
+    q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, _turns, zeros = operands
     zero_scores, zero_pv = zeros
     s_layout: gl.constexpr = zero_scores.type.layout
     o_layout: gl.constexpr = zero_pv.type.layout
@@ -445,7 +554,7 @@ def _ahead_tiles(
     Full tiles come first, padded ones after them. The first tile (no P V before it) and the
     last (no S after it) are their own inlined copies, full or padded.
     """
-    q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, zeros = operands
+    q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, _turns, zeros = operands
     zero_scores, zero_pv = zeros
     p_layout: gl.constexpr = gl.DotOperandLayout(
         operand_index=0, parent=zero_pv.type.layout, k_width=4
@@ -645,7 +754,6 @@ def _consumer_partition(
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 32]
     )
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
@@ -656,39 +764,7 @@ def _consumer_partition(
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)  # [64, D]
     # Also for an empty row: the CTA must not exit with the Q copy still landing.
     mbarrier.wait(q_bar, 0)
-    if LOOKAHEAD:
-        if num_tiles > 0:
-            zero_scores = gl.zeros([ROWS, BLOCK_N], gl.int32, layout=s_layout)  # [64, 128]
-            zero_pv = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
-            operands = (
-                q_smem,
-                k_bufs,
-                v_bufs,
-                k_ready,
-                v_ready,
-                k_empty,
-                v_empty,
-                (zero_scores, zero_pv),
-            )
-            q_scale = gl.load(q_scale_ptr + WARPGROUP * ROWS + gl.arange(0, ROWS, layout=s_rows))
-            row_max = gl.full([ROWS], float("-inf"), gl.float32, layout=s_rows)
-            row_sum = gl.zeros([ROWS], gl.float32, layout=s_rows)
-            acc, row_max, row_sum = _ahead_tiles(
-                acc,
-                row_max,
-                row_sum,
-                operands,
-                tile_row,
-                q_scale,
-                num_tiles,
-                full_tiles,
-                STAGES,
-                MAGIC_I2F,
-                PERMUTED_KEYS,
-                TREE_ROWS,
-            )
-            acc = _normalized(acc, row_sum, v_scale_ptr, v_mean_ptr, o_rows, o_cols, HEAD_DIM)
-    elif num_tiles > 0:
+    if num_tiles > 0:
         zero_scores = gl.zeros([ROWS, BLOCK_N], gl.int32, layout=s_layout)  # [64, 128]
         zero_pv = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
         operands = (
@@ -705,51 +781,31 @@ def _consumer_partition(
         q_scale = gl.load(q_scale_ptr + WARPGROUP * ROWS + gl.arange(0, ROWS, layout=s_rows))
         row_max = gl.full([ROWS], float("-inf"), gl.float32, layout=s_rows)
         row_sum = gl.zeros([ROWS], gl.float32, layout=s_rows)
-
-        # Prologue: S_0 (turn 0).
-        take_turn(turns, 0, WARPGROUP, PINGPONG)
-        mbarrier.wait(k_ready.index(0), 0)
-        scores_token = warpgroup_mma(
-            q_smem, k_bufs.index(0).permute((1, 0)), zero_scores, use_acc=False, is_async=True
-        )
-        pass_turn(turns, WARPGROUP, PINGPONG)
-        row_scale, key_length = _tile_scale(tile_row, 0, q_scale)
-        scores = warpgroup_mma_wait(0, deps=(scores_token,))
-        mbarrier.arrive(k_empty.index(0), count=1)
-        if full_tiles > 0:
-            probs, row_max, row_sum, correction = _softmax_step(
-                scores,
+        if LOOKAHEAD:
+            acc, row_max, row_sum = _ahead_tiles(
+                acc,
                 row_max,
                 row_sum,
-                row_scale,
-                key_length,
-                s_layout,
-                False,
+                operands,
+                tile_row,
+                q_scale,
+                num_tiles,
+                full_tiles,
+                STAGES,
                 MAGIC_I2F,
+                PERMUTED_KEYS,
                 TREE_ROWS,
             )
         else:
-            probs, row_max, row_sum, correction = _softmax_step(
-                scores,
+            acc, row_max, row_sum = _paired_tiles(
+                acc,
                 row_max,
                 row_sum,
-                row_scale,
-                key_length,
-                s_layout,
-                True,
-                MAGIC_I2F,
-                TREE_ROWS,
-            )
-        p = _pv_operand(probs, p_layout, PERMUTED_KEYS)  # [64, 128] fp32, A operand layout
-        state = (acc, p, row_max, row_sum)
-
-        for tile in range(1, full_tiles):
-            state = _key_tile(
-                state,
-                tile,
                 operands,
                 tile_row,
                 q_scale,
+                num_tiles,
+                full_tiles,
                 WARPGROUP,
                 STAGES,
                 PINGPONG,
@@ -757,34 +813,7 @@ def _consumer_partition(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
-                False,
             )
-        for tile in range(gl.maximum(full_tiles, 1), num_tiles):
-            state = _key_tile(
-                state,
-                tile,
-                operands,
-                tile_row,
-                q_scale,
-                WARPGROUP,
-                STAGES,
-                PINGPONG,
-                TWO_LEVEL,
-                MAGIC_I2F,
-                PERMUTED_KEYS,
-                TREE_ROWS,
-                True,
-            )
-        acc, p, row_max, row_sum = state
-
-        # Epilogue: the last tile's P V (turn num_tiles).
-        last = num_tiles - 1
-        take_turn(turns, num_tiles, WARPGROUP, PINGPONG)
-        pv_token = _issue_pv(p, v_bufs, v_ready, last, acc, zero_pv, STAGES, TWO_LEVEL)
-        pass_turn(turns, WARPGROUP, PINGPONG)
-        pv = warpgroup_mma_wait(0, deps=(pv_token,))
-        mbarrier.arrive(v_empty.index(last % STAGES), count=1)
-        acc = acc + pv if TWO_LEVEL else pv
         acc = _normalized(acc, row_sum, v_scale_ptr, v_mean_ptr, o_rows, o_cols, HEAD_DIM)
 
     # Rows past N are clipped by the TMA store; an empty row stores zeros.
