@@ -225,8 +225,9 @@ def probe_variants() -> dict[str, object]:
         "default": GluonFP8Config(),
         "pingpong": GluonFP8Config(pingpong=True),
         "chain-rows": GluonFP8Config(tree_rows=False),
-        "chain-rows-pingpong": GluonFP8Config(tree_rows=False, pingpong=True),
-        "stages3-pingpong": GluonFP8Config(stages=3, pingpong=True),
+        "lookahead": GluonFP8Config(lookahead=True),
+        "lookahead-stages3": GluonFP8Config(lookahead=True, stages=3),
+        "lookahead-chain-rows": GluonFP8Config(lookahead=True, tree_rows=False),
     }
 
 

@@ -68,6 +68,8 @@ VARIANTS = {
     "gluon-cvt": ("gluon", {"magic_i2f": False}),
     "gluon-natural-keys": ("gluon", {"permuted_keys": False}),
     "gluon-chain-rows": ("gluon", {"tree_rows": False}),
+    "gluon-lookahead": ("gluon", {"lookahead": True}),
+    "gluon-lookahead-3-stages": ("gluon", {"lookahead": True, "stages": 3}),
     "portable": ("portable", None),
 }
 

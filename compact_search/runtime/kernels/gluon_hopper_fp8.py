@@ -27,6 +27,11 @@ turns between the warpgroups). What the 8-bit operands change:
   FP8 wgmma's reduced-precision accumulation; measured, it changes the error by < 1% of itself
   (BENCHMARKS.md) and its second accumulator spills registers, so P V accumulates in place as in
   the bf16 kernel;
+- ``LOOKAHEAD`` (off by default): a tile issues P_{j-1} V_{j-1} and S_{j+1} before its
+  softmax, so both matmuls of the warpgroup overlap it, not only P V (FlashAttention-3's
+  intra-warpgroup overlap); S_{j+1} is waited for at the end of the tile, as ptxas serializes
+  the kernel's wgmma if a score tile stays in flight across the loop's back edge (and registers
+  allow the overlap only in the loop over full tiles);
 - the epilogue applies V's per-channel scale and mean, ``out = acc / l * v_scale + v_mean``, and
   stores through a separate shared-memory tile in the output dtype.
 
@@ -92,8 +97,10 @@ MAGIC_BITS = gl.constexpr(0x4B400000)
 
 class GluonFP8Config:
     """Launch options: ring depth, ping-pong turns, two-level accumulation, int -> float path,
-    and the key order of V (``permuted_keys``: the pre-pass writes V in the order that lets P stay
-    in its registers; the launcher quantizes to match).
+    the key order of V (``permuted_keys``: the pre-pass writes V in the order that lets P stay
+    in its registers; the launcher quantizes to match), the row reductions' order and the
+    ``lookahead`` schedule (S_{j+1} issued before tile j's softmax; without ping-pong turns or
+    two-level accumulation).
 
     Shared memory per CTA at D = 128: Q 16 KB + 2 rings x stages x 16 KB + the output tile 32 KB
     (bf16), so 2 stages take 112 KB and 4 stages 176 KB of the 227 KB a CTA may use.
@@ -107,15 +114,21 @@ class GluonFP8Config:
         magic_i2f: bool = True,
         permuted_keys: bool = True,
         tree_rows: bool = True,
+        lookahead: bool = False,
     ):
         if not 1 <= stages <= 4:
             raise ValueError(f"stages must be 1-4, got {stages}")
+        if lookahead and (pingpong or two_level):
+            raise ValueError("lookahead runs without ping-pong turns and two-level accumulation")
+        if lookahead and stages < 2:
+            raise ValueError("lookahead holds two K tiles at once: it needs stages >= 2")
         self.stages = stages
         self.pingpong = pingpong
         self.two_level = two_level
         self.magic_i2f = magic_i2f
         self.permuted_keys = permuted_keys
         self.tree_rows = tree_rows
+        self.lookahead = lookahead
 
     def kwargs(self) -> dict:
         return {
@@ -125,13 +138,15 @@ class GluonFP8Config:
             "MAGIC_I2F": self.magic_i2f,
             "PERMUTED_KEYS": self.permuted_keys,
             "TREE_ROWS": self.tree_rows,
+            "LOOKAHEAD": self.lookahead,
         }
 
     def __repr__(self) -> str:
         return (
             f"GluonFP8Config(stages={self.stages}, pingpong={self.pingpong}, "
             f"two_level={self.two_level}, magic_i2f={self.magic_i2f}, "
-            f"permuted_keys={self.permuted_keys}, tree_rows={self.tree_rows})"
+            f"permuted_keys={self.permuted_keys}, tree_rows={self.tree_rows}, "
+            f"lookahead={self.lookahead})"
         )
 
 
@@ -337,6 +352,366 @@ def _key_tile(
 
 
 @gluon.jit
+def _issue_scores(q_smem, k_bufs, k_ready, tile, zero_scores, STAGES: gl.constexpr):
+    """Issue S_tile = Q8 K8_tile^T (asynchronous) once K_tile has landed."""
+    slot = tile % STAGES
+    mbarrier.wait(k_ready.index(slot), (tile // STAGES) & 1)
+    return warpgroup_mma(
+        q_smem, k_bufs.index(slot).permute((1, 0)), zero_scores, use_acc=False, is_async=True
+    )
+
+
+@gluon.jit
+def _paired_tiles(
+    acc,
+    row_max,
+    row_sum,
+    operands,
+    tile_row,
+    q_scale,
+    num_tiles,
+    full_tiles,
+    WARPGROUP: gl.constexpr,
+    STAGES: gl.constexpr,
+    PINGPONG: gl.constexpr,
+    TWO_LEVEL: gl.constexpr,
+    MAGIC_I2F: gl.constexpr,
+    PERMUTED_KEYS: gl.constexpr,
+    TREE_ROWS: gl.constexpr,
+):
+    """Every key tile of a row (``num_tiles >= 1``) in the default schedule (``_key_tile``: S_j
+    issued with P_{j-1} V_{j-1}), then the last P V; returns the unnormalized output
+    accumulator, the row max and the row sum."""
+    q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turns, zeros = operands
+    zero_scores, zero_pv = zeros
+    s_layout: gl.constexpr = zero_scores.type.layout
+    p_layout: gl.constexpr = gl.DotOperandLayout(
+        operand_index=0, parent=zero_pv.type.layout, k_width=4
+    )
+    # Prologue: S_0 (turn 0).
+    take_turn(turns, 0, WARPGROUP, PINGPONG)
+    mbarrier.wait(k_ready.index(0), 0)
+    scores_token = warpgroup_mma(
+        q_smem, k_bufs.index(0).permute((1, 0)), zero_scores, use_acc=False, is_async=True
+    )
+    pass_turn(turns, WARPGROUP, PINGPONG)
+    row_scale, key_length = _tile_scale(tile_row, 0, q_scale)
+    scores = warpgroup_mma_wait(0, deps=(scores_token,))
+    mbarrier.arrive(k_empty.index(0), count=1)
+    if full_tiles > 0:
+        probs, row_max, row_sum, correction = _softmax_step(
+            scores,
+            row_max,
+            row_sum,
+            row_scale,
+            key_length,
+            s_layout,
+            False,
+            MAGIC_I2F,
+            TREE_ROWS,
+        )
+    else:
+        probs, row_max, row_sum, correction = _softmax_step(
+            scores,
+            row_max,
+            row_sum,
+            row_scale,
+            key_length,
+            s_layout,
+            True,
+            MAGIC_I2F,
+            TREE_ROWS,
+        )
+    p = _pv_operand(probs, p_layout, PERMUTED_KEYS)  # [64, 128] fp32, A operand layout
+    state = (acc, p, row_max, row_sum)
+
+    for tile in range(1, full_tiles):
+        state = _key_tile(
+            state,
+            tile,
+            operands,
+            tile_row,
+            q_scale,
+            WARPGROUP,
+            STAGES,
+            PINGPONG,
+            TWO_LEVEL,
+            MAGIC_I2F,
+            PERMUTED_KEYS,
+            TREE_ROWS,
+            False,
+        )
+    for tile in range(gl.maximum(full_tiles, 1), num_tiles):
+        state = _key_tile(
+            state,
+            tile,
+            operands,
+            tile_row,
+            q_scale,
+            WARPGROUP,
+            STAGES,
+            PINGPONG,
+            TWO_LEVEL,
+            MAGIC_I2F,
+            PERMUTED_KEYS,
+            TREE_ROWS,
+            True,
+        )
+    acc, p, row_max, row_sum = state
+
+    # Epilogue: the last tile's P V (turn num_tiles).
+    last = num_tiles - 1
+    take_turn(turns, num_tiles, WARPGROUP, PINGPONG)
+    pv_token = _issue_pv(p, v_bufs, v_ready, last, acc, zero_pv, STAGES, TWO_LEVEL)
+    pass_turn(turns, WARPGROUP, PINGPONG)
+    pv = warpgroup_mma_wait(0, deps=(pv_token,))
+    mbarrier.arrive(v_empty.index(last % STAGES), count=1)
+    acc = acc + pv if TWO_LEVEL else pv
+    return acc, row_max, row_sum
+
+
+@gluon.jit
+def _ahead_tile(
+    state,
+    tile,
+    operands,
+    row,
+    q_scale,
+    STAGES: gl.constexpr,
+    MAGIC_I2F: gl.constexpr,
+    PERMUTED_KEYS: gl.constexpr,
+    TREE_ROWS: gl.constexpr,
+    FIRST: gl.constexpr,
+    LAST: gl.constexpr,
+    MASKED: gl.constexpr,
+):
+    """Key tile j of the ``LOOKAHEAD`` schedule: issue P_{j-1} V_{j-1} and S_{j+1}, softmax j
+    while the tensor cores run both, rescale, wait for S_{j+1}.
+
+    ``state`` is (acc, S_j, P_{j-1} in fp32 in the A operand's layout (unused when ``FIRST``),
+    row max, row sum), all complete; the same is returned for j + 1 (without S when ``LAST``).
+    Nothing is left in flight across the loop's back edge or a branch, and only the tiles of the
+    loop over full blocks issue S_{j+1} before their softmax: elsewhere ptxas finds a non-wgmma
+    read it cannot prove safe, or runs short of registers, and then serializes every wgmma of
+    the kernel (tests/test_fp8_gluon_compile.py checks the main loop for it). The first tile has
+    no P V before it; ``MASKED`` tiles (padded blocks, a few per row at most) wait for
+    P_{j-1} V_{j-1} before their softmax, as the column mask's indices need the registers a
+    matmul in flight would hold.
+    """
+    acc, scores, p, row_max, row_sum = state
+    q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, _turns, zeros = operands
+    zero_scores, zero_pv = zeros
+    s_layout: gl.constexpr = zero_scores.type.layout
+    o_layout: gl.constexpr = zero_pv.type.layout
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+    AHEAD: gl.constexpr = not (FIRST or LAST or MASKED)
+    if not FIRST:
+        pv = _issue_pv(p, v_bufs, v_ready, tile - 1, acc, zero_pv, STAGES, False)
+    if AHEAD:
+        next_scores = _issue_scores(q_smem, k_bufs, k_ready, tile + 1, zero_scores, STAGES)
+    row_scale, key_length = _tile_scale(row, tile, q_scale)
+    if MASKED and not FIRST:
+        acc = warpgroup_mma_wait(0, deps=(pv,))
+    probs, row_max, row_sum, correction = _softmax_step(
+        scores, row_max, row_sum, row_scale, key_length, s_layout, MASKED, MAGIC_I2F, TREE_ROWS
+    )
+    if not MASKED and not FIRST:
+        # In flight, oldest first: P_{j-1} V_{j-1}, S_{j+1}: retire the first.
+        acc = warpgroup_mma_wait(1 if AHEAD else 0, deps=(pv,))
+    if not FIRST:
+        mbarrier.arrive(v_empty.index((tile - 1) % STAGES), count=1)
+    acc = acc * gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
+    p = _pv_operand(probs, p_layout, PERMUTED_KEYS)
+    if LAST:
+        return acc, p, row_max, row_sum
+    else:
+        if not AHEAD:
+            next_scores = _issue_scores(q_smem, k_bufs, k_ready, tile + 1, zero_scores, STAGES)
+        next_scores = warpgroup_mma_wait(0, deps=(next_scores,))
+        mbarrier.arrive(k_empty.index((tile + 1) % STAGES), count=1)
+        return acc, next_scores, p, row_max, row_sum
+
+
+@gluon.jit
+def _ahead_tiles(
+    acc,
+    row_max,
+    row_sum,
+    operands,
+    row,
+    q_scale,
+    num_tiles,
+    full_tiles,
+    STAGES: gl.constexpr,
+    MAGIC_I2F: gl.constexpr,
+    PERMUTED_KEYS: gl.constexpr,
+    TREE_ROWS: gl.constexpr,
+):
+    """Every key tile of a row (``num_tiles >= 1``) in the ``LOOKAHEAD`` schedule, then the last
+    P V; returns the unnormalized output accumulator, the row max and the row sum.
+
+    Full tiles come first, padded ones after them. The first tile (no P V before it) and the
+    last (no S after it) are their own inlined copies, full or padded.
+    """
+    q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, _turns, zeros = operands
+    zero_scores, zero_pv = zeros
+    p_layout: gl.constexpr = gl.DotOperandLayout(
+        operand_index=0, parent=zero_pv.type.layout, k_width=4
+    )
+    scores = _issue_scores(q_smem, k_bufs, k_ready, 0, zero_scores, STAGES)
+    scores = warpgroup_mma_wait(0, deps=(scores,))
+    mbarrier.arrive(k_empty.index(0), count=1)
+    no_p = gl.zeros([64, 128], gl.float32, layout=p_layout)  # the first tile has no P before it
+    state = (acc, scores, no_p, row_max, row_sum)
+    last = num_tiles - 1
+    if last > 0:
+        if full_tiles > 0:
+            state = _ahead_tile(
+                state,
+                0,
+                operands,
+                row,
+                q_scale,
+                STAGES,
+                MAGIC_I2F,
+                PERMUTED_KEYS,
+                TREE_ROWS,
+                True,
+                False,
+                False,
+            )
+        else:
+            state = _ahead_tile(
+                state,
+                0,
+                operands,
+                row,
+                q_scale,
+                STAGES,
+                MAGIC_I2F,
+                PERMUTED_KEYS,
+                TREE_ROWS,
+                True,
+                False,
+                True,
+            )
+        for tile in range(1, gl.minimum(full_tiles, last)):
+            state = _ahead_tile(
+                state,
+                tile,
+                operands,
+                row,
+                q_scale,
+                STAGES,
+                MAGIC_I2F,
+                PERMUTED_KEYS,
+                TREE_ROWS,
+                False,
+                False,
+                False,
+            )
+        for tile in range(gl.maximum(full_tiles, 1), last):
+            state = _ahead_tile(
+                state,
+                tile,
+                operands,
+                row,
+                q_scale,
+                STAGES,
+                MAGIC_I2F,
+                PERMUTED_KEYS,
+                TREE_ROWS,
+                False,
+                False,
+                True,
+            )
+        if last < full_tiles:
+            acc, p, row_max, row_sum = _ahead_tile(
+                state,
+                last,
+                operands,
+                row,
+                q_scale,
+                STAGES,
+                MAGIC_I2F,
+                PERMUTED_KEYS,
+                TREE_ROWS,
+                False,
+                True,
+                False,
+            )
+        else:
+            acc, p, row_max, row_sum = _ahead_tile(
+                state,
+                last,
+                operands,
+                row,
+                q_scale,
+                STAGES,
+                MAGIC_I2F,
+                PERMUTED_KEYS,
+                TREE_ROWS,
+                False,
+                True,
+                True,
+            )
+    else:
+        if full_tiles > 0:
+            acc, p, row_max, row_sum = _ahead_tile(
+                state,
+                0,
+                operands,
+                row,
+                q_scale,
+                STAGES,
+                MAGIC_I2F,
+                PERMUTED_KEYS,
+                TREE_ROWS,
+                True,
+                True,
+                False,
+            )
+        else:
+            acc, p, row_max, row_sum = _ahead_tile(
+                state,
+                0,
+                operands,
+                row,
+                q_scale,
+                STAGES,
+                MAGIC_I2F,
+                PERMUTED_KEYS,
+                TREE_ROWS,
+                True,
+                True,
+                True,
+            )
+    pv = _issue_pv(p, v_bufs, v_ready, last, acc, zero_pv, STAGES, False)
+    acc = warpgroup_mma_wait(0, deps=(pv,))
+    mbarrier.arrive(v_empty.index(last % STAGES), count=1)
+    return acc, row_max, row_sum
+
+
+@gluon.jit
+def _normalized(
+    acc,
+    row_sum,
+    v_scale_ptr,
+    v_mean_ptr,
+    o_rows: gl.constexpr,
+    o_cols: gl.constexpr,
+    HEAD_DIM: gl.constexpr,
+):
+    """``acc / l * v_scale + v_mean``: the output rows ``[64, D]`` in fp32."""
+    # Every row saw at least one valid key (blocks without one are not in the table).
+    acc = acc / gl.expand_dims(gl.convert_layout(row_sum, o_rows), 1)
+    channels = gl.arange(0, HEAD_DIM, layout=o_cols)  # [D]
+    acc = acc * gl.expand_dims(gl.load(v_scale_ptr + channels), 0)
+    return acc + gl.expand_dims(gl.load(v_mean_ptr + channels), 0)
+
+
+@gluon.jit
 def _consumer_partition(
     shared,
     WARPGROUP: gl.constexpr,
@@ -347,6 +722,7 @@ def _consumer_partition(
     MAGIC_I2F: gl.constexpr,
     PERMUTED_KEYS: gl.constexpr,
     TREE_ROWS: gl.constexpr,
+    LOOKAHEAD: gl.constexpr,
 ):
     """One warpgroup: 64 query rows, both matmuls, the softmax and the epilogue.
 
@@ -378,7 +754,6 @@ def _consumer_partition(
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 32]
     )
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
@@ -406,51 +781,31 @@ def _consumer_partition(
         q_scale = gl.load(q_scale_ptr + WARPGROUP * ROWS + gl.arange(0, ROWS, layout=s_rows))
         row_max = gl.full([ROWS], float("-inf"), gl.float32, layout=s_rows)
         row_sum = gl.zeros([ROWS], gl.float32, layout=s_rows)
-
-        # Prologue: S_0 (turn 0).
-        take_turn(turns, 0, WARPGROUP, PINGPONG)
-        mbarrier.wait(k_ready.index(0), 0)
-        scores_token = warpgroup_mma(
-            q_smem, k_bufs.index(0).permute((1, 0)), zero_scores, use_acc=False, is_async=True
-        )
-        pass_turn(turns, WARPGROUP, PINGPONG)
-        row_scale, key_length = _tile_scale(tile_row, 0, q_scale)
-        scores = warpgroup_mma_wait(0, deps=(scores_token,))
-        mbarrier.arrive(k_empty.index(0), count=1)
-        if full_tiles > 0:
-            probs, row_max, row_sum, correction = _softmax_step(
-                scores,
+        if LOOKAHEAD:
+            acc, row_max, row_sum = _ahead_tiles(
+                acc,
                 row_max,
                 row_sum,
-                row_scale,
-                key_length,
-                s_layout,
-                False,
+                operands,
+                tile_row,
+                q_scale,
+                num_tiles,
+                full_tiles,
+                STAGES,
                 MAGIC_I2F,
+                PERMUTED_KEYS,
                 TREE_ROWS,
             )
         else:
-            probs, row_max, row_sum, correction = _softmax_step(
-                scores,
+            acc, row_max, row_sum = _paired_tiles(
+                acc,
                 row_max,
                 row_sum,
-                row_scale,
-                key_length,
-                s_layout,
-                True,
-                MAGIC_I2F,
-                TREE_ROWS,
-            )
-        p = _pv_operand(probs, p_layout, PERMUTED_KEYS)  # [64, 128] fp32, A operand layout
-        state = (acc, p, row_max, row_sum)
-
-        for tile in range(1, full_tiles):
-            state = _key_tile(
-                state,
-                tile,
                 operands,
                 tile_row,
                 q_scale,
+                num_tiles,
+                full_tiles,
                 WARPGROUP,
                 STAGES,
                 PINGPONG,
@@ -458,39 +813,8 @@ def _consumer_partition(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
-                False,
             )
-        for tile in range(gl.maximum(full_tiles, 1), num_tiles):
-            state = _key_tile(
-                state,
-                tile,
-                operands,
-                tile_row,
-                q_scale,
-                WARPGROUP,
-                STAGES,
-                PINGPONG,
-                TWO_LEVEL,
-                MAGIC_I2F,
-                PERMUTED_KEYS,
-                TREE_ROWS,
-                True,
-            )
-        acc, p, row_max, row_sum = state
-
-        # Epilogue: the last tile's P V (turn num_tiles).
-        last = num_tiles - 1
-        take_turn(turns, num_tiles, WARPGROUP, PINGPONG)
-        pv_token = _issue_pv(p, v_bufs, v_ready, last, acc, zero_pv, STAGES, TWO_LEVEL)
-        pass_turn(turns, WARPGROUP, PINGPONG)
-        pv = warpgroup_mma_wait(0, deps=(pv_token,))
-        mbarrier.arrive(v_empty.index(last % STAGES), count=1)
-        acc = acc + pv if TWO_LEVEL else pv
-        # Every row saw at least one valid key (blocks without one are not in the table).
-        acc = acc / gl.expand_dims(gl.convert_layout(row_sum, o_rows), 1)
-        channels = gl.arange(0, HEAD_DIM, layout=o_cols)  # [D]
-        acc = acc * gl.expand_dims(gl.load(v_scale_ptr + channels), 0)
-        acc = acc + gl.expand_dims(gl.load(v_mean_ptr + channels), 0)
+        acc = _normalized(acc, row_sum, v_scale_ptr, v_mean_ptr, o_rows, o_cols, HEAD_DIM)
 
     # Rows past N are clipped by the TMA store; an empty row stores zeros.
     out_smem.store(acc.to(o_desc.dtype))
@@ -533,6 +857,7 @@ def _gluon_fp8_attention_kernel(
     MAGIC_I2F: gl.constexpr,
     PERMUTED_KEYS: gl.constexpr,
     TREE_ROWS: gl.constexpr,
+    LOOKAHEAD: gl.constexpr,
 ):
     """Grid ``(nb, B * H)``; one CTA = one 128-row query block of one (batch, head).
 
@@ -597,6 +922,7 @@ def _gluon_fp8_attention_kernel(
                     MAGIC_I2F,
                     PERMUTED_KEYS,
                     TREE_ROWS,
+                    LOOKAHEAD,
                 ),
             ),
             (
@@ -611,6 +937,7 @@ def _gluon_fp8_attention_kernel(
                     MAGIC_I2F,
                     PERMUTED_KEYS,
                     TREE_ROWS,
+                    LOOKAHEAD,
                 ),
             ),
             (
