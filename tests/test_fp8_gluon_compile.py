@@ -7,8 +7,8 @@ consumers, no local-memory spills and shared memory within one CTA's limit. Numb
 on a GPU by tests/test_fp8_kernel_gpu.py.
 
 The compile runs in a child process without TRITON_INTERPRET; ``python
-tests/test_fp8_gluon_compile.py HEAD_DIM DTYPE STAGES PINGPONG TWO_LEVEL MAGIC_I2F`` prints the
-facts as JSON.
+tests/test_fp8_gluon_compile.py HEAD_DIM DTYPE V_TERMS STAGES SWITCHES...`` (0/1 each, in
+``SWITCHES`` order) prints the facts as JSON.
 """
 
 from __future__ import annotations
@@ -35,16 +35,16 @@ H100_SHARED_MEMORY = 227 * 1024  # bytes one CTA may use on sm_90
 FP32_POINTERS = ("q_scale_ptr", "k_scale_ptr", "v_scale_ptr", "v_mean_ptr")
 
 
-def _stand_in(head_dim: int) -> QuantizedQKV:
+def _stand_in(head_dim: int, v_terms: int = 1) -> QuantizedQKV:
     """Tensors with the dtypes, shapes and strides of a real call (nothing is launched)."""
     batch, heads, padded_len = 1, 2, 256
     int8 = torch.empty(batch, heads, padded_len, head_dim, dtype=torch.int8)
     fp32 = torch.empty(1)
-    v_t = torch.empty(batch, heads, head_dim, padded_len, dtype=torch.float8_e4m3fn)
+    v_t = torch.empty(batch, heads, v_terms * head_dim, padded_len, dtype=torch.float8_e4m3fn)
     return QuantizedQKV(int8, fp32, int8, fp32, v_t, fp32, fp32, fp32, 128, 250, True)
 
 
-def compile_for_hopper(head_dim: int, dtype: torch.dtype, config):
+def compile_for_hopper(head_dim: int, dtype: torch.dtype, config, v_terms: int = 1):
     import triton
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
@@ -52,8 +52,9 @@ def compile_for_hopper(head_dim: int, dtype: torch.dtype, config):
     kernel = gluon_fp8._gluon_fp8_attention_kernel
     out = torch.empty(1, 2, 250, head_dim, dtype=dtype)
     names = ("q_desc", "k_desc", "v_desc", "o_desc")
-    descriptors = dict(zip(names, gluon_fp8.descriptors(_stand_in(head_dim), out), strict=True))
-    constants = {"HEAD_DIM": head_dim, **config.kwargs()}
+    stand_in = _stand_in(head_dim, v_terms)
+    descriptors = dict(zip(names, gluon_fp8.descriptors(stand_in, out), strict=True))
+    constants = {"HEAD_DIM": head_dim, "V_TERMS": v_terms, **config.kwargs()}
     signature, constexprs = {}, {}
     for index, name in enumerate(inspect.signature(kernel.fn).parameters):
         if name in descriptors:
@@ -117,8 +118,8 @@ def innermost_loops(sass: str) -> list[list[str]]:
     ]
 
 
-def compiled_facts(head_dim: int, dtype: torch.dtype, config) -> dict:
-    compiled = compile_for_hopper(head_dim, dtype, config)
+def compiled_facts(head_dim: int, dtype: torch.dtype, config, v_terms: int = 1) -> dict:
+    compiled = compile_for_hopper(head_dim, dtype, config, v_terms)
     ptx = compiled.asm["ptx"]
     usage, sass = _sass(compiled.asm["cubin"])
     # The first loop with both matmuls is warpgroup 0's loop over fully valid key blocks.
@@ -152,20 +153,29 @@ CONFIGS = [
     (64, torch.float16, gluon_fp8.GluonFP8Config(lookahead=True)),
     (128, torch.bfloat16, gluon_fp8.GluonFP8Config(stages=3, lookahead=True)),
 ]
+# V in two e4m3 terms (quantize_qkv(v_terms=2)): a second P V wgmma from the same registers.
+TWO_TERM_CONFIGS = [
+    (128, torch.bfloat16, gluon_fp8.GluonFP8Config()),
+    (64, torch.float16, gluon_fp8.GluonFP8Config()),
+    (128, torch.bfloat16, gluon_fp8.GluonFP8Config(pingpong=True)),
+]
+CASES = [(*case, 1) for case in CONFIGS] + [(*case, 2) for case in TWO_TERM_CONFIGS]
 
 
 def _config_id(case) -> str:
-    head_dim, dtype, config = case
-    return f"d{head_dim}-{str(dtype)[6:]}-s{config.stages}" + "".join(
-        f"-{name}" for name in SWITCHES if getattr(config, name)
+    head_dim, dtype, config, v_terms = case
+    return (
+        f"d{head_dim}-{str(dtype)[6:]}-s{config.stages}"
+        + "".join(f"-{name}" for name in SWITCHES if getattr(config, name))
+        + ("-two-v-terms" if v_terms == 2 else "")
     )
 
 
-@pytest.mark.parametrize("case", CONFIGS, ids=_config_id)
+@pytest.mark.parametrize("case", CASES, ids=_config_id)
 def test_fp8_kernel_compiles_for_hopper_without_spills(case) -> None:
-    head_dim, dtype, config = case
+    head_dim, dtype, config, v_terms = case
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [str(head_dim), str(dtype).removeprefix("torch."), str(config.stages)]
+    args = [str(head_dim), str(dtype).removeprefix("torch."), str(v_terms), str(config.stages)]
     args += [str(int(getattr(config, n))) for n in SWITCHES]
     done = subprocess.run(
         [sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=900
@@ -190,10 +200,11 @@ def test_fp8_kernel_compiles_for_hopper_without_spills(case) -> None:
         assert facts["stack_bytes"] == 0 and facts["spill_instructions"] == 0
     if config.lookahead and head_dim == 128:
         assert facts["stack_bytes"] <= 16 and facts["spill_instructions"] <= 8
-    # Both matmuls asynchronous: one arrive and one wait a matmul. Where ptxas cannot prove an
-    # accumulator retired before a non-wgmma read, or runs short of registers, it serializes
-    # every wgmma of the kernel (warning C7514/C7512), and a wait follows each of them.
-    assert loop["WARPGROUP"] == 4
+    # Both matmuls asynchronous: one arrive and one wait a matmul (V's second term adds one
+    # more arrive). Where ptxas cannot prove an accumulator retired before a non-wgmma read, or
+    # runs short of registers, it serializes every wgmma of the kernel (warning C7514/C7512),
+    # and a wait follows each of them.
+    assert loop["WARPGROUP"] == 3 + v_terms
     assert facts["shared"] <= H100_SHARED_MEMORY
     # The integer-add conversion leaves no cvt for the 64 scores a thread holds per tile.
     assert (facts["cvt_s32_f32"] == 0) == config.magic_i2f
@@ -204,8 +215,8 @@ def test_fp8_kernel_compiles_for_hopper_without_spills(case) -> None:
     # packed register (16); 8-bit values carried across the loop cost ~190 of them instead.
     assert loop["STS"] == loop["LDS"] == 0
     if config.permuted_keys and not config.two_level:
-        assert loop["SHFL"] == 8 and loop["PRMT"] <= 16
-        assert facts["main_loop_length"] <= 560
+        assert loop["SHFL"] == 8 and loop["PRMT"] <= 16  # P is packed once for both V terms
+        assert facts["main_loop_length"] <= 560 + 20 * (v_terms - 1)
 
 
 # The pre-pass and portable kernels run under the interpreter in CI; compiling them for sm_90 as
@@ -242,6 +253,12 @@ PORTABLE_CASES = {
     "stats-rotated": ("_key_value_stats_kernel", {"ROTATE": True}),
     "quantize": ("_quantize_kernel", {"PERMUTE_IN_REGISTERS": False}),
     "quantize-permuted": ("_quantize_kernel", {"PERMUTE_IN_REGISTERS": True}),
+    "quantize-permuted-two-v-terms": (
+        "_quantize_kernel",
+        {"PERMUTE_IN_REGISTERS": True, "V_TERMS": 2},
+    ),
+    "quantize-values-only": ("_quantize_kernel", {"PERMUTE_IN_REGISTERS": True, "PARTS": 4}),
+    "attention-two-v-terms": ("_fp8_block_sparse_attention_kernel", {"V_TERMS": 2}),
     "attention": ("_fp8_block_sparse_attention_kernel", {}),
 }
 
@@ -262,7 +279,9 @@ def compile_portable_for_hopper(case: str) -> tuple[str, int]:
     constants |= {"WGMMA_KEY_ORDER": True, **overrides}
     constants["BLOCKS_PER_PROGRAM"] = quantize.STATS_BLOCKS_PER_PROGRAM
     signature, constexprs, attrs = {}, {}, {}
-    for index, arg in enumerate(inspect.signature(kernel.fn).parameters):
+    for index, (arg, parameter) in enumerate(inspect.signature(kernel.fn).parameters.items()):
+        if arg not in constants and parameter.default is not inspect.Parameter.empty:
+            constants[arg] = parameter.default  # a constexpr with a default, as a launch omits it
         if arg in constants:
             signature[arg] = "constexpr"
             constexprs[(index,)] = constants[arg]
@@ -298,9 +317,9 @@ def test_portable_8bit_kernels_compile_for_hopper(case: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     facts = json.loads(done.stdout.strip().splitlines()[-1])
     mma = set(facts["wgmma"])
-    if case == "attention":
+    if case.startswith("attention"):
         assert any(".s32.s8.s8" in m for m in mma) and any(".e4m3.e4m3" in m for m in mma)
-    elif case == "stats":  # unrotated sums: no matmul at all
+    elif case in ("stats", "quantize-values-only"):  # unrotated sums, V alone: no matmul
         assert not mma
     else:  # the Hadamard rotation runs on the tensor cores
         assert any(".bf16.bf16" in m for m in mma)
@@ -328,8 +347,9 @@ if __name__ == "__main__" and sys.argv[1] == "portable":
     found = re.findall(r"wgmma\.mma_async\.sync\.aligned\.[\w.]+", ptx)
     print(json.dumps({"wgmma": sorted(set(found)), "stack_bytes": stack_bytes}))
 elif __name__ == "__main__":
-    head_dim, dtype_name, stages, *switches = sys.argv[1:]
+    head_dim, dtype_name, v_terms, stages, *switches = sys.argv[1:]
     config = gluon_fp8.GluonFP8Config(
         int(stages), **{name: bool(int(on)) for name, on in zip(SWITCHES, switches, strict=True)}
     )
-    print(json.dumps(compiled_facts(int(head_dim), getattr(torch, dtype_name), config)))
+    facts = compiled_facts(int(head_dim), getattr(torch, dtype_name), config, int(v_terms))
+    print(json.dumps(facts))

@@ -126,14 +126,15 @@ def _inputs(case):
     return q, k, v, lengths, block_size, rotate
 
 
+@pytest.mark.parametrize("v_terms", [1, 2], ids=["one-v-term", "two-v-terms"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_prepass_matches_its_torch_emulation(case) -> None:
+def test_prepass_matches_its_torch_emulation(case, v_terms: int) -> None:
     q, k, v, lengths, block_size, rotate = _inputs(case)
-    got = quantize_qkv(q, k, v, block_size=block_size, key_lengths=lengths, rotate=rotate)
+    arguments = dict(block_size=block_size, key_lengths=lengths, rotate=rotate, v_terms=v_terms)
+    got = quantize_qkv(q, k, v, **arguments)
     stats = key_value_stats(k, v, lengths, block_size=block_size, rotate=rotate)
-    want = emulate_quantize_qkv(
-        q, k, v, block_size=block_size, key_lengths=lengths, rotate=rotate, stats=stats
-    )
+    want = emulate_quantize_qkv(q, k, v, **arguments, stats=stats)
+    assert got.v_terms == want.v_terms == v_terms
     assert torch.equal(got.v_t.view(torch.uint8), want.v_t.view(torch.uint8))
     # The same rounding errors summed in another order: the mean error (in units of the scale)
     # agrees to fp32 rounding, and the corrected mean to that times the scale plus an ulp.
@@ -154,7 +155,7 @@ def test_prepass_matches_its_torch_emulation(case) -> None:
         assert torch.equal(got.q_scale, want.q_scale) and torch.equal(got.k_scale, want.k_scale)
 
     # The kernel's statistics (chunked sums) agree with plain torch sums to fp32 rounding.
-    plain = emulate_quantize_qkv(q, k, v, block_size=block_size, key_lengths=lengths, rotate=rotate)
+    plain = emulate_quantize_qkv(q, k, v, **arguments)
     torch.testing.assert_close(got.k_mean, plain.k_mean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.v_mean, plain.v_mean, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got.v_scale, plain.v_scale, atol=0, rtol=1e-6)
@@ -166,6 +167,8 @@ LAUNCH_VARIANTS = [
     (CASES[1], {"stats_blocks_per_program": 3, "stats_num_warps": 8}),  # 16 blocks: a short chunk
     (CASES[1], {"stats_blocks_per_program": 1}),
     (CASES[0], {"stats_rotate_in_kernel": True}),
+    (CASES[0], {"split_quantize": True}),
+    (CASES[1], {"split_quantize": True, "permute_in_registers": False}),
 ]
 
 
@@ -238,6 +241,45 @@ def test_prepass_layout_and_dequantization(case) -> None:
     bound = torch.maximum(centred / 16, 2.0**-10 * got.v_scale[:, :, None])
     bound = torch.nn.functional.pad(bound, (0, 0, 0, padded_len - seq_len))[:, :, valid]
     assert (error.abs() <= bound * 1.0001).all()
+
+
+@pytest.mark.parametrize("case", CASES[:2], ids=_case_id)
+def test_two_v_terms_carry_v_to_seven_mantissa_bits(case) -> None:
+    q, k, v, lengths, block_size, rotate = _inputs(case)
+    seq_len, head_dim = q.shape[2], q.shape[3]
+    arguments = dict(block_size=block_size, key_lengths=lengths, rotate=rotate)
+    one = quantize_qkv(q, k, v, **arguments)
+    got = quantize_qkv(q, k, v, **arguments, v_terms=2)
+    padded_len = got.q.shape[2]
+    assert got.v_t.shape == (*q.shape[:2], 2 * head_dim, padded_len)
+    # The first term is the one-term V^T, and everything else but V's mean is unchanged.
+    assert torch.equal(got.v_t[:, :, :head_dim].view(torch.uint8), one.v_t.view(torch.uint8))
+    for name in ("q", "q_scale", "k", "k_scale", "v_scale"):
+        assert torch.equal(getattr(got, name), getattr(one, name)), name
+    offsets = torch.arange(padded_len)
+    valid = (offsets % block_size) < lengths.long()[offsets // block_size]
+    assert not got.v_t.float()[..., ~valid].any(), "padded keys must stay zero in both terms"
+    assert got.v_t.float()[:, :, head_dim:][..., valid].any(), "second term never written"
+
+    v_mean = key_value_stats(k, v, lengths, block_size=block_size, rotate=rotate)[1]
+    centred = torch.nn.functional.pad(
+        v.float() - v_mean[:, :, None], (0, 0, 0, padded_len - seq_len)
+    )
+    back = got.v_values().transpose(-1, -2) * got.v_scale[:, :, None]  # [B, H, Np, D]
+    error = (back - centred)[:, :, valid]
+    # Half a step of the second term: 1/256 of the centred value, or half the subnormal step
+    # 2^-9 (times the channel scale) where the first term's rounding error is that small.
+    bound = torch.maximum(centred.abs() / 256, 2.0**-10 * got.v_scale[:, :, None])[:, :, valid]
+    assert (error.abs() <= bound * 1.0001).all()
+    one_error = (one.v_values().transpose(-1, -2) * one.v_scale[:, :, None] - centred)[:, :, valid]
+    assert error.norm() < one_error.norm() / 8
+
+
+def test_prepass_rejects_a_third_v_term() -> None:
+    q, k, v, lengths, block_size, rotate = _inputs(CASES[0])
+    for quantize in (quantize_qkv, emulate_quantize_qkv):
+        with pytest.raises(ValueError, match="v_terms"):
+            quantize(q, k, v, block_size=block_size, key_lengths=lengths, v_terms=3)
 
 
 def test_padded_keys_never_reach_the_statistics() -> None:

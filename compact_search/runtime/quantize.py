@@ -58,6 +58,7 @@ __all__ = [
     "INT8_MAX",
     "E4M3_MAX",
     "LOG2_P_SCALE",
+    "FP8_V_TERMS",
 ]
 
 INT8_MAX = 127.0
@@ -83,6 +84,13 @@ STATS_NUM_WARPS = 4
 # 8 warps: at 4, the quantization kernel's three [128, 128] fp32 tiles and the Hadamard dots
 # spill at head dim 128 (sm_90: 255 registers and ~115 local loads/stores; 172 and none at 8).
 QUANTIZE_NUM_WARPS = 8
+# V's rows permuted in registers before a store of whole vectors (wgmma key order), and Q, K, V
+# quantized by three launches of one tensor each: benchmarks/bench_prepass.py times both ways.
+PERMUTE_IN_REGISTERS = True
+SPLIT_QUANTIZE = False
+# V's e4m3 terms on the runtime's 8-bit path (sparse_attention(precision="fp8")): 1, or 2 (its
+# rounding error in a second term and a second P V product; docs/kernel.md, "Accuracy").
+FP8_V_TERMS = 1
 
 
 _HADAMARD_CACHE: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
@@ -118,7 +126,9 @@ class QuantizedQKV:
         q_scale: fp32 ``[B, H, Np]``: ``q ~ q8 * q_scale`` (rotated).
         k: int8 ``[B, H, Np, D]``, rotated K minus its mean (``k_scale`` per block).
         k_scale: fp32 ``[B, H, nb]``.
-        v_t: float8_e4m3fn ``[B, H, D, Np]``: ``(v - v_mean) / v_scale``, transposed.
+        v_t: float8_e4m3fn ``[B, H, T * D, Np]`` with ``T = v_terms``: ``(v - v_mean) / v_scale``,
+            transposed, in e4m3 (rows ``0..D-1``); with two terms rows ``D..2D-1`` hold the
+            e4m3 rounding of what the first missed, and V^T is their sum (exact in fp32).
         v_scale: fp32 ``[B, H, D]``.
         v_mean: fp32 ``[B, H, D]``, what the kernels add to the output: V's mean over the valid
             keys (the one ``v_t`` is centred on, ``key_value_stats``' ``v_mean``) minus
@@ -144,6 +154,17 @@ class QuantizedQKV:
     seq_len: int
     rotated: bool
     wgmma_key_order: bool = False
+
+    @property
+    def v_terms(self) -> int:
+        """How many e4m3 terms carry V (1, or 2 with its rounding error)."""
+        return self.v_t.shape[2] // self.q.shape[-1]
+
+    def v_values(self) -> torch.Tensor:
+        """V^T as the kernels' P V products see it: fp32 ``[B, H, D, Np]``, the terms summed."""
+        head_dim = self.q.shape[-1]
+        terms = self.v_t.float().unflatten(2, (self.v_terms, head_dim))  # [B, H, T, D, Np]
+        return terms.sum(2) if self.v_terms == 2 else terms[:, :, 0]
 
     @property
     def score_scale(self) -> float:
@@ -335,11 +356,18 @@ def _quantize_kernel(
     ROTATE: tl.constexpr,
     WGMMA_KEY_ORDER: tl.constexpr,
     PERMUTE_IN_REGISTERS: tl.constexpr = False,
+    PARTS: tl.constexpr = 7,
+    V_TERMS: tl.constexpr = 1,
 ):
     """Grid ``(nb, B * H)``: one block of Q, K and V of one head into the 8-bit layouts.
 
     ``PERMUTE_IN_REGISTERS`` (set only with ``WGMMA_KEY_ORDER``): permute V's rows in registers
     and store them at token-order addresses, instead of storing each row at its permuted one.
+    ``PARTS``: which tensors this launch quantizes (bits 1 Q, 2 K, 4 V): all three in one program,
+    or one a launch, whose programs then hold one ``[BS, D]`` fp32 tile instead of three.
+    ``V_TERMS`` 2: V^T is ``[B*H, 2 D, Np]``, rows ``D..2D-1`` holding the e4m3 rounding of what
+    the first term missed (``centred - v8``), so the kernels' two P V products carry V to about
+    7 mantissa bits.
     """
     block = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -352,61 +380,78 @@ def _quantize_kernel(
     padded_rows = batch_head.to(tl.int64) * padded_len + rows  # [BS], into [B*H, Np]
     row_major = padded_rows[:, None] * HEAD_DIM + cols[None, :]  # [BS, D], into [B*H, Np, D]
 
-    queries = _load_rows(
-        q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh,
-        rows,
-        stride_qn,
-        rows < seq_len,
-        HEAD_DIM,
-    )
-    queries = _to_fp32(queries, hadamard_ptr, HEAD_DIM, ROTATE)  # [BS, D]
-    q_amax = tl.maximum(tl.max(tl.abs(queries), 1), TINY_AMAX_C)  # [BS]
-    # A tensor numerator: under the interpreter constexpr / tensor would stay a constexpr.
-    q8 = round_half_even(queries * ((tl.zeros_like(q_amax) + INT8_MAX_C) / q_amax)[:, None])
-    tl.store(q8_ptr + row_major, tl.minimum(tl.maximum(q8, -INT8_MAX_C), INT8_MAX_C).to(tl.int8))
-    tl.store(q_scale_ptr + padded_rows, q_amax / INT8_MAX_C)
-
     valid = offsets < tl.load(key_lengths_ptr + block)  # [BS]; lengths are clipped to N
-    keys = _load_rows(
-        k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh,
-        rows,
-        stride_kn,
-        valid,
-        HEAD_DIM,
-    )
-    keys = _to_fp32(keys, hadamard_ptr, HEAD_DIM, ROTATE)  # [BS, D]
-    keys = tl.where(valid[:, None], keys - tl.load(k_mean_ptr + stats)[None, :], 0.0)
-    k_amax = tl.maximum(tl.max(tl.max(tl.abs(keys), 1), 0), TINY_AMAX_C)
-    k8 = round_half_even(keys * ((tl.zeros_like(k_amax) + INT8_MAX_C) / k_amax))
-    tl.store(k8_ptr + row_major, tl.minimum(tl.maximum(k8, -INT8_MAX_C), INT8_MAX_C).to(tl.int8))
-    tl.store(k_scale_ptr + batch_head * num_blocks + block, k_amax / INT8_MAX_C)
+    if PARTS & 1:
+        queries = _load_rows(
+            q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh,
+            rows,
+            stride_qn,
+            rows < seq_len,
+            HEAD_DIM,
+        )
+        queries = _to_fp32(queries, hadamard_ptr, HEAD_DIM, ROTATE)  # [BS, D]
+        q_amax = tl.maximum(tl.max(tl.abs(queries), 1), TINY_AMAX_C)  # [BS]
+        # A tensor numerator: under the interpreter constexpr / tensor would stay a constexpr.
+        q8 = round_half_even(queries * ((tl.zeros_like(q_amax) + INT8_MAX_C) / q_amax)[:, None])
+        q8 = tl.minimum(tl.maximum(q8, -INT8_MAX_C), INT8_MAX_C)
+        tl.store(q8_ptr + row_major, q8.to(tl.int8))
+        tl.store(q_scale_ptr + padded_rows, q_amax / INT8_MAX_C)
 
-    values = _load_rows(
-        v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh,
-        rows,
-        stride_vn,
-        valid,
-        HEAD_DIM,
-    ).to(tl.float32)  # [BS, D]
-    centred = (values - tl.load(v_mean_ptr + stats)[None, :]) * tl.load(
-        v_inverse_scale_ptr + stats
-    )[None, :]
-    v8 = tl.where(valid[:, None], round_to_e4m3(centred), 0.0)
-    # This block's sum of V's rounding error over its valid keys (a padded key's v8 is 0 but its
-    # centred value is not): quantize_qkv folds the mean error into v_mean.
-    error_sum = tl.sum(tl.where(valid[:, None], v8 - centred, 0.0), 0)  # [D]
-    error_row = (batch_head.to(tl.int64) * num_blocks + block) * HEAD_DIM + cols  # [B*H, nb, D]
-    tl.store(v_error_sum_ptr + error_row, error_sum)
-    # Transposed: [B*H, D, Np], each program writing BLOCK_SIZE consecutive bytes per channel.
-    # PERMUTE_IN_REGISTERS (wgmma order only): rows moved to their wgmma positions before the
-    # store, whose addresses are then contiguous along keys (whole vectors per channel).
-    v8 = _rows_in_wgmma_order(v8, BLOCK_SIZE, HEAD_DIM) if PERMUTE_IN_REGISTERS else v8
-    scattered = block * BLOCK_SIZE + _wgmma_position(offsets)
-    positions = rows if PERMUTE_IN_REGISTERS else (scattered if WGMMA_KEY_ORDER else rows)
-    column_major = (batch_head.to(tl.int64) * HEAD_DIM + cols[None, :]) * padded_len + positions[
-        :, None
-    ]
-    tl.store(v8_ptr + column_major, v8.to(v8_ptr.dtype.element_ty))
+    if PARTS & 2:
+        keys = _load_rows(
+            k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh,
+            rows,
+            stride_kn,
+            valid,
+            HEAD_DIM,
+        )
+        keys = _to_fp32(keys, hadamard_ptr, HEAD_DIM, ROTATE)  # [BS, D]
+        keys = tl.where(valid[:, None], keys - tl.load(k_mean_ptr + stats)[None, :], 0.0)
+        k_amax = tl.maximum(tl.max(tl.max(tl.abs(keys), 1), 0), TINY_AMAX_C)
+        k8 = round_half_even(keys * ((tl.zeros_like(k_amax) + INT8_MAX_C) / k_amax))
+        k8 = tl.minimum(tl.maximum(k8, -INT8_MAX_C), INT8_MAX_C)
+        tl.store(k8_ptr + row_major, k8.to(tl.int8))
+        tl.store(k_scale_ptr + batch_head * num_blocks + block, k_amax / INT8_MAX_C)
+
+    if PARTS & 4:
+        values = _load_rows(
+            v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh,
+            rows,
+            stride_vn,
+            valid,
+            HEAD_DIM,
+        ).to(tl.float32)  # [BS, D]
+        centred = (values - tl.load(v_mean_ptr + stats)[None, :]) * tl.load(
+            v_inverse_scale_ptr + stats
+        )[None, :]
+        v8 = tl.where(valid[:, None], round_to_e4m3(centred), 0.0)
+        if V_TERMS == 2:
+            # What v8 missed, itself in e4m3 (exact in fp32: both are short-mantissa values).
+            v8_low = tl.where(valid[:, None], round_to_e4m3(centred - v8), 0.0)
+            error = v8 + v8_low - centred
+        else:
+            error = v8 - centred
+        # This block's sum of V's rounding error over its valid keys (a padded key's v8 is 0 but
+        # its centred value is not): quantize_qkv folds the mean error into v_mean.
+        error_sum = tl.sum(tl.where(valid[:, None], error, 0.0), 0)  # [D]
+        error_row = (batch_head.to(tl.int64) * num_blocks + block) * HEAD_DIM + cols
+        tl.store(v_error_sum_ptr + error_row, error_sum)  # [B*H, nb, D]
+        # Transposed: [B*H, V_TERMS * D, Np], each program writing BLOCK_SIZE consecutive bytes
+        # per channel. PERMUTE_IN_REGISTERS (wgmma order only): rows moved to their wgmma
+        # positions before the store, whose addresses are then contiguous along keys (whole
+        # vectors per channel).
+        scattered = block * BLOCK_SIZE + _wgmma_position(offsets)
+        positions = rows if PERMUTE_IN_REGISTERS else (scattered if WGMMA_KEY_ORDER else rows)
+        channels = batch_head.to(tl.int64) * (V_TERMS * HEAD_DIM) + cols[None, :]  # [1, D]
+        column_major = channels * padded_len + positions[:, None]  # [BS, D]
+        if PERMUTE_IN_REGISTERS:
+            v8 = _rows_in_wgmma_order(v8, BLOCK_SIZE, HEAD_DIM)
+        tl.store(v8_ptr + column_major, v8.to(v8_ptr.dtype.element_ty))
+        if V_TERMS == 2:
+            if PERMUTE_IN_REGISTERS:
+                v8_low = _rows_in_wgmma_order(v8_low, BLOCK_SIZE, HEAD_DIM)
+            low_rows = column_major + HEAD_DIM * padded_len
+            tl.store(v8_ptr + low_rows, v8_low.to(v8_ptr.dtype.element_ty))
 
 
 def _finalize_stats(
@@ -533,6 +578,11 @@ def key_value_stats(
     )
 
 
+def _check_v_terms(v_terms: int) -> None:
+    if v_terms not in (1, 2):
+        raise ValueError(f"v_terms must be 1 or 2, got {v_terms!r}")
+
+
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must share one shape [B, H, N, D], got {tuple(q.shape)}")
@@ -551,6 +601,7 @@ def quantize_qkv(
     key_lengths: torch.Tensor,
     rotate: bool = True,
     key_order: str = "natural",
+    v_terms: int = 1,
 ) -> QuantizedQKV:
     """The pre-pass (two Triton kernels and a few small torch reductions).
 
@@ -561,9 +612,18 @@ def quantize_qkv(
         rotate: apply the Hadamard rotation to Q and K.
         key_order: "natural" (token order) or "wgmma" (V^T's keys in ``wgmma_key_order``, what
             the Gluon kernel reads).
+        v_terms: 1 (V in one e4m3 term) or 2 (and its rounding error in a second: the kernels
+            then run P V twice, for V at about 7 mantissa bits; see ``QuantizedQKV.v_t``).
     """
     return _launch_prepass(
-        q, k, v, block_size=block_size, key_lengths=key_lengths, rotate=rotate, key_order=key_order
+        q,
+        k,
+        v,
+        block_size=block_size,
+        key_lengths=key_lengths,
+        rotate=rotate,
+        key_order=key_order,
+        v_terms=v_terms,
     )
 
 
@@ -580,15 +640,19 @@ def _launch_prepass(
     stats_num_warps: int = STATS_NUM_WARPS,
     stats_rotate_in_kernel: bool = False,
     quantize_num_warps: int = QUANTIZE_NUM_WARPS,
-    permute_in_registers: bool = False,
+    permute_in_registers: bool = PERMUTE_IN_REGISTERS,
+    split_quantize: bool = SPLIT_QUANTIZE,
+    v_terms: int = 1,
 ) -> QuantizedQKV:
     """:func:`quantize_qkv` with its launch parameters (``benchmarks/bench_prepass.py`` times
     them): the statistics kernel's key blocks per program and warps and whether it rotates
     every key (``key_value_stats``' ``rotate_in_kernel``), the quantization kernel's warps, and
     with ``key_order="wgmma"`` whether V's rows are permuted in registers before a token-order
-    store (``_quantize_kernel``'s ``PERMUTE_IN_REGISTERS``)."""
+    store (``_quantize_kernel``'s ``PERMUTE_IN_REGISTERS``), and whether Q, K and V are
+    quantized by one launch or one each (``split_quantize``)."""
     if key_order not in ("natural", "wgmma"):
         raise ValueError(f"key_order must be 'natural' or 'wgmma', got {key_order!r}")
+    _check_v_terms(v_terms)
     _check_inputs(q, k, v, block_size)
     stats = key_value_stats(
         k,
@@ -611,6 +675,8 @@ def _launch_prepass(
         key_order=key_order,
         num_warps=quantize_num_warps,
         permute_in_registers=permute_in_registers,
+        split_parts=split_quantize,
+        v_terms=v_terms,
     )
     return _assemble(outputs, stats, key_lengths, block_size, q.shape[2], rotate, key_order)
 
@@ -626,9 +692,14 @@ def _quantize_blocks(
     rotate: bool,
     key_order: str,
     num_warps: int = QUANTIZE_NUM_WARPS,
-    permute_in_registers: bool = False,
+    permute_in_registers: bool = PERMUTE_IN_REGISTERS,
+    split_parts: bool = SPLIT_QUANTIZE,
+    v_terms: int = 1,
 ) -> tuple[torch.Tensor, ...]:
-    """The quantization kernel alone: ``(q8, q_scale, k8, k_scale, v8, v_error_sums)``."""
+    """The quantization kernel alone: ``(q8, q_scale, k8, k_scale, v8, v_error_sums)``.
+
+    ``split_parts``: three launches (Q, K, V apart) instead of one that quantizes all three.
+    """
     batch, heads, seq_len, head_dim = q.shape
     num_blocks = key_lengths.numel()
     padded_len = num_blocks * block_size
@@ -636,41 +707,47 @@ def _quantize_blocks(
     device = q.device
     q8 = torch.empty(batch, heads, padded_len, head_dim, device=device, dtype=torch.int8)
     k8 = torch.empty_like(q8)
-    v8 = torch.empty(batch, heads, head_dim, padded_len, device=device, dtype=torch.float8_e4m3fn)
+    v8 = torch.empty(
+        batch, heads, v_terms * head_dim, padded_len, device=device, dtype=torch.float8_e4m3fn
+    )
     q_scale = torch.empty(batch, heads, padded_len, device=device, dtype=torch.float32)
     k_scale = torch.empty(batch, heads, num_blocks, device=device, dtype=torch.float32)
     v_error_sums = torch.empty(
         batch * heads, num_blocks, head_dim, device=device, dtype=torch.float32
     )
-    _quantize_kernel[(num_blocks, batch * heads)](
-        q,
-        k,
-        v,
-        _kernel_hadamard(q),
-        key_lengths,
-        k_mean,
-        v_mean,
-        v_inverse_scale,
-        q8,
-        q_scale,
-        k8,
-        k_scale,
-        v8,
-        v_error_sums,
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        heads,
-        seq_len,
-        padded_len,
-        num_blocks,
-        HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size,
-        ROTATE=rotate,
-        WGMMA_KEY_ORDER=key_order == "wgmma",
-        PERMUTE_IN_REGISTERS=permute_in_registers and key_order == "wgmma",
-        num_warps=num_warps,
-    )
+    hadamard = _kernel_hadamard(q)
+    for parts in (1, 2, 4) if split_parts else (7,):
+        _quantize_kernel[(num_blocks, batch * heads)](
+            q,
+            k,
+            v,
+            hadamard,
+            key_lengths,
+            k_mean,
+            v_mean,
+            v_inverse_scale,
+            q8,
+            q_scale,
+            k8,
+            k_scale,
+            v8,
+            v_error_sums,
+            *q.stride()[:3],
+            *k.stride()[:3],
+            *v.stride()[:3],
+            heads,
+            seq_len,
+            padded_len,
+            num_blocks,
+            HEAD_DIM=head_dim,
+            BLOCK_SIZE=block_size,
+            ROTATE=rotate,
+            WGMMA_KEY_ORDER=key_order == "wgmma",
+            PERMUTE_IN_REGISTERS=permute_in_registers and key_order == "wgmma",
+            PARTS=parts,
+            V_TERMS=v_terms,
+            num_warps=num_warps,
+        )
     return q8, q_scale, k8, k_scale, v8, v_error_sums
 
 
@@ -736,6 +813,7 @@ def emulate_quantize_qkv(
     key_lengths: torch.Tensor,
     rotate: bool = True,
     stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    v_terms: int = 1,
 ) -> QuantizedQKV:
     """:func:`quantize_qkv` in torch, op for op in fp32 (the rotation exact, then rounded).
 
@@ -745,6 +823,7 @@ def emulate_quantize_qkv(
     summed in another order, so it agrees to fp32 rounding, not bit for bit.
     """
     _check_inputs(q, k, v, block_size)
+    _check_v_terms(v_terms)
     batch, heads, seq_len, head_dim = q.shape
     num_blocks = key_lengths.numel()
     padded_len = num_blocks * block_size
@@ -780,7 +859,12 @@ def emulate_quantize_qkv(
     k8 = _int8(blocks * _reciprocal_times(INT8_MAX, k_amax)[..., None]).reshape(keys.shape)
     centred = (values - v_mean[:, :, None]) * v_inverse_scale[:, :, None]
     v8 = to_e4m3(torch.where(valid[:, None], centred, 0.0))  # [B, H, Np, D]
-    error = torch.where(valid[:, None], v8.float() - centred, 0.0)
+    represented = v8.float()
+    if v_terms == 2:
+        v8_low = to_e4m3(torch.where(valid[:, None], centred - v8.float(), 0.0))
+        represented = represented + v8_low.float()
+        v8 = torch.cat([v8, v8_low], -1)  # [B, H, Np, 2 D]: transposed below to [B, H, 2 D, Np]
+    error = torch.where(valid[:, None], represented - centred, 0.0)
     # Per block, then over blocks, as the kernel adds them up (within a block the order differs).
     error_sum = error.view(batch, heads, num_blocks, block_size, head_dim).sum(3).sum(2)
     v_mean = _debiased_v_mean(v_mean, v_scale, error_sum, valid.sum())

@@ -77,6 +77,7 @@ from compact_search.runtime.kernels.gluon_common import (
 )
 from compact_search.runtime.lut import BlockLUT
 from compact_search.runtime.quantize import (
+    FP8_V_TERMS,
     LOG2_P_SCALE_C,
     ROUNDING_MAGIC_C,
     QuantizedQKV,
@@ -273,16 +274,27 @@ def _tile_scale(row, tile, q_scale):
 def _issue_pv(
     p, v_bufs, v_ready, tile, acc, zero_pv, STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr
 ):
-    """Issue P_tile V_tile (asynchronous): into a zero accumulator, or into ``acc``."""
+    """Issue P_tile V_tile (asynchronous): into a zero accumulator, or into ``acc``.
+
+    With V in two e4m3 terms (the ring's tiles are ``[2 D, 128]``), a second wgmma of the same P
+    registers adds P V_low into the same accumulator: two commit groups, the caller's waits
+    count ``V_TERMS`` of them.
+    """
+    HEAD_DIM: gl.constexpr = zero_pv.type.shape[1]
+    V_TERMS: gl.constexpr = v_bufs.shape[1] // HEAD_DIM
     slot = tile % STAGES
     mbarrier.wait(v_ready.index(slot), (tile // STAGES) & 1)
-    v_tile = v_bufs.index(slot).permute((1, 0))  # [128, D], keys contiguous: K-major
+    v_tiles = v_bufs.index(slot)  # [V_TERMS * D, 128]
+    v_tile = v_tiles.slice(0, HEAD_DIM).permute((1, 0))  # [128, D], keys contiguous: K-major
     # Rounded here, in the block that issues the wgmma: packed registers go straight in.
     p8 = _to_e4m3_packed(p)  # [64, 128] e4m3
     if TWO_LEVEL:
         token = warpgroup_mma(p8, v_tile, zero_pv, use_acc=False, is_async=True)
     else:
         token = warpgroup_mma(p8, v_tile, acc, is_async=True)
+    if V_TERMS == 2:
+        v_low = v_tiles.slice(HEAD_DIM, HEAD_DIM).permute((1, 0))  # [128, D]
+        token = warpgroup_mma(p8, v_low, token, is_async=True)
     return token
 
 
@@ -313,6 +325,7 @@ def _key_tile(
     s_layout: gl.constexpr = zero_scores.type.layout
     o_layout: gl.constexpr = zero_pv.type.layout
     p_layout: gl.constexpr = p.type.layout
+    PV_GROUPS: gl.constexpr = v_bufs.shape[1] // zero_pv.type.shape[1]  # V's e4m3 terms
     slot = tile % STAGES
     take_turn(turns, tile, WARPGROUP, PINGPONG)
     mbarrier.wait(k_ready.index(slot), (tile // STAGES) & 1)
@@ -337,7 +350,8 @@ def _key_tile(
         )
         acc = acc * gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
     else:
-        scores = warpgroup_mma_wait(1, deps=(scores_token,))  # S_j; P V may still run
+        # S_j; P V (PV_GROUPS commit groups, issued after it) may still run.
+        scores = warpgroup_mma_wait(PV_GROUPS, deps=(scores_token,))
         mbarrier.arrive(k_empty.index(slot), count=1)
         # Softmax of tile j while the tensor cores run P_{j-1} V_{j-1}.
         probs, row_max, row_sum, correction = _softmax_step(
@@ -858,11 +872,13 @@ def _gluon_fp8_attention_kernel(
     PERMUTED_KEYS: gl.constexpr,
     TREE_ROWS: gl.constexpr,
     LOOKAHEAD: gl.constexpr,
+    V_TERMS: gl.constexpr = 1,
 ):
     """Grid ``(nb, B * H)``; one CTA = one 128-row query block of one (batch, head).
 
-    q/k descriptors over int8 ``[B, H, Np, D]``, v over fp8 V^T ``[B, H, D, Np]``, o over the
-    output ``[B, H, N, D]``; scales and means as ``QuantizedQKV`` holds them.
+    q/k descriptors over int8 ``[B, H, Np, D]``, v over fp8 V^T ``[B, H, V_TERMS * D, Np]`` (one
+    TMA box carries both terms of a tile), o over the output ``[B, H, N, D]``; scales and means
+    as ``QuantizedQKV`` holds them.
     """
     ROWS: gl.constexpr = 64
     BLOCK_SIZE: gl.constexpr = 128
@@ -880,14 +896,16 @@ def _gluon_fp8_attention_kernel(
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], gl.int8)
     k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_SIZE, HEAD_DIM], gl.int8)
     v_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(
-        [HEAD_DIM, BLOCK_SIZE], gl.float8e4nv
+        [V_TERMS * HEAD_DIM, BLOCK_SIZE], gl.float8e4nv
     )
     out_dtype: gl.constexpr = o_desc.dtype
     out_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], out_dtype)
     q_halves = gl.allocate_shared_memory(gl.int8, [2, ROWS, HEAD_DIM], q_layout)
     out_halves = gl.allocate_shared_memory(out_dtype, [2, ROWS, HEAD_DIM], out_layout)
     k_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_SIZE, HEAD_DIM], k_layout)
-    v_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, HEAD_DIM, BLOCK_SIZE], v_layout)
+    v_bufs = gl.allocate_shared_memory(
+        gl.float8e4nv, [STAGES, V_TERMS * HEAD_DIM, BLOCK_SIZE], v_layout
+    )
     q_bar, k_ready, v_ready, k_empty, v_empty, turns = cta_barriers(STAGES)
     load_query_halves(q_desc, q_halves, q_bar, batch, head, q_start)
 
@@ -1001,7 +1019,7 @@ def descriptors(quantized: QuantizedQKV, out: torch.Tensor) -> tuple[TensorDescr
     return (
         descriptor(quantized.q, [1, 1, rows, head_dim]),
         descriptor(quantized.k, [1, 1, GLUON_BLOCK_SIZE, head_dim]),
-        descriptor(quantized.v_t, [1, 1, head_dim, GLUON_BLOCK_SIZE]),
+        descriptor(quantized.v_t, [1, 1, quantized.v_terms * head_dim, GLUON_BLOCK_SIZE]),
         descriptor(out, [1, 1, rows, head_dim]),
     )
 
@@ -1018,7 +1036,7 @@ AUTOTUNE_CONFIGS = [
     for pingpong in (False, True)
 ]
 _autotuned_kernel = triton.autotune(
-    configs=AUTOTUNE_CONFIGS, key=["seq_len", "HEAD_DIM", "density_bucket"]
+    configs=AUTOTUNE_CONFIGS, key=["seq_len", "HEAD_DIM", "V_TERMS", "density_bucket"]
 )(_gluon_fp8_attention_kernel)
 
 
@@ -1076,12 +1094,13 @@ def gluon_fp8_attention(
         density_bucket(lut),
     )
     if config is None and autotune_enabled():
-        _autotuned_kernel[grid](*args, HEAD_DIM=head_dim)
+        _autotuned_kernel[grid](*args, HEAD_DIM=head_dim, V_TERMS=quantized.v_terms)
     else:
         config = config or GluonFP8Config()
         _gluon_fp8_attention_kernel[grid](
             *args,
             HEAD_DIM=head_dim,
+            V_TERMS=quantized.v_terms,
             **config.kwargs(),
             num_warps=CONSUMER_WARPS.value,
             maxnreg=MAX_REGISTERS,
@@ -1109,6 +1128,12 @@ def gluon_fp8_lut_attention(
             "block_size 128"
         )
     quantized = quantize_qkv(
-        q, k, v, block_size=block_size, key_lengths=lut.key_lengths, key_order="wgmma"
+        q,
+        k,
+        v,
+        block_size=block_size,
+        key_lengths=lut.key_lengths,
+        key_order="wgmma",
+        v_terms=FP8_V_TERMS,
     )
     return gluon_fp8_attention(quantized, lut, torch.empty_like(q), scale=scale)

@@ -21,6 +21,7 @@ import torch
 from compact_search.runtime.kernels.common import LOG2_E
 from compact_search.runtime.lut import BlockLUT
 from compact_search.runtime.quantize import (
+    FP8_V_TERMS,
     LOG2_P_SCALE,
     QuantizedQKV,
     emulate_quantize_qkv,
@@ -55,8 +56,11 @@ def emulate_fp8_attention(
     query_blocked = (batch, heads, rows_kept, block_size, head_dim)
     q8 = quantized.q.float().reshape(blocked)[:, :, :rows_kept]  # exact integers
     k8 = quantized.k.float().reshape(blocked)
-    v_t = natural_key_order(quantized.v_t) if quantized.wgmma_key_order else quantized.v_t
-    v8 = v_t.float().transpose(-1, -2).reshape(blocked)  # e4m3 values
+    # e4m3 values (two terms: their sum, exact in fp32; the kernels' two products of one P
+    # tile add up to its product to fp32 rounding).
+    v_t = quantized.v_values()  # [B, H, D, Np]
+    v_t = natural_key_order(v_t) if quantized.wgmma_key_order else v_t
+    v8 = v_t.transpose(-1, -2).reshape(blocked)
     q_scale = quantized.q_scale.reshape(batch, heads, num_blocks, block_size, 1)[:, :, :rows_kept]
     head_rows = torch.arange(heads, device=q8.device) % lut.mask_heads
     block_ids = lut.kv_block_ids.to(q8.device).long()[head_rows][:, :rows_kept]  # [H, nq, width]
@@ -102,5 +106,7 @@ def reference_fp8_lut_attention(
     scale: float,
 ) -> torch.Tensor:
     """``[B, H, N, D]`` in q's dtype: the emulated pre-pass and kernel."""
-    quantized = emulate_quantize_qkv(q, k, v, block_size=block_size, key_lengths=lut.key_lengths)
+    quantized = emulate_quantize_qkv(
+        q, k, v, block_size=block_size, key_lengths=lut.key_lengths, v_terms=FP8_V_TERMS
+    )
     return emulate_fp8_attention(quantized, lut, scale=scale, out_dtype=q.dtype)

@@ -10,7 +10,8 @@ head) and walks its kept key blocks in lookup-table order, one key block per til
     t = S * (q_scale_i * (k_scale_j * qk_scale))   (fp32; -inf for padded keys)
     m_new = max(m, max_j t);  p = exp2(t - (m_new - log2 448))     (p in (0, 448])
     l = l * exp2(m - m_new) + sum_j p
-    acc = acc * exp2(m - m_new) + e4m3(p) V8       (FP8 x FP8, a fresh fp32 sum per tile)
+    acc = acc * exp2(m - m_new) + e4m3(p) V8       (FP8 x FP8, a fresh fp32 sum per tile;
+                                                   with V in two terms, + e4m3(p) V8_low)
     out = acc / l * v_scale + v_mean
 
 The fresh per-tile sum added to the running accumulator in fp32 is the "two-level" accumulation
@@ -28,6 +29,7 @@ import triton.language as tl
 from compact_search.runtime.kernels.common import LOG2_E, interpreting
 from compact_search.runtime.lut import BlockLUT
 from compact_search.runtime.quantize import (
+    FP8_V_TERMS,
     LOG2_P_SCALE_C,
     QuantizedQKV,
     quantize_qkv,
@@ -68,8 +70,10 @@ def _fp8_block_sparse_attention_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     EMULATE_ROUNDING: tl.constexpr,
+    V_TERMS: tl.constexpr = 1,
 ):
-    """Grid ``(nb, B * H)``; q8/k8 ``[B*H, Np, D]``, v8 ``[B*H, D, Np]``, o ``[B, H, N, D]``."""
+    """Grid ``(nb, B * H)``; q8/k8 ``[B*H, Np, D]``, v8 ``[B*H, V_TERMS * D, Np]`` (a second term
+    of V: another P V product into the tile's sum), o ``[B, H, N, D]``."""
     batch_head = tl.program_id(1)
     batch = batch_head // num_heads
     head = batch_head % num_heads
@@ -85,7 +89,8 @@ def _fp8_block_sparse_attention_kernel(
     q_rows = token_base + q_block * BLOCK_SIZE + offsets  # [BS]
     q8 = tl.load(q8_ptr + q_rows[:, None] * HEAD_DIM + cols[None, :])  # [BS, D] int8
     q_scale = tl.load(q_scale_ptr + q_rows)  # [BS]
-    channels = batch_head.to(tl.int64) * HEAD_DIM + cols  # [D]
+    channels = batch_head.to(tl.int64) * HEAD_DIM + cols  # [D], into [B*H, D]
+    v_rows = (batch_head.to(tl.int64) * (V_TERMS * HEAD_DIM) + cols) * padded_len  # [D]
 
     row_max = tl.full([BLOCK_SIZE], float("-inf"), dtype=tl.float32)  # [BS]
     row_sum = tl.zeros([BLOCK_SIZE], dtype=tl.float32)  # [BS]
@@ -107,8 +112,11 @@ def _fp8_block_sparse_attention_kernel(
         row_sum = row_sum * correction + tl.sum(probs, 1)
         # Emulated, the values are exact in e4m3 and the cast below only re-encodes them.
         p8 = (round_to_e4m3(probs) if EMULATE_ROUNDING else probs).to(tl.float8e4nv)
-        v8 = tl.load(v8_ptr + channels[:, None] * padded_len + key_start + offsets[None, :])
-        acc = acc * correction[:, None] + tl.dot(p8, tl.trans(v8))  # [BS, D]
+        v_tile = v8_ptr + v_rows[:, None] + key_start + offsets[None, :]  # [D, BS]
+        pv = tl.dot(p8, tl.trans(tl.load(v_tile)))  # [BS, D]
+        if V_TERMS == 2:
+            pv = tl.dot(p8, tl.trans(tl.load(v_tile + HEAD_DIM * padded_len)), pv)
+        acc = acc * correction[:, None] + pv
         row_max = new_max
 
     # A row with no kept key block has row_sum 0: it outputs zeros.
@@ -156,6 +164,7 @@ def portable_fp8_attention(
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         EMULATE_ROUNDING=interpreting(),
+        V_TERMS=quantized.v_terms,
         num_warps=4 if block_size == 64 else 8,
     )
     return out
@@ -172,5 +181,7 @@ def portable_fp8_lut_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: BlockLUT, *, block_size: int, scale
 ) -> torch.Tensor:
     """The pre-pass, then the kernel: ``[B, H, N, D]`` in q's dtype and memory order."""
-    quantized = quantize_qkv(q, k, v, block_size=block_size, key_lengths=lut.key_lengths)
+    quantized = quantize_qkv(
+        q, k, v, block_size=block_size, key_lengths=lut.key_lengths, v_terms=FP8_V_TERMS
+    )
     return portable_fp8_attention(quantized, lut, torch.empty_like(q), scale=scale)
