@@ -17,10 +17,11 @@ On random bf16 inputs (B 1, head dim 128, block 128, every key valid), per shape
 - every launch variant of ``quantize._launch_prepass`` (warps, key blocks per statistics
   program, the statistics kernel rotating every key as it did before instead of its sum
   afterwards, V's rows stored at their permuted addresses byte by byte instead of permuted in
-  registers, Q, K and V quantized by a launch each, V in two e4m3 terms), whole and the part it
-  changes, each checked against the default's outputs: "bits" (equal, V's corrected mean within
-  1e-5 of a scale step), "rounding" (the statistics summed in another order: Q/K entries off by
-  one step and V bytes changed on < 1e-3 of entries) or "DIFFERS".
+  registers, Q, K and V quantized by one launch instead of a launch each, V in two e4m3
+  terms), whole and the part it changes, each checked against the default's outputs: "bits"
+  (equal, V's corrected mean within 1e-5 of a scale step), "rounding" (the statistics summed
+  in another order: Q/K entries off by one step and V bytes changed on < 1e-3 of entries) or
+  "DIFFERS".
 
 Timings: CUDA events, median (and p20/p80) of >= 20 runs after a warm-up
 (``compact_search.bench.time_call``). GB/s counts the ~13 bytes a q/k/v element moves (the
@@ -60,10 +61,12 @@ VARIANTS = {
     "default": {},
     "token-order V store": {"permute_in_registers": False},
     "quantize 4 warps": {"quantize_num_warps": 4},
-    "split Q/K/V": {"split_quantize": True},
-    "split Q/K/V, 4 warps": {"split_quantize": True, "quantize_num_warps": 4},
+    "Q/K/V in one launch": {"split_quantize": False},
+    "Q/K/V in one launch, token-order V store": {
+        "split_quantize": False,
+        "permute_in_registers": False,
+    },
     "two V terms": {"v_terms": 2},
-    "two V terms, split Q/K/V": {"v_terms": 2, "split_quantize": True},
     "stats 8 warps": {"stats_num_warps": 8},
     "stats kernel rotates every key": {"stats_rotate_in_kernel": True},
     "stats 2 blocks/program": {"stats_blocks_per_program": 2},

@@ -158,9 +158,19 @@ def test_prepass_on_gpu_matches_its_emulation(case, v_terms: int) -> None:
     got = quantize_qkv(q, k, v, **arguments)
     stats = key_value_stats(k, v, lut.key_lengths, block_size=128, rotate=True)
     want = emulate_quantize_qkv(q, k, v, **arguments, stats=stats)
-    # V has no rotation: the same bits. Q/K: the tensor cores sum the rotation in another order
-    # than the exact emulation, which moves a value at a rounding boundary now and then.
-    assert torch.equal(got.v_t.view(torch.uint8), want.v_t.view(torch.uint8))
+    # V has no rotation: the same bits. Its second term is rounded from `centred - v8`, which
+    # the GPU compiler may contract into one fused multiply-add with the centring (the exact
+    # residual, where the emulation and the interpreter subtract the rounded centred value):
+    # at a rounding tie of the second term that moves it by one e4m3 step, rarely.
+    head_dim = q.shape[-1]
+    first, want_first = got.v_t[:, :, :head_dim], want.v_t[:, :, :head_dim]
+    assert torch.equal(first.view(torch.uint8), want_first.view(torch.uint8))
+    if v_terms == 2:
+        low, want_low = got.v_t[:, :, head_dim:].float(), want.v_t[:, :, head_dim:].float()
+        moved = low != want_low
+        assert moved.float().mean() < 1e-3
+        step = torch.maximum(want_low.abs() / 8, torch.full_like(want_low, 2.0**-9))
+        assert ((low - want_low).abs() <= step * 1.0001)[moved].all()
     for name in ("q", "k"):
         off = (getattr(got, name).int() - getattr(want, name).int()).abs()
         assert off.max() <= 1 and off.float().mean() < 1e-3, name

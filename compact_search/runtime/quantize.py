@@ -85,9 +85,11 @@ STATS_NUM_WARPS = 4
 # spill at head dim 128 (sm_90: 255 registers and ~115 local loads/stores; 172 and none at 8).
 QUANTIZE_NUM_WARPS = 8
 # V's rows permuted in registers before a store of whole vectors (wgmma key order), and Q, K, V
-# quantized by three launches of one tensor each: benchmarks/bench_prepass.py times both ways.
+# quantized by three launches of one tensor each (fewer live registers a program): on the H200
+# at the 14B 720p shape the quantization takes 2.31 ms so against 2.73 ms in one launch and 3.11
+# ms with V stored byte by byte (benchmarks/bench_prepass.py times every way).
 PERMUTE_IN_REGISTERS = True
-SPLIT_QUANTIZE = False
+SPLIT_QUANTIZE = True
 # V's e4m3 terms on the runtime's 8-bit path (sparse_attention(precision="fp8")): 1, or 2 (its
 # rounding error in a second term and a second P V product; docs/kernel.md, "Accuracy").
 FP8_V_TERMS = 1
