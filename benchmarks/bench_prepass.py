@@ -278,41 +278,6 @@ def bench_variants(record: Recorder, qkv, lengths: torch.Tensor, arguments: dict
             record("head-major", variant, "quantize kernel", quantize_kernel)
 
 
-PART_WARPS = (4, 8, 16)
-
-
-def bench_part_warps(record: Recorder, qkv, lengths: torch.Tensor) -> tuple[int, int, int]:
-    """The split quantization with one tensor's warp count moved off the default at a time, then
-    each tensor's fastest count together; returns that (Q, K, V) triple."""
-    q, k, v = qkv
-    partials = _stats_partials(k, v, lengths, block_size=BLOCK)
-    stats = _stats_from_partials(partials, lengths, k.shape, rotate_sum=True)
-    base = quantize.QUANTIZE_NUM_WARPS
-    base = base if isinstance(base, tuple) else (base,) * 3
-
-    def quantize_kernel(warps):
-        return _quantize_blocks(
-            q, k, v, lengths, stats, **QUANTIZE_ARGUMENTS, split_parts=True, num_warps=warps
-        )
-
-    best = list(base)
-    for part, name in enumerate("QKV"):
-        timings = {}
-        for count in PART_WARPS:
-            warps = tuple(count if i == part else w for i, w in enumerate(base))
-            timings[count] = record(
-                "head-major",
-                f"quantize warps {warps}",
-                "quantize kernel",
-                lambda w=warps: quantize_kernel(w),
-            )
-        best[part] = min(timings, key=timings.get)
-        record.log(f"{record.shape.name} {name}: fastest at {best[part]} warps")
-    best = tuple(best)
-    record("head-major", f"quantize warps {best}", "quantize kernel", lambda: quantize_kernel(best))
-    return best
-
-
 def bench_shape(shape, env: dict, log) -> list[dict]:
     record = Recorder(shape, env, log)
     lengths = valid_block_lengths(shape.tokens, BLOCK).cuda()
@@ -321,8 +286,6 @@ def bench_shape(shape, env: dict, log) -> list[dict]:
     whole = bench_whole(record, qkv, arguments, "head-major")
     bench_parts(record, qkv, lengths)
     bench_variants(record, qkv, lengths, arguments)
-    best = bench_part_warps(record, qkv, lengths)
-    log(f"{shape.name}: fastest quantization warps (Q, K, V): {best}")
     _profile(whole, log)
     del qkv, whole
     torch.cuda.empty_cache()

@@ -169,7 +169,6 @@ LAUNCH_VARIANTS = [
     (CASES[0], {"stats_rotate_in_kernel": True}),
     (CASES[0], {"split_quantize": False}),
     (CASES[1], {"split_quantize": False, "permute_in_registers": False}),
-    (CASES[1], {"quantize_num_warps": (4, 8, 2)}),  # a warp count per tensor's launch
 ]
 
 
@@ -274,20 +273,6 @@ def test_two_v_terms_carry_v_to_seven_mantissa_bits(case) -> None:
     assert (error.abs() <= bound * 1.0001).all()
     one_error = (one.v_values().transpose(-1, -2) * one.v_scale[:, :, None] - centred)[:, :, valid]
     assert error.norm() < one_error.norm() / 8
-
-
-def test_prepass_takes_warp_counts_per_tensor_only_with_a_launch_each() -> None:
-    q, k, v, lengths, block_size, rotate = _inputs(CASES[0])
-    with pytest.raises(ValueError, match="split"):
-        _launch_prepass(
-            q,
-            k,
-            v,
-            block_size=block_size,
-            key_lengths=lengths,
-            split_quantize=False,
-            quantize_num_warps=(4, 8, 8),
-        )
 
 
 def test_prepass_rejects_a_third_v_term() -> None:

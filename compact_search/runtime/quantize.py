@@ -83,11 +83,10 @@ STATS_BLOCKS_PER_PROGRAM = 8
 STATS_NUM_WARPS = 4
 # 8 warps: at 4, the quantization kernel's three [128, 128] fp32 tiles and the Hadamard dots
 # spill at head dim 128 (sm_90: 255 registers and ~115 local loads/stores; 172 and none at 8).
-# An int, or a (Q, K, V) triple with SPLIT_QUANTIZE.
-QUANTIZE_NUM_WARPS: int | tuple[int, int, int] = 8
+QUANTIZE_NUM_WARPS = 8
 # V's rows permuted in registers before a store of whole vectors (wgmma key order), and Q, K, V
 # quantized by three launches of one tensor each (fewer live registers a program): on the H200
-# at the 14B 720p shape the quantization takes 2.31 ms, against 2.73 ms in one launch and 3.11
+# at the 14B 720p shape the quantization takes 2.31 ms so against 2.73 ms in one launch and 3.11
 # ms with V stored byte by byte (benchmarks/bench_prepass.py times every way).
 PERMUTE_IN_REGISTERS = True
 SPLIT_QUANTIZE = True
@@ -642,7 +641,7 @@ def _launch_prepass(
     stats_blocks_per_program: int = STATS_BLOCKS_PER_PROGRAM,
     stats_num_warps: int = STATS_NUM_WARPS,
     stats_rotate_in_kernel: bool = False,
-    quantize_num_warps: int | tuple[int, int, int] | None = None,
+    quantize_num_warps: int = QUANTIZE_NUM_WARPS,
     permute_in_registers: bool = PERMUTE_IN_REGISTERS,
     split_quantize: bool = SPLIT_QUANTIZE,
     v_terms: int = 1,
@@ -694,21 +693,15 @@ def _quantize_blocks(
     block_size: int,
     rotate: bool,
     key_order: str,
-    num_warps: int | tuple[int, int, int] | None = None,
+    num_warps: int = QUANTIZE_NUM_WARPS,
     permute_in_registers: bool = PERMUTE_IN_REGISTERS,
     split_parts: bool = SPLIT_QUANTIZE,
     v_terms: int = 1,
 ) -> tuple[torch.Tensor, ...]:
     """The quantization kernel alone: ``(q8, q_scale, k8, k_scale, v8, v_error_sums)``.
 
-    ``split_parts``: three launches (Q, K, V apart) instead of one that quantizes all three;
-    ``num_warps`` (``QUANTIZE_NUM_WARPS`` when None, read at call time) may then be a (Q, K, V)
-    triple, one count a launch.
+    ``split_parts``: three launches (Q, K, V apart) instead of one that quantizes all three.
     """
-    num_warps = QUANTIZE_NUM_WARPS if num_warps is None else num_warps
-    warps = num_warps if isinstance(num_warps, tuple) else (num_warps,) * 3
-    if not split_parts and len(set(warps)) > 1:
-        raise ValueError("warp counts per tensor need split_parts=True")
     batch, heads, seq_len, head_dim = q.shape
     num_blocks = key_lengths.numel()
     padded_len = num_blocks * block_size
@@ -725,8 +718,7 @@ def _quantize_blocks(
         batch * heads, num_blocks, head_dim, device=device, dtype=torch.float32
     )
     hadamard = _kernel_hadamard(q)
-    launches = zip((1, 2, 4), warps, strict=True) if split_parts else ((7, warps[0]),)
-    for parts, part_warps in launches:
+    for parts in (1, 2, 4) if split_parts else (7,):
         _quantize_kernel[(num_blocks, batch * heads)](
             q,
             k,
@@ -756,7 +748,7 @@ def _quantize_blocks(
             PERMUTE_IN_REGISTERS=permute_in_registers and key_order == "wgmma",
             PARTS=parts,
             V_TERMS=v_terms,
-            num_warps=part_warps,
+            num_warps=num_warps,
         )
     return q8, q_scale, k8, k_scale, v8, v_error_sums
 
