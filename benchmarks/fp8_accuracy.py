@@ -7,6 +7,7 @@ of every layer of the built-in model (one sampling step, N 2,048, d 64), against
 reference: cosine similarity and relative L2 error of
 
 - the method (``emulate_quantize_qkv`` + ``emulate_fp8_attention``: what the kernels compute),
+- the method with V in two e4m3 terms (``v_terms=2``: V's rounding error in a second term),
 - the method without the Hadamard rotation,
 - its INT8 scores alone (dequantized Q K^T, exact softmax and fp32 P V),
 - the same scores with Q and K in FP8 e4m3 instead (same rotation, smoothing and scale groups),
@@ -15,7 +16,7 @@ reference: cosine similarity and relative L2 error of
 
 Then an N sweep (Gaussian q/k/v, d 128, 2 heads, N 2,048 / 16,384 / 65,536 keys, the first 256
 query rows against all of them): the method as it is (V's mean corrected by its mean rounding
-error), the method with V's plain mean, and FP8 V alone (exact P) with and without the
+error), with two V terms, with V's plain mean, and FP8 V alone (exact P) with and without the
 correction.
 
 Prints markdown tables and appends the rows to benchmarks/results/fp8_accuracy.csv.
@@ -64,13 +65,17 @@ def split_errors(q, k, v) -> dict[str, tuple[float, float]]:
     )
     expected = _dense(q, k, v)
     results = {}
-    for name, rotate in (("method", True), ("no rotation", False)):
+    for name, rotate, v_terms in (
+        ("method", True, 1),
+        ("two V terms", True, 2),
+        ("no rotation", False, 1),
+    ):
         quantized = emulate_quantize_qkv(
-            q, k, v, block_size=BLOCK, key_lengths=lut.key_lengths, rotate=rotate
+            q, k, v, block_size=BLOCK, key_lengths=lut.key_lengths, rotate=rotate, v_terms=v_terms
         )
         out = emulate_fp8_attention(quantized, lut, scale=head_dim**-0.5)
         results[name] = _measures(out, expected)
-        if rotate:
+        if name == "method":
             q_back = quantized.q.float() * quantized.q_scale[..., None]
             k_scale = quantized.k_scale.repeat_interleave(BLOCK, -1)[..., None]
             k_back = quantized.k.float() * k_scale
@@ -152,12 +157,19 @@ def n_sweep_errors(seq_len: int, seed: int = 0) -> dict[str, tuple[float, float]
     expected = probs @ v.double()  # [1, 2, rows, D]
     quantized = emulate_quantize_qkv(q, k, v, block_size=BLOCK, key_lengths=lut.key_lengths)
     out = emulate_fp8_attention(quantized, lut, scale=128**-0.5, query_blocks=rows // BLOCK)
+    two_terms = emulate_quantize_qkv(
+        q, k, v, block_size=BLOCK, key_lengths=lut.key_lengths, v_terms=2
+    )
+    two_terms_out = emulate_fp8_attention(
+        two_terms, lut, scale=128**-0.5, query_blocks=rows // BLOCK
+    )
     # Every row has keys, so V's plain mean (the one V was centred on) only shifts the output.
     plain_mean = v.float().mean(2)
     v8 = quantized.v_t.float()[..., :seq_len].transpose(-1, -2) * quantized.v_scale[:, :, None]
     v_only = (probs @ v8.double()).float()
     return {
         "method": _measures(out, expected),
+        "two V terms": _measures(two_terms_out, expected),
         "method, plain V mean": _measures(
             out + (plain_mean - quantized.v_mean)[:, :, None], expected
         ),
@@ -176,7 +188,14 @@ def main() -> None:
     for layer, qkv in sorted(built_in_model_layers().items()):
         cases[f"built-in layer {layer} d64"] = qkv
     rows = []
-    columns = ("method", "no rotation", "INT8 scores only", "FP8 scores only", "FP8 P V only")
+    columns = (
+        "method",
+        "two V terms",
+        "no rotation",
+        "INT8 scores only",
+        "FP8 scores only",
+        "FP8 P V only",
+    )
     print("| inputs | " + " | ".join(f"{c} cos / rel L2" for c in columns) + " |")
     print("| --- |" + " ---: |" * len(columns))
     for name, (q, k, v) in cases.items():
@@ -188,7 +207,13 @@ def main() -> None:
             rows.append(
                 {**env, "inputs": name, "variant": column, "cosine": cosine, "rel_l2": rel_l2}
             )
-    columns = ("method", "method, plain V mean", "FP8 V only", "FP8 V only, plain V mean")
+    columns = (
+        "method",
+        "two V terms",
+        "method, plain V mean",
+        "FP8 V only",
+        "FP8 V only, plain V mean",
+    )
     print(
         f"\n| Gaussian d128, {SWEEP_QUERY_ROWS} query rows | "
         + " | ".join(f"{c} cos / rel L2" for c in columns)

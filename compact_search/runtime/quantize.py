@@ -86,7 +86,7 @@ STATS_NUM_WARPS = 4
 QUANTIZE_NUM_WARPS = 8
 # V's rows permuted in registers before a store of whole vectors (wgmma key order), and Q, K, V
 # quantized by three launches of one tensor each (fewer live registers a program): on the H200
-# at the 14B 720p shape the quantization takes 2.31 ms so against 2.73 ms in one launch and 3.11
+# at the 14B 720p shape the quantization takes 2.31 ms, against 2.73 ms in one launch and 3.11
 # ms with V stored byte by byte (benchmarks/bench_prepass.py times every way).
 PERMUTE_IN_REGISTERS = True
 SPLIT_QUANTIZE = True
