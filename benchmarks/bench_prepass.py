@@ -231,16 +231,16 @@ def bench_whole(record: Recorder, qkv, arguments: dict, layout: str):
 def bench_parts(record: Recorder, qkv, lengths: torch.Tensor) -> None:
     q, k, v = qkv
     partials = _stats_partials(k, v, lengths, block_size=BLOCK)
-    stats = _stats_from_partials(partials, lengths, k.shape, rotate_sum=True)
+    stats = _stats_from_partials(partials, lengths.sum(), k.shape, rotate_sum=True)
     outputs = _quantize_blocks(q, k, v, lengths, stats, **QUANTIZE_ARGUMENTS)
     parts = {
         "stats kernel": lambda: _stats_partials(k, v, lengths, block_size=BLOCK),
         "stats torch reduction": lambda: _stats_from_partials(
-            partials, lengths, k.shape, rotate_sum=True
+            partials, lengths.sum(), k.shape, rotate_sum=True
         ),
         "quantize kernel": lambda: _quantize_blocks(q, k, v, lengths, stats, **QUANTIZE_ARGUMENTS),
         "torch assembly": lambda: _assemble(
-            outputs, stats, lengths, BLOCK, q.shape[2], True, "wgmma"
+            outputs, stats, lengths.sum(), BLOCK, q.shape[2], True, "wgmma"
         ),
     }
     total = sum(record("head-major", "default", part, run) for part, run in parts.items())
@@ -250,7 +250,7 @@ def bench_parts(record: Recorder, qkv, lengths: torch.Tensor) -> None:
 def bench_variants(record: Recorder, qkv, lengths: torch.Tensor, arguments: dict) -> None:
     q, k, v = qkv
     partials = _stats_partials(k, v, lengths, block_size=BLOCK)
-    stats = _stats_from_partials(partials, lengths, k.shape, rotate_sum=True)
+    stats = _stats_from_partials(partials, lengths.sum(), k.shape, rotate_sum=True)
     default = quantize_qkv(q, k, v, **arguments)
     for variant, options in VARIANTS.items():
         if not options:

@@ -527,13 +527,14 @@ def _stats_partials(
 
 def _stats_from_partials(
     partials: list[torch.Tensor],
-    key_lengths: torch.Tensor,
+    valid_keys: torch.Tensor,
     shape: torch.Size,
     *,
     rotate_sum: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The statistics kernel's partials -> ``key_value_stats``' result (torch, on the device).
 
+    ``valid_keys``: the number of valid keys a head (``key_lengths.sum()``, a 0-d tensor).
     ``rotate_sum``: the kernel summed unrotated keys; K's sum is rotated here, in fp64 (a
     ``[B*H, D] x [D, D]`` product, whatever TF32 setting the caller has).
     """
@@ -542,7 +543,7 @@ def _stats_from_partials(
     if rotate_sum:
         k_sum = (k_sum.double() @ _cached_hadamard(head_dim, k_sum.device, torch.float64)).float()
     v_max, v_min = partials[2].amax(1), partials[3].amin(1)
-    stats = _finalize_stats(k_sum, v_sum, v_max, v_min, key_lengths.sum())
+    stats = _finalize_stats(k_sum, v_sum, v_max, v_min, valid_keys)
     return tuple(s.view(batch, heads, head_dim) for s in stats)
 
 
@@ -576,7 +577,7 @@ def key_value_stats(
         num_warps=num_warps,
     )
     return _stats_from_partials(
-        partials, key_lengths, k.shape, rotate_sum=rotate and not rotate_in_kernel
+        partials, key_lengths.sum(), k.shape, rotate_sum=rotate and not rotate_in_kernel
     )
 
 
@@ -656,16 +657,18 @@ def _launch_prepass(
         raise ValueError(f"key_order must be 'natural' or 'wgmma', got {key_order!r}")
     _check_v_terms(v_terms)
     _check_inputs(q, k, v, block_size)
-    stats = key_value_stats(
+    partials = _stats_partials(
         k,
         v,
         key_lengths,
         block_size=block_size,
-        rotate=rotate,
+        rotate_in_kernel=rotate and stats_rotate_in_kernel,
         blocks_per_program=stats_blocks_per_program,
         num_warps=stats_num_warps,
-        rotate_in_kernel=stats_rotate_in_kernel,
     )
+    valid_keys = key_lengths.sum()  # the statistics and V's mean correction both divide by it
+    rotate_sum = rotate and not stats_rotate_in_kernel
+    stats = _stats_from_partials(partials, valid_keys, k.shape, rotate_sum=rotate_sum)
     outputs = _quantize_blocks(
         q,
         k,
@@ -680,7 +683,7 @@ def _launch_prepass(
         split_parts=split_quantize,
         v_terms=v_terms,
     )
-    return _assemble(outputs, stats, key_lengths, block_size, q.shape[2], rotate, key_order)
+    return _assemble(outputs, stats, valid_keys, block_size, q.shape[2], rotate, key_order)
 
 
 def _quantize_blocks(
@@ -756,7 +759,7 @@ def _quantize_blocks(
 def _assemble(
     outputs: tuple[torch.Tensor, ...],
     stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    key_lengths: torch.Tensor,
+    valid_keys: torch.Tensor,
     block_size: int,
     seq_len: int,
     rotate: bool,
@@ -773,7 +776,7 @@ def _assemble(
         k_scale,
         v8,
         v_scale,
-        _debiased_v_mean(v_mean, v_scale, error_sum, key_lengths.sum()),
+        _debiased_v_mean(v_mean, v_scale, error_sum, valid_keys),
         k_mean,
         block_size,
         seq_len,
