@@ -37,9 +37,11 @@ from compact_search.bench import (
 from compact_search.environment import environment
 from compact_search.runtime.attention import sparse_attention
 from compact_search.runtime.kernels.gluon_hopper_fp8 import (
+    LOOKAHEAD_MIN_PTXAS,
     GluonFP8Config,
     autotuned_config,
     gluon_fp8_attention,
+    ptxas_version,
 )
 from compact_search.runtime.lut import cached_block_lut
 from compact_search.runtime.quantize import FP8_V_TERMS, quantize_qkv
@@ -235,10 +237,10 @@ def _bench_density(shape, qkv, block_mask, target, base, budget_ms, log) -> list
 
 
 def probe_variants() -> dict[str, tuple[GluonFP8Config, int]]:
-    """name -> (kernel config, V's e4m3 terms). The lookahead schedule is left out: on the
-    H200 it faults (an illegal address), which would poison the CUDA context of every later
-    variant."""
-    return {
+    """name -> (kernel config, V's e4m3 terms). The lookahead schedule only under a ptxas that
+    compiles it soundly (``TRITON_PTXAS_PATH`` >= 12.9): 12.8's build faults, which would poison
+    the CUDA context of every later variant."""
+    variants = {
         "default": (GluonFP8Config(), 1),
         "pingpong": (GluonFP8Config(pingpong=True), 1),
         "stages3": (GluonFP8Config(stages=3), 1),
@@ -246,6 +248,11 @@ def probe_variants() -> dict[str, tuple[GluonFP8Config, int]]:
         "two-v-terms-pingpong": (GluonFP8Config(pingpong=True), 2),
         "two-v-terms-stages3": (GluonFP8Config(stages=3), 2),
     }
+    if ptxas_version() >= LOOKAHEAD_MIN_PTXAS:
+        variants["lookahead"] = (GluonFP8Config(lookahead=True), 1)
+        variants["lookahead-stages3"] = (GluonFP8Config(lookahead=True, stages=3), 1)
+        variants["lookahead-chain-rows"] = (GluonFP8Config(lookahead=True, tree_rows=False), 1)
+    return variants
 
 
 def probe_shape(shape, densities, budget_ms: float, env: dict, log: Log) -> list[dict]:

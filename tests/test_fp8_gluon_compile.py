@@ -27,6 +27,7 @@ gluon_fp8 = pytest.importorskip(
     "compact_search.runtime.kernels.gluon_hopper_fp8", reason="this Triton has no Gluon Hopper API"
 )
 
+from sass_checks import descriptor_reads_before_writes, disassemble  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from compact_search.runtime.quantize import QuantizedQKV  # noqa: E402
@@ -73,26 +74,6 @@ def compile_for_hopper(head_dim: int, dtype: torch.dtype, config, v_terms: int =
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def _sass(cubin: bytes) -> tuple[str, str]:
-    """(resource usage, disassembly) of a cubin, from the cuobjdump Triton ships."""
-    import tempfile
-    from pathlib import Path
-
-    import triton
-
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "kernel.cubin"
-        path.write_bytes(cubin)
-        outputs = [
-            subprocess.run(
-                [str(cuobjdump), flag, str(path)], capture_output=True, text=True, check=True
-            ).stdout
-            for flag in ("-res-usage", "-sass")
-        ]
-        return outputs[0], outputs[1]
-
-
 def innermost_loops(sass: str) -> list[list[str]]:
     """The opcodes of each loop of the disassembly that holds no other loop (a backward branch
     and its target bound a loop), in address order."""
@@ -121,7 +102,7 @@ def innermost_loops(sass: str) -> list[list[str]]:
 def compiled_facts(head_dim: int, dtype: torch.dtype, config, v_terms: int = 1) -> dict:
     compiled = compile_for_hopper(head_dim, dtype, config, v_terms)
     ptx = compiled.asm["ptx"]
-    usage, sass = _sass(compiled.asm["cubin"])
+    usage, sass = disassemble(compiled.asm["cubin"])
     # The first loop with both matmuls is warpgroup 0's loop over fully valid key blocks.
     main_loop = next(ops for ops in innermost_loops(sass) if "QGMMA" in ops and "IGMMA" in ops)
     return {
@@ -138,6 +119,10 @@ def compiled_facts(head_dim: int, dtype: torch.dtype, config, v_terms: int = 1) 
         "spill_instructions": len(re.findall(r"\b(?:STL|LDL)\b", sass)),
         "shared": compiled.metadata.shared,
         "cvt_s32_f32": ptx.count("cvt.rn.f32.s32"),
+        "descriptor_reads_before_writes": [
+            (hex(address), register) for address, register in descriptor_reads_before_writes(sass)
+        ],
+        "ptxas": gluon_fp8.ptxas_version(),
     }
 
 
@@ -205,6 +190,14 @@ def test_fp8_kernel_compiles_for_hopper_without_spills(case) -> None:
     # runs short of registers, it serializes every wgmma of the kernel (warning C7514/C7512),
     # and a wait follows each of them.
     assert loop["WARPGROUP"] == 3 + v_terms
+    # Every wgmma's shared-memory descriptors come from uniform registers written on every path
+    # to it. ptxas 12.8 breaks that in the lookahead schedule (the fault seen on the H200,
+    # docs/kernel.md), so the launcher refuses that schedule under it.
+    reads = facts["descriptor_reads_before_writes"]
+    if config.lookahead and tuple(facts["ptxas"]) < gluon_fp8.LOOKAHEAD_MIN_PTXAS:
+        assert reads, "this ptxas compiles the lookahead soundly: lower LOOKAHEAD_MIN_PTXAS"
+    else:
+        assert not reads, reads
     assert facts["shared"] <= H100_SHARED_MEMORY
     # The integer-add conversion leaves no cvt for the 64 scores a thread holds per tile.
     assert (facts["cvt_s32_f32"] == 0) == config.magic_i2f
@@ -300,7 +293,7 @@ def compile_portable_for_hopper(case: str) -> tuple[str, int]:
     compiled = triton.compile(
         source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
     )
-    usage, _ = _sass(compiled.asm["cubin"])
+    usage, _ = disassemble(compiled.asm["cubin"])
     return compiled.asm["ptx"], int(re.search(r"STACK:(\d+)", usage).group(1))
 
 
@@ -327,6 +320,15 @@ def test_portable_8bit_kernels_compile_for_hopper(case: str) -> None:
         # Three [128, 128] fp32 tiles and two Hadamard dots: at 4 warps they spill
         # (QUANTIZE_NUM_WARPS says so), at the launch's 8 they fit.
         assert facts["stack_bytes"] == 0
+
+
+def test_lookahead_is_refused_under_a_ptxas_that_miscompiles_it(monkeypatch) -> None:
+    monkeypatch.setattr(gluon_fp8, "ptxas_version", lambda: (12, 8))
+    out = torch.empty(1, 2, 250, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="ptxas >= 12.9"):
+        gluon_fp8.gluon_fp8_attention(
+            _stand_in(128), None, out, scale=1.0, config=gluon_fp8.GluonFP8Config(lookahead=True)
+        )
 
 
 def test_fp8_config_rejects_ring_depths_it_does_not_fit() -> None:

@@ -25,6 +25,7 @@ gluon_hopper = pytest.importorskip(
     "compact_search.runtime.kernels.gluon_hopper", reason="this Triton has no Gluon Hopper API"
 )
 
+from sass_checks import descriptor_reads_before_writes, disassemble  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from compact_search import sparse_attention  # noqa: E402
@@ -98,6 +99,8 @@ def test_kernel_compiles_for_hopper_without_spills(head_dim, dtype, config) -> N
     assert facts["setmaxnreg"]  # warp specialization reassigned registers
     assert not facts["local_memory"]  # no register spills
     assert facts["shared"] <= H100_SHARED_MEMORY
+    # wgmma descriptors from uniform registers written on every path (tests/sass_checks.py)
+    assert facts["descriptor_reads_before_writes"] == 0
 
 
 def test_gluon_config_rejects_tiles_that_do_not_divide_the_block() -> None:
@@ -122,11 +125,13 @@ if __name__ == "__main__":
         gluon_hopper.GluonConfig(int(block_n), int(stages), bool(int(pingpong))),
     )
     ptx = compiled.asm["ptx"]
+    _, sass = disassemble(compiled.asm["cubin"])
     facts = {
         "wgmma": "wgmma.mma_async" in ptx,
         "setmaxnreg": "setmaxnreg" in ptx,
         "local_memory": "ld.local" in ptx or "st.local" in ptx,
         "shared": compiled.metadata.shared,
+        "descriptor_reads_before_writes": len(descriptor_reads_before_writes(sass)),
     }
     print(json.dumps(facts))
 

@@ -1048,6 +1048,21 @@ def autotuned_config() -> str:
     return "not tuned yet" if config is None else str(config)
 
 
+# ptxas 12.8 (the one Triton 3.6 and 3.7 ship) miscompiles the lookahead schedule: on one path
+# into the last tile's P V it reads a wgmma descriptor from a uniform register nothing wrote
+# (an out-of-bounds shared-memory read on the H200; tests/test_fp8_gluon_compile.py finds it in
+# the SASS). ptxas 12.9 compiles it soundly.
+LOOKAHEAD_MIN_PTXAS = (12, 9)
+
+
+def ptxas_version() -> tuple[int, int]:
+    """(major, minor) of the ptxas Triton compiles sm_90 code with (TRITON_PTXAS_PATH picks one)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    major, minor = get_ptxas(90).version.split(".")[:2]
+    return int(major), int(minor)
+
+
 def gluon_fp8_attention(
     quantized: QuantizedQKV,
     lut: BlockLUT,
@@ -1062,6 +1077,13 @@ def gluon_fp8_attention(
     layouts go through a contiguous buffer and a copy. ``quantized`` must hold V^T in the key
     order the config reads (``permuted_keys``: ``quantize_qkv(..., key_order="wgmma")``).
     """
+    if config is not None and config.lookahead:
+        version = ptxas_version()
+        if version < LOOKAHEAD_MIN_PTXAS:
+            raise ValueError(
+                f"the lookahead schedule needs ptxas >= 12.9 (this is {version[0]}.{version[1]}, "
+                "which miscompiles it); point TRITON_PTXAS_PATH at a newer one"
+            )
     permuted = (config or GluonFP8Config()).permuted_keys
     if quantized.wgmma_key_order != permuted:
         raise ValueError(
