@@ -39,7 +39,7 @@ def dry_runs(tmp_path_factory) -> Path:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     launcher += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     two = run_bench([*launcher, *module])
-    assert two.returncode == 0, two.stderr[-4000:]
+    assert two.returncode == 0, f"stdout: {two.stdout[-2000:]}\nstderr: {two.stderr[-3000:]}"
     return out
 
 
