@@ -8,7 +8,8 @@ Once per attention call, before the 8-bit kernels (``kernels/triton_portable_fp8
    per chunk of key blocks; ``_finalize_stats`` adds them up in torch (a few ``[B*H, chunks,
    D]`` tensors) into K's mean (its sum rotated, in fp64: the rotation is linear, so the kernel
    need not rotate every key), V's mean and V's per-channel scale.
-2. **quantization** (``_quantize_kernel``), one program per 128 (or 64) tokens of a head:
+2. **quantization** (``_quantize_kernel``; by default a launch each for Q, K and V, whose
+   programs then hold one tile instead of three), one program per 128 (or 64) tokens of a head:
    - Q and K are rotated by the ``D x D`` Sylvester-Hadamard matrix (entries +-1, so
      ``(q H)(k H)^T = D q k^T``: the kernels fold ``1 / D`` into the softmax scale), which
      spreads a few outlier channels over all of them;
@@ -19,7 +20,8 @@ Once per attention call, before the 8-bit kernels (``kernels/triton_portable_fp8
    - V loses its per-channel mean (added back to the output: a softmax row sums to 1), is divided
      by its per-channel scale ``amax |v - mean| / 448`` and rounded to FP8 e4m3 (nearest even,
      saturating at +-448), and is stored transposed, ``[B, H, D, Np]``, the K-major B operand the
-     FP8 wgmma of P V needs; padded keys and tokens past N are zeros;
+     FP8 wgmma of P V needs; padded keys and tokens past N are zeros. With ``v_terms=2`` the
+     e4m3 rounding of what that missed follows as rows ``D..2D-1`` (``[B, H, 2 D, Np]``);
    - each program also writes, per channel, its block's sum of V's rounding error
      ``v8 - (v - mean) / scale`` over the valid keys (``[B*H, nb, D]`` partials, no atomics, so
      the result is deterministic); ``quantize_qkv`` adds them up and subtracts ``scale`` times

@@ -31,7 +31,11 @@ turns between the warpgroups). What the 8-bit operands change:
   softmax, so both matmuls of the warpgroup overlap it, not only P V (FlashAttention-3's
   intra-warpgroup overlap); S_{j+1} is waited for at the end of the tile, as ptxas serializes
   the kernel's wgmma if a score tile stays in flight across the loop's back edge (and registers
-  allow the overlap only in the loop over full tiles);
+  allow the overlap only in the loop over full tiles); launched only under ptxas >= 12.9
+  (``LOOKAHEAD_MIN_PTXAS``: 12.8 miscompiles it);
+- V in two e4m3 terms (``QuantizedQKV.v_terms`` 2, V^T ``[B, H, 2 D, Np]``): each V tile's TMA
+  box carries both, and a second P V wgmma of the same P registers adds the second term into the
+  same accumulator;
 - the epilogue applies V's per-channel scale and mean, ``out = acc / l * v_scale + v_mean``, and
   stores through a separate shared-memory tile in the output dtype.
 
@@ -104,7 +108,8 @@ class GluonFP8Config:
     two-level accumulation).
 
     Shared memory per CTA at D = 128: Q 16 KB + 2 rings x stages x 16 KB + the output tile 32 KB
-    (bf16), so 2 stages take 112 KB and 4 stages 176 KB of the 227 KB a CTA may use.
+    (bf16), so 2 stages take 112 KB and 4 stages 176 KB of the 227 KB a CTA may use; V in two
+    terms doubles the V ring (2 stages: 144 KB).
     """
 
     def __init__(
