@@ -559,6 +559,7 @@ def key_value_stats(
     blocks_per_program: int = STATS_BLOCKS_PER_PROGRAM,
     num_warps: int = STATS_NUM_WARPS,
     rotate_in_kernel: bool = False,
+    valid_keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pass 1 on the device: ``(k_mean, v_mean, v_scale, v_inverse_scale)``, each fp32 [B, H, D].
 
@@ -567,7 +568,8 @@ def key_value_stats(
     cores first; the two agree to fp32 rounding. ``v_mean`` is V's plain mean over the valid
     keys (what V is centred on), before the rounding-error correction ``QuantizedQKV.v_mean``
     carries. ``blocks_per_program`` changes the order of the sums (so the last bits of the
-    means), ``num_warps`` nothing but speed.
+    means), ``num_warps`` nothing but speed. ``valid_keys``: ``key_lengths.sum()``, when the
+    caller has it already.
     """
     partials = _stats_partials(
         k,
@@ -578,8 +580,9 @@ def key_value_stats(
         blocks_per_program=blocks_per_program,
         num_warps=num_warps,
     )
+    valid_keys = key_lengths.sum() if valid_keys is None else valid_keys
     return _stats_from_partials(
-        partials, key_lengths.sum(), k.shape, rotate_sum=rotate and not rotate_in_kernel
+        partials, valid_keys, k.shape, rotate_sum=rotate and not rotate_in_kernel
     )
 
 
@@ -659,18 +662,18 @@ def _launch_prepass(
         raise ValueError(f"key_order must be 'natural' or 'wgmma', got {key_order!r}")
     _check_v_terms(v_terms)
     _check_inputs(q, k, v, block_size)
-    partials = _stats_partials(
+    valid_keys = key_lengths.sum()  # the statistics and V's mean correction both divide by it
+    stats = key_value_stats(
         k,
         v,
         key_lengths,
         block_size=block_size,
-        rotate_in_kernel=rotate and stats_rotate_in_kernel,
+        rotate=rotate,
         blocks_per_program=stats_blocks_per_program,
         num_warps=stats_num_warps,
+        rotate_in_kernel=stats_rotate_in_kernel,
+        valid_keys=valid_keys,
     )
-    valid_keys = key_lengths.sum()  # the statistics and V's mean correction both divide by it
-    rotate_sum = rotate and not stats_rotate_in_kernel
-    stats = _stats_from_partials(partials, valid_keys, k.shape, rotate_sum=rotate_sum)
     outputs = _quantize_blocks(
         q,
         k,
