@@ -3,6 +3,7 @@
     python -m benchmarks.bench_fp8                         # the default subset, ~5 min on an H200
     python -m benchmarks.bench_fp8 --shapes wan2.1-1.3b-480p --densities 0.2,0.5
     python -m benchmarks.bench_fp8 --probe                 # time Gluon FP8 config variants
+    python -m benchmarks.bench_fp8 --probe --variants default,lookahead
 
 On the same random bf16 inputs (B 1, head dim 128) and the same per-head block masks as
 ``compact-search bench`` (compact_search/bench.py), per shape: cuDNN and FlashAttention-2 SDPA
@@ -255,8 +256,11 @@ def probe_variants() -> dict[str, tuple[GluonFP8Config, int]]:
     return variants
 
 
-def probe_shape(shape, densities, budget_ms: float, env: dict, log: Log) -> list[dict]:
-    """Each Gluon FP8 config on the quantized inputs, error beside time; cuDNN for scale."""
+def probe_shape(
+    shape, densities, budget_ms: float, env: dict, log: Log, variants: dict
+) -> list[dict]:
+    """Each Gluon FP8 config of ``variants`` on the quantized inputs, error beside time, and
+    the bf16 kernel on the same mask; cuDNN for scale."""
     q, k, v = _inputs(shape)
     base = {**env, "shape": shape.name, "tokens": shape.tokens, "heads": shape.heads}
     base["head_dim"] = shape.head_dim
@@ -266,13 +270,16 @@ def probe_shape(shape, densities, budget_ms: float, env: dict, log: Log) -> list
     rows = []
     for target in densities:
         block_mask = head_block_masks(shape, target, BLOCK)[0].cuda()
-        rows += _probe_density(shape, (q, k, v), block_mask, target, base, cudnn_ms, budget_ms, log)
+        rows += _probe_density(
+            shape, (q, k, v), block_mask, target, base, cudnn_ms, budget_ms, log, variants
+        )
         torch.cuda.empty_cache()
     return rows
 
 
-def _probe_density(shape, qkv, block_mask, target, base, cudnn_ms, budget_ms, log) -> list[dict]:
-
+def _probe_density(
+    shape, qkv, block_mask, target, base, cudnn_ms, budget_ms, log, variants
+) -> list[dict]:
     q, k, v = qkv
     density = block_mask.float().mean().item()
     at = {**base, "target_density": target, "density": round(density, 4)}
@@ -290,12 +297,22 @@ def _probe_density(shape, qkv, block_mask, target, base, cudnn_ms, budget_ms, lo
         )
         for order, v_terms in {
             ("wgmma" if config.permuted_keys else "natural", v_terms)
-            for config, v_terms in probe_variants().values()
+            for config, v_terms in variants.values()
         }
     }
     out = torch.empty_like(q)
-    rows = []
-    for name, (config, v_terms) in probe_variants().items():
+
+    def bf16():
+        return sparse_attention(q, k, v, block_mask, backend="triton")
+
+    bf16_errors = reference.errors(bf16())
+    bf16_timing = time_call(bf16, min_runs=5, budget_ms=budget_ms)
+    rows = [_row(at, "bf16", bf16_timing, _flops(shape, density), bf16_errors, config="bf16")]
+    log(
+        f"{shape.name} density {density:.3f} bf16 Gluon: {bf16_timing.p50_ms:.3f} ms, "
+        f"{rows[0]['tflops']} TFLOP/s, rel L2 {bf16_errors['rel_l2']:.3e}"
+    )
+    for name, (config, v_terms) in variants.items():
         inputs = quantized["wgmma" if config.permuted_keys else "natural", v_terms]
 
         def run(config=config, inputs=inputs):
@@ -310,10 +327,12 @@ def _probe_density(shape, qkv, block_mask, target, base, cudnn_ms, budget_ms, lo
         timing = time_call(run, min_runs=5, budget_ms=budget_ms)
         row = _row(at, "fp8-probe", timing, _flops(shape, density), errors, config=name)
         row["share_of_cudnn_ideal"] = round(cudnn_ms * density / timing.p50_ms, 3)
+        row["speedup_vs_bf16"] = round(bf16_timing.p50_ms / timing.p50_ms, 3)
         rows.append(row)
         log(
             f"{shape.name} density {density:.3f} {name}: {timing.p50_ms:.3f} ms, "
-            f"{row['tflops']} TFLOP/s, x{row['share_of_cudnn_ideal']} cuDNN-ideal, rel L2 "
+            f"{row['tflops']} TFLOP/s, x{row['speedup_vs_bf16']} bf16, "
+            f"x{row['share_of_cudnn_ideal']} cuDNN-ideal, rel L2 "
             f"{errors['rel_l2']:.3e}, cos {errors['cosine']:.5f}"
         )
     return rows
@@ -341,6 +360,9 @@ def main() -> None:
     parser.add_argument("--shapes", help=f"comma-separated, from {', '.join(SHAPES)}")
     parser.add_argument("--densities", help="comma-separated target densities in (0, 1]")
     parser.add_argument("--probe", action="store_true", help="time Gluon FP8 config variants")
+    parser.add_argument(
+        "--variants", help="with --probe: comma-separated names of probe_variants() (default: all)"
+    )
     parser.add_argument("--budget-ms", type=float, default=600.0, help="timing budget per point")
     parser.add_argument("--csv", type=Path, default=RESULTS / "fp8.csv")
     args = parser.parse_args()
@@ -354,17 +376,26 @@ def main() -> None:
         if args.densities
         else (PROBE_DENSITIES if args.probe else DEFAULT_DENSITIES)
     )
+    variants = probe_variants()
+    if args.variants:
+        unknown = sorted(set(args.variants.split(",")) - set(variants))
+        if unknown:
+            parser.error(f"unknown --variants {unknown}; this ptxas offers {sorted(variants)}")
+        variants = {name: variants[name] for name in args.variants.split(",")}
     env = environment()
-    env = {"gpu": env.pop("device"), **env}
+    env = {"gpu": env.pop("device"), **env, "ptxas": "{}.{}".format(*ptxas_version())}
     log = Log()
     log(
         f"bench_fp8 on {env['gpu']}, torch {env['torch']}, triton {env['triton']}, "
-        f"git {env['git_sha']}, {env['date']}"
+        f"ptxas {env['ptxas']}, git {env['git_sha']}, {env['date']}"
     )
-    run = probe_shape if args.probe else bench_shape
     rows = []
     for name in shapes:
-        rows += run(shape_by_name(name), densities, args.budget_ms, env, log)
+        shape = shape_by_name(name)
+        if args.probe:
+            rows += probe_shape(shape, densities, args.budget_ms, env, log, variants)
+        else:
+            rows += bench_shape(shape, densities, args.budget_ms, env, log)
         torch.cuda.empty_cache()
     print_table(rows, log)
     append_rows(args.csv, rows)
