@@ -3,13 +3,15 @@
     ncu --clock-control none --set full -k regex:gluon --launch-skip 2 --launch-count 1 \\
         -o fp8 python -m benchmarks.ncu_attention --kernels fp8
     python -m benchmarks.ncu_attention --kernels fp8,bf16 --shape wan2.1-1.3b-480p --density 1
+    python -m benchmarks.ncu_attention --kernels fp8 --fp8-switches softmax_turns
 
 On the random inputs and per-head block masks of ``benchmarks.bench_fp8`` (B 1, head dim 128),
 each kernel named by ``--kernels`` runs ``--launches`` times with an explicit config (no
 autotuning, so every launch is the same kernel): ``fp8`` is the 8-bit Gluon kernel on inputs the
-pre-pass quantized once beforehand (the pre-pass is not launched again), ``bf16`` the bf16 Gluon
-kernel. Without a profiler around it, it prints each kernel's median time over its launches, so
-the run also checks that the timed configs are the ones profiled.
+pre-pass quantized once beforehand (the pre-pass is not launched again; ``--fp8-switches`` turns
+on boolean options of ``GluonFP8Config``), ``bf16`` the bf16 Gluon kernel. Without a profiler
+around it, it prints each kernel's median time over its launches, so the run also checks that
+the timed configs are the ones profiled.
 """
 
 from __future__ import annotations
@@ -46,12 +48,20 @@ def main() -> None:
     parser.add_argument("--shape", default="wan2.1-1.3b-480p")
     parser.add_argument("--density", type=float, default=1.0, help="target block density")
     parser.add_argument("--launches", type=int, default=4)
+    parser.add_argument(
+        "--fp8-switches", default="", help="comma-separated GluonFP8Config options to turn on"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("ncu_attention needs a CUDA GPU")
     kernels = args.kernels.split(",")
     if unknown := sorted(set(kernels) - {"fp8", "bf16"}):
         parser.error(f"unknown --kernels {unknown}; choose from fp8, bf16")
+    switches = [name for name in args.fp8_switches.split(",") if name]
+    try:
+        fp8_config = GluonFP8Config(**dict.fromkeys(switches, True))
+    except (TypeError, ValueError) as exc:
+        parser.error(f"--fp8-switches: {exc}")
     shape = shape_by_name(args.shape)
     generator = torch.Generator(device="cuda").manual_seed(0)
     size = (1, shape.heads, shape.tokens, shape.head_dim)
@@ -69,7 +79,7 @@ def main() -> None:
             q, k, v, block_size=BLOCK, key_lengths=lut.key_lengths, key_order="wgmma"
         )
         runs["fp8"] = lambda: gluon_fp8_attention(
-            quantized, lut, out, scale=scale, config=GluonFP8Config()
+            quantized, lut, out, scale=scale, config=fp8_config
         )
     if "bf16" in kernels:
         runs["bf16"] = lambda: gluon_lut_attention(

@@ -121,6 +121,7 @@ class GluonFP8Config:
         permuted_keys: bool = True,
         tree_rows: bool = True,
         lookahead: bool = False,
+        softmax_turns: bool = False,
     ):
         if not 1 <= stages <= 4:
             raise ValueError(f"stages must be 1-4, got {stages}")
@@ -128,6 +129,8 @@ class GluonFP8Config:
             raise ValueError("lookahead runs without ping-pong turns and two-level accumulation")
         if lookahead and stages < 2:
             raise ValueError("lookahead holds two K tiles at once: it needs stages >= 2")
+        if softmax_turns and (pingpong or lookahead):
+            raise ValueError("softmax turns run without ping-pong turns and the lookahead schedule")
         self.stages = stages
         self.pingpong = pingpong
         self.two_level = two_level
@@ -135,6 +138,7 @@ class GluonFP8Config:
         self.permuted_keys = permuted_keys
         self.tree_rows = tree_rows
         self.lookahead = lookahead
+        self.softmax_turns = softmax_turns
 
     def kwargs(self) -> dict:
         return {
@@ -145,6 +149,7 @@ class GluonFP8Config:
             "PERMUTED_KEYS": self.permuted_keys,
             "TREE_ROWS": self.tree_rows,
             "LOOKAHEAD": self.lookahead,
+            "SOFTMAX_TURNS": self.softmax_turns,
         }
 
     def __repr__(self) -> str:
@@ -152,7 +157,7 @@ class GluonFP8Config:
             f"GluonFP8Config(stages={self.stages}, pingpong={self.pingpong}, "
             f"two_level={self.two_level}, magic_i2f={self.magic_i2f}, "
             f"permuted_keys={self.permuted_keys}, tree_rows={self.tree_rows}, "
-            f"lookahead={self.lookahead})"
+            f"lookahead={self.lookahead}, softmax_turns={self.softmax_turns})"
         )
 
 
@@ -167,6 +172,10 @@ def _softmax_step(
     MASKED: gl.constexpr,
     MAGIC_I2F: gl.constexpr,
     TREE_ROWS: gl.constexpr,
+    turns,
+    turn,
+    WARPGROUP: gl.constexpr,
+    SOFTMAX_TURNS: gl.constexpr,
 ):
     """Online-softmax update for one ``[64, 128]`` int32 score tile (the wgmma layout).
 
@@ -195,6 +204,11 @@ def _softmax_step(
     tile_max = _row_reduce(scores, rows_layout, TREE_ROWS, True)  # [64]
     new_max = gl.maximum(row_max, (tile_max - bias) * row_scale)  # [64]
     offset = new_max - LOG2_P_SCALE_C + bias * row_scale  # [64]
+    # SOFTMAX_TURNS: the warpgroups take turns at the exponentials, so that one's MUFU work
+    # overlaps the other's integer and FMA work instead of both contending for the MUFU at once.
+    # The turn is passed once this tile's P V is issued (the caller's pass_turn): the wgmma reads
+    # every exponential, so ptxas cannot schedule one after the arrive, as it would a row sum's.
+    take_turn(turns, turn, WARPGROUP, SOFTMAX_TURNS)
     probs = gl.exp2(scores * gl.expand_dims(row_scale, 1) - gl.expand_dims(offset, 1))
     correction = gl.exp2(row_max - new_max)  # [64]
     row_sum = row_sum * correction + _row_reduce(probs, rows_layout, TREE_ROWS, False)
@@ -313,6 +327,7 @@ def _key_tile(
     WARPGROUP: gl.constexpr,
     STAGES: gl.constexpr,
     PINGPONG: gl.constexpr,
+    SOFTMAX_TURNS: gl.constexpr,
     TWO_LEVEL: gl.constexpr,
     MAGIC_I2F: gl.constexpr,
     PERMUTED_KEYS: gl.constexpr,
@@ -338,7 +353,7 @@ def _key_tile(
         q_smem, k_bufs.index(slot).permute((1, 0)), zero_scores, use_acc=False, is_async=True
     )  # S_j
     pv_token = _issue_pv(p, v_bufs, v_ready, tile - 1, acc, zero_pv, STAGES, TWO_LEVEL)
-    pass_turn(turns, WARPGROUP, PINGPONG)
+    pass_turn(turns, WARPGROUP, PINGPONG or SOFTMAX_TURNS)
     row_scale, key_length = _tile_scale(row, tile, q_scale)
     # P is not a dependency of the waits: the wgmma reads the e4m3 registers _issue_pv made for
     # it alone, which nothing writes again.
@@ -351,7 +366,19 @@ def _key_tile(
         mbarrier.arrive(v_empty.index((tile - 1) % STAGES), count=1)
         acc = acc + pv if TWO_LEVEL else pv
         probs, row_max, row_sum, correction = _softmax_step(
-            scores, row_max, row_sum, row_scale, key_length, s_layout, True, MAGIC_I2F, TREE_ROWS
+            scores,
+            row_max,
+            row_sum,
+            row_scale,
+            key_length,
+            s_layout,
+            True,
+            MAGIC_I2F,
+            TREE_ROWS,
+            turns,
+            tile,
+            WARPGROUP,
+            SOFTMAX_TURNS,
         )
         acc = acc * gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
     else:
@@ -360,7 +387,19 @@ def _key_tile(
         mbarrier.arrive(k_empty.index(slot), count=1)
         # Softmax of tile j while the tensor cores run P_{j-1} V_{j-1}.
         probs, row_max, row_sum, correction = _softmax_step(
-            scores, row_max, row_sum, row_scale, key_length, s_layout, False, MAGIC_I2F, TREE_ROWS
+            scores,
+            row_max,
+            row_sum,
+            row_scale,
+            key_length,
+            s_layout,
+            False,
+            MAGIC_I2F,
+            TREE_ROWS,
+            turns,
+            tile,
+            WARPGROUP,
+            SOFTMAX_TURNS,
         )
         pv = warpgroup_mma_wait(0, deps=(pv_token,))
         mbarrier.arrive(v_empty.index((tile - 1) % STAGES), count=1)
@@ -393,6 +432,7 @@ def _paired_tiles(
     WARPGROUP: gl.constexpr,
     STAGES: gl.constexpr,
     PINGPONG: gl.constexpr,
+    SOFTMAX_TURNS: gl.constexpr,
     TWO_LEVEL: gl.constexpr,
     MAGIC_I2F: gl.constexpr,
     PERMUTED_KEYS: gl.constexpr,
@@ -428,6 +468,10 @@ def _paired_tiles(
             False,
             MAGIC_I2F,
             TREE_ROWS,
+            turns,
+            0,
+            WARPGROUP,
+            SOFTMAX_TURNS,
         )
     else:
         probs, row_max, row_sum, correction = _softmax_step(
@@ -440,6 +484,10 @@ def _paired_tiles(
             True,
             MAGIC_I2F,
             TREE_ROWS,
+            turns,
+            0,
+            WARPGROUP,
+            SOFTMAX_TURNS,
         )
     p = _pv_operand(probs, p_layout, PERMUTED_KEYS)  # [64, 128] fp32, A operand layout
     state = (acc, p, row_max, row_sum)
@@ -454,6 +502,7 @@ def _paired_tiles(
             WARPGROUP,
             STAGES,
             PINGPONG,
+            SOFTMAX_TURNS,
             TWO_LEVEL,
             MAGIC_I2F,
             PERMUTED_KEYS,
@@ -470,6 +519,7 @@ def _paired_tiles(
             WARPGROUP,
             STAGES,
             PINGPONG,
+            SOFTMAX_TURNS,
             TWO_LEVEL,
             MAGIC_I2F,
             PERMUTED_KEYS,
@@ -482,7 +532,7 @@ def _paired_tiles(
     last = num_tiles - 1
     take_turn(turns, num_tiles, WARPGROUP, PINGPONG)
     pv_token = _issue_pv(p, v_bufs, v_ready, last, acc, zero_pv, STAGES, TWO_LEVEL)
-    pass_turn(turns, WARPGROUP, PINGPONG)
+    pass_turn(turns, WARPGROUP, PINGPONG or SOFTMAX_TURNS)
     pv = warpgroup_mma_wait(0, deps=(pv_token,))
     mbarrier.arrive(v_empty.index(last % STAGES), count=1)
     acc = acc + pv if TWO_LEVEL else pv
@@ -518,7 +568,7 @@ def _ahead_tile(
     matmul in flight would hold.
     """
     acc, scores, p, row_max, row_sum = state
-    q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, _turns, zeros = operands
+    q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turns, zeros = operands
     zero_scores, zero_pv = zeros
     s_layout: gl.constexpr = zero_scores.type.layout
     o_layout: gl.constexpr = zero_pv.type.layout
@@ -533,7 +583,19 @@ def _ahead_tile(
     if MASKED and not FIRST:
         acc = warpgroup_mma_wait(0, deps=(pv,))
     probs, row_max, row_sum, correction = _softmax_step(
-        scores, row_max, row_sum, row_scale, key_length, s_layout, MASKED, MAGIC_I2F, TREE_ROWS
+        scores,
+        row_max,
+        row_sum,
+        row_scale,
+        key_length,
+        s_layout,
+        MASKED,
+        MAGIC_I2F,
+        TREE_ROWS,
+        turns,
+        tile,
+        0,
+        False,
     )
     if not MASKED and not FIRST:
         # In flight, oldest first: P_{j-1} V_{j-1}, S_{j+1}: retire the first.
@@ -742,6 +804,7 @@ def _consumer_partition(
     PERMUTED_KEYS: gl.constexpr,
     TREE_ROWS: gl.constexpr,
     LOOKAHEAD: gl.constexpr,
+    SOFTMAX_TURNS: gl.constexpr,
 ):
     """One warpgroup: 64 query rows, both matmuls, the softmax and the epilogue.
 
@@ -828,6 +891,7 @@ def _consumer_partition(
                 WARPGROUP,
                 STAGES,
                 PINGPONG,
+                SOFTMAX_TURNS,
                 TWO_LEVEL,
                 MAGIC_I2F,
                 PERMUTED_KEYS,
@@ -878,6 +942,7 @@ def _gluon_fp8_attention_kernel(
     TREE_ROWS: gl.constexpr,
     LOOKAHEAD: gl.constexpr,
     V_TERMS: gl.constexpr = 1,
+    SOFTMAX_TURNS: gl.constexpr = False,
 ):
     """Grid ``(nb, B * H)``; one CTA = one 128-row query block of one (batch, head).
 
@@ -946,6 +1011,7 @@ def _gluon_fp8_attention_kernel(
                     PERMUTED_KEYS,
                     TREE_ROWS,
                     LOOKAHEAD,
+                    SOFTMAX_TURNS,
                 ),
             ),
             (
@@ -961,6 +1027,7 @@ def _gluon_fp8_attention_kernel(
                     PERMUTED_KEYS,
                     TREE_ROWS,
                     LOOKAHEAD,
+                    SOFTMAX_TURNS,
                 ),
             ),
             (
