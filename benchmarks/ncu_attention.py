@@ -3,15 +3,15 @@
     ncu --clock-control none --set full -k regex:gluon --launch-skip 2 --launch-count 1 \\
         -o fp8 python -m benchmarks.ncu_attention --kernels fp8
     python -m benchmarks.ncu_attention --kernels fp8,bf16 --shape wan2.1-1.3b-480p --density 1
-    python -m benchmarks.ncu_attention --kernels fp8 --fp8-switches softmax_turns
+    python -m benchmarks.ncu_attention --kernels fp8 --fp8-options poly_exp2=3
 
 On the random inputs and per-head block masks of ``benchmarks.bench_fp8`` (B 1, head dim 128),
 each kernel named by ``--kernels`` runs ``--launches`` times with an explicit config (no
 autotuning, so every launch is the same kernel): ``fp8`` is the 8-bit Gluon kernel on inputs the
-pre-pass quantized once beforehand (the pre-pass is not launched again; ``--fp8-switches`` turns
-on boolean options of ``GluonFP8Config``), ``bf16`` the bf16 Gluon kernel. Without a profiler
-around it, it prints each kernel's median time over its launches, so the run also checks that
-the timed configs are the ones profiled.
+pre-pass quantized once beforehand (the pre-pass is not launched again; ``--fp8-options`` sets
+``GluonFP8Config`` options, integers or 0/1 switches), ``bf16`` the bf16 Gluon kernel. Without
+a profiler around it, it prints each kernel's median time over its launches, so the run also
+checks that the timed configs are the ones profiled.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=1.0, help="target block density")
     parser.add_argument("--launches", type=int, default=4)
     parser.add_argument(
-        "--fp8-switches", default="", help="comma-separated GluonFP8Config options to turn on"
+        "--fp8-options", default="", help="GluonFP8Config options, e.g. stages=3,poly_exp2=3"
     )
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -57,11 +57,11 @@ def main() -> None:
     kernels = args.kernels.split(",")
     if unknown := sorted(set(kernels) - {"fp8", "bf16"}):
         parser.error(f"unknown --kernels {unknown}; choose from fp8, bf16")
-    switches = [name for name in args.fp8_switches.split(",") if name]
     try:
-        fp8_config = GluonFP8Config(**dict.fromkeys(switches, True))
+        options = dict(item.split("=") for item in args.fp8_options.split(",") if item)
+        fp8_config = GluonFP8Config(**{name: int(value) for name, value in options.items()})
     except (TypeError, ValueError) as exc:
-        parser.error(f"--fp8-switches: {exc}")
+        parser.error(f"--fp8-options: {exc}")
     shape = shape_by_name(args.shape)
     generator = torch.Generator(device="cuda").manual_seed(0)
     size = (1, shape.heads, shape.tokens, shape.head_dim)

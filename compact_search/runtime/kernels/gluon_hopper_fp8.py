@@ -121,7 +121,7 @@ class GluonFP8Config:
         permuted_keys: bool = True,
         tree_rows: bool = True,
         lookahead: bool = False,
-        softmax_turns: bool = False,
+        poly_exp2: int = 0,
     ):
         if not 1 <= stages <= 4:
             raise ValueError(f"stages must be 1-4, got {stages}")
@@ -129,8 +129,8 @@ class GluonFP8Config:
             raise ValueError("lookahead runs without ping-pong turns and two-level accumulation")
         if lookahead and stages < 2:
             raise ValueError("lookahead holds two K tiles at once: it needs stages >= 2")
-        if softmax_turns and (pingpong or lookahead):
-            raise ValueError("softmax turns run without ping-pong turns and the lookahead schedule")
+        if not 0 <= poly_exp2 <= 8:
+            raise ValueError(f"poly_exp2 counts exponentials of every 8: 0-8, got {poly_exp2}")
         self.stages = stages
         self.pingpong = pingpong
         self.two_level = two_level
@@ -138,7 +138,7 @@ class GluonFP8Config:
         self.permuted_keys = permuted_keys
         self.tree_rows = tree_rows
         self.lookahead = lookahead
-        self.softmax_turns = softmax_turns
+        self.poly_exp2 = poly_exp2
 
     def kwargs(self) -> dict:
         return {
@@ -149,7 +149,7 @@ class GluonFP8Config:
             "PERMUTED_KEYS": self.permuted_keys,
             "TREE_ROWS": self.tree_rows,
             "LOOKAHEAD": self.lookahead,
-            "SOFTMAX_TURNS": self.softmax_turns,
+            "POLY_EXP2": self.poly_exp2,
         }
 
     def __repr__(self) -> str:
@@ -157,8 +157,63 @@ class GluonFP8Config:
             f"GluonFP8Config(stages={self.stages}, pingpong={self.pingpong}, "
             f"two_level={self.two_level}, magic_i2f={self.magic_i2f}, "
             f"permuted_keys={self.permuted_keys}, tree_rows={self.tree_rows}, "
-            f"lookahead={self.lookahead}, softmax_turns={self.softmax_turns})"
+            f"lookahead={self.lookahead}, poly_exp2={self.poly_exp2})"
         )
+
+
+# 2^f on [0, 1) as 1 + f (c1 + f (c2 + f c3)): fp32 coefficients that minimize the largest
+# relative error with p(0) = 1 exact, 8.6e-5 (an e4m3 step of P is 6.25e-2 relative).
+EXP2_POLY_HEX = ("0f3F31F326", "0f3E691C36", "0f3D9DD484")  # 0.69512, 0.22765, 0.077065
+
+
+@gluon.constexpr_function
+def _exp2_asm(poly_count):
+    """PTX for eight exp2 (inputs ``$8..$15``, outputs ``$0..$7``): the first ``8 - poly_count``
+    through the MUFU (``ex2.approx``, as ``gl.exp2``), the others on the FMA pipe.
+
+    The FMA-pipe path, eight instructions: clamp at -127 (below it 2^x is 0 to e4m3 and to the
+    row sum; the clamp keeps the exponent from wrapping), ``t = 1.5 2^23 + x`` rounded down holds
+    floor(x) in its low bits, the fraction ``x - floor(x)`` goes through the cubic, and the
+    integer multiply-add ``t 2^23 + p`` adds floor(x) to p's exponent (0x4B400000 2^23 leaves
+    32 bits). Inputs are at most log2(448) + 1 (the softmax offset), so the exponent stays finite.
+    """
+    c1, c2, c3 = EXP2_POLY_HEX
+    lines = []
+    for i in range(8):
+        out, arg = f"${i}", f"${i + 8}"
+        if i < 8 - poly_count:
+            lines.append(f"ex2.approx.ftz.f32 {out}, {arg};")
+            continue
+        lines += [
+            f"max.f32 x, {arg}, 0fC2FE0000;",
+            "add.rm.f32 t, x, 0f4B400000;",
+            "sub.f32 j, t, 0f4B400000;",
+            "sub.f32 x, x, j;",
+            f"fma.rn.f32 p, x, {c3}, {c2};",
+            f"fma.rn.f32 p, p, x, {c1};",
+            "fma.rn.f32 p, p, x, 0f3F800000;",
+            f"mad.lo.s32 {out}, t, 8388608, p;",
+        ]
+    return "{\n.reg .b32 x, t, j, p;\n" + "\n".join(lines) + "\n}"
+
+
+@gluon.jit
+def _exp2(x, POLY_EXP2: gl.constexpr):
+    """``exp2`` of fp32 ``x``, ``POLY_EXP2`` of every 8 a thread holds on the FMA pipe.
+
+    The MUFU's exp2 throughput (a quarter of the FMA pipe's) bounds the softmax when both
+    warpgroups are in it (FA4's reason for the same split, docs/kernel.md).
+    """
+    if POLY_EXP2 == 0:
+        return gl.exp2(x)
+    return gl.inline_asm_elementwise(
+        _exp2_asm(POLY_EXP2),
+        "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r",
+        [x],
+        dtype=gl.float32,
+        is_pure=True,
+        pack=8,
+    )
 
 
 @gluon.jit
@@ -172,10 +227,7 @@ def _softmax_step(
     MASKED: gl.constexpr,
     MAGIC_I2F: gl.constexpr,
     TREE_ROWS: gl.constexpr,
-    turns,
-    turn,
-    WARPGROUP: gl.constexpr,
-    SOFTMAX_TURNS: gl.constexpr,
+    POLY_EXP2: gl.constexpr,
 ):
     """Online-softmax update for one ``[64, 128]`` int32 score tile (the wgmma layout).
 
@@ -204,12 +256,7 @@ def _softmax_step(
     tile_max = _row_reduce(scores, rows_layout, TREE_ROWS, True)  # [64]
     new_max = gl.maximum(row_max, (tile_max - bias) * row_scale)  # [64]
     offset = new_max - LOG2_P_SCALE_C + bias * row_scale  # [64]
-    # SOFTMAX_TURNS: the warpgroups take turns at the exponentials, so that one's MUFU work
-    # overlaps the other's integer and FMA work instead of both contending for the MUFU at once.
-    # The turn is passed once this tile's P V is issued (the caller's pass_turn): the wgmma reads
-    # every exponential, so ptxas cannot schedule one after the arrive, as it would a row sum's.
-    take_turn(turns, turn, WARPGROUP, SOFTMAX_TURNS)
-    probs = gl.exp2(scores * gl.expand_dims(row_scale, 1) - gl.expand_dims(offset, 1))
+    probs = _exp2(scores * gl.expand_dims(row_scale, 1) - gl.expand_dims(offset, 1), POLY_EXP2)
     correction = gl.exp2(row_max - new_max)  # [64]
     row_sum = row_sum * correction + _row_reduce(probs, rows_layout, TREE_ROWS, False)
     return probs, new_max, row_sum, correction
@@ -327,11 +374,11 @@ def _key_tile(
     WARPGROUP: gl.constexpr,
     STAGES: gl.constexpr,
     PINGPONG: gl.constexpr,
-    SOFTMAX_TURNS: gl.constexpr,
     TWO_LEVEL: gl.constexpr,
     MAGIC_I2F: gl.constexpr,
     PERMUTED_KEYS: gl.constexpr,
     TREE_ROWS: gl.constexpr,
+    POLY_EXP2: gl.constexpr,
     MASKED: gl.constexpr,
 ):
     """Key tile j >= 1: issue S_j and P_{j-1} V_{j-1}, softmax j while the latter runs, merge.
@@ -353,7 +400,7 @@ def _key_tile(
         q_smem, k_bufs.index(slot).permute((1, 0)), zero_scores, use_acc=False, is_async=True
     )  # S_j
     pv_token = _issue_pv(p, v_bufs, v_ready, tile - 1, acc, zero_pv, STAGES, TWO_LEVEL)
-    pass_turn(turns, WARPGROUP, PINGPONG or SOFTMAX_TURNS)
+    pass_turn(turns, WARPGROUP, PINGPONG)
     row_scale, key_length = _tile_scale(row, tile, q_scale)
     # P is not a dependency of the waits: the wgmma reads the e4m3 registers _issue_pv made for
     # it alone, which nothing writes again.
@@ -375,10 +422,7 @@ def _key_tile(
             True,
             MAGIC_I2F,
             TREE_ROWS,
-            turns,
-            tile,
-            WARPGROUP,
-            SOFTMAX_TURNS,
+            POLY_EXP2,
         )
         acc = acc * gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
     else:
@@ -396,10 +440,7 @@ def _key_tile(
             False,
             MAGIC_I2F,
             TREE_ROWS,
-            turns,
-            tile,
-            WARPGROUP,
-            SOFTMAX_TURNS,
+            POLY_EXP2,
         )
         pv = warpgroup_mma_wait(0, deps=(pv_token,))
         mbarrier.arrive(v_empty.index((tile - 1) % STAGES), count=1)
@@ -432,11 +473,11 @@ def _paired_tiles(
     WARPGROUP: gl.constexpr,
     STAGES: gl.constexpr,
     PINGPONG: gl.constexpr,
-    SOFTMAX_TURNS: gl.constexpr,
     TWO_LEVEL: gl.constexpr,
     MAGIC_I2F: gl.constexpr,
     PERMUTED_KEYS: gl.constexpr,
     TREE_ROWS: gl.constexpr,
+    POLY_EXP2: gl.constexpr,
 ):
     """Every key tile of a row (``num_tiles >= 1``) in the default schedule (``_key_tile``: S_j
     issued with P_{j-1} V_{j-1}), then the last P V; returns the unnormalized output
@@ -468,10 +509,7 @@ def _paired_tiles(
             False,
             MAGIC_I2F,
             TREE_ROWS,
-            turns,
-            0,
-            WARPGROUP,
-            SOFTMAX_TURNS,
+            POLY_EXP2,
         )
     else:
         probs, row_max, row_sum, correction = _softmax_step(
@@ -484,10 +522,7 @@ def _paired_tiles(
             True,
             MAGIC_I2F,
             TREE_ROWS,
-            turns,
-            0,
-            WARPGROUP,
-            SOFTMAX_TURNS,
+            POLY_EXP2,
         )
     p = _pv_operand(probs, p_layout, PERMUTED_KEYS)  # [64, 128] fp32, A operand layout
     state = (acc, p, row_max, row_sum)
@@ -502,11 +537,11 @@ def _paired_tiles(
             WARPGROUP,
             STAGES,
             PINGPONG,
-            SOFTMAX_TURNS,
             TWO_LEVEL,
             MAGIC_I2F,
             PERMUTED_KEYS,
             TREE_ROWS,
+            POLY_EXP2,
             False,
         )
     for tile in range(gl.maximum(full_tiles, 1), num_tiles):
@@ -519,11 +554,11 @@ def _paired_tiles(
             WARPGROUP,
             STAGES,
             PINGPONG,
-            SOFTMAX_TURNS,
             TWO_LEVEL,
             MAGIC_I2F,
             PERMUTED_KEYS,
             TREE_ROWS,
+            POLY_EXP2,
             True,
         )
     acc, p, row_max, row_sum = state
@@ -532,7 +567,7 @@ def _paired_tiles(
     last = num_tiles - 1
     take_turn(turns, num_tiles, WARPGROUP, PINGPONG)
     pv_token = _issue_pv(p, v_bufs, v_ready, last, acc, zero_pv, STAGES, TWO_LEVEL)
-    pass_turn(turns, WARPGROUP, PINGPONG or SOFTMAX_TURNS)
+    pass_turn(turns, WARPGROUP, PINGPONG)
     pv = warpgroup_mma_wait(0, deps=(pv_token,))
     mbarrier.arrive(v_empty.index(last % STAGES), count=1)
     acc = acc + pv if TWO_LEVEL else pv
@@ -550,6 +585,7 @@ def _ahead_tile(
     MAGIC_I2F: gl.constexpr,
     PERMUTED_KEYS: gl.constexpr,
     TREE_ROWS: gl.constexpr,
+    POLY_EXP2: gl.constexpr,
     FIRST: gl.constexpr,
     LAST: gl.constexpr,
     MASKED: gl.constexpr,
@@ -568,7 +604,7 @@ def _ahead_tile(
     matmul in flight would hold.
     """
     acc, scores, p, row_max, row_sum = state
-    q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turns, zeros = operands
+    q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, _turns, zeros = operands
     zero_scores, zero_pv = zeros
     s_layout: gl.constexpr = zero_scores.type.layout
     o_layout: gl.constexpr = zero_pv.type.layout
@@ -592,10 +628,7 @@ def _ahead_tile(
         MASKED,
         MAGIC_I2F,
         TREE_ROWS,
-        turns,
-        tile,
-        0,
-        False,
+        POLY_EXP2,
     )
     if not MASKED and not FIRST:
         # In flight, oldest first: P_{j-1} V_{j-1}, S_{j+1}: retire the first.
@@ -628,6 +661,7 @@ def _ahead_tiles(
     MAGIC_I2F: gl.constexpr,
     PERMUTED_KEYS: gl.constexpr,
     TREE_ROWS: gl.constexpr,
+    POLY_EXP2: gl.constexpr,
 ):
     """Every key tile of a row (``num_tiles >= 1``) in the ``LOOKAHEAD`` schedule, then the last
     P V; returns the unnormalized output accumulator, the row max and the row sum.
@@ -658,6 +692,7 @@ def _ahead_tiles(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
+                POLY_EXP2,
                 True,
                 False,
                 False,
@@ -673,6 +708,7 @@ def _ahead_tiles(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
+                POLY_EXP2,
                 True,
                 False,
                 True,
@@ -688,6 +724,7 @@ def _ahead_tiles(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
+                POLY_EXP2,
                 False,
                 False,
                 False,
@@ -703,6 +740,7 @@ def _ahead_tiles(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
+                POLY_EXP2,
                 False,
                 False,
                 True,
@@ -718,6 +756,7 @@ def _ahead_tiles(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
+                POLY_EXP2,
                 False,
                 True,
                 False,
@@ -733,6 +772,7 @@ def _ahead_tiles(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
+                POLY_EXP2,
                 False,
                 True,
                 True,
@@ -749,6 +789,7 @@ def _ahead_tiles(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
+                POLY_EXP2,
                 True,
                 True,
                 False,
@@ -764,6 +805,7 @@ def _ahead_tiles(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
+                POLY_EXP2,
                 True,
                 True,
                 True,
@@ -804,7 +846,7 @@ def _consumer_partition(
     PERMUTED_KEYS: gl.constexpr,
     TREE_ROWS: gl.constexpr,
     LOOKAHEAD: gl.constexpr,
-    SOFTMAX_TURNS: gl.constexpr,
+    POLY_EXP2: gl.constexpr,
 ):
     """One warpgroup: 64 query rows, both matmuls, the softmax and the epilogue.
 
@@ -877,6 +919,7 @@ def _consumer_partition(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
+                POLY_EXP2,
             )
         else:
             acc, row_max, row_sum = _paired_tiles(
@@ -891,11 +934,11 @@ def _consumer_partition(
                 WARPGROUP,
                 STAGES,
                 PINGPONG,
-                SOFTMAX_TURNS,
                 TWO_LEVEL,
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
+                POLY_EXP2,
             )
         acc = _normalized(acc, row_sum, v_scale_ptr, v_mean_ptr, o_rows, o_cols, HEAD_DIM)
 
@@ -942,7 +985,7 @@ def _gluon_fp8_attention_kernel(
     TREE_ROWS: gl.constexpr,
     LOOKAHEAD: gl.constexpr,
     V_TERMS: gl.constexpr = 1,
-    SOFTMAX_TURNS: gl.constexpr = False,
+    POLY_EXP2: gl.constexpr = 0,
 ):
     """Grid ``(nb, B * H)``; one CTA = one 128-row query block of one (batch, head).
 
@@ -1011,7 +1054,7 @@ def _gluon_fp8_attention_kernel(
                     PERMUTED_KEYS,
                     TREE_ROWS,
                     LOOKAHEAD,
-                    SOFTMAX_TURNS,
+                    POLY_EXP2,
                 ),
             ),
             (
@@ -1027,7 +1070,7 @@ def _gluon_fp8_attention_kernel(
                     PERMUTED_KEYS,
                     TREE_ROWS,
                     LOOKAHEAD,
-                    SOFTMAX_TURNS,
+                    POLY_EXP2,
                 ),
             ),
             (
