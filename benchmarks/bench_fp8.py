@@ -248,8 +248,6 @@ def probe_variants() -> dict[str, tuple[GluonFP8Config, int]]:
         "two-v-terms": (GluonFP8Config(), 2),
         "two-v-terms-pingpong": (GluonFP8Config(pingpong=True), 2),
         "two-v-terms-stages3": (GluonFP8Config(stages=3), 2),
-        **{f"poly-exp2-{n}": (GluonFP8Config(poly_exp2=n), 1) for n in (1, 2, 3, 4)},
-        "two-v-terms-poly-exp2-3": (GluonFP8Config(poly_exp2=3), 2),
     }
     if ptxas_version() >= LOOKAHEAD_MIN_PTXAS:
         variants["lookahead"] = (GluonFP8Config(lookahead=True), 1)

@@ -3,7 +3,7 @@
     ncu --clock-control none --set full -k regex:gluon --launch-skip 2 --launch-count 1 \\
         -o fp8 python -m benchmarks.ncu_attention --kernels fp8
     python -m benchmarks.ncu_attention --kernels fp8,bf16 --shape wan2.1-1.3b-480p --density 1
-    python -m benchmarks.ncu_attention --kernels fp8 --fp8-options poly_exp2=3
+    python -m benchmarks.ncu_attention --kernels fp8 --fp8-options stages=3,pingpong=1
 
 On the random inputs and per-head block masks of ``benchmarks.bench_fp8`` (B 1, head dim 128),
 each kernel named by ``--kernels`` runs ``--launches`` times with an explicit config (no

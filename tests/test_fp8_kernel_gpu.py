@@ -71,12 +71,9 @@ VARIANTS = {
     "gluon-chain-rows": ("gluon", {"tree_rows": False}, 1),
     "gluon-lookahead": ("gluon", {"lookahead": True}, 1),
     "gluon-lookahead-3-stages": ("gluon", {"lookahead": True, "stages": 3}, 1),
-    "gluon-poly-exp2": ("gluon", {"poly_exp2": 3}, 1),
-    "gluon-all-poly-exp2": ("gluon", {"poly_exp2": 8}, 1),
     "gluon-two-v-terms": ("gluon", {}, 2),
     "gluon-two-v-terms-pingpong": ("gluon", {"pingpong": True}, 2),
     "gluon-two-v-terms-natural-keys": ("gluon", {"permuted_keys": False}, 2),
-    "gluon-two-v-terms-poly-exp2": ("gluon", {"poly_exp2": 3}, 2),
     "portable": ("portable", None, 1),
     "portable-two-v-terms": ("portable", None, 2),
 }

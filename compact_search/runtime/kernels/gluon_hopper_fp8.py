@@ -121,7 +121,6 @@ class GluonFP8Config:
         permuted_keys: bool = True,
         tree_rows: bool = True,
         lookahead: bool = False,
-        poly_exp2: int = 0,
     ):
         if not 1 <= stages <= 4:
             raise ValueError(f"stages must be 1-4, got {stages}")
@@ -129,8 +128,6 @@ class GluonFP8Config:
             raise ValueError("lookahead runs without ping-pong turns and two-level accumulation")
         if lookahead and stages < 2:
             raise ValueError("lookahead holds two K tiles at once: it needs stages >= 2")
-        if not 0 <= poly_exp2 <= 8:
-            raise ValueError(f"poly_exp2 counts exponentials of every 8: 0-8, got {poly_exp2}")
         self.stages = stages
         self.pingpong = pingpong
         self.two_level = two_level
@@ -138,7 +135,6 @@ class GluonFP8Config:
         self.permuted_keys = permuted_keys
         self.tree_rows = tree_rows
         self.lookahead = lookahead
-        self.poly_exp2 = poly_exp2
 
     def kwargs(self) -> dict:
         return {
@@ -149,7 +145,6 @@ class GluonFP8Config:
             "PERMUTED_KEYS": self.permuted_keys,
             "TREE_ROWS": self.tree_rows,
             "LOOKAHEAD": self.lookahead,
-            "POLY_EXP2": self.poly_exp2,
         }
 
     def __repr__(self) -> str:
@@ -157,63 +152,8 @@ class GluonFP8Config:
             f"GluonFP8Config(stages={self.stages}, pingpong={self.pingpong}, "
             f"two_level={self.two_level}, magic_i2f={self.magic_i2f}, "
             f"permuted_keys={self.permuted_keys}, tree_rows={self.tree_rows}, "
-            f"lookahead={self.lookahead}, poly_exp2={self.poly_exp2})"
+            f"lookahead={self.lookahead})"
         )
-
-
-# 2^f on [0, 1) as 1 + f (c1 + f (c2 + f c3)): fp32 coefficients that minimize the largest
-# relative error with p(0) = 1 exact, 8.6e-5 (an e4m3 step of P is 6.25e-2 relative).
-EXP2_POLY_HEX = ("0f3F31F326", "0f3E691C36", "0f3D9DD484")  # 0.69512, 0.22765, 0.077065
-
-
-@gluon.constexpr_function
-def _exp2_asm(poly_count):
-    """PTX for eight exp2 (inputs ``$8..$15``, outputs ``$0..$7``): the first ``8 - poly_count``
-    through the MUFU (``ex2.approx``, as ``gl.exp2``), the others on the FMA pipe.
-
-    The FMA-pipe path, eight instructions: clamp at -127 (below it 2^x is 0 to e4m3 and to the
-    row sum; the clamp keeps the exponent from wrapping), ``t = 1.5 2^23 + x`` rounded down holds
-    floor(x) in its low bits, the fraction ``x - floor(x)`` goes through the cubic, and the
-    integer multiply-add ``t 2^23 + p`` adds floor(x) to p's exponent (0x4B400000 2^23 leaves
-    32 bits). Inputs are at most log2(448) + 1 (the softmax offset), so the exponent stays finite.
-    """
-    c1, c2, c3 = EXP2_POLY_HEX
-    lines = []
-    for i in range(8):
-        out, arg = f"${i}", f"${i + 8}"
-        if i < 8 - poly_count:
-            lines.append(f"ex2.approx.ftz.f32 {out}, {arg};")
-            continue
-        lines += [
-            f"max.f32 x, {arg}, 0fC2FE0000;",
-            "add.rm.f32 t, x, 0f4B400000;",
-            "sub.f32 j, t, 0f4B400000;",
-            "sub.f32 x, x, j;",
-            f"fma.rn.f32 p, x, {c3}, {c2};",
-            f"fma.rn.f32 p, p, x, {c1};",
-            "fma.rn.f32 p, p, x, 0f3F800000;",
-            f"mad.lo.s32 {out}, t, 8388608, p;",
-        ]
-    return "{\n.reg .b32 x, t, j, p;\n" + "\n".join(lines) + "\n}"
-
-
-@gluon.jit
-def _exp2(x, POLY_EXP2: gl.constexpr):
-    """``exp2`` of fp32 ``x``, ``POLY_EXP2`` of every 8 a thread holds on the FMA pipe.
-
-    The MUFU's exp2 throughput (a quarter of the FMA pipe's) bounds the softmax when both
-    warpgroups are in it (FA4's reason for the same split, docs/kernel.md).
-    """
-    if POLY_EXP2 == 0:
-        return gl.exp2(x)
-    return gl.inline_asm_elementwise(
-        _exp2_asm(POLY_EXP2),
-        "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r",
-        [x],
-        dtype=gl.float32,
-        is_pure=True,
-        pack=8,
-    )
 
 
 @gluon.jit
@@ -227,7 +167,6 @@ def _softmax_step(
     MASKED: gl.constexpr,
     MAGIC_I2F: gl.constexpr,
     TREE_ROWS: gl.constexpr,
-    POLY_EXP2: gl.constexpr,
 ):
     """Online-softmax update for one ``[64, 128]`` int32 score tile (the wgmma layout).
 
@@ -256,7 +195,7 @@ def _softmax_step(
     tile_max = _row_reduce(scores, rows_layout, TREE_ROWS, True)  # [64]
     new_max = gl.maximum(row_max, (tile_max - bias) * row_scale)  # [64]
     offset = new_max - LOG2_P_SCALE_C + bias * row_scale  # [64]
-    probs = _exp2(scores * gl.expand_dims(row_scale, 1) - gl.expand_dims(offset, 1), POLY_EXP2)
+    probs = gl.exp2(scores * gl.expand_dims(row_scale, 1) - gl.expand_dims(offset, 1))
     correction = gl.exp2(row_max - new_max)  # [64]
     row_sum = row_sum * correction + _row_reduce(probs, rows_layout, TREE_ROWS, False)
     return probs, new_max, row_sum, correction
@@ -378,7 +317,6 @@ def _key_tile(
     MAGIC_I2F: gl.constexpr,
     PERMUTED_KEYS: gl.constexpr,
     TREE_ROWS: gl.constexpr,
-    POLY_EXP2: gl.constexpr,
     MASKED: gl.constexpr,
 ):
     """Key tile j >= 1: issue S_j and P_{j-1} V_{j-1}, softmax j while the latter runs, merge.
@@ -413,16 +351,7 @@ def _key_tile(
         mbarrier.arrive(v_empty.index((tile - 1) % STAGES), count=1)
         acc = acc + pv if TWO_LEVEL else pv
         probs, row_max, row_sum, correction = _softmax_step(
-            scores,
-            row_max,
-            row_sum,
-            row_scale,
-            key_length,
-            s_layout,
-            True,
-            MAGIC_I2F,
-            TREE_ROWS,
-            POLY_EXP2,
+            scores, row_max, row_sum, row_scale, key_length, s_layout, True, MAGIC_I2F, TREE_ROWS
         )
         acc = acc * gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
     else:
@@ -431,16 +360,7 @@ def _key_tile(
         mbarrier.arrive(k_empty.index(slot), count=1)
         # Softmax of tile j while the tensor cores run P_{j-1} V_{j-1}.
         probs, row_max, row_sum, correction = _softmax_step(
-            scores,
-            row_max,
-            row_sum,
-            row_scale,
-            key_length,
-            s_layout,
-            False,
-            MAGIC_I2F,
-            TREE_ROWS,
-            POLY_EXP2,
+            scores, row_max, row_sum, row_scale, key_length, s_layout, False, MAGIC_I2F, TREE_ROWS
         )
         pv = warpgroup_mma_wait(0, deps=(pv_token,))
         mbarrier.arrive(v_empty.index((tile - 1) % STAGES), count=1)
@@ -477,7 +397,6 @@ def _paired_tiles(
     MAGIC_I2F: gl.constexpr,
     PERMUTED_KEYS: gl.constexpr,
     TREE_ROWS: gl.constexpr,
-    POLY_EXP2: gl.constexpr,
 ):
     """Every key tile of a row (``num_tiles >= 1``) in the default schedule (``_key_tile``: S_j
     issued with P_{j-1} V_{j-1}), then the last P V; returns the unnormalized output
@@ -509,7 +428,6 @@ def _paired_tiles(
             False,
             MAGIC_I2F,
             TREE_ROWS,
-            POLY_EXP2,
         )
     else:
         probs, row_max, row_sum, correction = _softmax_step(
@@ -522,7 +440,6 @@ def _paired_tiles(
             True,
             MAGIC_I2F,
             TREE_ROWS,
-            POLY_EXP2,
         )
     p = _pv_operand(probs, p_layout, PERMUTED_KEYS)  # [64, 128] fp32, A operand layout
     state = (acc, p, row_max, row_sum)
@@ -541,7 +458,6 @@ def _paired_tiles(
             MAGIC_I2F,
             PERMUTED_KEYS,
             TREE_ROWS,
-            POLY_EXP2,
             False,
         )
     for tile in range(gl.maximum(full_tiles, 1), num_tiles):
@@ -558,7 +474,6 @@ def _paired_tiles(
             MAGIC_I2F,
             PERMUTED_KEYS,
             TREE_ROWS,
-            POLY_EXP2,
             True,
         )
     acc, p, row_max, row_sum = state
@@ -585,7 +500,6 @@ def _ahead_tile(
     MAGIC_I2F: gl.constexpr,
     PERMUTED_KEYS: gl.constexpr,
     TREE_ROWS: gl.constexpr,
-    POLY_EXP2: gl.constexpr,
     FIRST: gl.constexpr,
     LAST: gl.constexpr,
     MASKED: gl.constexpr,
@@ -619,16 +533,7 @@ def _ahead_tile(
     if MASKED and not FIRST:
         acc = warpgroup_mma_wait(0, deps=(pv,))
     probs, row_max, row_sum, correction = _softmax_step(
-        scores,
-        row_max,
-        row_sum,
-        row_scale,
-        key_length,
-        s_layout,
-        MASKED,
-        MAGIC_I2F,
-        TREE_ROWS,
-        POLY_EXP2,
+        scores, row_max, row_sum, row_scale, key_length, s_layout, MASKED, MAGIC_I2F, TREE_ROWS
     )
     if not MASKED and not FIRST:
         # In flight, oldest first: P_{j-1} V_{j-1}, S_{j+1}: retire the first.
@@ -661,7 +566,6 @@ def _ahead_tiles(
     MAGIC_I2F: gl.constexpr,
     PERMUTED_KEYS: gl.constexpr,
     TREE_ROWS: gl.constexpr,
-    POLY_EXP2: gl.constexpr,
 ):
     """Every key tile of a row (``num_tiles >= 1``) in the ``LOOKAHEAD`` schedule, then the last
     P V; returns the unnormalized output accumulator, the row max and the row sum.
@@ -692,7 +596,6 @@ def _ahead_tiles(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
-                POLY_EXP2,
                 True,
                 False,
                 False,
@@ -708,7 +611,6 @@ def _ahead_tiles(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
-                POLY_EXP2,
                 True,
                 False,
                 True,
@@ -724,7 +626,6 @@ def _ahead_tiles(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
-                POLY_EXP2,
                 False,
                 False,
                 False,
@@ -740,7 +641,6 @@ def _ahead_tiles(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
-                POLY_EXP2,
                 False,
                 False,
                 True,
@@ -756,7 +656,6 @@ def _ahead_tiles(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
-                POLY_EXP2,
                 False,
                 True,
                 False,
@@ -772,7 +671,6 @@ def _ahead_tiles(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
-                POLY_EXP2,
                 False,
                 True,
                 True,
@@ -789,7 +687,6 @@ def _ahead_tiles(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
-                POLY_EXP2,
                 True,
                 True,
                 False,
@@ -805,7 +702,6 @@ def _ahead_tiles(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
-                POLY_EXP2,
                 True,
                 True,
                 True,
@@ -846,7 +742,6 @@ def _consumer_partition(
     PERMUTED_KEYS: gl.constexpr,
     TREE_ROWS: gl.constexpr,
     LOOKAHEAD: gl.constexpr,
-    POLY_EXP2: gl.constexpr,
 ):
     """One warpgroup: 64 query rows, both matmuls, the softmax and the epilogue.
 
@@ -919,7 +814,6 @@ def _consumer_partition(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
-                POLY_EXP2,
             )
         else:
             acc, row_max, row_sum = _paired_tiles(
@@ -938,7 +832,6 @@ def _consumer_partition(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
-                POLY_EXP2,
             )
         acc = _normalized(acc, row_sum, v_scale_ptr, v_mean_ptr, o_rows, o_cols, HEAD_DIM)
 
@@ -985,7 +878,6 @@ def _gluon_fp8_attention_kernel(
     TREE_ROWS: gl.constexpr,
     LOOKAHEAD: gl.constexpr,
     V_TERMS: gl.constexpr = 1,
-    POLY_EXP2: gl.constexpr = 0,
 ):
     """Grid ``(nb, B * H)``; one CTA = one 128-row query block of one (batch, head).
 
@@ -1054,7 +946,6 @@ def _gluon_fp8_attention_kernel(
                     PERMUTED_KEYS,
                     TREE_ROWS,
                     LOOKAHEAD,
-                    POLY_EXP2,
                 ),
             ),
             (
@@ -1070,7 +961,6 @@ def _gluon_fp8_attention_kernel(
                     PERMUTED_KEYS,
                     TREE_ROWS,
                     LOOKAHEAD,
-                    POLY_EXP2,
                 ),
             ),
             (
