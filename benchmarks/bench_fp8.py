@@ -366,6 +366,12 @@ def main() -> None:
     parser.add_argument("--budget-ms", type=float, default=600.0, help="timing budget per point")
     parser.add_argument("--csv", type=Path, default=RESULTS / "fp8.csv")
     args = parser.parse_args()
+    variants = probe_variants()
+    if args.variants:
+        unknown = sorted(set(args.variants.split(",")) - set(variants))
+        if unknown:
+            parser.error(f"unknown --variants {unknown}; this ptxas offers {sorted(variants)}")
+        variants = {name: variants[name] for name in args.variants.split(",")}
     if not torch.cuda.is_available():
         raise SystemExit("bench_fp8 needs a CUDA GPU")
     shapes = (
@@ -376,12 +382,6 @@ def main() -> None:
         if args.densities
         else (PROBE_DENSITIES if args.probe else DEFAULT_DENSITIES)
     )
-    variants = probe_variants()
-    if args.variants:
-        unknown = sorted(set(args.variants.split(",")) - set(variants))
-        if unknown:
-            parser.error(f"unknown --variants {unknown}; this ptxas offers {sorted(variants)}")
-        variants = {name: variants[name] for name in args.variants.split(",")}
     env = environment()
     env = {"gpu": env.pop("device"), **env, "ptxas": "{}.{}".format(*ptxas_version())}
     log = Log()
