@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_e2e import SHAPES, random_config
-from benchmarks.common import RESULTS, append_rows, environment, p20_p50_p80
+from benchmarks.common import RESULTS, append_rows, cuda_event_ms, environment, p20_p50_p80
 from compact_search import apply
 from compact_search.geometry import Grid, TileShape
 
@@ -58,15 +58,7 @@ def time_calls(fn, reps: int) -> tuple[float, list[float]]:
     fn()
     torch.cuda.synchronize()
     first = time.perf_counter() - start
-    times = []
-    for _ in range(reps):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(begin.elapsed_time(end))
-    return first, sorted(times)
+    return first, sorted(cuda_event_ms(fn, reps))
 
 
 def relative_l2(out: torch.Tensor, expected: torch.Tensor) -> float:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, append_rows, environment, p20_p50_p80
+from benchmarks.common import RESULTS, append_rows, cuda_event_ms, environment, p20_p50_p80
 from compact_search import apply, sparse_attention
 from compact_search.config import (
     CompactConfig,
@@ -132,15 +132,7 @@ def random_config(name, layers, heads, grid, tile, target) -> CompactConfig:
 
 def cuda_ms(fn, repeats: int) -> list[float]:
     fn()  # warm-up: compilation, autotuning, caches
-    out = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        out.append(start.elapsed_time(stop))
-    return sorted(out)
+    return sorted(cuda_event_ms(fn, repeats))
 
 
 def sdpa_with(backend_name: str):

@@ -21,6 +21,7 @@ import statistics
 
 import torch
 
+from benchmarks.common import cuda_event_ms
 from compact_search.bench import head_block_masks, shape_by_name
 from compact_search.runtime.kernels.gluon_hopper import GluonConfig, gluon_lut_attention
 from compact_search.runtime.kernels.gluon_hopper_fp8 import GluonFP8Config, gluon_fp8_attention
@@ -28,18 +29,6 @@ from compact_search.runtime.lut import cached_block_lut
 from compact_search.runtime.quantize import quantize_qkv
 
 BLOCK = 128
-
-
-def _median_ms(run, launches: int) -> float:
-    times = []
-    for _ in range(launches):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -87,7 +76,7 @@ def main() -> None:
         )
     density = block_mask.float().mean().item()
     for name in kernels:
-        ms = _median_ms(runs[name], args.launches)
+        ms = statistics.median(cuda_event_ms(runs[name], args.launches))
         tflops = 4 * shape.tokens**2 * shape.head_dim * shape.heads * density / ms / 1e9
         print(f"{shape.name} density {density:.3f} {name}: {ms:.3f} ms, {tflops:.1f} TFLOP/s")
 
