@@ -9,9 +9,10 @@ On the random inputs and per-head block masks of ``benchmarks.bench_fp8`` (B 1, 
 each kernel named by ``--kernels`` runs ``--launches`` times with an explicit config (no
 autotuning, so every launch is the same kernel): ``fp8`` is the 8-bit Gluon kernel on inputs the
 pre-pass quantized once beforehand (the pre-pass is not launched again; ``--fp8-options`` sets
-``GluonFP8Config`` options, integers or 0/1 switches), ``bf16`` the bf16 Gluon kernel. Without
-a profiler around it, it prints each kernel's median time over its launches, so the run also
-checks that the timed configs are the ones profiled.
+``GluonFP8Config`` options, integers or 0/1 switches), ``bf16`` the bf16 Gluon kernel,
+``prepass`` the 8-bit pre-pass (``quantize_qkv``: its statistics and quantization kernels and
+its torch glue). Without a profiler around it, it prints each one's median time over its
+launches, so the run also checks that the timed configs are the ones profiled.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ BLOCK = 128
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernels", default="fp8,bf16", help="comma-separated: fp8, bf16")
+    parser.add_argument("--kernels", default="fp8,bf16", help="comma-separated: fp8, bf16, prepass")
     parser.add_argument("--shape", default="wan2.1-1.3b-480p")
     parser.add_argument("--density", type=float, default=1.0, help="target block density")
     parser.add_argument("--launches", type=int, default=4)
@@ -44,8 +45,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("ncu_attention needs a CUDA GPU")
     kernels = args.kernels.split(",")
-    if unknown := sorted(set(kernels) - {"fp8", "bf16"}):
-        parser.error(f"unknown --kernels {unknown}; choose from fp8, bf16")
+    if unknown := sorted(set(kernels) - {"fp8", "bf16", "prepass"}):
+        parser.error(f"unknown --kernels {unknown}; choose from fp8, bf16, prepass")
     try:
         options = dict(item.split("=") for item in args.fp8_options.split(",") if item)
         fp8_config = GluonFP8Config(**{name: int(value) for name, value in options.items()})
@@ -63,10 +64,15 @@ def main() -> None:
     out = torch.empty_like(q)
     scale = shape.head_dim**-0.5
     runs = {}
-    if "fp8" in kernels:
-        quantized = quantize_qkv(
+
+    def prepass():
+        return quantize_qkv(
             q, k, v, block_size=BLOCK, key_lengths=lut.key_lengths, key_order="wgmma"
         )
+
+    runs["prepass"] = prepass
+    if "fp8" in kernels:
+        quantized = prepass()
         runs["fp8"] = lambda: gluon_fp8_attention(
             quantized, lut, out, scale=scale, config=fp8_config
         )
@@ -78,7 +84,8 @@ def main() -> None:
     for name in kernels:
         ms = statistics.median(cuda_event_ms(runs[name], args.launches))
         tflops = 4 * shape.tokens**2 * shape.head_dim * shape.heads * density / ms / 1e9
-        print(f"{shape.name} density {density:.3f} {name}: {ms:.3f} ms, {tflops:.1f} TFLOP/s")
+        rate = "" if name == "prepass" else f", {tflops:.1f} TFLOP/s"
+        print(f"{shape.name} density {density:.3f} {name}: {ms:.3f} ms{rate}")
 
 
 if __name__ == "__main__":
