@@ -18,10 +18,11 @@ On random bf16 inputs (B 1, head dim 128, block 128, every key valid), per shape
   program, the statistics kernel rotating every key as it did before instead of its sum
   afterwards, V's rows stored at their permuted addresses byte by byte instead of permuted in
   registers, Q, K and V quantized by one launch instead of a launch each, V in two e4m3
-  terms), whole and the part it changes, each checked against the default's outputs: "bits"
-  (equal, V's corrected mean within 1e-5 of a scale step), "rounding" (the statistics summed
-  in another order: Q/K entries off by one step and V bytes changed on < 1e-3 of entries) or
-  "DIFFERS".
+  terms, V rounded to e4m3 in integer arithmetic as the interpreter does instead of by the
+  conversion instruction), whole and the part it changes, each checked against the default's
+  outputs: "bits" (equal, V's corrected mean within 1e-5 of a scale step), "rounding" (the
+  statistics summed in another order: Q/K entries off by one step and V bytes changed on < 1e-3
+  of entries) or "DIFFERS".
 
 Timings: CUDA events, median (and p20/p80) of >= 20 runs after a warm-up
 (``compact_search.bench.time_call``). GB/s counts the ~13 bytes a q/k/v element moves (the
@@ -67,6 +68,7 @@ VARIANTS = {
         "permute_in_registers": False,
     },
     "two V terms": {"v_terms": 2},
+    "V rounded in integer arithmetic": {"hardware_e4m3": False},
     "stats 8 warps": {"stats_num_warps": 8},
     "stats kernel rotates every key": {"stats_rotate_in_kernel": True},
     "stats 2 blocks/program": {"stats_blocks_per_program": 2},
@@ -83,6 +85,7 @@ QUANTIZE_OPTIONS = {
     "permute_in_registers": "permute_in_registers",
     "split_quantize": "split_parts",
     "v_terms": "v_terms",
+    "hardware_e4m3": "hardware_e4m3",
 }
 
 

@@ -256,9 +256,9 @@ PORTABLE_CASES = {
 }
 
 
-def compile_portable_for_hopper(case: str) -> tuple[str, int]:
-    """(PTX, stack bytes) of one ``tl`` kernel of the 8-bit path for sm_90 (head dim 128, block
-    128), at the warp count its launcher uses."""
+def compile_portable_for_hopper(case: str) -> tuple[str, int, int]:
+    """(PTX, stack bytes, registers a thread) of one ``tl`` kernel of the 8-bit path for sm_90
+    (head dim 128, block 128), at the warp count its launcher uses."""
     import triton
     from triton.compiler import ASTSource
 
@@ -269,6 +269,7 @@ def compile_portable_for_hopper(case: str) -> tuple[str, int]:
     kernel = getattr(quantize, name, None) or getattr(triton_fp8, name)
     types = {arg: kind for args, kind in PORTABLE_TYPES[name].items() for arg in args}
     constants = {"HEAD_DIM": 128, "BLOCK_SIZE": 128, "ROTATE": True, "EMULATE_ROUNDING": False}
+    constants["HARDWARE_E4M3"] = True  # what a GPU launch passes
     constants |= {"WGMMA_KEY_ORDER": True, **overrides}
     constants["BLOCKS_PER_PROGRAM"] = quantize.STATS_BLOCKS_PER_PROGRAM
     signature, constexprs, attrs = {}, {}, {}
@@ -294,7 +295,8 @@ def compile_portable_for_hopper(case: str) -> tuple[str, int]:
         source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
     )
     usage, _ = disassemble(compiled.asm["cubin"])
-    return compiled.asm["ptx"], int(re.search(r"STACK:(\d+)", usage).group(1))
+    stack_bytes = int(re.search(r"STACK:(\d+)", usage).group(1))
+    return compiled.asm["ptx"], stack_bytes, int(re.search(r"REG:(\d+)", usage).group(1))
 
 
 @pytest.mark.parametrize("case", list(PORTABLE_CASES))
@@ -320,6 +322,12 @@ def test_portable_8bit_kernels_compile_for_hopper(case: str) -> None:
         # Three [128, 128] fp32 tiles and two Hadamard dots: at 4 warps they spill
         # (QUANTIZE_NUM_WARPS says so), at the launch's 8 they fit.
         assert facts["stack_bytes"] == 0
+        # V rounded by the conversion instruction, as a GPU launch does: with the rounding in
+        # integer arithmetic V's launch took 163 registers, one CTA an SM (the pre-pass's
+        # slowest launch on the H200); now under 128, two or more.
+        assert facts["e4m3_conversions"] == ["cvt.rn.satfinite.e4m3x2.f32"]
+    if case == "quantize-values-only":
+        assert facts["registers"] <= 128
 
 
 def test_lookahead_is_refused_under_a_ptxas_that_miscompiles_it(monkeypatch) -> None:
@@ -345,9 +353,11 @@ def test_fp8_config_rejects_lookahead_with_turns_or_two_levels(switch) -> None:
 
 
 if __name__ == "__main__" and sys.argv[1] == "portable":
-    ptx, stack_bytes = compile_portable_for_hopper(sys.argv[2])
+    ptx, stack_bytes, registers = compile_portable_for_hopper(sys.argv[2])
     found = re.findall(r"wgmma\.mma_async\.sync\.aligned\.[\w.]+", ptx)
-    print(json.dumps({"wgmma": sorted(set(found)), "stack_bytes": stack_bytes}))
+    facts = {"wgmma": sorted(set(found)), "stack_bytes": stack_bytes, "registers": registers}
+    facts["e4m3_conversions"] = sorted(set(re.findall(r"cvt\.rn\.satfinite\.e4m3x2\.f32", ptx)))
+    print(json.dumps(facts))
 elif __name__ == "__main__":
     head_dim, dtype_name, v_terms, stages, *switches = sys.argv[1:]
     config = gluon_fp8.GluonFP8Config(

@@ -242,6 +242,15 @@ def round_to_e4m3(x):
 
 
 @triton.jit
+def _to_e4m3(x, HARDWARE: tl.constexpr):
+    """fp32 -> e4m3 (nearest even, saturating): the conversion instruction, or ``round_to_e4m3``
+    (exact, then a cast of an e4m3 value) where it cannot run (the interpreter)."""
+    if HARDWARE:
+        return x.to(tl.float8e4nv)
+    return round_to_e4m3(x).to(tl.float8e4nv)
+
+
+@triton.jit
 def _load_rows(base_ptr, rows, stride_n, valid, HEAD_DIM: tl.constexpr):
     """``[R, D]`` rows of one head in their dtype; rows where ``valid`` is false read as zeros."""
     cols = tl.arange(0, HEAD_DIM)
@@ -362,6 +371,7 @@ def _quantize_kernel(
     PERMUTE_IN_REGISTERS: tl.constexpr = False,
     PARTS: tl.constexpr = 7,
     V_TERMS: tl.constexpr = 1,
+    HARDWARE_E4M3: tl.constexpr = False,
 ):
     """Grid ``(nb, B * H)``: one block of Q, K and V of one head into the 8-bit layouts.
 
@@ -371,7 +381,9 @@ def _quantize_kernel(
     or one a launch, whose programs then hold one ``[BS, D]`` fp32 tile instead of three.
     ``V_TERMS`` 2: V^T is ``[B*H, 2 D, Np]``, rows ``D..2D-1`` holding the e4m3 rounding of what
     the first term missed (``centred - v8``), so the kernels' two P V products carry V to about
-    7 mantissa bits.
+    7 mantissa bits. ``HARDWARE_E4M3`` (a GPU's launch): V is rounded to e4m3 by the conversion
+    instruction (``cvt.rn.satfinite``: nearest even, saturating, the same values as
+    ``round_to_e4m3``, which the interpreter runs) and permuted as bytes, not fp32.
     """
     block = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -428,11 +440,13 @@ def _quantize_kernel(
         centred = (values - tl.load(v_mean_ptr + stats)[None, :]) * tl.load(
             v_inverse_scale_ptr + stats
         )[None, :]
-        v8 = tl.where(valid[:, None], round_to_e4m3(centred), 0.0)
+        centred = tl.where(valid[:, None], centred, 0.0)  # padded keys: 0 in every term
+        v8_bytes = _to_e4m3(centred, HARDWARE_E4M3)  # [BS, D] e4m3
+        v8 = v8_bytes.to(tl.float32)
         if V_TERMS == 2:
             # What v8 missed, itself in e4m3 (exact in fp32: both are short-mantissa values).
-            v8_low = tl.where(valid[:, None], round_to_e4m3(centred - v8), 0.0)
-            error = v8 + v8_low - centred
+            v8_low_bytes = _to_e4m3(centred - v8, HARDWARE_E4M3)
+            error = v8 + v8_low_bytes.to(tl.float32) - centred
         else:
             error = v8 - centred
         # This block's sum of V's rounding error over its valid keys (a padded key's v8 is 0 but
@@ -449,13 +463,13 @@ def _quantize_kernel(
         channels = batch_head.to(tl.int64) * (V_TERMS * HEAD_DIM) + cols[None, :]  # [1, D]
         column_major = channels * padded_len + positions[:, None]  # [BS, D]
         if PERMUTE_IN_REGISTERS:
-            v8 = _rows_in_wgmma_order(v8, BLOCK_SIZE, HEAD_DIM)
-        tl.store(v8_ptr + column_major, v8.to(v8_ptr.dtype.element_ty))
+            v8_bytes = _rows_in_wgmma_order(v8_bytes, BLOCK_SIZE, HEAD_DIM)
+        tl.store(v8_ptr + column_major, v8_bytes)
         if V_TERMS == 2:
             if PERMUTE_IN_REGISTERS:
-                v8_low = _rows_in_wgmma_order(v8_low, BLOCK_SIZE, HEAD_DIM)
+                v8_low_bytes = _rows_in_wgmma_order(v8_low_bytes, BLOCK_SIZE, HEAD_DIM)
             low_rows = column_major + HEAD_DIM * padded_len
-            tl.store(v8_ptr + low_rows, v8_low.to(v8_ptr.dtype.element_ty))
+            tl.store(v8_ptr + low_rows, v8_low_bytes)
 
 
 def _finalize_stats(
@@ -651,13 +665,15 @@ def _launch_prepass(
     permute_in_registers: bool = PERMUTE_IN_REGISTERS,
     split_quantize: bool = SPLIT_QUANTIZE,
     v_terms: int = 1,
+    hardware_e4m3: bool | None = None,
 ) -> QuantizedQKV:
     """:func:`quantize_qkv` with its launch parameters (``benchmarks/bench_prepass.py`` times
     them): the statistics kernel's key blocks per program and warps and whether it rotates
     every key (``key_value_stats``' ``rotate_in_kernel``), the quantization kernel's warps, and
     with ``key_order="wgmma"`` whether V's rows are permuted in registers before a token-order
     store (``_quantize_kernel``'s ``PERMUTE_IN_REGISTERS``), and whether Q, K and V are
-    quantized by one launch or one each (``split_quantize``)."""
+    quantized by one launch or one each (``split_quantize``), and whether V is rounded by the
+    conversion instruction (``hardware_e4m3``; default: wherever it runs, not the interpreter)."""
     if key_order not in ("natural", "wgmma"):
         raise ValueError(f"key_order must be 'natural' or 'wgmma', got {key_order!r}")
     _check_v_terms(v_terms)
@@ -687,6 +703,7 @@ def _launch_prepass(
         permute_in_registers=permute_in_registers,
         split_parts=split_quantize,
         v_terms=v_terms,
+        hardware_e4m3=hardware_e4m3,
     )
     return _assemble(outputs, stats, valid_keys, block_size, q.shape[2], rotate, key_order)
 
@@ -705,6 +722,7 @@ def _quantize_blocks(
     permute_in_registers: bool = PERMUTE_IN_REGISTERS,
     split_parts: bool = SPLIT_QUANTIZE,
     v_terms: int = 1,
+    hardware_e4m3: bool | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The quantization kernel alone: ``(q8, q_scale, k8, k_scale, v8, v_error_sums)``.
 
@@ -756,6 +774,7 @@ def _quantize_blocks(
             PERMUTE_IN_REGISTERS=permute_in_registers and key_order == "wgmma",
             PARTS=parts,
             V_TERMS=v_terms,
+            HARDWARE_E4M3=not interpreting() if hardware_e4m3 is None else hardware_e4m3,
             num_warps=num_warps,
         )
     return q8, q_scale, k8, k_scale, v8, v_error_sums
