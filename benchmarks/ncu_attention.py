@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=1.0, help="target block density")
     parser.add_argument("--launches", type=int, default=4)
     parser.add_argument(
-        "--fp8-options", default="", help="GluonFP8Config options, e.g. stages=3,poly_exp2=3"
+        "--fp8-options", default="", help="GluonFP8Config options, e.g. stages=3,pingpong=1"
     )
     args = parser.parse_args()
     if not torch.cuda.is_available():
