@@ -449,10 +449,9 @@ def _quantize_kernel(
             error = v8 + v8_low_bytes.to(tl.float32) - centred
         else:
             error = v8 - centred
-        # This block's sum of V's rounding error over its valid keys (a padded key's error is
-        # already 0, its centred value having been zeroed): quantize_qkv folds the mean error
-        # into v_mean.
-        error_sum = tl.sum(tl.where(valid[:, None], error, 0.0), 0)  # [D]
+        # This block's sum of V's rounding error over its valid keys (a padded key's error is 0,
+        # its centred value having been zeroed): quantize_qkv folds the mean error into v_mean.
+        error_sum = tl.sum(error, 0)  # [D]
         error_row = (batch_head.to(tl.int64) * num_blocks + block) * HEAD_DIM + cols
         tl.store(v_error_sum_ptr + error_row, error_sum)  # [B*H, nb, D]
         # Transposed: [B*H, V_TERMS * D, Np], each program writing BLOCK_SIZE consecutive bytes
