@@ -243,7 +243,11 @@ def probe_variants() -> dict[str, tuple[GluonFP8Config, int]]:
     the CUDA context of every later variant."""
     variants = {
         "default": (GluonFP8Config(), 1),
+        "eager-rescale": (GluonFP8Config(lazy_rescale=False), 1),
+        "threshold1": (GluonFP8Config(rescale_threshold=1.0), 1),
+        "threshold3": (GluonFP8Config(rescale_threshold=3.0), 1),
         "pingpong": (GluonFP8Config(pingpong=True), 1),
+        "pingpong-eager-rescale": (GluonFP8Config(pingpong=True, lazy_rescale=False), 1),
         "stages3": (GluonFP8Config(stages=3), 1),
         "two-v-terms": (GluonFP8Config(), 2),
         "two-v-terms-pingpong": (GluonFP8Config(pingpong=True), 2),

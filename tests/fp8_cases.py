@@ -17,13 +17,19 @@ def attention_inputs(
     device: str = "cpu",
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v ``[B, H, N, D]``: "gaussian", or "outliers" (a few q/k channels scaled x20)."""
+    """q, k, v ``[B, H, N, D]``: "gaussian", "outliers" (a few q/k channels scaled x20), or
+    "rising" (q x2, keys scaled from 0.5 to 3 along the sequence: rows' maxima keep moving,
+    each row at other tiles, so the kernels' accumulator rescale runs in some rows of a tile and
+    not in others)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     q, k, v = (torch.randn(shape, generator=generator, device=device) for _ in range(3))
     if kind == "outliers":
         channels = torch.tensor(OUTLIER_CHANNELS, device=device) % shape[-1]
         q[..., channels] *= OUTLIER_FACTOR
         k[..., channels] *= OUTLIER_FACTOR
+    elif kind == "rising":
+        q *= 2.0
+        k *= torch.linspace(0.5, 3.0, shape[2], device=device)[:, None]
     elif kind != "gaussian":
         raise ValueError(f"unknown input kind {kind!r}")
     return q.to(dtype), k.to(dtype), v.to(dtype)

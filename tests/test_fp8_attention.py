@@ -235,6 +235,24 @@ def test_two_v_terms_meet_the_issue_bound_on_synthetic_inputs(kind: str, head_di
     assert relative_l2(two_terms, expected) < 0.85 * relative_l2(_emulated(q, k, v), expected)
 
 
+def test_a_rescale_threshold_keeps_p_within_e4m3() -> None:
+    # Keys growing along the sequence move each row's max in many tiles. Threshold 0 is the
+    # plain online softmax; with threshold t the max lags by up to t and P must be scaled by
+    # 2^-t, or it would pass 448 and saturate (a threshold of 8 makes that a large error).
+    q, k, v = attention_inputs("rising", (1, 2, 1024, 64), seed=3)
+    lut = build_block_lut(torch.ones(1, 8, 8, dtype=torch.bool), seq_len=1024, block_size=128)
+    quantized = emulate_quantize_qkv(q, k, v, block_size=128, key_lengths=lut.key_lengths)
+    expected = _dense_reference(q, k, v)
+    errors = {}
+    for threshold in (0.0, 2.0, 8.0):
+        out = emulate_fp8_attention(quantized, lut, scale=0.125, rescale_threshold=threshold)
+        errors[threshold] = relative_l2(out, expected)
+        assert cosine_similarity(out, expected) >= 0.999, threshold
+    assert errors[8.0] < 5e-2
+    # A lagging max leaves a row's largest P off e4m3's largest value: a little less accurate.
+    assert errors[0.0] <= errors[2.0] <= errors[8.0]
+
+
 def test_rotation_is_what_keeps_outlier_channels_accurate() -> None:
     q, k, v = attention_inputs("outliers", (1, 1, 1024, 128), seed=1)
     expected = _dense_reference(q, k, v)

@@ -108,7 +108,19 @@ def compiled_facts(head_dim: int, dtype: torch.dtype, config, v_terms: int = 1) 
     return {
         "main_loop": {
             op: main_loop.count(op)
-            for op in ("PRMT", "SHFL", "STS", "LDS", "MUFU", "WARPGROUP", "STL", "LDL")
+            for op in (
+                "PRMT",
+                "SHFL",
+                "STS",
+                "LDS",
+                "MUFU",
+                "WARPGROUP",
+                "STL",
+                "LDL",
+                "FMUL",
+                "BSSY",
+                "BSYNC",
+            )
         },
         "main_loop_length": len(main_loop),
         "wgmma": sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.[\w.]+", ptx))),
@@ -123,10 +135,24 @@ def compiled_facts(head_dim: int, dtype: torch.dtype, config, v_terms: int = 1) 
             (hex(address), register) for address, register in descriptor_reads_before_writes(sass)
         ],
         "ptxas": gluon_fp8.ptxas_version(),
+        # The registers of the two row factors each inlined rescale branch tests.
+        "rescale_tests": re.findall(
+            r"setp\.neu\.f32 moved, (%r\d+), 0f3F800000;\s*"
+            r"setp\.neu\.f32 moved_high, (%r\d+), 0f3F800000;",
+            ptx,
+        ),
     }
 
 
-SWITCHES = ("pingpong", "two_level", "magic_i2f", "permuted_keys", "tree_rows", "lookahead")
+SWITCHES = (
+    "pingpong",
+    "two_level",
+    "magic_i2f",
+    "permuted_keys",
+    "tree_rows",
+    "lookahead",
+    "lazy_rescale",
+)
 CONFIGS = [
     (128, torch.bfloat16, gluon_fp8.GluonFP8Config()),
     (64, torch.float16, gluon_fp8.GluonFP8Config()),
@@ -134,6 +160,8 @@ CONFIGS = [
     (128, torch.bfloat16, gluon_fp8.GluonFP8Config(two_level=True, magic_i2f=False)),
     (128, torch.bfloat16, gluon_fp8.GluonFP8Config(permuted_keys=False)),
     (128, torch.bfloat16, gluon_fp8.GluonFP8Config(tree_rows=False)),
+    (128, torch.bfloat16, gluon_fp8.GluonFP8Config(lazy_rescale=False)),
+    (64, torch.float16, gluon_fp8.GluonFP8Config(lazy_rescale=False)),
     (128, torch.bfloat16, gluon_fp8.GluonFP8Config(lookahead=True)),
     (64, torch.float16, gluon_fp8.GluonFP8Config(lookahead=True)),
     (128, torch.bfloat16, gluon_fp8.GluonFP8Config(stages=3, lookahead=True)),
@@ -210,6 +238,17 @@ def test_fp8_kernel_compiles_for_hopper_without_spills(case) -> None:
     if config.permuted_keys and not config.two_level:
         assert loop["SHFL"] == 8 and loop["PRMT"] <= 16  # P is packed once for both V terms
         assert facts["main_loop_length"] <= 560 + 20 * (v_terms - 1)
+    # The accumulator rescale: a thread's D / 2 multiplies, in the lazy default behind one
+    # branch (ptxas's BSSY/BSYNC reconvergence around it) over a thread whose two rows' max did
+    # not move. The branch tests value 0's and value 2's factor: two different registers, so
+    # one of each of the thread's two rows (were they one row, the other's rescale would be
+    # skipped whenever only it moved).
+    lazy = config.lazy_rescale and not (config.two_level or config.lookahead)
+    assert loop["FMUL"] >= head_dim // 2
+    assert (loop["BSSY"], loop["BSYNC"]) == ((1, 1) if lazy else (0, 0))
+    tests = facts["rescale_tests"]
+    assert bool(tests) == lazy
+    assert all(first != second for first, second in tests), tests
 
 
 # The pre-pass and portable kernels run under the interpreter in CI; compiling them for sm_90 as
@@ -344,6 +383,13 @@ def test_fp8_config_rejects_ring_depths_it_does_not_fit() -> None:
         gluon_fp8.GluonFP8Config(stages=5)
     with pytest.raises(ValueError, match="stages"):
         gluon_fp8.GluonFP8Config(stages=1, lookahead=True)
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 9.0])
+def test_fp8_config_rejects_rescale_thresholds_that_would_saturate_p(threshold) -> None:
+    # P is scaled by 448 * 2^-threshold: past 8 the row max's own P leaves e4m3's normals.
+    with pytest.raises(ValueError, match="rescale_threshold"):
+        gluon_fp8.GluonFP8Config(rescale_threshold=threshold)
 
 
 @pytest.mark.parametrize("switch", ["pingpong", "two_level"])

@@ -24,6 +24,7 @@ from compact_search.runtime.kernels.reference import chunked_reference
 from compact_search.runtime.kernels.reference_fp8 import emulate_fp8_attention
 from compact_search.runtime.lut import build_block_lut
 from compact_search.runtime.quantize import (
+    RESCALE_THRESHOLD,
     emulate_quantize_qkv,
     key_value_stats,
     quantize_qkv,
@@ -63,6 +64,8 @@ CASES = [
 # portable one; V in two terms with both.
 VARIANTS = {
     "gluon": ("gluon", {}, 1),
+    "gluon-eager-rescale": ("gluon", {"lazy_rescale": False}, 1),
+    "gluon-threshold-2": ("gluon", {"rescale_threshold": 2.0}, 1),
     "gluon-pingpong": ("gluon", {"pingpong": True}, 1),
     "gluon-3-stages": ("gluon", {"stages": 3}, 1),
     "gluon-two-level": ("gluon", {"two_level": True}, 1),
@@ -95,10 +98,10 @@ def _case_id(case) -> str:
     return name + ("-shared-mask" if shared else "") + ("-padded-keys" if padded else "")
 
 
-def _problem(case):
+def _problem(case, kind: str = "gaussian"):
     batch, heads, seq_len, head_dim, dtype, shared, padded = case
     q, k, v = attention_inputs(
-        "gaussian", (batch, heads, seq_len, head_dim), dtype=dtype, device="cuda", seed=seq_len
+        kind, (batch, heads, seq_len, head_dim), dtype=dtype, device="cuda", seed=seq_len
     )
     num_blocks = -(-seq_len // 128)
     mask = block_mask_with_edge_rows(
@@ -108,25 +111,26 @@ def _problem(case):
     return q, k, v, mask, lengths
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_fp8_kernel_on_gpu(case, variant: str) -> None:
-    kernel, options, v_terms = VARIANTS[variant]
+def _skip_unless_runs(kernel: str, variant: str) -> None:
     if kernel == "gluon" and not _hopper():
         pytest.skip("the Gluon FP8 kernel runs on Hopper")
     if "lookahead" in variant and not _lookahead_compiles_soundly():
         pytest.skip("ptxas 12.8 miscompiles the lookahead schedule; TRITON_PTXAS_PATH >= 12.9")
     if kernel == "portable" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 tensor cores need compute capability 8.9 or newer")
-    q, k, v, mask, lengths = _problem(case)
-    seq_len, head_dim = q.shape[2], q.shape[3]
-    lut = build_block_lut(mask, seq_len=seq_len, block_size=128, key_block_lengths=lengths)
+
+
+def _run_variant(variant: str, q, k, v, lut):
+    """The variant's pre-pass and kernel into a NaN-filled output: (output, quantized inputs,
+    the rescale threshold the emulation must use)."""
+    kernel, options, v_terms = VARIANTS[variant]
     config = None if options is None else _gluon_config(**options)
     order = "wgmma" if config is not None and config.permuted_keys else "natural"
     quantized = quantize_qkv(
         q, k, v, block_size=128, key_lengths=lut.key_lengths, key_order=order, v_terms=v_terms
     )
     out = torch.full_like(q, float("nan"))
+    head_dim = q.shape[-1]
     if kernel == "gluon":
         from compact_search.runtime.kernels.gluon_hopper_fp8 import gluon_fp8_attention
 
@@ -136,6 +140,19 @@ def test_fp8_kernel_on_gpu(case, variant: str) -> None:
 
         portable_fp8_attention(quantized, lut, out, scale=head_dim**-0.5)
     torch.cuda.synchronize()
+    threshold = RESCALE_THRESHOLD if config is None else config.rescale_threshold
+    return out, quantized, threshold
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_fp8_kernel_on_gpu(case, variant: str) -> None:
+    kernel, _, v_terms = VARIANTS[variant]
+    _skip_unless_runs(kernel, variant)
+    q, k, v, mask, lengths = _problem(case)
+    seq_len, head_dim = q.shape[2], q.shape[3]
+    lut = build_block_lut(mask, seq_len=seq_len, block_size=128, key_block_lengths=lengths)
+    out, quantized, threshold = _run_variant(variant, q, k, v, lut)
     assert not out.isnan().any(), "unwritten output"
     empty = out[:, 0, :128]
     if mask.shape[0] > 1:  # head 0's first query block keeps no key block
@@ -148,8 +165,49 @@ def test_fp8_kernel_on_gpu(case, variant: str) -> None:
     assert relative_l2(out, expected) <= (
         MAX_RELATIVE_L2 if v_terms == 1 else TWO_TERM_MAX_RELATIVE_L2
     )
-    emulated = emulate_fp8_attention(quantized, lut, scale=head_dim**-0.5).to(q.dtype)
+    emulated = emulate_fp8_attention(
+        quantized, lut, scale=head_dim**-0.5, rescale_threshold=threshold
+    ).to(q.dtype)
     assert relative_l2(out, emulated) <= MAX_EMULATION_GAP
+
+
+RISING_VARIANTS = ["gluon", "gluon-eager-rescale", "gluon-threshold-2", "gluon-pingpong"]
+
+
+@pytest.mark.parametrize("variant", RISING_VARIANTS + ["portable"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=_case_id)
+def test_fp8_kernel_where_row_maxima_keep_moving(case, variant: str) -> None:
+    # Keys growing along the sequence: in most tiles some rows' max moves and others' does not,
+    # so the Gluon kernel's branch over the accumulator rescale is taken by some threads of a
+    # warp and skipped by others.
+    kernel, _, _ = VARIANTS[variant]
+    _skip_unless_runs(kernel, variant)
+    q, k, v, mask, lengths = _problem(case, "rising")
+    head_dim = q.shape[-1]
+    lut = build_block_lut(mask, seq_len=q.shape[2], block_size=128, key_block_lengths=lengths)
+    out, quantized, threshold = _run_variant(variant, q, k, v, lut)
+    assert not out.isnan().any(), "unwritten output"
+    expected = chunked_reference(
+        q.float(), k.float(), v.float(), mask, block_size=128, key_block_lengths=lengths
+    )
+    assert cosine_similarity(out, expected) >= MIN_COSINE
+    emulated = emulate_fp8_attention(
+        quantized, lut, scale=head_dim**-0.5, rescale_threshold=threshold
+    ).to(q.dtype)
+    assert relative_l2(out, emulated) <= MAX_EMULATION_GAP
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rising"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=_case_id)
+def test_skipping_the_rescale_where_no_max_moved_changes_no_bit(case, kind: str) -> None:
+    # At threshold 0 the lazy rescale skips only multiplies by exactly 1.
+    if not _hopper():
+        pytest.skip("the Gluon FP8 kernel runs on Hopper")
+    q, k, v, mask, lengths = _problem(case, kind)
+    lut = build_block_lut(mask, seq_len=q.shape[2], block_size=128, key_block_lengths=lengths)
+    lazy, _, _ = _run_variant("gluon", q, k, v, lut)
+    eager, _, _ = _run_variant("gluon-eager-rescale", q, k, v, lut)
+    assert torch.equal(lazy.view(torch.int16), eager.view(torch.int16))
 
 
 @pytest.mark.parametrize("v_terms", [1, 2], ids=["one-v-term", "two-v-terms"])

@@ -83,6 +83,7 @@ from compact_search.runtime.lut import BlockLUT
 from compact_search.runtime.quantize import (
     FP8_V_TERMS,
     LOG2_P_SCALE_C,
+    RESCALE_THRESHOLD,
     ROUNDING_MAGIC_C,
     QuantizedQKV,
     quantize_qkv,
@@ -105,7 +106,10 @@ class GluonFP8Config:
     the key order of V (``permuted_keys``: the pre-pass writes V in the order that lets P stay
     in its registers; the launcher quantizes to match), the row reductions' order and the
     ``lookahead`` schedule (S_{j+1} issued before tile j's softmax; without ping-pong turns or
-    two-level accumulation).
+    two-level accumulation), the ``lazy_rescale`` branch (a thread multiplies its accumulator
+    rows only in tiles where their max moved) and the ``rescale_threshold`` a tile's max must
+    pass a row's max by to move it (log2 units; ``quantize.RESCALE_THRESHOLD``, which the
+    emulation and the portable kernel use, unless a probe asks for another).
 
     Shared memory per CTA at D = 128: Q 16 KB + 2 rings x stages x 16 KB + the output tile 32 KB
     (bf16), so 2 stages take 112 KB and 4 stages 176 KB of the 227 KB a CTA may use; V in two
@@ -121,6 +125,8 @@ class GluonFP8Config:
         permuted_keys: bool = True,
         tree_rows: bool = True,
         lookahead: bool = False,
+        lazy_rescale: bool = True,
+        rescale_threshold: float = RESCALE_THRESHOLD,
     ):
         if not 1 <= stages <= 4:
             raise ValueError(f"stages must be 1-4, got {stages}")
@@ -128,6 +134,8 @@ class GluonFP8Config:
             raise ValueError("lookahead runs without ping-pong turns and two-level accumulation")
         if lookahead and stages < 2:
             raise ValueError("lookahead holds two K tiles at once: it needs stages >= 2")
+        if not 0.0 <= rescale_threshold <= 8.0:
+            raise ValueError(f"rescale_threshold must be 0-8 (log2 units), got {rescale_threshold}")
         self.stages = stages
         self.pingpong = pingpong
         self.two_level = two_level
@@ -135,6 +143,8 @@ class GluonFP8Config:
         self.permuted_keys = permuted_keys
         self.tree_rows = tree_rows
         self.lookahead = lookahead
+        self.lazy_rescale = lazy_rescale
+        self.rescale_threshold = float(rescale_threshold)
 
     def kwargs(self) -> dict:
         return {
@@ -145,6 +155,8 @@ class GluonFP8Config:
             "PERMUTED_KEYS": self.permuted_keys,
             "TREE_ROWS": self.tree_rows,
             "LOOKAHEAD": self.lookahead,
+            "LAZY_RESCALE": self.lazy_rescale,
+            "RESCALE_THRESHOLD": self.rescale_threshold,
         }
 
     def __repr__(self) -> str:
@@ -152,7 +164,8 @@ class GluonFP8Config:
             f"GluonFP8Config(stages={self.stages}, pingpong={self.pingpong}, "
             f"two_level={self.two_level}, magic_i2f={self.magic_i2f}, "
             f"permuted_keys={self.permuted_keys}, tree_rows={self.tree_rows}, "
-            f"lookahead={self.lookahead})"
+            f"lookahead={self.lookahead}, lazy_rescale={self.lazy_rescale}, "
+            f"rescale_threshold={self.rescale_threshold:g})"
         )
 
 
@@ -167,11 +180,14 @@ def _softmax_step(
     MASKED: gl.constexpr,
     MAGIC_I2F: gl.constexpr,
     TREE_ROWS: gl.constexpr,
+    THRESHOLD: gl.constexpr,
 ):
     """Online-softmax update for one ``[64, 128]`` int32 score tile (the wgmma layout).
 
-    ``row_scale`` ``[64]`` turns integer scores into log2 units. Returns P (``448 * exp2(s - m)``,
-    fp32), the new row max, the new row sum and the accumulator's rescale factor.
+    ``row_scale`` ``[64]`` turns integer scores into log2 units. Returns P
+    (``448 * 2^-THRESHOLD * exp2(s - m)``, fp32), the new row max, the new row sum and the
+    accumulator's rescale factor. A row's max m moves only to a tile max above
+    ``m + THRESHOLD``; where it stays, the factor is exactly 1 (``_rescaled`` skips it).
 
     ``MAGIC_I2F``: the int32 scores become fp32 by one integer add, ``2^23 + 2^22 + S`` read as a
     float (exact for ``|S| < 2^22``, which D <= 128 guarantees), and the bias is not subtracted
@@ -192,9 +208,12 @@ def _softmax_step(
         scores = gl.where(gl.expand_dims(cols < key_length, 0), scores, float("-inf"))
     # row_scale > 0, so the max of the scaled scores is the scaled max; max - B is exact.
     rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    tile_max = _row_reduce(scores, rows_layout, TREE_ROWS, True)  # [64]
-    new_max = gl.maximum(row_max, (tile_max - bias) * row_scale)  # [64]
-    offset = new_max - LOG2_P_SCALE_C + bias * row_scale  # [64]
+    tile_max = (_row_reduce(scores, rows_layout, TREE_ROWS, True) - bias) * row_scale  # [64]
+    if THRESHOLD == 0.0:
+        new_max = gl.maximum(row_max, tile_max)  # [64], the same values in fewer instructions
+    else:
+        new_max = gl.where(tile_max > row_max + THRESHOLD, tile_max, row_max)  # [64]
+    offset = new_max - (LOG2_P_SCALE_C - THRESHOLD) + bias * row_scale  # [64]
     probs = gl.exp2(scores * gl.expand_dims(row_scale, 1) - gl.expand_dims(offset, 1))
     correction = gl.exp2(row_max - new_max)  # [64]
     row_sum = row_sum * correction + _row_reduce(probs, rows_layout, TREE_ROWS, False)
@@ -266,6 +285,55 @@ def _to_e4m3_packed(x):
     )
 
 
+def _rescale_asm(pack: int) -> tuple[str, str]:
+    """PTX and constraints of ``_rescaled`` for a thread's ``pack`` accumulator values.
+
+    Operands: ``$0..`` the outputs, tied to the inputs that follow (``$pack..``: a skipped value
+    stays in its register), then the row factors (``$2 pack..``). A thread holds two rows of the
+    accumulator, and its value 0 is in one and value 2 in the other (register bases ``[0, 1]``,
+    ``[8, 0]``; tests/test_fp8_gluon_compile.py checks in the PTX that the two factors tested
+    are different registers), so testing those two factors covers both rows (testing all of
+    them costs a compare each: ptxas does not merge the repeats). ``setp.neu`` counts NaN as
+    moved, so the result is ``acc * factor`` bit for bit either way.
+    """
+    factors = 2 * pack
+    products = "\n".join(f"mul.f32 ${i}, ${pack + i}, ${factors + i};" for i in range(pack))
+    asm = f"""
+        {{
+        .reg .pred moved, moved_high;
+        setp.neu.f32 moved, ${factors}, 0f3F800000;
+        setp.neu.f32 moved_high, ${factors + 2}, 0f3F800000;
+        or.pred moved, moved, moved_high;
+        @!moved bra SKIP;
+        {products}
+        SKIP:
+        }}
+        """
+    constraints = ",".join(["=f"] * pack + [str(i) for i in range(pack)] + ["f"] * pack)
+    return asm, constraints
+
+
+# A consumer thread holds 64 (D 128) or 32 (D 64) accumulator values: one asm block for all.
+RESCALE_ASM_D128, RESCALE_CONSTRAINTS_D128 = (gl.constexpr(x) for x in _rescale_asm(64))
+RESCALE_ASM_D64, RESCALE_CONSTRAINTS_D64 = (gl.constexpr(x) for x in _rescale_asm(32))
+
+
+@gluon.jit
+def _rescaled(acc, factor):
+    """``acc * factor`` (``[64, D]`` by ``[64, 1]``), the multiplies branched over in a thread
+    whose two rows' factors are both 1 (their max did not move: most tiles of a row, once its
+    first few have set it). One branch a tile instead of D / 2 multiplies on the path from a
+    P V product to the next one's issue; a warp runs them if any of its threads must."""
+    if acc.type.shape[1] == 128:
+        return gl.inline_asm_elementwise(
+            RESCALE_ASM_D128, RESCALE_CONSTRAINTS_D128, [acc, factor], gl.float32, True, 64
+        )
+    else:
+        return gl.inline_asm_elementwise(
+            RESCALE_ASM_D64, RESCALE_CONSTRAINTS_D64, [acc, factor], gl.float32, True, 32
+        )
+
+
 @gluon.jit
 def _tile_scale(row, tile, q_scale):
     """Tile ``tile``'s key block: ``[64]`` factor from int scores to log2 units, its length."""
@@ -317,6 +385,8 @@ def _key_tile(
     MAGIC_I2F: gl.constexpr,
     PERMUTED_KEYS: gl.constexpr,
     TREE_ROWS: gl.constexpr,
+    LAZY_RESCALE: gl.constexpr,
+    THRESHOLD: gl.constexpr,
     MASKED: gl.constexpr,
 ):
     """Key tile j >= 1: issue S_j and P_{j-1} V_{j-1}, softmax j while the latter runs, merge.
@@ -351,7 +421,16 @@ def _key_tile(
         mbarrier.arrive(v_empty.index((tile - 1) % STAGES), count=1)
         acc = acc + pv if TWO_LEVEL else pv
         probs, row_max, row_sum, correction = _softmax_step(
-            scores, row_max, row_sum, row_scale, key_length, s_layout, True, MAGIC_I2F, TREE_ROWS
+            scores,
+            row_max,
+            row_sum,
+            row_scale,
+            key_length,
+            s_layout,
+            True,
+            MAGIC_I2F,
+            TREE_ROWS,
+            THRESHOLD,
         )
         acc = acc * gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
     else:
@@ -360,12 +439,26 @@ def _key_tile(
         mbarrier.arrive(k_empty.index(slot), count=1)
         # Softmax of tile j while the tensor cores run P_{j-1} V_{j-1}.
         probs, row_max, row_sum, correction = _softmax_step(
-            scores, row_max, row_sum, row_scale, key_length, s_layout, False, MAGIC_I2F, TREE_ROWS
+            scores,
+            row_max,
+            row_sum,
+            row_scale,
+            key_length,
+            s_layout,
+            False,
+            MAGIC_I2F,
+            TREE_ROWS,
+            THRESHOLD,
         )
         pv = warpgroup_mma_wait(0, deps=(pv_token,))
         mbarrier.arrive(v_empty.index((tile - 1) % STAGES), count=1)
         scale_rows = gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
-        acc = (acc + pv) * scale_rows if TWO_LEVEL else pv * scale_rows
+        if TWO_LEVEL:
+            acc = (acc + pv) * scale_rows
+        elif LAZY_RESCALE:
+            acc = _rescaled(pv, scale_rows)
+        else:
+            acc = pv * scale_rows
     p = _pv_operand(probs, p_layout, PERMUTED_KEYS)
     return acc, p, row_max, row_sum
 
@@ -397,6 +490,8 @@ def _paired_tiles(
     MAGIC_I2F: gl.constexpr,
     PERMUTED_KEYS: gl.constexpr,
     TREE_ROWS: gl.constexpr,
+    LAZY_RESCALE: gl.constexpr,
+    THRESHOLD: gl.constexpr,
 ):
     """Every key tile of a row (``num_tiles >= 1``) in the default schedule (``_key_tile``: S_j
     issued with P_{j-1} V_{j-1}), then the last P V; returns the unnormalized output
@@ -428,6 +523,7 @@ def _paired_tiles(
             False,
             MAGIC_I2F,
             TREE_ROWS,
+            THRESHOLD,
         )
     else:
         probs, row_max, row_sum, correction = _softmax_step(
@@ -440,6 +536,7 @@ def _paired_tiles(
             True,
             MAGIC_I2F,
             TREE_ROWS,
+            THRESHOLD,
         )
     p = _pv_operand(probs, p_layout, PERMUTED_KEYS)  # [64, 128] fp32, A operand layout
     state = (acc, p, row_max, row_sum)
@@ -458,6 +555,8 @@ def _paired_tiles(
             MAGIC_I2F,
             PERMUTED_KEYS,
             TREE_ROWS,
+            LAZY_RESCALE,
+            THRESHOLD,
             False,
         )
     for tile in range(gl.maximum(full_tiles, 1), num_tiles):
@@ -474,6 +573,8 @@ def _paired_tiles(
             MAGIC_I2F,
             PERMUTED_KEYS,
             TREE_ROWS,
+            LAZY_RESCALE,
+            THRESHOLD,
             True,
         )
     acc, p, row_max, row_sum = state
@@ -500,6 +601,7 @@ def _ahead_tile(
     MAGIC_I2F: gl.constexpr,
     PERMUTED_KEYS: gl.constexpr,
     TREE_ROWS: gl.constexpr,
+    THRESHOLD: gl.constexpr,
     FIRST: gl.constexpr,
     LAST: gl.constexpr,
     MASKED: gl.constexpr,
@@ -533,7 +635,16 @@ def _ahead_tile(
     if MASKED and not FIRST:
         acc = warpgroup_mma_wait(0, deps=(pv,))
     probs, row_max, row_sum, correction = _softmax_step(
-        scores, row_max, row_sum, row_scale, key_length, s_layout, MASKED, MAGIC_I2F, TREE_ROWS
+        scores,
+        row_max,
+        row_sum,
+        row_scale,
+        key_length,
+        s_layout,
+        MASKED,
+        MAGIC_I2F,
+        TREE_ROWS,
+        THRESHOLD,
     )
     if not MASKED and not FIRST:
         # In flight, oldest first: P_{j-1} V_{j-1}, S_{j+1}: retire the first.
@@ -566,6 +677,7 @@ def _ahead_tiles(
     MAGIC_I2F: gl.constexpr,
     PERMUTED_KEYS: gl.constexpr,
     TREE_ROWS: gl.constexpr,
+    THRESHOLD: gl.constexpr,
 ):
     """Every key tile of a row (``num_tiles >= 1``) in the ``LOOKAHEAD`` schedule, then the last
     P V; returns the unnormalized output accumulator, the row max and the row sum.
@@ -596,6 +708,7 @@ def _ahead_tiles(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
+                THRESHOLD,
                 True,
                 False,
                 False,
@@ -611,6 +724,7 @@ def _ahead_tiles(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
+                THRESHOLD,
                 True,
                 False,
                 True,
@@ -626,6 +740,7 @@ def _ahead_tiles(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
+                THRESHOLD,
                 False,
                 False,
                 False,
@@ -641,6 +756,7 @@ def _ahead_tiles(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
+                THRESHOLD,
                 False,
                 False,
                 True,
@@ -656,6 +772,7 @@ def _ahead_tiles(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
+                THRESHOLD,
                 False,
                 True,
                 False,
@@ -671,6 +788,7 @@ def _ahead_tiles(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
+                THRESHOLD,
                 False,
                 True,
                 True,
@@ -687,6 +805,7 @@ def _ahead_tiles(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
+                THRESHOLD,
                 True,
                 True,
                 False,
@@ -702,6 +821,7 @@ def _ahead_tiles(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
+                THRESHOLD,
                 True,
                 True,
                 True,
@@ -742,6 +862,8 @@ def _consumer_partition(
     PERMUTED_KEYS: gl.constexpr,
     TREE_ROWS: gl.constexpr,
     LOOKAHEAD: gl.constexpr,
+    LAZY_RESCALE: gl.constexpr,
+    THRESHOLD: gl.constexpr,
 ):
     """One warpgroup: 64 query rows, both matmuls, the softmax and the epilogue.
 
@@ -814,6 +936,7 @@ def _consumer_partition(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
+                THRESHOLD,
             )
         else:
             acc, row_max, row_sum = _paired_tiles(
@@ -832,6 +955,8 @@ def _consumer_partition(
                 MAGIC_I2F,
                 PERMUTED_KEYS,
                 TREE_ROWS,
+                LAZY_RESCALE,
+                THRESHOLD,
             )
         acc = _normalized(acc, row_sum, v_scale_ptr, v_mean_ptr, o_rows, o_cols, HEAD_DIM)
 
@@ -877,6 +1002,8 @@ def _gluon_fp8_attention_kernel(
     PERMUTED_KEYS: gl.constexpr,
     TREE_ROWS: gl.constexpr,
     LOOKAHEAD: gl.constexpr,
+    LAZY_RESCALE: gl.constexpr,
+    RESCALE_THRESHOLD: gl.constexpr,
     V_TERMS: gl.constexpr = 1,
 ):
     """Grid ``(nb, B * H)``; one CTA = one 128-row query block of one (batch, head).
@@ -946,6 +1073,8 @@ def _gluon_fp8_attention_kernel(
                     PERMUTED_KEYS,
                     TREE_ROWS,
                     LOOKAHEAD,
+                    LAZY_RESCALE,
+                    RESCALE_THRESHOLD,
                 ),
             ),
             (
@@ -961,6 +1090,8 @@ def _gluon_fp8_attention_kernel(
                     PERMUTED_KEYS,
                     TREE_ROWS,
                     LOOKAHEAD,
+                    LAZY_RESCALE,
+                    RESCALE_THRESHOLD,
                 ),
             ),
             (

@@ -23,6 +23,7 @@ from compact_search.runtime.lut import BlockLUT
 from compact_search.runtime.quantize import (
     FP8_V_TERMS,
     LOG2_P_SCALE,
+    RESCALE_THRESHOLD,
     QuantizedQKV,
     emulate_quantize_qkv,
     natural_key_order,
@@ -39,6 +40,7 @@ def emulate_fp8_attention(
     scale: float,
     out_dtype: torch.dtype = torch.float32,
     query_blocks: int | None = None,
+    rescale_threshold: float = RESCALE_THRESHOLD,
 ) -> torch.Tensor:
     """What the 8-bit kernels compute, in torch, from the same quantized inputs: ``[B, H, N, D]``.
 
@@ -46,6 +48,9 @@ def emulate_fp8_attention(
     takes each row's t-th kept key block (rows shorter than t + 1 leave their state alone).
     ``query_blocks``: only the first that many query blocks (the output has that many blocks'
     rows, clipped to N), for long-N accuracy measurements whose every query row would not fit.
+    ``rescale_threshold``: a row's running max moves only to a tile max that passes it by more
+    than this (log2 units), and P is ``448 * 2^-threshold * exp2(s - m)``; 0 is the plain online
+    softmax (the Gluon kernel's ``lazy_rescale=False``).
     """
     batch, heads, padded_len, head_dim = quantized.q.shape
     block_size = quantized.block_size
@@ -80,8 +85,9 @@ def emulate_fp8_attention(
         scores = scores * (q_scale * (tile_scale * qk_scale)[..., None, None])
         valid = offsets < lengths[key_blocks][..., None, None]  # [H, nq, 1, BS]
         scores = torch.where(valid, scores, -math.inf)
-        new_max = torch.maximum(row_max, scores.amax(-1, keepdim=True))
-        probs = torch.exp2(scores - (new_max - LOG2_P_SCALE))
+        tile_max = scores.amax(-1, keepdim=True)
+        new_max = torch.where(tile_max > row_max + rescale_threshold, tile_max, row_max)
+        probs = torch.exp2(scores - (new_max - (LOG2_P_SCALE - rescale_threshold)))
         correction = torch.exp2(row_max - new_max)
         new_sum = row_sum * correction + probs.sum(-1, keepdim=True)
         new_acc = acc * correction + to_e4m3(probs).float() @ torch.gather(v8, 2, gather)

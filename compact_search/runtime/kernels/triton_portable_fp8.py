@@ -31,6 +31,7 @@ from compact_search.runtime.lut import BlockLUT
 from compact_search.runtime.quantize import (
     FP8_V_TERMS,
     LOG2_P_SCALE_C,
+    RESCALE_THRESHOLD_C,
     QuantizedQKV,
     quantize_qkv,
     round_to_e4m3,
@@ -106,8 +107,13 @@ def _fp8_block_sparse_attention_kernel(
         key_length = tl.load(key_lengths_ptr + key_block)
         scores = scores * (q_scale * tile_scale)[:, None]
         scores = tl.where(offsets[None, :] < key_length, scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, 1))  # [BS]
-        probs = tl.math.exp2(scores - (new_max - LOG2_P_SCALE_C)[:, None])  # [BS, BS] in [0, 448]
+        # The row max moves only past the threshold (quantize.RESCALE_THRESHOLD, as the
+        # emulation and the Gluon kernel do); P <= 448.
+        tile_max = tl.max(scores, 1)  # [BS]
+        new_max = tl.where(tile_max > row_max + RESCALE_THRESHOLD_C, tile_max, row_max)
+        probs = tl.math.exp2(
+            scores - (new_max - (LOG2_P_SCALE_C - RESCALE_THRESHOLD_C))[:, None]
+        )  # [BS, BS]
         correction = tl.math.exp2(row_max - new_max)  # [BS]
         row_sum = row_sum * correction + tl.sum(probs, 1)
         # Emulated, the values are exact in e4m3 and the cast below only re-encodes them.
