@@ -4,6 +4,7 @@
     python -m benchmarks.bench_fp8 --shapes wan2.1-1.3b-480p --densities 0.2,0.5
     python -m benchmarks.bench_fp8 --probe                 # time Gluon FP8 config variants
     python -m benchmarks.bench_fp8 --probe --variants default,lookahead
+    python -m benchmarks.bench_fp8 --probe --inputs rising  # row maxima that keep moving
 
 On the same random bf16 inputs (B 1, head dim 128) and the same per-head block masks as
 ``compact-search bench`` (compact_search/bench.py), per shape: cuDNN and FlashAttention-2 SDPA
@@ -125,22 +126,33 @@ def _row(base: dict, provider: str, timing, flops: float, errors: dict, **extra)
     }
 
 
-def _inputs(shape):
+INPUT_KINDS = ("gaussian", "rising")
+
+
+def _inputs(shape, kind: str = "gaussian"):
+    """q, k, v ``[1, H, N, D]`` bf16: Gaussian, or "rising" (q x2 and keys scaled from 0.5 to 3
+    along the sequence, so rows' maxima keep moving and the 8-bit kernel's accumulator rescale
+    runs in many tiles: the lazy rescale's worst case among these inputs)."""
     generator = torch.Generator(device="cuda").manual_seed(0)
     size = (1, shape.heads, shape.tokens, shape.head_dim)
-    return tuple(
-        torch.randn(size, device="cuda", dtype=torch.bfloat16, generator=generator)
-        for _ in range(3)
+    q, k, v = (
+        torch.randn(size, device="cuda", dtype=torch.float32, generator=generator) for _ in range(3)
     )
+    if kind == "rising":
+        q *= 2.0
+        k *= torch.linspace(0.5, 3.0, shape.tokens, device="cuda")[:, None]
+    return q.bfloat16(), k.bfloat16(), v.bfloat16()
 
 
 def _flops(shape, density: float) -> float:
     return 4.0 * shape.tokens**2 * shape.head_dim * shape.heads * density
 
 
-def bench_shape(shape, densities, budget_ms: float, env: dict, log: Log) -> list[dict]:
+def bench_shape(
+    shape, densities, budget_ms: float, env: dict, log: Log, inputs: str = "gaussian"
+) -> list[dict]:
     """Dense baselines, then bf16 and FP8 at every density."""
-    q, k, v = _inputs(shape)
+    q, k, v = _inputs(shape, inputs)
     base = {**env, "shape": shape.name, "tokens": shape.tokens, "heads": shape.heads}
     base["head_dim"] = shape.head_dim
     rows = []
@@ -261,11 +273,17 @@ def probe_variants() -> dict[str, tuple[GluonFP8Config, int]]:
 
 
 def probe_shape(
-    shape, densities, budget_ms: float, env: dict, log: Log, variants: dict
+    shape,
+    densities,
+    budget_ms: float,
+    env: dict,
+    log: Log,
+    variants: dict,
+    inputs: str = "gaussian",
 ) -> list[dict]:
     """Each Gluon FP8 config of ``variants`` on the quantized inputs, error beside time, and
     the bf16 kernel on the same mask; cuDNN for scale."""
-    q, k, v = _inputs(shape)
+    q, k, v = _inputs(shape, inputs)
     base = {**env, "shape": shape.name, "tokens": shape.tokens, "heads": shape.heads}
     base["head_dim"] = shape.head_dim
     cudnn = dense_sdpa("CUDNN_ATTENTION")
@@ -368,6 +386,9 @@ def main() -> None:
         "--variants", help="with --probe: comma-separated names of probe_variants() (default: all)"
     )
     parser.add_argument("--budget-ms", type=float, default=600.0, help="timing budget per point")
+    parser.add_argument(
+        "--inputs", choices=INPUT_KINDS, default="gaussian", help="q/k/v kind (see _inputs)"
+    )
     parser.add_argument("--csv", type=Path, default=RESULTS / "fp8.csv")
     args = parser.parse_args()
     variants = probe_variants()
@@ -388,18 +409,19 @@ def main() -> None:
     )
     env = environment()
     env = {"gpu": env.pop("device"), **env, "ptxas": "{}.{}".format(*ptxas_version())}
+    env["inputs"] = args.inputs
     log = Log()
     log(
         f"bench_fp8 on {env['gpu']}, torch {env['torch']}, triton {env['triton']}, "
-        f"ptxas {env['ptxas']}, git {env['git_sha']}, {env['date']}"
+        f"ptxas {env['ptxas']}, git {env['git_sha']}, {env['date']}, {args.inputs} inputs"
     )
     rows = []
     for name in shapes:
         shape = shape_by_name(name)
         if args.probe:
-            rows += probe_shape(shape, densities, args.budget_ms, env, log, variants)
+            rows += probe_shape(shape, densities, args.budget_ms, env, log, variants, args.inputs)
         else:
-            rows += bench_shape(shape, densities, args.budget_ms, env, log)
+            rows += bench_shape(shape, densities, args.budget_ms, env, log, args.inputs)
         torch.cuda.empty_cache()
     print_table(rows, log)
     append_rows(args.csv, rows)
