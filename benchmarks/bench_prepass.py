@@ -73,6 +73,11 @@ VARIANTS = {
     "stats kernel rotates every key": {"stats_rotate_in_kernel": True},
     "stats 2 blocks/program": {"stats_blocks_per_program": 2},
     "stats 16 blocks/program": {"stats_blocks_per_program": 16},
+    "Q/K 2 blocks/program, 2 load stages": {"qk_blocks_per_program": 2, "qk_load_stages": 2},
+    "Q/K 4 blocks/program, 2 load stages": {"qk_blocks_per_program": 4, "qk_load_stages": 2},
+    "Q/K 4 blocks/program, 3 load stages": {"qk_blocks_per_program": 4, "qk_load_stages": 3},
+    "Q/K 8 blocks/program, 3 load stages": {"qk_blocks_per_program": 8, "qk_load_stages": 3},
+    "Q/K 4 blocks/program, no pipelining": {"qk_blocks_per_program": 4, "qk_load_stages": 1},
 }
 STATS_OPTIONS = {
     "stats_blocks_per_program": "blocks_per_program",
@@ -86,6 +91,8 @@ QUANTIZE_OPTIONS = {
     "split_quantize": "split_parts",
     "v_terms": "v_terms",
     "hardware_e4m3": "hardware_e4m3",
+    "qk_blocks_per_program": "qk_blocks_per_program",
+    "qk_load_stages": "qk_load_stages",
 }
 
 

@@ -290,6 +290,15 @@ PORTABLE_CASES = {
         {"PERMUTE_IN_REGISTERS": True, "V_TERMS": 2},
     ),
     "quantize-values-only": ("_quantize_kernel", {"PERMUTE_IN_REGISTERS": True, "PARTS": 4}),
+    "quantize-queries": ("_quantize_kernel", {"PARTS": 1}),
+    "quantize-queries-looped": (
+        "_quantize_kernel",
+        {"PARTS": 1, "BLOCKS_PER_PROGRAM": 4, "LOAD_STAGES": 2},
+    ),
+    "quantize-keys-looped": (
+        "_quantize_kernel",
+        {"PARTS": 2, "BLOCKS_PER_PROGRAM": 4, "LOAD_STAGES": 3},
+    ),
     "attention-two-v-terms": ("_fp8_block_sparse_attention_kernel", {"V_TERMS": 2}),
     "attention": ("_fp8_block_sparse_attention_kernel", {}),
 }
@@ -310,7 +319,8 @@ def compile_portable_for_hopper(case: str) -> tuple[str, int, int]:
     constants = {"HEAD_DIM": 128, "BLOCK_SIZE": 128, "ROTATE": True, "EMULATE_ROUNDING": False}
     constants["HARDWARE_E4M3"] = True  # what a GPU launch passes
     constants |= {"WGMMA_KEY_ORDER": True, **overrides}
-    constants["BLOCKS_PER_PROGRAM"] = quantize.STATS_BLOCKS_PER_PROGRAM
+    if name == "_key_value_stats_kernel":
+        constants["BLOCKS_PER_PROGRAM"] = quantize.STATS_BLOCKS_PER_PROGRAM
     signature, constexprs, attrs = {}, {}, {}
     for index, (arg, parameter) in enumerate(inspect.signature(kernel.fn).parameters.items()):
         if arg not in constants and parameter.default is not inspect.Parameter.empty:
@@ -364,9 +374,15 @@ def test_portable_8bit_kernels_compile_for_hopper(case: str) -> None:
         # V rounded by the conversion instruction, as a GPU launch does: with the rounding in
         # integer arithmetic V's launch took 163 registers, one CTA an SM (the pre-pass's
         # slowest launch on the H200); now under 128, two or more.
-        assert facts["e4m3_conversions"] == ["cvt.rn.satfinite.e4m3x2.f32"]
+        if PORTABLE_CASES[case][1].get("PARTS", 7) & 4:
+            assert facts["e4m3_conversions"] == ["cvt.rn.satfinite.e4m3x2.f32"]
     if case == "quantize-values-only":
         assert facts["registers"] <= 128
+    # Q's and K's programs looping over blocks: the pipeliner copies each tile straight into
+    # the shared memory the Hadamard product reads (cp.async) instead of staging it from
+    # registers, as the one-block programs do.
+    if case.startswith("quantize"):
+        assert (facts["cp_async"] > 0) == case.endswith("-looped")
 
 
 def test_lookahead_is_refused_under_a_ptxas_that_miscompiles_it(monkeypatch) -> None:
@@ -403,6 +419,7 @@ if __name__ == "__main__" and sys.argv[1] == "portable":
     found = re.findall(r"wgmma\.mma_async\.sync\.aligned\.[\w.]+", ptx)
     facts = {"wgmma": sorted(set(found)), "stack_bytes": stack_bytes, "registers": registers}
     facts["e4m3_conversions"] = sorted(set(re.findall(r"cvt\.rn\.satfinite\.e4m3x2\.f32", ptx)))
+    facts["cp_async"] = len(re.findall(r"\bcp\.async\.c[ag]\b", ptx))
     print(json.dumps(facts))
 elif __name__ == "__main__":
     head_dim, dtype_name, v_terms, stages, *switches = sys.argv[1:]

@@ -169,6 +169,10 @@ LAUNCH_VARIANTS = [
     (CASES[0], {"stats_rotate_in_kernel": True}),
     (CASES[0], {"split_quantize": False}),
     (CASES[1], {"split_quantize": False, "permute_in_registers": False}),
+    # Q's and K's programs looping over blocks: 16 blocks in programs of 3 (a short last one).
+    (CASES[1], {"qk_blocks_per_program": 3, "qk_load_stages": 2}),
+    (CASES[0], {"qk_blocks_per_program": 4, "qk_load_stages": 3}),
+    (CASES[2], {"qk_blocks_per_program": 2, "qk_load_stages": 2}),  # no rotation
 ]
 
 

@@ -102,6 +102,10 @@ QUANTIZE_NUM_WARPS = 8
 # ms with V stored byte by byte (benchmarks/bench_prepass.py times every way).
 PERMUTE_IN_REGISTERS = True
 SPLIT_QUANTIZE = True
+# Q's and K's launches (with SPLIT_QUANTIZE): key blocks a program quantizes in a loop, and the
+# pipeline depth of its loads (1: none, each program a block, its tile staged through registers).
+QK_BLOCKS_PER_PROGRAM = 1
+QK_LOAD_STAGES = 1
 # V's e4m3 terms on the runtime's 8-bit path (sparse_attention(precision="fp8")): 1, or 2 (its
 # rounding error in a second term and a second P V product; docs/kernel.md, "Accuracy").
 FP8_V_TERMS = 1
@@ -346,6 +350,87 @@ def _key_value_stats_kernel(
 
 
 @triton.jit
+def _quantize_query_block(
+    q_base,
+    stride_qn,
+    hadamard,
+    block,
+    in_range,
+    seq_len,
+    padded_len,
+    batch_head,
+    q8_ptr,
+    q_scale_ptr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Block ``block`` of one head's queries (rows past N read as zeros) -> INT8 per token.
+
+    ``hadamard``: H ``[D, D]`` as loaded, or ``None`` without the rotation. ``in_range``: the
+    block exists (a program's last blocks may not); nothing is stored for one that does not.
+    """
+    offsets = tl.arange(0, BLOCK_SIZE)  # [BS]
+    cols = tl.arange(0, HEAD_DIM)  # [D]
+    rows = block * BLOCK_SIZE + offsets  # [BS]
+    padded_rows = batch_head.to(tl.int64) * padded_len + rows  # [BS], into [B*H, Np]
+    queries = _load_rows(q_base, rows, stride_qn, (rows < seq_len) & in_range, HEAD_DIM)
+    queries = _rotated(queries, hadamard)  # [BS, D] fp32
+    q_amax = tl.maximum(tl.max(tl.abs(queries), 1), TINY_AMAX_C)  # [BS]
+    # A tensor numerator: under the interpreter constexpr / tensor would stay a constexpr.
+    q8 = round_half_even(queries * ((tl.zeros_like(q_amax) + INT8_MAX_C) / q_amax)[:, None])
+    q8 = tl.minimum(tl.maximum(q8, -INT8_MAX_C), INT8_MAX_C)
+    row_major = padded_rows[:, None] * HEAD_DIM + cols[None, :]  # [BS, D], into [B*H, Np, D]
+    tl.store(q8_ptr + row_major, q8.to(tl.int8), mask=in_range)
+    tl.store(q_scale_ptr + padded_rows, q_amax / INT8_MAX_C, mask=in_range)
+
+
+@triton.jit
+def _quantize_key_block(
+    k_base,
+    stride_kn,
+    hadamard,
+    block,
+    in_range,
+    key_lengths_ptr,
+    k_mean_ptr,
+    padded_len,
+    num_blocks,
+    batch_head,
+    k8_ptr,
+    k_scale_ptr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Block ``block`` of one head's keys, rotated and less their mean (padded keys 0) ->
+    INT8 with one scale for the block. ``hadamard`` and ``in_range`` as for the queries."""
+    offsets = tl.arange(0, BLOCK_SIZE)  # [BS]
+    cols = tl.arange(0, HEAD_DIM)  # [D]
+    rows = block * BLOCK_SIZE + offsets  # [BS]
+    padded_rows = batch_head.to(tl.int64) * padded_len + rows  # [BS]
+    # Lengths are clipped to N; a block past the last has none.
+    key_length = tl.load(key_lengths_ptr + block, mask=in_range, other=0)
+    valid = offsets < key_length  # [BS]
+    keys = _rotated(_load_rows(k_base, rows, stride_kn, valid, HEAD_DIM), hadamard)  # [BS, D]
+    stats = batch_head.to(tl.int64) * HEAD_DIM + cols  # [D]
+    keys = tl.where(valid[:, None], keys - tl.load(k_mean_ptr + stats)[None, :], 0.0)
+    k_amax = tl.maximum(tl.max(tl.max(tl.abs(keys), 1), 0), TINY_AMAX_C)
+    k8 = round_half_even(keys * ((tl.zeros_like(k_amax) + INT8_MAX_C) / k_amax))
+    k8 = tl.minimum(tl.maximum(k8, -INT8_MAX_C), INT8_MAX_C)
+    row_major = padded_rows[:, None] * HEAD_DIM + cols[None, :]  # [BS, D]
+    tl.store(k8_ptr + row_major, k8.to(tl.int8), mask=in_range)
+    tl.store(k_scale_ptr + batch_head * num_blocks + block, k_amax / INT8_MAX_C, mask=in_range)
+
+
+@triton.jit
+def _rotated(x, hadamard):
+    """``[R, D]`` in fp32, times ``hadamard`` (H as loaded, in the dtype the GPU multiplies in:
+    see ``_to_fp32``) unless it is ``None``."""
+    if hadamard is None:
+        return x.to(tl.float32)
+    return tl.dot(x.to(hadamard.dtype), hadamard)
+
+
+@triton.jit
 def _quantize_kernel(
     q_ptr,
     k_ptr,
@@ -382,8 +467,11 @@ def _quantize_kernel(
     PARTS: tl.constexpr = 7,
     V_TERMS: tl.constexpr = 1,
     HARDWARE_E4M3: tl.constexpr = False,
+    BLOCKS_PER_PROGRAM: tl.constexpr = 1,
+    LOAD_STAGES: tl.constexpr = 1,
 ):
-    """Grid ``(nb, B * H)``: one block of Q, K and V of one head into the 8-bit layouts.
+    """Grid ``(ceil(nb / BLOCKS_PER_PROGRAM), B * H)``: blocks of Q, K and V of one head into
+    the 8-bit layouts.
 
     ``PERMUTE_IN_REGISTERS`` (set only with ``WGMMA_KEY_ORDER``): permute V's rows in registers
     and store them at token-order addresses, instead of storing each row at its permuted one.
@@ -394,51 +482,97 @@ def _quantize_kernel(
     7 mantissa bits. ``HARDWARE_E4M3`` (a GPU's launch): V is rounded to e4m3 by the conversion
     instruction (``cvt.rn.satfinite``: nearest even, saturating, the same values as
     ``round_to_e4m3``, which the interpreter runs) and permuted as bytes, not fp32.
+    ``BLOCKS_PER_PROGRAM`` (Q or K alone, ``PARTS`` 1 or 2): a program quantizes that many
+    consecutive blocks in a loop whose loads Triton's pipeliner issues ``LOAD_STAGES - 1``
+    blocks ahead, straight into the shared memory the Hadamard product reads (one block a
+    program stages each tile from registers, stalled on those stores: docs/kernel.md).
     """
-    block = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = batch_head // num_heads
     head = batch_head % num_heads
     offsets = tl.arange(0, BLOCK_SIZE)  # [BS]
     cols = tl.arange(0, HEAD_DIM)  # [D]
+    q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    k_base = k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
+    hadamard = None
+    if ROTATE and (PARTS & 3):
+        hadamard = tl.load(hadamard_ptr + cols[:, None] * HEAD_DIM + cols[None, :])  # [D, D]
+    if BLOCKS_PER_PROGRAM > 1:
+        tl.static_assert(PARTS == 1 or PARTS == 2, "a loop over blocks quantizes Q or K alone")
+        first = tl.program_id(0) * BLOCKS_PER_PROGRAM
+        for i in tl.range(0, BLOCKS_PER_PROGRAM, num_stages=LOAD_STAGES):
+            block = first + i
+            if PARTS == 1:
+                _quantize_query_block(
+                    q_base,
+                    stride_qn,
+                    hadamard,
+                    block,
+                    block < num_blocks,
+                    seq_len,
+                    padded_len,
+                    batch_head,
+                    q8_ptr,
+                    q_scale_ptr,
+                    HEAD_DIM,
+                    BLOCK_SIZE,
+                )
+            else:
+                _quantize_key_block(
+                    k_base,
+                    stride_kn,
+                    hadamard,
+                    block,
+                    block < num_blocks,
+                    key_lengths_ptr,
+                    k_mean_ptr,
+                    padded_len,
+                    num_blocks,
+                    batch_head,
+                    k8_ptr,
+                    k_scale_ptr,
+                    HEAD_DIM,
+                    BLOCK_SIZE,
+                )
+        return
+
+    block = tl.program_id(0)
     rows = block * BLOCK_SIZE + offsets  # [BS]
     stats = batch_head.to(tl.int64) * HEAD_DIM + cols  # [D]
-    padded_rows = batch_head.to(tl.int64) * padded_len + rows  # [BS], into [B*H, Np]
-    row_major = padded_rows[:, None] * HEAD_DIM + cols[None, :]  # [BS, D], into [B*H, Np, D]
+    if PARTS & 1:
+        _quantize_query_block(
+            q_base,
+            stride_qn,
+            hadamard,
+            block,
+            True,
+            seq_len,
+            padded_len,
+            batch_head,
+            q8_ptr,
+            q_scale_ptr,
+            HEAD_DIM,
+            BLOCK_SIZE,
+        )
+    if PARTS & 2:
+        _quantize_key_block(
+            k_base,
+            stride_kn,
+            hadamard,
+            block,
+            True,
+            key_lengths_ptr,
+            k_mean_ptr,
+            padded_len,
+            num_blocks,
+            batch_head,
+            k8_ptr,
+            k_scale_ptr,
+            HEAD_DIM,
+            BLOCK_SIZE,
+        )
 
     valid = offsets < tl.load(key_lengths_ptr + block)  # [BS]; lengths are clipped to N
-    if PARTS & 1:
-        queries = _load_rows(
-            q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh,
-            rows,
-            stride_qn,
-            rows < seq_len,
-            HEAD_DIM,
-        )
-        queries = _to_fp32(queries, hadamard_ptr, HEAD_DIM, ROTATE)  # [BS, D]
-        q_amax = tl.maximum(tl.max(tl.abs(queries), 1), TINY_AMAX_C)  # [BS]
-        # A tensor numerator: under the interpreter constexpr / tensor would stay a constexpr.
-        q8 = round_half_even(queries * ((tl.zeros_like(q_amax) + INT8_MAX_C) / q_amax)[:, None])
-        q8 = tl.minimum(tl.maximum(q8, -INT8_MAX_C), INT8_MAX_C)
-        tl.store(q8_ptr + row_major, q8.to(tl.int8))
-        tl.store(q_scale_ptr + padded_rows, q_amax / INT8_MAX_C)
-
-    if PARTS & 2:
-        keys = _load_rows(
-            k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh,
-            rows,
-            stride_kn,
-            valid,
-            HEAD_DIM,
-        )
-        keys = _to_fp32(keys, hadamard_ptr, HEAD_DIM, ROTATE)  # [BS, D]
-        keys = tl.where(valid[:, None], keys - tl.load(k_mean_ptr + stats)[None, :], 0.0)
-        k_amax = tl.maximum(tl.max(tl.max(tl.abs(keys), 1), 0), TINY_AMAX_C)
-        k8 = round_half_even(keys * ((tl.zeros_like(k_amax) + INT8_MAX_C) / k_amax))
-        k8 = tl.minimum(tl.maximum(k8, -INT8_MAX_C), INT8_MAX_C)
-        tl.store(k8_ptr + row_major, k8.to(tl.int8))
-        tl.store(k_scale_ptr + batch_head * num_blocks + block, k_amax / INT8_MAX_C)
-
     if PARTS & 4:
         values = _load_rows(
             v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh,
@@ -676,6 +810,8 @@ def _launch_prepass(
     split_quantize: bool = SPLIT_QUANTIZE,
     v_terms: int = 1,
     hardware_e4m3: bool | None = None,
+    qk_blocks_per_program: int = QK_BLOCKS_PER_PROGRAM,
+    qk_load_stages: int = QK_LOAD_STAGES,
 ) -> QuantizedQKV:
     """:func:`quantize_qkv` with its launch parameters (``benchmarks/bench_prepass.py`` times
     them): the statistics kernel's key blocks per program and warps and whether it rotates
@@ -683,7 +819,10 @@ def _launch_prepass(
     with ``key_order="wgmma"`` whether V's rows are permuted in registers before a token-order
     store (``_quantize_kernel``'s ``PERMUTE_IN_REGISTERS``), and whether Q, K and V are
     quantized by one launch or one each (``split_quantize``), and whether V is rounded by the
-    conversion instruction (``hardware_e4m3``; default: wherever it runs, not the interpreter)."""
+    conversion instruction (``hardware_e4m3``; default: wherever it runs, not the interpreter),
+    and with split launches how many key blocks a program of Q's and K's quantizes in a loop
+    and how deep that loop's loads are pipelined (``qk_blocks_per_program``,
+    ``qk_load_stages``)."""
     if key_order not in ("natural", "wgmma"):
         raise ValueError(f"key_order must be 'natural' or 'wgmma', got {key_order!r}")
     _check_v_terms(v_terms)
@@ -714,6 +853,8 @@ def _launch_prepass(
         split_parts=split_quantize,
         v_terms=v_terms,
         hardware_e4m3=hardware_e4m3,
+        qk_blocks_per_program=qk_blocks_per_program,
+        qk_load_stages=qk_load_stages,
     )
     return _assemble(outputs, stats, valid_keys, block_size, q.shape[2], rotate, key_order)
 
@@ -733,11 +874,19 @@ def _quantize_blocks(
     split_parts: bool = SPLIT_QUANTIZE,
     v_terms: int = 1,
     hardware_e4m3: bool | None = None,
+    qk_blocks_per_program: int = QK_BLOCKS_PER_PROGRAM,
+    qk_load_stages: int = QK_LOAD_STAGES,
 ) -> tuple[torch.Tensor, ...]:
     """The quantization kernel alone: ``(q8, q_scale, k8, k_scale, v8, v_error_sums)``.
 
-    ``split_parts``: three launches (Q, K, V apart) instead of one that quantizes all three.
+    ``split_parts``: three launches (Q, K, V apart) instead of one that quantizes all three;
+    then Q's and K's programs take ``qk_blocks_per_program`` blocks each, their loads
+    ``qk_load_stages`` deep.
     """
+    if qk_blocks_per_program < 1 or qk_load_stages < 1:
+        raise ValueError("qk_blocks_per_program and qk_load_stages must be >= 1")
+    if qk_blocks_per_program > 1 and not split_parts:
+        raise ValueError("qk_blocks_per_program > 1 needs split launches (split_parts=True)")
     batch, heads, seq_len, head_dim = q.shape
     num_blocks = key_lengths.numel()
     padded_len = num_blocks * block_size
@@ -755,7 +904,9 @@ def _quantize_blocks(
     )
     hadamard = _kernel_hadamard(q)
     for parts in (1, 2, 4) if split_parts else (7,):
-        _quantize_kernel[(num_blocks, batch * heads)](
+        blocks_per_program = qk_blocks_per_program if parts in (1, 2) else 1
+        grid = (triton.cdiv(num_blocks, blocks_per_program), batch * heads)
+        _quantize_kernel[grid](
             q,
             k,
             v,
@@ -785,6 +936,8 @@ def _quantize_blocks(
             PARTS=parts,
             V_TERMS=v_terms,
             HARDWARE_E4M3=not interpreting() if hardware_e4m3 is None else hardware_e4m3,
+            BLOCKS_PER_PROGRAM=blocks_per_program,
+            LOAD_STAGES=qk_load_stages if blocks_per_program > 1 else 1,
             num_warps=num_warps,
         )
     return q8, q_scale, k8, k_scale, v8, v_error_sums
