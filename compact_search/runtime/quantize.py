@@ -104,8 +104,8 @@ PERMUTE_IN_REGISTERS = True
 SPLIT_QUANTIZE = True
 # Q's and K's launches (with SPLIT_QUANTIZE): key blocks a program quantizes in a loop, and the
 # pipeline depth of its loads (1: none, each program a block, its tile staged through registers).
-QK_BLOCKS_PER_PROGRAM = 1
-QK_LOAD_STAGES = 1
+QK_BLOCKS_PER_PROGRAM = 4
+QK_LOAD_STAGES = 2
 # V's e4m3 terms on the runtime's 8-bit path (sparse_attention(precision="fp8")): 1, or 2 (its
 # rounding error in a second term and a second P V product; docs/kernel.md, "Accuracy").
 FP8_V_TERMS = 1
