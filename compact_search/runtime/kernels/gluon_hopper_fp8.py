@@ -33,6 +33,11 @@ turns between the warpgroups). What the 8-bit operands change:
   the kernel's wgmma if a score tile stays in flight across the loop's back edge (and registers
   allow the overlap only in the loop over full tiles); launched only under ptxas >= 12.9
   (``LOOKAHEAD_MIN_PTXAS``: 12.8 miscompiles it);
+- ``LAZY_RESCALE`` (on by default): a thread branches over its accumulator rescale (D / 2
+  multiplies on the path from one P V to the next) when neither of its rows' max moved, which
+  after a row's first tiles is most tiles; only multiplies by exactly 1 are skipped, so the
+  output is the eager rescale's bit for bit (``RESCALE_THRESHOLD`` > 0 would let a max lag, with
+  P scaled down to stay in e4m3: supported, measured no faster, less accurate);
 - V in two e4m3 terms (``QuantizedQKV.v_terms`` 2, V^T ``[B, H, 2 D, Np]``): each V tile's TMA
   box carries both, and a second P V wgmma of the same P registers adds the second term into the
   same accumulator;
