@@ -482,7 +482,7 @@ def _quantize_kernel(
     7 mantissa bits. ``HARDWARE_E4M3`` (a GPU's launch): V is rounded to e4m3 by the conversion
     instruction (``cvt.rn.satfinite``: nearest even, saturating, the same values as
     ``round_to_e4m3``, which the interpreter runs) and permuted as bytes, not fp32.
-    ``BLOCKS_PER_PROGRAM`` (Q or K alone, ``PARTS`` 1 or 2): a program quantizes that many
+    ``BLOCKS_PER_PROGRAM`` (Q's and K's parts; V's launch takes 1): a program quantizes that many
     consecutive blocks in a loop whose loads Triton's pipeliner issues ``LOAD_STAGES - 1``
     blocks ahead, straight into the shared memory the Hadamard product reads (one block a
     program stages each tile from registers, stalled on those stores: docs/kernel.md).
@@ -497,83 +497,48 @@ def _quantize_kernel(
     hadamard = None
     if ROTATE and (PARTS & 3):
         hadamard = tl.load(hadamard_ptr + cols[:, None] * HEAD_DIM + cols[None, :])  # [D, D]
-    if BLOCKS_PER_PROGRAM > 1:
-        tl.static_assert(PARTS == 1 or PARTS == 2, "a loop over blocks quantizes Q or K alone")
-        first = tl.program_id(0) * BLOCKS_PER_PROGRAM
-        for i in tl.range(0, BLOCKS_PER_PROGRAM, num_stages=LOAD_STAGES):
-            block = first + i
-            if PARTS == 1:
-                _quantize_query_block(
-                    q_base,
-                    stride_qn,
-                    hadamard,
-                    block,
-                    block < num_blocks,
-                    seq_len,
-                    padded_len,
-                    batch_head,
-                    q8_ptr,
-                    q_scale_ptr,
-                    HEAD_DIM,
-                    BLOCK_SIZE,
-                )
-            else:
-                _quantize_key_block(
-                    k_base,
-                    stride_kn,
-                    hadamard,
-                    block,
-                    block < num_blocks,
-                    key_lengths_ptr,
-                    k_mean_ptr,
-                    padded_len,
-                    num_blocks,
-                    batch_head,
-                    k8_ptr,
-                    k_scale_ptr,
-                    HEAD_DIM,
-                    BLOCK_SIZE,
-                )
-        return
+    first = tl.program_id(0) * BLOCKS_PER_PROGRAM
+    for i in tl.range(0, BLOCKS_PER_PROGRAM, num_stages=LOAD_STAGES):
+        block = first + i
+        if PARTS & 1:
+            _quantize_query_block(
+                q_base,
+                stride_qn,
+                hadamard,
+                block,
+                block < num_blocks,
+                seq_len,
+                padded_len,
+                batch_head,
+                q8_ptr,
+                q_scale_ptr,
+                HEAD_DIM,
+                BLOCK_SIZE,
+            )
+        if PARTS & 2:
+            _quantize_key_block(
+                k_base,
+                stride_kn,
+                hadamard,
+                block,
+                block < num_blocks,
+                key_lengths_ptr,
+                k_mean_ptr,
+                padded_len,
+                num_blocks,
+                batch_head,
+                k8_ptr,
+                k_scale_ptr,
+                HEAD_DIM,
+                BLOCK_SIZE,
+            )
 
-    block = tl.program_id(0)
-    rows = block * BLOCK_SIZE + offsets  # [BS]
-    stats = batch_head.to(tl.int64) * HEAD_DIM + cols  # [D]
-    if PARTS & 1:
-        _quantize_query_block(
-            q_base,
-            stride_qn,
-            hadamard,
-            block,
-            True,
-            seq_len,
-            padded_len,
-            batch_head,
-            q8_ptr,
-            q_scale_ptr,
-            HEAD_DIM,
-            BLOCK_SIZE,
-        )
-    if PARTS & 2:
-        _quantize_key_block(
-            k_base,
-            stride_kn,
-            hadamard,
-            block,
-            True,
-            key_lengths_ptr,
-            k_mean_ptr,
-            padded_len,
-            num_blocks,
-            batch_head,
-            k8_ptr,
-            k_scale_ptr,
-            HEAD_DIM,
-            BLOCK_SIZE,
-        )
-
-    valid = offsets < tl.load(key_lengths_ptr + block)  # [BS]; lengths are clipped to N
     if PARTS & 4:
+        tl.static_assert(BLOCKS_PER_PROGRAM == 1, "V's launch quantizes one block a program")
+        block = tl.program_id(0)
+        rows = block * BLOCK_SIZE + offsets  # [BS]
+        stats = batch_head.to(tl.int64) * HEAD_DIM + cols  # [D]
+        valid = offsets < tl.load(key_lengths_ptr + block)  # [BS]; lengths are clipped to N
         values = _load_rows(
             v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh,
             rows,
@@ -881,12 +846,10 @@ def _quantize_blocks(
 
     ``split_parts``: three launches (Q, K, V apart) instead of one that quantizes all three;
     then Q's and K's programs take ``qk_blocks_per_program`` blocks each, their loads
-    ``qk_load_stages`` deep.
+    ``qk_load_stages`` deep (in one launch, a block each).
     """
     if qk_blocks_per_program < 1 or qk_load_stages < 1:
         raise ValueError("qk_blocks_per_program and qk_load_stages must be >= 1")
-    if qk_blocks_per_program > 1 and not split_parts:
-        raise ValueError("qk_blocks_per_program > 1 needs split launches (split_parts=True)")
     batch, heads, seq_len, head_dim = q.shape
     num_blocks = key_lengths.numel()
     padded_len = num_blocks * block_size
@@ -904,6 +867,7 @@ def _quantize_blocks(
     )
     hadamard = _kernel_hadamard(q)
     for parts in (1, 2, 4) if split_parts else (7,):
+        # One launch for all three tensors quantizes V too: one block a program.
         blocks_per_program = qk_blocks_per_program if parts in (1, 2) else 1
         grid = (triton.cdiv(num_blocks, blocks_per_program), batch * heads)
         _quantize_kernel[grid](
