@@ -19,7 +19,8 @@ On random bf16 inputs (B 1, head dim 128, block 128, every key valid), per shape
   afterwards, V's rows stored at their permuted addresses byte by byte instead of permuted in
   registers, Q, K and V quantized by one launch instead of a launch each, V in two e4m3
   terms, V rounded to e4m3 in integer arithmetic as the interpreter does instead of by the
-  conversion instruction), whole and the part it changes, each checked against the default's
+  conversion instruction, Q's and K's programs taking 1-8 blocks with 1-3 load stages), whole
+  and the part it changes, each checked against the default's
   outputs: "bits" (equal, V's corrected mean within 1e-5 of a scale step), "rounding" (the
   statistics summed in another order: Q/K entries off by one step and V bytes changed on < 1e-3
   of entries) or "DIFFERS".
