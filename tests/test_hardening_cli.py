@@ -56,6 +56,13 @@ store = "per-prompt"
 OPTIMIZE_SMALL = ["--trials", "3", "--dense-steps", "0", "--buckets", "1", "--workers", "1"]
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """Started from a shell's background job (``cmd &`` without job control, as a CI script
+    may run), the tests inherit SIGINT ignored, and so would the CLI, which Ctrl-C then could
+    not stop: give it the default disposition a foreground terminal gives it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli_process(*args, **popen) -> subprocess.Popen:
     """`python -m cli ARGS` in its own session (its own process group), output piped."""
     return subprocess.Popen(
@@ -66,6 +73,7 @@ def cli_process(*args, **popen) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=_sigint_as_in_a_terminal,
         **popen,
     )
 
