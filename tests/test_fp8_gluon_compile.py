@@ -299,6 +299,11 @@ PORTABLE_CASES = {
         "_quantize_kernel",
         {"PARTS": 2, "BLOCKS_PER_PROGRAM": 4, "LOAD_STAGES": 3},
     ),
+    # quantize_qkv(rotate=False): no Hadamard matrix is loaded or multiplied.
+    "quantize-keys-unrotated-looped": (
+        "_quantize_kernel",
+        {"PARTS": 2, "BLOCKS_PER_PROGRAM": 4, "LOAD_STAGES": 2, "ROTATE": False},
+    ),
     "attention-two-v-terms": ("_fp8_block_sparse_attention_kernel", {"V_TERMS": 2}),
     "attention": ("_fp8_block_sparse_attention_kernel", {}),
 }
@@ -363,7 +368,7 @@ def test_portable_8bit_kernels_compile_for_hopper(case: str) -> None:
     mma = set(facts["wgmma"])
     if case.startswith("attention"):
         assert any(".s32.s8.s8" in m for m in mma) and any(".e4m3.e4m3" in m for m in mma)
-    elif case in ("stats", "quantize-values-only"):  # unrotated sums, V alone: no matmul
+    elif case in ("stats", "quantize-values-only") or "unrotated" in case:  # no matmul
         assert not mma
     else:  # the Hadamard rotation runs on the tensor cores
         assert any(".bf16.bf16" in m for m in mma)

@@ -273,16 +273,22 @@ def _load_rows(base_ptr, rows, stride_n, valid, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _to_fp32(x, hadamard_ptr, HEAD_DIM: tl.constexpr, ROTATE: tl.constexpr):
-    """An ``[R, D]`` tile in fp32, times H when ``ROTATE``.
+def _load_hadamard(hadamard_ptr, HEAD_DIM: tl.constexpr):
+    """H ``[D, D]`` for ``_rotated``.
 
     H is stored in the inputs' dtype on a GPU (tensor cores, fp32 accumulation) and in fp32 under
     the interpreter (whose bf16 products are wrong); its entries are +-1, so every product is
     exact and only the fp32 sums round.
     """
+    cols = tl.arange(0, HEAD_DIM)
+    return tl.load(hadamard_ptr + cols[:, None] * HEAD_DIM + cols[None, :])
+
+
+@triton.jit
+def _rotated(x, hadamard, ROTATE: tl.constexpr):
+    """An ``[R, D]`` tile in fp32, times ``hadamard`` (``_load_hadamard``'s) when ``ROTATE``
+    (without it, ``hadamard`` is not read: None will do)."""
     if ROTATE:
-        cols = tl.arange(0, HEAD_DIM)
-        hadamard = tl.load(hadamard_ptr + cols[:, None] * HEAD_DIM + cols[None, :])  # [D, D]
         return tl.dot(x.to(hadamard.dtype), hadamard)
     return x.to(tl.float32)
 
@@ -329,14 +335,16 @@ def _key_value_stats_kernel(
     v_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
     v_max = tl.full([HEAD_DIM], float("-inf"), dtype=tl.float32)
     v_min = tl.full([HEAD_DIM], float("inf"), dtype=tl.float32)
+    hadamard = None
+    if ROTATE:
+        hadamard = _load_hadamard(hadamard_ptr, HEAD_DIM)  # [D, D]
     for i in range(BLOCKS_PER_PROGRAM):
         block = chunk * BLOCKS_PER_PROGRAM + i
         key_length = tl.load(key_lengths_ptr + block, mask=block < num_blocks, other=0)
         valid = offsets < key_length  # [BS]
         rows = block * BLOCK_SIZE + offsets
-        keys = _to_fp32(
-            _load_rows(k_base, rows, stride_kn, valid, HEAD_DIM), hadamard_ptr, HEAD_DIM, ROTATE
-        )  # [BS, D]
+        keys = _load_rows(k_base, rows, stride_kn, valid, HEAD_DIM)
+        keys = _rotated(keys, hadamard, ROTATE)  # [BS, D]
         values = _load_rows(v_base, rows, stride_vn, valid, HEAD_DIM).to(tl.float32)  # [BS, D]
         k_sum += tl.sum(keys, 0)
         v_sum += tl.sum(values, 0)
@@ -363,10 +371,11 @@ def _quantize_query_block(
     q_scale_ptr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    ROTATE: tl.constexpr,
 ):
     """Block ``block`` of one head's queries (rows past N read as zeros) -> INT8 per token.
 
-    ``hadamard``: H ``[D, D]`` as loaded, or ``None`` without the rotation. ``in_range``: the
+    ``hadamard``: H ``[D, D]`` as loaded (read only when ``ROTATE``). ``in_range``: the
     block exists (a program's last blocks may not); nothing is stored for one that does not.
     """
     offsets = tl.arange(0, BLOCK_SIZE)  # [BS]
@@ -374,7 +383,7 @@ def _quantize_query_block(
     rows = block * BLOCK_SIZE + offsets  # [BS]
     padded_rows = batch_head.to(tl.int64) * padded_len + rows  # [BS], into [B*H, Np]
     queries = _load_rows(q_base, rows, stride_qn, (rows < seq_len) & in_range, HEAD_DIM)
-    queries = _rotated(queries, hadamard)  # [BS, D] fp32
+    queries = _rotated(queries, hadamard, ROTATE)  # [BS, D] fp32
     q_amax = tl.maximum(tl.max(tl.abs(queries), 1), TINY_AMAX_C)  # [BS]
     # A tensor numerator: under the interpreter constexpr / tensor would stay a constexpr.
     q8 = round_half_even(queries * ((tl.zeros_like(q_amax) + INT8_MAX_C) / q_amax)[:, None])
@@ -400,6 +409,7 @@ def _quantize_key_block(
     k_scale_ptr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    ROTATE: tl.constexpr,
 ):
     """Block ``block`` of one head's keys, rotated and less their mean (padded keys 0) ->
     INT8 with one scale for the block. ``hadamard`` and ``in_range`` as for the queries."""
@@ -410,7 +420,7 @@ def _quantize_key_block(
     # Lengths are clipped to N; a block past the last has none.
     key_length = tl.load(key_lengths_ptr + block, mask=in_range, other=0)
     valid = offsets < key_length  # [BS]
-    keys = _rotated(_load_rows(k_base, rows, stride_kn, valid, HEAD_DIM), hadamard)  # [BS, D]
+    keys = _rotated(_load_rows(k_base, rows, stride_kn, valid, HEAD_DIM), hadamard, ROTATE)
     stats = batch_head.to(tl.int64) * HEAD_DIM + cols  # [D]
     keys = tl.where(valid[:, None], keys - tl.load(k_mean_ptr + stats)[None, :], 0.0)
     k_amax = tl.maximum(tl.max(tl.max(tl.abs(keys), 1), 0), TINY_AMAX_C)
@@ -419,15 +429,6 @@ def _quantize_key_block(
     row_major = padded_rows[:, None] * HEAD_DIM + cols[None, :]  # [BS, D]
     tl.store(k8_ptr + row_major, k8.to(tl.int8), mask=in_range)
     tl.store(k_scale_ptr + batch_head * num_blocks + block, k_amax / INT8_MAX_C, mask=in_range)
-
-
-@triton.jit
-def _rotated(x, hadamard):
-    """``[R, D]`` in fp32, times ``hadamard`` (H as loaded, in the dtype the GPU multiplies in:
-    see ``_to_fp32``) unless it is ``None``."""
-    if hadamard is None:
-        return x.to(tl.float32)
-    return tl.dot(x.to(hadamard.dtype), hadamard)
 
 
 @triton.jit
@@ -496,7 +497,7 @@ def _quantize_kernel(
     k_base = k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
     hadamard = None
     if ROTATE and (PARTS & 3):
-        hadamard = tl.load(hadamard_ptr + cols[:, None] * HEAD_DIM + cols[None, :])  # [D, D]
+        hadamard = _load_hadamard(hadamard_ptr, HEAD_DIM)  # [D, D]
     first = tl.program_id(0) * BLOCKS_PER_PROGRAM
     for i in tl.range(0, BLOCKS_PER_PROGRAM, num_stages=LOAD_STAGES):
         block = first + i
@@ -514,6 +515,7 @@ def _quantize_kernel(
                 q_scale_ptr,
                 HEAD_DIM,
                 BLOCK_SIZE,
+                ROTATE,
             )
         if PARTS & 2:
             _quantize_key_block(
@@ -531,6 +533,7 @@ def _quantize_kernel(
                 k_scale_ptr,
                 HEAD_DIM,
                 BLOCK_SIZE,
+                ROTATE,
             )
 
     if PARTS & 4:
