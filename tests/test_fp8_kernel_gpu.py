@@ -74,6 +74,10 @@ VARIANTS = {
     "gluon-chain-rows": ("gluon", {"tree_rows": False}, 1),
     "gluon-lookahead": ("gluon", {"lookahead": True}, 1),
     "gluon-lookahead-3-stages": ("gluon", {"lookahead": True, "stages": 3}, 1),
+    "gluon-mma-row-sum": ("gluon", {"mma_row_sum": True}, 1),
+    "gluon-mma-row-sum-pingpong": ("gluon", {"mma_row_sum": True, "pingpong": True}, 1),
+    "gluon-mma-row-sum-two-level": ("gluon", {"mma_row_sum": True, "two_level": True}, 1),
+    "gluon-mma-row-sum-two-v-terms": ("gluon", {"mma_row_sum": True}, 2),
     "gluon-two-v-terms": ("gluon", {}, 2),
     "gluon-two-v-terms-pingpong": ("gluon", {"pingpong": True}, 2),
     "gluon-two-v-terms-natural-keys": ("gluon", {"permuted_keys": False}, 2),
@@ -171,7 +175,13 @@ def test_fp8_kernel_on_gpu(case, variant: str) -> None:
     assert relative_l2(out, emulated) <= MAX_EMULATION_GAP
 
 
-RISING_VARIANTS = ["gluon", "gluon-eager-rescale", "gluon-threshold-2", "gluon-pingpong"]
+RISING_VARIANTS = [
+    "gluon",
+    "gluon-eager-rescale",
+    "gluon-threshold-2",
+    "gluon-pingpong",
+    "gluon-mma-row-sum",
+]
 
 
 @pytest.mark.parametrize("variant", RISING_VARIANTS + ["portable"])

@@ -132,11 +132,14 @@ class GluonFP8Config:
         lookahead: bool = False,
         lazy_rescale: bool = True,
         rescale_threshold: float = RESCALE_THRESHOLD,
+        mma_row_sum: bool = False,
     ):
         if not 1 <= stages <= 4:
             raise ValueError(f"stages must be 1-4, got {stages}")
         if lookahead and (pingpong or two_level):
             raise ValueError("lookahead runs without ping-pong turns and two-level accumulation")
+        if lookahead and mma_row_sum:
+            raise ValueError("lookahead sums P's rows on the CUDA cores: it has no mma_row_sum")
         if lookahead and stages < 2:
             raise ValueError("lookahead holds two K tiles at once: it needs stages >= 2")
         if not 0.0 <= rescale_threshold <= 8.0:
@@ -150,6 +153,7 @@ class GluonFP8Config:
         self.lookahead = lookahead
         self.lazy_rescale = lazy_rescale
         self.rescale_threshold = float(rescale_threshold)
+        self.mma_row_sum = mma_row_sum
 
     def kwargs(self) -> dict:
         return {
@@ -162,6 +166,7 @@ class GluonFP8Config:
             "LOOKAHEAD": self.lookahead,
             "LAZY_RESCALE": self.lazy_rescale,
             "RESCALE_THRESHOLD": self.rescale_threshold,
+            "MMA_ROW_SUM": self.mma_row_sum,
         }
 
     def __repr__(self) -> str:
@@ -170,7 +175,7 @@ class GluonFP8Config:
             f"two_level={self.two_level}, magic_i2f={self.magic_i2f}, "
             f"permuted_keys={self.permuted_keys}, tree_rows={self.tree_rows}, "
             f"lookahead={self.lookahead}, lazy_rescale={self.lazy_rescale}, "
-            f"rescale_threshold={self.rescale_threshold:g})"
+            f"rescale_threshold={self.rescale_threshold:g}, mma_row_sum={self.mma_row_sum})"
         )
 
 
@@ -186,6 +191,7 @@ def _softmax_step(
     MAGIC_I2F: gl.constexpr,
     TREE_ROWS: gl.constexpr,
     THRESHOLD: gl.constexpr,
+    SUM_ROWS: gl.constexpr = True,
 ):
     """Online-softmax update for one ``[64, 128]`` int32 score tile (the wgmma layout).
 
@@ -200,6 +206,9 @@ def _softmax_step(
     fused multiply-add a score as before. The folded offset is rounded once, a per-row shift of
     at most ulp(B r) / 2 in log2 units (B r is a few times the row's largest possible score),
     common to the tile's P and its row sum.
+
+    ``SUM_ROWS`` off (``MMA_ROW_SUM``): ``row_sum`` is returned as it came, the caller sums P's
+    rows on the tensor cores (``_issue_pv``) and applies the factor itself.
     """
     if MAGIC_I2F:
         scores = (scores + MAGIC_BITS).to(gl.float32, bitcast=True)  # [64, 128], B + S
@@ -221,7 +230,8 @@ def _softmax_step(
     offset = new_max - (LOG2_P_SCALE_C - THRESHOLD) + bias * row_scale  # [64]
     probs = gl.exp2(scores * gl.expand_dims(row_scale, 1) - gl.expand_dims(offset, 1))
     correction = gl.exp2(row_max - new_max)  # [64]
-    row_sum = row_sum * correction + _row_reduce(probs, rows_layout, TREE_ROWS, False)
+    if SUM_ROWS:
+        row_sum = row_sum * correction + _row_reduce(probs, rows_layout, TREE_ROWS, False)
     return probs, new_max, row_sum, correction
 
 
@@ -349,14 +359,34 @@ def _tile_scale(row, tile, q_scale):
 
 
 @gluon.jit
+def _merged_sums(row_sum, tile_sums, correction):
+    """``(l + rowsum(P)) * correction`` for the ``[64, 8]`` row sums of ``MMA_ROW_SUM``."""
+    sums_rows: gl.constexpr = gl.SliceLayout(1, tile_sums.type.layout)
+    factor = gl.expand_dims(gl.convert_layout(correction, sums_rows), 1)  # [64, 1]
+    return (row_sum + tile_sums) * factor
+
+
+@gluon.jit
 def _issue_pv(
-    p, v_bufs, v_ready, tile, acc, zero_pv, STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr
+    p,
+    v_bufs,
+    v_ready,
+    tile,
+    acc,
+    zero_pv,
+    sums,
+    STAGES: gl.constexpr,
+    TWO_LEVEL: gl.constexpr,
+    MMA_ROW_SUM: gl.constexpr,
 ):
-    """Issue P_tile V_tile (asynchronous): into a zero accumulator, or into ``acc``.
+    """Issue P_tile V_tile (asynchronous): into a zero accumulator, or into ``acc``. Returns the
+    P V token and, with ``MMA_ROW_SUM``, the row-sum token (else 0).
 
     With V in two e4m3 terms (the ring's tiles are ``[2 D, 128]``), a second wgmma of the same P
     registers adds P V_low into the same accumulator: two commit groups, the caller's waits
-    count ``V_TERMS`` of them.
+    count ``V_TERMS`` of them. ``MMA_ROW_SUM``: ``sums`` is (the ``[8, 128]`` ones tile, a zero
+    ``[64, 8]`` accumulator), and a last wgmma of the same registers, ``P ones^T`` (``m64n8k32``),
+    sums the tile's rows of the rounded P into column 0: one more commit group.
     """
     HEAD_DIM: gl.constexpr = zero_pv.type.shape[1]
     V_TERMS: gl.constexpr = v_bufs.shape[1] // HEAD_DIM
@@ -373,7 +403,13 @@ def _issue_pv(
     if V_TERMS == 2:
         v_low = v_tiles.slice(HEAD_DIM, HEAD_DIM).permute((1, 0))  # [128, D]
         token = warpgroup_mma(p8, v_low, token, is_async=True)
-    return token
+    if MMA_ROW_SUM:
+        ones, zero_sums = sums
+        # [64, 128] x [128, 8] (K-major: the ones tile's rows are its columns) -> [64, 8]
+        sums_token = warpgroup_mma(p8, ones.permute((1, 0)), zero_sums, use_acc=False, is_async=True)
+    else:
+        sums_token = 0
+    return token, sums_token
 
 
 @gluon.jit
@@ -392,27 +428,32 @@ def _key_tile(
     TREE_ROWS: gl.constexpr,
     LAZY_RESCALE: gl.constexpr,
     THRESHOLD: gl.constexpr,
+    MMA_ROW_SUM: gl.constexpr,
     MASKED: gl.constexpr,
 ):
     """Key tile j >= 1: issue S_j and P_{j-1} V_{j-1}, softmax j while the latter runs, merge.
 
     ``state`` is (acc, P_{j-1} in fp32 in the A operand's layout, row max, row sum); returns the
-    same for j.
+    same for j. With ``MMA_ROW_SUM`` the row sum is ``[64, 8]`` (column 0 holds it, the others
+    stay 0) and merges like the accumulator: ``(l + rowsum(P_{j-1})) * correction_j``.
     """
     acc, p, row_max, row_sum = state
     q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turns, zeros = operands
-    zero_scores, zero_pv = zeros
+    zero_scores, zero_pv, sums = zeros
     s_layout: gl.constexpr = zero_scores.type.layout
     o_layout: gl.constexpr = zero_pv.type.layout
     p_layout: gl.constexpr = p.type.layout
-    PV_GROUPS: gl.constexpr = v_bufs.shape[1] // zero_pv.type.shape[1]  # V's e4m3 terms
+    # Commit groups issued after S_j: V's e4m3 terms, and the row sum's.
+    PV_GROUPS: gl.constexpr = v_bufs.shape[1] // zero_pv.type.shape[1] + MMA_ROW_SUM
     slot = tile % STAGES
     take_turn(turns, tile, WARPGROUP, PINGPONG)
     mbarrier.wait(k_ready.index(slot), (tile // STAGES) & 1)
     scores_token = warpgroup_mma(
         q_smem, k_bufs.index(slot).permute((1, 0)), zero_scores, use_acc=False, is_async=True
     )  # S_j
-    pv_token = _issue_pv(p, v_bufs, v_ready, tile - 1, acc, zero_pv, STAGES, TWO_LEVEL)
+    pv_token, sums_token = _issue_pv(
+        p, v_bufs, v_ready, tile - 1, acc, zero_pv, sums, STAGES, TWO_LEVEL, MMA_ROW_SUM
+    )
     pass_turn(turns, WARPGROUP, PINGPONG)
     row_scale, key_length = _tile_scale(row, tile, q_scale)
     # P is not a dependency of the waits: the wgmma reads the e4m3 registers _issue_pv made for
@@ -421,7 +462,12 @@ def _key_tile(
     if MASKED:
         # Tiles of padded blocks (a few per row at most) wait for P V before their softmax:
         # the column mask's indices need the registers a P V sum in flight would hold.
-        scores, pv = warpgroup_mma_wait(0, deps=(scores_token, pv_token))
+        if MMA_ROW_SUM:
+            scores, pv, tile_sums = warpgroup_mma_wait(
+                0, deps=(scores_token, pv_token, sums_token)
+            )
+        else:
+            scores, pv = warpgroup_mma_wait(0, deps=(scores_token, pv_token))
         mbarrier.arrive(k_empty.index(slot), count=1)
         mbarrier.arrive(v_empty.index((tile - 1) % STAGES), count=1)
         acc = acc + pv if TWO_LEVEL else pv
@@ -436,8 +482,11 @@ def _key_tile(
             MAGIC_I2F,
             TREE_ROWS,
             THRESHOLD,
+            not MMA_ROW_SUM,
         )
         acc = acc * gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
+        if MMA_ROW_SUM:
+            row_sum = _merged_sums(row_sum, tile_sums, correction)
     else:
         # S_j; P V (PV_GROUPS commit groups, issued after it) may still run.
         scores = warpgroup_mma_wait(PV_GROUPS, deps=(scores_token,))
@@ -454,8 +503,13 @@ def _key_tile(
             MAGIC_I2F,
             TREE_ROWS,
             THRESHOLD,
+            not MMA_ROW_SUM,
         )
-        pv = warpgroup_mma_wait(0, deps=(pv_token,))
+        if MMA_ROW_SUM:
+            pv, tile_sums = warpgroup_mma_wait(0, deps=(pv_token, sums_token))
+            row_sum = _merged_sums(row_sum, tile_sums, correction)
+        else:
+            pv = warpgroup_mma_wait(0, deps=(pv_token,))
         mbarrier.arrive(v_empty.index((tile - 1) % STAGES), count=1)
         scale_rows = gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
         if TWO_LEVEL:
@@ -497,12 +551,13 @@ def _paired_tiles(
     TREE_ROWS: gl.constexpr,
     LAZY_RESCALE: gl.constexpr,
     THRESHOLD: gl.constexpr,
+    MMA_ROW_SUM: gl.constexpr,
 ):
     """Every key tile of a row (``num_tiles >= 1``) in the default schedule (``_key_tile``: S_j
     issued with P_{j-1} V_{j-1}), then the last P V; returns the unnormalized output
     accumulator, the row max and the row sum."""
     q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turns, zeros = operands
-    zero_scores, zero_pv = zeros
+    zero_scores, zero_pv, sums = zeros
     s_layout: gl.constexpr = zero_scores.type.layout
     p_layout: gl.constexpr = gl.DotOperandLayout(
         operand_index=0, parent=zero_pv.type.layout, k_width=4
@@ -529,6 +584,7 @@ def _paired_tiles(
             MAGIC_I2F,
             TREE_ROWS,
             THRESHOLD,
+            not MMA_ROW_SUM,
         )
     else:
         probs, row_max, row_sum, correction = _softmax_step(
@@ -542,6 +598,7 @@ def _paired_tiles(
             MAGIC_I2F,
             TREE_ROWS,
             THRESHOLD,
+            not MMA_ROW_SUM,
         )
     p = _pv_operand(probs, p_layout, PERMUTED_KEYS)  # [64, 128] fp32, A operand layout
     state = (acc, p, row_max, row_sum)
@@ -562,6 +619,7 @@ def _paired_tiles(
             TREE_ROWS,
             LAZY_RESCALE,
             THRESHOLD,
+            MMA_ROW_SUM,
             False,
         )
     for tile in range(gl.maximum(full_tiles, 1), num_tiles):
@@ -580,6 +638,7 @@ def _paired_tiles(
             TREE_ROWS,
             LAZY_RESCALE,
             THRESHOLD,
+            MMA_ROW_SUM,
             True,
         )
     acc, p, row_max, row_sum = state
@@ -587,9 +646,15 @@ def _paired_tiles(
     # Epilogue: the last tile's P V (turn num_tiles).
     last = num_tiles - 1
     take_turn(turns, num_tiles, WARPGROUP, PINGPONG)
-    pv_token = _issue_pv(p, v_bufs, v_ready, last, acc, zero_pv, STAGES, TWO_LEVEL)
+    pv_token, sums_token = _issue_pv(
+        p, v_bufs, v_ready, last, acc, zero_pv, sums, STAGES, TWO_LEVEL, MMA_ROW_SUM
+    )
     pass_turn(turns, WARPGROUP, PINGPONG)
-    pv = warpgroup_mma_wait(0, deps=(pv_token,))
+    if MMA_ROW_SUM:
+        pv, tile_sums = warpgroup_mma_wait(0, deps=(pv_token, sums_token))
+        row_sum = row_sum + tile_sums
+    else:
+        pv = warpgroup_mma_wait(0, deps=(pv_token,))
     mbarrier.arrive(v_empty.index(last % STAGES), count=1)
     acc = acc + pv if TWO_LEVEL else pv
     return acc, row_max, row_sum
@@ -626,14 +691,14 @@ def _ahead_tile(
     """
     acc, scores, p, row_max, row_sum = state
     q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, _turns, zeros = operands
-    zero_scores, zero_pv = zeros
+    zero_scores, zero_pv, sums = zeros
     s_layout: gl.constexpr = zero_scores.type.layout
     o_layout: gl.constexpr = zero_pv.type.layout
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
     AHEAD: gl.constexpr = not (FIRST or LAST or MASKED)
     if not FIRST:
-        pv = _issue_pv(p, v_bufs, v_ready, tile - 1, acc, zero_pv, STAGES, False)
+        pv, _ = _issue_pv(p, v_bufs, v_ready, tile - 1, acc, zero_pv, 0, STAGES, False, False)
     if AHEAD:
         next_scores = _issue_scores(q_smem, k_bufs, k_ready, tile + 1, zero_scores, STAGES)
     row_scale, key_length = _tile_scale(row, tile, q_scale)
@@ -691,7 +756,7 @@ def _ahead_tiles(
     last (no S after it) are their own inlined copies, full or padded.
     """
     q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, _turns, zeros = operands
-    zero_scores, zero_pv = zeros
+    zero_scores, zero_pv, sums = zeros
     p_layout: gl.constexpr = gl.DotOperandLayout(
         operand_index=0, parent=zero_pv.type.layout, k_width=4
     )
@@ -831,7 +896,7 @@ def _ahead_tiles(
                 True,
                 True,
             )
-    pv = _issue_pv(p, v_bufs, v_ready, last, acc, zero_pv, STAGES, False)
+    pv, _ = _issue_pv(p, v_bufs, v_ready, last, acc, zero_pv, 0, STAGES, False, False)
     acc = warpgroup_mma_wait(0, deps=(pv,))
     mbarrier.arrive(v_empty.index(last % STAGES), count=1)
     return acc, row_max, row_sum
@@ -869,6 +934,7 @@ def _consumer_partition(
     LOOKAHEAD: gl.constexpr,
     LAZY_RESCALE: gl.constexpr,
     THRESHOLD: gl.constexpr,
+    MMA_ROW_SUM: gl.constexpr,
 ):
     """One warpgroup: 64 query rows, both matmuls, the softmax and the epilogue.
 
@@ -876,7 +942,7 @@ def _consumer_partition(
     without the column mask; only the padded ones after them pay for it, in their own loop (the
     mask's column indices would otherwise stay in registers across the whole loop).
     """
-    q_halves, out_halves, o_desc, q_bar, turns, rings, row = shared
+    q_halves, out_halves, o_desc, q_bar, turns, rings, row, row_sum_ones = shared
     k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty = rings
     (
         key_lengths_ptr,
@@ -913,6 +979,17 @@ def _consumer_partition(
     if num_tiles > 0:
         zero_scores = gl.zeros([ROWS, BLOCK_N], gl.int32, layout=s_layout)  # [64, 128]
         zero_pv = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+        q_scale = gl.load(q_scale_ptr + WARPGROUP * ROWS + gl.arange(0, ROWS, layout=s_rows))
+        row_max = gl.full([ROWS], float("-inf"), gl.float32, layout=s_rows)
+        if MMA_ROW_SUM:
+            sums_layout: gl.constexpr = gl.NVMMADistributedLayout(
+                version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 32]
+            )
+            row_sum = gl.zeros([ROWS, 8], gl.float32, layout=sums_layout)  # [64, 8]
+            sums = (row_sum_ones, row_sum)
+        else:
+            row_sum = gl.zeros([ROWS], gl.float32, layout=s_rows)
+            sums = 0
         operands = (
             q_smem,
             k_bufs,
@@ -922,11 +999,8 @@ def _consumer_partition(
             k_empty,
             v_empty,
             turns,
-            (zero_scores, zero_pv),
+            (zero_scores, zero_pv, sums),
         )
-        q_scale = gl.load(q_scale_ptr + WARPGROUP * ROWS + gl.arange(0, ROWS, layout=s_rows))
-        row_max = gl.full([ROWS], float("-inf"), gl.float32, layout=s_rows)
-        row_sum = gl.zeros([ROWS], gl.float32, layout=s_rows)
         if LOOKAHEAD:
             acc, row_max, row_sum = _ahead_tiles(
                 acc,
@@ -962,7 +1036,10 @@ def _consumer_partition(
                 TREE_ROWS,
                 LAZY_RESCALE,
                 THRESHOLD,
+                MMA_ROW_SUM,
             )
+            if MMA_ROW_SUM:
+                row_sum = gl.sum(row_sum, axis=1)  # [64]: column 0, and the zeros beside it
         acc = _normalized(acc, row_sum, v_scale_ptr, v_mean_ptr, o_rows, o_cols, HEAD_DIM)
 
     # Rows past N are clipped by the TMA store; an empty row stores zeros.
@@ -974,6 +1051,24 @@ def _consumer_partition(
         out_smem._reinterpret(o_desc.dtype, o_desc.block_type.shape, o_desc.layout),
     )
     tma.store_wait(0)
+
+
+@gluon.jit
+def _row_sum_ones():
+    """The B operand of ``MMA_ROW_SUM``'s wgmma: ``[8, 128]`` e4m3 in shared memory, row 0 ones
+    and rows 1-7 zeros (K-major: row n is output column n over the tile's 128 keys), so
+    ``P ones^T`` holds each row's sum in column 0. Written by the default warps before the
+    partitions split (a mutable buffer, so it is not rematerialized in a partition), and fenced
+    for the async proxy the wgmma reads through."""
+    layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([8, 128], gl.float8e4nv)
+    values_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])  # [8, 128]
+    rows = gl.arange(0, 8, layout=gl.SliceLayout(1, values_layout))  # [8]
+    row_of = gl.expand_dims(rows, 1) + gl.zeros([8, 128], gl.int32, layout=values_layout)
+    values = gl.where(row_of == 0, 1.0, 0.0).to(gl.float8e4nv)  # [8, 128]
+    ones = gl.allocate_shared_memory(gl.float8e4nv, [8, 128], layout)
+    ones.store(values)
+    fence_async_shared()
+    return ones
 
 
 @gluon.jit
@@ -1009,6 +1104,7 @@ def _gluon_fp8_attention_kernel(
     LOOKAHEAD: gl.constexpr,
     LAZY_RESCALE: gl.constexpr,
     RESCALE_THRESHOLD: gl.constexpr,
+    MMA_ROW_SUM: gl.constexpr,
     V_TERMS: gl.constexpr = 1,
 ):
     """Grid ``(nb, B * H)``; one CTA = one 128-row query block of one (batch, head).
@@ -1043,6 +1139,7 @@ def _gluon_fp8_attention_kernel(
     v_bufs = gl.allocate_shared_memory(
         gl.float8e4nv, [STAGES, V_TERMS * HEAD_DIM, BLOCK_SIZE], v_layout
     )
+    row_sum_ones = _row_sum_ones() if MMA_ROW_SUM else 0
     q_bar, k_ready, v_ready, k_empty, v_empty, turns = cta_barriers(STAGES)
     load_query_halves(q_desc, q_halves, q_bar, batch, head, q_start)
 
@@ -1062,7 +1159,7 @@ def _gluon_fp8_attention_kernel(
         q_start,
         qk_scale,
     )
-    shared = (q_halves, out_halves, o_desc, q_bar, turns, rings, row)
+    shared = (q_halves, out_halves, o_desc, q_bar, turns, rings, row, row_sum_ones)
     gl.warp_specialize(
         [
             (
@@ -1080,6 +1177,7 @@ def _gluon_fp8_attention_kernel(
                     LOOKAHEAD,
                     LAZY_RESCALE,
                     RESCALE_THRESHOLD,
+                    MMA_ROW_SUM,
                 ),
             ),
             (
@@ -1097,6 +1195,7 @@ def _gluon_fp8_attention_kernel(
                     LOOKAHEAD,
                     LAZY_RESCALE,
                     RESCALE_THRESHOLD,
+                    MMA_ROW_SUM,
                 ),
             ),
             (
