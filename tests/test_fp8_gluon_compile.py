@@ -152,6 +152,7 @@ SWITCHES = (
     "tree_rows",
     "lookahead",
     "lazy_rescale",
+    "mma_row_sum",
 )
 CONFIGS = [
     (128, torch.bfloat16, gluon_fp8.GluonFP8Config()),
@@ -165,12 +166,16 @@ CONFIGS = [
     (128, torch.bfloat16, gluon_fp8.GluonFP8Config(lookahead=True)),
     (64, torch.float16, gluon_fp8.GluonFP8Config(lookahead=True)),
     (128, torch.bfloat16, gluon_fp8.GluonFP8Config(stages=3, lookahead=True)),
+    (128, torch.bfloat16, gluon_fp8.GluonFP8Config(mma_row_sum=True)),
+    (64, torch.float16, gluon_fp8.GluonFP8Config(mma_row_sum=True)),
+    (128, torch.bfloat16, gluon_fp8.GluonFP8Config(stages=3, pingpong=True, mma_row_sum=True)),
 ]
 # V in two e4m3 terms (quantize_qkv(v_terms=2)): a second P V wgmma from the same registers.
 TWO_TERM_CONFIGS = [
     (128, torch.bfloat16, gluon_fp8.GluonFP8Config()),
     (64, torch.float16, gluon_fp8.GluonFP8Config()),
     (128, torch.bfloat16, gluon_fp8.GluonFP8Config(pingpong=True)),
+    (128, torch.bfloat16, gluon_fp8.GluonFP8Config(mma_row_sum=True)),
 ]
 CASES = [(*case, 1) for case in CONFIGS] + [(*case, 2) for case in TWO_TERM_CONFIGS]
 
@@ -195,11 +200,15 @@ def test_fp8_kernel_compiles_for_hopper_without_spills(case) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     facts = json.loads(done.stdout.strip().splitlines()[-1])
+    row_sum_mma = "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3"  # P ones^T
     assert set(facts["wgmma"]) == {
         f"wgmma.mma_async.sync.aligned.m64n{head_dim}k32.f32.e4m3.e4m3",  # P V
         "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8",  # Q K^T; no 16-bit matmul left
-    }
-    assert set(facts["sass_mma"]) == {"IGMMA.64x128x32.S8.S8", f"QGMMA.64x{head_dim}x32.F32.E4M3"}
+    } | ({row_sum_mma} if config.mma_row_sum else set())
+    assert set(facts["sass_mma"]) == {
+        "IGMMA.64x128x32.S8.S8",
+        f"QGMMA.64x{head_dim}x32.F32.E4M3",
+    } | ({"QGMMA.64x8x32.F32.E4M3"} if config.mma_row_sum else set())
     assert facts["setmaxnreg"]
     assert not facts["ptx_local_memory"]
     loop = facts["main_loop"]
@@ -213,11 +222,11 @@ def test_fp8_kernel_compiles_for_hopper_without_spills(case) -> None:
         assert facts["stack_bytes"] == 0 and facts["spill_instructions"] == 0
     if config.lookahead and head_dim == 128:
         assert facts["stack_bytes"] <= 16 and facts["spill_instructions"] <= 8
-    # Both matmuls asynchronous: one arrive and one wait a matmul (V's second term adds one
-    # more arrive). Where ptxas cannot prove an accumulator retired before a non-wgmma read, or
-    # runs short of registers, it serializes every wgmma of the kernel (warning C7514/C7512),
-    # and a wait follows each of them.
-    assert loop["WARPGROUP"] == 3 + v_terms
+    # Both matmuls asynchronous: one arrive and one wait a matmul (V's second term and the
+    # row sum's wgmma add one more arrive each). Where ptxas cannot prove an accumulator retired
+    # before a non-wgmma read, or runs short of registers, it serializes every wgmma of the
+    # kernel (warning C7514/C7512), and a wait follows each of them.
+    assert loop["WARPGROUP"] == 3 + v_terms + config.mma_row_sum
     # Every wgmma's shared-memory descriptors come from uniform registers written on every path
     # to it. ptxas 12.8 breaks that in the lookahead schedule (the fault seen on the H200,
     # docs/kernel.md), so the launcher refuses that schedule under it.
@@ -235,9 +244,13 @@ def test_fp8_kernel_compiles_for_hopper_without_spills(case) -> None:
     # the permuted keys no shuffle but the 8 of the row max and sum and one byte-pair merge per
     # packed register (16); 8-bit values carried across the loop cost ~190 of them instead.
     assert loop["STS"] == loop["LDS"] == 0
+    # The row sum on the tensor cores leaves the row max's 4 shuffles, and ~60 fewer
+    # instructions (its FADD tree).
     if config.permuted_keys and not config.two_level:
-        assert loop["SHFL"] == 8 and loop["PRMT"] <= 16  # P is packed once for both V terms
-        assert facts["main_loop_length"] <= 560 + 20 * (v_terms - 1)
+        assert loop["SHFL"] == (4 if config.mma_row_sum else 8)
+        assert loop["PRMT"] <= 16  # P is packed once for all its wgmma
+        limit = 500 if config.mma_row_sum else 560
+        assert facts["main_loop_length"] <= limit + 20 * (v_terms - 1)
     # The accumulator rescale: a thread's D / 2 multiplies, in the lazy default behind one
     # branch (ptxas's BSSY/BSYNC reconvergence around it) over a thread whose two rows' max did
     # not move. The branch tests value 0's and value 2's factor: two different registers, so
@@ -413,8 +426,8 @@ def test_fp8_config_rejects_rescale_thresholds_that_would_saturate_p(threshold) 
         gluon_fp8.GluonFP8Config(rescale_threshold=threshold)
 
 
-@pytest.mark.parametrize("switch", ["pingpong", "two_level"])
-def test_fp8_config_rejects_lookahead_with_turns_or_two_levels(switch) -> None:
+@pytest.mark.parametrize("switch", ["pingpong", "two_level", "mma_row_sum"])
+def test_fp8_config_rejects_lookahead_with_turns_two_levels_or_mma_row_sum(switch) -> None:
     with pytest.raises(ValueError, match="lookahead"):
         gluon_fp8.GluonFP8Config(lookahead=True, **{switch: True})
 
