@@ -126,7 +126,8 @@ def _skip_unless_runs(kernel: str, variant: str) -> None:
 
 def _run_variant(variant: str, q, k, v, lut):
     """The variant's pre-pass and kernel into a NaN-filled output: (output, quantized inputs,
-    the rescale threshold the emulation must use)."""
+    the emulation's options that match it: the rescale threshold, and whether P's row sums are
+    of its rounded values)."""
     kernel, options, v_terms = VARIANTS[variant]
     config = None if options is None else _gluon_config(**options)
     order = "wgmma" if config is not None and config.permuted_keys else "natural"
@@ -144,8 +145,11 @@ def _run_variant(variant: str, q, k, v, lut):
 
         portable_fp8_attention(quantized, lut, out, scale=head_dim**-0.5)
     torch.cuda.synchronize()
-    threshold = RESCALE_THRESHOLD if config is None else config.rescale_threshold
-    return out, quantized, threshold
+    emulation = {
+        "rescale_threshold": RESCALE_THRESHOLD if config is None else config.rescale_threshold,
+        "sum_rounded_p": config is not None and config.mma_row_sum,
+    }
+    return out, quantized, emulation
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -156,7 +160,7 @@ def test_fp8_kernel_on_gpu(case, variant: str) -> None:
     q, k, v, mask, lengths = _problem(case)
     seq_len, head_dim = q.shape[2], q.shape[3]
     lut = build_block_lut(mask, seq_len=seq_len, block_size=128, key_block_lengths=lengths)
-    out, quantized, threshold = _run_variant(variant, q, k, v, lut)
+    out, quantized, emulation = _run_variant(variant, q, k, v, lut)
     assert not out.isnan().any(), "unwritten output"
     empty = out[:, 0, :128]
     if mask.shape[0] > 1:  # head 0's first query block keeps no key block
@@ -170,7 +174,7 @@ def test_fp8_kernel_on_gpu(case, variant: str) -> None:
         MAX_RELATIVE_L2 if v_terms == 1 else TWO_TERM_MAX_RELATIVE_L2
     )
     emulated = emulate_fp8_attention(
-        quantized, lut, scale=head_dim**-0.5, rescale_threshold=threshold
+        quantized, lut, scale=head_dim**-0.5, **emulation
     ).to(q.dtype)
     assert relative_l2(out, emulated) <= MAX_EMULATION_GAP
 
@@ -195,14 +199,14 @@ def test_fp8_kernel_where_row_maxima_keep_moving(case, variant: str) -> None:
     q, k, v, mask, lengths = _problem(case, "rising")
     head_dim = q.shape[-1]
     lut = build_block_lut(mask, seq_len=q.shape[2], block_size=128, key_block_lengths=lengths)
-    out, quantized, threshold = _run_variant(variant, q, k, v, lut)
+    out, quantized, emulation = _run_variant(variant, q, k, v, lut)
     assert not out.isnan().any(), "unwritten output"
     expected = chunked_reference(
         q.float(), k.float(), v.float(), mask, block_size=128, key_block_lengths=lengths
     )
     assert cosine_similarity(out, expected) >= MIN_COSINE
     emulated = emulate_fp8_attention(
-        quantized, lut, scale=head_dim**-0.5, rescale_threshold=threshold
+        quantized, lut, scale=head_dim**-0.5, **emulation
     ).to(q.dtype)
     assert relative_l2(out, emulated) <= MAX_EMULATION_GAP
 

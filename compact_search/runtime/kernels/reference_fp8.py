@@ -41,6 +41,7 @@ def emulate_fp8_attention(
     out_dtype: torch.dtype = torch.float32,
     query_blocks: int | None = None,
     rescale_threshold: float = RESCALE_THRESHOLD,
+    sum_rounded_p: bool = False,
 ) -> torch.Tensor:
     """What the 8-bit kernels compute, in torch, from the same quantized inputs: ``[B, H, N, D]``.
 
@@ -50,7 +51,9 @@ def emulate_fp8_attention(
     rows, clipped to N), for long-N accuracy measurements whose every query row would not fit.
     ``rescale_threshold``: a row's running max moves only to a tile max that passes it by more
     than this (log2 units), and P is ``448 * 2^-threshold * exp2(s - m)``; 0 is the plain online
-    softmax (the Gluon kernel's ``lazy_rescale=False``).
+    softmax (the Gluon kernel's ``lazy_rescale=False``). ``sum_rounded_p``: a row's sum is of
+    the e4m3 P values its P V multiplies (the Gluon kernel's ``mma_row_sum``), not of P before
+    rounding.
     """
     batch, heads, padded_len, head_dim = quantized.q.shape
     block_size = quantized.block_size
@@ -89,8 +92,10 @@ def emulate_fp8_attention(
         new_max = torch.where(tile_max > row_max + rescale_threshold, tile_max, row_max)
         probs = torch.exp2(scores - (new_max - (LOG2_P_SCALE - rescale_threshold)))
         correction = torch.exp2(row_max - new_max)
-        new_sum = row_sum * correction + probs.sum(-1, keepdim=True)
-        new_acc = acc * correction + to_e4m3(probs).float() @ torch.gather(v8, 2, gather)
+        probs8 = to_e4m3(probs).float()
+        tile_sum = (probs8 if sum_rounded_p else probs).sum(-1, keepdim=True)
+        new_sum = row_sum * correction + tile_sum
+        new_acc = acc * correction + probs8 @ torch.gather(v8, 2, gather)
         row_max = torch.where(active, new_max, row_max)
         row_sum = torch.where(active, new_sum, row_sum)
         acc = torch.where(active, new_acc, acc)
