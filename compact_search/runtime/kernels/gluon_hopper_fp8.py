@@ -104,6 +104,8 @@ __all__ = [
 
 # The bits of 2^23 + 2^22 as an fp32: int32 x + these bits, read as fp32, is 12582912 + x.
 MAGIC_BITS = gl.constexpr(0x4B400000)
+# The bits of 1.0 in e4m3 (sign 0, exponent 7 = the bias, mantissa 0).
+E4M3_ONE = gl.constexpr(0x38)
 
 
 class GluonFP8Config:
@@ -1058,17 +1060,23 @@ def _row_sum_ones():
     """The B operand of ``MMA_ROW_SUM``'s wgmma: ``[8, 128]`` e4m3 in shared memory, row 0 ones
     and rows 1-7 zeros (K-major: row n is output column n over the tile's 128 keys), so
     ``P ones^T`` holds each row's sum in column 0. Written by the default warps before the
-    partitions split (a mutable buffer, so it is not rematerialized in a partition), and fenced
-    for the async proxy the wgmma reads through."""
-    layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([8, 128], gl.float8e4nv)
+    partitions split, and fenced for the async proxy the wgmma reads through.
+
+    The bytes are stored as integers (``E4M3_ONE``, the bits of 1.0) into an int8 view: built
+    as e4m3 by the conversion instruction, ptxas 12.8 fused the pair conversion and the move
+    that doubles it into one ``F2FP...MERGE_C`` whose upper half came from an unrelated register
+    (the stack pointer), so half the tile's bytes were garbage, NaN among them.
+    """
+    layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([8, 128], gl.int8)
     values_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])  # [8, 128]
     rows = gl.arange(0, 8, layout=gl.SliceLayout(1, values_layout))  # [8]
     row_of = gl.expand_dims(rows, 1) + gl.zeros([8, 128], gl.int32, layout=values_layout)
-    values = gl.where(row_of == 0, 1.0, 0.0).to(gl.float8e4nv)  # [8, 128]
-    ones = gl.allocate_shared_memory(gl.float8e4nv, [8, 128], layout)
+    values = gl.where(row_of == 0, E4M3_ONE, 0).to(gl.int8)  # [8, 128]
+    ones = gl.allocate_shared_memory(gl.int8, [8, 128], layout)
     ones.store(values)
     fence_async_shared()
-    return ones
+    fp8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([8, 128], gl.float8e4nv)
+    return ones._reinterpret(gl.float8e4nv, [8, 128], fp8_layout)
 
 
 @gluon.jit
