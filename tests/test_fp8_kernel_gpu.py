@@ -74,10 +74,8 @@ VARIANTS = {
     "gluon-chain-rows": ("gluon", {"tree_rows": False}, 1),
     "gluon-lookahead": ("gluon", {"lookahead": True}, 1),
     "gluon-lookahead-3-stages": ("gluon", {"lookahead": True, "stages": 3}, 1),
-    "gluon-mma-row-sum": ("gluon", {"mma_row_sum": True}, 1),
-    "gluon-mma-row-sum-pingpong": ("gluon", {"mma_row_sum": True, "pingpong": True}, 1),
-    "gluon-mma-row-sum-two-level": ("gluon", {"mma_row_sum": True, "two_level": True}, 1),
-    "gluon-mma-row-sum-two-v-terms": ("gluon", {"mma_row_sum": True}, 2),
+    "gluon-fadd-row-sum": ("gluon", {"mma_row_sum": False}, 1),
+    "gluon-fadd-row-sum-pingpong": ("gluon", {"mma_row_sum": False, "pingpong": True}, 1),
     "gluon-two-v-terms": ("gluon", {}, 2),
     "gluon-two-v-terms-pingpong": ("gluon", {"pingpong": True}, 2),
     "gluon-two-v-terms-natural-keys": ("gluon", {"permuted_keys": False}, 2),
@@ -147,7 +145,7 @@ def _run_variant(variant: str, q, k, v, lut):
     torch.cuda.synchronize()
     emulation = {
         "rescale_threshold": RESCALE_THRESHOLD if config is None else config.rescale_threshold,
-        "sum_rounded_p": config is not None and config.mma_row_sum,
+        "sum_rounded_p": config is None or config.mma_row_sum,
     }
     return out, quantized, emulation
 
@@ -184,7 +182,7 @@ RISING_VARIANTS = [
     "gluon-eager-rescale",
     "gluon-threshold-2",
     "gluon-pingpong",
-    "gluon-mma-row-sum",
+    "gluon-fadd-row-sum",
 ]
 
 

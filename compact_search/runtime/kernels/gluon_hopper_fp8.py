@@ -22,6 +22,14 @@ turns between the warpgroups). What the 8-bit operands change:
   repack or trip through shared memory. P is carried to the next tile's issue in fp32 and
   rounded there, in the block that issues its wgmma (8-bit values carried across the loop were
   repacked byte by byte: ~3 integer instructions a score);
+- ``MMA_ROW_SUM`` (on by default): the tile's row sums come from the tensor cores, a fourth
+  wgmma of the same P registers, ``P ones^T`` (``m64n8k32``, the ``[8, 128]`` ones tile in
+  shared memory, row 0 ones), into a ``[64, 8]`` accumulator whose column 0 is the sum; the
+  running sums are kept in that layout, ``l = (l + rowsum(P_{j-1})) * correction_j`` like the
+  output accumulator, and reduced over the 8 columns once in the epilogue. It replaces the
+  FADD tree of 64 scores a thread and tile (and its 4 shuffles) on the CUDA cores, which are
+  what bounds the loop, with 1/16 of P V's tensor-core work, which is not; the sums are of the
+  rounded P that P V multiplies (the emulation's ``sum_rounded_p``);
 - ``TWO_LEVEL`` (off by default): each tile's P V starts from a zero accumulator and is added to
   the fp32 output accumulator with the rescale, ``acc = (acc + pv) * correction``, against the
   FP8 wgmma's reduced-precision accumulation; measured, it changes the error by < 1% of itself
@@ -116,11 +124,13 @@ class GluonFP8Config:
     two-level accumulation), the ``lazy_rescale`` branch (a thread multiplies its accumulator
     rows only in tiles where their max moved) and the ``rescale_threshold`` a tile's max must
     pass a row's max by to move it (log2 units; ``quantize.RESCALE_THRESHOLD``, which the
-    emulation and the portable kernel use, unless a probe asks for another).
+    emulation and the portable kernel use, unless a probe asks for another), and
+    ``mma_row_sum``: each tile's row sums of the rounded P by a wgmma against a ones tile rather
+    than an FADD tree (on unless ``lookahead``, which keeps the tree).
 
     Shared memory per CTA at D = 128: Q 16 KB + 2 rings x stages x 16 KB + the output tile 32 KB
     (bf16), so 2 stages take 112 KB and 4 stages 176 KB of the 227 KB a CTA may use; V in two
-    terms doubles the V ring (2 stages: 144 KB).
+    terms doubles the V ring (2 stages: 144 KB); the row sum's ones tile takes 1 KB.
     """
 
     def __init__(
@@ -134,12 +144,14 @@ class GluonFP8Config:
         lookahead: bool = False,
         lazy_rescale: bool = True,
         rescale_threshold: float = RESCALE_THRESHOLD,
-        mma_row_sum: bool = False,
+        mma_row_sum: bool | None = None,
     ):
         if not 1 <= stages <= 4:
             raise ValueError(f"stages must be 1-4, got {stages}")
         if lookahead and (pingpong or two_level):
             raise ValueError("lookahead runs without ping-pong turns and two-level accumulation")
+        if mma_row_sum is None:
+            mma_row_sum = not lookahead
         if lookahead and mma_row_sum:
             raise ValueError("lookahead sums P's rows on the CUDA cores: it has no mma_row_sum")
         if lookahead and stages < 2:
