@@ -145,7 +145,7 @@ def _run_variant(variant: str, q, k, v, lut):
     torch.cuda.synchronize()
     emulation = {
         "rescale_threshold": RESCALE_THRESHOLD if config is None else config.rescale_threshold,
-        "sum_rounded_p": config is None or config.mma_row_sum,
+        "sum_rounded_p": config is not None and config.mma_row_sum,
     }
     return out, quantized, emulation
 

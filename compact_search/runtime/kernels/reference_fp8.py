@@ -41,7 +41,7 @@ def emulate_fp8_attention(
     out_dtype: torch.dtype = torch.float32,
     query_blocks: int | None = None,
     rescale_threshold: float = RESCALE_THRESHOLD,
-    sum_rounded_p: bool = True,
+    sum_rounded_p: bool = False,
 ) -> torch.Tensor:
     """What the 8-bit kernels compute, in torch, from the same quantized inputs: ``[B, H, N, D]``.
 
@@ -52,8 +52,8 @@ def emulate_fp8_attention(
     ``rescale_threshold``: a row's running max moves only to a tile max that passes it by more
     than this (log2 units), and P is ``448 * 2^-threshold * exp2(s - m)``; 0 is the plain online
     softmax (the Gluon kernel's ``lazy_rescale=False``). ``sum_rounded_p``: a row's sum is of
-    the e4m3 P values its P V multiplies (both kernels' default; the Gluon kernel's
-    ``mma_row_sum``); off, of P before rounding (``mma_row_sum=False``).
+    the e4m3 P values its P V multiplies (the Gluon kernel's default ``mma_row_sum``); off, of P
+    before rounding (the portable kernel, and the Gluon kernel's ``mma_row_sum=False``).
     """
     batch, heads, padded_len, head_dim = quantized.q.shape
     block_size = quantized.block_size

@@ -9,7 +9,8 @@ head) and walks its kept key blocks in lookup-table order, one key block per til
     S = Q8 K8^T                                   (INT8 x INT8 -> int32, exact)
     t = S * (q_scale_i * (k_scale_j * qk_scale))   (fp32; -inf for padded keys)
     m_new = max(m, max_j t);  p = exp2(t - (m_new - log2 448))     (p in (0, 448])
-    l = l * exp2(m - m_new) + sum_j e4m3(p)       (the P values P V multiplies)
+    l = l * exp2(m - m_new) + sum_j p             (P before rounding; the Gluon kernel sums the
+                                                   rounded P on its tensor cores)
     acc = acc * exp2(m - m_new) + e4m3(p) V8       (FP8 x FP8, a fresh fp32 sum per tile;
                                                    with V in two terms, + e4m3(p) V8_low)
     out = acc / l * v_scale + v_mean
@@ -115,9 +116,12 @@ def _fp8_block_sparse_attention_kernel(
             scores - (new_max - (LOG2_P_SCALE_C - RESCALE_THRESHOLD_C))[:, None]
         )  # [BS, BS]
         correction = tl.math.exp2(row_max - new_max)  # [BS]
+        # Of P before rounding: summing p8.to(tl.float32) instead compiled to wrong sums on
+        # the H200 (Triton 3.6; cosine 0.7-0.9 against the reference), right under the
+        # interpreter.
+        row_sum = row_sum * correction + tl.sum(probs, 1)
         # Emulated, the values are exact in e4m3 and the cast below only re-encodes them.
         p8 = (round_to_e4m3(probs) if EMULATE_ROUNDING else probs).to(tl.float8e4nv)
-        row_sum = row_sum * correction + tl.sum(p8.to(tl.float32), 1)
         v_tile = v8_ptr + v_rows[:, None] + key_start + offsets[None, :]  # [D, BS]
         pv = tl.dot(p8, tl.trans(tl.load(v_tile)))  # [BS, D]
         if V_TERMS == 2:
