@@ -99,6 +99,9 @@ def innermost_loops(sass: str) -> list[list[str]]:
     ]
 
 
+E4M3_SELF_PAIR = re.compile(r"cvt\.rn\.satfinite\.e4m3x2\.f32\s+%rs\d+, (%r\d+), \1;")
+
+
 def compiled_facts(head_dim: int, dtype: torch.dtype, config, v_terms: int = 1) -> dict:
     compiled = compile_for_hopper(head_dim, dtype, config, v_terms)
     ptx = compiled.asm["ptx"]
@@ -133,7 +136,7 @@ def compiled_facts(head_dim: int, dtype: torch.dtype, config, v_terms: int = 1) 
         "cvt_s32_f32": ptx.count("cvt.rn.f32.s32"),
         # One fp32 converted to an e4m3 pair of itself: how the MMA row sum's ones tile was
         # first built, which ptxas 12.8 compiled into a merge with a stray register's bytes.
-        "e4m3_self_pairs": len(re.findall(r"cvt\.rn\.satfinite\.e4m3x2\.f32\s+%rs\d+, (%r\d+), \1;", ptx)),
+        "e4m3_self_pairs": len(E4M3_SELF_PAIR.findall(ptx)),
         "descriptor_reads_before_writes": [
             (hex(address), register) for address, register in descriptor_reads_before_writes(sass)
         ],

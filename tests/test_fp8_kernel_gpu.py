@@ -171,9 +171,7 @@ def test_fp8_kernel_on_gpu(case, variant: str) -> None:
     assert relative_l2(out, expected) <= (
         MAX_RELATIVE_L2 if v_terms == 1 else TWO_TERM_MAX_RELATIVE_L2
     )
-    emulated = emulate_fp8_attention(
-        quantized, lut, scale=head_dim**-0.5, **emulation
-    ).to(q.dtype)
+    emulated = emulate_fp8_attention(quantized, lut, scale=head_dim**-0.5, **emulation).to(q.dtype)
     assert relative_l2(out, emulated) <= MAX_EMULATION_GAP
 
 
@@ -203,9 +201,7 @@ def test_fp8_kernel_where_row_maxima_keep_moving(case, variant: str) -> None:
         q.float(), k.float(), v.float(), mask, block_size=128, key_block_lengths=lengths
     )
     assert cosine_similarity(out, expected) >= MIN_COSINE
-    emulated = emulate_fp8_attention(
-        quantized, lut, scale=head_dim**-0.5, **emulation
-    ).to(q.dtype)
+    emulated = emulate_fp8_attention(quantized, lut, scale=head_dim**-0.5, **emulation).to(q.dtype)
     assert relative_l2(out, emulated) <= MAX_EMULATION_GAP
 
 

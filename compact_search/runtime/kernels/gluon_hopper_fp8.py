@@ -420,7 +420,8 @@ def _issue_pv(
     if MMA_ROW_SUM:
         ones, zero_sums = sums
         # [64, 128] x [128, 8] (K-major: the ones tile's rows are its columns) -> [64, 8]
-        sums_token = warpgroup_mma(p8, ones.permute((1, 0)), zero_sums, use_acc=False, is_async=True)
+        ones_t = ones.permute((1, 0))  # [128, 8]
+        sums_token = warpgroup_mma(p8, ones_t, zero_sums, use_acc=False, is_async=True)
     else:
         sums_token = 0
     return token, sums_token
@@ -477,9 +478,7 @@ def _key_tile(
         # Tiles of padded blocks (a few per row at most) wait for P V before their softmax:
         # the column mask's indices need the registers a P V sum in flight would hold.
         if MMA_ROW_SUM:
-            scores, pv, tile_sums = warpgroup_mma_wait(
-                0, deps=(scores_token, pv_token, sums_token)
-            )
+            scores, pv, tile_sums = warpgroup_mma_wait(0, deps=(scores_token, pv_token, sums_token))
         else:
             scores, pv = warpgroup_mma_wait(0, deps=(scores_token, pv_token))
         mbarrier.arrive(k_empty.index(slot), count=1)
