@@ -7,9 +7,11 @@ rotation and K smoothing, FP8 e4m3 V per channel after V smoothing), then
 which each P tile is rounded to e4m3, fp32 per-tile P V sums added to an fp32 accumulator. The
 kernels (``triton_portable_fp8``, ``gluon_hopper_fp8``) differ from it only where fp32 rounding
 order differs (a fused multiply-add in the scores, exp2, sum order), which moves a P value by one
-e4m3 step on rare near-ties. Unlike the bf16 kernels, the pre-pass reads every valid key of a
-head (its means and V's scale), so a non-finite key or value anywhere in a head makes that
-head's output non-finite, kept block or not.
+e4m3 step on rare near-ties. The row sums are of P before rounding, as the portable kernel adds
+them; the Gluon kernel's default sums the rounded P on its tensor cores
+(``sum_rounded_p=True`` emulates it). Unlike the bf16 kernels, the pre-pass reads every valid
+key of a head (its means and V's scale), so a non-finite key or value anywhere in a head makes
+that head's output non-finite, kept block or not.
 """
 
 from __future__ import annotations
