@@ -704,7 +704,7 @@ def _ahead_tile(
     """
     acc, scores, p, row_max, row_sum = state
     q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, _turns, zeros = operands
-    zero_scores, zero_pv, sums = zeros
+    zero_scores, zero_pv, _no_sums = zeros  # the lookahead sums rows on the CUDA cores
     s_layout: gl.constexpr = zero_scores.type.layout
     o_layout: gl.constexpr = zero_pv.type.layout
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -769,7 +769,7 @@ def _ahead_tiles(
     last (no S after it) are their own inlined copies, full or padded.
     """
     q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, _turns, zeros = operands
-    zero_scores, zero_pv, sums = zeros
+    zero_scores, zero_pv, _no_sums = zeros
     p_layout: gl.constexpr = gl.DotOperandLayout(
         operand_index=0, parent=zero_pv.type.layout, k_width=4
     )
