@@ -2,13 +2,15 @@
 
     python -m benchmarks.bench_cta_cost                       # 1.3B 480p shape, T 1..256
     python -m benchmarks.bench_cta_cost --tiles 2,8,32 --shape wan2.1-14b-720p
+    python -m benchmarks.bench_cta_cost --variants default,staged-epilogue
 
 Every query block row keeps exactly T key blocks (a band, wrapping around), so every CTA of a
 kernel has the same work and a launch takes ``waves * (fixed + T * per_tile)`` with ``waves =
 CTAs / SMs`` (one CTA an SM: both kernels take the whole register file). A least-squares line
 through the times per wave against T gives each kernel's per-tile time (slope) and its fixed
 cost a CTA (intercept): launching the CTA, Q's load, filling and draining the pipeline, the
-epilogue and its store. At low density a row has few tiles, so the fixed cost is a larger share
+epilogue and its store. ``--variants`` names 8-bit configs of ``bench_fp8.probe_variants`` (V
+in one e4m3 term). At low density a row has few tiles, so the fixed cost is a larger share
 of the time; this says how large.
 
 Each point is a CUDA graph of ``REPLAYS`` launches timed with events, so host-side launch cost
@@ -26,11 +28,12 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench_fp8 import probe_variants
 from benchmarks.common import RESULTS, append_rows
 from compact_search.bench import SHAPES, shape_by_name
 from compact_search.environment import environment
 from compact_search.runtime.kernels.gluon_hopper import GluonConfig, gluon_lut_attention
-from compact_search.runtime.kernels.gluon_hopper_fp8 import GluonFP8Config, gluon_fp8_attention
+from compact_search.runtime.kernels.gluon_hopper_fp8 import gluon_fp8_attention
 from compact_search.runtime.lut import cached_block_lut
 from compact_search.runtime.quantize import quantize_qkv
 
@@ -84,8 +87,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="wan2.1-1.3b-480p", help=", ".join(SHAPES))
     parser.add_argument("--tiles", default=",".join(map(str, DEFAULT_TILES)))
+    parser.add_argument("--variants", default="default", help="8-bit configs, comma-separated")
     parser.add_argument("--csv", type=Path, default=RESULTS / "cta_cost.csv")
     args = parser.parse_args()
+    offered = {name: v for name, v in probe_variants().items() if v[1] == 1}  # one V term
+    variants = args.variants.split(",")
+    unknown = [name for name in variants if name not in offered]
+    if unknown:
+        parser.error(f"unknown --variants {unknown}; one-term configs: {sorted(offered)}")
     shape = shape_by_name(args.shape)
     tile_counts = [int(t) for t in args.tiles.split(",")]
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
@@ -106,7 +115,7 @@ def main() -> None:
     log(f"{env['device']}: {shape.name}, {ctas} CTAs over {sms} SMs ({waves:.2f} waves)")
     scale = shape.head_dim**-0.5
     out = torch.empty_like(q)
-    rows, per_wave = [], {"bf16": [], "fp8": []}
+    rows, per_wave = [], {"bf16": [], **{f"fp8 {name}": [] for name in variants}}
     for tiles in tile_counts:
         lut = cached_block_lut(
             band_mask(num_blocks, tiles, q.device), seq_len=shape.tokens, block_size=BLOCK
@@ -117,11 +126,12 @@ def main() -> None:
         runs = {
             "bf16": lambda lut=lut: gluon_lut_attention(
                 q, k, v, lut, scale=scale, out=out, config=GluonConfig()
-            ),
-            "fp8": lambda lut=lut, quantized=quantized: gluon_fp8_attention(
-                quantized, lut, out, scale=scale, config=GluonFP8Config()
-            ),
+            )
         }
+        for name in variants:
+            runs[f"fp8 {name}"] = lambda lut=lut, quantized=quantized, name=name: (
+                gluon_fp8_attention(quantized, lut, out, scale=scale, config=offered[name][0])
+            )
         for kernel, run in runs.items():
             ms = graph_ms(run)
             us_per_wave = 1e3 * ms / waves

@@ -263,6 +263,8 @@ def probe_variants() -> dict[str, tuple[GluonFP8Config, int]]:
         "stages3": (GluonFP8Config(stages=3), 1),
         "fadd-row-sum": (GluonFP8Config(mma_row_sum=False), 1),
         "fadd-row-sum-pingpong": (GluonFP8Config(mma_row_sum=False, pingpong=True), 1),
+        "staged-epilogue": (GluonFP8Config(staged_epilogue=True), 1),
+        "staged-epilogue-pingpong": (GluonFP8Config(staged_epilogue=True, pingpong=True), 1),
         "two-v-terms": (GluonFP8Config(), 2),
         "two-v-terms-pingpong": (GluonFP8Config(pingpong=True), 2),
         "two-v-terms-stages3": (GluonFP8Config(stages=3), 2),

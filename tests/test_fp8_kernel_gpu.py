@@ -76,6 +76,8 @@ VARIANTS = {
     "gluon-lookahead-3-stages": ("gluon", {"lookahead": True, "stages": 3}, 1),
     "gluon-fadd-row-sum": ("gluon", {"mma_row_sum": False}, 1),
     "gluon-fadd-row-sum-pingpong": ("gluon", {"mma_row_sum": False, "pingpong": True}, 1),
+    "gluon-staged-epilogue": ("gluon", {"staged_epilogue": True}, 1),
+    "gluon-staged-epilogue-pingpong": ("gluon", {"staged_epilogue": True, "pingpong": True}, 1),
     "gluon-two-v-terms": ("gluon", {}, 2),
     "gluon-two-v-terms-pingpong": ("gluon", {"pingpong": True}, 2),
     "gluon-two-v-terms-natural-keys": ("gluon", {"permuted_keys": False}, 2),

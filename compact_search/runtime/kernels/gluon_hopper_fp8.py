@@ -126,11 +126,14 @@ class GluonFP8Config:
     pass a row's max by to move it (log2 units; ``quantize.RESCALE_THRESHOLD``, which the
     emulation and the portable kernel use, unless a probe asks for another), and
     ``mma_row_sum``: each tile's row sums of the rounded P by a wgmma against a ones tile rather
-    than an FADD tree (on unless ``lookahead``, which keeps the tree).
+    than an FADD tree (on unless ``lookahead``, which keeps the tree), and ``staged_epilogue``:
+    each consumer warpgroup loads V's scale and mean into shared memory as it starts, while Q's
+    copy lands, and its epilogue reads them there instead of from global memory after the loop.
 
     Shared memory per CTA at D = 128: Q 16 KB + 2 rings x stages x 16 KB + the output tile 32 KB
     (bf16), so 2 stages take 112 KB and 4 stages 176 KB of the 227 KB a CTA may use; V in two
-    terms doubles the V ring (2 stages: 144 KB); the row sum's ones tile takes 1 KB.
+    terms doubles the V ring (2 stages: 144 KB); the row sum's ones tile takes 1 KB, the staged
+    epilogue's vectors 2 KB.
     """
 
     def __init__(
@@ -145,6 +148,7 @@ class GluonFP8Config:
         lazy_rescale: bool = True,
         rescale_threshold: float = RESCALE_THRESHOLD,
         mma_row_sum: bool | None = None,
+        staged_epilogue: bool = False,
     ):
         if not 1 <= stages <= 4:
             raise ValueError(f"stages must be 1-4, got {stages}")
@@ -168,6 +172,7 @@ class GluonFP8Config:
         self.lazy_rescale = lazy_rescale
         self.rescale_threshold = float(rescale_threshold)
         self.mma_row_sum = mma_row_sum
+        self.staged_epilogue = staged_epilogue
 
     def kwargs(self) -> dict:
         return {
@@ -181,6 +186,7 @@ class GluonFP8Config:
             "LAZY_RESCALE": self.lazy_rescale,
             "RESCALE_THRESHOLD": self.rescale_threshold,
             "MMA_ROW_SUM": self.mma_row_sum,
+            "STAGED_EPILOGUE": self.staged_epilogue,
         }
 
     def __repr__(self) -> str:
@@ -189,7 +195,8 @@ class GluonFP8Config:
             f"two_level={self.two_level}, magic_i2f={self.magic_i2f}, "
             f"permuted_keys={self.permuted_keys}, tree_rows={self.tree_rows}, "
             f"lookahead={self.lookahead}, lazy_rescale={self.lazy_rescale}, "
-            f"rescale_threshold={self.rescale_threshold:g}, mma_row_sum={self.mma_row_sum})"
+            f"rescale_threshold={self.rescale_threshold:g}, mma_row_sum={self.mma_row_sum}, "
+            f"staged_epilogue={self.staged_epilogue})"
         )
 
 
@@ -934,6 +941,47 @@ def _normalized(
 
 
 @gluon.jit
+def _staged_vectors(v_scale_desc):
+    """Shared memory for V's scale and mean, ``[4, 1, D]`` fp32 (warpgroup w's scale at 2 w, its
+    mean at 2 w + 1), and a barrier a warpgroup that their copies complete (``STAGED_EPILOGUE``)."""
+    vectors = gl.allocate_shared_memory(
+        gl.float32, [4] + v_scale_desc.block_type.shape, v_scale_desc.layout
+    )
+    landed = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for warpgroup in gl.static_range(2):
+        mbarrier.init(landed.index(warpgroup), count=1)
+    fence_async_shared()
+    return vectors, landed
+
+
+@gluon.jit
+def _stage_vectors(epilogue_copies, WARPGROUP: gl.constexpr):
+    """Copy this head's V scale and mean into the warpgroup's shared memory (TMA, asynchronous,
+    while Q lands)."""
+    v_scale_desc, v_mean_desc, staged, batch_head = epilogue_copies
+    vectors, landed = staged
+    bar = landed.index(WARPGROUP)
+    mbarrier.expect(bar, 2 * v_scale_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(
+        v_scale_desc, [batch_head, 0], bar, vectors.index(2 * WARPGROUP)
+    )
+    tma.async_copy_global_to_shared(
+        v_mean_desc, [batch_head, 0], bar, vectors.index(2 * WARPGROUP + 1)
+    )
+
+
+@gluon.jit
+def _normalized_staged(
+    acc, row_sum, epilogue_copies, WARPGROUP: gl.constexpr, o_layout: gl.constexpr, o_rows
+):
+    """:func:`_normalized` with V's scale and mean read from the staged shared memory."""
+    vectors = epilogue_copies[2][0]  # [4, 1, D]
+    acc = acc / gl.expand_dims(gl.convert_layout(row_sum, o_rows), 1)
+    acc = acc * vectors.index(2 * WARPGROUP).load(o_layout)  # [64, D] * [1, D]
+    return acc + vectors.index(2 * WARPGROUP + 1).load(o_layout)
+
+
+@gluon.jit
 def _consumer_partition(
     shared,
     WARPGROUP: gl.constexpr,
@@ -948,6 +996,7 @@ def _consumer_partition(
     LAZY_RESCALE: gl.constexpr,
     THRESHOLD: gl.constexpr,
     MMA_ROW_SUM: gl.constexpr,
+    STAGED_EPILOGUE: gl.constexpr,
 ):
     """One warpgroup: 64 query rows, both matmuls, the softmax and the epilogue.
 
@@ -964,6 +1013,7 @@ def _consumer_partition(
         q_scale_ptr,
         v_scale_ptr,
         v_mean_ptr,
+        epilogue_copies,
         num_tiles,
         full_tiles,
         batch,
@@ -987,8 +1037,13 @@ def _consumer_partition(
     tile_row = (key_lengths_ptr, block_ids_ptr, k_scale_ptr, qk_scale)
 
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)  # [64, D]
+    if STAGED_EPILOGUE:
+        _stage_vectors(epilogue_copies, WARPGROUP)
     # Also for an empty row: the CTA must not exit with the Q copy still landing.
     mbarrier.wait(q_bar, 0)
+    if STAGED_EPILOGUE:
+        # Issued after Q's and a fraction of its size, so they have landed with it, mostly.
+        mbarrier.wait(epilogue_copies[2][1].index(WARPGROUP), 0)
     if num_tiles > 0:
         zero_scores = gl.zeros([ROWS, BLOCK_N], gl.int32, layout=s_layout)  # [64, 128]
         zero_pv = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
@@ -1053,7 +1108,10 @@ def _consumer_partition(
             )
             if MMA_ROW_SUM:
                 row_sum = gl.sum(row_sum, axis=1)  # [64]: column 0, and the zeros beside it
-        acc = _normalized(acc, row_sum, v_scale_ptr, v_mean_ptr, o_rows, o_cols, HEAD_DIM)
+        if STAGED_EPILOGUE:
+            acc = _normalized_staged(acc, row_sum, epilogue_copies, WARPGROUP, o_layout, o_rows)
+        else:
+            acc = _normalized(acc, row_sum, v_scale_ptr, v_mean_ptr, o_rows, o_cols, HEAD_DIM)
 
     # Rows past N are clipped by the TMA store; an empty row stores zeros.
     out_smem.store(acc.to(o_desc.dtype))
@@ -1096,6 +1154,8 @@ def _gluon_fp8_attention_kernel(
     k_desc,
     v_desc,
     o_desc,
+    v_scale_desc,
+    v_mean_desc,
     q_scale_ptr,
     k_scale_ptr,
     v_scale_ptr,
@@ -1124,13 +1184,15 @@ def _gluon_fp8_attention_kernel(
     LAZY_RESCALE: gl.constexpr,
     RESCALE_THRESHOLD: gl.constexpr,
     MMA_ROW_SUM: gl.constexpr,
+    STAGED_EPILOGUE: gl.constexpr,
     V_TERMS: gl.constexpr = 1,
 ):
     """Grid ``(nb, B * H)``; one CTA = one 128-row query block of one (batch, head).
 
     q/k descriptors over int8 ``[B, H, Np, D]``, v over fp8 V^T ``[B, H, V_TERMS * D, Np]`` (one
-    TMA box carries both terms of a tile), o over the output ``[B, H, N, D]``; scales and means
-    as ``QuantizedQKV`` holds them.
+    TMA box carries both terms of a tile), o over the output ``[B, H, N, D]``, v_scale and v_mean
+    over fp32 ``[B * H, D]`` (boxes of one row; read only with ``STAGED_EPILOGUE``, the pointers
+    otherwise); scales and means as ``QuantizedQKV`` holds them.
     """
     ROWS: gl.constexpr = 64
     BLOCK_SIZE: gl.constexpr = 128
@@ -1160,6 +1222,7 @@ def _gluon_fp8_attention_kernel(
     )
     row_sum_ones = _row_sum_ones() if MMA_ROW_SUM else 0
     q_bar, k_ready, v_ready, k_empty, v_empty, turns = cta_barriers(STAGES)
+    staged = _staged_vectors(v_scale_desc) if STAGED_EPILOGUE else 0
     load_query_halves(q_desc, q_halves, q_bar, batch, head, q_start)
 
     rings = (k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty)
@@ -1171,6 +1234,7 @@ def _gluon_fp8_attention_kernel(
         q_scale_ptr + head_offset * padded_len + q_start,
         v_scale_ptr + head_offset * HEAD_DIM,
         v_mean_ptr + head_offset * HEAD_DIM,
+        (v_scale_desc, v_mean_desc, staged, batch_head),
         num_tiles,
         full_tiles,
         batch,
@@ -1197,6 +1261,7 @@ def _gluon_fp8_attention_kernel(
                     LAZY_RESCALE,
                     RESCALE_THRESHOLD,
                     MMA_ROW_SUM,
+                    STAGED_EPILOGUE,
                 ),
             ),
             (
@@ -1215,6 +1280,7 @@ def _gluon_fp8_attention_kernel(
                     LAZY_RESCALE,
                     RESCALE_THRESHOLD,
                     MMA_ROW_SUM,
+                    STAGED_EPILOGUE,
                 ),
             ),
             (
@@ -1261,25 +1327,28 @@ _GL_DTYPES = {
     torch.float8_e4m3fn: gl.float8e4nv,
     torch.float16: gl.float16,
     torch.bfloat16: gl.bfloat16,
+    torch.float32: gl.float32,
 }
 
 
 def descriptor(t: torch.Tensor, box: list[int]) -> TensorDescriptor:
-    """Descriptor over a 4-D tensor moving ``box``-shaped tiles (zeros read, writes clipped
-    past its bounds)."""
+    """Descriptor over a tensor moving ``box``-shaped tiles (zeros read, writes clipped past its
+    bounds)."""
     layout = gl.NVMMASharedLayout.get_default_for(box, _GL_DTYPES[t.dtype])
     return TensorDescriptor(t, list(t.shape), list(t.stride()), box, layout)
 
 
 def descriptors(quantized: QuantizedQKV, out: torch.Tensor) -> tuple[TensorDescriptor, ...]:
-    """q, k, v^T and output descriptors with the boxes the kernel moves."""
+    """q, k, v^T, output, v scale and v mean descriptors with the boxes the kernel moves."""
     head_dim = quantized.q.shape[-1]
     rows = GLUON_BLOCK_SIZE // 2
+    vectors = [t.reshape(-1, head_dim) for t in (quantized.v_scale, quantized.v_mean)]
     return (
         descriptor(quantized.q, [1, 1, rows, head_dim]),
         descriptor(quantized.k, [1, 1, GLUON_BLOCK_SIZE, head_dim]),
         descriptor(quantized.v_t, [1, 1, quantized.v_terms * head_dim, GLUON_BLOCK_SIZE]),
         descriptor(out, [1, 1, rows, head_dim]),
+        *(descriptor(t, [1, head_dim]) for t in vectors),
     )
 
 
