@@ -7,8 +7,8 @@ consumers, no local-memory spills and shared memory within one CTA's limit. Numb
 on a GPU by tests/test_fp8_kernel_gpu.py.
 
 The compile runs in a child process without TRITON_INTERPRET; ``python
-tests/test_fp8_gluon_compile.py HEAD_DIM DTYPE V_TERMS STAGES SWITCHES...`` (0/1 each, in
-``SWITCHES`` order) prints the facts as JSON.
+tests/test_fp8_gluon_compile.py HEAD_DIM DTYPE V_TERMS STAGES ROWS_PER_CTA SWITCHES...`` (0/1
+each, in ``SWITCHES`` order) prints the facts as JSON.
 """
 
 from __future__ import annotations
@@ -109,7 +109,9 @@ def compiled_facts(head_dim: int, dtype: torch.dtype, config, v_terms: int = 1) 
     usage, sass = disassemble(compiled.asm["cubin"])
     # The first loop with both matmuls is warpgroup 0's loop over fully valid key blocks.
     main_loop = next(ops for ops in innermost_loops(sass) if "QGMMA" in ops and "IGMMA" in ops)
+    loops = innermost_loops(sass)
     return {
+        "loop_spills": [ops.count("STL") + ops.count("LDL") for ops in loops],
         "main_loop": {
             op: main_loop.count(op)
             for op in (
@@ -180,6 +182,11 @@ CONFIGS = [
     # V's scale and mean copied into shared memory by TMA as a warpgroup starts.
     (128, torch.bfloat16, gluon_fp8.GluonFP8Config(staged_epilogue=True)),
     (64, torch.float16, gluon_fp8.GluonFP8Config(staged_epilogue=True)),
+    # Several query blocks a CTA, one after the other.
+    (128, torch.bfloat16, gluon_fp8.GluonFP8Config(rows_per_cta=2)),
+    (64, torch.float16, gluon_fp8.GluonFP8Config(rows_per_cta=3)),
+    (128, torch.bfloat16, gluon_fp8.GluonFP8Config(rows_per_cta=4, pingpong=True)),
+    (128, torch.bfloat16, gluon_fp8.GluonFP8Config(rows_per_cta=4, staged_epilogue=True)),
 ]
 # V in two e4m3 terms (quantize_qkv(v_terms=2)): a second P V wgmma from the same registers.
 TWO_TERM_CONFIGS = [
@@ -196,6 +203,7 @@ def _config_id(case) -> str:
     return (
         f"d{head_dim}-{str(dtype)[6:]}-s{config.stages}"
         + "".join(f"-{name}" for name in SWITCHES if getattr(config, name))
+        + (f"-{config.rows_per_cta}-rows" if config.rows_per_cta > 1 else "")
         + ("-two-v-terms" if v_terms == 2 else "")
     )
 
@@ -205,7 +213,7 @@ def test_fp8_kernel_compiles_for_hopper_without_spills(case) -> None:
     head_dim, dtype, config, v_terms = case
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     args = [str(head_dim), str(dtype).removeprefix("torch."), str(v_terms), str(config.stages)]
-    args += [str(int(getattr(config, n))) for n in SWITCHES]
+    args += [str(config.rows_per_cta)] + [str(int(getattr(config, n))) for n in SWITCHES]
     done = subprocess.run(
         [sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=900
     )
@@ -229,8 +237,15 @@ def test_fp8_kernel_compiles_for_hopper_without_spills(case) -> None:
     # loop over full tiles.
     if not (head_dim == 128 and config.two_level):
         assert loop["STL"] == loop["LDL"] == 0
-    if not (head_dim == 128 and (config.two_level or config.lookahead)):
+    if not (head_dim == 128 and (config.two_level or config.lookahead)) and (
+        config.rows_per_cta == 1
+    ):
         assert facts["stack_bytes"] == 0 and facts["spill_instructions"] == 0
+    if config.rows_per_cta > 1:
+        # A row's own values (its output tile's coordinates) wait in local memory through its
+        # loops: two registers, stored once and loaded once a row, never in a loop.
+        assert facts["stack_bytes"] <= 8 and facts["spill_instructions"] <= 8
+        assert not any(loop_spills for loop_spills in facts["loop_spills"])
     if config.lookahead and head_dim == 128:
         assert facts["stack_bytes"] <= 16 and facts["spill_instructions"] <= 8
     # Both matmuls asynchronous: one arrive and one wait a matmul (V's second term and the
@@ -262,6 +277,8 @@ def test_fp8_kernel_compiles_for_hopper_without_spills(case) -> None:
         assert loop["SHFL"] == (4 if config.mma_row_sum else 8)
         assert loop["PRMT"] <= 16  # P is packed once for all its wgmma
         limit = 500 if config.mma_row_sum else 560
+        # Several rows a CTA: ~10 more integer instructions a tile for the ring's slots.
+        limit += 15 if config.rows_per_cta > 1 else 0
         assert facts["main_loop_length"] <= limit + 20 * (v_terms - 1)
     # The accumulator rescale: a thread's D / 2 multiplies, in the lazy default behind one
     # branch (ptxas's BSSY/BSYNC reconvergence around it) over a thread whose two rows' max did
@@ -452,9 +469,11 @@ if __name__ == "__main__" and sys.argv[1] == "portable":
     facts["cp_async"] = len(re.findall(r"\bcp\.async\.c[ag]\b", ptx))
     print(json.dumps(facts))
 elif __name__ == "__main__":
-    head_dim, dtype_name, v_terms, stages, *switches = sys.argv[1:]
+    head_dim, dtype_name, v_terms, stages, rows_per_cta, *switches = sys.argv[1:]
     config = gluon_fp8.GluonFP8Config(
-        int(stages), **{name: bool(int(on)) for name, on in zip(SWITCHES, switches, strict=True)}
+        int(stages),
+        rows_per_cta=int(rows_per_cta),
+        **{name: bool(int(on)) for name, on in zip(SWITCHES, switches, strict=True)},
     )
     facts = compiled_facts(int(head_dim), getattr(torch, dtype_name), config, int(v_terms))
     print(json.dumps(facts))

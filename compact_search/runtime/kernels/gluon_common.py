@@ -20,6 +20,7 @@ __all__ = [
     "LOADER_REGISTERS",
     "MAX_REGISTERS",
     "loader_partition",
+    "load_row_tiles",
     "take_turn",
     "pass_turn",
     "cta_barriers",
@@ -58,14 +59,50 @@ def loader_partition(
     Q K^T), never for the P V of an older V tile. ``KEYS_LAST``: the tensor is ``[B, H, D, Np]``
     (the 8-bit kernel's V^T), so a tile starts at column ``k_start`` rather than row.
     """
+    load_row_tiles(
+        desc,
+        bufs,
+        ready,
+        empty,
+        block_ids_ptr,
+        num_tiles,
+        batch,
+        head,
+        0,
+        BLOCK_SIZE,
+        BLOCK_N,
+        STAGES,
+        KEYS_LAST,
+    )
+
+
+@gluon.jit
+def load_row_tiles(
+    desc,
+    bufs,
+    ready,
+    empty,
+    block_ids_ptr,
+    num_tiles,
+    batch,
+    head,
+    ring,
+    BLOCK_SIZE: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr,
+    KEYS_LAST: gl.constexpr,
+):
+    """:func:`loader_partition`'s loop for one row whose tiles follow ``ring`` earlier ones
+    through the ring (a CTA of several rows): tile ``t`` goes to slot ``(ring + t) % STAGES``."""
     TILES_PER_BLOCK: gl.constexpr = BLOCK_SIZE // BLOCK_N
     for tile in range(num_tiles):
-        slot = tile % STAGES
+        ring_tile = ring + tile
+        slot = ring_tile % STAGES
         key_block = gl.load(block_ids_ptr + tile // TILES_PER_BLOCK)
         k_start = key_block * BLOCK_SIZE + (tile % TILES_PER_BLOCK) * BLOCK_N
         # Barriers start in phase 0; "empty" is awaited on the opposite parity, so the first
         # pass through the ring does not wait.
-        mbarrier.wait(empty.index(slot), ((tile // STAGES) & 1) ^ 1)
+        mbarrier.wait(empty.index(slot), ((ring_tile // STAGES) & 1) ^ 1)
         mbarrier.expect(ready.index(slot), desc.block_type.nbytes)
         row = 0 if KEYS_LAST else k_start
         column = k_start if KEYS_LAST else 0
@@ -99,16 +136,24 @@ def pass_turn(turns, WARPGROUP: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def cta_barriers(STAGES: gl.constexpr):
+def cta_barriers(STAGES: gl.constexpr, QUERY_BARRIERS: gl.constexpr = 0):
     """The CTA's barriers, initialized: Q's, each ring slot's ready and empty for K and V, and the
-    two ping-pong turns. Returns (q_bar, k_ready, v_ready, k_empty, v_empty, turns)."""
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    two ping-pong turns. Returns (q_bar, k_ready, v_ready, k_empty, v_empty, turns).
+
+    ``QUERY_BARRIERS`` 0: one barrier for both halves of Q (``[1]``); 2: one a consumer
+    warpgroup, ``[2, 1]``, for a warpgroup that loads its own half (row after row)."""
+    if QUERY_BARRIERS == 0:
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+    else:
+        q_bar = gl.allocate_shared_memory(gl.int64, [QUERY_BARRIERS, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(QUERY_BARRIERS):
+            mbarrier.init(q_bar.index(i), count=1)
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)

@@ -88,7 +88,7 @@ from compact_search.runtime.kernels.gluon_common import (
     MAX_REGISTERS,
     cta_barriers,
     load_query_halves,
-    loader_partition,
+    load_row_tiles,
     pass_turn,
     take_turn,
 )
@@ -128,7 +128,10 @@ class GluonFP8Config:
     ``mma_row_sum``: each tile's row sums of the rounded P by a wgmma against a ones tile rather
     than an FADD tree (on unless ``lookahead``, which keeps the tree), and ``staged_epilogue``:
     each consumer warpgroup loads V's scale and mean into shared memory as it starts, while Q's
-    copy lands, and its epilogue reads them there instead of from global memory after the loop.
+    copy lands, and its epilogue reads them there instead of from global memory after the loop,
+    and ``rows_per_cta``: query blocks a CTA computes one after the other (1-8; not with the
+    lookahead), so the next block's Q and first K/V tiles load during the current
+    one's last tiles and epilogue, and a CTA's launch and set-up are paid once for all of them.
 
     Shared memory per CTA at D = 128: Q 16 KB + 2 rings x stages x 16 KB + the output tile 32 KB
     (bf16), so 2 stages take 112 KB and 4 stages 176 KB of the 227 KB a CTA may use; V in two
@@ -149,6 +152,7 @@ class GluonFP8Config:
         rescale_threshold: float = RESCALE_THRESHOLD,
         mma_row_sum: bool | None = None,
         staged_epilogue: bool = False,
+        rows_per_cta: int = 1,
     ):
         if not 1 <= stages <= 4:
             raise ValueError(f"stages must be 1-4, got {stages}")
@@ -160,6 +164,10 @@ class GluonFP8Config:
             raise ValueError("lookahead sums P's rows on the CUDA cores: it has no mma_row_sum")
         if lookahead and stages < 2:
             raise ValueError("lookahead holds two K tiles at once: it needs stages >= 2")
+        if not 1 <= rows_per_cta <= 8:
+            raise ValueError(f"rows_per_cta must be 1-8, got {rows_per_cta}")
+        if lookahead and rows_per_cta > 1:
+            raise ValueError("lookahead runs one row a CTA: it has no rows_per_cta")
         if not 0.0 <= rescale_threshold <= 8.0:
             raise ValueError(f"rescale_threshold must be 0-8 (log2 units), got {rescale_threshold}")
         self.stages = stages
@@ -173,6 +181,7 @@ class GluonFP8Config:
         self.rescale_threshold = float(rescale_threshold)
         self.mma_row_sum = mma_row_sum
         self.staged_epilogue = staged_epilogue
+        self.rows_per_cta = rows_per_cta
 
     def kwargs(self) -> dict:
         return {
@@ -187,6 +196,7 @@ class GluonFP8Config:
             "RESCALE_THRESHOLD": self.rescale_threshold,
             "MMA_ROW_SUM": self.mma_row_sum,
             "STAGED_EPILOGUE": self.staged_epilogue,
+            "ROWS_PER_CTA": self.rows_per_cta,
         }
 
     def __repr__(self) -> str:
@@ -196,7 +206,7 @@ class GluonFP8Config:
             f"permuted_keys={self.permuted_keys}, tree_rows={self.tree_rows}, "
             f"lookahead={self.lookahead}, lazy_rescale={self.lazy_rescale}, "
             f"rescale_threshold={self.rescale_threshold:g}, mma_row_sum={self.mma_row_sum}, "
-            f"staged_epilogue={self.staged_epilogue})"
+            f"staged_epilogue={self.staged_epilogue}, rows_per_cta={self.rows_per_cta})"
         )
 
 
@@ -400,8 +410,9 @@ def _issue_pv(
     TWO_LEVEL: gl.constexpr,
     MMA_ROW_SUM: gl.constexpr,
 ):
-    """Issue P_tile V_tile (asynchronous): into a zero accumulator, or into ``acc``. Returns the
-    P V token and, with ``MMA_ROW_SUM``, the row-sum token (else 0).
+    """Issue P_tile V_tile (asynchronous; ``tile`` counts the CTA's ring, over all its rows):
+    into a zero accumulator, or into ``acc``. Returns the P V token and, with ``MMA_ROW_SUM``,
+    the row-sum token (else 0).
 
     With V in two e4m3 terms (the ring's tiles are ``[2 D, 128]``), a second wgmma of the same P
     registers adds P V_low into the same accumulator: two commit groups, the caller's waits
@@ -438,6 +449,7 @@ def _issue_pv(
 def _key_tile(
     state,
     tile,
+    turn_offset,
     operands,
     row,
     q_scale,
@@ -458,6 +470,8 @@ def _key_tile(
     ``state`` is (acc, P_{j-1} in fp32 in the A operand's layout, row max, row sum); returns the
     same for j. With ``MMA_ROW_SUM`` the row sum is ``[64, 8]`` (column 0 holds it, the others
     stay 0) and merges like the accumulator: ``(l + rowsum(P_{j-1})) * correction_j``.
+    ``tile`` counts the CTA's ring over all its rows (``row``'s table pointer is shifted to
+    match), and the tile's ping-pong turn is ``turn_offset + tile``.
     """
     acc, p, row_max, row_sum = state
     q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turns, zeros = operands
@@ -468,7 +482,8 @@ def _key_tile(
     # Commit groups issued after S_j: V's e4m3 terms, and the row sum's.
     PV_GROUPS: gl.constexpr = v_bufs.shape[1] // zero_pv.type.shape[1] + MMA_ROW_SUM
     slot = tile % STAGES
-    take_turn(turns, tile, WARPGROUP, PINGPONG)
+    previous_slot = (tile - 1) % STAGES
+    take_turn(turns, turn_offset + tile, WARPGROUP, PINGPONG)
     mbarrier.wait(k_ready.index(slot), (tile // STAGES) & 1)
     scores_token = warpgroup_mma(
         q_smem, k_bufs.index(slot).permute((1, 0)), zero_scores, use_acc=False, is_async=True
@@ -489,7 +504,7 @@ def _key_tile(
         else:
             scores, pv = warpgroup_mma_wait(0, deps=(scores_token, pv_token))
         mbarrier.arrive(k_empty.index(slot), count=1)
-        mbarrier.arrive(v_empty.index((tile - 1) % STAGES), count=1)
+        mbarrier.arrive(v_empty.index(previous_slot), count=1)
         acc = acc + pv if TWO_LEVEL else pv
         probs, row_max, row_sum, correction = _softmax_step(
             scores,
@@ -530,7 +545,7 @@ def _key_tile(
             row_sum = _merged_sums(row_sum, tile_sums, correction)
         else:
             pv = warpgroup_mma_wait(0, deps=(pv_token,))
-        mbarrier.arrive(v_empty.index((tile - 1) % STAGES), count=1)
+        mbarrier.arrive(v_empty.index(previous_slot), count=1)
         scale_rows = gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
         if TWO_LEVEL:
             acc = (acc + pv) * scale_rows
@@ -562,6 +577,7 @@ def _paired_tiles(
     q_scale,
     num_tiles,
     full_tiles,
+    counters,
     WARPGROUP: gl.constexpr,
     STAGES: gl.constexpr,
     PINGPONG: gl.constexpr,
@@ -575,23 +591,34 @@ def _paired_tiles(
 ):
     """Every key tile of a row (``num_tiles >= 1``) in the default schedule (``_key_tile``: S_j
     issued with P_{j-1} V_{j-1}), then the last P V; returns the unnormalized output
-    accumulator, the row max and the row sum."""
+    accumulator, the row max and the row sum. ``counters``: the ring tiles and the turns the
+    CTA's earlier rows took; this row takes ``num_tiles`` more of each and one turn more. Its
+    loops run over ring tiles, the table pointer shifted to match, so a tile's ring slot and
+    phase cost what they cost with one row a CTA."""
     q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turns, zeros = operands
     zero_scores, zero_pv, sums = zeros
     s_layout: gl.constexpr = zero_scores.type.layout
     p_layout: gl.constexpr = gl.DotOperandLayout(
         operand_index=0, parent=zero_pv.type.layout, k_width=4
     )
+    ring, turn_base = counters
+    key_lengths_ptr, block_ids_ptr, k_scale_ptr, qk_scale = tile_row
+    ring_row = (key_lengths_ptr, block_ids_ptr - ring, k_scale_ptr, qk_scale)  # by ring tile
+    turn_offset = turn_base - ring
     # Prologue: S_0 (turn 0).
-    take_turn(turns, 0, WARPGROUP, PINGPONG)
-    mbarrier.wait(k_ready.index(0), 0)
+    take_turn(turns, turn_base, WARPGROUP, PINGPONG)
+    mbarrier.wait(k_ready.index(ring % STAGES), (ring // STAGES) & 1)
     scores_token = warpgroup_mma(
-        q_smem, k_bufs.index(0).permute((1, 0)), zero_scores, use_acc=False, is_async=True
+        q_smem,
+        k_bufs.index(ring % STAGES).permute((1, 0)),
+        zero_scores,
+        use_acc=False,
+        is_async=True,
     )
     pass_turn(turns, WARPGROUP, PINGPONG)
     row_scale, key_length = _tile_scale(tile_row, 0, q_scale)
     scores = warpgroup_mma_wait(0, deps=(scores_token,))
-    mbarrier.arrive(k_empty.index(0), count=1)
+    mbarrier.arrive(k_empty.index(ring % STAGES), count=1)
     if full_tiles > 0:
         probs, row_max, row_sum, correction = _softmax_step(
             scores,
@@ -623,12 +650,13 @@ def _paired_tiles(
     p = _pv_operand(probs, p_layout, PERMUTED_KEYS)  # [64, 128] fp32, A operand layout
     state = (acc, p, row_max, row_sum)
 
-    for tile in range(1, full_tiles):
+    for tile in range(ring + 1, ring + full_tiles):
         state = _key_tile(
             state,
             tile,
+            turn_offset,
             operands,
-            tile_row,
+            ring_row,
             q_scale,
             WARPGROUP,
             STAGES,
@@ -642,12 +670,13 @@ def _paired_tiles(
             MMA_ROW_SUM,
             False,
         )
-    for tile in range(gl.maximum(full_tiles, 1), num_tiles):
+    for tile in range(ring + gl.maximum(full_tiles, 1), ring + num_tiles):
         state = _key_tile(
             state,
             tile,
+            turn_offset,
             operands,
-            tile_row,
+            ring_row,
             q_scale,
             WARPGROUP,
             STAGES,
@@ -664,8 +693,8 @@ def _paired_tiles(
     acc, p, row_max, row_sum = state
 
     # Epilogue: the last tile's P V (turn num_tiles).
-    last = num_tiles - 1
-    take_turn(turns, num_tiles, WARPGROUP, PINGPONG)
+    last = ring + num_tiles - 1
+    take_turn(turns, turn_base + num_tiles, WARPGROUP, PINGPONG)
     pv_token, sums_token = _issue_pv(
         p, v_bufs, v_ready, last, acc, zero_pv, sums, STAGES, TWO_LEVEL, MMA_ROW_SUM
     )
@@ -982,6 +1011,87 @@ def _normalized_staged(
 
 
 @gluon.jit
+def _query_row(rows, index):
+    """Row ``index`` of the CTA's rows: (query block, its tiles, its full tiles, its table row).
+
+    ``rows`` is (the head's ``q_block_order``, ``total_counts`` and ``full_counts`` rows, its
+    first ``kv_block_ids`` row, the table's width, the CTA's first index into the order, how
+    many rows it takes)."""
+    order_ptr, total_ptr, full_ptr, ids_ptr, lut_width, first, _count = rows
+    q_block = gl.load(order_ptr + first + index)
+    block_ids_ptr = ids_ptr + q_block.to(gl.int64) * lut_width
+    return q_block, gl.load(total_ptr + q_block), gl.load(full_ptr + q_block), block_ids_ptr
+
+
+@gluon.jit
+def _load_query_half(q_desc, q_smem, q_bar, batch, head, q_start):
+    """A warpgroup's own 64 rows of Q (``q_start`` its first) through TMA."""
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(
+        q_desc,
+        [batch, head, q_start, 0],
+        q_bar,
+        q_smem._reinterpret(q_desc.dtype, q_desc.block_type.shape, q_desc.layout),
+    )
+
+
+@gluon.jit
+def _rows_loader_partition(
+    desc,
+    bufs,
+    ready,
+    empty,
+    rows,
+    batch,
+    head,
+    STAGES: gl.constexpr,
+    ROWS_PER_CTA: gl.constexpr,
+    KEYS_LAST: gl.constexpr = False,
+):
+    """One warp: the K (or V) tiles of the CTA's rows, one ring through all of them, so the next
+    row's first tiles land while the consumers finish the current one. One row a CTA: the row
+    the kernel looked up (``rows[7]``)."""
+    BLOCK_SIZE: gl.constexpr = 128
+    if ROWS_PER_CTA == 1:
+        _q_block, num_tiles, _full_tiles, block_ids_ptr = rows[7]
+        load_row_tiles(
+            desc,
+            bufs,
+            ready,
+            empty,
+            block_ids_ptr,
+            num_tiles,
+            batch,
+            head,
+            0,
+            BLOCK_SIZE,
+            BLOCK_SIZE,
+            STAGES,
+            KEYS_LAST,
+        )
+    else:
+        ring = 0
+        for index in range(rows[6]):
+            _q_block, num_tiles, _full_tiles, block_ids_ptr = _query_row(rows, index)
+            load_row_tiles(
+                desc,
+                bufs,
+                ready,
+                empty,
+                block_ids_ptr,
+                num_tiles,
+                batch,
+                head,
+                ring,
+                BLOCK_SIZE,
+                BLOCK_SIZE,
+                STAGES,
+                KEYS_LAST,
+            )
+            ring += num_tiles
+
+
+@gluon.jit
 def _consumer_partition(
     shared,
     WARPGROUP: gl.constexpr,
@@ -997,30 +1107,129 @@ def _consumer_partition(
     THRESHOLD: gl.constexpr,
     MMA_ROW_SUM: gl.constexpr,
     STAGED_EPILOGUE: gl.constexpr,
+    ROWS_PER_CTA: gl.constexpr,
 ):
-    """One warpgroup: 64 query rows, both matmuls, the softmax and the epilogue.
+    """One warpgroup: 64 query rows of each of the CTA's query blocks, one after the other
+    (``_consumer_row``). The warpgroup loads its own half of Q: the next block's as soon as this
+    block's last Q K^T has retired, so it lands during the last P V and the epilogue; the output
+    goes out through TMA, waited for only before the next block's epilogue reuses its shared
+    memory, and before the CTA exits.
+    """
+    q_halves, out_halves, o_desc, q_bars, turns, rings, row, row_sum_ones = shared
+    q_desc, rows, epilogue_copies, batch, head = row[0], row[1], row[7], row[8], row[9]
+    ROWS: gl.constexpr = 64
+    q_smem = q_halves.index(WARPGROUP)  # [64, D] int8
+    if STAGED_EPILOGUE:
+        _stage_vectors(epilogue_copies, WARPGROUP)
+    if ROWS_PER_CTA == 1:
+        # The kernel loaded both halves of Q on one barrier and looked the row up.
+        row_info = rows[7]
+        q_bar = q_bars
+    else:
+        row_info = _query_row(rows, 0)
+        q_bar = q_bars.index(WARPGROUP)
+        first_q = row_info[0] * 128 + WARPGROUP * ROWS
+        _load_query_half(q_desc, q_smem, q_bar, batch, head, first_q)
+    if STAGED_EPILOGUE:
+        # Issued about with Q's and a fraction of its size: they land with it, mostly.
+        mbarrier.wait(epilogue_copies[2][1].index(WARPGROUP), 0)
+    counters = (0, 0)  # ring tiles and turns the CTA's earlier rows took
+    if ROWS_PER_CTA == 1:
+        _consumer_row(
+            shared,
+            q_bar,
+            0,
+            row_info,
+            counters,
+            WARPGROUP,
+            HEAD_DIM,
+            STAGES,
+            PINGPONG,
+            TWO_LEVEL,
+            MAGIC_I2F,
+            PERMUTED_KEYS,
+            TREE_ROWS,
+            LOOKAHEAD,
+            LAZY_RESCALE,
+            THRESHOLD,
+            MMA_ROW_SUM,
+            STAGED_EPILOGUE,
+            False,
+        )
+    else:
+        for index in range(rows[6]):
+            counters, row_info = _consumer_row(
+                shared,
+                q_bar,
+                index,
+                row_info,
+                counters,
+                WARPGROUP,
+                HEAD_DIM,
+                STAGES,
+                PINGPONG,
+                TWO_LEVEL,
+                MAGIC_I2F,
+                PERMUTED_KEYS,
+                TREE_ROWS,
+                LOOKAHEAD,
+                LAZY_RESCALE,
+                THRESHOLD,
+                MMA_ROW_SUM,
+                STAGED_EPILOGUE,
+                True,
+            )
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _consumer_row(
+    shared,
+    q_bar,
+    index,
+    row_info,
+    counters,
+    WARPGROUP: gl.constexpr,
+    HEAD_DIM: gl.constexpr,
+    STAGES: gl.constexpr,
+    PINGPONG: gl.constexpr,
+    TWO_LEVEL: gl.constexpr,
+    MAGIC_I2F: gl.constexpr,
+    PERMUTED_KEYS: gl.constexpr,
+    TREE_ROWS: gl.constexpr,
+    LOOKAHEAD: gl.constexpr,
+    LAZY_RESCALE: gl.constexpr,
+    THRESHOLD: gl.constexpr,
+    MMA_ROW_SUM: gl.constexpr,
+    STAGED_EPILOGUE: gl.constexpr,
+    MORE_ROWS: gl.constexpr,
+):
+    """The warpgroup's 64 rows of the CTA's query block ``index`` (``row_info``, from
+    ``_query_row``): wait for its Q (on ``q_bar``, phase ``index & 1``), every key tile, the
+    epilogue and the output's store. With ``MORE_ROWS``, also the next block's Q copy; returns
+    the counters after this row and the next row's info.
 
     Tiles of fully valid key blocks come first in a row's table (``full_tiles`` of them) and run
     without the column mask; only the padded ones after them pay for it, in their own loop (the
     mask's column indices would otherwise stay in registers across the whole loop).
     """
-    q_halves, out_halves, o_desc, q_bar, turns, rings, row, row_sum_ones = shared
+    q_halves, out_halves, o_desc, _q_bars, turns, rings, row, row_sum_ones = shared
     k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty = rings
     (
+        q_desc,
+        rows,
         key_lengths_ptr,
-        block_ids_ptr,
         k_scale_ptr,
         q_scale_ptr,
         v_scale_ptr,
         v_mean_ptr,
         epilogue_copies,
-        num_tiles,
-        full_tiles,
         batch,
         head,
-        q_start,
         qk_scale,
     ) = row
+    q_block, num_tiles, full_tiles, block_ids_ptr = row_info
+    ring, turn_base = counters
     ROWS: gl.constexpr = 64
     BLOCK_N: gl.constexpr = 128
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -1034,20 +1243,19 @@ def _consumer_partition(
     o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
     q_smem = q_halves.index(WARPGROUP)  # [64, D] int8
     out_smem = out_halves.index(WARPGROUP)  # [64, D] output dtype
+    q_start = q_block * BLOCK_N
     tile_row = (key_lengths_ptr, block_ids_ptr, k_scale_ptr, qk_scale)
 
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)  # [64, D]
-    if STAGED_EPILOGUE:
-        _stage_vectors(epilogue_copies, WARPGROUP)
-    # Also for an empty row: the CTA must not exit with the Q copy still landing.
-    mbarrier.wait(q_bar, 0)
-    if STAGED_EPILOGUE:
-        # Issued after Q's and a fraction of its size, so they have landed with it, mostly.
-        mbarrier.wait(epilogue_copies[2][1].index(WARPGROUP), 0)
+    # Also for an empty row: Q must land before the next row's copy is issued (and before the
+    # CTA exits).
+    mbarrier.wait(q_bar, index & 1)
     if num_tiles > 0:
         zero_scores = gl.zeros([ROWS, BLOCK_N], gl.int32, layout=s_layout)  # [64, 128]
         zero_pv = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
-        q_scale = gl.load(q_scale_ptr + WARPGROUP * ROWS + gl.arange(0, ROWS, layout=s_rows))
+        q_scale = gl.load(
+            q_scale_ptr + q_start + WARPGROUP * ROWS + gl.arange(0, ROWS, layout=s_rows)
+        )
         row_max = gl.full([ROWS], float("-inf"), gl.float32, layout=s_rows)
         if MMA_ROW_SUM:
             sums_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -1069,7 +1277,7 @@ def _consumer_partition(
             turns,
             (zero_scores, zero_pv, sums),
         )
-        if LOOKAHEAD:
+        if LOOKAHEAD:  # one row a CTA (GluonFP8Config)
             acc, row_max, row_sum = _ahead_tiles(
                 acc,
                 row_max,
@@ -1095,6 +1303,7 @@ def _consumer_partition(
                 q_scale,
                 num_tiles,
                 full_tiles,
+                (ring, turn_base),
                 WARPGROUP,
                 STAGES,
                 PINGPONG,
@@ -1112,7 +1321,18 @@ def _consumer_partition(
             acc = _normalized_staged(acc, row_sum, epilogue_copies, WARPGROUP, o_layout, o_rows)
         else:
             acc = _normalized(acc, row_sum, v_scale_ptr, v_mean_ptr, o_rows, o_cols, HEAD_DIM)
-
+        ring += num_tiles
+        if PINGPONG:
+            turn_base += num_tiles + 1
+    if MORE_ROWS:
+        if index + 1 < rows[6]:
+            # Every Q K^T of this row has retired: the next row's Q may overwrite q_smem.
+            row_info = _query_row(rows, index + 1)
+            _load_query_half(
+                q_desc, q_smem, q_bar, batch, head, row_info[0] * BLOCK_N + WARPGROUP * ROWS
+            )
+        # The previous row's output store has read out_smem.
+        tma.store_wait(0)
     # Rows past N are clipped by the TMA store; an empty row stores zeros.
     out_smem.store(acc.to(o_desc.dtype))
     fence_async_shared()
@@ -1121,7 +1341,7 @@ def _consumer_partition(
         [batch, head, q_start + WARPGROUP * ROWS, 0],
         out_smem._reinterpret(o_desc.dtype, o_desc.block_type.shape, o_desc.layout),
     )
-    tma.store_wait(0)
+    return (ring, turn_base), row_info
 
 
 @gluon.jit
@@ -1185,9 +1405,12 @@ def _gluon_fp8_attention_kernel(
     RESCALE_THRESHOLD: gl.constexpr,
     MMA_ROW_SUM: gl.constexpr,
     STAGED_EPILOGUE: gl.constexpr,
+    ROWS_PER_CTA: gl.constexpr,
     V_TERMS: gl.constexpr = 1,
 ):
-    """Grid ``(nb, B * H)``; one CTA = one 128-row query block of one (batch, head).
+    """Grid ``(cdiv(nb, ROWS_PER_CTA), B * H)``; a CTA computes ``ROWS_PER_CTA`` consecutive
+    128-row query blocks of ``q_block_order`` (of one (batch, head); fewer in a head's last CTA)
+    one after the other, its rings and barriers running on from one to the next.
 
     q/k descriptors over int8 ``[B, H, Np, D]``, v over fp8 V^T ``[B, H, V_TERMS * D, Np]`` (one
     TMA box carries both terms of a tile), o over the output ``[B, H, N, D]``, v_scale and v_mean
@@ -1199,13 +1422,21 @@ def _gluon_fp8_attention_kernel(
     batch_head = gl.program_id(1)
     batch = batch_head // num_heads
     head = batch_head % num_heads
-    row_index = (head % mask_heads) * num_blocks
-    q_block = gl.load(q_block_order_ptr + row_index + gl.program_id(0))
-    row_index += q_block
-    num_tiles = gl.load(total_counts_ptr + row_index)
-    full_tiles = gl.load(full_counts_ptr + row_index)
-    block_ids_ptr = kv_block_ids_ptr + row_index.to(gl.int64) * lut_width
-    q_start = q_block * BLOCK_SIZE
+    mask_row = (head % mask_heads) * num_blocks  # the head's first row of the tables
+    first = gl.program_id(0) * ROWS_PER_CTA
+    rows = (
+        q_block_order_ptr + mask_row,
+        total_counts_ptr + mask_row,
+        full_counts_ptr + mask_row,
+        kv_block_ids_ptr + mask_row.to(gl.int64) * lut_width,
+        lut_width,
+        first,
+        gl.minimum(num_blocks - first, ROWS_PER_CTA),
+    )
+    if ROWS_PER_CTA == 1:
+        # One row: looked up once here, for every partition (as rows[7]).
+        only_row = _query_row(rows, 0)
+        rows = rows + (only_row,)
 
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], gl.int8)
     k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_SIZE, HEAD_DIM], gl.int8)
@@ -1221,28 +1452,31 @@ def _gluon_fp8_attention_kernel(
         gl.float8e4nv, [STAGES, V_TERMS * HEAD_DIM, BLOCK_SIZE], v_layout
     )
     row_sum_ones = _row_sum_ones() if MMA_ROW_SUM else 0
-    q_bar, k_ready, v_ready, k_empty, v_empty, turns = cta_barriers(STAGES)
+    if ROWS_PER_CTA == 1:
+        # Q's halves on one barrier, issued before the partitions start.
+        q_bars, k_ready, v_ready, k_empty, v_empty, turns = cta_barriers(STAGES)
+        load_query_halves(q_desc, q_halves, q_bars, batch, head, only_row[0] * BLOCK_SIZE)
+    else:
+        # One Q barrier a consumer warpgroup: each loads its own half, row after row.
+        q_bars, k_ready, v_ready, k_empty, v_empty, turns = cta_barriers(STAGES, 2)
     staged = _staged_vectors(v_scale_desc) if STAGED_EPILOGUE else 0
-    load_query_halves(q_desc, q_halves, q_bar, batch, head, q_start)
 
     rings = (k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty)
     head_offset = batch_head.to(gl.int64)
     row = (
+        q_desc,
+        rows,
         key_lengths_ptr,
-        block_ids_ptr,
         k_scale_ptr + head_offset * num_blocks,
-        q_scale_ptr + head_offset * padded_len + q_start,
+        q_scale_ptr + head_offset * padded_len,
         v_scale_ptr + head_offset * HEAD_DIM,
         v_mean_ptr + head_offset * HEAD_DIM,
         (v_scale_desc, v_mean_desc, staged, batch_head),
-        num_tiles,
-        full_tiles,
         batch,
         head,
-        q_start,
         qk_scale,
     )
-    shared = (q_halves, out_halves, o_desc, q_bar, turns, rings, row, row_sum_ones)
+    shared = (q_halves, out_halves, o_desc, q_bars, turns, rings, row, row_sum_ones)
     gl.warp_specialize(
         [
             (
@@ -1262,6 +1496,7 @@ def _gluon_fp8_attention_kernel(
                     RESCALE_THRESHOLD,
                     MMA_ROW_SUM,
                     STAGED_EPILOGUE,
+                    ROWS_PER_CTA,
                 ),
             ),
             (
@@ -1281,40 +1516,17 @@ def _gluon_fp8_attention_kernel(
                     RESCALE_THRESHOLD,
                     MMA_ROW_SUM,
                     STAGED_EPILOGUE,
+                    ROWS_PER_CTA,
                 ),
             ),
             (
-                loader_partition,
-                (
-                    k_desc,
-                    k_bufs,
-                    k_ready,
-                    k_empty,
-                    block_ids_ptr,
-                    num_tiles,
-                    batch,
-                    head,
-                    BLOCK_SIZE,
-                    BLOCK_SIZE,
-                    STAGES,
-                ),
+                _rows_loader_partition,
+                (k_desc, k_bufs, k_ready, k_empty, rows, batch, head, STAGES, ROWS_PER_CTA),
             ),
             (
-                loader_partition,
-                (
-                    v_desc,
-                    v_bufs,
-                    v_ready,
-                    v_empty,
-                    block_ids_ptr,
-                    num_tiles,
-                    batch,
-                    head,
-                    BLOCK_SIZE,
-                    BLOCK_SIZE,
-                    STAGES,
-                    True,  # V^T: [B, H, D, Np], a tile starts at its keys' column
-                ),
+                _rows_loader_partition,
+                # V^T: [B, H, D, Np], a tile starts at its keys' column
+                (v_desc, v_bufs, v_ready, v_empty, rows, batch, head, STAGES, ROWS_PER_CTA, True),
             ),
         ],
         [CONSUMER_WARPS, LOADER_WARPS, LOADER_WARPS],
@@ -1355,9 +1567,11 @@ def descriptors(quantized: QuantizedQKV, out: torch.Tensor) -> tuple[TensorDescr
 # What the autotuner times per (N, head dim, density bucket): ping-pong off and on, 2 stages,
 # one-level accumulation (two-level spills registers: tests/test_fp8_gluon_compile.py), the
 # integer-add conversion, V in wgmma key order. bench_fp8 --probe times the other switches.
+# The grid depends on rows_per_cta, so the autotuned configs share one value.
+AUTOTUNE_ROWS_PER_CTA = 1
 AUTOTUNE_CONFIGS = [
     triton.Config(
-        GluonFP8Config(pingpong=pingpong).kwargs(),
+        GluonFP8Config(pingpong=pingpong, rows_per_cta=AUTOTUNE_ROWS_PER_CTA).kwargs(),
         num_warps=CONSUMER_WARPS.value,
         maxnreg=MAX_REGISTERS,
     )
@@ -1422,7 +1636,10 @@ def gluon_fp8_attention(
         out if tma_layout_ok(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
     )
     batch, heads, padded_len, head_dim = quantized.q.shape
-    grid = (lut.num_blocks, batch * heads)
+    rows_per_cta = (config or GluonFP8Config()).rows_per_cta
+    if config is None and autotune_enabled():
+        rows_per_cta = AUTOTUNE_ROWS_PER_CTA
+    grid = (triton.cdiv(lut.num_blocks, rows_per_cta), batch * heads)
     args = (
         *descriptors(quantized, target),
         quantized.q_scale,
