@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_cta_cost                       # 1.3B 480p shape, T 1..256
     python -m benchmarks.bench_cta_cost --tiles 2,8,32 --shape wan2.1-14b-720p
-    python -m benchmarks.bench_cta_cost --variants default,staged-epilogue
+    python -m benchmarks.bench_cta_cost --variants default,rows2,rows4
 
 Every query block row keeps exactly T key blocks (a band, wrapping around), so every CTA of a
 kernel has the same work and a launch takes ``waves * (fixed + T * per_tile)`` with ``waves =

@@ -41,9 +41,8 @@ def _stand_in(head_dim: int, v_terms: int = 1) -> QuantizedQKV:
     batch, heads, padded_len = 1, 2, 256
     int8 = torch.empty(batch, heads, padded_len, head_dim, dtype=torch.int8)
     fp32 = torch.empty(1)
-    channels = torch.empty(batch, heads, head_dim)  # v_scale, v_mean: TMA reads them
     v_t = torch.empty(batch, heads, v_terms * head_dim, padded_len, dtype=torch.float8_e4m3fn)
-    return QuantizedQKV(int8, fp32, int8, fp32, v_t, channels, channels, fp32, 128, 250, True)
+    return QuantizedQKV(int8, fp32, int8, fp32, v_t, fp32, fp32, fp32, 128, 250, True)
 
 
 def compile_for_hopper(head_dim: int, dtype: torch.dtype, config, v_terms: int = 1):
@@ -53,7 +52,7 @@ def compile_for_hopper(head_dim: int, dtype: torch.dtype, config, v_terms: int =
 
     kernel = gluon_fp8._gluon_fp8_attention_kernel
     out = torch.empty(1, 2, 250, head_dim, dtype=dtype)
-    names = ("q_desc", "k_desc", "v_desc", "o_desc", "v_scale_desc", "v_mean_desc")
+    names = ("q_desc", "k_desc", "v_desc", "o_desc")
     stand_in = _stand_in(head_dim, v_terms)
     descriptors = dict(zip(names, gluon_fp8.descriptors(stand_in, out), strict=True))
     constants = {"HEAD_DIM": head_dim, "V_TERMS": v_terms, **config.kwargs()}
@@ -162,7 +161,6 @@ SWITCHES = (
     "lookahead",
     "lazy_rescale",
     "mma_row_sum",
-    "staged_epilogue",
 )
 CONFIGS = [
     (128, torch.bfloat16, gluon_fp8.GluonFP8Config()),
@@ -179,14 +177,11 @@ CONFIGS = [
     # The row sum as an FADD tree on the CUDA cores (what the lookahead keeps).
     (128, torch.bfloat16, gluon_fp8.GluonFP8Config(mma_row_sum=False)),
     (64, torch.float16, gluon_fp8.GluonFP8Config(mma_row_sum=False)),
-    # V's scale and mean copied into shared memory by TMA as a warpgroup starts.
-    (128, torch.bfloat16, gluon_fp8.GluonFP8Config(staged_epilogue=True)),
-    (64, torch.float16, gluon_fp8.GluonFP8Config(staged_epilogue=True)),
     # Several query blocks a CTA, one after the other.
     (128, torch.bfloat16, gluon_fp8.GluonFP8Config(rows_per_cta=2)),
     (64, torch.float16, gluon_fp8.GluonFP8Config(rows_per_cta=3)),
     (128, torch.bfloat16, gluon_fp8.GluonFP8Config(rows_per_cta=4, pingpong=True)),
-    (128, torch.bfloat16, gluon_fp8.GluonFP8Config(rows_per_cta=4, staged_epilogue=True)),
+    (128, torch.bfloat16, gluon_fp8.GluonFP8Config(rows_per_cta=8, mma_row_sum=False)),
 ]
 # V in two e4m3 terms (quantize_qkv(v_terms=2)): a second P V wgmma from the same registers.
 TWO_TERM_CONFIGS = [

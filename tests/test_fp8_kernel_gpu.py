@@ -76,12 +76,10 @@ VARIANTS = {
     "gluon-lookahead-3-stages": ("gluon", {"lookahead": True, "stages": 3}, 1),
     "gluon-fadd-row-sum": ("gluon", {"mma_row_sum": False}, 1),
     "gluon-fadd-row-sum-pingpong": ("gluon", {"mma_row_sum": False, "pingpong": True}, 1),
-    "gluon-staged-epilogue": ("gluon", {"staged_epilogue": True}, 1),
-    "gluon-staged-epilogue-pingpong": ("gluon", {"staged_epilogue": True, "pingpong": True}, 1),
     # Several query blocks a CTA: 3 leaves every case's last CTA of a head short.
     "gluon-3-rows": ("gluon", {"rows_per_cta": 3}, 1),
     "gluon-2-rows-pingpong": ("gluon", {"rows_per_cta": 2, "pingpong": True}, 1),
-    "gluon-4-rows-staged-epilogue": ("gluon", {"rows_per_cta": 4, "staged_epilogue": True}, 1),
+    "gluon-4-rows-fadd-row-sum": ("gluon", {"rows_per_cta": 4, "mma_row_sum": False}, 1),
     "gluon-8-rows-two-v-terms": ("gluon", {"rows_per_cta": 8}, 2),
     "gluon-two-v-terms": ("gluon", {}, 2),
     "gluon-two-v-terms-pingpong": ("gluon", {"pingpong": True}, 2),

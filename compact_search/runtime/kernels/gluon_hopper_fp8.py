@@ -126,17 +126,16 @@ class GluonFP8Config:
     pass a row's max by to move it (log2 units; ``quantize.RESCALE_THRESHOLD``, which the
     emulation and the portable kernel use, unless a probe asks for another), and
     ``mma_row_sum``: each tile's row sums of the rounded P by a wgmma against a ones tile rather
-    than an FADD tree (on unless ``lookahead``, which keeps the tree), and ``staged_epilogue``:
-    each consumer warpgroup loads V's scale and mean into shared memory as it starts, while Q's
-    copy lands, and its epilogue reads them there instead of from global memory after the loop,
-    and ``rows_per_cta``: query blocks a CTA computes one after the other (1-8; not with the
-    lookahead), so the next block's Q and first K/V tiles load during the current
-    one's last tiles and epilogue, and a CTA's launch and set-up are paid once for all of them.
+    than an FADD tree (on unless ``lookahead``, which keeps the tree), and ``rows_per_cta``:
+    query blocks a CTA computes one after the other (1-8; not with the lookahead), so the next
+    block's Q and first K/V tiles load during the current one's last tiles and epilogue, and a
+    CTA's launch and set-up are paid once for all of them. Measured on the H200 (BENCHMARKS.md):
+    it cuts the fixed cost a block from 5.1 to 3.4 us (4 rows) but costs 6% more a tile, so it
+    is off; ``benchmarks.bench_cta_cost`` separates the two.
 
     Shared memory per CTA at D = 128: Q 16 KB + 2 rings x stages x 16 KB + the output tile 32 KB
     (bf16), so 2 stages take 112 KB and 4 stages 176 KB of the 227 KB a CTA may use; V in two
-    terms doubles the V ring (2 stages: 144 KB); the row sum's ones tile takes 1 KB, the staged
-    epilogue's vectors 2 KB.
+    terms doubles the V ring (2 stages: 144 KB); the row sum's ones tile takes 1 KB.
     """
 
     def __init__(
@@ -151,7 +150,6 @@ class GluonFP8Config:
         lazy_rescale: bool = True,
         rescale_threshold: float = RESCALE_THRESHOLD,
         mma_row_sum: bool | None = None,
-        staged_epilogue: bool = False,
         rows_per_cta: int = 1,
     ):
         if not 1 <= stages <= 4:
@@ -180,7 +178,6 @@ class GluonFP8Config:
         self.lazy_rescale = lazy_rescale
         self.rescale_threshold = float(rescale_threshold)
         self.mma_row_sum = mma_row_sum
-        self.staged_epilogue = staged_epilogue
         self.rows_per_cta = rows_per_cta
 
     def kwargs(self) -> dict:
@@ -195,7 +192,6 @@ class GluonFP8Config:
             "LAZY_RESCALE": self.lazy_rescale,
             "RESCALE_THRESHOLD": self.rescale_threshold,
             "MMA_ROW_SUM": self.mma_row_sum,
-            "STAGED_EPILOGUE": self.staged_epilogue,
             "ROWS_PER_CTA": self.rows_per_cta,
         }
 
@@ -206,7 +202,7 @@ class GluonFP8Config:
             f"permuted_keys={self.permuted_keys}, tree_rows={self.tree_rows}, "
             f"lookahead={self.lookahead}, lazy_rescale={self.lazy_rescale}, "
             f"rescale_threshold={self.rescale_threshold:g}, mma_row_sum={self.mma_row_sum}, "
-            f"staged_epilogue={self.staged_epilogue}, rows_per_cta={self.rows_per_cta})"
+            f"rows_per_cta={self.rows_per_cta})"
         )
 
 
@@ -970,47 +966,6 @@ def _normalized(
 
 
 @gluon.jit
-def _staged_vectors(v_scale_desc):
-    """Shared memory for V's scale and mean, ``[4, 1, D]`` fp32 (warpgroup w's scale at 2 w, its
-    mean at 2 w + 1), and a barrier a warpgroup that their copies complete (``STAGED_EPILOGUE``)."""
-    vectors = gl.allocate_shared_memory(
-        gl.float32, [4] + v_scale_desc.block_type.shape, v_scale_desc.layout
-    )
-    landed = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for warpgroup in gl.static_range(2):
-        mbarrier.init(landed.index(warpgroup), count=1)
-    fence_async_shared()
-    return vectors, landed
-
-
-@gluon.jit
-def _stage_vectors(epilogue_copies, WARPGROUP: gl.constexpr):
-    """Copy this head's V scale and mean into the warpgroup's shared memory (TMA, asynchronous,
-    while Q lands)."""
-    v_scale_desc, v_mean_desc, staged, batch_head = epilogue_copies
-    vectors, landed = staged
-    bar = landed.index(WARPGROUP)
-    mbarrier.expect(bar, 2 * v_scale_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(
-        v_scale_desc, [batch_head, 0], bar, vectors.index(2 * WARPGROUP)
-    )
-    tma.async_copy_global_to_shared(
-        v_mean_desc, [batch_head, 0], bar, vectors.index(2 * WARPGROUP + 1)
-    )
-
-
-@gluon.jit
-def _normalized_staged(
-    acc, row_sum, epilogue_copies, WARPGROUP: gl.constexpr, o_layout: gl.constexpr, o_rows
-):
-    """:func:`_normalized` with V's scale and mean read from the staged shared memory."""
-    vectors = epilogue_copies[2][0]  # [4, 1, D]
-    acc = acc / gl.expand_dims(gl.convert_layout(row_sum, o_rows), 1)
-    acc = acc * vectors.index(2 * WARPGROUP).load(o_layout)  # [64, D] * [1, D]
-    return acc + vectors.index(2 * WARPGROUP + 1).load(o_layout)
-
-
-@gluon.jit
 def _query_row(rows, index):
     """Row ``index`` of the CTA's rows: (query block, its tiles, its full tiles, its table row).
 
@@ -1106,21 +1061,19 @@ def _consumer_partition(
     LAZY_RESCALE: gl.constexpr,
     THRESHOLD: gl.constexpr,
     MMA_ROW_SUM: gl.constexpr,
-    STAGED_EPILOGUE: gl.constexpr,
     ROWS_PER_CTA: gl.constexpr,
 ):
     """One warpgroup: 64 query rows of each of the CTA's query blocks, one after the other
-    (``_consumer_row``). The warpgroup loads its own half of Q: the next block's as soon as this
-    block's last Q K^T has retired, so it lands during the last P V and the epilogue; the output
-    goes out through TMA, waited for only before the next block's epilogue reuses its shared
-    memory, and before the CTA exits.
+    (``_consumer_row``). With one block a CTA the kernel loaded Q before the partitions split;
+    with more, the warpgroup loads its own half of Q, the next block's as soon as this block's
+    last Q K^T has retired, so it lands during the last P V and the epilogue, and the output's
+    TMA store is waited for only before the next block's epilogue reuses its shared memory, and
+    before the CTA exits.
     """
     q_halves, out_halves, o_desc, q_bars, turns, rings, row, row_sum_ones = shared
-    q_desc, rows, epilogue_copies, batch, head = row[0], row[1], row[7], row[8], row[9]
+    q_desc, rows, batch, head = row[0], row[1], row[7], row[8]
     ROWS: gl.constexpr = 64
     q_smem = q_halves.index(WARPGROUP)  # [64, D] int8
-    if STAGED_EPILOGUE:
-        _stage_vectors(epilogue_copies, WARPGROUP)
     if ROWS_PER_CTA == 1:
         # The kernel loaded both halves of Q on one barrier and looked the row up.
         row_info = rows[7]
@@ -1130,9 +1083,6 @@ def _consumer_partition(
         q_bar = q_bars.index(WARPGROUP)
         first_q = row_info[0] * 128 + WARPGROUP * ROWS
         _load_query_half(q_desc, q_smem, q_bar, batch, head, first_q)
-    if STAGED_EPILOGUE:
-        # Issued about with Q's and a fraction of its size: they land with it, mostly.
-        mbarrier.wait(epilogue_copies[2][1].index(WARPGROUP), 0)
     counters = (0, 0)  # ring tiles and turns the CTA's earlier rows took
     if ROWS_PER_CTA == 1:
         _consumer_row(
@@ -1153,7 +1103,6 @@ def _consumer_partition(
             LAZY_RESCALE,
             THRESHOLD,
             MMA_ROW_SUM,
-            STAGED_EPILOGUE,
             False,
         )
     else:
@@ -1176,7 +1125,6 @@ def _consumer_partition(
                 LAZY_RESCALE,
                 THRESHOLD,
                 MMA_ROW_SUM,
-                STAGED_EPILOGUE,
                 True,
             )
     tma.store_wait(0)
@@ -1201,7 +1149,6 @@ def _consumer_row(
     LAZY_RESCALE: gl.constexpr,
     THRESHOLD: gl.constexpr,
     MMA_ROW_SUM: gl.constexpr,
-    STAGED_EPILOGUE: gl.constexpr,
     MORE_ROWS: gl.constexpr,
 ):
     """The warpgroup's 64 rows of the CTA's query block ``index`` (``row_info``, from
@@ -1223,7 +1170,6 @@ def _consumer_row(
         q_scale_ptr,
         v_scale_ptr,
         v_mean_ptr,
-        epilogue_copies,
         batch,
         head,
         qk_scale,
@@ -1317,10 +1263,7 @@ def _consumer_row(
             )
             if MMA_ROW_SUM:
                 row_sum = gl.sum(row_sum, axis=1)  # [64]: column 0, and the zeros beside it
-        if STAGED_EPILOGUE:
-            acc = _normalized_staged(acc, row_sum, epilogue_copies, WARPGROUP, o_layout, o_rows)
-        else:
-            acc = _normalized(acc, row_sum, v_scale_ptr, v_mean_ptr, o_rows, o_cols, HEAD_DIM)
+        acc = _normalized(acc, row_sum, v_scale_ptr, v_mean_ptr, o_rows, o_cols, HEAD_DIM)
         ring += num_tiles
         if PINGPONG:
             turn_base += num_tiles + 1
@@ -1374,8 +1317,6 @@ def _gluon_fp8_attention_kernel(
     k_desc,
     v_desc,
     o_desc,
-    v_scale_desc,
-    v_mean_desc,
     q_scale_ptr,
     k_scale_ptr,
     v_scale_ptr,
@@ -1404,7 +1345,6 @@ def _gluon_fp8_attention_kernel(
     LAZY_RESCALE: gl.constexpr,
     RESCALE_THRESHOLD: gl.constexpr,
     MMA_ROW_SUM: gl.constexpr,
-    STAGED_EPILOGUE: gl.constexpr,
     ROWS_PER_CTA: gl.constexpr,
     V_TERMS: gl.constexpr = 1,
 ):
@@ -1413,9 +1353,8 @@ def _gluon_fp8_attention_kernel(
     one after the other, its rings and barriers running on from one to the next.
 
     q/k descriptors over int8 ``[B, H, Np, D]``, v over fp8 V^T ``[B, H, V_TERMS * D, Np]`` (one
-    TMA box carries both terms of a tile), o over the output ``[B, H, N, D]``, v_scale and v_mean
-    over fp32 ``[B * H, D]`` (boxes of one row; read only with ``STAGED_EPILOGUE``, the pointers
-    otherwise); scales and means as ``QuantizedQKV`` holds them.
+    TMA box carries both terms of a tile), o over the output ``[B, H, N, D]``; scales and means
+    as ``QuantizedQKV`` holds them.
     """
     ROWS: gl.constexpr = 64
     BLOCK_SIZE: gl.constexpr = 128
@@ -1459,7 +1398,6 @@ def _gluon_fp8_attention_kernel(
     else:
         # One Q barrier a consumer warpgroup: each loads its own half, row after row.
         q_bars, k_ready, v_ready, k_empty, v_empty, turns = cta_barriers(STAGES, 2)
-    staged = _staged_vectors(v_scale_desc) if STAGED_EPILOGUE else 0
 
     rings = (k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty)
     head_offset = batch_head.to(gl.int64)
@@ -1471,7 +1409,6 @@ def _gluon_fp8_attention_kernel(
         q_scale_ptr + head_offset * padded_len,
         v_scale_ptr + head_offset * HEAD_DIM,
         v_mean_ptr + head_offset * HEAD_DIM,
-        (v_scale_desc, v_mean_desc, staged, batch_head),
         batch,
         head,
         qk_scale,
@@ -1495,7 +1432,6 @@ def _gluon_fp8_attention_kernel(
                     LAZY_RESCALE,
                     RESCALE_THRESHOLD,
                     MMA_ROW_SUM,
-                    STAGED_EPILOGUE,
                     ROWS_PER_CTA,
                 ),
             ),
@@ -1515,7 +1451,6 @@ def _gluon_fp8_attention_kernel(
                     LAZY_RESCALE,
                     RESCALE_THRESHOLD,
                     MMA_ROW_SUM,
-                    STAGED_EPILOGUE,
                     ROWS_PER_CTA,
                 ),
             ),
@@ -1539,28 +1474,25 @@ _GL_DTYPES = {
     torch.float8_e4m3fn: gl.float8e4nv,
     torch.float16: gl.float16,
     torch.bfloat16: gl.bfloat16,
-    torch.float32: gl.float32,
 }
 
 
 def descriptor(t: torch.Tensor, box: list[int]) -> TensorDescriptor:
-    """Descriptor over a tensor moving ``box``-shaped tiles (zeros read, writes clipped past its
-    bounds)."""
+    """Descriptor over a 4-D tensor moving ``box``-shaped tiles (zeros read, writes clipped
+    past its bounds)."""
     layout = gl.NVMMASharedLayout.get_default_for(box, _GL_DTYPES[t.dtype])
     return TensorDescriptor(t, list(t.shape), list(t.stride()), box, layout)
 
 
 def descriptors(quantized: QuantizedQKV, out: torch.Tensor) -> tuple[TensorDescriptor, ...]:
-    """q, k, v^T, output, v scale and v mean descriptors with the boxes the kernel moves."""
+    """q, k, v^T and output descriptors with the boxes the kernel moves."""
     head_dim = quantized.q.shape[-1]
     rows = GLUON_BLOCK_SIZE // 2
-    vectors = [t.reshape(-1, head_dim) for t in (quantized.v_scale, quantized.v_mean)]
     return (
         descriptor(quantized.q, [1, 1, rows, head_dim]),
         descriptor(quantized.k, [1, 1, GLUON_BLOCK_SIZE, head_dim]),
         descriptor(quantized.v_t, [1, 1, quantized.v_terms * head_dim, GLUON_BLOCK_SIZE]),
         descriptor(out, [1, 1, rows, head_dim]),
-        *(descriptor(t, [1, head_dim]) for t in vectors),
     )
 
 
