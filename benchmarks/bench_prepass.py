@@ -10,8 +10,8 @@ On random bf16 inputs (B 1, head dim 128, block 128, every key valid), per shape
   ``[B, H, N, D]`` inputs and with token-major ones (``[B, N, H, D]`` storage, as DiTs pass them),
   and the host time to issue one call (no synchronisation: if it exceeds the GPU time, the
   pre-pass is launch-bound);
-- its parts apart: the statistics kernel, the torch reduction of its partials, the quantization
-  kernel and the torch assembly (V's mean correction);
+- its parts apart: the statistics kernel, the launch that sums its partials, the quantization
+  kernel and the launch that corrects V's mean;
 - the per-kernel CUDA time table of torch.profiler over 10 whole calls, and the registers and
   spills of each compiled pre-pass kernel as the driver loaded it;
 - every launch variant of ``quantize._launch_prepass`` (warps, key blocks per statistics
@@ -242,16 +242,16 @@ def bench_whole(record: Recorder, qkv, arguments: dict, layout: str):
 def bench_parts(record: Recorder, qkv, lengths: torch.Tensor) -> None:
     q, k, v = qkv
     partials = _stats_partials(k, v, lengths, block_size=BLOCK)
-    stats = _stats_from_partials(partials, lengths.sum(), k.shape, rotate_sum=True)
+    stats = _stats_from_partials(partials, lengths, k.shape, rotate_sum=True)
     outputs = _quantize_blocks(q, k, v, lengths, stats, **QUANTIZE_ARGUMENTS)
     parts = {
         "stats kernel": lambda: _stats_partials(k, v, lengths, block_size=BLOCK),
-        "stats torch reduction": lambda: _stats_from_partials(
-            partials, lengths.sum(), k.shape, rotate_sum=True
+        "stats sums (one launch)": lambda: _stats_from_partials(
+            partials, lengths, k.shape, rotate_sum=True
         ),
         "quantize kernel": lambda: _quantize_blocks(q, k, v, lengths, stats, **QUANTIZE_ARGUMENTS),
-        "torch assembly": lambda: _assemble(
-            outputs, stats, lengths.sum(), BLOCK, q.shape[2], True, "wgmma"
+        "mean correction (one launch)": lambda: _assemble(
+            outputs, stats, lengths, BLOCK, q.shape[2], True, "wgmma"
         ),
     }
     total = sum(record("head-major", "default", part, run) for part, run in parts.items())
@@ -261,7 +261,7 @@ def bench_parts(record: Recorder, qkv, lengths: torch.Tensor) -> None:
 def bench_variants(record: Recorder, qkv, lengths: torch.Tensor, arguments: dict) -> None:
     q, k, v = qkv
     partials = _stats_partials(k, v, lengths, block_size=BLOCK)
-    stats = _stats_from_partials(partials, lengths.sum(), k.shape, rotate_sum=True)
+    stats = _stats_from_partials(partials, lengths, k.shape, rotate_sum=True)
     default = quantize_qkv(q, k, v, **arguments)
     for variant, options in VARIANTS.items():
         if not options:

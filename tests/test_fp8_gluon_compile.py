@@ -306,6 +306,15 @@ PORTABLE_TYPES = {
         ("q8_ptr", "k8_ptr"): "*i8",
         ("v8_ptr",): "*fp8e4nv",
     },
+    "_finalize_stats_kernel": {
+        ("k_sum_ptr", "v_sum_ptr", "v_max_ptr", "v_min_ptr", "hadamard_ptr"): "*fp32",
+        ("stats_ptr",): "*fp32",
+        ("key_lengths_ptr",): "*i32",
+    },
+    "_corrected_v_mean_kernel": {
+        ("v_mean_ptr", "v_scale_ptr", "error_sums_ptr", "out_ptr"): "*fp32",
+        ("key_lengths_ptr",): "*i32",
+    },
     "_fp8_block_sparse_attention_kernel": {
         ("q8_ptr", "k8_ptr"): "*i8",
         ("v8_ptr",): "*fp8e4nv",
@@ -341,6 +350,10 @@ PORTABLE_CASES = {
         "_quantize_kernel",
         {"PARTS": 2, "BLOCKS_PER_PROGRAM": 4, "LOAD_STAGES": 2, "ROTATE": False},
     ),
+    # The sums of the statistics' partials and V's corrected mean: one small launch each.
+    "finalize": ("_finalize_stats_kernel", {"CHUNK_ROWS": 16, "ROTATE_SUM": True}),
+    "finalize-unrotated": ("_finalize_stats_kernel", {"CHUNK_ROWS": 16, "ROTATE_SUM": False}),
+    "correction": ("_corrected_v_mean_kernel", {"BLOCK_ROWS": 16}),
     "attention-two-v-terms": ("_fp8_block_sparse_attention_kernel", {"V_TERMS": 2}),
     "attention": ("_fp8_block_sparse_attention_kernel", {}),
 }
@@ -380,6 +393,8 @@ def compile_portable_for_hopper(case: str) -> tuple[str, int, int]:
     warps = {
         "_key_value_stats_kernel": quantize.STATS_NUM_WARPS,
         "_quantize_kernel": quantize.QUANTIZE_NUM_WARPS,
+        "_finalize_stats_kernel": 4,
+        "_corrected_v_mean_kernel": 4,
     }.get(name, 8)
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(
@@ -407,6 +422,8 @@ def test_portable_8bit_kernels_compile_for_hopper(case: str) -> None:
         assert any(".s32.s8.s8" in m for m in mma) and any(".e4m3.e4m3" in m for m in mma)
     elif case in ("stats", "quantize-values-only") or "unrotated" in case:  # no matmul
         assert not mma
+    elif case in ("finalize", "correction"):  # [D] x [D, D] as products and sums, no matmul
+        assert not mma and facts["stack_bytes"] == 0
     else:  # the Hadamard rotation runs on the tensor cores
         assert any(".bf16.bf16" in m for m in mma)
     if case.startswith("quantize"):

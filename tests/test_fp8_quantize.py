@@ -413,3 +413,33 @@ def test_prepass_writes_v_in_wgmma_key_order_on_request() -> None:
         portable_fp8_attention(permuted, lut, torch.empty(q.shape), scale=scale)
     with pytest.raises(ValueError, match="key_order must be"):
         quantize_qkv(q, k, v, block_size=128, key_lengths=lengths, key_order="sorted")
+
+
+# What a pre-pass call may ask of torch besides its Triton launches: allocations and views (the
+# interpreter adds its own copies). Arithmetic here would be a small launch each on a GPU, which
+# at the 1.3B shape made the pre-pass launch-bound when its sums were ~20 torch operations.
+ALLOCATION_AND_VIEW_OPS = {"empty", "empty_like", "new_empty", "unbind", "view", "set_", "copy_"}
+
+
+@pytest.mark.parametrize("v_terms", [1, 2])
+def test_prepass_does_no_torch_arithmetic(v_terms: int) -> None:
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: Counter = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = (torch.randn(1, 2, 300, 64, dtype=torch.bfloat16) for _ in range(3))
+    lengths = torch.tensor([128, 128, 44], dtype=torch.int32)
+    arguments = dict(block_size=128, key_lengths=lengths, key_order="wgmma", v_terms=v_terms)
+    quantize_qkv(q, k, v, **arguments)  # the Hadamard matrix is built once and cached
+    with Recorder() as recorder:
+        quantize_qkv(q, k, v, **arguments)
+    assert set(recorder.ops) <= ALLOCATION_AND_VIEW_OPS, recorder.ops

@@ -5,9 +5,9 @@ Once per attention call, before the 8-bit kernels (``kernels/triton_portable_fp8
 
 1. **statistics** (``_key_value_stats_kernel``): per (batch, head) and channel, over the valid
    keys (``key_lengths``), partial sums of K and of V and V's max and min, one row of partials
-   per chunk of key blocks; ``_finalize_stats`` adds them up in torch (a few ``[B*H, chunks,
-   D]`` tensors) into K's mean (its sum rotated, in fp64: the rotation is linear, so the kernel
-   need not rotate every key), V's mean and V's per-channel scale.
+   per chunk of key blocks; ``_finalize_stats_kernel`` adds them up, one program a head, into
+   K's mean (its sum rotated: the rotation is linear, so the statistics kernel need not rotate
+   every key), V's mean and V's per-channel scale (``_finalize_stats`` is the same in torch).
 2. **quantization** (``_quantize_kernel``; by default a launch each for Q, K and V, whose
    programs then hold one tile instead of three), one program per 128 (or 64) tokens of a head:
    - Q and K are rotated by the ``D x D`` Sylvester-Hadamard matrix (entries +-1, so
@@ -24,12 +24,15 @@ Once per attention call, before the 8-bit kernels (``kernels/triton_portable_fp8
      e4m3 rounding of what that missed follows as rows ``D..2D-1`` (``[B, H, 2 D, Np]``);
    - each program also writes, per channel, its block's sum of V's rounding error
      ``v8 - (v - mean) / scale`` over the valid keys (``[B*H, nb, D]`` partials, no atomics, so
-     the result is deterministic); ``quantize_qkv`` adds them up and subtracts ``scale`` times
-     the mean error from V's mean. The kernels add that mean to every output row; the mean
-     rounding error is systematic, and where attention is diffuse (the output shrinks like
-     ``1 / sqrt(N)``) it would otherwise be an error that grows with N.
+     the result is deterministic); ``_corrected_v_mean_kernel`` adds them up and subtracts
+     ``scale`` times the mean error from V's mean. The kernels add that mean to every output
+     row; the mean rounding error is systematic, and where attention is diffuse (the output
+     shrinks like ``1 / sqrt(N)``) it would otherwise be an error that grows with N.
 
-Everything is padded to ``Np = nb * block_size`` tokens, so the kernels read whole blocks.
+Everything is padded to ``Np = nb * block_size`` tokens, so the kernels read whole blocks. A
+call is six launches (statistics, their sums, Q, K, V, V's corrected mean) and no torch
+arithmetic: at the 1.3B shape the pre-pass was launch-bound when its sums were ~20 small torch
+operations.
 
 The rounding is written out in float arithmetic (``round_half_even``, ``round_to_e4m3``), so the
 Triton interpreter (whose own fp32 -> fp8 and fp32 -> bf16 casts round inexact values wrongly)
@@ -358,6 +361,109 @@ def _key_value_stats_kernel(
 
 
 @triton.jit
+def _valid_key_count(key_lengths_ptr, num_blocks, BLOCKS: tl.constexpr):
+    """The valid keys of a head (``key_lengths.sum()``), at least 1, as fp32 (exact: < 2^24)."""
+    total = tl.zeros([BLOCKS], dtype=tl.int32)
+    for start in range(0, num_blocks, BLOCKS):
+        blocks = start + tl.arange(0, BLOCKS)
+        total += tl.load(key_lengths_ptr + blocks, mask=blocks < num_blocks, other=0)
+    return tl.maximum(tl.sum(total, 0), 1).to(tl.float32)
+
+
+@triton.jit
+def _finalize_stats_kernel(
+    k_sum_ptr,
+    v_sum_ptr,
+    v_max_ptr,
+    v_min_ptr,
+    key_lengths_ptr,
+    hadamard_ptr,
+    stats_ptr,
+    num_chunks,
+    num_blocks,
+    batch_heads,
+    HEAD_DIM: tl.constexpr,
+    CHUNK_ROWS: tl.constexpr,
+    ROTATE_SUM: tl.constexpr,
+):
+    """Grid ``(B * H,)``: the statistics kernel's ``[B*H, chunks, D]`` partials -> fp32
+    ``stats[4, B*H, D]``: K's mean (its sum rotated here when ``ROTATE_SUM``), V's mean, V's
+    scale and its inverse, as ``_finalize_stats`` computes them in torch (IEEE divisions; the
+    sums over chunks in another order, so the same to fp32 rounding). One launch instead of the
+    ~15 small torch ones that launch-bound the pre-pass at small shapes."""
+    batch_head = tl.program_id(0)
+    channels = tl.arange(0, HEAD_DIM)  # [D]
+    count = _valid_key_count(key_lengths_ptr, num_blocks, 1024)
+    k_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    v_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    v_max = tl.full([HEAD_DIM], float("-inf"), dtype=tl.float32)
+    v_min = tl.full([HEAD_DIM], float("inf"), dtype=tl.float32)
+    base = batch_head.to(tl.int64) * num_chunks * HEAD_DIM
+    for start in range(0, num_chunks, CHUNK_ROWS):
+        rows = start + tl.arange(0, CHUNK_ROWS)  # [R]
+        inside = rows[:, None] < num_chunks  # [R, 1]
+        offsets = base + rows[:, None] * HEAD_DIM + channels[None, :]  # [R, D]
+        k_sum += tl.sum(tl.load(k_sum_ptr + offsets, mask=inside, other=0.0), 0)
+        v_sum += tl.sum(tl.load(v_sum_ptr + offsets, mask=inside, other=0.0), 0)
+        highs = tl.load(v_max_ptr + offsets, mask=inside, other=float("-inf"))
+        lows = tl.load(v_min_ptr + offsets, mask=inside, other=float("inf"))
+        v_max = tl.maximum(v_max, tl.max(highs, 0), propagate_nan=tl.PropagateNan.ALL)
+        v_min = tl.minimum(v_min, tl.min(lows, 0), propagate_nan=tl.PropagateNan.ALL)
+    if ROTATE_SUM:
+        # k_sum @ H: [D] x [D, D] in fp32 (H is +-1, so each product is exact).
+        hadamard = tl.load(hadamard_ptr + channels[:, None] * HEAD_DIM + channels[None, :])
+        k_sum = tl.sum(k_sum[:, None] * hadamard.to(tl.float32), 0)
+    k_mean = tl.math.div_rn(k_sum, count)
+    v_mean = tl.math.div_rn(v_sum, count)
+    v_amax = tl.maximum(
+        tl.maximum(v_max - v_mean, v_mean - v_min, propagate_nan=tl.PropagateNan.ALL),
+        TINY_AMAX_C,
+        propagate_nan=tl.PropagateNan.ALL,
+    )
+    # No valid key at all: every extreme is infinite; any finite scale will do (NaN too).
+    v_amax = tl.where(v_amax < float("inf"), v_amax, 1.0)
+    out = batch_head.to(tl.int64) * HEAD_DIM + channels
+    plane = batch_heads.to(tl.int64) * HEAD_DIM
+    tl.store(stats_ptr + out, k_mean)
+    tl.store(stats_ptr + plane + out, v_mean)
+    tl.store(stats_ptr + 2 * plane + out, tl.math.div_rn(v_amax, E4M3_MAX_C))
+    tl.store(
+        stats_ptr + 3 * plane + out,
+        tl.math.div_rn(tl.full([HEAD_DIM], E4M3_MAX_C, tl.float32), v_amax),
+    )
+
+
+@triton.jit
+def _corrected_v_mean_kernel(
+    v_mean_ptr,
+    v_scale_ptr,
+    error_sums_ptr,
+    key_lengths_ptr,
+    out_ptr,
+    num_blocks,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+):
+    """Grid ``(B * H,)``: ``v_mean - v_scale * (sum of error_sums over blocks) / valid keys``
+    (``_debiased_v_mean`` in one launch; the block sum in another order than torch's)."""
+    batch_head = tl.program_id(0)
+    channels = tl.arange(0, HEAD_DIM)  # [D]
+    count = _valid_key_count(key_lengths_ptr, num_blocks, 1024)
+    error_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    base = batch_head.to(tl.int64) * num_blocks * HEAD_DIM
+    for start in range(0, num_blocks, BLOCK_ROWS):
+        rows = start + tl.arange(0, BLOCK_ROWS)  # [R]
+        offsets = base + rows[:, None] * HEAD_DIM + channels[None, :]  # [R, D]
+        error_sum += tl.sum(
+            tl.load(error_sums_ptr + offsets, mask=rows[:, None] < num_blocks, other=0.0), 0
+        )
+    out = batch_head.to(tl.int64) * HEAD_DIM + channels
+    v_mean = tl.load(v_mean_ptr + out)
+    v_scale = tl.load(v_scale_ptr + out)
+    tl.store(out_ptr + out, v_mean - v_scale * tl.math.div_rn(error_sum, count))
+
+
+@triton.jit
 def _quantize_query_block(
     q_base,
     stride_qn,
@@ -625,14 +731,13 @@ def _stats_partials(
     blocks_per_program: int = STATS_BLOCKS_PER_PROGRAM,
     num_warps: int = STATS_NUM_WARPS,
 ) -> list[torch.Tensor]:
-    """The statistics kernel alone: 4 fp32 ``[B*H, chunks, D]`` partials (see its docstring)."""
+    """The statistics kernel alone: 4 fp32 ``[B*H, chunks, D]`` partials (see its docstring),
+    views of one buffer."""
     batch, heads, _, head_dim = k.shape
     num_blocks = key_lengths.numel()
     chunks = -(-num_blocks // blocks_per_program)
-    partials = [
-        torch.empty(batch * heads, chunks, head_dim, device=k.device, dtype=torch.float32)
-        for _ in range(4)
-    ]
+    buffer = torch.empty(4, batch * heads, chunks, head_dim, device=k.device, dtype=torch.float32)
+    partials = list(buffer.unbind(0))
     _key_value_stats_kernel[(chunks, batch * heads)](
         k,
         v,
@@ -653,26 +758,37 @@ def _stats_partials(
     return partials
 
 
+FINALIZE_CHUNK_ROWS = 16  # partial rows a finalize program sums per step
+CORRECTION_BLOCK_ROWS = 16  # key blocks' error sums the correction sums per step
+
+
 def _stats_from_partials(
     partials: list[torch.Tensor],
-    valid_keys: torch.Tensor,
+    key_lengths: torch.Tensor,
     shape: torch.Size,
     *,
     rotate_sum: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The statistics kernel's partials -> ``key_value_stats``' result (torch, on the device).
-
-    ``valid_keys``: the number of valid keys a head (``key_lengths.sum()``, a 0-d tensor).
-    ``rotate_sum``: the kernel summed unrotated keys; K's sum is rotated here, in fp64 (a
-    ``[B*H, D] x [D, D]`` product, whatever TF32 setting the caller has).
-    """
+    """The statistics kernel's partials -> ``key_value_stats``' result, in one launch
+    (``_finalize_stats_kernel``). ``rotate_sum``: the kernel summed unrotated keys; K's sum is
+    rotated here (``[D] x [D, D]`` in fp32, whatever TF32 setting the caller has)."""
     batch, heads, _, head_dim = shape
-    k_sum, v_sum = partials[0].sum(1), partials[1].sum(1)
-    if rotate_sum:
-        k_sum = (k_sum.double() @ _cached_hadamard(head_dim, k_sum.device, torch.float64)).float()
-    v_max, v_min = partials[2].amax(1), partials[3].amin(1)
-    stats = _finalize_stats(k_sum, v_sum, v_max, v_min, valid_keys)
-    return tuple(s.view(batch, heads, head_dim) for s in stats)
+    batch_heads, chunks = partials[0].shape[:2]
+    stats = torch.empty(4, batch, heads, head_dim, device=partials[0].device, dtype=torch.float32)
+    _finalize_stats_kernel[(batch_heads,)](
+        *partials,
+        key_lengths,
+        _cached_hadamard(head_dim, partials[0].device, torch.float32),
+        stats,
+        chunks,
+        key_lengths.numel(),
+        batch_heads,
+        HEAD_DIM=head_dim,
+        CHUNK_ROWS=FINALIZE_CHUNK_ROWS,
+        ROTATE_SUM=rotate_sum,
+        num_warps=4,
+    )
+    return tuple(stats.unbind(0))
 
 
 def key_value_stats(
@@ -685,7 +801,6 @@ def key_value_stats(
     blocks_per_program: int = STATS_BLOCKS_PER_PROGRAM,
     num_warps: int = STATS_NUM_WARPS,
     rotate_in_kernel: bool = False,
-    valid_keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pass 1 on the device: ``(k_mean, v_mean, v_scale, v_inverse_scale)``, each fp32 [B, H, D].
 
@@ -694,8 +809,7 @@ def key_value_stats(
     cores first; the two agree to fp32 rounding. ``v_mean`` is V's plain mean over the valid
     keys (what V is centred on), before the rounding-error correction ``QuantizedQKV.v_mean``
     carries. ``blocks_per_program`` changes the order of the sums (so the last bits of the
-    means), ``num_warps`` nothing but speed. ``valid_keys``: ``key_lengths.sum()``, when the
-    caller has it already.
+    means), ``num_warps`` nothing but speed.
     """
     partials = _stats_partials(
         k,
@@ -706,9 +820,8 @@ def key_value_stats(
         blocks_per_program=blocks_per_program,
         num_warps=num_warps,
     )
-    valid_keys = key_lengths.sum() if valid_keys is None else valid_keys
     return _stats_from_partials(
-        partials, valid_keys, k.shape, rotate_sum=rotate and not rotate_in_kernel
+        partials, key_lengths, k.shape, rotate_sum=rotate and not rotate_in_kernel
     )
 
 
@@ -795,7 +908,6 @@ def _launch_prepass(
         raise ValueError(f"key_order must be 'natural' or 'wgmma', got {key_order!r}")
     _check_v_terms(v_terms)
     _check_inputs(q, k, v, block_size)
-    valid_keys = key_lengths.sum()  # the statistics and V's mean correction both divide by it
     stats = key_value_stats(
         k,
         v,
@@ -805,7 +917,6 @@ def _launch_prepass(
         blocks_per_program=stats_blocks_per_program,
         num_warps=stats_num_warps,
         rotate_in_kernel=stats_rotate_in_kernel,
-        valid_keys=valid_keys,
     )
     outputs = _quantize_blocks(
         q,
@@ -824,7 +935,7 @@ def _launch_prepass(
         qk_blocks_per_program=qk_blocks_per_program,
         qk_load_stages=qk_load_stages,
     )
-    return _assemble(outputs, stats, valid_keys, block_size, q.shape[2], rotate, key_order)
+    return _assemble(outputs, stats, key_lengths, block_size, q.shape[2], rotate, key_order)
 
 
 def _quantize_blocks(
@@ -913,16 +1024,28 @@ def _quantize_blocks(
 def _assemble(
     outputs: tuple[torch.Tensor, ...],
     stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    valid_keys: torch.Tensor,
+    key_lengths: torch.Tensor,
     block_size: int,
     seq_len: int,
     rotate: bool,
     key_order: str,
 ) -> QuantizedQKV:
-    """The kernels' outputs -> :class:`QuantizedQKV`, V's mean corrected (torch, on the device)."""
+    """The kernels' outputs -> :class:`QuantizedQKV`, V's mean corrected in one launch
+    (``_corrected_v_mean_kernel``; ``_debiased_v_mean`` is the same in torch)."""
     q8, q_scale, k8, k_scale, v8, v_error_sums = outputs
     k_mean, v_mean, v_scale, _ = stats
-    error_sum = v_error_sums.sum(1).view(v_mean.shape)
+    corrected_mean = torch.empty_like(v_mean)
+    _corrected_v_mean_kernel[(v_error_sums.shape[0],)](
+        v_mean,
+        v_scale,
+        v_error_sums,
+        key_lengths,
+        corrected_mean,
+        key_lengths.numel(),
+        HEAD_DIM=v_mean.shape[-1],
+        BLOCK_ROWS=CORRECTION_BLOCK_ROWS,
+        num_warps=4,
+    )
     return QuantizedQKV(
         q8,
         q_scale,
@@ -930,7 +1053,7 @@ def _assemble(
         k_scale,
         v8,
         v_scale,
-        _debiased_v_mean(v_mean, v_scale, error_sum, valid_keys),
+        corrected_mean,
         k_mean,
         block_size,
         seq_len,
