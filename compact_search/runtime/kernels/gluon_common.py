@@ -20,7 +20,6 @@ __all__ = [
     "LOADER_REGISTERS",
     "MAX_REGISTERS",
     "loader_partition",
-    "load_row_tiles",
     "take_turn",
     "pass_turn",
     "cta_barriers",
@@ -48,52 +47,20 @@ def loader_partition(
     num_tiles,
     batch,
     head,
+    ring,
     BLOCK_SIZE: gl.constexpr,
     BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr,
     KEYS_LAST: gl.constexpr = False,
 ):
-    """One warp: tile ``t`` of the row (K or V) into ring slot ``t % STAGES`` through TMA.
+    """One warp: tile ``t`` of the row (K or V) into ring slot ``(ring + t) % STAGES`` through
+    TMA, ``ring`` being the tiles earlier rows of the CTA took through it (0 for a CTA of one
+    row; the 8-bit kernel's several rows a CTA call this once a row).
 
     K and V have a loader warp each, so a K tile waits only for its own buffer to drain (its
     Q K^T), never for the P V of an older V tile. ``KEYS_LAST``: the tensor is ``[B, H, D, Np]``
     (the 8-bit kernel's V^T), so a tile starts at column ``k_start`` rather than row.
     """
-    load_row_tiles(
-        desc,
-        bufs,
-        ready,
-        empty,
-        block_ids_ptr,
-        num_tiles,
-        batch,
-        head,
-        0,
-        BLOCK_SIZE,
-        BLOCK_N,
-        STAGES,
-        KEYS_LAST,
-    )
-
-
-@gluon.jit
-def load_row_tiles(
-    desc,
-    bufs,
-    ready,
-    empty,
-    block_ids_ptr,
-    num_tiles,
-    batch,
-    head,
-    ring,
-    BLOCK_SIZE: gl.constexpr,
-    BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr,
-    KEYS_LAST: gl.constexpr,
-):
-    """:func:`loader_partition`'s loop for one row whose tiles follow ``ring`` earlier ones
-    through the ring (a CTA of several rows): tile ``t`` goes to slot ``(ring + t) % STAGES``."""
     TILES_PER_BLOCK: gl.constexpr = BLOCK_SIZE // BLOCK_N
     for tile in range(num_tiles):
         ring_tile = ring + tile

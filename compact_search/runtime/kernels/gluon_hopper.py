@@ -324,6 +324,7 @@ def _gluon_block_sparse_attention_kernel(
                     num_tiles,
                     batch,
                     head,
+                    0,  # one row a CTA: its tiles start the ring
                     BLOCK_SIZE,
                     BLOCK_N,
                     STAGES,
@@ -340,6 +341,7 @@ def _gluon_block_sparse_attention_kernel(
                     num_tiles,
                     batch,
                     head,
+                    0,  # one row a CTA: its tiles start the ring
                     BLOCK_SIZE,
                     BLOCK_N,
                     STAGES,

@@ -88,7 +88,7 @@ from compact_search.runtime.kernels.gluon_common import (
     MAX_REGISTERS,
     cta_barriers,
     load_query_halves,
-    load_row_tiles,
+    loader_partition,
     pass_turn,
     take_turn,
 )
@@ -1011,7 +1011,7 @@ def _rows_loader_partition(
     for index in range(rows[6]):
         row_info = rows[7] if ROWS_PER_CTA == 1 else _query_row(rows, index)
         _q_block, num_tiles, _full_tiles, block_ids_ptr = row_info
-        load_row_tiles(
+        loader_partition(
             desc,
             bufs,
             ready,
