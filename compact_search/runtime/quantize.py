@@ -96,6 +96,10 @@ LOG2_E_C = tl.constexpr(LOG2_E)
 # Key blocks per program of the statistics kernel (one row of partials each).
 STATS_BLOCKS_PER_PROGRAM = 8
 STATS_NUM_WARPS = 4
+# Rows of partials (resp. key blocks' error sums) the program of a head that sums them (resp.
+# corrects V's mean) adds per step.
+FINALIZE_CHUNK_ROWS = 16
+CORRECTION_BLOCK_ROWS = 16
 # 8 warps: at 4, the quantization kernel's three [128, 128] fp32 tiles and the Hadamard dots
 # spill at head dim 128 (sm_90: 255 registers and ~115 local loads/stores; 172 and none at 8).
 QUANTIZE_NUM_WARPS = 8
@@ -756,10 +760,6 @@ def _stats_partials(
         num_warps=num_warps,
     )
     return partials
-
-
-FINALIZE_CHUNK_ROWS = 16  # partial rows a finalize program sums per step
-CORRECTION_BLOCK_ROWS = 16  # key blocks' error sums the correction sums per step
 
 
 def _stats_from_partials(
