@@ -201,7 +201,7 @@ def _bench_density(shape, qkv, block_mask, target, base, budget_ms, log) -> list
     lut = cached_block_lut(block_mask, seq_len=shape.tokens, block_size=BLOCK)
     out = torch.empty_like(q)
 
-    def prepass(v_terms: int = FP8_V_TERMS):
+    def prepass(v_terms: int = FP8_V_TERMS, v_format: str = "e4m3"):
         return quantize_qkv(
             q,
             k,
@@ -210,12 +210,13 @@ def _bench_density(shape, qkv, block_mask, target, base, budget_ms, log) -> list
             key_lengths=lut.key_lengths,
             key_order="wgmma",
             v_terms=v_terms,
+            v_format=v_format,
         )
 
-    # The default path (whole, pre-pass, kernel) and the kernel with V in the other number of
-    # e4m3 terms, its own pre-pass beside it.
+    # The default path (whole, pre-pass, kernel), the kernel with V in the other number of e4m3
+    # terms and the INT8 P V kernel, each with its own pre-pass beside it.
     other_terms = 3 - FP8_V_TERMS
-    quantized, other = prepass(), prepass(other_terms)
+    quantized, other, int8_v = prepass(), prepass(other_terms), prepass(1, "int8")
     scale = shape.head_dim**-0.5
     runs = {
         "bf16": lambda: sparse_attention(q, k, v, block_mask, backend="triton"),
@@ -224,6 +225,8 @@ def _bench_density(shape, qkv, block_mask, target, base, budget_ms, log) -> list
         "fp8-kernel": lambda: gluon_fp8_attention(quantized, lut, out, scale=scale),
         f"fp8-{other_terms}v-prepass": lambda: prepass(other_terms),
         f"fp8-{other_terms}v-kernel": lambda: gluon_fp8_attention(other, lut, out, scale=scale),
+        "int8pv-prepass": lambda: prepass(1, "int8"),
+        "int8pv-kernel": lambda: gluon_fp8_attention(int8_v, lut, out, scale=scale),
     }
     rows, measured = [], {}
     for provider, run in runs.items():
@@ -234,7 +237,7 @@ def _bench_density(shape, qkv, block_mask, target, base, budget_ms, log) -> list
         rows.append(_row(at, provider, timing, _flops(shape, density), errors))
     for row in rows:
         row["speedup_vs_bf16"] = round(measured["bf16"] / row["p50_ms"], 3)
-    bf16_row, fp8_row = rows[0], rows[1]
+    bf16_row, fp8_row, other_row = rows[0], rows[1], rows[5]
     log(
         f"{shape.name} density {density:.3f}: bf16 {measured['bf16']:.2f} ms, fp8 "
         f"{measured['fp8']:.2f} ms (pre-pass {measured['fp8-prepass']:.3f} + kernel "
@@ -243,16 +246,18 @@ def _bench_density(shape, qkv, block_mask, target, base, budget_ms, log) -> list
         f"{fp8_row['rel_l2']:.2e} cos {fp8_row['cosine']:.5f}, bf16 rel L2 "
         f"{bf16_row['rel_l2']:.2e}; fp8 config {autotuned_config()}; V in {other_terms} "
         f"e4m3 term(s): pre-pass {measured[f'fp8-{other_terms}v-prepass']:.3f} + kernel "
-        f"{measured[f'fp8-{other_terms}v-kernel']:.2f} ms, rel L2 {rows[-1]['rel_l2']:.2e} cos "
-        f"{rows[-1]['cosine']:.5f}"
+        f"{measured[f'fp8-{other_terms}v-kernel']:.2f} ms, rel L2 {other_row['rel_l2']:.2e} cos "
+        f"{other_row['cosine']:.5f}; INT8 P V: pre-pass {measured['int8pv-prepass']:.3f} + "
+        f"kernel {measured['int8pv-kernel']:.2f} ms (x{rows[-1]['speedup_vs_bf16']:.2f} "
+        f"kernel), rel L2 {rows[-1]['rel_l2']:.2e} cos {rows[-1]['cosine']:.5f}"
     )
     return rows
 
 
-def probe_variants() -> dict[str, tuple[GluonFP8Config, int]]:
-    """name -> (kernel config, V's e4m3 terms). The lookahead schedule only under a ptxas that
-    compiles it soundly (``TRITON_PTXAS_PATH`` >= 12.9): 12.8's build faults, which would poison
-    the CUDA context of every later variant."""
+def probe_variants() -> dict[str, tuple[GluonFP8Config, int | str]]:
+    """name -> (kernel config, V's e4m3 terms or "int8": INT8 P V). The lookahead schedule only
+    under a ptxas that compiles it soundly (``TRITON_PTXAS_PATH`` >= 12.9): 12.8's build faults,
+    which would poison the CUDA context of every later variant."""
     variants = {
         "default": (GluonFP8Config(), 1),
         "eager-rescale": (GluonFP8Config(lazy_rescale=False), 1),
@@ -268,6 +273,9 @@ def probe_variants() -> dict[str, tuple[GluonFP8Config, int]]:
         "two-v-terms": (GluonFP8Config(), 2),
         "two-v-terms-pingpong": (GluonFP8Config(pingpong=True), 2),
         "two-v-terms-stages3": (GluonFP8Config(stages=3), 2),
+        "int8-pv": (GluonFP8Config(), "int8"),
+        "int8-pv-pingpong": (GluonFP8Config(pingpong=True), "int8"),
+        "int8-pv-stages3": (GluonFP8Config(stages=3), "int8"),
     }
     if ptxas_version() >= LOOKAHEAD_MIN_PTXAS:
         variants["lookahead"] = (GluonFP8Config(lookahead=True), 1)
@@ -312,18 +320,19 @@ def _probe_density(
     reference = SampledReference(q, k, v, block_mask)
     lut = cached_block_lut(block_mask, seq_len=shape.tokens, block_size=BLOCK)
     quantized = {
-        (order, v_terms): quantize_qkv(
+        (order, v_spec): quantize_qkv(
             q,
             k,
             v,
             block_size=BLOCK,
             key_lengths=lut.key_lengths,
             key_order=order,
-            v_terms=v_terms,
+            v_terms=1 if v_spec == "int8" else v_spec,
+            v_format="int8" if v_spec == "int8" else "e4m3",
         )
-        for order, v_terms in {
-            ("wgmma" if config.permuted_keys else "natural", v_terms)
-            for config, v_terms in variants.values()
+        for order, v_spec in {
+            ("wgmma" if config.permuted_keys else "natural", v_spec)
+            for config, v_spec in variants.values()
         }
     }
     out = torch.empty_like(q)
@@ -338,8 +347,8 @@ def _probe_density(
         f"{shape.name} density {density:.3f} bf16 Gluon: {bf16_timing.p50_ms:.3f} ms, "
         f"{rows[0]['tflops']} TFLOP/s, rel L2 {bf16_errors['rel_l2']:.3e}"
     )
-    for name, (config, v_terms) in variants.items():
-        inputs = quantized["wgmma" if config.permuted_keys else "natural", v_terms]
+    for name, (config, v_spec) in variants.items():
+        inputs = quantized["wgmma" if config.permuted_keys else "natural", v_spec]
 
         def run(config=config, inputs=inputs):
             return gluon_fp8_attention(inputs, lut, out, scale=shape.head_dim**-0.5, config=config)

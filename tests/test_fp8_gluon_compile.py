@@ -36,16 +36,19 @@ H100_SHARED_MEMORY = 227 * 1024  # bytes one CTA may use on sm_90
 FP32_POINTERS = ("q_scale_ptr", "k_scale_ptr", "v_scale_ptr", "v_mean_ptr")
 
 
-def _stand_in(head_dim: int, v_terms: int = 1) -> QuantizedQKV:
+def _stand_in(head_dim: int, v_terms: int = 1, v_format: str = "e4m3") -> QuantizedQKV:
     """Tensors with the dtypes, shapes and strides of a real call (nothing is launched)."""
     batch, heads, padded_len = 1, 2, 256
     int8 = torch.empty(batch, heads, padded_len, head_dim, dtype=torch.int8)
     fp32 = torch.empty(1)
-    v_t = torch.empty(batch, heads, v_terms * head_dim, padded_len, dtype=torch.float8_e4m3fn)
+    v_dtype = torch.int8 if v_format == "int8" else torch.float8_e4m3fn
+    v_t = torch.empty(batch, heads, v_terms * head_dim, padded_len, dtype=v_dtype)
     return QuantizedQKV(int8, fp32, int8, fp32, v_t, fp32, fp32, fp32, 128, 250, True)
 
 
-def compile_for_hopper(head_dim: int, dtype: torch.dtype, config, v_terms: int = 1):
+def compile_for_hopper(
+    head_dim: int, dtype: torch.dtype, config, v_terms: int = 1, v_format: str = "e4m3"
+):
     import triton
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
@@ -53,9 +56,10 @@ def compile_for_hopper(head_dim: int, dtype: torch.dtype, config, v_terms: int =
     kernel = gluon_fp8._gluon_fp8_attention_kernel
     out = torch.empty(1, 2, 250, head_dim, dtype=dtype)
     names = ("q_desc", "k_desc", "v_desc", "o_desc")
-    stand_in = _stand_in(head_dim, v_terms)
+    stand_in = _stand_in(head_dim, v_terms, v_format)
     descriptors = dict(zip(names, gluon_fp8.descriptors(stand_in, out), strict=True))
     constants = {"HEAD_DIM": head_dim, "V_TERMS": v_terms, **config.kwargs()}
+    constants["INT8_PV"] = v_format == "int8"
     signature, constexprs = {}, {}
     for index, name in enumerate(inspect.signature(kernel.fn).parameters):
         if name in descriptors:
@@ -102,13 +106,19 @@ def innermost_loops(sass: str) -> list[list[str]]:
 E4M3_SELF_PAIR = re.compile(r"cvt\.rn\.satfinite\.e4m3x2\.f32\s+%rs\d+, (%r\d+), \1;")
 
 
-def compiled_facts(head_dim: int, dtype: torch.dtype, config, v_terms: int = 1) -> dict:
-    compiled = compile_for_hopper(head_dim, dtype, config, v_terms)
+def compiled_facts(
+    head_dim: int, dtype: torch.dtype, config, v_terms: int = 1, v_format: str = "e4m3"
+) -> dict:
+    compiled = compile_for_hopper(head_dim, dtype, config, v_terms, v_format)
     ptx = compiled.asm["ptx"]
     usage, sass = disassemble(compiled.asm["cubin"])
     loops = innermost_loops(sass)
-    # The first loop with both matmuls is warpgroup 0's loop over fully valid key blocks.
-    main_loop = next(ops for ops in loops if "QGMMA" in ops and "IGMMA" in ops)
+    # The first loop with both matmuls is warpgroup 0's loop over fully valid key blocks (with
+    # INT8 P V both are IGMMA: Q K^T's four k-steps and at least as many of P V's).
+    if v_format == "int8":
+        main_loop = next(ops for ops in loops if ops.count("IGMMA") >= 8)
+    else:
+        main_loop = next(ops for ops in loops if "QGMMA" in ops and "IGMMA" in ops)
     return {
         "loop_spills": [ops.count("STL") + ops.count("LDL") for ops in loops],
         "main_loop": {
@@ -482,11 +492,16 @@ if __name__ == "__main__" and sys.argv[1] == "portable":
     facts["cp_async"] = len(re.findall(r"\bcp\.async\.c[ag]\b", ptx))
     print(json.dumps(facts))
 elif __name__ == "__main__":
+    # V_TERMS: 1, 2, or "int8" (one INT8 term).
     head_dim, dtype_name, v_terms, stages, rows_per_cta, *switches = sys.argv[1:]
+    v_format = "int8" if v_terms == "int8" else "e4m3"
+    v_terms = "1" if v_terms == "int8" else v_terms
     config = gluon_fp8.GluonFP8Config(
         int(stages),
         rows_per_cta=int(rows_per_cta),
         **{name: bool(int(on)) for name, on in zip(SWITCHES, switches, strict=True)},
     )
-    facts = compiled_facts(int(head_dim), getattr(torch, dtype_name), config, int(v_terms))
+    facts = compiled_facts(
+        int(head_dim), getattr(torch, dtype_name), config, int(v_terms), v_format
+    )
     print(json.dumps(facts))

@@ -126,15 +126,26 @@ def _inputs(case):
     return q, k, v, lengths, block_size, rotate
 
 
-@pytest.mark.parametrize("v_terms", [1, 2], ids=["one-v-term", "two-v-terms"])
+# V's formats: (v_format, v_terms).
+V_FORMATS = [("e4m3", 1), ("e4m3", 2), ("int8", 1)]
+V_FORMAT_IDS = ["one-v-term", "two-v-terms", "int8-v"]
+
+
+@pytest.mark.parametrize("v_format, v_terms", V_FORMATS, ids=V_FORMAT_IDS)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_prepass_matches_its_torch_emulation(case, v_terms: int) -> None:
+def test_prepass_matches_its_torch_emulation(case, v_format: str, v_terms: int) -> None:
     q, k, v, lengths, block_size, rotate = _inputs(case)
-    arguments = dict(block_size=block_size, key_lengths=lengths, rotate=rotate, v_terms=v_terms)
+    arguments = dict(block_size=block_size, key_lengths=lengths, rotate=rotate)
+    arguments |= dict(v_terms=v_terms, v_format=v_format)
     got = quantize_qkv(q, k, v, **arguments)
-    stats = key_value_stats(k, v, lengths, block_size=block_size, rotate=rotate)
+    stats = key_value_stats(k, v, lengths, block_size=block_size, rotate=rotate, v_format=v_format)
     want = emulate_quantize_qkv(q, k, v, **arguments, stats=stats)
     assert got.v_terms == want.v_terms == v_terms
+    assert got.v_format == want.v_format == v_format
+    if v_format == "int8":
+        # Every value an integer within +-127, and each channel's largest |v - mean| at 127.
+        assert got.v_t.dtype == torch.int8 and got.v_t.abs().max() <= 127
+        assert (got.v_t.abs().amax(-1) == 127).float().mean() > 0.9
     assert torch.equal(got.v_t.view(torch.uint8), want.v_t.view(torch.uint8))
     # The same rounding errors summed in another order: the mean error (in units of the scale)
     # agrees to fp32 rounding, and the corrected mean to that times the scale plus an ulp.
@@ -279,6 +290,17 @@ def test_two_v_terms_carry_v_to_seven_mantissa_bits(case) -> None:
     assert error.norm() < one_error.norm() / 8
 
 
+def test_prepass_rejects_unknown_v_formats_and_two_int8_terms() -> None:
+    q, k, v, lengths, block_size, _ = _inputs(CASES[0])
+    for quantize in (quantize_qkv, emulate_quantize_qkv):
+        with pytest.raises(ValueError, match="v_format"):
+            quantize(q, k, v, block_size=block_size, key_lengths=lengths, v_format="e5m2")
+        with pytest.raises(ValueError, match="one term"):
+            quantize(
+                q, k, v, block_size=block_size, key_lengths=lengths, v_format="int8", v_terms=2
+            )
+
+
 def test_prepass_rejects_a_third_v_term() -> None:
     q, k, v, lengths, block_size, rotate = _inputs(CASES[0])
     for quantize in (quantize_qkv, emulate_quantize_qkv):
@@ -421,8 +443,8 @@ def test_prepass_writes_v_in_wgmma_key_order_on_request() -> None:
 ALLOCATION_AND_VIEW_OPS = {"empty", "empty_like", "new_empty", "unbind", "view", "set_", "copy_"}
 
 
-@pytest.mark.parametrize("v_terms", [1, 2])
-def test_prepass_does_no_torch_arithmetic(v_terms: int) -> None:
+@pytest.mark.parametrize("v_format, v_terms", V_FORMATS, ids=V_FORMAT_IDS)
+def test_prepass_does_no_torch_arithmetic(v_format: str, v_terms: int) -> None:
     from collections import Counter
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -438,7 +460,8 @@ def test_prepass_does_no_torch_arithmetic(v_terms: int) -> None:
 
     q, k, v = (torch.randn(1, 2, 300, 64, dtype=torch.bfloat16) for _ in range(3))
     lengths = torch.tensor([128, 128, 44], dtype=torch.int32)
-    arguments = dict(block_size=128, key_lengths=lengths, key_order="wgmma", v_terms=v_terms)
+    arguments = dict(block_size=128, key_lengths=lengths, key_order="wgmma")
+    arguments |= dict(v_terms=v_terms, v_format=v_format)
     quantize_qkv(q, k, v, **arguments)  # the Hadamard matrix is built once and cached
     with Recorder() as recorder:
         quantize_qkv(q, k, v, **arguments)

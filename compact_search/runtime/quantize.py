@@ -1,4 +1,4 @@
-"""The 8-bit pre-pass: q, k, v -> INT8 Q/K with scales and FP8 e4m3 V^T, and its torch emulation.
+"""The 8-bit pre-pass: q, k, v -> INT8 Q/K with scales and 8-bit V^T, and its torch emulation.
 
 Once per attention call, before the 8-bit kernels (``kernels/triton_portable_fp8.py``,
 ``kernels/gluon_hopper_fp8.py``; ``runtime/attention.py`` picks one) run:
@@ -21,7 +21,9 @@ Once per attention call, before the 8-bit kernels (``kernels/triton_portable_fp8
      by its per-channel scale ``amax |v - mean| / 448`` and rounded to FP8 e4m3 (nearest even,
      saturating at +-448), and is stored transposed, ``[B, H, D, Np]``, the K-major B operand the
      FP8 wgmma of P V needs; padded keys and tokens past N are zeros. With ``v_terms=2`` the
-     e4m3 rounding of what that missed follows as rows ``D..2D-1`` (``[B, H, 2 D, Np]``);
+     e4m3 rounding of what that missed follows as rows ``D..2D-1`` (``[B, H, 2 D, Np]``). With
+     ``v_format="int8"`` V is instead divided by ``amax |v - mean| / 127`` and rounded to INT8
+     (nearest even), the B operand of an INT8 P V (the kernels then round P to INT8 too);
    - each program also writes, per channel, its block's sum of V's rounding error
      ``v8 - (v - mean) / scale`` over the valid keys (``[B*H, nb, D]`` partials, no atomics, so
      the result is deterministic); ``_corrected_v_mean_kernel`` adds them up and subtracts
@@ -65,6 +67,8 @@ __all__ = [
     "LOG2_P_SCALE",
     "RESCALE_THRESHOLD",
     "FP8_V_TERMS",
+    "V_FORMATS",
+    "INT8_P_SCALE",
 ]
 
 INT8_MAX = 127.0
@@ -83,6 +87,12 @@ ROUNDING_MAGIC_C = tl.constexpr(ROUNDING_MAGIC)
 # value, so small probabilities stay clear of the subnormal range (e4m3 normals reach 2^-6).
 LOG2_P_SCALE = math.log2(E4M3_MAX)
 LOG2_P_SCALE_C = tl.constexpr(LOG2_P_SCALE)
+# With INT8 P V (``v_format="int8"``) P is 127 * exp2(s - t), t the tile's own row max, rounded
+# to an integer: relative to the tile's max rather than the running one, a tile's P uses the
+# whole INT8 range wherever its max sits below the row's (docs/kernel.md, "INT8 P V").
+INT8_P_SCALE = INT8_MAX
+LOG2_INT8_P_SCALE = math.log2(INT8_P_SCALE)
+LOG2_INT8_P_SCALE_C = tl.constexpr(LOG2_INT8_P_SCALE)
 # A row's running max m moves only to a tile max above m + this (log2 units), and P is
 # 448 * 2^-t * exp2(s - m) <= 448. Where a row's max stays, its accumulator's rescale factor is
 # exactly 1 and the Gluon kernel branches over the multiplies (FlashAttention-4's conditional
@@ -116,6 +126,10 @@ QK_LOAD_STAGES = 2
 # V's e4m3 terms on the runtime's 8-bit path (sparse_attention(precision="fp8")): 1, or 2 (its
 # rounding error in a second term and a second P V product; docs/kernel.md, "Accuracy").
 FP8_V_TERMS = 1
+# How V^T is stored: "e4m3" (FP8 P V, one or two terms) or "int8" (INT8 P V, one term).
+V_FORMATS = ("e4m3", "int8")
+# The largest 8-bit value of each format: V's per-channel scale maps amax |v - mean| to it.
+V_FORMAT_MAX = {"e4m3": E4M3_MAX, "int8": INT8_MAX}
 
 
 _HADAMARD_CACHE: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
@@ -153,7 +167,8 @@ class QuantizedQKV:
         k_scale: fp32 ``[B, H, nb]``.
         v_t: float8_e4m3fn ``[B, H, T * D, Np]`` with ``T = v_terms``: ``(v - v_mean) / v_scale``,
             transposed, in e4m3 (rows ``0..D-1``); with two terms rows ``D..2D-1`` hold the
-            e4m3 rounding of what the first missed, and V^T is their sum (exact in fp32).
+            e4m3 rounding of what the first missed, and V^T is their sum (exact in fp32). Or
+            int8 ``[B, H, D, Np]`` (``v_format`` "int8": one term, ``v_scale`` is amax / 127).
         v_scale: fp32 ``[B, H, D]``.
         v_mean: fp32 ``[B, H, D]``, what the kernels add to the output: V's mean over the valid
             keys (the one ``v_t`` is centred on, ``key_value_stats``' ``v_mean``) minus
@@ -179,6 +194,11 @@ class QuantizedQKV:
     seq_len: int
     rotated: bool
     wgmma_key_order: bool = False
+
+    @property
+    def v_format(self) -> str:
+        """ "int8" (INT8 P V) or "e4m3" (FP8 P V), from V^T's dtype."""
+        return "int8" if self.v_t.dtype == torch.int8 else "e4m3"
 
     @property
     def v_terms(self) -> int:
@@ -389,6 +409,7 @@ def _finalize_stats_kernel(
     HEAD_DIM: tl.constexpr,
     CHUNK_ROWS: tl.constexpr,
     ROTATE_SUM: tl.constexpr,
+    V_MAX: tl.constexpr = E4M3_MAX_C,
 ):
     """Grid ``(B * H,)``: the statistics kernel's ``[B*H, chunks, D]`` partials -> fp32
     ``stats[4, B*H, D]``: K's mean (its sum rotated here when ``ROTATE_SUM``), V's mean, V's
@@ -430,10 +451,11 @@ def _finalize_stats_kernel(
     plane = batch_heads.to(tl.int64) * HEAD_DIM
     tl.store(stats_ptr + out, k_mean)
     tl.store(stats_ptr + plane + out, v_mean)
-    tl.store(stats_ptr + 2 * plane + out, tl.math.div_rn(v_amax, E4M3_MAX_C))
+    # V_MAX: the largest value of V's 8-bit format (448 e4m3, 127 int8).
+    tl.store(stats_ptr + 2 * plane + out, tl.math.div_rn(v_amax, V_MAX))
     tl.store(
         stats_ptr + 3 * plane + out,
-        tl.math.div_rn(tl.full([HEAD_DIM], E4M3_MAX_C, tl.float32), v_amax),
+        tl.math.div_rn(tl.full([HEAD_DIM], V_MAX, tl.float32), v_amax),
     )
 
 
@@ -580,6 +602,7 @@ def _quantize_kernel(
     HARDWARE_E4M3: tl.constexpr = False,
     BLOCKS_PER_PROGRAM: tl.constexpr = 1,
     LOAD_STAGES: tl.constexpr = 1,
+    V_INT8: tl.constexpr = False,
 ):
     """Grid ``(ceil(nb / BLOCKS_PER_PROGRAM), B * H)``: blocks of Q, K and V of one head into
     the 8-bit layouts.
@@ -597,6 +620,8 @@ def _quantize_kernel(
     consecutive blocks in a loop whose loads Triton's pipeliner issues ``LOAD_STAGES - 1``
     blocks ahead, straight into the shared memory the Hadamard product reads (one block a
     program stages each tile from registers, stalled on those stores: docs/kernel.md).
+    ``V_INT8``: V is rounded to INT8 (nearest even; ``|centred| <= 127`` by its scale, the clamp
+    only catches an ulp), one term.
     """
     batch_head = tl.program_id(1)
     batch = batch_head // num_heads
@@ -663,8 +688,12 @@ def _quantize_kernel(
             v_inverse_scale_ptr + stats
         )[None, :]
         centred = tl.where(valid[:, None], centred, 0.0)  # padded keys: 0 in every term
-        v8_bytes = _to_e4m3(centred, HARDWARE_E4M3)  # [BS, D] e4m3
-        v8 = v8_bytes.to(tl.float32)
+        if V_INT8:
+            v8 = tl.minimum(tl.maximum(round_half_even(centred), -INT8_MAX_C), INT8_MAX_C)
+            v8_bytes = v8.to(tl.int8)  # [BS, D] int8, an exact conversion of an integer
+        else:
+            v8_bytes = _to_e4m3(centred, HARDWARE_E4M3)  # [BS, D] e4m3
+            v8 = v8_bytes.to(tl.float32)
         if V_TERMS == 2:
             # What v8 missed, itself in e4m3 (exact in fp32: both are short-mantissa values).
             v8_low_bytes = _to_e4m3(centred - v8, HARDWARE_E4M3)
@@ -700,15 +729,17 @@ def _finalize_stats(
     v_max: torch.Tensor,
     v_min: torch.Tensor,
     valid_keys: torch.Tensor,
+    v_max_value: float = E4M3_MAX,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sums/extremes ``[..., D]`` -> K mean, V mean, V scale and its inverse (all fp32)."""
+    """Sums/extremes ``[..., D]`` -> K mean, V mean, V scale and its inverse (all fp32);
+    ``v_max_value``: the largest value of V's 8-bit format (``V_FORMAT_MAX``)."""
     count = valid_keys.clamp(min=1).to(torch.float32).expand_as(k_sum)
     k_mean = torch.div(k_sum, count)
     v_mean = torch.div(v_sum, count)
     v_amax = torch.maximum(v_max - v_mean, v_mean - v_min).clamp(min=TINY_AMAX)
     # No valid key at all: every extreme is infinite; any finite scale will do.
     v_amax = torch.where(torch.isfinite(v_amax), v_amax, torch.ones_like(v_amax))
-    return k_mean, v_mean, _divided(v_amax, E4M3_MAX), _reciprocal_times(E4M3_MAX, v_amax)
+    return k_mean, v_mean, _divided(v_amax, v_max_value), _reciprocal_times(v_max_value, v_amax)
 
 
 def _debiased_v_mean(
@@ -768,6 +799,7 @@ def _stats_from_partials(
     shape: torch.Size,
     *,
     rotate_sum: bool,
+    v_format: str = "e4m3",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The statistics kernel's partials -> ``key_value_stats``' result, in one launch
     (``_finalize_stats_kernel``). ``rotate_sum``: the kernel summed unrotated keys; K's sum is
@@ -786,6 +818,7 @@ def _stats_from_partials(
         HEAD_DIM=head_dim,
         CHUNK_ROWS=FINALIZE_CHUNK_ROWS,
         ROTATE_SUM=rotate_sum,
+        V_MAX=V_FORMAT_MAX[v_format],
         num_warps=4,
     )
     return tuple(stats.unbind(0))
@@ -801,6 +834,7 @@ def key_value_stats(
     blocks_per_program: int = STATS_BLOCKS_PER_PROGRAM,
     num_warps: int = STATS_NUM_WARPS,
     rotate_in_kernel: bool = False,
+    v_format: str = "e4m3",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pass 1 on the device: ``(k_mean, v_mean, v_scale, v_inverse_scale)``, each fp32 [B, H, D].
 
@@ -809,7 +843,8 @@ def key_value_stats(
     cores first; the two agree to fp32 rounding. ``v_mean`` is V's plain mean over the valid
     keys (what V is centred on), before the rounding-error correction ``QuantizedQKV.v_mean``
     carries. ``blocks_per_program`` changes the order of the sums (so the last bits of the
-    means), ``num_warps`` nothing but speed.
+    means), ``num_warps`` nothing but speed. ``v_format``: V's scale is amax over 448 ("e4m3")
+    or over 127 ("int8").
     """
     partials = _stats_partials(
         k,
@@ -821,13 +856,21 @@ def key_value_stats(
         num_warps=num_warps,
     )
     return _stats_from_partials(
-        partials, key_lengths, k.shape, rotate_sum=rotate and not rotate_in_kernel
+        partials,
+        key_lengths,
+        k.shape,
+        rotate_sum=rotate and not rotate_in_kernel,
+        v_format=v_format,
     )
 
 
-def _check_v_terms(v_terms: int) -> None:
+def _check_v_terms(v_terms: int, v_format: str = "e4m3") -> None:
+    if v_format not in V_FORMATS:
+        raise ValueError(f"v_format must be one of {V_FORMATS}, got {v_format!r}")
     if v_terms not in (1, 2):
         raise ValueError(f"v_terms must be 1 or 2, got {v_terms!r}")
+    if v_format == "int8" and v_terms != 1:
+        raise ValueError("INT8 V (v_format='int8') is one term: v_terms must be 1")
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
@@ -849,8 +892,9 @@ def quantize_qkv(
     rotate: bool = True,
     key_order: str = "natural",
     v_terms: int = 1,
+    v_format: str = "e4m3",
 ) -> QuantizedQKV:
-    """The pre-pass (two Triton kernels and a few small torch reductions).
+    """The pre-pass (six Triton launches, no torch arithmetic).
 
     Args:
         q, k, v: ``[B, H, N, D]`` fp16/bf16 (fp32 works too), unit stride along D.
@@ -861,6 +905,8 @@ def quantize_qkv(
             the Gluon kernel reads).
         v_terms: 1 (V in one e4m3 term) or 2 (and its rounding error in a second: the kernels
             then run P V twice, for V at about 7 mantissa bits; see ``QuantizedQKV.v_t``).
+        v_format: "e4m3" (FP8 P V) or "int8" (V in INT8, one term: the kernels run P V in INT8
+            with P rounded against each tile's own max; docs/kernel.md, "INT8 P V").
     """
     return _launch_prepass(
         q,
@@ -871,6 +917,7 @@ def quantize_qkv(
         rotate=rotate,
         key_order=key_order,
         v_terms=v_terms,
+        v_format=v_format,
     )
 
 
@@ -893,6 +940,7 @@ def _launch_prepass(
     hardware_e4m3: bool | None = None,
     qk_blocks_per_program: int = QK_BLOCKS_PER_PROGRAM,
     qk_load_stages: int = QK_LOAD_STAGES,
+    v_format: str = "e4m3",
 ) -> QuantizedQKV:
     """:func:`quantize_qkv` with its launch parameters (``benchmarks/bench_prepass.py`` times
     them): the statistics kernel's key blocks per program and warps and whether it rotates
@@ -906,7 +954,7 @@ def _launch_prepass(
     ``qk_load_stages``)."""
     if key_order not in ("natural", "wgmma"):
         raise ValueError(f"key_order must be 'natural' or 'wgmma', got {key_order!r}")
-    _check_v_terms(v_terms)
+    _check_v_terms(v_terms, v_format)
     _check_inputs(q, k, v, block_size)
     stats = key_value_stats(
         k,
@@ -917,6 +965,7 @@ def _launch_prepass(
         blocks_per_program=stats_blocks_per_program,
         num_warps=stats_num_warps,
         rotate_in_kernel=stats_rotate_in_kernel,
+        v_format=v_format,
     )
     outputs = _quantize_blocks(
         q,
@@ -934,6 +983,7 @@ def _launch_prepass(
         hardware_e4m3=hardware_e4m3,
         qk_blocks_per_program=qk_blocks_per_program,
         qk_load_stages=qk_load_stages,
+        v_format=v_format,
     )
     return _assemble(outputs, stats, key_lengths, block_size, q.shape[2], rotate, key_order)
 
@@ -955,6 +1005,7 @@ def _quantize_blocks(
     hardware_e4m3: bool | None = None,
     qk_blocks_per_program: int = QK_BLOCKS_PER_PROGRAM,
     qk_load_stages: int = QK_LOAD_STAGES,
+    v_format: str = "e4m3",
 ) -> tuple[torch.Tensor, ...]:
     """The quantization kernel alone: ``(q8, q_scale, k8, k_scale, v8, v_error_sums)``.
 
@@ -971,9 +1022,8 @@ def _quantize_blocks(
     device = q.device
     q8 = torch.empty(batch, heads, padded_len, head_dim, device=device, dtype=torch.int8)
     k8 = torch.empty_like(q8)
-    v8 = torch.empty(
-        batch, heads, v_terms * head_dim, padded_len, device=device, dtype=torch.float8_e4m3fn
-    )
+    v_dtype = torch.int8 if v_format == "int8" else torch.float8_e4m3fn
+    v8 = torch.empty(batch, heads, v_terms * head_dim, padded_len, device=device, dtype=v_dtype)
     q_scale = torch.empty(batch, heads, padded_len, device=device, dtype=torch.float32)
     k_scale = torch.empty(batch, heads, num_blocks, device=device, dtype=torch.float32)
     v_error_sums = torch.empty(
@@ -1016,6 +1066,7 @@ def _quantize_blocks(
             HARDWARE_E4M3=not interpreting() if hardware_e4m3 is None else hardware_e4m3,
             BLOCKS_PER_PROGRAM=blocks_per_program,
             LOAD_STAGES=qk_load_stages if blocks_per_program > 1 else 1,
+            V_INT8=v_format == "int8",
             num_warps=num_warps,
         )
     return q8, q_scale, k8, k_scale, v8, v_error_sums
@@ -1096,6 +1147,7 @@ def emulate_quantize_qkv(
     rotate: bool = True,
     stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     v_terms: int = 1,
+    v_format: str = "e4m3",
 ) -> QuantizedQKV:
     """:func:`quantize_qkv` in torch, op for op in fp32 (the rotation exact, then rounded).
 
@@ -1105,7 +1157,7 @@ def emulate_quantize_qkv(
     summed in another order, so it agrees to fp32 rounding, not bit for bit.
     """
     _check_inputs(q, k, v, block_size)
-    _check_v_terms(v_terms)
+    _check_v_terms(v_terms, v_format)
     batch, heads, seq_len, head_dim = q.shape
     num_blocks = key_lengths.numel()
     padded_len = num_blocks * block_size
@@ -1130,6 +1182,7 @@ def emulate_quantize_qkv(
             torch.where(valid[:, None], values, -math.inf).amax(2),
             torch.where(valid[:, None], values, math.inf).amin(2),
             count,
+            V_FORMAT_MAX[v_format],
         )
     k_mean, v_mean, v_scale, v_inverse_scale = stats
 
@@ -1140,7 +1193,8 @@ def emulate_quantize_qkv(
     k_amax = blocks.abs().amax(-1).clamp(min=TINY_AMAX)  # [B, H, nb]
     k8 = _int8(blocks * _reciprocal_times(INT8_MAX, k_amax)[..., None]).reshape(keys.shape)
     centred = (values - v_mean[:, :, None]) * v_inverse_scale[:, :, None]
-    v8 = to_e4m3(torch.where(valid[:, None], centred, 0.0))  # [B, H, Np, D]
+    centred = torch.where(valid[:, None], centred, 0.0)
+    v8 = _int8(centred) if v_format == "int8" else to_e4m3(centred)  # [B, H, Np, D]
     represented = v8.float()
     if v_terms == 2:
         v8_low = to_e4m3(torch.where(valid[:, None], centred - v8.float(), 0.0))

@@ -95,6 +95,7 @@ from compact_search.runtime.kernels.gluon_common import (
 from compact_search.runtime.lut import BlockLUT
 from compact_search.runtime.quantize import (
     FP8_V_TERMS,
+    LOG2_INT8_P_SCALE_C,
     LOG2_P_SCALE_C,
     RESCALE_THRESHOLD,
     ROUNDING_MAGIC_C,
@@ -705,6 +706,268 @@ def _paired_tiles(
     return acc, row_max, row_sum
 
 
+# --- INT8 P V (QuantizedQKV.v_format "int8") ---------------------------------------------------
+#
+# P V in INT8 (``m64nDk32.s32.s8.s8``, A from registers), V^T int8 per channel. P is rounded
+# against each tile's own row max t, ``round(127 exp2(s - t))``, not the running max m: a tile
+# whose max sits below the row's would otherwise use a fraction of the INT8 range (on Gaussian
+# scores P against m costs 5.0e-2 of relative error, against t 1.6e-2; e4m3 P and V 3.6e-2).
+# The int32 product of one tile (|x| <= 127 * 127 * 128 < 2^22) joins the fp32 accumulator with
+# its weight exp2(t - m'): ``acc = acc exp2(m - m') + pv exp2(t - m')``, the int -> float by the
+# integer add of MAGIC_I2F and its bias taken out in the same fused multiply-adds. So the
+# accumulator is a second set of registers beside the wgmma's (as in two-level accumulation),
+# and every tile pays an integer add and two FFMA per accumulator value, where the FP8 path's
+# lazy rescale skips its multiplies in most tiles. The row sums come from the tensor cores
+# (``P ones^T``, int32), exact sums of the rounded P.
+
+
+@gluon.jit
+def _int8_softmax_step(
+    scores,
+    row_max,
+    row_scale,
+    key_length,
+    s_layout: gl.constexpr,
+    MASKED: gl.constexpr,
+    TREE_ROWS: gl.constexpr,
+):
+    """INT8 P V's online-softmax update for one ``[64, 128]`` int32 score tile.
+
+    Returns P (``127 exp2(s - t)``, fp32 in ``[0, 127]``, t the tile's row max; rounded as it is
+    packed), the new running max ``m' = max(m, t)``, the accumulator's factor ``exp2(m - m')``
+    and the tile's weight ``exp2(t - m')``. The scores become fp32 and the bias folds into the
+    offset as in ``_softmax_step`` (``MAGIC_I2F``). A row's largest P is 127 to within a few
+    ulps of the folded offset, far from the 127.5 that would round it out of INT8.
+    """
+    scores = (scores + MAGIC_BITS).to(gl.float32, bitcast=True)  # [64, 128], B + S
+    if MASKED:
+        # A block with padded keys: only its first key_length keys are valid (a prefix).
+        cols = gl.arange(0, 128, layout=gl.SliceLayout(0, s_layout))  # [128]
+        scores = gl.where(gl.expand_dims(cols < key_length, 0), scores, float("-inf"))
+    rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    tile_max = (_row_reduce(scores, rows_layout, TREE_ROWS, True) - ROUNDING_MAGIC_C) * row_scale
+    new_max = gl.maximum(row_max, tile_max)  # [64]
+    offset = tile_max - LOG2_INT8_P_SCALE_C + ROUNDING_MAGIC_C * row_scale  # [64]
+    probs = gl.exp2(scores * gl.expand_dims(row_scale, 1) - gl.expand_dims(offset, 1))
+    correction = gl.exp2(row_max - new_max)  # [64]
+    weight = gl.exp2(tile_max - new_max)  # [64]
+    return probs, new_max, correction, weight
+
+
+@gluon.jit
+def _to_s8_packed(x):
+    """fp32 integers-to-be in ``[0, 127]`` -> int8 (nearest even), four into one register.
+
+    Adding ``2^23 + 2^22`` rounds to an integer in the low bits (the MAGIC_I2F bias read the
+    other way), and three byte permutes gather the four low bytes in key order: the operand
+    bytes of the INT8 wgmma, with no conversion instruction (those share the exp2 unit's rate).
+    """
+    return gl.inline_asm_elementwise(
+        """
+        {
+        .reg .b32 a, b, c, d, lo, hi;
+        add.rn.f32 a, $1, 0f4B400000;
+        add.rn.f32 b, $2, 0f4B400000;
+        add.rn.f32 c, $3, 0f4B400000;
+        add.rn.f32 d, $4, 0f4B400000;
+        prmt.b32 lo, a, b, 0x0040;
+        prmt.b32 hi, c, d, 0x0040;
+        prmt.b32 $0, lo, hi, 0x5410;
+        }
+        """,
+        "=r,r,r,r,r",
+        [x],
+        dtype=gl.int8,
+        is_pure=True,
+        pack=4,
+    )
+
+
+@gluon.jit
+def _issue_int8_pv(p, v_bufs, v_ready, tile, zero_pv, sums, STAGES: gl.constexpr):
+    """Issue P_tile V_tile in INT8 into a zero int32 accumulator, then ``P ones^T`` (its row
+    sums, int32 ``[64, 8]``, column 0), from the same packed registers: two commit groups.
+    Returns both tokens."""
+    slot = tile % STAGES
+    mbarrier.wait(v_ready.index(slot), (tile // STAGES) & 1)
+    v_tile = v_bufs.index(slot).permute((1, 0))  # [128, D] int8, keys contiguous: K-major
+    p8 = _to_s8_packed(p)  # [64, 128] int8
+    token = warpgroup_mma(p8, v_tile, zero_pv, use_acc=False, is_async=True)
+    ones, zero_sums = sums
+    sums_token = warpgroup_mma(p8, ones.permute((1, 0)), zero_sums, use_acc=False, is_async=True)
+    return token, sums_token
+
+
+@gluon.jit
+def _int8_merged(acc, row_sum, pv, tile_sums, weight):
+    """A tile's int32 P V ``[64, D]`` and row sums ``[64, 8]`` into the fp32 running sums with
+    its weight ``w`` ``[64]`` (relative to the running max they are kept at): ``acc + pv w`` and
+    ``l + rowsum w``. ``B + pv`` (exact: ``|pv| < 2^22``) is read as a float and its bias taken
+    out inside the fused multiply-add, ``(B + pv) w + (acc - B w)``: ``B w`` is rounded once a
+    row, a shift of at most half its ulp (2^-25 B w, ~4e-7 of the tile's largest share)."""
+    o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+    sums_rows: gl.constexpr = gl.SliceLayout(1, row_sum.type.layout)
+    share = gl.expand_dims(gl.convert_layout(weight, o_rows), 1)  # [64, 1]
+    biased = (pv + MAGIC_BITS).to(gl.float32, bitcast=True)  # [64, D], B + pv
+    acc = gl.fma(biased, share, acc - ROUNDING_MAGIC_C * share)
+    sums_share = gl.expand_dims(gl.convert_layout(weight, sums_rows), 1)  # [64, 1]
+    row_sum = row_sum + tile_sums.to(gl.float32) * sums_share
+    return acc, row_sum
+
+
+@gluon.jit
+def _int8_key_tile(
+    state,
+    tile,
+    turn_offset,
+    operands,
+    row,
+    q_scale,
+    WARPGROUP: gl.constexpr,
+    STAGES: gl.constexpr,
+    PINGPONG: gl.constexpr,
+    PERMUTED_KEYS: gl.constexpr,
+    TREE_ROWS: gl.constexpr,
+    MASKED: gl.constexpr,
+):
+    """``_key_tile`` for INT8 P V: issue P_{j-1} V_{j-1} (with its row sums) and S_j, merge the
+    former with its weight while S_j runs, then softmax j and the rescale to its max. ``state``
+    is (acc and row sums ``[64, 8]`` at the running max of tile j-1, P_{j-1} in fp32 in the A
+    operand's layout, row max, tile j-1's weight)."""
+    acc, p, row_max, row_sum, weight = state
+    q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turns, zeros = operands
+    zero_scores, zero_pv, sums = zeros
+    s_layout: gl.constexpr = zero_scores.type.layout
+    p_layout: gl.constexpr = p.type.layout
+    slot = tile % STAGES
+    previous_slot = (tile - 1) % STAGES
+    take_turn(turns, turn_offset + tile, WARPGROUP, PINGPONG)
+    # P_{j-1} V_{j-1} and its row sums first, then S_j: the merge of the former overlaps the
+    # latter. (Issued the other way round, as the FP8 path does so that P V overlaps the
+    # softmax, the int32 product, the fp32 accumulator and the score tile are live at once with
+    # P's registers, more than a consumer thread has: ptxas spills.)
+    pv_token, sums_token = _issue_int8_pv(p, v_bufs, v_ready, tile - 1, zero_pv, sums, STAGES)
+    mbarrier.wait(k_ready.index(slot), (tile // STAGES) & 1)
+    scores_token = warpgroup_mma(
+        q_smem, k_bufs.index(slot).permute((1, 0)), zero_scores, use_acc=False, is_async=True
+    )  # S_j
+    pass_turn(turns, WARPGROUP, PINGPONG)
+    row_scale, key_length = _tile_scale(row, tile, q_scale)
+    pv, tile_sums = warpgroup_mma_wait(1, deps=(pv_token, sums_token))  # S_j may still run
+    mbarrier.arrive(v_empty.index(previous_slot), count=1)
+    acc, row_sum = _int8_merged(acc, row_sum, pv, tile_sums, weight)  # at the max of j - 1
+    scores = warpgroup_mma_wait(0, deps=(scores_token,))
+    mbarrier.arrive(k_empty.index(slot), count=1)
+    probs, row_max, correction, next_weight = _int8_softmax_step(
+        scores, row_max, row_scale, key_length, s_layout, MASKED, TREE_ROWS
+    )
+    # To tile j's max: the lazy rescale's branch, as the FP8 path (a factor of 1 in most tiles).
+    o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+    acc = _rescaled(acc, gl.expand_dims(gl.convert_layout(correction, o_rows), 1))
+    sums_rows: gl.constexpr = gl.SliceLayout(1, row_sum.type.layout)
+    row_sum = row_sum * gl.expand_dims(gl.convert_layout(correction, sums_rows), 1)
+    p = _pv_operand(probs, p_layout, PERMUTED_KEYS)
+    return acc, p, row_max, row_sum, next_weight
+
+
+@gluon.jit
+def _int8_paired_tiles(
+    acc,
+    row_max,
+    row_sum,
+    operands,
+    tile_row,
+    q_scale,
+    num_tiles,
+    full_tiles,
+    counters,
+    WARPGROUP: gl.constexpr,
+    STAGES: gl.constexpr,
+    PINGPONG: gl.constexpr,
+    PERMUTED_KEYS: gl.constexpr,
+    TREE_ROWS: gl.constexpr,
+):
+    """``_paired_tiles`` for INT8 P V: every key tile of a row (``num_tiles >= 1``), then the
+    last P V; returns the unnormalized output accumulator, the row max and the ``[64, 8]`` row
+    sums (column 0)."""
+    q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turns, zeros = operands
+    zero_scores, zero_pv, sums = zeros
+    s_layout: gl.constexpr = zero_scores.type.layout
+    p_layout: gl.constexpr = gl.DotOperandLayout(
+        operand_index=0, parent=zero_pv.type.layout, k_width=4
+    )
+    ring, turn_base = counters
+    key_lengths_ptr, block_ids_ptr, k_scale_ptr, qk_scale = tile_row
+    ring_row = (key_lengths_ptr, block_ids_ptr - ring, k_scale_ptr, qk_scale)  # by ring tile
+    turn_offset = turn_base - ring
+    # Prologue: S_0 (turn 0); the accumulator is zero, so tile 0's factor does not matter.
+    take_turn(turns, turn_base, WARPGROUP, PINGPONG)
+    mbarrier.wait(k_ready.index(ring % STAGES), (ring // STAGES) & 1)
+    scores_token = warpgroup_mma(
+        q_smem,
+        k_bufs.index(ring % STAGES).permute((1, 0)),
+        zero_scores,
+        use_acc=False,
+        is_async=True,
+    )
+    pass_turn(turns, WARPGROUP, PINGPONG)
+    row_scale, key_length = _tile_scale(tile_row, 0, q_scale)
+    scores = warpgroup_mma_wait(0, deps=(scores_token,))
+    mbarrier.arrive(k_empty.index(ring % STAGES), count=1)
+    if full_tiles > 0:
+        probs, row_max, _, weight = _int8_softmax_step(
+            scores, row_max, row_scale, key_length, s_layout, False, TREE_ROWS
+        )
+    else:
+        probs, row_max, _, weight = _int8_softmax_step(
+            scores, row_max, row_scale, key_length, s_layout, True, TREE_ROWS
+        )
+    p = _pv_operand(probs, p_layout, PERMUTED_KEYS)  # [64, 128] fp32, A operand layout
+    state = (acc, p, row_max, row_sum, weight)
+
+    for tile in range(ring + 1, ring + full_tiles):
+        state = _int8_key_tile(
+            state,
+            tile,
+            turn_offset,
+            operands,
+            ring_row,
+            q_scale,
+            WARPGROUP,
+            STAGES,
+            PINGPONG,
+            PERMUTED_KEYS,
+            TREE_ROWS,
+            False,
+        )
+    for tile in range(ring + gl.maximum(full_tiles, 1), ring + num_tiles):
+        state = _int8_key_tile(
+            state,
+            tile,
+            turn_offset,
+            operands,
+            ring_row,
+            q_scale,
+            WARPGROUP,
+            STAGES,
+            PINGPONG,
+            PERMUTED_KEYS,
+            TREE_ROWS,
+            True,
+        )
+    acc, p, row_max, row_sum, weight = state
+
+    # Epilogue: the last tile's P V (turn num_tiles), merged with a factor of 1.
+    last = ring + num_tiles - 1
+    take_turn(turns, turn_base + num_tiles, WARPGROUP, PINGPONG)
+    pv_token, sums_token = _issue_int8_pv(p, v_bufs, v_ready, last, zero_pv, sums, STAGES)
+    pass_turn(turns, WARPGROUP, PINGPONG)
+    pv, tile_sums = warpgroup_mma_wait(0, deps=(pv_token, sums_token))
+    mbarrier.arrive(v_empty.index(last % STAGES), count=1)
+    acc, row_sum = _int8_merged(acc, row_sum, pv, tile_sums, weight)
+    return acc, row_max, row_sum
+
+
 @gluon.jit
 def _ahead_tile(
     state,
@@ -1147,6 +1410,8 @@ def _consumer_row(
     """
     q_halves, out_halves, o_desc, _q_bars, turns, rings, row, row_sum_ones = shared
     k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty = rings
+    # INT8 V^T (QuantizedQKV.v_format "int8"): P V in INT8.
+    INT8_PV: gl.constexpr = v_bufs.dtype == gl.int8
     (
         q_desc,
         rows,
@@ -1183,17 +1448,22 @@ def _consumer_row(
     mbarrier.wait(q_bar, index & 1)
     if num_tiles > 0:
         zero_scores = gl.zeros([ROWS, BLOCK_N], gl.int32, layout=s_layout)  # [64, 128]
-        zero_pv = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+        # INT8 P V accumulates in int32, merged into acc tile by tile.
+        pv_dtype: gl.constexpr = gl.int32 if INT8_PV else gl.float32
+        zero_pv = gl.zeros([ROWS, HEAD_DIM], pv_dtype, layout=o_layout)
         q_scale = gl.load(
             q_scale_ptr + q_start + WARPGROUP * ROWS + gl.arange(0, ROWS, layout=s_rows)
         )
         row_max = gl.full([ROWS], float("-inf"), gl.float32, layout=s_rows)
-        if MMA_ROW_SUM:
+        if MMA_ROW_SUM or INT8_PV:
             sums_layout: gl.constexpr = gl.NVMMADistributedLayout(
                 version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 32]
             )
             row_sum = gl.zeros([ROWS, 8], gl.float32, layout=sums_layout)  # [64, 8]
-            sums = (row_sum_ones, row_sum)
+            if INT8_PV:
+                sums = (row_sum_ones, gl.zeros([ROWS, 8], gl.int32, layout=sums_layout))
+            else:
+                sums = (row_sum_ones, row_sum)
         else:
             row_sum = gl.zeros([ROWS], gl.float32, layout=s_rows)
             sums = 0
@@ -1208,7 +1478,25 @@ def _consumer_row(
             turns,
             (zero_scores, zero_pv, sums),
         )
-        if LOOKAHEAD:  # one row a CTA (GluonFP8Config)
+        if INT8_PV:
+            acc, row_max, row_sum = _int8_paired_tiles(
+                acc,
+                row_max,
+                row_sum,
+                operands,
+                tile_row,
+                q_scale,
+                num_tiles,
+                full_tiles,
+                (ring, turn_base),
+                WARPGROUP,
+                STAGES,
+                PINGPONG,
+                PERMUTED_KEYS,
+                TREE_ROWS,
+            )
+            row_sum = gl.sum(row_sum, axis=1)  # [64]: column 0, and the zeros beside it
+        elif LOOKAHEAD:  # one row a CTA (GluonFP8Config)
             acc, row_max, row_sum = _ahead_tiles(
                 acc,
                 row_max,
@@ -1273,11 +1561,12 @@ def _consumer_row(
 
 
 @gluon.jit
-def _row_sum_ones():
+def _row_sum_ones(INT8: gl.constexpr = False):
     """The B operand of ``MMA_ROW_SUM``'s wgmma: ``[8, 128]`` e4m3 in shared memory, row 0 ones
     and rows 1-7 zeros (K-major: row n is output column n over the tile's 128 keys), so
-    ``P ones^T`` holds each row's sum in column 0. Written by the default warps before the
-    partitions split, and fenced for the async proxy the wgmma reads through.
+    ``P ones^T`` holds each row's sum in column 0. ``INT8``: the int8 tile (ones) for INT8 P V.
+    Written by the default warps before the partitions split, and fenced for the async proxy
+    the wgmma reads through.
 
     The bytes are stored as integers (``E4M3_ONE``, the bits of 1.0) into an int8 view: built
     as e4m3 by the conversion instruction, ptxas 12.8 fused the pair conversion and the move
@@ -1288,12 +1577,13 @@ def _row_sum_ones():
     values_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])  # [8, 128]
     rows = gl.arange(0, 8, layout=gl.SliceLayout(1, values_layout))  # [8]
     row_of = gl.expand_dims(rows, 1) + gl.zeros([8, 128], gl.int32, layout=values_layout)
-    values = gl.where(row_of == 0, E4M3_ONE, 0).to(gl.int8)  # [8, 128]
+    values = gl.where(row_of == 0, 1 if INT8 else E4M3_ONE, 0).to(gl.int8)  # [8, 128]
     ones = gl.allocate_shared_memory(gl.int8, [8, 128], layout)
     ones.store(values)
     fence_async_shared()
     fp8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([8, 128], gl.float8e4nv)
-    return ones._reinterpret(gl.float8e4nv, [8, 128], fp8_layout)
+    # INT8 P V's row sums read the integer 1 as it is.
+    return ones if INT8 else ones._reinterpret(gl.float8e4nv, [8, 128], fp8_layout)
 
 
 @gluon.jit
@@ -1332,14 +1622,16 @@ def _gluon_fp8_attention_kernel(
     MMA_ROW_SUM: gl.constexpr,
     ROWS_PER_CTA: gl.constexpr,
     V_TERMS: gl.constexpr = 1,
+    INT8_PV: gl.constexpr = False,
 ):
     """Grid ``(cdiv(nb, ROWS_PER_CTA), B * H)``; a CTA computes ``ROWS_PER_CTA`` consecutive
     128-row query blocks of ``q_block_order`` (of one (batch, head); fewer in a head's last CTA)
     one after the other, its rings and barriers running on from one to the next.
 
     q/k descriptors over int8 ``[B, H, Np, D]``, v over fp8 V^T ``[B, H, V_TERMS * D, Np]`` (one
-    TMA box carries both terms of a tile), o over the output ``[B, H, N, D]``; scales and means
-    as ``QuantizedQKV`` holds them.
+    TMA box carries both terms of a tile), or over int8 V^T ``[B, H, D, Np]`` with ``INT8_PV``
+    (P V in INT8), o over the output ``[B, H, N, D]``; scales and means as ``QuantizedQKV``
+    holds them.
     """
     ROWS: gl.constexpr = 64
     BLOCK_SIZE: gl.constexpr = 128
@@ -1364,18 +1656,17 @@ def _gluon_fp8_attention_kernel(
 
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], gl.int8)
     k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_SIZE, HEAD_DIM], gl.int8)
+    v_dtype: gl.constexpr = gl.int8 if INT8_PV else gl.float8e4nv
     v_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(
-        [V_TERMS * HEAD_DIM, BLOCK_SIZE], gl.float8e4nv
+        [V_TERMS * HEAD_DIM, BLOCK_SIZE], v_dtype
     )
     out_dtype: gl.constexpr = o_desc.dtype
     out_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], out_dtype)
     q_halves = gl.allocate_shared_memory(gl.int8, [2, ROWS, HEAD_DIM], q_layout)
     out_halves = gl.allocate_shared_memory(out_dtype, [2, ROWS, HEAD_DIM], out_layout)
     k_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_SIZE, HEAD_DIM], k_layout)
-    v_bufs = gl.allocate_shared_memory(
-        gl.float8e4nv, [STAGES, V_TERMS * HEAD_DIM, BLOCK_SIZE], v_layout
-    )
-    row_sum_ones = _row_sum_ones() if MMA_ROW_SUM else 0
+    v_bufs = gl.allocate_shared_memory(v_dtype, [STAGES, V_TERMS * HEAD_DIM, BLOCK_SIZE], v_layout)
+    row_sum_ones = _row_sum_ones(INT8_PV) if MMA_ROW_SUM or INT8_PV else 0
     if ROWS_PER_CTA == 1:
         # Q's halves on one barrier, issued before the partitions start.
         q_bars, k_ready, v_ready, k_empty, v_empty, turns = cta_barriers(STAGES)
@@ -1495,7 +1786,8 @@ AUTOTUNE_CONFIGS = [
     for pingpong in (False, True)
 ]
 _autotuned_kernel = triton.autotune(
-    configs=AUTOTUNE_CONFIGS, key=["seq_len", "HEAD_DIM", "V_TERMS", "density_bucket"]
+    configs=AUTOTUNE_CONFIGS,
+    key=["seq_len", "HEAD_DIM", "V_TERMS", "INT8_PV", "density_bucket"],
 )(_gluon_fp8_attention_kernel)
 
 
@@ -1543,6 +1835,9 @@ def gluon_fp8_attention(
                 f"the lookahead schedule needs ptxas >= 12.9 (this is {version[0]}.{version[1]}, "
                 "which miscompiles it); point TRITON_PTXAS_PATH at a newer one"
             )
+    int8_pv = quantized.v_format == "int8"
+    if int8_pv and config is not None:
+        _check_int8_pv_config(config)
     permuted = (config or GluonFP8Config()).permuted_keys
     if quantized.wgmma_key_order != permuted:
         raise ValueError(
@@ -1578,13 +1873,16 @@ def gluon_fp8_attention(
         density_bucket(lut),
     )
     if config is None and autotune_enabled():
-        _autotuned_kernel[grid](*args, HEAD_DIM=head_dim, V_TERMS=quantized.v_terms)
+        _autotuned_kernel[grid](
+            *args, HEAD_DIM=head_dim, V_TERMS=quantized.v_terms, INT8_PV=int8_pv
+        )
     else:
         config = config or GluonFP8Config()
         _gluon_fp8_attention_kernel[grid](
             *args,
             HEAD_DIM=head_dim,
             V_TERMS=quantized.v_terms,
+            INT8_PV=int8_pv,
             **config.kwargs(),
             num_warps=CONSUMER_WARPS.value,
             maxnreg=MAX_REGISTERS,
@@ -1592,6 +1890,23 @@ def gluon_fp8_attention(
     if target is not out:
         out.copy_(target)
     return out
+
+
+def _check_int8_pv_config(config: GluonFP8Config) -> None:
+    """INT8 P V runs the default schedule, its own merge and tensor-core row sums: the switches
+    that change those do not apply to it."""
+    unsupported = [
+        name
+        for name, on in (
+            ("lookahead", config.lookahead),
+            ("two_level", config.two_level),
+            ("mma_row_sum=False", not config.mma_row_sum),
+            ("rescale_threshold", config.rescale_threshold != 0.0),
+        )
+        if on
+    ]
+    if unsupported:
+        raise ValueError(f"INT8 P V (v_format='int8') does not take {', '.join(unsupported)}")
 
 
 def gluon_fp8_supports(q: torch.Tensor, block_size: int) -> bool:

@@ -24,6 +24,7 @@ from compact_search.runtime.kernels.common import LOG2_E
 from compact_search.runtime.lut import BlockLUT
 from compact_search.runtime.quantize import (
     FP8_V_TERMS,
+    LOG2_INT8_P_SCALE,
     LOG2_P_SCALE,
     RESCALE_THRESHOLD,
     QuantizedQKV,
@@ -56,6 +57,12 @@ def emulate_fp8_attention(
     softmax (the Gluon kernel's ``lazy_rescale=False``). ``sum_rounded_p``: a row's sum is of
     the e4m3 P values its P V multiplies (the Gluon kernel's default ``mma_row_sum``); off, of P
     before rounding (the portable kernel, and the Gluon kernel's ``mma_row_sum=False``).
+
+    INT8 V (``quantized.v_format == "int8"``): P V runs in INT8 as the Gluon kernel's INT8 path
+    does. Each tile's P is ``127 * exp2(s - t)`` with ``t`` the tile's own row max, rounded to an
+    integer (ties to even), its product with V and its row sum exact integers; the tile joins
+    the running sums scaled by ``exp2(t - m)``, ``m`` the new running max (so
+    ``rescale_threshold`` and ``sum_rounded_p`` do not apply: the sums are of the rounded P).
     """
     batch, heads, padded_len, head_dim = quantized.q.shape
     block_size = quantized.block_size
@@ -76,6 +83,7 @@ def emulate_fp8_attention(
     block_ids = lut.kv_block_ids.to(q8.device).long()[head_rows][:, :rows_kept]  # [H, nq, width]
     counts = lut.total_counts.to(q8.device)[head_rows][:, :rows_kept]  # [H, nq]
     lengths = lut.key_lengths.to(q8.device).long()
+    int8_pv = quantized.v_format == "int8"
     offsets = torch.arange(block_size, device=q8.device)
 
     row_max = torch.full((batch, heads, rows_kept, block_size, 1), -math.inf, device=q8.device)
@@ -91,13 +99,23 @@ def emulate_fp8_attention(
         valid = offsets < lengths[key_blocks][..., None, None]  # [H, nq, 1, BS]
         scores = torch.where(valid, scores, -math.inf)
         tile_max = scores.amax(-1, keepdim=True)
-        new_max = torch.where(tile_max > row_max + rescale_threshold, tile_max, row_max)
-        probs = torch.exp2(scores - (new_max - (LOG2_P_SCALE - rescale_threshold)))
-        correction = torch.exp2(row_max - new_max)
-        probs8 = to_e4m3(probs).float()
-        tile_sum = (probs8 if sum_rounded_p else probs).sum(-1, keepdim=True)
-        new_sum = row_sum * correction + tile_sum
-        new_acc = acc * correction + probs8 @ torch.gather(v8, 2, gather)
+        if int8_pv:
+            new_max = torch.maximum(tile_max, row_max)
+            probs8 = torch.round(torch.exp2(scores - (tile_max - LOG2_INT8_P_SCALE)))  # ties even
+            correction = torch.exp2(row_max - new_max)
+            weight = torch.exp2(tile_max - new_max)  # the tile's share, relative to new_max
+            # Integer sums, exact in fp64 (< 2^31), as the int32 wgmma accumulates them.
+            products = (probs8.double() @ torch.gather(v8, 2, gather).double()).float()
+            new_sum = row_sum * correction + probs8.sum(-1, keepdim=True) * weight
+            new_acc = acc * correction + products * weight
+        else:
+            new_max = torch.where(tile_max > row_max + rescale_threshold, tile_max, row_max)
+            probs = torch.exp2(scores - (new_max - (LOG2_P_SCALE - rescale_threshold)))
+            correction = torch.exp2(row_max - new_max)
+            probs8 = to_e4m3(probs).float()
+            tile_sum = (probs8 if sum_rounded_p else probs).sum(-1, keepdim=True)
+            new_sum = row_sum * correction + tile_sum
+            new_acc = acc * correction + probs8 @ torch.gather(v8, 2, gather)
         row_max = torch.where(active, new_max, row_max)
         row_sum = torch.where(active, new_sum, row_sum)
         acc = torch.where(active, new_acc, acc)
