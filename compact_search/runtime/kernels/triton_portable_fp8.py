@@ -15,6 +15,12 @@ head) and walks its kept key blocks in lookup-table order, one key block per til
                                                    with V in two terms, + e4m3(p) V8_low)
     out = acc / l * v_scale + v_mean
 
+With INT8 V (``QuantizedQKV.v_format`` "int8", ``INT8_PV``) P is rounded to INT8 against the
+tile's own row max ``t``, ``p8 = rne(127 exp2(t_ij - t))``, and the tile's exact int32
+``p8 V8`` and integer row sum join the running sums with the weight ``exp2(t - m_new)``:
+``acc = acc * exp2(m - m_new) + (p8 V8) * exp2(t - m_new)``, as the emulation and the Gluon
+kernel compute it.
+
 The fresh per-tile sum added to the running accumulator in fp32 is the "two-level" accumulation
 the Hopper kernel also does by default. Under the interpreter ``EMULATE_ROUNDING`` rounds P with
 ``round_to_e4m3`` (the interpreter's own fp32 -> fp8 cast is wrong for inexact values); on a GPU
@@ -31,10 +37,12 @@ from compact_search.runtime.kernels.common import LOG2_E, interpreting
 from compact_search.runtime.lut import BlockLUT
 from compact_search.runtime.quantize import (
     FP8_V_TERMS,
+    LOG2_INT8_P_SCALE_C,
     LOG2_P_SCALE_C,
     RESCALE_THRESHOLD_C,
     QuantizedQKV,
     quantize_qkv,
+    round_half_even,
     round_to_e4m3,
 )
 
@@ -73,9 +81,10 @@ def _fp8_block_sparse_attention_kernel(
     BLOCK_SIZE: tl.constexpr,
     EMULATE_ROUNDING: tl.constexpr,
     V_TERMS: tl.constexpr = 1,
+    INT8_PV: tl.constexpr = False,
 ):
     """Grid ``(nb, B * H)``; q8/k8 ``[B*H, Np, D]``, v8 ``[B*H, V_TERMS * D, Np]`` (a second term
-    of V: another P V product into the tile's sum), o ``[B, H, N, D]``."""
+    of V: another P V product into the tile's sum; int8 with ``INT8_PV``), o ``[B, H, N, D]``."""
     batch_head = tl.program_id(1)
     batch = batch_head // num_heads
     head = batch_head % num_heads
@@ -108,25 +117,36 @@ def _fp8_block_sparse_attention_kernel(
         key_length = tl.load(key_lengths_ptr + key_block)
         scores = scores * (q_scale * tile_scale)[:, None]
         scores = tl.where(offsets[None, :] < key_length, scores, float("-inf"))
-        # The row max moves only past the threshold (quantize.RESCALE_THRESHOLD, as the
-        # emulation and the Gluon kernel do); P <= 448.
         tile_max = tl.max(scores, 1)  # [BS]
-        new_max = tl.where(tile_max > row_max + RESCALE_THRESHOLD_C, tile_max, row_max)
-        probs = tl.math.exp2(
-            scores - (new_max - (LOG2_P_SCALE_C - RESCALE_THRESHOLD_C))[:, None]
-        )  # [BS, BS]
-        correction = tl.math.exp2(row_max - new_max)  # [BS]
-        # Of P before rounding: summing p8.to(tl.float32) instead compiled to wrong sums on
-        # the H200 (Triton 3.6; cosine 0.7-0.9 against the reference), right under the
-        # interpreter.
-        row_sum = row_sum * correction + tl.sum(probs, 1)
-        # Emulated, the values are exact in e4m3 and the cast below only re-encodes them.
-        p8 = (round_to_e4m3(probs) if EMULATE_ROUNDING else probs).to(tl.float8e4nv)
         v_tile = v8_ptr + v_rows[:, None] + key_start + offsets[None, :]  # [D, BS]
-        pv = tl.dot(p8, tl.trans(tl.load(v_tile)))  # [BS, D]
-        if V_TERMS == 2:
-            pv = tl.dot(p8, tl.trans(tl.load(v_tile + HEAD_DIM * padded_len)), pv)
-        acc = acc * correction[:, None] + pv
+        if INT8_PV:
+            new_max = tl.maximum(row_max, tile_max)
+            # P against the tile's own max, rounded to an integer in [0, 127] (exact int8).
+            p8 = round_half_even(tl.math.exp2(scores - (tile_max - LOG2_INT8_P_SCALE_C)[:, None]))
+            correction = tl.math.exp2(row_max - new_max)  # [BS]
+            weight = tl.math.exp2(tile_max - new_max)  # [BS]
+            # Exact integers: |p8 V8| < 2^22 a tile, and a row sum <= 127 * BS.
+            pv = tl.dot(p8.to(tl.int8), tl.trans(tl.load(v_tile))).to(tl.float32)  # [BS, D]
+            row_sum = row_sum * correction + tl.sum(p8, 1) * weight
+            acc = acc * correction[:, None] + pv * weight[:, None]
+        else:
+            # The row max moves only past the threshold (quantize.RESCALE_THRESHOLD, as the
+            # emulation and the Gluon kernel do); P <= 448.
+            new_max = tl.where(tile_max > row_max + RESCALE_THRESHOLD_C, tile_max, row_max)
+            probs = tl.math.exp2(
+                scores - (new_max - (LOG2_P_SCALE_C - RESCALE_THRESHOLD_C))[:, None]
+            )  # [BS, BS]
+            correction = tl.math.exp2(row_max - new_max)  # [BS]
+            # Of P before rounding: summing p8.to(tl.float32) instead compiled to wrong sums on
+            # the H200 (Triton 3.6; cosine 0.7-0.9 against the reference), right under the
+            # interpreter.
+            row_sum = row_sum * correction + tl.sum(probs, 1)
+            # Emulated, the values are exact in e4m3 and the cast below only re-encodes them.
+            p8 = (round_to_e4m3(probs) if EMULATE_ROUNDING else probs).to(tl.float8e4nv)
+            pv = tl.dot(p8, tl.trans(tl.load(v_tile)))  # [BS, D]
+            if V_TERMS == 2:
+                pv = tl.dot(p8, tl.trans(tl.load(v_tile + HEAD_DIM * padded_len)), pv)
+            acc = acc * correction[:, None] + pv
         row_max = new_max
 
     # A row with no kept key block has row_sum 0: it outputs zeros.
@@ -175,6 +195,7 @@ def portable_fp8_attention(
         BLOCK_SIZE=block_size,
         EMULATE_ROUNDING=interpreting(),
         V_TERMS=quantized.v_terms,
+        INT8_PV=quantized.v_format == "int8",
         num_warps=4 if block_size == 64 else 8,
     )
     return out
