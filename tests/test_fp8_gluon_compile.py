@@ -299,6 +299,68 @@ def test_fp8_kernel_compiles_for_hopper_without_spills(case) -> None:
     assert all(first != second for first, second in tests), tests
 
 
+# INT8 P V (quantize_qkv(v_format="int8")): the switches that apply to it.
+INT8_PV_CONFIGS = [
+    (128, torch.bfloat16, gluon_fp8.GluonFP8Config()),
+    (64, torch.float16, gluon_fp8.GluonFP8Config()),
+    (128, torch.bfloat16, gluon_fp8.GluonFP8Config(stages=3, pingpong=True)),
+    (128, torch.bfloat16, gluon_fp8.GluonFP8Config(permuted_keys=False)),
+    (128, torch.bfloat16, gluon_fp8.GluonFP8Config(rows_per_cta=3)),
+]
+
+
+@pytest.mark.parametrize("case", INT8_PV_CONFIGS, ids=lambda case: _config_id((*case, 1)))
+def test_int8_pv_kernel_compiles_for_hopper(case) -> None:
+    head_dim, dtype, config = case
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [str(head_dim), str(dtype).removeprefix("torch."), "int8", str(config.stages)]
+    args += [str(config.rows_per_cta)] + [str(int(getattr(config, n))) for n in SWITCHES]
+    done = subprocess.run(
+        [sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    # Every matmul in INT8: Q K^T, P V and P's row sums (P ones^T); no FP8 or 16-bit one.
+    assert set(facts["wgmma"]) == {
+        f"wgmma.mma_async.sync.aligned.m64n{head_dim}k32.s32.s8.s8",
+        "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8",
+        "wgmma.mma_async.sync.aligned.m64n8k32.s32.s8.s8",
+    }
+    assert set(facts["sass_mma"]) == {
+        "IGMMA.64x128x32.S8.S8",
+        f"IGMMA.64x{head_dim}x32.S8.S8",
+        "IGMMA.64x8x32.S8.S8",
+    }
+    assert facts["setmaxnreg"] and not facts["ptx_local_memory"]
+    loop = facts["main_loop"]
+    # The loop over full tiles spills nothing: P V is issued before S_j, so its int32 product
+    # is merged while S_j runs and is not live through the softmax with the fp32 accumulator
+    # and the score tile (issued the other way round, 42 spill instructions). At head dim 128
+    # the padded tiles' loops (a few tiles a row) spill 3 registers.
+    assert loop["STL"] == loop["LDL"] == 0
+    if head_dim == 64:
+        assert facts["stack_bytes"] == 0 and facts["spill_instructions"] == 0
+    else:
+        assert all(spills <= 8 for spills in facts["loop_spills"])
+    # One arrive a wgmma (P V, its row sums, S) and two waits.
+    assert loop["WARPGROUP"] == 5
+    assert not facts["descriptor_reads_before_writes"]
+    assert facts["shared"] <= H100_SHARED_MEMORY
+    # exp2: 64 scores a thread, plus each row's factor and weight.
+    assert 64 <= loop["MUFU"] <= 70
+    assert loop["STS"] == loop["LDS"] == 0
+    # The scores by the integer add (the 4 row sums a tile by cvt); P packed to INT8 by the
+    # magic add and 3 byte permutes a register (48), no conversion instruction; the lazy
+    # rescale's branch as in the FP8 path.
+    assert facts["cvt_s32_f32"] <= 32
+    if config.permuted_keys:
+        assert loop["SHFL"] == 4 and loop["PRMT"] == 48
+        # ~260 more than the FP8 kernel's 482: P's magic add and the merge's integer add and
+        # two fused multiply-adds a value of the accumulator.
+        assert facts["main_loop_length"] <= (780 if head_dim == 128 else 640)
+    assert (loop["BSSY"], loop["BSYNC"]) == (1, 1)
+
+
 # The pre-pass and portable kernels run under the interpreter in CI; compiling them for sm_90 as
 # well catches what only the compiler rejects (a global that is not constexpr, a dot it cannot
 # lower) and what only ptxas shows (spills). Pointer and scalar types by argument name; the rest
@@ -505,3 +567,18 @@ elif __name__ == "__main__":
         int(head_dim), getattr(torch, dtype_name), config, int(v_terms), v_format
     )
     print(json.dumps(facts))
+
+
+@pytest.mark.parametrize(
+    "options", [{"two_level": True}, {"mma_row_sum": False}, {"rescale_threshold": 1.0}]
+)
+def test_int8_pv_refuses_the_switches_it_does_not_take(options) -> None:
+    from compact_search.runtime.lut import build_block_lut
+
+    lut = build_block_lut(torch.ones(1, 2, 2, dtype=torch.bool), seq_len=250, block_size=128)
+    out = torch.empty(1, 2, 250, 128, dtype=torch.bfloat16)
+    config = gluon_fp8.GluonFP8Config(**options)
+    with pytest.raises(ValueError, match="INT8 P V"):
+        gluon_fp8.gluon_fp8_attention(
+            _stand_in(128, v_format="int8"), lut, out, scale=0.1, config=config
+        )
