@@ -140,6 +140,22 @@ def test_sparse_attention_fp8_runs_the_portable_kernel_under_the_interpreter(cas
 
 
 @needs_interpreter
+def test_the_runtime_runs_int8_pv_when_its_v_format_says_so(monkeypatch) -> None:
+    # quantize.FP8_V_FORMAT as each 8-bit path module imported it: "int8" routes
+    # sparse_attention(precision="fp8") through INT8 P V.
+    q, k, v, mask, lengths, block_size = _problem(CASES[1])
+    arguments = dict(block_size=block_size, key_block_lengths=lengths, precision="fp8")
+    e4m3 = sparse_attention(q, k, v, mask, backend="triton", **arguments)
+    monkeypatch.setattr(triton_portable_fp8, "FP8_V_FORMAT", "int8")
+    with recorded_kernels() as ran:
+        int8_pv = sparse_attention(q, k, v, mask, backend="triton", **arguments)
+    assert ran == ["triton-portable-fp8"]
+    expected = _reference(q, k, v, mask, lengths, block_size)
+    _assert_accurate(int8_pv, expected, INT8_PV_MAX_RELATIVE_L2)
+    assert relative_l2(int8_pv, expected) < 0.85 * relative_l2(e4m3, expected)
+
+
+@needs_interpreter
 def test_the_method_without_the_rotation_still_matches() -> None:
     q, k, v, mask, lengths, block_size = _problem(CASES[1])
     lut = build_block_lut(

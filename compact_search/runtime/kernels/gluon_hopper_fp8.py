@@ -94,6 +94,7 @@ from compact_search.runtime.kernels.gluon_common import (
 )
 from compact_search.runtime.lut import BlockLUT
 from compact_search.runtime.quantize import (
+    FP8_V_FORMAT,
     FP8_V_TERMS,
     LOG2_INT8_P_SCALE_C,
     LOG2_P_SCALE_C,
@@ -1934,5 +1935,6 @@ def gluon_fp8_lut_attention(
         key_lengths=lut.key_lengths,
         key_order="wgmma",
         v_terms=FP8_V_TERMS,
+        v_format=FP8_V_FORMAT,
     )
     return gluon_fp8_attention(quantized, lut, torch.empty_like(q), scale=scale)

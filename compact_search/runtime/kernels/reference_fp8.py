@@ -23,6 +23,7 @@ import torch
 from compact_search.runtime.kernels.common import LOG2_E
 from compact_search.runtime.lut import BlockLUT
 from compact_search.runtime.quantize import (
+    FP8_V_FORMAT,
     FP8_V_TERMS,
     LOG2_INT8_P_SCALE,
     LOG2_P_SCALE,
@@ -138,6 +139,12 @@ def reference_fp8_lut_attention(
 ) -> torch.Tensor:
     """``[B, H, N, D]`` in q's dtype: the emulated pre-pass and kernel."""
     quantized = emulate_quantize_qkv(
-        q, k, v, block_size=block_size, key_lengths=lut.key_lengths, v_terms=FP8_V_TERMS
+        q,
+        k,
+        v,
+        block_size=block_size,
+        key_lengths=lut.key_lengths,
+        v_terms=FP8_V_TERMS,
+        v_format=FP8_V_FORMAT,
     )
     return emulate_fp8_attention(quantized, lut, scale=scale, out_dtype=q.dtype)

@@ -36,6 +36,7 @@ import triton.language as tl
 from compact_search.runtime.kernels.common import LOG2_E, interpreting
 from compact_search.runtime.lut import BlockLUT
 from compact_search.runtime.quantize import (
+    FP8_V_FORMAT,
     FP8_V_TERMS,
     LOG2_INT8_P_SCALE_C,
     LOG2_P_SCALE_C,
@@ -213,6 +214,12 @@ def portable_fp8_lut_attention(
 ) -> torch.Tensor:
     """The pre-pass, then the kernel: ``[B, H, N, D]`` in q's dtype and memory order."""
     quantized = quantize_qkv(
-        q, k, v, block_size=block_size, key_lengths=lut.key_lengths, v_terms=FP8_V_TERMS
+        q,
+        k,
+        v,
+        block_size=block_size,
+        key_lengths=lut.key_lengths,
+        v_terms=FP8_V_TERMS,
+        v_format=FP8_V_FORMAT,
     )
     return portable_fp8_attention(quantized, lut, torch.empty_like(q), scale=scale)
