@@ -11,6 +11,8 @@ reference: cosine similarity and relative L2 error of
   the Gluon kernel's default ``mma_row_sum``) instead of P before rounding (the portable
   kernel),
 - the method with V in two e4m3 terms (``v_terms=2``: V's rounding error in a second term),
+- the method with INT8 P V (``v_format="int8"``: V per channel in INT8, P rounded to INT8
+  against each tile's own max),
 - the method without the Hadamard rotation,
 - its INT8 scores alone (dequantized Q K^T, exact softmax and fp32 P V),
 - the same scores with Q and K in FP8 e4m3 instead (same rotation, smoothing and scale groups),
@@ -19,8 +21,8 @@ reference: cosine similarity and relative L2 error of
 
 Then an N sweep (Gaussian q/k/v, d 128, 2 heads, N 2,048 / 16,384 / 65,536 keys, the first 256
 query rows against all of them): the method as it is (V's mean corrected by its mean rounding
-error), with two V terms, with V's plain mean, and FP8 V alone (exact P) with and without the
-correction.
+error), with two V terms, with INT8 P V, with V's plain mean, and FP8 V alone (exact P) with
+and without the correction.
 
 Prints markdown tables and appends the rows to benchmarks/results/fp8_accuracy.csv.
 """
@@ -68,14 +70,22 @@ def split_errors(q, k, v) -> dict[str, tuple[float, float]]:
     )
     expected = _dense(q, k, v)
     results = {}
-    for name, rotate, v_terms, sum_rounded_p in (
-        ("method", True, 1, False),
-        ("rounded row sums", True, 1, True),
-        ("two V terms", True, 2, False),
-        ("no rotation", False, 1, False),
+    for name, rotate, v_terms, v_format, sum_rounded_p in (
+        ("method", True, 1, "e4m3", False),
+        ("rounded row sums", True, 1, "e4m3", True),
+        ("two V terms", True, 2, "e4m3", False),
+        ("INT8 P V", True, 1, "int8", False),
+        ("no rotation", False, 1, "e4m3", False),
     ):
         quantized = emulate_quantize_qkv(
-            q, k, v, block_size=BLOCK, key_lengths=lut.key_lengths, rotate=rotate, v_terms=v_terms
+            q,
+            k,
+            v,
+            block_size=BLOCK,
+            key_lengths=lut.key_lengths,
+            rotate=rotate,
+            v_terms=v_terms,
+            v_format=v_format,
         )
         out = emulate_fp8_attention(
             quantized, lut, scale=head_dim**-0.5, sum_rounded_p=sum_rounded_p
@@ -169,6 +179,10 @@ def n_sweep_errors(seq_len: int, seed: int = 0) -> dict[str, tuple[float, float]
     two_terms_out = emulate_fp8_attention(
         two_terms, lut, scale=128**-0.5, query_blocks=rows // BLOCK
     )
+    int8_v = emulate_quantize_qkv(
+        q, k, v, block_size=BLOCK, key_lengths=lut.key_lengths, v_format="int8"
+    )
+    int8_pv_out = emulate_fp8_attention(int8_v, lut, scale=128**-0.5, query_blocks=rows // BLOCK)
     # Every row has keys, so V's plain mean (the one V was centred on) only shifts the output.
     plain_mean = v.float().mean(2)
     v8 = quantized.v_t.float()[..., :seq_len].transpose(-1, -2) * quantized.v_scale[:, :, None]
@@ -176,6 +190,7 @@ def n_sweep_errors(seq_len: int, seed: int = 0) -> dict[str, tuple[float, float]
     return {
         "method": _measures(out, expected),
         "two V terms": _measures(two_terms_out, expected),
+        "INT8 P V": _measures(int8_pv_out, expected),
         "method, plain V mean": _measures(
             out + (plain_mean - quantized.v_mean)[:, :, None], expected
         ),
@@ -198,6 +213,7 @@ def main() -> None:
         "method",
         "rounded row sums",
         "two V terms",
+        "INT8 P V",
         "no rotation",
         "INT8 scores only",
         "FP8 scores only",
@@ -217,6 +233,7 @@ def main() -> None:
     columns = (
         "method",
         "two V terms",
+        "INT8 P V",
         "method, plain V mean",
         "FP8 V only",
         "FP8 V only, plain V mean",
