@@ -260,9 +260,17 @@ def test_prepass_on_gpu_matches_its_emulation(case, v_spec) -> None:
     # the GPU compiler may contract into one fused multiply-add with the centring (the exact
     # residual, where the emulation and the interpreter subtract the rounded centred value):
     # at a rounding tie of the second term that moves it by one e4m3 step, rarely.
+    # INT8 V is rounded by adding 2^23 + 2^22 to the centred value, which the GPU compiler may
+    # contract with the scale's multiply into one fused multiply-add (the exact product rounded
+    # once, where the emulation rounds the product first): at a tie that moves a value by one.
     head_dim = q.shape[-1]
     first, want_first = got.v_t[:, :, :head_dim], want.v_t[:, :, :head_dim]
-    assert torch.equal(first.view(torch.uint8), want_first.view(torch.uint8))
+    if v_format == "int8":
+        off = (first.int() - want_first.int()).abs()
+        moved = off.float().mean().item()
+        assert off.max() <= 1 and moved < 1e-3, (off.max().item(), moved)
+    else:
+        assert torch.equal(first.view(torch.uint8), want_first.view(torch.uint8))
     if v_terms == 2:
         low, want_low = got.v_t[:, :, head_dim:].float(), want.v_t[:, :, head_dim:].float()
         moved = low != want_low
