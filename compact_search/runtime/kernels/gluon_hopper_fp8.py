@@ -566,6 +566,36 @@ def _issue_scores(q_smem, k_bufs, k_ready, tile, zero_scores, STAGES: gl.constex
 
 
 @gluon.jit
+def _first_scores(
+    operands,
+    tile_row,
+    q_scale,
+    ring,
+    turn_base,
+    WARPGROUP: gl.constexpr,
+    STAGES: gl.constexpr,
+    PINGPONG: gl.constexpr,
+):
+    """A row's first score tile S_0 (its turn ``turn_base``), waited for: (the int32 scores
+    ``[64, 128]``, the tile's factor to log2 units, its key length)."""
+    q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turns, zeros = operands
+    take_turn(turns, turn_base, WARPGROUP, PINGPONG)
+    mbarrier.wait(k_ready.index(ring % STAGES), (ring // STAGES) & 1)
+    scores_token = warpgroup_mma(
+        q_smem,
+        k_bufs.index(ring % STAGES).permute((1, 0)),
+        zeros[0],
+        use_acc=False,
+        is_async=True,
+    )
+    pass_turn(turns, WARPGROUP, PINGPONG)
+    row_scale, key_length = _tile_scale(tile_row, 0, q_scale)
+    scores = warpgroup_mma_wait(0, deps=(scores_token,))
+    mbarrier.arrive(k_empty.index(ring % STAGES), count=1)
+    return scores, row_scale, key_length
+
+
+@gluon.jit
 def _paired_tiles(
     acc,
     row_max,
@@ -604,19 +634,9 @@ def _paired_tiles(
     ring_row = (key_lengths_ptr, block_ids_ptr - ring, k_scale_ptr, qk_scale)  # by ring tile
     turn_offset = turn_base - ring
     # Prologue: S_0 (turn 0).
-    take_turn(turns, turn_base, WARPGROUP, PINGPONG)
-    mbarrier.wait(k_ready.index(ring % STAGES), (ring // STAGES) & 1)
-    scores_token = warpgroup_mma(
-        q_smem,
-        k_bufs.index(ring % STAGES).permute((1, 0)),
-        zero_scores,
-        use_acc=False,
-        is_async=True,
+    scores, row_scale, key_length = _first_scores(
+        operands, tile_row, q_scale, ring, turn_base, WARPGROUP, STAGES, PINGPONG
     )
-    pass_turn(turns, WARPGROUP, PINGPONG)
-    row_scale, key_length = _tile_scale(tile_row, 0, q_scale)
-    scores = warpgroup_mma_wait(0, deps=(scores_token,))
-    mbarrier.arrive(k_empty.index(ring % STAGES), count=1)
     if full_tiles > 0:
         probs, row_max, row_sum, correction = _softmax_step(
             scores,
@@ -902,19 +922,9 @@ def _int8_paired_tiles(
     ring_row = (key_lengths_ptr, block_ids_ptr - ring, k_scale_ptr, qk_scale)  # by ring tile
     turn_offset = turn_base - ring
     # Prologue: S_0 (turn 0); the accumulator is zero, so tile 0's factor does not matter.
-    take_turn(turns, turn_base, WARPGROUP, PINGPONG)
-    mbarrier.wait(k_ready.index(ring % STAGES), (ring // STAGES) & 1)
-    scores_token = warpgroup_mma(
-        q_smem,
-        k_bufs.index(ring % STAGES).permute((1, 0)),
-        zero_scores,
-        use_acc=False,
-        is_async=True,
+    scores, row_scale, key_length = _first_scores(
+        operands, tile_row, q_scale, ring, turn_base, WARPGROUP, STAGES, PINGPONG
     )
-    pass_turn(turns, WARPGROUP, PINGPONG)
-    row_scale, key_length = _tile_scale(tile_row, 0, q_scale)
-    scores = warpgroup_mma_wait(0, deps=(scores_token,))
-    mbarrier.arrive(k_empty.index(ring % STAGES), count=1)
     if full_tiles > 0:
         probs, row_max, _, weight = _int8_softmax_step(
             scores, row_max, row_scale, key_length, s_layout, False, TREE_ROWS
