@@ -90,7 +90,10 @@ def profile(
     console.print(f"profile written to [bold]{result.path}[/]")
 
 
-PRECISION_HELP = "Attention arithmetic of the sparse steps: bf16, or fp8 (INT8 Q.K, FP8 P.V)."
+PRECISION_HELP = (
+    "Attention arithmetic of the sparse steps: bf16, fp8 (INT8 Q.K, FP8 P.V) or int8 (INT8 Q.K "
+    "and P.V: slower than fp8, more accurate)."
+)
 
 
 def _precision_option(value: str | None) -> str | None:

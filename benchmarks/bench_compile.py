@@ -14,7 +14,7 @@ empty inductor cache (a fresh TORCHINDUCTOR_CACHE_DIR unless one is set), so its
 cold compile plus the kernel's autotuning; the eager compact row after it finds the kernel tuned.
 
 Usage: python -m benchmarks.bench_compile [--shapes wan1.3b-480p,wan14b-720p] [--reps N]
-       [--precisions bf16,fp8]   (compact rows for each: the 8-bit kernels with fp8)
+       [--precisions bf16,fp8,int8]   (compact rows for each: the 8-bit kernels with fp8, int8)
 Appends to benchmarks/results/compile.csv (or DIR/compile.csv with --out DIR); prints a table.
 Expected wall time on an H200: about 1.5 min for the 1.3B, about 5 min for the 14B.
 """
@@ -33,6 +33,7 @@ from benchmarks.bench_e2e import SHAPES, random_config
 from benchmarks.common import RESULTS, append_rows, cuda_event_ms, environment, p20_p50_p80
 from compact_search import apply
 from compact_search.geometry import Grid, TileShape
+from compact_search.runtime.attention import EIGHT_BIT_PRECISIONS, PRECISIONS
 
 DENSITY = 0.3
 DEFAULT_REPS = {"wan1.3b-480p": 10, "wan14b-720p": 3}
@@ -170,9 +171,10 @@ def run_shape(
         if row["provider"] == "compact":
             out = outputs[row["precision"]]
             row["rel_l2_vs_dense"] = round(relative_l2(out, outputs["dense"]), 5)
-    if "fp8" in outputs and "bf16" in outputs:
-        gap = relative_l2(outputs["fp8"], outputs["bf16"])
-        log(f"{name}: fp8 vs bf16 compact output rel L2 {gap:.3e}")
+    for eight_bit in EIGHT_BIT_PRECISIONS:
+        if eight_bit in outputs and "bf16" in outputs:
+            gap = relative_l2(outputs[eight_bit], outputs["bf16"])
+            log(f"{name}: {eight_bit} vs bf16 compact output rel L2 {gap:.3e}")
     for precision in precisions:
         compiled_speedup = p50[("dense-cudnn", True, "")] / p50[("compact", True, precision)]
         log(f"{name}: compiled compact {precision} {compiled_speedup:.2f}x compiled dense cuDNN")
@@ -187,12 +189,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None, help="timed calls after the first")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
-        "--precisions", default="bf16", help="comma-separated compact precisions (bf16,fp8)"
+        "--precisions", default="bf16", help="comma-separated compact precisions (bf16,fp8,int8)"
     )
     args = parser.parse_args()
     precisions = tuple(args.precisions.split(","))
-    if not set(precisions) <= {"bf16", "fp8"}:
-        parser.error(f"--precisions takes bf16 and fp8, got {args.precisions}")
+    if not set(precisions) <= set(PRECISIONS):
+        parser.error(f"--precisions takes {', '.join(PRECISIONS)}, got {args.precisions}")
     names = args.shapes.split(",")
     unknown = [n for n in names if n not in SHAPES]
     if unknown:

@@ -214,7 +214,7 @@ def _bench_density(shape, qkv, block_mask, target, base, budget_ms, log) -> list
         )
 
     # The default path (whole, pre-pass, kernel), the kernel with V in the other number of e4m3
-    # terms and the INT8 P V kernel, each with its own pre-pass beside it.
+    # terms, each with its own pre-pass beside it, and precision "int8" (whole, pre-pass, kernel).
     other_terms = 3 - FP8_V_TERMS
     quantized, other, int8_v = prepass(), prepass(other_terms), prepass(1, "int8")
     scale = shape.head_dim**-0.5
@@ -225,6 +225,7 @@ def _bench_density(shape, qkv, block_mask, target, base, budget_ms, log) -> list
         "fp8-kernel": lambda: gluon_fp8_attention(quantized, lut, out, scale=scale),
         f"fp8-{other_terms}v-prepass": lambda: prepass(other_terms),
         f"fp8-{other_terms}v-kernel": lambda: gluon_fp8_attention(other, lut, out, scale=scale),
+        "int8": lambda: sparse_attention(q, k, v, block_mask, backend="triton", precision="int8"),
         "int8pv-prepass": lambda: prepass(1, "int8"),
         "int8pv-kernel": lambda: gluon_fp8_attention(int8_v, lut, out, scale=scale),
     }
@@ -237,7 +238,9 @@ def _bench_density(shape, qkv, block_mask, target, base, budget_ms, log) -> list
         rows.append(_row(at, provider, timing, _flops(shape, density), errors))
     for row in rows:
         row["speedup_vs_bf16"] = round(measured["bf16"] / row["p50_ms"], 3)
-    bf16_row, fp8_row, other_row = rows[0], rows[1], rows[5]
+    by_provider = {row["provider"]: row for row in rows}
+    bf16_row, fp8_row = by_provider["bf16"], by_provider["fp8"]
+    other_row, int8_row = by_provider[f"fp8-{other_terms}v-kernel"], by_provider["int8pv-kernel"]
     log(
         f"{shape.name} density {density:.3f}: bf16 {measured['bf16']:.2f} ms, fp8 "
         f"{measured['fp8']:.2f} ms (pre-pass {measured['fp8-prepass']:.3f} + kernel "
@@ -247,9 +250,11 @@ def _bench_density(shape, qkv, block_mask, target, base, budget_ms, log) -> list
         f"{bf16_row['rel_l2']:.2e}; fp8 config {autotuned_config()}; V in {other_terms} "
         f"e4m3 term(s): pre-pass {measured[f'fp8-{other_terms}v-prepass']:.3f} + kernel "
         f"{measured[f'fp8-{other_terms}v-kernel']:.2f} ms, rel L2 {other_row['rel_l2']:.2e} cos "
-        f"{other_row['cosine']:.5f}; INT8 P V: pre-pass {measured['int8pv-prepass']:.3f} + "
-        f"kernel {measured['int8pv-kernel']:.2f} ms (x{rows[-1]['speedup_vs_bf16']:.2f} "
-        f"kernel), rel L2 {rows[-1]['rel_l2']:.2e} cos {rows[-1]['cosine']:.5f}"
+        f"{other_row['cosine']:.5f}; int8 {measured['int8']:.2f} ms (pre-pass "
+        f"{measured['int8pv-prepass']:.3f} + kernel {measured['int8pv-kernel']:.2f}), "
+        f"x{by_provider['int8']['speedup_vs_bf16']:.2f} whole, "
+        f"x{int8_row['speedup_vs_bf16']:.2f} kernel, rel L2 {int8_row['rel_l2']:.2e} cos "
+        f"{int8_row['cosine']:.5f}"
     )
     return rows
 

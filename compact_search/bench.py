@@ -6,9 +6,9 @@ for model-sized shapes and per-head masks of several pattern kinds at target den
 sparse configuration is checked for correctness before it is timed. ``python -m
 benchmarks.bench_kernel`` adds a launch-config sweep and redrawing the plot from a CSV.
 
-``precision="fp8"`` runs the Triton providers on the 8-bit path (INT8 Q K^T, FP8 P V); the dense
-baselines and FlexAttention stay bf16, and every row names the precision it ran in its
-``precision`` column.
+``precision="fp8"`` (or ``"int8"``) runs the Triton providers on the 8-bit path (INT8 Q K^T, FP8
+or INT8 P V); the dense baselines and FlexAttention stay bf16, and every row names the precision
+it ran in its ``precision`` column.
 """
 
 from __future__ import annotations
@@ -26,7 +26,12 @@ from compact_search.environment import environment
 from compact_search.errors import UserInputError
 from compact_search.geometry import DEFAULT_BLOCK_SIZE, Grid
 from compact_search.patterns import FrameGroup, HeadPattern, Rect
-from compact_search.runtime.attention import recorded_kernels, selected_kernel, sparse_attention
+from compact_search.runtime.attention import (
+    EIGHT_BIT_TWINS,
+    recorded_kernels,
+    selected_kernel,
+    sparse_attention,
+)
 from compact_search.runtime.kernels.flex import flex_block_mask
 from compact_search.runtime.kernels.triton_portable import portable_sparse_attention
 
@@ -47,7 +52,7 @@ DENSE_PROVIDERS = ("cudnn", "fa2")
 # pointer-load variant has no 8-bit path).
 BF16_ONLY_PROVIDERS = ("triton-pointers",)
 # Relative error above which a run raises: the kernel against what it must compute (bf16: the
-# fp32 reference, FlexAttention, cuDNN; fp8: the 8-bit emulation, the other 8-bit kernel).
+# fp32 reference, FlexAttention, cuDNN; 8 bits: the 8-bit emulation, the other 8-bit kernel).
 MAX_REL_ERR = 2e-2
 
 
@@ -274,8 +279,8 @@ def reference_errors(
     heads: int,
 ) -> dict[str, float]:
     """The kernel output ``out`` [B, H, N, D] on its first ``heads`` heads against the fp32
-    reference ("reference") and, at fp8, the 8-bit path's exact emulation on the same inputs
-    ("reference-fp8")."""
+    reference ("reference") and, at 8 bits, the 8-bit path's exact emulation on the same inputs
+    (named as its kernel, "reference-fp8" or "reference-int8")."""
     first = slice(0, heads)
     q, k, v, block_mask, out = (
         q[:, first],
@@ -292,17 +297,18 @@ def reference_errors(
         emulated = sparse_attention(
             q, k, v, block_mask, block_size=block_size, backend="reference", precision=precision
         )
-        errors["reference-fp8"] = relative_error(out, emulated)
+        errors[EIGHT_BIT_TWINS[precision]["reference"]] = relative_error(out, emulated)
     return errors
 
 
 def gated_errors(errors: dict[str, float], precision: str) -> dict[str, float]:
-    """The errors a run is held to (MAX_REL_ERR): all of them in bf16; at fp8 those against
+    """The errors a run is held to (MAX_REL_ERR): all of them in bf16; at 8 bits those against
     8-bit results (the emulation, the portable 8-bit kernel). The 8-bit path's distance to fp32,
     FlexAttention and cuDNN is the method's, logged but not gated."""
     if precision == "bf16":
         return errors
-    return {name: err for name, err in errors.items() if name in ("reference-fp8", "portable")}
+    eight_bit = (EIGHT_BIT_TWINS[precision]["reference"], "portable")
+    return {name: err for name, err in errors.items() if name in eight_bit}
 
 
 def run_kernel_benchmark(
@@ -321,7 +327,7 @@ def run_kernel_benchmark(
     For each shape the kernel is first checked against the reference backend (fp32) on its first
     ``reference_heads`` heads at the first density, and at every density against FlexAttention
     (when timed) and, at density 1.0, cuDNN. A relative error above ``MAX_REL_ERR`` (2e-2)
-    raises. ``precision`` is the Triton providers' arithmetic; at fp8 the kernel is held to the
+    raises. ``precision`` is the Triton providers' arithmetic; at 8 bits the kernel is held to the
     8-bit emulation instead (``gated_errors``), and ``max_rel_err`` is against that.
 
     Returns:

@@ -58,7 +58,7 @@ class KernelCheck:
     passed: bool
     precision: str = "bf16"
     kernel: str = ""  # what ran: a key of runtime.attention.KERNELS, e.g. "triton-portable-fp8"
-    reference: str = "fp32"  # what relative_error is against: "fp32" or "reference-fp8"
+    reference: str = "fp32"  # what relative_error is against: "fp32", "reference-fp8" or "-int8"
     fp32_relative_error: float | None = None  # against the fp32 reference, at any precision
 
 
@@ -345,12 +345,17 @@ def check_kernel(
     layers of each bucket (default 1: the interpreter costs milliseconds per block pair).
     `precision` is the kernel's arithmetic (None: the config's). A bf16 kernel is gated against
     the fp32 reference; an 8-bit one against the 8-bit emulation on the same inputs (backend
-    "reference", precision "fp8": the kernel's own quantization, exactly), since its distance
+    "reference" at the same precision: the kernel's own quantization, exactly), since its distance
     to fp32 is the method's (`fp32_relative_error`, reported, not gated).
     """
     import os
 
-    from compact_search.runtime.attention import choose_kernel, sparse_attention
+    from compact_search.runtime.attention import (
+        EIGHT_BIT_TWINS,
+        choose_kernel,
+        kernel_precision,
+        sparse_attention,
+    )
     from compact_search.runtime.kernels.reference import masked_reference
 
     precision = check_precision(config.precision if precision is None else precision, "--precision")
@@ -397,8 +402,9 @@ def check_kernel(
                 key_block_lengths=lengths,
             )
             reference, expected = "fp32", fp32
-            if kernel.endswith("-fp8"):
-                reference = "reference-fp8"
+            ran_at = kernel_precision(kernel)
+            if ran_at != "bf16":
+                reference = EIGHT_BIT_TWINS[ran_at]["reference"]
                 expected = sparse_attention(
                     q,
                     k,
@@ -408,7 +414,7 @@ def check_kernel(
                     scale=d**-0.5,
                     backend="reference",
                     key_block_lengths=lengths,
-                    precision="fp8",
+                    precision=ran_at,
                 ).float()
             # padded query slots are never read back: compare real tokens only
             real = (layout.slot_to_token >= 0).to(device)

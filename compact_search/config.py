@@ -12,9 +12,10 @@ steps, `transformer_2` for the low-noise ones) gets one config: the top level is
 named by the pipeline's attribute, each with its own geometry, step schedule and buckets.
 
 `precision` (top level, every version) is the attention arithmetic the runtime runs the config
-with: "bf16" (the model's own fp16/bf16, the default and what a config without the field means)
-or "fp8" (INT8 Q K^T, FP8 e4m3 P V; `runtime.attention`). One value for the whole config, experts
-included. Ignoring it runs bf16, which is never less accurate, so it needs no new version.
+with: "bf16" (the model's own fp16/bf16, the default and what a config without the field means),
+"fp8" (INT8 Q K^T, FP8 e4m3 P V; `runtime.attention`) or "int8" (INT8 Q K^T and P V: slower than
+"fp8", more accurate). One value for the whole config, experts included. Ignoring it runs bf16,
+which is never less accurate, so it needs no new version.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ MAIN_TRANSFORMER = "transformer"
 STAT_FIELDS = ("recall_mean", "recall_min", "recall_worst_tile", "density", "cost")
 # The attention precisions a config can ask for: `runtime.attention.PRECISIONS` (the runtime
 # imports this module, so the names are spelled here too; a test keeps the two equal).
-PRECISIONS = ("bf16", "fp8")
+PRECISIONS = ("bf16", "fp8", "int8")
 DEFAULT_PRECISION = "bf16"
 
 

@@ -13,9 +13,10 @@ With a `SampleCache`, every finished sample is kept on disk under a key of what 
 numbers (prompts, seed, steps, guidance, the model's fingerprint; for compact ones the config,
 backend and precision too): a second config samples only its compact half, a killed run resumes.
 
-Each config runs at its own `precision` (the config field, "bf16" or "fp8") unless `precision`
-overrides it for all of them; every report names the precision it ran and the kernels that ran
-(`runtime.attention.recorded_kernels`: "reference-fp8" is the 8-bit path's CPU emulation).
+Each config runs at its own `precision` (the config field, "bf16", "fp8" or "int8") unless
+`precision` overrides it for all of them; every report names the precision it ran and the kernels
+that ran (`runtime.attention.recorded_kernels`: "reference-fp8" is the 8-bit path's CPU
+emulation).
 
 With a compile backend (`compact-search evaluate --compile`) the transformers are compiled in
 place (`compile_repeated_blocks(fullgraph=True)` where the model names its repeated blocks, else
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from compact_search.config import CompactConfig, check_precision
+from compact_search.config import PRECISIONS, CompactConfig, check_precision
 from compact_search.errors import UserInputError
 from compact_search.models.plugin import LoadedModel
 from compact_search.models.wan import AttentionFn, dense_attention
@@ -50,7 +51,7 @@ from compact_search.quality import (
     ssim_per_frame,
 )
 from compact_search.runtime.apply import apply
-from compact_search.runtime.attention import recorded_kernels
+from compact_search.runtime.attention import kernel_precision, recorded_kernels
 from compact_search.samples import SampleCache, sample_key, to_videos
 
 __all__ = ["psnr", "ssim", "evaluate_config", "evaluate_configs", "evaluation_prompts"]
@@ -203,13 +204,13 @@ class EvaluationReport:
 
     @property
     def ran_precision(self) -> str:
-        """The arithmetic the sparse steps ran, from `kernels`: "fp8" asked of inputs outside
+        """The arithmetic the sparse steps ran, from `kernels`: 8 bits asked of inputs outside
         the 8-bit path (a float32 model, block 32, ...) runs the 16-bit kernels after a warning.
-        The asked one when every sample came from the cache."""
+        The asked one when every sample came from the cache; "fp8 and bf16" where both ran."""
         if not self.kernels:
             return self.precision
-        eight_bit = [kernel.endswith("-fp8") for kernel in self.kernels]
-        return "fp8" if all(eight_bit) else "bf16" if not any(eight_bit) else "fp8 and bf16"
+        ran = {kernel_precision(kernel) for kernel in self.kernels}
+        return " and ".join(p for p in reversed(PRECISIONS) if p in ran)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -423,7 +424,7 @@ def evaluate_configs(
     own settings. `on_phase(name, steps)` is called before each phase ("dense", then each
     label) with the number of denoising steps it will run and returns a callback run after
     every step (progress bars). `dense_attention_fn` is the reference's self-attention (plain
-    SDPA; a benchmark pins cuDNN's). `precision` ("bf16" or "fp8") runs every config at it;
+    SDPA; a benchmark pins cuDNN's). `precision` ("bf16", "fp8" or "int8") runs every config at it;
     None: each at its own. Returns one report per config and the run's notes (lpips, previews,
     cache counts).
     """

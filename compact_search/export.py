@@ -12,11 +12,12 @@ A run of several experts (`optimize` on a Wan2.2 profile) exports one config: th
 patterns at the top level and every other expert's under `experts` (docs/config.md), each built
 and re-measured on that expert's own steps of the profile.
 
-`precision=` ("bf16" or "fp8", docs/config.md "Precision") sets the config's attention arithmetic,
-for every expert; None and "bf16" write the same bytes (a bf16 config has no `precision` field).
-The FlexAttention masks do not depend on it: with "fp8" they are written as for "bf16", with a
-warning that FlexAttention runs them at its own 16-bit precision; "fp8" at a block size the 8-bit
-kernels do not take warns that the runtime runs the config as bf16.
+`precision=` ("bf16", "fp8" or "int8", docs/config.md "Precision") sets the config's attention
+arithmetic, for every expert; None and "bf16" write the same bytes (a bf16 config has no
+`precision` field). The FlexAttention masks do not depend on it: at 8 bits they are written as for
+"bf16", with a warning that FlexAttention runs them at its own 16-bit precision; an 8-bit
+precision at a block size the 8-bit kernels do not take warns that the runtime runs the config as
+bf16.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class ExportResult:
     below_threshold: list[tuple[int, int, int, float]]  # (bucket, layer, head, recall)
     mean_density: float
     mean_cost: float
-    # a wasteful block size, a cost above dense, fp8 at a block size or format that runs 16-bit
+    # a wasteful block size, a cost above dense, 8 bits at a block size or format that runs 16-bit
     warnings: tuple[str, ...] = ()
 
 
@@ -285,21 +286,24 @@ def export_run(
         flex_path.unlink(missing_ok=True)  # an older export's masks would disagree with it
     summary = config.summary()
     warnings = waste_warnings(result, cost=summary["mean_cost"])
-    if config.precision == "fp8":
+    eight_bit = config.precision != "bf16"
+    if eight_bit:
         from compact_search.runtime.attention import FP8_BLOCK_SIZES
 
         block_size = config.geometry.block_size
         if block_size not in FP8_BLOCK_SIZES:
             sizes = " or ".join(map(str, FP8_BLOCK_SIZES))
             warnings.append(
-                f"precision fp8 at block size {block_size}: the 8-bit kernels take {sizes}, so "
-                f"the runtime runs this config as bf16 (optimize --block-size {sizes} for 8 bits)"
+                f"precision {config.precision} at block size {block_size}: the 8-bit kernels "
+                f"take {sizes}, so the runtime runs this config as bf16 (optimize --block-size "
+                f"{sizes} for 8 bits)"
             )
-    if sidecar is not None and config.precision == "fp8":
+    if sidecar is not None and eight_bit:
         # The masks are the same at any precision; only their reader's arithmetic differs.
         warnings.append(
             f"{sidecar.name}: FlexAttention has no 8-bit path and runs these masks at its own "
-            "16-bit precision; precision fp8 is the compact-search runtime's (apply, evaluate)"
+            f"16-bit precision; precision {config.precision} is the compact-search runtime's "
+            "(apply, evaluate)"
         )
     return ExportResult(
         config,

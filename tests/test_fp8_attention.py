@@ -1,4 +1,4 @@
-"""8-bit block-sparse attention (``sparse_attention(..., precision="fp8")``) on CPU.
+"""8-bit block-sparse attention (``sparse_attention(..., precision="fp8" | "int8")``) on CPU.
 
 Three parts. The chooser: which 8-bit kernel runs where, what is refused, what runs as bf16. The
 portable kernel under the Triton interpreter, held to the torch emulation of the method (same
@@ -24,7 +24,12 @@ from fp8_cases import (
 )
 
 from compact_search.runtime import attention
-from compact_search.runtime.attention import choose_kernel, recorded_kernels, sparse_attention
+from compact_search.runtime.attention import (
+    choose_kernel,
+    kernel_precision,
+    recorded_kernels,
+    sparse_attention,
+)
 from compact_search.runtime.kernels import triton_portable_fp8
 from compact_search.runtime.kernels.reference import chunked_reference, masked_reference
 from compact_search.runtime.kernels.reference_fp8 import emulate_fp8_attention
@@ -140,16 +145,21 @@ def test_sparse_attention_fp8_runs_the_portable_kernel_under_the_interpreter(cas
 
 
 @needs_interpreter
-def test_the_runtime_runs_int8_pv_when_its_v_format_says_so(monkeypatch) -> None:
-    # quantize.FP8_V_FORMAT as each 8-bit path module imported it: "int8" routes
-    # sparse_attention(precision="fp8") through INT8 P V.
+def test_precision_int8_runs_the_portable_kernel_with_int8_pv() -> None:
     q, k, v, mask, lengths, block_size = _problem(CASES[1])
-    arguments = dict(block_size=block_size, key_block_lengths=lengths, precision="fp8")
-    e4m3 = sparse_attention(q, k, v, mask, backend="triton", **arguments)
-    monkeypatch.setattr(triton_portable_fp8, "FP8_V_FORMAT", "int8")
+    arguments = dict(block_size=block_size, key_block_lengths=lengths, backend="triton")
+    e4m3 = sparse_attention(q, k, v, mask, precision="fp8", **arguments)
     with recorded_kernels() as ran:
-        int8_pv = sparse_attention(q, k, v, mask, backend="triton", **arguments)
-    assert ran == ["triton-portable-fp8"]
+        int8_pv = sparse_attention(q, k, v, mask, precision="int8", **arguments)
+    assert ran == ["triton-portable-int8"]
+    lut = build_block_lut(
+        mask, seq_len=q.shape[2], block_size=block_size, key_block_lengths=lengths
+    )
+    quantized = quantize_qkv(
+        q, k, v, block_size=block_size, key_lengths=lut.key_lengths, v_format="int8"
+    )
+    kernel_alone = portable_fp8_attention(quantized, lut, torch.empty_like(q), scale=64**-0.5)
+    assert torch.equal(int8_pv, kernel_alone)
     expected = _reference(q, k, v, mask, lengths, block_size)
     _assert_accurate(int8_pv, expected, INT8_PV_MAX_RELATIVE_L2)
     assert relative_l2(int8_pv, expected) < 0.85 * relative_l2(e4m3, expected)
@@ -168,55 +178,83 @@ def test_the_method_without_the_rotation_still_matches() -> None:
     _assert_accurate(out, _reference(q, k, v, mask, lengths, block_size), GAUSSIAN_MAX_RELATIVE_L2)
 
 
-def test_the_reference_backend_runs_the_emulation_bit_for_bit() -> None:
+@pytest.mark.parametrize(
+    "precision, v_format, max_relative_l2",
+    [("fp8", "e4m3", GAUSSIAN_MAX_RELATIVE_L2), ("int8", "int8", INT8_PV_MAX_RELATIVE_L2)],
+)
+def test_the_reference_backend_runs_the_emulation_bit_for_bit(
+    precision: str, v_format: str, max_relative_l2: float
+) -> None:
     q, k, v, mask, lengths, block_size = _problem(CASES[2])
     with recorded_kernels() as ran:
         out = sparse_attention(
-            q, k, v, mask, block_size=block_size, key_block_lengths=lengths, precision="fp8"
+            q, k, v, mask, block_size=block_size, key_block_lengths=lengths, precision=precision
         )  # "auto" on CPU: the reference
-    assert ran == ["reference-fp8"]
+    assert ran == [f"reference-{precision}"]
     lut = build_block_lut(
         mask, seq_len=q.shape[2], block_size=block_size, key_block_lengths=lengths
     )
-    quantized = emulate_quantize_qkv(q, k, v, block_size=block_size, key_lengths=lut.key_lengths)
+    quantized = emulate_quantize_qkv(
+        q, k, v, block_size=block_size, key_lengths=lut.key_lengths, v_format=v_format
+    )
+    assert quantized.v_format == v_format
     expected = emulate_fp8_attention(quantized, lut, scale=q.shape[-1] ** -0.5, out_dtype=q.dtype)
     assert torch.equal(out, expected)
     bf16 = sparse_attention(q, k, v, mask, block_size=block_size, key_block_lengths=lengths)
-    assert not torch.equal(out, bf16), "precision 'fp8' ran the 16-bit reference"
-    _assert_accurate(out, _reference(q, k, v, mask, lengths, block_size), GAUSSIAN_MAX_RELATIVE_L2)
+    assert not torch.equal(out, bf16), f"precision {precision!r} ran the 16-bit reference"
+    _assert_accurate(out, _reference(q, k, v, mask, lengths, block_size), max_relative_l2)
 
 
 def test_precision_is_checked_and_flex_has_no_8_bit_path() -> None:
     q = torch.zeros(1, 1, 128, 64, dtype=torch.bfloat16)
     mask = torch.ones(1, 1, 1, dtype=torch.bool)
-    with pytest.raises(ValueError, match="precision must be one of bf16, fp8"):
+    with pytest.raises(ValueError, match="precision must be one of bf16, fp8, int8"):
         sparse_attention(q, q, q, mask, precision="int4")
-    with pytest.raises(ValueError, match="'flex' has no 8-bit path"):
-        sparse_attention(q, q, q, mask, backend="flex", precision="fp8")
-    with pytest.raises(ValueError, match="Gluon 8-bit kernel needs"):
-        choose_kernel(q, q, q, 128, "triton-gluon", "fp8")  # CPU
+    for precision in ("fp8", "int8"):
+        with pytest.raises(ValueError, match="'flex' has no 8-bit path"):
+            sparse_attention(q, q, q, mask, backend="flex", precision=precision)
+        with pytest.raises(ValueError, match="Gluon 8-bit kernel needs"):
+            choose_kernel(q, q, q, 128, "triton-gluon", precision)  # CPU
 
 
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
 @pytest.mark.parametrize(
     "shape, dtype, block_size, expected",
     [
-        ((1, 1, 128, 64), torch.float32, 128, "precision 'fp8' takes no dtype torch.float32"),
-        ((1, 1, 128, 96), torch.bfloat16, 128, "precision 'fp8' takes no head dim 96"),
+        ((1, 1, 128, 64), torch.float32, 128, "precision {!r} takes no dtype torch.float32"),
+        ((1, 1, 128, 96), torch.bfloat16, 128, "precision {!r} takes no head dim 96"),
         ((1, 1, 128, 64), torch.bfloat16, 32, "block size 32 (8-bit kernels take 64 or 128)"),
     ],
 )
-def test_inputs_the_8_bit_kernels_do_not_take_run_in_16_bit(shape, dtype, block_size, expected):
+def test_inputs_the_8_bit_kernels_do_not_take_run_in_16_bit(
+    shape, dtype, block_size, expected, precision
+):
     q = torch.zeros(shape, dtype=dtype)
-    kernel, fallback = choose_kernel(q, q, q, block_size, "reference", "fp8")
-    assert kernel == "reference" and fallback.startswith(expected)
+    kernel, fallback = choose_kernel(q, q, q, block_size, "reference", precision)
+    assert kernel == "reference" and fallback.startswith(expected.format(precision))
+    assert fallback.endswith("runs as 'bf16'")
 
 
-def test_a_gpu_without_fp8_tensor_cores_runs_fp8_as_bf16(monkeypatch) -> None:
+def test_every_kernel_names_its_arithmetic() -> None:
+    assert [kernel_precision(k) for k in ("reference", "triton-gluon", "flex")] == ["bf16"] * 3
+    assert kernel_precision("triton-portable-fp8") == "fp8"
+    assert kernel_precision("triton-gluon-int8") == "int8"
+    # The two 8-bit twins of a kernel are one function told V's format.
+    fp8, int8 = (attention.KERNELS[f"triton-gluon-{p}"] for p in ("fp8", "int8"))
+    assert fp8.from_luts == int8.from_luts
+    assert (dict(fp8.options), dict(int8.options)) == ({"v_format": "e4m3"}, {"v_format": "int8"})
+    with pytest.raises(ValueError, match="unknown kernel 'triton-gluon-fp4'"):
+        kernel_precision("triton-gluon-fp4")
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_a_gpu_without_fp8_tensor_cores_runs_8_bits_as_bf16(monkeypatch, precision) -> None:
     q = torch.zeros(1, 1, 128, 64, dtype=torch.bfloat16)
     monkeypatch.setattr(triton_portable_fp8, "interpreting", lambda: False)
     monkeypatch.setattr(attention, "unsupported_reason", lambda q: None)
-    kernel, fallback = choose_kernel(q, q, q, 128, "triton-portable", "fp8")  # CPU tensor
+    kernel, fallback = choose_kernel(q, q, q, 128, "triton-portable", precision)  # CPU tensor
     assert kernel == "triton-portable" and "no FP8 tensor cores" in fallback
+    assert f"precision {precision!r} runs as 'bf16'" in fallback
 
 
 # --- the method's accuracy, through the emulation ---------------------------------------------

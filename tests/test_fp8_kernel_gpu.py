@@ -284,7 +284,12 @@ def test_prepass_on_gpu_matches_its_emulation(case, v_spec) -> None:
     torch.testing.assert_close(got.k_scale, want.k_scale, atol=0, rtol=1e-6)
 
 
-def test_dense_fp8_matches_sdpa_on_token_major_inputs() -> None:
+# Each 8-bit precision's bound on relative L2 against fp32 (INT8 P V: the 3e-2).
+PRECISION_MAX_RELATIVE_L2 = {"fp8": MAX_RELATIVE_L2, "int8": INT8_PV_MAX_RELATIVE_L2}
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_dense_8_bits_match_sdpa_on_token_major_inputs(precision: str) -> None:
     # Token-major inputs ([B, N, H, D] storage seen as [B, H, N, D]), as a DiT passes them: the
     # output comes back in the same memory order.
     q, k, v = (
@@ -293,19 +298,20 @@ def test_dense_fp8_matches_sdpa_on_token_major_inputs() -> None:
     )
     mask = torch.ones(1, 64, 64, dtype=torch.bool, device="cuda")
     with recorded_kernels() as ran:
-        out = sparse_attention(q, k, v, mask, precision="fp8")
-    assert ran == ["triton-gluon-fp8" if _hopper() else "triton-portable-fp8"]
+        out = sparse_attention(q, k, v, mask, precision=precision)
+    assert ran == [f"triton-gluon-{precision}" if _hopper() else f"triton-portable-{precision}"]
     assert out.stride() == q.stride()
     expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
     assert not out.isnan().any()
     assert cosine_similarity(out, expected) >= MIN_COSINE
-    assert relative_l2(out, expected) <= MAX_RELATIVE_L2
+    assert relative_l2(out, expected) <= PRECISION_MAX_RELATIVE_L2[precision]
 
 
-def test_fp8_kernel_on_outlier_channels() -> None:
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_8_bit_kernels_on_outlier_channels(precision: str) -> None:
     q, k, v = attention_inputs("outliers", (1, 4, 4096, 128), device="cuda", seed=7)
     mask = block_mask_with_edge_rows(4, 32, 0.5, device="cuda", seed=7)
-    out = sparse_attention(q, k, v, mask, precision="fp8")
+    out = sparse_attention(q, k, v, mask, precision=precision)
     expected = chunked_reference(q.float(), k.float(), v.float(), mask, block_size=128)
     assert cosine_similarity(out, expected) >= MIN_COSINE
-    assert relative_l2(out, expected) <= MAX_RELATIVE_L2
+    assert relative_l2(out, expected) <= PRECISION_MAX_RELATIVE_L2[precision]

@@ -273,6 +273,10 @@ def test_export_precision_fp8_is_the_one_field_a_bf16_export_lacks(workspace, mo
     assert fp8 == json.loads(default)
     assert load_config(out / "fp8.json").precision == "fp8"
     assert load_config(out / "default.json").precision == "bf16"
+    assert export_at(workspace, out / "int8.json", "--precision", "int8") == 0
+    assert "precision int8" in capsys.readouterr().out
+    int8 = json.loads((out / "int8.json").read_text())
+    assert int8.pop("precision") == "int8" and int8 == json.loads(default)
 
 
 def test_an_fp8_flex_export_writes_the_bf16_masks_and_says_flex_runs_them_in_16_bits(

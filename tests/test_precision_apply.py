@@ -85,6 +85,16 @@ def test_fp8_quantizes_yet_stays_close_to_bf16(pipeline):
     assert cosine(fp8, bf16) > 0.99
 
 
+def test_int8_runs_its_own_emulation_and_lands_closer_to_bf16_than_fp8(pipeline):
+    bf16, _, _ = run_at(pipeline, config_for(pipeline))
+    fp8, _, _ = run_at(pipeline, config_for(pipeline), precision="fp8")
+    int8, kernels, handle = run_at(pipeline, config_for(pipeline, "int8"))
+    assert kernels == ["reference-int8"] * 2
+    assert handle.precision == "int8" and "precision='int8'" in repr(handle)
+    assert torch.isfinite(int8).all() and not torch.equal(int8, fp8)
+    assert (int8 - bf16).norm() < (fp8 - bf16).norm()
+
+
 def test_the_configs_precision_runs_and_an_explicit_one_wins(pipeline):
     _, kernels, handle = run_at(pipeline, config_for(pipeline, "fp8"))
     assert handle.precision == "fp8" and kernels == ["reference-fp8"] * 2
@@ -103,17 +113,18 @@ def test_dense_warm_up_steps_run_sdpa_whatever_the_precision(pipeline):
     assert kernels == [] and handle.calls == {"dense": 2, "sparse": 0}
 
 
-@pytest.mark.parametrize("value", ["int8", "FP8", 8])
+@pytest.mark.parametrize("value", ["int4", "FP8", 8])
 def test_a_bad_precision_is_refused_before_anything_is_installed(pipeline, value):
     originals = [block.attn1.processor for block in pipeline.transformer.blocks]
-    with pytest.raises(UserInputError, match="apply: precision must be one of bf16, fp8"):
+    with pytest.raises(UserInputError, match="apply: precision must be one of bf16, fp8, int8"):
         apply(pipeline.transformer, config_for(pipeline), grid=pipeline.grid, precision=value)
     assert [block.attn1.processor for block in pipeline.transformer.blocks] == originals
 
 
-def test_compiled_fp8_blocks_run_without_graph_breaks_and_match_eager():
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_compiled_8_bit_blocks_run_without_graph_breaks_and_match_eager(precision):
     pipeline = tiny_pipeline()
-    config = config_for(pipeline, "fp8")
+    config = config_for(pipeline, precision)
     eager, _, _ = run_at(pipeline, config)
     handle = apply(pipeline.transformer, config, grid=pipeline.grid)
     handle.set_step(SPARSE_STEP)
@@ -123,7 +134,7 @@ def test_compiled_fp8_blocks_run_without_graph_breaks_and_match_eager():
         compiled = velocity(pipeline)  # fullgraph=True: a graph break would raise
     handle.revert()
     assert counter.frame_count == 1
-    assert kernels == ["reference-fp8"] * 2
+    assert kernels == [f"reference-{precision}"] * 2
     torch.testing.assert_close(compiled, eager, rtol=1e-2, atol=1e-2)
 
 

@@ -38,52 +38,57 @@ def failure(capsys, *args) -> str:
     return error_line(capsys.readouterr().err)
 
 
-BAD = "--precision must be one of bf16, fp8, got 'int8'"
+BAD = "--precision must be one of bf16, fp8, int8, got 'fp4'"
 
 
 def test_bad_precisions_are_one_line_and_exit_2(capsys, tmp_path):
     config = tmp_path / "c.json"
-    assert BAD in failure(capsys, "evaluate", "-c", config, "--precision", "int8")
-    assert BAD in failure(capsys, "bench", "--precision", "int8")
-    check = ("check", "-c", config, "-p", tmp_path, "--kernel", "--precision", "int8")
+    assert BAD in failure(capsys, "evaluate", "-c", config, "--precision", "fp4")
+    assert BAD in failure(capsys, "bench", "--precision", "fp4")
+    check = ("check", "-c", config, "-p", tmp_path, "--kernel", "--precision", "fp4")
     assert BAD in failure(capsys, *check)
     # Checked before the run folder is read: this one does not exist.
-    assert BAD in failure(capsys, "export", tmp_path / "run", "-o", config, "--precision", "int8")
+    assert BAD in failure(capsys, "export", tmp_path / "run", "-o", config, "--precision", "fp4")
     assert not config.exists()
     line = failure(capsys, "check", "-c", config, "-p", tmp_path, "--precision", "fp8")
     assert "--precision sets the kernel check's arithmetic: add --kernel" in line
-    line = failure(capsys, "bench", "--precision", "fp8", "--providers", "triton,triton-pointers")
-    assert "--precision fp8: triton-pointers runs bf16 only" in line
+    line = failure(capsys, "bench", "--precision", "int8", "--providers", "triton,triton-pointers")
+    assert "--precision int8: triton-pointers runs bf16 only" in line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal after parsing")
-def test_bench_takes_fp8_then_asks_for_a_gpu(capsys):
-    assert "needs a CUDA GPU" in failure(capsys, "bench", "--precision", "fp8")
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_bench_takes_8_bits_then_asks_for_a_gpu(capsys, precision):
+    assert "needs a CUDA GPU" in failure(capsys, "bench", "--precision", precision)
 
 
-def test_bench_rows_carry_the_precision_and_its_triton_runs_take_it():
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_bench_rows_carry_the_precision_and_its_triton_runs_take_it(precision):
     assert CSV_FIELDS[:3] == ("kernel", "provider", "precision")
-    assert set(triton_runs("fp8")) == {"triton", "triton-portable"}
+    assert set(triton_runs(precision)) == {"triton", "triton-portable"}
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 1, 131, 64, generator=gen).half() for _ in range(3))
     mask = torch.tensor([[[1, 0, 1], [0, 1, 0], [1, 1, 1]]], dtype=torch.bool)
     with recorded_kernels() as ran:
-        for run_kernel in triton_runs("fp8").values():
+        for run_kernel in triton_runs(precision).values():
             out = run_kernel(q, k, v, mask, block_size=64)
             assert out.shape == q.shape and torch.isfinite(out).all()
-    assert ran == ["triton-portable-fp8"] * 2
+    assert ran == [f"triton-portable-{precision}"] * 2
 
 
-def test_bench_holds_an_8_bit_kernel_to_the_8_bit_emulation():
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_bench_holds_an_8_bit_kernel_to_the_8_bit_emulation(precision):
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 3, 200, 64, generator=gen).half() for _ in range(3))
     mask = torch.rand(3, 4, 4, generator=gen) < 0.5
     mask[:, 2] = False  # a query block with no kept key block
-    out = triton_runs("fp8")["triton"](q, k, v, mask, block_size=64)
-    errors = reference_errors(q, k, v, mask, out, 64, "fp8", heads=2)
-    assert errors["reference-fp8"] < 1e-3 < 1e-2 < errors["reference"]
-    assert gated_errors({**errors, "flex": 0.04, "portable": 1e-4}, "fp8") == {
-        "reference-fp8": errors["reference-fp8"],
+    out = triton_runs(precision)["triton"](q, k, v, mask, block_size=64)
+    errors = reference_errors(q, k, v, mask, out, 64, precision, heads=2)
+    emulation = f"reference-{precision}"
+    assert set(errors) == {"reference", emulation}
+    assert errors[emulation] < 1e-3 < 1e-2 < errors["reference"]
+    assert gated_errors({**errors, "flex": 0.04, "portable": 1e-4}, precision) == {
+        emulation: errors[emulation],
         "portable": 1e-4,
     }
     bf16 = triton_runs("bf16")["triton"](q, k, v, mask, block_size=64)
@@ -127,6 +132,18 @@ def test_the_kernel_check_runs_the_configs_precision_or_the_one_asked_for():
     assert min(k.fp32_relative_error for k in report.kernel) > 10 * max(
         k.fp32_relative_error for k in asked.kernel
     )
+    with recorded_kernels() as ran:
+        int8 = check_config(
+            config, PlantedProfile(), kernel=True, kernel_layers=1, kernel_precision="int8"
+        )
+    assert ran == ["triton-portable-int8", "reference-int8"] * 2
+    assert [(k.precision, k.kernel, k.reference) for k in int8.kernel] == [
+        ("int8", "triton-portable-int8", "reference-int8")
+    ] * 2
+    assert all(k.passed and k.relative_error < 1e-3 for k in int8.kernel)
+    # INT8 P V: the same inputs, closer to fp32 than FP8 P V.
+    for fp8_check, int8_check in zip(report.kernel, int8.kernel, strict=True):
+        assert int8_check.fp32_relative_error < 0.8 * fp8_check.fp32_relative_error
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +198,13 @@ def test_evaluate_reports_each_configs_precision_and_the_flag_overrides_them(tin
     assert forced["cache"]["hits"] == 2 and forced["cache"]["misses"] == 1
     assert second["kernels"] == []
     assert first["mean_psnr_db"] == second["mean_psnr_db"] == fp8["mean_psnr_db"]
+
+    int8 = evaluate_json(capsys, tiny_bf16, out, "--precision", "int8")
+    assert [(c["precision"], c["kernels"]) for c in int8["configs"]] == [
+        ("int8", ["reference-int8"])
+    ] * 2
+    assert int8["cache"]["hits"] == 1 and int8["cache"]["misses"] == 2  # dense read back
+    assert int8["configs"][0]["mean_psnr_db"] not in (bf16["mean_psnr_db"], fp8["mean_psnr_db"])
 
 
 def test_evaluate_table_names_the_precision(tiny_bf16, capsys):

@@ -1,5 +1,5 @@
-"""The config's `precision` field: old configs load as bf16, fp8 round-trips, bad values fail in
-one line naming the field, experts share the top level's precision."""
+"""The config's `precision` field: old configs load as bf16, fp8 and int8 round-trip, bad values
+fail in one line naming the field, experts share the top level's precision."""
 
 import json
 from pathlib import Path
@@ -49,35 +49,36 @@ def test_a_config_without_the_field_loads_as_bf16_and_is_written_back_unchanged(
     assert json.loads((tmp_path / "again.json").read_text()) == json.loads(text)
 
 
-def test_fp8_round_trips_at_the_same_version(tmp_path):
-    config = small_config("fp8")
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_8_bits_round_trip_at_the_same_version(tmp_path, precision):
+    config = small_config(precision)
     obj = config.to_json()
-    assert obj["precision"] == "fp8" and obj["version"] == small_config().version == 1
+    assert obj["precision"] == precision and obj["version"] == small_config().version == 1
     assert list(obj)[:3] == ["format", "version", "precision"]
     save_config(config, tmp_path / "c.json")
     loaded = load_config(tmp_path / "c.json")
-    assert loaded == config and loaded.precision == "fp8"
+    assert loaded == config and loaded.precision == precision
     # Written as bf16 explicitly, it loads as the same config as without the field.
     explicit = {**small_config().to_json(), "precision": "bf16"}
     assert CompactConfig.from_json(explicit) == small_config()
 
 
-@pytest.mark.parametrize("value", ["int8", "FP8", "", 8, None, ["fp8"]])
+@pytest.mark.parametrize("value", ["int4", "FP8", "", 8, None, ["fp8"]])
 def test_a_bad_precision_in_a_file_is_one_line_naming_the_field(tmp_path, value):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({**small_config().to_json(), "precision": value}))
     with pytest.raises(ConfigError) as error:
         load_config(path)
     message = str(error.value)
-    assert message == f"{path}: precision: expected one of bf16, fp8, got {value!r}"
+    assert message == f"{path}: precision: expected one of bf16, fp8, int8, got {value!r}"
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("value", ["fp16", "int8", None])
+@pytest.mark.parametrize("value", ["fp16", "INT8", None])
 def test_a_bad_precision_in_code_is_refused(value):
-    with pytest.raises(UserInputError, match="precision must be one of bf16, fp8"):
+    with pytest.raises(UserInputError, match="precision must be one of bf16, fp8, int8"):
         CompactConfig(*_fields(small_config()), precision=value)
-    with pytest.raises(UserInputError, match="precision must be one of bf16, fp8"):
+    with pytest.raises(UserInputError, match="precision must be one of bf16, fp8, int8"):
         small_config().with_precision(value)
 
 

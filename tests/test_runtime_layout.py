@@ -68,11 +68,12 @@ def test_the_kernels_are_where_the_docs_say():
 
 
 def test_every_kernel_module_is_one_the_chooser_names():
-    from compact_search.runtime.attention import FP8_TWINS, KERNELS
+    from compact_search.runtime.attention import EIGHT_BIT_TWINS, KERNELS
 
-    named = {KERNELS[kernel][0] for kernel in KERNELS}
+    named = {entry.module for entry in KERNELS.values()}
     assert named == {module_name(p) for p in kernel_modules()}
-    assert all(KERNELS[twin][0].endswith("_fp8") for twin in FP8_TWINS.values())
+    for precision, twins in EIGHT_BIT_TWINS.items():
+        assert all(KERNELS[twin].module.endswith("_fp8") for twin in twins.values()), precision
 
 
 @pytest.mark.parametrize(

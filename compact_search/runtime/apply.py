@@ -229,7 +229,7 @@ class CompactHandle:
     `bucket` is the step bucket the next transformer calls run (None: dense), the one value of
     the handle that compiled code reads. `calls` counts attention calls that ran eagerly, dense
     and sparse (a compiled graph does not count). `precision` is the sparse steps' attention
-    arithmetic ("bf16" or "fp8", `runtime.attention.PRECISIONS`), a constant of the handle;
+    arithmetic ("bf16", "fp8" or "int8", `runtime.attention.PRECISIONS`), a constant of the handle;
     dense warm-up steps run plain SDPA whatever it is.
     """
 
@@ -608,8 +608,9 @@ def apply(
             otherwise a mismatch surfaces at the first call as one clear error.
         dense_experts: on a pipeline of several experts, leave the experts the config has no
             patterns for dense (noted in the handle's `notes` and warned) instead of refusing.
-        precision: the sparse attention's arithmetic, "bf16" or "fp8" (passed to the kernels,
-            `runtime.attention.PRECISIONS`); None: the config's `precision` (every expert's).
+        precision: the sparse attention's arithmetic, "bf16", "fp8" or "int8" (passed to the
+            kernels, `runtime.attention.PRECISIONS`); None: the config's `precision` (every
+            expert's).
 
     Returns:
         A CompactHandle (an ExpertsHandle for a pipeline of several experts, or a config with

@@ -12,19 +12,20 @@ Backends (the `backend=` argument):
 - "flex": FlexAttention with the same block mask (`kernels/flex.py`), for comparison and interop;
 - "auto": "triton" on CUDA, "reference" elsewhere (on CPU the interpreter is far slower).
 
-Precisions (the `precision=` argument): "bf16" runs the kernels above; "fp8" runs each one's
-8-bit twin (INT8 Q K^T, FP8 e4m3 P V after the pre-pass of `runtime/quantize.py`):
-`kernels/reference_fp8.py` (the exact torch emulation, for "reference" and "auto" off CUDA),
-`kernels/triton_portable_fp8.py` (GPUs with FP8 tensor cores, the interpreter) and
-`kernels/gluon_hopper_fp8.py` (Hopper, block size 128, any input layout), chosen as their
-16-bit twins are; "flex" has none (ValueError).
+Precisions (the `precision=` argument): "bf16" runs the kernels above; "fp8" (INT8 Q K^T, FP8
+e4m3 P V) and "int8" (INT8 Q K^T and P V: slower, more accurate) run each one's 8-bit twin after
+the pre-pass of `runtime/quantize.py`: `kernels/reference_fp8.py` (the exact torch emulation, for
+"reference" and "auto" off CUDA), `kernels/triton_portable_fp8.py` (GPUs with FP8 tensor cores,
+the interpreter) and `kernels/gluon_hopper_fp8.py` (Hopper, block size 128, any input layout),
+chosen as their 16-bit twins are; the twins of both 8-bit precisions are the same functions, told
+V's format (`KernelEntry.options`). "flex" has none (ValueError).
 
 A Triton backend (or "auto" on CUDA) given a dtype or head dim the kernels do not take runs the
-reference instead and says so in one warning per distinct reason; "fp8" where no 8-bit kernel
-runs (block sizes other than 64 and 128, GPUs without FP8 tensor cores) runs as "bf16", also
-after one warning. The kernel modules never import each other; they are imported here on first
-use, so the 16-bit reference path never loads triton (the 8-bit one does: its pre-pass module
-holds the Triton quantization kernels too).
+reference instead and says so in one warning per distinct reason; an 8-bit precision where no
+8-bit kernel runs (block sizes other than 64 and 128, GPUs without FP8 tensor cores) runs as
+"bf16", also after one warning. The kernel modules never import each other; they are imported here
+on first use, so the 16-bit reference path never loads triton (the 8-bit one does: its pre-pass
+module holds the Triton quantization kernels too).
 
 Two PyTorch operators carry the kernels into torch.compile (`torch.library.custom_op`, opaque to
 the compiler, with a fake implementation that allocates the output as the kernels do and reads no
@@ -44,10 +45,12 @@ ran (so a test that names a backend can assert that this backend ran and did not
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import math
 import warnings
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -56,53 +59,70 @@ from compact_search.runtime.kernels.common import lut_tensors, mask_lut, unsuppo
 from compact_search.runtime.lut import BlockLUT
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# What each kernel runs: (module, function from a mask, function from lookup tables), called as
-# run(q, k, v, block_mask, *, block_size, scale, key_block_lengths) and
-# run_lut(q, k, v, lut, *, block_size, scale); a kernel without a mask function (None) gets its
-# tables from the mask here (`kernels.common.mask_lut`). A backend names a 16-bit kernel;
-# precision "fp8" runs its 8-bit twin (FP8_TWINS).
-KERNELS = {
-    "reference": (
+# "bf16": the kernels compute in the inputs' 16-bit dtype with fp32 accumulation; "fp8": INT8
+# Q K^T and FP8 e4m3 P V after the pre-pass of runtime/quantize.py; "int8": INT8 Q K^T and INT8
+# P V, P rounded against each tile's own row max (docs/kernel.md, "INT8 P V").
+PRECISIONS = ("bf16", "fp8", "int8")
+EIGHT_BIT_PRECISIONS = ("fp8", "int8")
+# V's 8-bit format at each 8-bit precision (`quantize_qkv(v_format=)`).
+V_FORMATS = {"fp8": "e4m3", "int8": "int8"}
+
+
+class KernelEntry(NamedTuple):
+    """What a kernel runs: called as run(q, k, v, block_mask, *, block_size, scale,
+    key_block_lengths) and run_lut(q, k, v, lut, *, block_size, scale, **options)."""
+
+    module: str
+    from_mask: str | None  # None: its tables come from the mask here (`kernels.common.mask_lut`)
+    from_luts: str
+    options: tuple[tuple[str, str], ...] = ()  # keyword arguments of both functions
+
+
+# A backend names a 16-bit kernel; an 8-bit precision runs its twin (EIGHT_BIT_TWINS), named
+# "<kernel>-<precision>".
+_SIXTEEN_BIT_KERNELS = {
+    "reference": KernelEntry(
         "compact_search.runtime.kernels.reference",
         "reference_sparse_attention",
         "reference_lut_attention",
     ),
-    "triton-portable": (
+    "triton-portable": KernelEntry(
         "compact_search.runtime.kernels.triton_portable",
         "portable_sparse_attention",
         "portable_lut_attention",
     ),
-    "triton-gluon": (
+    "triton-gluon": KernelEntry(
         "compact_search.runtime.kernels.gluon_hopper",
         "gluon_sparse_attention",
         "gluon_lut_attention",
     ),
-    "flex": ("compact_search.runtime.kernels.flex", "flex_sparse_attention", "flex_lut_attention"),
-    "reference-fp8": (
-        "compact_search.runtime.kernels.reference_fp8",
-        None,
-        "reference_fp8_lut_attention",
+    "flex": KernelEntry(
+        "compact_search.runtime.kernels.flex", "flex_sparse_attention", "flex_lut_attention"
     ),
-    "triton-portable-fp8": (
+}
+_EIGHT_BIT_KERNELS = {
+    "reference": ("compact_search.runtime.kernels.reference_fp8", "reference_fp8_lut_attention"),
+    "triton-portable": (
         "compact_search.runtime.kernels.triton_portable_fp8",
-        None,
         "portable_fp8_lut_attention",
     ),
-    "triton-gluon-fp8": (
+    "triton-gluon": (
         "compact_search.runtime.kernels.gluon_hopper_fp8",
-        None,
         "gluon_fp8_lut_attention",
     ),
 }
-FP8_TWINS = {
-    "reference": "reference-fp8",
-    "triton-portable": "triton-portable-fp8",
-    "triton-gluon": "triton-gluon-fp8",
+EIGHT_BIT_TWINS = {
+    precision: {kernel: f"{kernel}-{precision}" for kernel in _EIGHT_BIT_KERNELS}
+    for precision in EIGHT_BIT_PRECISIONS
+}
+KERNELS = _SIXTEEN_BIT_KERNELS | {
+    EIGHT_BIT_TWINS[precision][kernel]: KernelEntry(
+        module, None, from_luts, (("v_format", V_FORMATS[precision]),)
+    )
+    for precision in EIGHT_BIT_PRECISIONS
+    for kernel, (module, from_luts) in _EIGHT_BIT_KERNELS.items()
 }
 BACKENDS = ("auto", "triton", "reference", "triton-portable", "triton-gluon", "flex")
-# "bf16": the kernels compute in the inputs' 16-bit dtype with fp32 accumulation; "fp8": INT8
-# Q K^T and FP8 e4m3 P V after the pre-pass of runtime/quantize.py (docs/kernel.md).
-PRECISIONS = ("bf16", "fp8")
 FP8_BLOCK_SIZES = (64, 128)
 
 _warned_fallbacks: set[str] = set()
@@ -181,9 +201,18 @@ def _check_arguments(q, k, v, block_mask, block_size, key_block_lengths) -> None
             )
 
 
+def kernel_precision(kernel: str) -> str:
+    """The arithmetic a kernel (a key of KERNELS) computes in: "bf16" (its inputs' 16-bit dtype),
+    "fp8" or "int8"."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}: one of {', '.join(KERNELS)}")
+    _, _, suffix = kernel.rpartition("-")
+    return suffix if suffix in EIGHT_BIT_PRECISIONS else "bf16"
+
+
 def _kernel_module(kernel: str):
     try:
-        return importlib.import_module(KERNELS[kernel][0])
+        return importlib.import_module(KERNELS[kernel].module)
     except ImportError as error:  # e.g. a Triton without the Gluon Hopper API
         raise ValueError(f"backend {kernel!r} cannot be loaded here: {error}") from error
 
@@ -192,16 +221,18 @@ def kernel_function(kernel: str, *, from_tables: bool = False) -> Callable[..., 
     """The function a kernel backend (a key of KERNELS) runs from a block mask, or with
     ``from_tables`` from lookup tables."""
     module = _kernel_module(kernel)
-    _, from_mask, from_luts = KERNELS[kernel]
+    entry = KERNELS[kernel]
+    options = dict(entry.options)
+    run_lut = getattr(module, entry.from_luts)
     if from_tables:
-        return getattr(module, from_luts)
-    if from_mask is not None:
-        return getattr(module, from_mask)
-    run_lut = getattr(module, from_luts)
+        return functools.partial(run_lut, **options) if options else run_lut
+    if entry.from_mask is not None:
+        run_mask = getattr(module, entry.from_mask)
+        return functools.partial(run_mask, **options) if options else run_mask
 
     def run(q, k, v, block_mask, *, block_size, scale, key_block_lengths):
         lut = mask_lut(q, block_mask, block_size=block_size, key_block_lengths=key_block_lengths)
-        return run_lut(q, k, v, lut, block_size=block_size, scale=scale)
+        return run_lut(q, k, v, lut, block_size=block_size, scale=scale, **options)
 
     return run
 
@@ -232,36 +263,39 @@ def _check_backend(backend: str, precision: str = "bf16") -> None:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "fp8" and backend == "flex":
+    if precision in EIGHT_BIT_PRECISIONS and backend == "flex":
         raise ValueError("backend 'flex' has no 8-bit path: use precision 'bf16' with it")
 
 
-def _fp8_kernel(q: torch.Tensor, block_size: int, kernel: str, backend: str) -> tuple[str, str]:
-    """The 8-bit twin of the 16-bit ``kernel`` chosen for these inputs, or ``kernel`` itself
-    and why (a fallback message) where no 8-bit kernel runs them."""
+def _eight_bit_kernel(
+    q: torch.Tensor, block_size: int, kernel: str, backend: str, precision: str
+) -> tuple[str, str | None]:
+    """The twin at 8-bit ``precision`` of the 16-bit ``kernel`` chosen for these inputs, or
+    ``kernel`` itself and why (a fallback message) where no 8-bit kernel runs them."""
+    twins = EIGHT_BIT_TWINS[precision]
     if block_size not in FP8_BLOCK_SIZES:
         return (
             kernel,
-            f"block size {block_size} (8-bit kernels take 64 or 128); precision 'fp8' runs as "
-            "'bf16'",
+            f"block size {block_size} (8-bit kernels take 64 or 128); precision {precision!r} "
+            "runs as 'bf16'",
         )
     if kernel == "reference":
-        return FP8_TWINS[kernel], None
+        return twins[kernel], None
     from compact_search.runtime.kernels.triton_portable_fp8 import portable_fp8_supports
 
     # The pre-pass lays the 8-bit operands out itself: Gluon's TMA needs nothing of q, k, v.
     if backend in ("auto", "triton", "triton-gluon") and _gluon_fp8_runs(q, block_size):
-        return FP8_TWINS["triton-gluon"], None
+        return twins["triton-gluon"], None
     if backend == "triton-gluon":
         raise ValueError(
             "the Gluon 8-bit kernel needs a compiled (not interpreted) Hopper GPU and "
             "block_size 128"
         )
     if portable_fp8_supports(q):
-        return FP8_TWINS["triton-portable"], None
+        return twins["triton-portable"], None
     return kernel, (
-        "this GPU has no FP8 tensor cores (compute capability < 8.9); precision 'fp8' runs as "
-        "'bf16'"
+        f"this GPU has no FP8 tensor cores (compute capability < 8.9); precision {precision!r} "
+        "runs as 'bf16'"
     )
 
 
@@ -291,8 +325,8 @@ def choose_kernel(
     if precision == "bf16":
         return kernel, None
     if reason is not None:
-        return kernel, f"precision 'fp8' takes no {reason}; it runs as 'bf16'"
-    return _fp8_kernel(q, block_size, kernel, backend)
+        return kernel, f"precision {precision!r} takes no {reason}; it runs as 'bf16'"
+    return _eight_bit_kernel(q, block_size, kernel, backend, precision)
 
 
 def reads_lookup_tables(backend: str, device: torch.device | str) -> bool:
@@ -414,8 +448,8 @@ def lut_sparse_attention(
     Returns:
         [B, H, N, D] in q's dtype and memory order. Traceable by torch.compile without a graph
         break, and nothing in it allocates outside the output or synchronises with the GPU, so a
-        CUDA graph can capture it. Under precision "fp8" the pre-pass also allocates the quantized
-        operands on every call (a capture of that is not tested).
+        CUDA graph can capture it. Under an 8-bit precision the pre-pass also allocates the
+        quantized operands on every call (a capture of that is not tested).
     """
     _check_backend(backend, precision)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -478,14 +512,16 @@ def sparse_attention(
             inputs run the reference after one warning.
         key_block_lengths: optional int32 [nb]: only the first key_block_lengths[j] keys of block
             j are valid (padding of tiled layouts); default all, with the ragged last block.
-        precision: "bf16" (the kernels compute in q's 16-bit dtype, fp32 accumulation) or "fp8"
-            (INT8 Q K^T and FP8 e4m3 P V after a quantizing pre-pass, docs/kernel.md): the
-            Gluon 8-bit kernel on Hopper at block size 128, the portable 8-bit kernel on other
-            GPUs with FP8 tensor cores and under the interpreter, its exact torch emulation on
-            the reference backend (and on CPU under "auto"); elsewhere, or for inputs the 8-bit
-            kernels do not take, the "bf16" path after one warning. Not with backend "flex".
-            Under "fp8" a non-finite key or value anywhere in a head (kept block or not) makes
-            that head's output non-finite: the pre-pass takes statistics over all its keys.
+        precision: "bf16" (the kernels compute in q's 16-bit dtype, fp32 accumulation), "fp8"
+            (INT8 Q K^T and FP8 e4m3 P V after a quantizing pre-pass, docs/kernel.md) or "int8"
+            (INT8 Q K^T and P V: the same pre-pass with V in INT8, ~15% slower than "fp8" on
+            Hopper and about half its error): the Gluon 8-bit kernel on Hopper at block size
+            128, the portable 8-bit kernel on other GPUs with FP8 tensor cores and under the
+            interpreter, its exact torch emulation on the reference backend (and on CPU under
+            "auto"); elsewhere, or for inputs the 8-bit kernels do not take, the "bf16" path
+            after one warning. Not with backend "flex". At 8 bits a non-finite key or value
+            anywhere in a head (kept block or not) makes that head's output non-finite: the
+            pre-pass takes statistics over all its keys.
 
     Returns:
         [B, H, N, D] in q's dtype; a query with no valid kept key outputs zeros.

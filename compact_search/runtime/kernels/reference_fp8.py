@@ -1,10 +1,10 @@
 """8-bit attention in PyTorch: an exact emulation of what the 8-bit Triton kernels compute.
 
-``precision="fp8"`` on the reference backend (and on CPU under "auto"): the pre-pass in torch
-(``runtime/quantize.emulate_quantize_qkv``: INT8 Q per token and K per block after a Hadamard
-rotation and K smoothing, FP8 e4m3 V per channel after V smoothing), then
-``emulate_fp8_attention``: the same tile order (the lookup table's), the same running max at
-which each P tile is rounded to e4m3, fp32 per-tile P V sums added to an fp32 accumulator. The
+``precision="fp8"`` (and ``"int8"``) on the reference backend and on CPU under "auto": the
+pre-pass in torch (``runtime/quantize.emulate_quantize_qkv``: INT8 Q per token and K per block
+after a Hadamard rotation and K smoothing, FP8 e4m3 (or INT8) V per channel after V smoothing),
+then ``emulate_fp8_attention``: the same tile order (the lookup table's), the same running max
+at which each P tile is rounded to e4m3, fp32 per-tile P V sums added to an fp32 accumulator. The
 kernels (``triton_portable_fp8``, ``gluon_hopper_fp8``) differ from it only where fp32 rounding
 order differs (a fused multiply-add in the scores, exp2, sum order), which moves a P value by one
 e4m3 step on rare near-ties. The row sums are of P before rounding, as the portable kernel adds
@@ -23,7 +23,6 @@ import torch
 from compact_search.runtime.kernels.common import LOG2_E
 from compact_search.runtime.lut import BlockLUT
 from compact_search.runtime.quantize import (
-    FP8_V_FORMAT,
     FP8_V_TERMS,
     LOG2_INT8_P_SCALE,
     LOG2_P_SCALE,
@@ -136,15 +135,17 @@ def reference_fp8_lut_attention(
     *,
     block_size: int,
     scale: float,
+    v_format: str = "e4m3",
 ) -> torch.Tensor:
-    """``[B, H, N, D]`` in q's dtype: the emulated pre-pass and kernel."""
+    """``[B, H, N, D]`` in q's dtype: the emulated pre-pass and kernel, with V (and P) in
+    ``v_format``: "e4m3" (precision "fp8") or "int8" (precision "int8")."""
     quantized = emulate_quantize_qkv(
         q,
         k,
         v,
         block_size=block_size,
         key_lengths=lut.key_lengths,
-        v_terms=FP8_V_TERMS,
-        v_format=FP8_V_FORMAT,
+        v_terms=FP8_V_TERMS if v_format == "e4m3" else 1,  # INT8 V has one term
+        v_format=v_format,
     )
     return emulate_fp8_attention(quantized, lut, scale=scale, out_dtype=q.dtype)

@@ -36,7 +36,6 @@ import triton.language as tl
 from compact_search.runtime.kernels.common import LOG2_E, interpreting
 from compact_search.runtime.lut import BlockLUT
 from compact_search.runtime.quantize import (
-    FP8_V_FORMAT,
     FP8_V_TERMS,
     LOG2_INT8_P_SCALE_C,
     LOG2_P_SCALE_C,
@@ -210,16 +209,24 @@ def portable_fp8_supports(q: torch.Tensor) -> bool:
 
 
 def portable_fp8_lut_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: BlockLUT, *, block_size: int, scale
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lut: BlockLUT,
+    *,
+    block_size: int,
+    scale,
+    v_format: str = "e4m3",
 ) -> torch.Tensor:
-    """The pre-pass, then the kernel: ``[B, H, N, D]`` in q's dtype and memory order."""
+    """The pre-pass, then the kernel: ``[B, H, N, D]`` in q's dtype and memory order, with V
+    (and P) in ``v_format``: "e4m3" (precision "fp8") or "int8" (precision "int8")."""
     quantized = quantize_qkv(
         q,
         k,
         v,
         block_size=block_size,
         key_lengths=lut.key_lengths,
-        v_terms=FP8_V_TERMS,
-        v_format=FP8_V_FORMAT,
+        v_terms=FP8_V_TERMS if v_format == "e4m3" else 1,  # INT8 V has one term
+        v_format=v_format,
     )
     return portable_fp8_attention(quantized, lut, torch.empty_like(q), scale=scale)
