@@ -67,6 +67,7 @@ __all__ = [
     "LOG2_P_SCALE",
     "RESCALE_THRESHOLD",
     "FP8_V_TERMS",
+    "runtime_v_terms",
     "V_FORMATS",
     "INT8_P_SCALE",
 ]
@@ -130,6 +131,12 @@ FP8_V_TERMS = 1
 V_FORMATS = ("e4m3", "int8")
 # The largest 8-bit value of each format: V's per-channel scale maps amax |v - mean| to it.
 V_FORMAT_MAX = {"e4m3": E4M3_MAX, "int8": INT8_MAX}
+
+
+def runtime_v_terms(v_format: str) -> int:
+    """V's terms on the runtime's 8-bit path in ``v_format``: FP8_V_TERMS for e4m3 (precision
+    "fp8"), one for INT8 (precision "int8"), which has no second term."""
+    return FP8_V_TERMS if v_format == "e4m3" else 1
 
 
 _HADAMARD_CACHE: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}

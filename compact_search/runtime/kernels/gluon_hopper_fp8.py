@@ -94,13 +94,13 @@ from compact_search.runtime.kernels.gluon_common import (
 )
 from compact_search.runtime.lut import BlockLUT
 from compact_search.runtime.quantize import (
-    FP8_V_TERMS,
     LOG2_INT8_P_SCALE_C,
     LOG2_P_SCALE_C,
     RESCALE_THRESHOLD,
     ROUNDING_MAGIC_C,
     QuantizedQKV,
     quantize_qkv,
+    runtime_v_terms,
 )
 
 __all__ = [
@@ -1951,7 +1951,7 @@ def gluon_fp8_lut_attention(
         block_size=block_size,
         key_lengths=lut.key_lengths,
         key_order="wgmma",
-        v_terms=FP8_V_TERMS if v_format == "e4m3" else 1,  # INT8 V has one term
+        v_terms=runtime_v_terms(v_format),
         v_format=v_format,
     )
     return gluon_fp8_attention(quantized, lut, torch.empty_like(q), scale=scale)

@@ -23,13 +23,13 @@ import torch
 from compact_search.runtime.kernels.common import LOG2_E
 from compact_search.runtime.lut import BlockLUT
 from compact_search.runtime.quantize import (
-    FP8_V_TERMS,
     LOG2_INT8_P_SCALE,
     LOG2_P_SCALE,
     RESCALE_THRESHOLD,
     QuantizedQKV,
     emulate_quantize_qkv,
     natural_key_order,
+    runtime_v_terms,
     to_e4m3,
 )
 
@@ -145,7 +145,7 @@ def reference_fp8_lut_attention(
         v,
         block_size=block_size,
         key_lengths=lut.key_lengths,
-        v_terms=FP8_V_TERMS if v_format == "e4m3" else 1,  # INT8 V has one term
+        v_terms=runtime_v_terms(v_format),
         v_format=v_format,
     )
     return emulate_fp8_attention(quantized, lut, scale=scale, out_dtype=q.dtype)

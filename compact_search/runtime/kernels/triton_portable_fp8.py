@@ -36,7 +36,6 @@ import triton.language as tl
 from compact_search.runtime.kernels.common import LOG2_E, interpreting
 from compact_search.runtime.lut import BlockLUT
 from compact_search.runtime.quantize import (
-    FP8_V_TERMS,
     LOG2_INT8_P_SCALE_C,
     LOG2_P_SCALE_C,
     RESCALE_THRESHOLD_C,
@@ -44,6 +43,7 @@ from compact_search.runtime.quantize import (
     quantize_qkv,
     round_half_even,
     round_to_e4m3,
+    runtime_v_terms,
 )
 
 __all__ = [
@@ -226,7 +226,7 @@ def portable_fp8_lut_attention(
         v,
         block_size=block_size,
         key_lengths=lut.key_lengths,
-        v_terms=FP8_V_TERMS if v_format == "e4m3" else 1,  # INT8 V has one term
+        v_terms=runtime_v_terms(v_format),
         v_format=v_format,
     )
     return portable_fp8_attention(quantized, lut, torch.empty_like(q), scale=scale)
