@@ -63,9 +63,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Q K^T and FP8 e4m3 P V after the pre-pass of runtime/quantize.py; "int8": INT8 Q K^T and INT8
 # P V, P rounded against each tile's own row max (docs/kernel.md, "INT8 P V").
 PRECISIONS = ("bf16", "fp8", "int8")
-EIGHT_BIT_PRECISIONS = ("fp8", "int8")
 # V's 8-bit format at each 8-bit precision (`quantize_qkv(v_format=)`).
-V_FORMATS = {"fp8": "e4m3", "int8": "int8"}
+PRECISION_V_FORMATS = {"fp8": "e4m3", "int8": "int8"}
+EIGHT_BIT_PRECISIONS = tuple(PRECISION_V_FORMATS)
 
 
 class KernelEntry(NamedTuple):
@@ -117,10 +117,14 @@ EIGHT_BIT_TWINS = {
 }
 KERNELS = _SIXTEEN_BIT_KERNELS | {
     EIGHT_BIT_TWINS[precision][kernel]: KernelEntry(
-        module, None, from_luts, (("v_format", V_FORMATS[precision]),)
+        module, None, from_luts, (("v_format", PRECISION_V_FORMATS[precision]),)
     )
     for precision in EIGHT_BIT_PRECISIONS
     for kernel, (module, from_luts) in _EIGHT_BIT_KERNELS.items()
+}
+# Each 8-bit twin's precision; every other kernel computes in bf16 (its inputs' 16-bit dtype).
+_TWIN_PRECISIONS = {
+    twin: precision for precision, twins in EIGHT_BIT_TWINS.items() for twin in twins.values()
 }
 BACKENDS = ("auto", "triton", "reference", "triton-portable", "triton-gluon", "flex")
 FP8_BLOCK_SIZES = (64, 128)
@@ -206,8 +210,7 @@ def kernel_precision(kernel: str) -> str:
     "fp8" or "int8"."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}: one of {', '.join(KERNELS)}")
-    _, _, suffix = kernel.rpartition("-")
-    return suffix if suffix in EIGHT_BIT_PRECISIONS else "bf16"
+    return _TWIN_PRECISIONS.get(kernel, "bf16")
 
 
 def _kernel_module(kernel: str):
