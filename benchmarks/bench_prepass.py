@@ -74,6 +74,9 @@ VARIANTS = {
     "stats kernel rotates every key": {"stats_rotate_in_kernel": True},
     "stats 2 blocks/program": {"stats_blocks_per_program": 2},
     "stats 16 blocks/program": {"stats_blocks_per_program": 16},
+    "stats whole blocks reduced as loaded": {"stats_rows": 0},
+    "stats 32 rows a step": {"stats_rows": 32},
+    "stats 8 warps, 32 rows a step": {"stats_num_warps": 8, "stats_rows": 32},
     "Q/K 2 blocks/program, 2 load stages": {"qk_blocks_per_program": 2, "qk_load_stages": 2},
     "Q/K 4 blocks/program, 2 load stages": {"qk_blocks_per_program": 4, "qk_load_stages": 2},
     "Q/K 4 blocks/program, 3 load stages": {"qk_blocks_per_program": 4, "qk_load_stages": 3},
@@ -84,6 +87,7 @@ STATS_OPTIONS = {
     "stats_blocks_per_program": "blocks_per_program",
     "stats_num_warps": "num_warps",
     "stats_rotate_in_kernel": "rotate_in_kernel",
+    "stats_rows": "rows",
 }
 QUANTIZE_ARGUMENTS = dict(block_size=BLOCK, rotate=True, key_order="wgmma")
 QUANTIZE_OPTIONS = {

@@ -407,6 +407,8 @@ PORTABLE_TYPES = {
 PORTABLE_CASES = {
     "stats": ("_key_value_stats_kernel", {"ROTATE": False}),
     "stats-rotated": ("_key_value_stats_kernel", {"ROTATE": True}),
+    # The former statistics kernel: whole [128, 128] tiles, each reduced over its rows.
+    "stats-whole-blocks": ("_key_value_stats_kernel", {"ROTATE": False, "ROWS": 0}),
     "quantize": ("_quantize_kernel", {"PERMUTE_IN_REGISTERS": False}),
     "quantize-permuted": ("_quantize_kernel", {"PERMUTE_IN_REGISTERS": True}),
     "quantize-permuted-two-v-terms": (
@@ -454,6 +456,7 @@ def compile_portable_for_hopper(case: str) -> tuple[str, int, int]:
     constants |= {"WGMMA_KEY_ORDER": True, **overrides}
     if name == "_key_value_stats_kernel":
         constants["BLOCKS_PER_PROGRAM"] = quantize.STATS_BLOCKS_PER_PROGRAM
+        constants["ROWS"] = overrides.get("ROWS", quantize.STATS_ROWS)
     signature, constexprs, attrs = {}, {}, {}
     for index, (arg, parameter) in enumerate(inspect.signature(kernel.fn).parameters.items()):
         if arg not in constants and parameter.default is not inspect.Parameter.empty:
@@ -498,8 +501,10 @@ def test_portable_8bit_kernels_compile_for_hopper(case: str) -> None:
     mma = set(facts["wgmma"])
     if case.startswith("attention"):
         assert any(".s32.s8.s8" in m for m in mma) and any(".e4m3.e4m3" in m for m in mma)
-    elif case in ("stats", "quantize-values-only") or "unrotated" in case:  # no matmul
-        assert not mma
+    elif case in ("stats", "stats-whole-blocks", "quantize-values-only") or "unrotated" in case:
+        assert not mma and not facts["mma_sync"]  # no matmul
+    elif case == "stats-rotated":  # [16, D] steps: too few rows for wgmma, mma.sync does it
+        assert not mma and any(".bf16.bf16" in m for m in facts["mma_sync"])
     elif case in ("finalize", "correction"):  # [D] x [D, D] as products and sums, no matmul
         assert not mma and facts["stack_bytes"] == 0
     else:  # the Hadamard rotation runs on the tensor cores
@@ -515,6 +520,12 @@ def test_portable_8bit_kernels_compile_for_hopper(case: str) -> None:
             assert facts["e4m3_conversions"] == ["cvt.rn.satfinite.e4m3x2.f32"]
     if case == "quantize-values-only":
         assert facts["registers"] <= 128
+    # The statistics kernel folds [16, D] steps into elementwise running statistics: under 128
+    # registers at 4 warps (4 CTAs an SM or more); whole [128, 128] tiles took all 255.
+    if case == "stats":
+        assert facts["registers"] <= 128 and facts["stack_bytes"] == 0
+    if case == "stats-whole-blocks":
+        assert facts["registers"] > 200
     # Q's and K's programs looping over blocks: the pipeliner copies each tile straight into
     # the shared memory the Hadamard product reads (cp.async) instead of staging it from
     # registers, as the one-block programs do.
@@ -557,6 +568,7 @@ if __name__ == "__main__" and sys.argv[1] == "portable":
     facts = {"wgmma": sorted(set(found)), "stack_bytes": stack_bytes, "registers": registers}
     facts["e4m3_conversions"] = sorted(set(re.findall(r"cvt\.rn\.satfinite\.e4m3x2\.f32", ptx)))
     facts["cp_async"] = len(re.findall(r"\bcp\.async\.c[ag]\b", ptx))
+    facts["mma_sync"] = sorted(set(re.findall(r"mma\.sync\.aligned\.[\w.]+", ptx)))
     print(json.dumps(facts))
 elif __name__ == "__main__":
     # V_TERMS: 1, 2, or "int8" (one INT8 term).

@@ -19,6 +19,7 @@ from compact_search.geometry import valid_block_lengths
 from compact_search.runtime.quantize import (
     E4M3_MAX,
     STATS_BLOCKS_PER_PROGRAM,
+    STATS_ROWS,
     _kernel_hadamard,
     _launch_prepass,
     emulate_quantize_qkv,
@@ -178,6 +179,11 @@ LAUNCH_VARIANTS = [
     (CASES[1], {"stats_blocks_per_program": 3, "stats_num_warps": 8}),  # 16 blocks: a short chunk
     (CASES[1], {"stats_blocks_per_program": 1}),
     (CASES[0], {"stats_rotate_in_kernel": True}),
+    # The statistics kernel's rows a step: whole blocks reduced as they load (the former kernel),
+    # 32 rows, and 16 rows of keys rotated in the kernel.
+    (CASES[1], {"stats_rows": 0}),
+    (CASES[0], {"stats_rows": 32, "stats_num_warps": 8}),
+    (CASES[1], {"stats_rows": 16, "stats_rotate_in_kernel": True}),
     (CASES[0], {"split_quantize": False}),
     (CASES[1], {"split_quantize": False, "permute_in_registers": False}),
     # Q's and K's programs looping over blocks: 16 blocks in programs of 3 (a short last one).
@@ -202,6 +208,7 @@ def test_prepass_launch_variants_compute_the_same(case, variant) -> None:
     bits = lambda t: t.view(torch.uint8)  # noqa: E731
     blocks_per_program = variant.get("stats_blocks_per_program", STATS_BLOCKS_PER_PROGRAM)
     rotate_in_kernel = variant.get("stats_rotate_in_kernel", False)
+    rows = variant.get("stats_rows", STATS_ROWS)
     stats = key_value_stats(
         k,
         v,
@@ -210,13 +217,15 @@ def test_prepass_launch_variants_compute_the_same(case, variant) -> None:
         rotate=rotate,
         blocks_per_program=blocks_per_program,
         rotate_in_kernel=rotate_in_kernel,
+        rows=rows,
     )
     want = emulate_quantize_qkv(
         q, k, v, block_size=block_size, key_lengths=lengths, rotate=rotate, stats=stats
     )
     assert got.wgmma_key_order
     assert torch.equal(bits(natural_key_order(got.v_t)), bits(want.v_t))
-    if blocks_per_program == STATS_BLOCKS_PER_PROGRAM and not rotate_in_kernel:
+    defaults = blocks_per_program == STATS_BLOCKS_PER_PROGRAM and rows == STATS_ROWS
+    if defaults and not rotate_in_kernel:
         for name in ("q", "q_scale", "k", "k_scale", "v_scale", "v_mean", "k_mean"):
             assert torch.equal(getattr(got, name), getattr(default, name)), name
         assert torch.equal(bits(got.v_t), bits(default.v_t))
@@ -466,3 +475,19 @@ def test_prepass_does_no_torch_arithmetic(v_format: str, v_terms: int) -> None:
     with Recorder() as recorder:
         quantize_qkv(q, k, v, **arguments)
     assert set(recorder.ops) <= ALLOCATION_AND_VIEW_OPS, recorder.ops
+
+
+@pytest.mark.parametrize("rows", [48, 256, 8])
+def test_stats_rows_that_do_not_tile_a_block_are_refused(rows: int) -> None:
+    q, k, v, lengths, block_size, rotate = _inputs(CASES[0])  # block 128
+    rotate_in_kernel = rows == 8  # a rotated step is a tensor-core product: 16 rows at least
+    with pytest.raises(ValueError, match="stats rows"):
+        key_value_stats(
+            k,
+            v,
+            lengths,
+            block_size=block_size,
+            rotate=True,
+            rotate_in_kernel=rotate_in_kernel,
+            rows=rows,
+        )

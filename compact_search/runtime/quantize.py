@@ -107,6 +107,10 @@ LOG2_E_C = tl.constexpr(LOG2_E)
 # Key blocks per program of the statistics kernel (one row of partials each).
 STATS_BLOCKS_PER_PROGRAM = 8
 STATS_NUM_WARPS = 4
+# Key rows the statistics kernel loads a step and folds elementwise into its running
+# statistics (0: whole blocks, each reduced over its rows as it loads; the former kernel). sm_90,
+# head dim 128, 4 warps: 94 registers a thread at 16 rows, 167 at 32, 255 with whole blocks.
+STATS_ROWS = 16
 # Rows of partials (resp. key blocks' error sums) the program of a head that sums them (resp.
 # corrects V's mean) adds per step.
 FINALIZE_CHUNK_ROWS = 16
@@ -350,6 +354,7 @@ def _key_value_stats_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCKS_PER_PROGRAM: tl.constexpr,
     ROTATE: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     """Grid ``(chunks, B * H)``: partial per-channel statistics of one chunk of key blocks.
 
@@ -357,6 +362,12 @@ def _key_value_stats_kernel(
     ``stats_rotate_in_kernel`` variant; by default the sum is rotated afterwards, the rotation
     being linear), sum, max and min of valid values; padded keys (past ``key_lengths``) take no
     part.
+
+    ``ROWS`` (dividing ``BLOCK_SIZE``): the program loads ``[ROWS, D]`` of K and V a step and
+    folds them elementwise into ``[ROWS, D]`` running sums, maxima and minima, reduced over rows
+    once, at the end: a few registers a value, no cross-thread reduction in the loop. ``ROWS``
+    0: each block's ``[BLOCK_SIZE, D]`` tiles are loaded whole and reduced over rows as they
+    come (the former kernel: 255 registers at 4 warps and a shared-memory reduction a block).
     """
     chunk = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -364,26 +375,50 @@ def _key_value_stats_kernel(
     head = batch_head % num_heads
     k_base = k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
     v_base = v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
-    offsets = tl.arange(0, BLOCK_SIZE)  # [BS]
-    k_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    v_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    v_max = tl.full([HEAD_DIM], float("-inf"), dtype=tl.float32)
-    v_min = tl.full([HEAD_DIM], float("inf"), dtype=tl.float32)
     hadamard = None
     if ROTATE:
         hadamard = _load_hadamard(hadamard_ptr, HEAD_DIM)  # [D, D]
-    for i in range(BLOCKS_PER_PROGRAM):
-        block = chunk * BLOCKS_PER_PROGRAM + i
-        key_length = tl.load(key_lengths_ptr + block, mask=block < num_blocks, other=0)
-        valid = offsets < key_length  # [BS]
-        rows = block * BLOCK_SIZE + offsets
-        keys = _load_rows(k_base, rows, stride_kn, valid, HEAD_DIM)
-        keys = _rotated(keys, hadamard, ROTATE)  # [BS, D]
-        values = _load_rows(v_base, rows, stride_vn, valid, HEAD_DIM).to(tl.float32)  # [BS, D]
-        k_sum += tl.sum(keys, 0)
-        v_sum += tl.sum(values, 0)
-        v_max = tl.maximum(v_max, tl.max(tl.where(valid[:, None], values, float("-inf")), 0))
-        v_min = tl.minimum(v_min, tl.min(tl.where(valid[:, None], values, float("inf")), 0))
+    if ROWS == 0:
+        offsets = tl.arange(0, BLOCK_SIZE)  # [BS]
+        k_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        v_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        v_max = tl.full([HEAD_DIM], float("-inf"), dtype=tl.float32)
+        v_min = tl.full([HEAD_DIM], float("inf"), dtype=tl.float32)
+        for i in range(BLOCKS_PER_PROGRAM):
+            block = chunk * BLOCKS_PER_PROGRAM + i
+            key_length = tl.load(key_lengths_ptr + block, mask=block < num_blocks, other=0)
+            valid = offsets < key_length  # [BS]
+            rows = block * BLOCK_SIZE + offsets
+            keys = _load_rows(k_base, rows, stride_kn, valid, HEAD_DIM)
+            keys = _rotated(keys, hadamard, ROTATE)  # [BS, D]
+            values = _load_rows(v_base, rows, stride_vn, valid, HEAD_DIM).to(tl.float32)
+            k_sum += tl.sum(keys, 0)
+            v_sum += tl.sum(values, 0)
+            v_max = tl.maximum(v_max, tl.max(tl.where(valid[:, None], values, float("-inf")), 0))
+            v_min = tl.minimum(v_min, tl.min(tl.where(valid[:, None], values, float("inf")), 0))
+    else:
+        offsets = tl.arange(0, ROWS)  # [R]
+        k_sums = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+        v_sums = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+        v_maxima = tl.full([ROWS, HEAD_DIM], float("-inf"), dtype=tl.float32)
+        v_minima = tl.full([ROWS, HEAD_DIM], float("inf"), dtype=tl.float32)
+        PARTS: tl.constexpr = BLOCK_SIZE // ROWS
+        for step in range(BLOCKS_PER_PROGRAM * PARTS):
+            block = chunk * BLOCKS_PER_PROGRAM + step // PARTS
+            key_length = tl.load(key_lengths_ptr + block, mask=block < num_blocks, other=0)
+            in_block = (step % PARTS) * ROWS + offsets  # [R]
+            valid = in_block < key_length
+            rows = block * BLOCK_SIZE + in_block
+            keys = _load_rows(k_base, rows, stride_kn, valid, HEAD_DIM)
+            k_sums += _rotated(keys, hadamard, ROTATE)  # [R, D]
+            values = _load_rows(v_base, rows, stride_vn, valid, HEAD_DIM).to(tl.float32)
+            v_sums += values
+            v_maxima = tl.maximum(v_maxima, tl.where(valid[:, None], values, float("-inf")))
+            v_minima = tl.minimum(v_minima, tl.where(valid[:, None], values, float("inf")))
+        k_sum = tl.sum(k_sums, 0)  # [D]
+        v_sum = tl.sum(v_sums, 0)
+        v_max = tl.max(v_maxima, 0)
+        v_min = tl.min(v_minima, 0)
     out = (batch_head.to(tl.int64) * num_chunks + chunk) * HEAD_DIM + tl.arange(0, HEAD_DIM)
     tl.store(k_sum_ptr + out, k_sum)
     tl.store(v_sum_ptr + out, v_sum)
@@ -772,9 +807,13 @@ def _stats_partials(
     rotate_in_kernel: bool = False,
     blocks_per_program: int = STATS_BLOCKS_PER_PROGRAM,
     num_warps: int = STATS_NUM_WARPS,
+    rows: int = STATS_ROWS,
 ) -> list[torch.Tensor]:
     """The statistics kernel alone: 4 fp32 ``[B*H, chunks, D]`` partials (see its docstring),
-    views of one buffer."""
+    views of one buffer. ``rows``: its ``ROWS`` (0, or a divisor of ``block_size``, at least
+    16 with ``rotate_in_kernel``)."""
+    if rows and (block_size % rows or rows < (16 if rotate_in_kernel else 1)):
+        raise ValueError(f"stats rows must be 0 or divide block size {block_size}, got {rows}")
     batch, heads, _, head_dim = k.shape
     num_blocks = key_lengths.numel()
     chunks = -(-num_blocks // blocks_per_program)
@@ -795,6 +834,7 @@ def _stats_partials(
         BLOCK_SIZE=block_size,
         BLOCKS_PER_PROGRAM=blocks_per_program,
         ROTATE=rotate_in_kernel,
+        ROWS=rows,
         num_warps=num_warps,
     )
     return partials
@@ -842,6 +882,7 @@ def key_value_stats(
     num_warps: int = STATS_NUM_WARPS,
     rotate_in_kernel: bool = False,
     v_format: str = "e4m3",
+    rows: int = STATS_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pass 1 on the device: ``(k_mean, v_mean, v_scale, v_inverse_scale)``, each fp32 [B, H, D].
 
@@ -849,8 +890,8 @@ def key_value_stats(
     rotated afterwards, or (``rotate_in_kernel``) the kernel rotates every key on the tensor
     cores first; the two agree to fp32 rounding. ``v_mean`` is V's plain mean over the valid
     keys (what V is centred on), before the rounding-error correction ``QuantizedQKV.v_mean``
-    carries. ``blocks_per_program`` changes the order of the sums (so the last bits of the
-    means), ``num_warps`` nothing but speed. ``v_format``: V's scale is amax over 448 ("e4m3")
+    carries. ``blocks_per_program`` and ``rows`` change the order of the sums (so the last bits
+    of the means), ``num_warps`` nothing but speed. ``v_format``: V's scale is amax over 448 ("e4m3")
     or over 127 ("int8").
     """
     partials = _stats_partials(
@@ -861,6 +902,7 @@ def key_value_stats(
         rotate_in_kernel=rotate and rotate_in_kernel,
         blocks_per_program=blocks_per_program,
         num_warps=num_warps,
+        rows=rows,
     )
     return _stats_from_partials(
         partials,
@@ -940,6 +982,7 @@ def _launch_prepass(
     stats_blocks_per_program: int = STATS_BLOCKS_PER_PROGRAM,
     stats_num_warps: int = STATS_NUM_WARPS,
     stats_rotate_in_kernel: bool = False,
+    stats_rows: int = STATS_ROWS,
     quantize_num_warps: int = QUANTIZE_NUM_WARPS,
     permute_in_registers: bool = PERMUTE_IN_REGISTERS,
     split_quantize: bool = SPLIT_QUANTIZE,
@@ -950,8 +993,8 @@ def _launch_prepass(
     v_format: str = "e4m3",
 ) -> QuantizedQKV:
     """:func:`quantize_qkv` with its launch parameters (``benchmarks/bench_prepass.py`` times
-    them): the statistics kernel's key blocks per program and warps and whether it rotates
-    every key (``key_value_stats``' ``rotate_in_kernel``), the quantization kernel's warps, and
+    them): the statistics kernel's key blocks per program, warps and rows a step and whether it
+    rotates every key (``key_value_stats``' ``rotate_in_kernel``), the quantization kernel's warps, and
     with ``key_order="wgmma"`` whether V's rows are permuted in registers before a token-order
     store (``_quantize_kernel``'s ``PERMUTE_IN_REGISTERS``), and whether Q, K and V are
     quantized by one launch or one each (``split_quantize``), and whether V is rounded by the
@@ -973,6 +1016,7 @@ def _launch_prepass(
         num_warps=stats_num_warps,
         rotate_in_kernel=stats_rotate_in_kernel,
         v_format=v_format,
+        rows=stats_rows,
     )
     outputs = _quantize_blocks(
         q,
