@@ -891,8 +891,8 @@ def key_value_stats(
     cores first; the two agree to fp32 rounding. ``v_mean`` is V's plain mean over the valid
     keys (what V is centred on), before the rounding-error correction ``QuantizedQKV.v_mean``
     carries. ``blocks_per_program`` and ``rows`` change the order of the sums (so the last bits
-    of the means), ``num_warps`` nothing but speed. ``v_format``: V's scale is amax over 448 ("e4m3")
-    or over 127 ("int8").
+    of the means), ``num_warps`` nothing but speed. ``v_format``: V's scale is amax over 448
+    ("e4m3") or over 127 ("int8").
     """
     partials = _stats_partials(
         k,
@@ -994,9 +994,9 @@ def _launch_prepass(
 ) -> QuantizedQKV:
     """:func:`quantize_qkv` with its launch parameters (``benchmarks/bench_prepass.py`` times
     them): the statistics kernel's key blocks per program, warps and rows a step and whether it
-    rotates every key (``key_value_stats``' ``rotate_in_kernel``), the quantization kernel's warps, and
-    with ``key_order="wgmma"`` whether V's rows are permuted in registers before a token-order
-    store (``_quantize_kernel``'s ``PERMUTE_IN_REGISTERS``), and whether Q, K and V are
+    rotates every key (``key_value_stats``' ``rotate_in_kernel``), the quantization kernel's
+    warps, and with ``key_order="wgmma"`` whether V's rows are permuted in registers before a
+    token-order store (``_quantize_kernel``'s ``PERMUTE_IN_REGISTERS``), and whether Q, K and V are
     quantized by one launch or one each (``split_quantize``), and whether V is rounded by the
     conversion instruction (``hardware_e4m3``; default: wherever it runs, not the interpreter),
     and with split launches how many key blocks a program of Q's and K's quantizes in a loop
