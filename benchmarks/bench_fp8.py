@@ -271,6 +271,12 @@ def probe_variants() -> dict[str, tuple[GluonFP8Config, int | str]]:
         "pingpong": (GluonFP8Config(pingpong=True), 1),
         "pingpong-eager-rescale": (GluonFP8Config(pingpong=True, lazy_rescale=False), 1),
         "stages3": (GluonFP8Config(stages=3), 1),
+        "stages4": (GluonFP8Config(stages=4), 1),
+        "key-pairs": (GluonFP8Config(key_pairs=True, stages=4), 1),
+        "key-pairs-eager-rescale": (
+            GluonFP8Config(key_pairs=True, stages=4, lazy_rescale=False),
+            1,
+        ),
         "fadd-row-sum": (GluonFP8Config(mma_row_sum=False), 1),
         "fadd-row-sum-pingpong": (GluonFP8Config(mma_row_sum=False, pingpong=True), 1),
         **{f"rows{r}": (GluonFP8Config(rows_per_cta=r), 1) for r in (2, 3, 4, 8)},
