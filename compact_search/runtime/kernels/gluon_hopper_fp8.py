@@ -936,10 +936,7 @@ def _key_pair(
         mbarrier.arrive(v_empty.index((tile - 2) % STAGES), count=1)
         mbarrier.arrive(v_empty.index((tile - 1) % STAGES), count=1)
         scale_rows = gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
-        if LAZY_RESCALE:
-            acc = _rescaled(pv, scale_rows)
-        else:
-            acc = pv * scale_rows
+        acc = _rescaled(pv, scale_rows) if LAZY_RESCALE else pv * scale_rows
     # The previous pair's P V has retired: its P may be overwritten.
     _store_pair_p(probs, p_bufs, p_layout, PERMUTED_KEYS)
     row_sum = _merged_sums(row_sum, tile_sums, correction)
@@ -1036,6 +1033,7 @@ def _key_pairs(
     mbarrier.arrive(v_empty.index(last % STAGES), count=1)
     mbarrier.arrive(v_empty.index((last + 1) % STAGES), count=1)
     return pv, row_max, row_sum + tile_sums
+
 
 # --- INT8 P V (QuantizedQKV.v_format "int8") ---------------------------------------------------
 #
