@@ -153,6 +153,8 @@ class GluonFP8Config:
         mma_row_sum: bool | None = None,
         rows_per_cta: int = 1,
         key_pairs: bool = False,
+        pair_buffers: int = 1,
+        split_pair_max: bool = False,
     ):
         if not 1 <= stages <= 4:
             raise ValueError(f"stages must be 1-4, got {stages}")
@@ -178,12 +180,20 @@ class GluonFP8Config:
                     ("magic_i2f=False", not magic_i2f),
                     ("mma_row_sum=False", mma_row_sum is False),
                     ("rows_per_cta > 1", rows_per_cta > 1),
-                    ("stages < 4", stages < 4),
+                    ("stages < 3", stages < 3),
+                    # Shared memory: two P buffers a warpgroup leave room for 3 ring stages.
+                    ("pair_buffers 2 and stages 4", pair_buffers == 2 and stages > 3),
+                    (
+                        "split_pair_max and a rescale_threshold",
+                        split_pair_max and rescale_threshold,
+                    ),
                 )
                 if on
             ]
             if others:
                 raise ValueError(f"key_pairs does not run with {', '.join(others)}")
+        if pair_buffers not in (1, 2):
+            raise ValueError(f"pair_buffers must be 1 or 2, got {pair_buffers}")
         if not 0.0 <= rescale_threshold <= 8.0:
             raise ValueError(f"rescale_threshold must be 0-8 (log2 units), got {rescale_threshold}")
         self.stages = stages
@@ -198,6 +208,8 @@ class GluonFP8Config:
         self.mma_row_sum = mma_row_sum
         self.rows_per_cta = rows_per_cta
         self.key_pairs = key_pairs
+        self.pair_buffers = pair_buffers
+        self.split_pair_max = split_pair_max
 
     def kwargs(self) -> dict:
         return {
@@ -213,6 +225,8 @@ class GluonFP8Config:
             "MMA_ROW_SUM": self.mma_row_sum,
             "ROWS_PER_CTA": self.rows_per_cta,
             "KEY_PAIRS": self.key_pairs,
+            "PAIR_BUFFERS": self.pair_buffers,
+            "SPLIT_PAIR_MAX": self.split_pair_max,
         }
 
     def __repr__(self) -> str:
@@ -222,7 +236,8 @@ class GluonFP8Config:
             f"permuted_keys={self.permuted_keys}, tree_rows={self.tree_rows}, "
             f"lookahead={self.lookahead}, lazy_rescale={self.lazy_rescale}, "
             f"rescale_threshold={self.rescale_threshold:g}, mma_row_sum={self.mma_row_sum}, "
-            f"rows_per_cta={self.rows_per_cta}, key_pairs={self.key_pairs})"
+            f"rows_per_cta={self.rows_per_cta}, key_pairs={self.key_pairs}, "
+            f"pair_buffers={self.pair_buffers}, split_pair_max={self.split_pair_max})"
         )
 
 
@@ -787,15 +802,16 @@ def _e4m3_words(p):
 
 
 @gluon.jit
-def _store_pair_p(probs, p_bufs, p_layout: gl.constexpr, PERMUTED_KEYS: gl.constexpr):
-    """A pair's P (fp32, accumulator layout) -> e4m3 in ``p_bufs`` ``[2, 64, 128]`` (the A
-    operands of the next P V), written as int32 words over the same bytes and fenced for the
-    async proxy the wgmma reads through."""
+def _store_pair_p(probs, p_bufs, buffer, p_layout: gl.constexpr, PERMUTED_KEYS: gl.constexpr):
+    """A pair's P (fp32, accumulator layout) -> e4m3 in tiles ``2 buffer``, ``2 buffer + 1`` of
+    ``p_bufs`` ``[2 buffers, 64, 128]`` (the A operands of its P V), written as int32 words over
+    the same bytes and fenced for the async proxy the wgmma reads through."""
     # The same bytes and 128-byte swizzle as the e4m3 [64, 128] tile.
     words_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, 32], gl.int32)
     for half in gl.static_range(2):
         words = _e4m3_words(_pv_operand(probs[half], p_layout, PERMUTED_KEYS))  # [64, 32]
-        p_bufs.index(half)._reinterpret(gl.int32, [64, 32], words_layout).store(words)
+        tile = p_bufs.index(2 * buffer + half)
+        tile._reinterpret(gl.int32, [64, 32], words_layout).store(words)
     fence_async_shared()
 
 
@@ -862,22 +878,41 @@ def _pair_softmax_step(
 
 
 @gluon.jit
-def _issue_pair_pv(p_bufs, v_bufs, v_ready, tile, acc, sums, STAGES: gl.constexpr):
-    """Issue ``P V`` of the pair at ring tiles ``tile``, ``tile + 1`` (P in ``p_bufs``) into
-    ``acc`` and its row sums ``P ones^T`` into a zero ``[64, 8]`` accumulator: four commit
-    groups. Returns the two tokens."""
+def _tile_softmax(scores, row_max, row_scale, s_layout: gl.constexpr, TREE_ROWS: gl.constexpr):
+    """One unmasked ``[64, 128]`` int32 score tile of a pair against ``max(row_max, its max)``
+    (threshold 0): its P (fp32) and that max."""
+    scores = (scores + MAGIC_BITS).to(gl.float32, bitcast=True)  # [64, 128], B + S
+    rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    bias: gl.constexpr = ROUNDING_MAGIC_C
+    tile_max = (_row_reduce(scores, rows_layout, TREE_ROWS, True) - bias) * row_scale  # [64]
+    new_max = gl.maximum(row_max, tile_max)
+    offset = new_max - LOG2_P_SCALE_C + bias * row_scale
+    probs = gl.exp2(scores * gl.expand_dims(row_scale, 1) - gl.expand_dims(offset, 1))
+    return probs, new_max
+
+
+@gluon.jit
+def _issue_pair_pv(
+    p_bufs, v_bufs, v_ready, tile, acc, sums, STAGES: gl.constexpr, BUFFERS: gl.constexpr
+):
+    """Issue ``P V`` of the pair at ring tiles ``tile``, ``tile + 1`` (P in ``p_bufs``, the
+    pair's buffer) into ``acc`` and its row sums ``P ones^T`` into a zero ``[64, 8]``
+    accumulator: four commit groups. Returns the two tokens."""
+    buffer = (tile // 2) % BUFFERS
+    p_first = p_bufs.index(2 * buffer)
+    p_second = p_bufs.index(2 * buffer + 1)
     ones, zero_sums = sums
     ones_t = ones.permute((1, 0))  # [128, 8]
     first_slot = tile % STAGES
     second_slot = (tile + 1) % STAGES
     mbarrier.wait(v_ready.index(first_slot), (tile // STAGES) & 1)
     v_tile = v_bufs.index(first_slot).permute((1, 0))  # [128, D], keys contiguous: K-major
-    token = warpgroup_mma(p_bufs.index(0), v_tile, acc, is_async=True)
+    token = warpgroup_mma(p_first, v_tile, acc, is_async=True)
     mbarrier.wait(v_ready.index(second_slot), ((tile + 1) // STAGES) & 1)
     v_tile = v_bufs.index(second_slot).permute((1, 0))
-    token = warpgroup_mma(p_bufs.index(1), v_tile, token, is_async=True)
-    sums_token = warpgroup_mma(p_bufs.index(0), ones_t, zero_sums, use_acc=False, is_async=True)
-    sums_token = warpgroup_mma(p_bufs.index(1), ones_t, sums_token, is_async=True)
+    token = warpgroup_mma(p_second, v_tile, token, is_async=True)
+    sums_token = warpgroup_mma(p_first, ones_t, zero_sums, use_acc=False, is_async=True)
+    sums_token = warpgroup_mma(p_second, ones_t, sums_token, is_async=True)
     return token, sums_token
 
 
@@ -897,11 +932,16 @@ def _key_pair(
     LAZY_RESCALE: gl.constexpr,
     THRESHOLD: gl.constexpr,
     MASKED: gl.constexpr,
+    BUFFERS: gl.constexpr,
+    SPLIT_MAX: gl.constexpr,
 ):
     """The pair at ring tiles ``tile``, ``tile + 1`` (``tile >= 2``): issue its two S tiles and
     the previous pair's P V, its softmax while the latter runs, merge. ``state`` is (acc, row
-    max, ``[64, 8]`` row sums); the previous pair's P is in ``p_bufs``, and this pair's replaces
-    it."""
+    max, ``[64, 8]`` row sums); the previous pair's P is in ``p_bufs``, and this pair's goes to
+    the next buffer (``BUFFERS`` 2: stored before the previous P V is waited for) or replaces it.
+    ``SPLIT_MAX``: the first tile's softmax runs against its own max while the second S tile is
+    computed; once the second's max is known, the first's P is rescaled where the max moved
+    (a branch, as the accumulator's; the pair's P is as if both shared one max)."""
     acc, row_max, row_sum = state
     q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turns, zeros = operands
     zero_scores, zero_pv, sums = zeros
@@ -909,8 +949,11 @@ def _key_pair(
     o_rows: gl.constexpr = gl.SliceLayout(1, zero_pv.type.layout)
     first_token = _issue_scores(q_smem, k_bufs, k_ready, tile, zero_scores, STAGES)
     second_token = _issue_scores(q_smem, k_bufs, k_ready, tile + 1, zero_scores, STAGES)
-    pv_token, sums_token = _issue_pair_pv(p_bufs, v_bufs, v_ready, tile - 2, acc, sums, STAGES)
+    pv_token, sums_token = _issue_pair_pv(
+        p_bufs, v_bufs, v_ready, tile - 2, acc, sums, STAGES, BUFFERS
+    )
     scales, lengths = _pair_scales(row, tile, q_scale, num_tiles, MASKED)
+    buffer = (tile // 2) % BUFFERS
     if MASKED:
         # As _key_tile's padded tiles: P V retires before the softmax (its column masks).
         first, second, pv, tile_sums = warpgroup_mma_wait(
@@ -924,21 +967,39 @@ def _key_pair(
             (first, second), row_max, scales, lengths, s_layout, True, TREE_ROWS, THRESHOLD
         )
         acc = pv * gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
+        _store_pair_p(probs, p_bufs, buffer, p_layout, PERMUTED_KEYS)
     else:
-        # Both S tiles; the previous pair's 4 commit groups (issued after them) may still run.
-        first, second = warpgroup_mma_wait(4, deps=(first_token, second_token))
-        mbarrier.arrive(k_empty.index(tile % STAGES), count=1)
-        mbarrier.arrive(k_empty.index((tile + 1) % STAGES), count=1)
-        probs, row_max, correction = _pair_softmax_step(
-            (first, second), row_max, scales, lengths, s_layout, False, TREE_ROWS, THRESHOLD
-        )
+        if SPLIT_MAX:
+            # S of the first tile; the second and the previous pair's 4 groups may still run.
+            first = warpgroup_mma_wait(5, deps=(first_token,))
+            mbarrier.arrive(k_empty.index(tile % STAGES), count=1)
+            first, first_max = _tile_softmax(first, row_max, scales[0], s_layout, TREE_ROWS)
+            second = warpgroup_mma_wait(4, deps=(second_token,))
+            mbarrier.arrive(k_empty.index((tile + 1) % STAGES), count=1)
+            second, new_max = _tile_softmax(second, first_max, scales[1], s_layout, TREE_ROWS)
+            moved = gl.expand_dims(gl.exp2(first_max - new_max), 1)  # [64, 1]
+            probs = (_rescaled(first, moved), second)
+            correction = gl.exp2(row_max - new_max)
+            row_max = new_max
+        else:
+            # Both S tiles; the previous pair's 4 groups (issued after them) may still run.
+            first, second = warpgroup_mma_wait(4, deps=(first_token, second_token))
+            mbarrier.arrive(k_empty.index(tile % STAGES), count=1)
+            mbarrier.arrive(k_empty.index((tile + 1) % STAGES), count=1)
+            probs, row_max, correction = _pair_softmax_step(
+                (first, second), row_max, scales, lengths, s_layout, False, TREE_ROWS, THRESHOLD
+            )
+        if BUFFERS == 2:
+            # The other buffer: its P V (two pairs ago) has retired.
+            _store_pair_p(probs, p_bufs, buffer, p_layout, PERMUTED_KEYS)
         pv, tile_sums = warpgroup_mma_wait(0, deps=(pv_token, sums_token))
         mbarrier.arrive(v_empty.index((tile - 2) % STAGES), count=1)
         mbarrier.arrive(v_empty.index((tile - 1) % STAGES), count=1)
         scale_rows = gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
         acc = _rescaled(pv, scale_rows) if LAZY_RESCALE else pv * scale_rows
-    # The previous pair's P V has retired: its P may be overwritten.
-    _store_pair_p(probs, p_bufs, p_layout, PERMUTED_KEYS)
+        if BUFFERS == 1:
+            # The previous pair's P V has retired: its P may be overwritten.
+            _store_pair_p(probs, p_bufs, buffer, p_layout, PERMUTED_KEYS)
     row_sum = _merged_sums(row_sum, tile_sums, correction)
     return acc, row_max, row_sum
 
@@ -959,12 +1020,14 @@ def _key_pairs(
     TREE_ROWS: gl.constexpr,
     LAZY_RESCALE: gl.constexpr,
     THRESHOLD: gl.constexpr,
+    BUFFERS: gl.constexpr,
+    SPLIT_MAX: gl.constexpr,
 ):
     """Every key tile of a row (``num_tiles >= 1``, one row a CTA) two at a time
     (``_key_pair``), then the last pair's P V; returns the unnormalized output accumulator, the
     row max and the ``[64, 8]`` row sums. Pairs of full tiles run unmasked; the rest (a padded
-    block, an odd row's repeated last tile) masked. ``p_bufs``: the warpgroup's ``[2, 64, 128]``
-    e4m3 P tiles."""
+    block, an odd row's repeated last tile) masked. ``p_bufs``: the warpgroup's e4m3 P tiles,
+    ``[2 BUFFERS, 64, 128]``."""
     q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turns, zeros = operands
     zero_scores, zero_pv, sums = zeros
     s_layout: gl.constexpr = zero_scores.type.layout
@@ -989,7 +1052,7 @@ def _key_pairs(
         probs, row_max, correction = _pair_softmax_step(
             (first, second), row_max, scales, lengths, s_layout, True, TREE_ROWS, THRESHOLD
         )
-    _store_pair_p(probs, p_bufs, p_layout, PERMUTED_KEYS)
+    _store_pair_p(probs, p_bufs, 0, p_layout, PERMUTED_KEYS)
     state = (acc, row_max, row_sum)
     for pair in range(1, full_pairs):
         state = _key_pair(
@@ -1007,6 +1070,8 @@ def _key_pairs(
             LAZY_RESCALE,
             THRESHOLD,
             False,
+            BUFFERS,
+            SPLIT_MAX,
         )
     for pair in range(gl.maximum(full_pairs, 1), pairs):
         state = _key_pair(
@@ -1024,11 +1089,13 @@ def _key_pairs(
             LAZY_RESCALE,
             THRESHOLD,
             True,
+            BUFFERS,
+            False,
         )
     acc, row_max, row_sum = state
     # Epilogue: the last pair's P V.
     last = 2 * (pairs - 1)
-    pv_token, sums_token = _issue_pair_pv(p_bufs, v_bufs, v_ready, last, acc, sums, STAGES)
+    pv_token, sums_token = _issue_pair_pv(p_bufs, v_bufs, v_ready, last, acc, sums, STAGES, BUFFERS)
     pv, tile_sums = warpgroup_mma_wait(0, deps=(pv_token, sums_token))
     mbarrier.arrive(v_empty.index(last % STAGES), count=1)
     mbarrier.arrive(v_empty.index((last + 1) % STAGES), count=1)
@@ -1630,7 +1697,7 @@ def _consumer_partition(
     THRESHOLD: gl.constexpr,
     MMA_ROW_SUM: gl.constexpr,
     ROWS_PER_CTA: gl.constexpr,
-    KEY_PAIRS: gl.constexpr,
+    PAIRS: gl.constexpr,
 ):
     """One warpgroup: 64 query rows of each of the CTA's query blocks, one after the other
     (``_consumer_row``). With one block a CTA the kernel loaded Q before the partitions split;
@@ -1675,7 +1742,7 @@ def _consumer_partition(
             THRESHOLD,
             MMA_ROW_SUM,
             False,
-            KEY_PAIRS,
+            PAIRS,
         )
     else:
         for index in range(rows[6]):
@@ -1722,7 +1789,7 @@ def _consumer_row(
     THRESHOLD: gl.constexpr,
     MMA_ROW_SUM: gl.constexpr,
     MORE_ROWS: gl.constexpr,
-    KEY_PAIRS: gl.constexpr = False,
+    PAIRS: gl.constexpr = (False, 1, False),
 ):
     """The warpgroup's 64 rows of the CTA's query block ``index`` (``row_info``, from
     ``_query_row``): wait for its Q (on ``q_bar``, phase ``index & 1``), every key tile, the
@@ -1821,13 +1888,13 @@ def _consumer_row(
                 TREE_ROWS,
             )
             row_sum = gl.sum(row_sum, axis=1)  # [64]: column 0, and the zeros beside it
-        elif KEY_PAIRS:  # one row a CTA, row sums on the tensor cores (GluonFP8Config)
+        elif PAIRS[0]:  # one row a CTA, row sums on the tensor cores (GluonFP8Config)
             acc, row_max, row_sum = _key_pairs(
                 acc,
                 row_max,
                 row_sum,
                 operands,
-                p_halves[WARPGROUP],  # [2, 64, 128]
+                p_halves[WARPGROUP],  # [2 buffers, 64, 128]
                 tile_row,
                 q_scale,
                 num_tiles,
@@ -1837,6 +1904,8 @@ def _consumer_row(
                 TREE_ROWS,
                 LAZY_RESCALE,
                 THRESHOLD,
+                PAIRS[1],
+                PAIRS[2],
             )
             row_sum = gl.sum(row_sum, axis=1)  # [64]: column 0, and the zeros beside it
         elif LOOKAHEAD:  # one row a CTA (GluonFP8Config)
@@ -1965,6 +2034,8 @@ def _gluon_fp8_attention_kernel(
     MMA_ROW_SUM: gl.constexpr,
     ROWS_PER_CTA: gl.constexpr,
     KEY_PAIRS: gl.constexpr = False,
+    PAIR_BUFFERS: gl.constexpr = 1,
+    SPLIT_PAIR_MAX: gl.constexpr = False,
     V_TERMS: gl.constexpr = 1,
     INT8_PV: gl.constexpr = False,
 ):
@@ -2037,8 +2108,8 @@ def _gluon_fp8_attention_kernel(
         # Each consumer warpgroup's P of a key pair, the A operands of its P V.
         p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, 128], gl.float8e4nv)
         p_halves = (
-            gl.allocate_shared_memory(gl.float8e4nv, [2, ROWS, 128], p_layout),
-            gl.allocate_shared_memory(gl.float8e4nv, [2, ROWS, 128], p_layout),
+            gl.allocate_shared_memory(gl.float8e4nv, [2 * PAIR_BUFFERS, ROWS, 128], p_layout),
+            gl.allocate_shared_memory(gl.float8e4nv, [2 * PAIR_BUFFERS, ROWS, 128], p_layout),
         )
     else:
         p_halves = 0
@@ -2062,7 +2133,7 @@ def _gluon_fp8_attention_kernel(
                     RESCALE_THRESHOLD,
                     MMA_ROW_SUM,
                     ROWS_PER_CTA,
-                    KEY_PAIRS,
+                    (KEY_PAIRS, PAIR_BUFFERS, SPLIT_PAIR_MAX),
                 ),
             ),
             (
@@ -2082,7 +2153,7 @@ def _gluon_fp8_attention_kernel(
                     RESCALE_THRESHOLD,
                     MMA_ROW_SUM,
                     ROWS_PER_CTA,
-                    KEY_PAIRS,
+                    (KEY_PAIRS, PAIR_BUFFERS, SPLIT_PAIR_MAX),
                 ),
             ),
             (
