@@ -273,6 +273,8 @@ def probe_variants() -> dict[str, tuple[GluonFP8Config, int | str]]:
         "stages3": (GluonFP8Config(stages=3), 1),
         "stages4": (GluonFP8Config(stages=4), 1),
         "key-pairs": (GluonFP8Config(key_pairs=True, stages=4), 1),
+        "key-pairs-two-buffers": (GluonFP8Config(key_pairs=True, stages=3, pair_buffers=2), 1),
+        "key-pairs-split-max": (GluonFP8Config(key_pairs=True, stages=4, split_pair_max=True), 1),
         "key-pairs-eager-rescale": (
             GluonFP8Config(key_pairs=True, stages=4, lazy_rescale=False),
             1,

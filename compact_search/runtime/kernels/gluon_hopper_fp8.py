@@ -187,6 +187,8 @@ class GluonFP8Config:
                         "split_pair_max and a rescale_threshold",
                         split_pair_max and rescale_threshold,
                     ),
+                    # ptxas 12.8 crashes (signal 11) on the two together.
+                    ("split_pair_max and pair_buffers 2", split_pair_max and pair_buffers == 2),
                 )
                 if on
             ]
