@@ -400,35 +400,3 @@ def test_recorded_kernels_nest_when_inner_and_outer_records_are_equal() -> None:
         assert inner == ["reference-fp8"]
         sparse_attention(q, q, q, mask)
     assert outer == ["reference-fp8", "reference-fp8", "reference"]
-
-
-def test_two_tiles_a_step_emulate_the_key_pairs_schedule() -> None:
-    # The Gluon kernel's key pairs move a row's max once for every two tiles. Rows of one tile
-    # step alone either way (the bits agree); on rows of many tiles, with maxima rising along
-    # the keys, the two schedules round P against different maxima and both stay accurate.
-    q, k, v = attention_inputs("rising", (1, 2, 1000, 64), seed=5)
-    mask = block_mask_with_edge_rows(2, 8, 0.6, seed=5)
-    lengths = padded_key_lengths(8, 128, seed=5)
-    lut = build_block_lut(mask, seq_len=1000, block_size=128, key_block_lengths=lengths)
-    quantized = emulate_quantize_qkv(q, k, v, block_size=128, key_lengths=lut.key_lengths)
-    one = emulate_fp8_attention(quantized, lut, scale=0.125, sum_rounded_p=True)
-    two = emulate_fp8_attention(quantized, lut, scale=0.125, sum_rounded_p=True, tiles_per_step=2)
-    expected = masked_reference(
-        q.float(), k.float(), v.float(), mask, block_size=128, key_block_lengths=lengths
-    )
-    for out in (one, two):
-        assert cosine_similarity(out, expected) >= 0.999
-        assert relative_l2(out, expected) <= GAUSSIAN_MAX_RELATIVE_L2
-    assert not torch.equal(one, two)
-    single = torch.zeros_like(mask)
-    single[..., 0] = True  # every row keeps key block 0 only
-    single_lut = build_block_lut(single, seq_len=1000, block_size=128, key_block_lengths=lengths)
-    assert torch.equal(
-        emulate_fp8_attention(quantized, single_lut, scale=0.125),
-        emulate_fp8_attention(quantized, single_lut, scale=0.125, tiles_per_step=2),
-    )
-    int8 = emulate_quantize_qkv(
-        q, k, v, block_size=128, key_lengths=lut.key_lengths, v_format="int8"
-    )
-    with pytest.raises(ValueError, match="one tile at a time"):
-        emulate_fp8_attention(int8, lut, scale=0.125, tiles_per_step=2)

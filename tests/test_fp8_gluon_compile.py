@@ -137,9 +137,6 @@ def compiled_facts(
                 "BSYNC",
                 "I2FP",
                 "F2I",
-                "STSM",
-                "IGMMA",
-                "QGMMA",
             )
         },
         "main_loop_length": len(main_loop),
@@ -176,7 +173,6 @@ SWITCHES = (
     "lookahead",
     "lazy_rescale",
     "mma_row_sum",
-    "key_pairs",
 )
 CONFIGS = [
     (128, torch.bfloat16, gluon_fp8.GluonFP8Config()),

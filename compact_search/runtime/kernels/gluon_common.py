@@ -52,7 +52,6 @@ def loader_partition(
     BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr,
     KEYS_LAST: gl.constexpr = False,
-    PAIRS: gl.constexpr = False,
 ):
     """One warp: tile ``t`` of the row (K or V) into ring slot ``(ring + t) % STAGES`` through
     TMA, ``ring`` being the tiles earlier rows of the CTA took through it (0 for a CTA of one
@@ -61,18 +60,12 @@ def loader_partition(
     K and V have a loader warp each, so a K tile waits only for its own buffer to drain (its
     Q K^T), never for the P V of an older V tile. ``KEYS_LAST``: the tensor is ``[B, H, D, Np]``
     (the 8-bit kernel's V^T), so a tile starts at column ``k_start`` rather than row.
-    ``PAIRS`` (the 8-bit kernel's key pairs; one tile a block): a row of odd length gets its last
-    tile twice, so its consumers always take two.
     """
     TILES_PER_BLOCK: gl.constexpr = BLOCK_SIZE // BLOCK_N
-    loaded = num_tiles + (num_tiles % 2) if PAIRS else num_tiles
-    for tile in range(loaded):
+    for tile in range(num_tiles):
         ring_tile = ring + tile
         slot = ring_tile % STAGES
-        if PAIRS:
-            key_block = gl.load(block_ids_ptr + gl.minimum(tile, num_tiles - 1))
-        else:
-            key_block = gl.load(block_ids_ptr + tile // TILES_PER_BLOCK)
+        key_block = gl.load(block_ids_ptr + tile // TILES_PER_BLOCK)
         k_start = key_block * BLOCK_SIZE + (tile % TILES_PER_BLOCK) * BLOCK_N
         # Barriers start in phase 0; "empty" is awaited on the opposite parity, so the first
         # pass through the ring does not wait.

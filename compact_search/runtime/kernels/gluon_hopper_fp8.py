@@ -152,9 +152,6 @@ class GluonFP8Config:
         rescale_threshold: float = RESCALE_THRESHOLD,
         mma_row_sum: bool | None = None,
         rows_per_cta: int = 1,
-        key_pairs: bool = False,
-        pair_buffers: int = 1,
-        split_pair_max: bool = False,
     ):
         if not 1 <= stages <= 4:
             raise ValueError(f"stages must be 1-4, got {stages}")
@@ -170,32 +167,6 @@ class GluonFP8Config:
             raise ValueError(f"rows_per_cta must be 1-8, got {rows_per_cta}")
         if lookahead and rows_per_cta > 1:
             raise ValueError("lookahead runs one row a CTA: it has no rows_per_cta")
-        if key_pairs:
-            others = [
-                name
-                for name, on in (
-                    ("pingpong", pingpong),
-                    ("two_level", two_level),
-                    ("lookahead", lookahead),
-                    ("magic_i2f=False", not magic_i2f),
-                    ("mma_row_sum=False", mma_row_sum is False),
-                    ("rows_per_cta > 1", rows_per_cta > 1),
-                    ("stages < 3", stages < 3),
-                    # Shared memory: two P buffers a warpgroup leave room for 3 ring stages.
-                    ("pair_buffers 2 and stages 4", pair_buffers == 2 and stages > 3),
-                    (
-                        "split_pair_max and a rescale_threshold",
-                        split_pair_max and rescale_threshold,
-                    ),
-                    # ptxas 12.8 crashes (signal 11) on the two together.
-                    ("split_pair_max and pair_buffers 2", split_pair_max and pair_buffers == 2),
-                )
-                if on
-            ]
-            if others:
-                raise ValueError(f"key_pairs does not run with {', '.join(others)}")
-        if pair_buffers not in (1, 2):
-            raise ValueError(f"pair_buffers must be 1 or 2, got {pair_buffers}")
         if not 0.0 <= rescale_threshold <= 8.0:
             raise ValueError(f"rescale_threshold must be 0-8 (log2 units), got {rescale_threshold}")
         self.stages = stages
@@ -209,9 +180,6 @@ class GluonFP8Config:
         self.rescale_threshold = float(rescale_threshold)
         self.mma_row_sum = mma_row_sum
         self.rows_per_cta = rows_per_cta
-        self.key_pairs = key_pairs
-        self.pair_buffers = pair_buffers
-        self.split_pair_max = split_pair_max
 
     def kwargs(self) -> dict:
         return {
@@ -226,9 +194,6 @@ class GluonFP8Config:
             "RESCALE_THRESHOLD": self.rescale_threshold,
             "MMA_ROW_SUM": self.mma_row_sum,
             "ROWS_PER_CTA": self.rows_per_cta,
-            "KEY_PAIRS": self.key_pairs,
-            "PAIR_BUFFERS": self.pair_buffers,
-            "SPLIT_PAIR_MAX": self.split_pair_max,
         }
 
     def __repr__(self) -> str:
@@ -238,8 +203,7 @@ class GluonFP8Config:
             f"permuted_keys={self.permuted_keys}, tree_rows={self.tree_rows}, "
             f"lookahead={self.lookahead}, lazy_rescale={self.lazy_rescale}, "
             f"rescale_threshold={self.rescale_threshold:g}, mma_row_sum={self.mma_row_sum}, "
-            f"rows_per_cta={self.rows_per_cta}, key_pairs={self.key_pairs}, "
-            f"pair_buffers={self.pair_buffers}, split_pair_max={self.split_pair_max})"
+            f"rows_per_cta={self.rows_per_cta})"
         )
 
 
@@ -760,348 +724,6 @@ def _paired_tiles(
     mbarrier.arrive(v_empty.index(last % STAGES), count=1)
     acc = acc + pv if TWO_LEVEL else pv
     return acc, row_max, row_sum
-
-
-# --- Key pairs (GluonFP8Config.key_pairs) -------------------------------------------------------
-#
-# A step takes two key tiles of the row's table (any two blocks: the ring's tiles 2p and 2p + 1),
-# so a warpgroup's 128 scores a thread and step share one row max, one accumulator rescale, one
-# row-sum merge and one loop trip: the work a tile pays besides its 64 scores a thread (about a
-# quarter of the main loop's instructions) is paid once for 256 keys. FlashAttention-3's FP8
-# forward takes 224-key tiles for the same reason. Registers: the two score tiles (128 a
-# thread) and the accumulator (64) are live while the previous pair's P V runs, which leaves no
-# room for that pair's P as well (32 registers of e4m3 words: ptxas then serializes every wgmma,
-# C7512), so P goes through shared memory: a warpgroup stores its pair's e4m3 words (4 bytes a
-# store, conflict-free under the 128-byte swizzle) once the previous P V retired, and the next
-# step's P V and row-sum wgmma read them from there. A row with an odd number of tiles ends on
-# a pair whose second tile repeats its last block (the loaders load it; finite K and V) with
-# every score masked, so it adds nothing.
-
-
-@gluon.jit
-def _e4m3_words(p):
-    """P ``[64, 128]`` fp32 in the A operand's layout -> ``[64, 32]`` int32, the e4m3 bytes of
-    keys ``4 g + {0..3}`` in word g (nearest even, saturating): the bytes the wgmma reads."""
-    quads = gl.reshape(p, [64, 32, 2, 2])  # key 4 g + 2 i + j
-    even, odd = gl.split(quads)  # j = 0, 1: [64, 32, 2] over i
-    key0, key2 = gl.split(even)
-    key1, key3 = gl.split(odd)
-    return gl.inline_asm_elementwise(
-        """
-        {
-        .reg .b16 lo, hi;
-        cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;
-        cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;
-        mov.b32 $0, {lo, hi};
-        }
-        """,
-        "=r,r,r,r,r",
-        [key0, key1, key2, key3],
-        dtype=gl.int32,
-        is_pure=True,
-        pack=1,
-    )
-
-
-@gluon.jit
-def _store_pair_p(probs, p_bufs, buffer, p_layout: gl.constexpr, PERMUTED_KEYS: gl.constexpr):
-    """A pair's P (fp32, accumulator layout) -> e4m3 in tiles ``2 buffer``, ``2 buffer + 1`` of
-    ``p_bufs`` ``[2 buffers, 64, 128]`` (the A operands of its P V), written as int32 words over
-    the same bytes and fenced for the async proxy the wgmma reads through."""
-    # The same bytes and 128-byte swizzle as the e4m3 [64, 128] tile.
-    words_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, 32], gl.int32)
-    for half in gl.static_range(2):
-        words = _e4m3_words(_pv_operand(probs[half], p_layout, PERMUTED_KEYS))  # [64, 32]
-        tile = p_bufs.index(2 * buffer + half)
-        tile._reinterpret(gl.int32, [64, 32], words_layout).store(words)
-    fence_async_shared()
-
-
-@gluon.jit
-def _pair_scales(row, tile, q_scale, num_tiles, MASKED: gl.constexpr):
-    """Tiles ``tile`` and ``tile + 1``: their ``[64]`` factors from int scores to log2 units and
-    key lengths (with ``MASKED``; a second tile past the row's last is its repeat, length 0)."""
-    key_lengths_ptr, block_ids_ptr, k_scale_ptr, qk_scale = row
-    first_block = gl.load(block_ids_ptr + tile)
-    if MASKED:
-        second_block = gl.load(block_ids_ptr + gl.minimum(tile + 1, num_tiles - 1))
-        first_length = gl.load(key_lengths_ptr + first_block)
-        second_length = gl.where(tile + 1 < num_tiles, gl.load(key_lengths_ptr + second_block), 0)
-    else:
-        second_block = gl.load(block_ids_ptr + tile + 1)
-        first_length = 128
-        second_length = 128
-    first_scale = q_scale * (gl.load(k_scale_ptr + first_block) * qk_scale)
-    second_scale = q_scale * (gl.load(k_scale_ptr + second_block) * qk_scale)
-    return (first_scale, second_scale), (first_length, second_length)
-
-
-@gluon.jit
-def _pair_softmax_step(
-    scores,
-    row_max,
-    scales,
-    lengths,
-    s_layout: gl.constexpr,
-    MASKED: gl.constexpr,
-    TREE_ROWS: gl.constexpr,
-    THRESHOLD: gl.constexpr,
-):
-    """``_softmax_step`` (integer-add conversion, row sums on the tensor cores) for a pair of
-    ``[64, 128]`` int32 score tiles with one row max: returns their P, the new max and the
-    accumulator's factor. The tiles' factors to log2 units differ (per-block K scales), so each
-    tile's max is scaled before the two are compared."""
-    first, second = scores
-    first_scale, second_scale = scales
-    first = (first + MAGIC_BITS).to(gl.float32, bitcast=True)  # [64, 128], B + S
-    second = (second + MAGIC_BITS).to(gl.float32, bitcast=True)
-    if MASKED:
-        cols = gl.arange(0, 128, layout=gl.SliceLayout(0, s_layout))  # [128]
-        first = gl.where(gl.expand_dims(cols < lengths[0], 0), first, float("-inf"))
-        second = gl.where(gl.expand_dims(cols < lengths[1], 0), second, float("-inf"))
-    rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    bias: gl.constexpr = ROUNDING_MAGIC_C
-    first_max = (_row_reduce(first, rows_layout, TREE_ROWS, True) - bias) * first_scale  # [64]
-    second_max = (_row_reduce(second, rows_layout, TREE_ROWS, True) - bias) * second_scale
-    tile_max = gl.maximum(first_max, second_max)
-    if THRESHOLD == 0.0:
-        new_max = gl.maximum(row_max, tile_max)  # [64]
-    else:
-        new_max = gl.where(tile_max > row_max + THRESHOLD, tile_max, row_max)
-    base = new_max - (LOG2_P_SCALE_C - THRESHOLD)  # [64]
-    first = gl.exp2(
-        first * gl.expand_dims(first_scale, 1) - gl.expand_dims(base + bias * first_scale, 1)
-    )
-    second = gl.exp2(
-        second * gl.expand_dims(second_scale, 1) - gl.expand_dims(base + bias * second_scale, 1)
-    )
-    correction = gl.exp2(row_max - new_max)  # [64]
-    return (first, second), new_max, correction
-
-
-@gluon.jit
-def _tile_softmax(scores, row_max, row_scale, s_layout: gl.constexpr, TREE_ROWS: gl.constexpr):
-    """One unmasked ``[64, 128]`` int32 score tile of a pair against ``max(row_max, its max)``
-    (threshold 0): its P (fp32) and that max."""
-    scores = (scores + MAGIC_BITS).to(gl.float32, bitcast=True)  # [64, 128], B + S
-    rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    bias: gl.constexpr = ROUNDING_MAGIC_C
-    tile_max = (_row_reduce(scores, rows_layout, TREE_ROWS, True) - bias) * row_scale  # [64]
-    new_max = gl.maximum(row_max, tile_max)
-    offset = new_max - LOG2_P_SCALE_C + bias * row_scale
-    probs = gl.exp2(scores * gl.expand_dims(row_scale, 1) - gl.expand_dims(offset, 1))
-    return probs, new_max
-
-
-@gluon.jit
-def _issue_pair_pv(
-    p_bufs, v_bufs, v_ready, tile, acc, sums, STAGES: gl.constexpr, BUFFERS: gl.constexpr
-):
-    """Issue ``P V`` of the pair at ring tiles ``tile``, ``tile + 1`` (P in ``p_bufs``, the
-    pair's buffer) into ``acc`` and its row sums ``P ones^T`` into a zero ``[64, 8]``
-    accumulator: four commit groups. Returns the two tokens."""
-    buffer = (tile // 2) % BUFFERS
-    p_first = p_bufs.index(2 * buffer)
-    p_second = p_bufs.index(2 * buffer + 1)
-    ones, zero_sums = sums
-    ones_t = ones.permute((1, 0))  # [128, 8]
-    first_slot = tile % STAGES
-    second_slot = (tile + 1) % STAGES
-    mbarrier.wait(v_ready.index(first_slot), (tile // STAGES) & 1)
-    v_tile = v_bufs.index(first_slot).permute((1, 0))  # [128, D], keys contiguous: K-major
-    token = warpgroup_mma(p_first, v_tile, acc, is_async=True)
-    mbarrier.wait(v_ready.index(second_slot), ((tile + 1) // STAGES) & 1)
-    v_tile = v_bufs.index(second_slot).permute((1, 0))
-    token = warpgroup_mma(p_second, v_tile, token, is_async=True)
-    sums_token = warpgroup_mma(p_first, ones_t, zero_sums, use_acc=False, is_async=True)
-    sums_token = warpgroup_mma(p_second, ones_t, sums_token, is_async=True)
-    return token, sums_token
-
-
-@gluon.jit
-def _key_pair(
-    state,
-    tile,
-    operands,
-    p_bufs,
-    row,
-    q_scale,
-    num_tiles,
-    p_layout: gl.constexpr,
-    STAGES: gl.constexpr,
-    PERMUTED_KEYS: gl.constexpr,
-    TREE_ROWS: gl.constexpr,
-    LAZY_RESCALE: gl.constexpr,
-    THRESHOLD: gl.constexpr,
-    MASKED: gl.constexpr,
-    BUFFERS: gl.constexpr,
-    SPLIT_MAX: gl.constexpr,
-):
-    """The pair at ring tiles ``tile``, ``tile + 1`` (``tile >= 2``): issue its two S tiles and
-    the previous pair's P V, its softmax while the latter runs, merge. ``state`` is (acc, row
-    max, ``[64, 8]`` row sums); the previous pair's P is in ``p_bufs``, and this pair's goes to
-    the next buffer (``BUFFERS`` 2: stored before the previous P V is waited for) or replaces it.
-    ``SPLIT_MAX``: the first tile's softmax runs against its own max while the second S tile is
-    computed; once the second's max is known, the first's P is rescaled where the max moved
-    (a branch, as the accumulator's; the pair's P is as if both shared one max)."""
-    acc, row_max, row_sum = state
-    q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turns, zeros = operands
-    zero_scores, zero_pv, sums = zeros
-    s_layout: gl.constexpr = zero_scores.type.layout
-    o_rows: gl.constexpr = gl.SliceLayout(1, zero_pv.type.layout)
-    first_token = _issue_scores(q_smem, k_bufs, k_ready, tile, zero_scores, STAGES)
-    second_token = _issue_scores(q_smem, k_bufs, k_ready, tile + 1, zero_scores, STAGES)
-    pv_token, sums_token = _issue_pair_pv(
-        p_bufs, v_bufs, v_ready, tile - 2, acc, sums, STAGES, BUFFERS
-    )
-    scales, lengths = _pair_scales(row, tile, q_scale, num_tiles, MASKED)
-    buffer = (tile // 2) % BUFFERS
-    if MASKED:
-        # As _key_tile's padded tiles: P V retires before the softmax (its column masks).
-        first, second, pv, tile_sums = warpgroup_mma_wait(
-            0, deps=(first_token, second_token, pv_token, sums_token)
-        )
-        mbarrier.arrive(k_empty.index(tile % STAGES), count=1)
-        mbarrier.arrive(k_empty.index((tile + 1) % STAGES), count=1)
-        mbarrier.arrive(v_empty.index((tile - 2) % STAGES), count=1)
-        mbarrier.arrive(v_empty.index((tile - 1) % STAGES), count=1)
-        probs, row_max, correction = _pair_softmax_step(
-            (first, second), row_max, scales, lengths, s_layout, True, TREE_ROWS, THRESHOLD
-        )
-        acc = pv * gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
-        _store_pair_p(probs, p_bufs, buffer, p_layout, PERMUTED_KEYS)
-    else:
-        if SPLIT_MAX:
-            # S of the first tile; the second and the previous pair's 4 groups may still run.
-            first = warpgroup_mma_wait(5, deps=(first_token,))
-            mbarrier.arrive(k_empty.index(tile % STAGES), count=1)
-            first, first_max = _tile_softmax(first, row_max, scales[0], s_layout, TREE_ROWS)
-            second = warpgroup_mma_wait(4, deps=(second_token,))
-            mbarrier.arrive(k_empty.index((tile + 1) % STAGES), count=1)
-            second, new_max = _tile_softmax(second, first_max, scales[1], s_layout, TREE_ROWS)
-            moved = gl.expand_dims(gl.exp2(first_max - new_max), 1)  # [64, 1]
-            probs = (_rescaled(first, moved), second)
-            correction = gl.exp2(row_max - new_max)
-            row_max = new_max
-        else:
-            # Both S tiles; the previous pair's 4 groups (issued after them) may still run.
-            first, second = warpgroup_mma_wait(4, deps=(first_token, second_token))
-            mbarrier.arrive(k_empty.index(tile % STAGES), count=1)
-            mbarrier.arrive(k_empty.index((tile + 1) % STAGES), count=1)
-            probs, row_max, correction = _pair_softmax_step(
-                (first, second), row_max, scales, lengths, s_layout, False, TREE_ROWS, THRESHOLD
-            )
-        if BUFFERS == 2:
-            # The other buffer: its P V (two pairs ago) has retired.
-            _store_pair_p(probs, p_bufs, buffer, p_layout, PERMUTED_KEYS)
-        pv, tile_sums = warpgroup_mma_wait(0, deps=(pv_token, sums_token))
-        mbarrier.arrive(v_empty.index((tile - 2) % STAGES), count=1)
-        mbarrier.arrive(v_empty.index((tile - 1) % STAGES), count=1)
-        scale_rows = gl.expand_dims(gl.convert_layout(correction, o_rows), 1)
-        acc = _rescaled(pv, scale_rows) if LAZY_RESCALE else pv * scale_rows
-        if BUFFERS == 1:
-            # The previous pair's P V has retired: its P may be overwritten.
-            _store_pair_p(probs, p_bufs, buffer, p_layout, PERMUTED_KEYS)
-    row_sum = _merged_sums(row_sum, tile_sums, correction)
-    return acc, row_max, row_sum
-
-
-@gluon.jit
-def _key_pairs(
-    acc,
-    row_max,
-    row_sum,
-    operands,
-    p_bufs,
-    tile_row,
-    q_scale,
-    num_tiles,
-    full_tiles,
-    STAGES: gl.constexpr,
-    PERMUTED_KEYS: gl.constexpr,
-    TREE_ROWS: gl.constexpr,
-    LAZY_RESCALE: gl.constexpr,
-    THRESHOLD: gl.constexpr,
-    BUFFERS: gl.constexpr,
-    SPLIT_MAX: gl.constexpr,
-):
-    """Every key tile of a row (``num_tiles >= 1``, one row a CTA) two at a time
-    (``_key_pair``), then the last pair's P V; returns the unnormalized output accumulator, the
-    row max and the ``[64, 8]`` row sums. Pairs of full tiles run unmasked; the rest (a padded
-    block, an odd row's repeated last tile) masked. ``p_bufs``: the warpgroup's e4m3 P tiles,
-    ``[2 BUFFERS, 64, 128]``."""
-    q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turns, zeros = operands
-    zero_scores, zero_pv, sums = zeros
-    s_layout: gl.constexpr = zero_scores.type.layout
-    p_layout: gl.constexpr = gl.DotOperandLayout(
-        operand_index=0, parent=zero_pv.type.layout, k_width=4
-    )
-    pairs = (num_tiles + 1) // 2
-    full_pairs = full_tiles // 2
-    # Prologue: pair 0's S tiles, waited for, and its softmax.
-    first_token = _issue_scores(q_smem, k_bufs, k_ready, 0, zero_scores, STAGES)
-    second_token = _issue_scores(q_smem, k_bufs, k_ready, 1, zero_scores, STAGES)
-    first, second = warpgroup_mma_wait(0, deps=(first_token, second_token))
-    mbarrier.arrive(k_empty.index(0), count=1)
-    mbarrier.arrive(k_empty.index(1), count=1)
-    if full_pairs > 0:
-        scales, lengths = _pair_scales(tile_row, 0, q_scale, num_tiles, False)
-        probs, row_max, correction = _pair_softmax_step(
-            (first, second), row_max, scales, lengths, s_layout, False, TREE_ROWS, THRESHOLD
-        )
-    else:
-        scales, lengths = _pair_scales(tile_row, 0, q_scale, num_tiles, True)
-        probs, row_max, correction = _pair_softmax_step(
-            (first, second), row_max, scales, lengths, s_layout, True, TREE_ROWS, THRESHOLD
-        )
-    _store_pair_p(probs, p_bufs, 0, p_layout, PERMUTED_KEYS)
-    state = (acc, row_max, row_sum)
-    for pair in range(1, full_pairs):
-        state = _key_pair(
-            state,
-            2 * pair,
-            operands,
-            p_bufs,
-            tile_row,
-            q_scale,
-            num_tiles,
-            p_layout,
-            STAGES,
-            PERMUTED_KEYS,
-            TREE_ROWS,
-            LAZY_RESCALE,
-            THRESHOLD,
-            False,
-            BUFFERS,
-            SPLIT_MAX,
-        )
-    for pair in range(gl.maximum(full_pairs, 1), pairs):
-        state = _key_pair(
-            state,
-            2 * pair,
-            operands,
-            p_bufs,
-            tile_row,
-            q_scale,
-            num_tiles,
-            p_layout,
-            STAGES,
-            PERMUTED_KEYS,
-            TREE_ROWS,
-            LAZY_RESCALE,
-            THRESHOLD,
-            True,
-            BUFFERS,
-            False,
-        )
-    acc, row_max, row_sum = state
-    # Epilogue: the last pair's P V.
-    last = 2 * (pairs - 1)
-    pv_token, sums_token = _issue_pair_pv(p_bufs, v_bufs, v_ready, last, acc, sums, STAGES, BUFFERS)
-    pv, tile_sums = warpgroup_mma_wait(0, deps=(pv_token, sums_token))
-    mbarrier.arrive(v_empty.index(last % STAGES), count=1)
-    mbarrier.arrive(v_empty.index((last + 1) % STAGES), count=1)
-    return pv, row_max, row_sum + tile_sums
 
 
 # --- INT8 P V (QuantizedQKV.v_format "int8") ---------------------------------------------------
@@ -1654,7 +1276,6 @@ def _rows_loader_partition(
     STAGES: gl.constexpr,
     ROWS_PER_CTA: gl.constexpr,
     KEYS_LAST: gl.constexpr = False,
-    KEY_PAIRS: gl.constexpr = False,
 ):
     """One warp: the K (or V) tiles of the CTA's rows, one ring through all of them, so the next
     row's first tiles land while the consumers finish the current one. One row a CTA: the row
@@ -1678,7 +1299,6 @@ def _rows_loader_partition(
             BLOCK_SIZE,
             STAGES,
             KEYS_LAST,
-            KEY_PAIRS,
         )
         ring += num_tiles
 
@@ -1699,7 +1319,6 @@ def _consumer_partition(
     THRESHOLD: gl.constexpr,
     MMA_ROW_SUM: gl.constexpr,
     ROWS_PER_CTA: gl.constexpr,
-    PAIRS: gl.constexpr,
 ):
     """One warpgroup: 64 query rows of each of the CTA's query blocks, one after the other
     (``_consumer_row``). With one block a CTA the kernel loaded Q before the partitions split;
@@ -1708,7 +1327,7 @@ def _consumer_partition(
     TMA store is waited for only before the next block's epilogue reuses its shared memory, and
     before the CTA exits.
     """
-    q_halves, out_halves, o_desc, q_bars, turns, rings, row, row_sum_ones, _p = shared
+    q_halves, out_halves, o_desc, q_bars, turns, rings, row, row_sum_ones = shared
     q_desc, rows, batch, head = row[0], row[1], row[7], row[8]
     ROWS: gl.constexpr = 64
     q_smem = q_halves.index(WARPGROUP)  # [64, D] int8
@@ -1744,7 +1363,6 @@ def _consumer_partition(
             THRESHOLD,
             MMA_ROW_SUM,
             False,
-            PAIRS,
         )
     else:
         for index in range(rows[6]):
@@ -1791,7 +1409,6 @@ def _consumer_row(
     THRESHOLD: gl.constexpr,
     MMA_ROW_SUM: gl.constexpr,
     MORE_ROWS: gl.constexpr,
-    PAIRS: gl.constexpr = (False, 1, False),
 ):
     """The warpgroup's 64 rows of the CTA's query block ``index`` (``row_info``, from
     ``_query_row``): wait for its Q (on ``q_bar``, phase ``index & 1``), every key tile, the
@@ -1802,7 +1419,7 @@ def _consumer_row(
     without the column mask; only the padded ones after them pay for it, in their own loop (the
     mask's column indices would otherwise stay in registers across the whole loop).
     """
-    q_halves, out_halves, o_desc, _q_bars, turns, rings, row, row_sum_ones, p_halves = shared
+    q_halves, out_halves, o_desc, _q_bars, turns, rings, row, row_sum_ones = shared
     k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty = rings
     # INT8 V^T (QuantizedQKV.v_format "int8"): P V in INT8.
     INT8_PV: gl.constexpr = v_bufs.dtype == gl.int8
@@ -1888,26 +1505,6 @@ def _consumer_row(
                 PINGPONG,
                 PERMUTED_KEYS,
                 TREE_ROWS,
-            )
-            row_sum = gl.sum(row_sum, axis=1)  # [64]: column 0, and the zeros beside it
-        elif PAIRS[0]:  # one row a CTA, row sums on the tensor cores (GluonFP8Config)
-            acc, row_max, row_sum = _key_pairs(
-                acc,
-                row_max,
-                row_sum,
-                operands,
-                p_halves[WARPGROUP],  # [2 buffers, 64, 128]
-                tile_row,
-                q_scale,
-                num_tiles,
-                full_tiles,
-                STAGES,
-                PERMUTED_KEYS,
-                TREE_ROWS,
-                LAZY_RESCALE,
-                THRESHOLD,
-                PAIRS[1],
-                PAIRS[2],
             )
             row_sum = gl.sum(row_sum, axis=1)  # [64]: column 0, and the zeros beside it
         elif LOOKAHEAD:  # one row a CTA (GluonFP8Config)
@@ -2035,9 +1632,6 @@ def _gluon_fp8_attention_kernel(
     RESCALE_THRESHOLD: gl.constexpr,
     MMA_ROW_SUM: gl.constexpr,
     ROWS_PER_CTA: gl.constexpr,
-    KEY_PAIRS: gl.constexpr = False,
-    PAIR_BUFFERS: gl.constexpr = 1,
-    SPLIT_PAIR_MAX: gl.constexpr = False,
     V_TERMS: gl.constexpr = 1,
     INT8_PV: gl.constexpr = False,
 ):
@@ -2106,16 +1700,7 @@ def _gluon_fp8_attention_kernel(
         head,
         qk_scale,
     )
-    if KEY_PAIRS:
-        # Each consumer warpgroup's P of a key pair, the A operands of its P V.
-        p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, 128], gl.float8e4nv)
-        p_halves = (
-            gl.allocate_shared_memory(gl.float8e4nv, [2 * PAIR_BUFFERS, ROWS, 128], p_layout),
-            gl.allocate_shared_memory(gl.float8e4nv, [2 * PAIR_BUFFERS, ROWS, 128], p_layout),
-        )
-    else:
-        p_halves = 0
-    shared = (q_halves, out_halves, o_desc, q_bars, turns, rings, row, row_sum_ones, p_halves)
+    shared = (q_halves, out_halves, o_desc, q_bars, turns, rings, row, row_sum_ones)
     gl.warp_specialize(
         [
             (
@@ -2135,7 +1720,6 @@ def _gluon_fp8_attention_kernel(
                     RESCALE_THRESHOLD,
                     MMA_ROW_SUM,
                     ROWS_PER_CTA,
-                    (KEY_PAIRS, PAIR_BUFFERS, SPLIT_PAIR_MAX),
                 ),
             ),
             (
@@ -2155,41 +1739,16 @@ def _gluon_fp8_attention_kernel(
                     RESCALE_THRESHOLD,
                     MMA_ROW_SUM,
                     ROWS_PER_CTA,
-                    (KEY_PAIRS, PAIR_BUFFERS, SPLIT_PAIR_MAX),
                 ),
             ),
             (
                 _rows_loader_partition,
-                (
-                    k_desc,
-                    k_bufs,
-                    k_ready,
-                    k_empty,
-                    rows,
-                    batch,
-                    head,
-                    STAGES,
-                    ROWS_PER_CTA,
-                    False,
-                    KEY_PAIRS,
-                ),
+                (k_desc, k_bufs, k_ready, k_empty, rows, batch, head, STAGES, ROWS_PER_CTA),
             ),
             (
                 _rows_loader_partition,
                 # V^T: [B, H, D, Np], a tile starts at its keys' column
-                (
-                    v_desc,
-                    v_bufs,
-                    v_ready,
-                    v_empty,
-                    rows,
-                    batch,
-                    head,
-                    STAGES,
-                    ROWS_PER_CTA,
-                    True,
-                    KEY_PAIRS,
-                ),
+                (v_desc, v_bufs, v_ready, v_empty, rows, batch, head, STAGES, ROWS_PER_CTA, True),
             ),
         ],
         [CONSUMER_WARPS, LOADER_WARPS, LOADER_WARPS],
@@ -2290,8 +1849,6 @@ def gluon_fp8_attention(
     int8_pv = quantized.v_format == "int8"
     if int8_pv and config is not None:
         _check_int8_pv_config(config)
-    if config is not None and config.key_pairs and quantized.v_terms != 1:
-        raise ValueError("key_pairs reads V in one e4m3 term (v_terms=1)")
     permuted = (config or GluonFP8Config()).permuted_keys
     if quantized.wgmma_key_order != permuted:
         raise ValueError(
@@ -2356,7 +1913,6 @@ def _check_int8_pv_config(config: GluonFP8Config) -> None:
             ("two_level", config.two_level),
             ("mma_row_sum=False", not config.mma_row_sum),
             ("rescale_threshold", config.rescale_threshold != 0.0),
-            ("key_pairs", config.key_pairs),
         )
         if on
     ]

@@ -45,7 +45,6 @@ def emulate_fp8_attention(
     query_blocks: int | None = None,
     rescale_threshold: float = RESCALE_THRESHOLD,
     sum_rounded_p: bool = False,
-    tiles_per_step: int = 1,
 ) -> torch.Tensor:
     """What the 8-bit kernels compute, in torch, from the same quantized inputs: ``[B, H, N, D]``.
 
@@ -58,8 +57,6 @@ def emulate_fp8_attention(
     softmax (the Gluon kernel's ``lazy_rescale=False``). ``sum_rounded_p``: a row's sum is of
     the e4m3 P values its P V multiplies (the Gluon kernel's default ``mma_row_sum``); off, of P
     before rounding (the portable kernel, and the Gluon kernel's ``mma_row_sum=False``).
-    ``tiles_per_step`` 2: the row max moves once for each two tiles of a row, over both (the
-    Gluon kernel's ``key_pairs``; a row's odd last tile steps alone).
 
     INT8 V (``quantized.v_format == "int8"``): P V runs in INT8 as the Gluon kernel's INT8 path
     does. Each tile's P is ``127 * exp2(s - t)`` with ``t`` the tile's own row max, rounded to an
@@ -92,24 +89,15 @@ def emulate_fp8_attention(
     row_max = torch.full((batch, heads, rows_kept, block_size, 1), -math.inf, device=q8.device)
     row_sum = torch.zeros_like(row_max)
     acc = torch.zeros(query_blocked, device=q8.device)
-    if int8_pv and tiles_per_step != 1:
-        raise ValueError("INT8 P V steps through one tile at a time")
-    width = block_ids.shape[-1]
-    for first in range(0, width, tiles_per_step):
-        step_scores, step_values = [], []
-        for step in range(first, min(first + tiles_per_step, width)):
-            key_blocks = block_ids[..., step]  # [H, nq]
-            gather = key_blocks[None, :, :, None, None].expand(query_blocked)
-            scores = q8 @ torch.gather(k8, 2, gather).transpose(-1, -2)  # [B, H, nq, BS, BS]
-            tile_scale = torch.gather(quantized.k_scale, 2, key_blocks[None].expand(batch, -1, -1))
-            scores = scores * (q_scale * (tile_scale * qk_scale)[..., None, None])
-            valid = offsets < lengths[key_blocks][..., None, None]  # [H, nq, 1, BS]
-            valid = valid & (step < counts)[..., None, None]  # a row's tiles past its last
-            step_scores.append(torch.where(valid, scores, -math.inf))
-            step_values.append(torch.gather(v8, 2, gather))
-        active = (first < counts)[None, :, :, None, None]  # [1, H, nq, 1, 1]
-        scores = torch.cat(step_scores, -1)  # [B, H, nq, BS, tiles_per_step * BS]
-        values = torch.cat(step_values, -2)  # [B, H, nq, tiles_per_step * BS, D]
+    for step in range(block_ids.shape[-1]):
+        key_blocks = block_ids[..., step]  # [H, nq]
+        active = (step < counts)[None, :, :, None, None]  # [1, H, nq, 1, 1]
+        gather = key_blocks[None, :, :, None, None].expand(query_blocked)
+        scores = q8 @ torch.gather(k8, 2, gather).transpose(-1, -2)  # [B, H, nq, BS, BS]
+        tile_scale = torch.gather(quantized.k_scale, 2, key_blocks[None].expand(batch, -1, -1))
+        scores = scores * (q_scale * (tile_scale * qk_scale)[..., None, None])
+        valid = offsets < lengths[key_blocks][..., None, None]  # [H, nq, 1, BS]
+        scores = torch.where(valid, scores, -math.inf)
         tile_max = scores.amax(-1, keepdim=True)
         if int8_pv:
             new_max = torch.maximum(tile_max, row_max)
@@ -117,7 +105,7 @@ def emulate_fp8_attention(
             correction = torch.exp2(row_max - new_max)
             weight = torch.exp2(tile_max - new_max)  # the tile's share, relative to new_max
             # Integer sums, exact in fp64 (< 2^31), as the int32 wgmma accumulates them.
-            products = (probs8.double() @ values.double()).float()
+            products = (probs8.double() @ torch.gather(v8, 2, gather).double()).float()
             new_sum = row_sum * correction + probs8.sum(-1, keepdim=True) * weight
             new_acc = acc * correction + products * weight
         else:
@@ -127,7 +115,7 @@ def emulate_fp8_attention(
             probs8 = to_e4m3(probs).float()
             tile_sum = (probs8 if sum_rounded_p else probs).sum(-1, keepdim=True)
             new_sum = row_sum * correction + tile_sum
-            new_acc = acc * correction + probs8 @ values
+            new_acc = acc * correction + probs8 @ torch.gather(v8, 2, gather)
         row_max = torch.where(active, new_max, row_max)
         row_sum = torch.where(active, new_sum, row_sum)
         acc = torch.where(active, new_acc, acc)
